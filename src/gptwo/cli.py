@@ -1,0 +1,151 @@
+"""The `gptwo` command line: one parser, each subcommand a thin shell over a library function.
+
+Each area of the package registers its subcommands in its own `add_*_commands` function below;
+library imports happen inside the command functions so `gptwo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from gptwo.errors import GptwoError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one `error: … — …` line (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} — see '{self.prog} --help'\n")
+        raise SystemExit(2)
+
+
+def _command(sub, name: str, func: Callable[[argparse.Namespace], int | None], help: str, **kw):
+    parser = sub.add_parser(name, help=help, description=help, **kw)
+    parser.set_defaults(func=func)
+    return parser
+
+
+# --------------------------------------------------------------------------- core
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from gptwo.generate import generate_cli_stream
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    for piece in generate_cli_stream(
+        args.model,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or None,
+        num_samples=args.num_samples,
+        device=args.device,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from gptwo.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(args.inputs, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    tok.save(args.out)
+    print(f"trained byte-level BPE with {tok.n_vocab} tokens -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
+    from gptwo.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    text = args.text if args.text != "-" else sys.stdin.read()
+    print(" ".join(map(str, tok.encode(text))))
+    return 0
+
+
+def add_core_commands(sub) -> None:
+    p = _command(sub, "generate", _cmd_generate, "Sample a continuation of PROMPT from a model (streams to stdout).")
+    p.add_argument("prompt", help="prompt text, or '-' to read it from stdin")
+    p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="number of tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable); it is not printed")
+    p.add_argument("--num-samples", type=int, default=1, help="number of independent samples, separated by a line of dashes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+
+    tok = sub.add_parser("tokenizer", help="Train or use a byte-level BPE tokenizer.", description="Train or use a byte-level BPE tokenizer.")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    p = _command(tsub, "train", _cmd_tokenizer_train, "Train a byte-level BPE (GPT-2 style) on your own text.")
+    p.add_argument("inputs", nargs="+", help="text files or folders (.txt, .md, .jsonl with a 'text' field)")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, including 256 byte tokens and <|endoftext|>")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge (default 2)")
+    p.add_argument("--out", required=True, help="output tokenizer file (JSON)")
+    p = _command(tsub, "encode", _cmd_tokenizer_encode, "Print the token ids of TEXT.")
+    p.add_argument("text", help="text to encode, or '-' for stdin")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer file (default gpt2)")
+
+
+# --------------------------------------------------------------------------- data + training
+def add_train_commands(sub) -> None:
+    """`gptwo prepare`, `gptwo train`, `gptwo quickstart` (training issue)."""
+
+
+# --------------------------------------------------------------------------- evaluation
+def add_eval_commands(sub) -> None:
+    """`gptwo eval ...` (evaluation issue)."""
+
+
+# --------------------------------------------------------------------------- serving
+def add_serve_commands(sub) -> None:
+    """`gptwo serve` (serving issue)."""
+
+
+# --------------------------------------------------------------------------- webtext
+def add_webtext_commands(sub) -> None:
+    """`gptwo webtext ...` (WebText issue)."""
+
+
+# --------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gptwo", description="GPT-2: model, tokenizer, data, training, serving, evaluation.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    for add in (add_core_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("GPTWO_DEBUG"))
+    try:
+        return int(args.func(args) or 0)
+    except GptwoError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print("error: interrupted — rerun the command to continue", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # noqa: BLE001 - last resort: one line, traceback only with --debug
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {err} — rerun with --debug for the traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
