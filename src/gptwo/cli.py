@@ -95,9 +95,14 @@ def add_core_commands(sub) -> None:
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer file (default gpt2)")
 
 
-# --------------------------------------------------------------------------- data + training
+# --------------------------------------------------------------------------- data
+def add_data_commands(sub) -> None:
+    """`gptwo prepare` (training issue, data part)."""
+
+
+# --------------------------------------------------------------------------- training
 def add_train_commands(sub) -> None:
-    """`gptwo prepare`, `gptwo train`, `gptwo quickstart` (training issue)."""
+    """`gptwo train`, `gptwo quickstart` (training issue)."""
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -120,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptwo", description="GPT-2: model, tokenizer, data, training, serving, evaluation.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    for add in (add_core_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands):
+    for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands):
         add(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""Data: text sources → token shards → batches for training."""

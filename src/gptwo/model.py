@@ -1,0 +1,175 @@
+"""GPT-2, exactly: a decoder-only transformer (Radford et al., 2019), with a KV cache for generation.
+
+Pre-LayerNorm blocks, learned position embeddings, GELU (tanh approximation), tied input/output
+embeddings and a final LayerNorm. Parameter names follow the Hugging Face GPT-2 checkpoints (with
+`nn.Linear` weights, i.e. the transpose of their `Conv1D`). Nothing here knows about devices,
+files or parallelism: those are applied from outside (weights.py, train/, serve/).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptwo.config import GPTConfig
+from gptwo.errors import GptwoError
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` slots of a batch.
+
+    All rows write the same slot at each step; `valid` marks which slots hold real tokens (left
+    padding and finished rows are invalid), so prompts of different lengths share one cache.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # slots written so far
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values for `layer` and return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value projections
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(N), N = 2 residual additions per layer.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # GPT-2's TF code: wte stddev 0.02, wpe stddev 0.01.
+            nn.init.normal_(module.weight, mean=0.0, std=0.01 if module is self.transformer.wpe else 0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (token embeddings count once, as the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T).
+
+        `valid` (B, T, bool) marks real tokens among padding; positions count real tokens only.
+        With a `cache`, `idx` continues the tokens already in it and their keys/values are kept.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise GptwoError(f"{start + T} tokens exceed the model's context of {self.config.block_size}", "shorten the input")
+        mask = None
+        if cache is None and valid is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        else:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            if cache is not None:
+                cache.valid[:, start : start + T] = valid
+                valid = cache.valid[:, : start + T]
+            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            slot = torch.arange(start + T, device=idx.device)
+            causal = slot[None, :] <= slot[start:, None]  # (T, start+T)
+            diagonal = slot[None, :] == slot[start:, None]  # padding attends to itself, never to nothing
+            mask = ((causal & valid[:, None, :]) | diagonal)[:, None]  # (B, 1, T, start+T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.transformer.ln_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, **kwargs) -> torch.Tensor:
+        """Continue `idx` (B, T) by `max_new_tokens` tokens; see `gptwo.generate.generate` for all options."""
+        from gptwo.generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, **kwargs) -> "GPT":
+        """Load Hugging Face GPT-2 format weights from a folder or a hub id (see `gptwo.weights`)."""
+        from gptwo.weights import load_pretrained
+
+        return load_pretrained(path_or_id, **kwargs)
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        """Write `config.json` + `model.safetensors` in the Hugging Face GPT-2 layout."""
+        from gptwo.weights import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)

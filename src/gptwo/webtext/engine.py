@@ -1,0 +1,67 @@
+"""Where a stage's tasks run: in this process, in local worker processes, or on a Ray cluster.
+
+Every stage splits its work into independent tasks (one input file, one crawl partition) and
+hands them to `Engine.map`. Locally that is a process pool; for web scale the same tasks go to
+Ray (`engine="ray"`), which runs them on every machine of a cluster or, without an address, on a
+single-machine Ray instance it starts itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from gptwo.errors import GptwoError
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How to run tasks: `workers` parallel processes, with `kind` 'local' or 'ray'."""
+
+    kind: str = "local"
+    workers: int = 1
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINES:
+            raise GptwoError(f"unknown engine {self.kind!r}", f"use one of {', '.join(ENGINES)}")
+        if self.workers < 1:
+            raise GptwoError(f"--workers must be at least 1 (got {self.workers})", "pass a positive number")
+
+    def map(self, func: Callable[..., Any], tasks: Sequence[tuple]) -> Iterator[Any]:
+        """Yield `func(*task)` for every task, in task order."""
+        if not tasks:
+            return iter(())
+        if self.kind == "ray":
+            return _ray_map(func, tasks, self.workers, self.ray_address)
+        if self.workers == 1 or len(tasks) == 1:
+            return (func(*task) for task in tasks)
+        return _pool_map(func, tasks, min(self.workers, len(tasks)))
+
+
+def _pool_map(func: Callable[..., Any], tasks: Sequence[tuple], workers: int) -> Iterator[Any]:
+    # spawn: workers start clean, whatever threads or event loops the parent holds.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(func, *task) for task in tasks]
+        for future in futures:
+            yield future.result()
+
+
+def _ray_map(func: Callable[..., Any], tasks: Sequence[tuple], workers: int, address: str | None) -> Iterator[Any]:
+    try:
+        import ray
+    except ImportError as err:
+        raise GptwoError("the Ray engine needs the 'ray' package", "pip install 'gptwo[webtext]' or pass --engine local") from err
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(func)
+    refs = [remote.remote(*task) for task in tasks]
+    for ref in refs:
+        yield ray.get(ref)
