@@ -54,3 +54,166 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """Everything `gptwo train` needs besides the data: model shape, batch, optimizer, schedule, logging.
+
+    Global batch in tokens = batch_size * block_size * grad_accum * world_size. With `batch_tokens`
+    set, grad_accum is derived from it so the same config runs on 1 or N processes.
+    """
+
+    # model shape (vocab_size comes from the data's tokenizer; ignored with init_from)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    block_size: int = 128
+    dropout: float = 0.0
+    init_from: str = ""  # "" = random init; else gpt2 / a model folder / a hub id
+    # batch
+    batch_size: int = 16  # sequences per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per step, per process
+    batch_tokens: int = 0  # if > 0: global tokens per step; grad_accum is derived from it
+    # optimizer and schedule (GPT-3 paper, section 2.3 and appendix B)
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # on 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    # evaluation, logging, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_tokens: int = 48  # tokens per sample shown at each evaluation (0: none)
+    sample_prompt: str = "The"
+    log_every: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    # system
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 elsewhere; or float32 / bfloat16
+    compile: str = "auto"  # auto: torch.compile on CUDA only; or true / false
+    parallel: str = "ddp"  # ddp or fsdp (when launched under torchrun)
+    threads: int = 0  # CPU threads for torch; 0 = all cores (split between local processes)
+    peak_flops: float = 0.0  # accelerator peak FLOP/s for MFU; 0 = look up the GPU
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise GptwoError(f"train config {name}={getattr(self, name)} must be positive", f"set {name} to a positive integer")
+        for name in ("warmup_steps", "batch_tokens", "sample_tokens", "threads", "weight_decay", "grad_clip", "peak_flops"):
+            if getattr(self, name) < 0:
+                raise GptwoError(f"train config {name}={getattr(self, name)} is negative", f"set {name} to 0 or more")
+        if not self.lr > 0:
+            raise GptwoError(f"train config lr={self.lr} must be positive", "use e.g. lr=6e-4")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise GptwoError(f"min_lr_ratio={self.min_lr_ratio} is outside [0, 1]", "use e.g. 0.1")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise GptwoError(f"parallel={self.parallel!r} is unknown", "use parallel=ddp or parallel=fsdp")
+        if self.compile not in ("auto", "true", "false"):
+            raise GptwoError(f"compile={self.compile!r} is unknown", "use compile=auto, true or false")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise GptwoError(f"dtype={self.dtype!r} is unknown", "use dtype=auto, float32 or bfloat16")
+        if self.init_from == "" and self.n_embd % self.n_head:
+            raise GptwoError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}", "choose n_embd as a multiple of n_head")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPT shape this config trains from scratch."""
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
+
+
+def _gpt2_recipe(size: str, lr: float, batch_size: int) -> dict:
+    """GPT-2 shape trained with GPT-3's recipe (Brown et al., 2020, table 2.1 and appendix B): 0.5M-token
+    batches, linear warm-up over 375M tokens, cosine decay to 10%, AdamW(0.9, 0.95), wd 0.1, clip 1.0.
+    Steps default to 10B tokens (19,073 steps), as in llm.c's GPT-2 reproductions."""
+    return dict(**MODEL_PRESETS[size], block_size=1024, batch_size=batch_size, batch_tokens=524288, lr=lr, warmup_steps=715,
+                max_steps=19073, eval_every=250, eval_batches=20, checkpoint_every=1000, log_every=10, sample_tokens=64)
+
+
+TRAIN_PRESETS: dict[str, dict] = {
+    # A small GPT-2 that learns real English in minutes on a 2-core CPU (the quickstart's model).
+    "cpu": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=50,
+                max_steps=1200, eval_every=200, eval_batches=20, checkpoint_every=200, log_every=10, device="cpu"),
+    "gpt2": _gpt2_recipe("gpt2", 6e-4, 16),
+    "gpt2-medium": _gpt2_recipe("gpt2-medium", 3e-4, 8),
+    "gpt2-large": _gpt2_recipe("gpt2-large", 2.5e-4, 4),
+    "gpt2-xl": _gpt2_recipe("gpt2-xl", 2e-4, 2),
+}
+
+
+def _parse_value(name: str, text: str, kind: type):
+    """A `key=value` override's value as the field's type, or an error naming the type."""
+    try:
+        if kind is bool:
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise GptwoError(f"{name}={text!r} is not a valid {kind.__name__}", f"give {name} a {kind.__name__} value") from None
+
+
+def _read_config_file(path: str) -> dict:
+    """A JSON or TOML file (by extension) holding TrainConfig fields; may name a `preset`."""
+    import json
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return tomllib.loads(raw.decode("utf-8")) if path.endswith(".toml") else json.loads(raw)
+    except FileNotFoundError:
+        raise GptwoError(f"config file {path} not found", "check the path") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise GptwoError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'} ({err})", "fix its syntax") from None
+
+
+def train_fields() -> dict[str, type]:
+    """TrainConfig's field names and their types (for overrides and --help)."""
+    kinds = {"int": int, "float": float, "str": str}
+    return {f.name: kinds[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def load_train_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """TrainConfig from a preset and/or a JSON/TOML file, then `key=value` overrides (type-checked)."""
+    fields = train_fields()
+    values: dict = {}
+    file_values = _read_config_file(config_file) if config_file else {}
+    preset = preset or file_values.pop("preset", None)
+    if preset is not None:
+        if preset not in TRAIN_PRESETS:
+            raise GptwoError(f"unknown training preset '{preset}'", f"use one of: {', '.join(TRAIN_PRESETS)}")
+        values.update(TRAIN_PRESETS[preset])
+    given: dict = dict(file_values)
+    if isinstance(overrides, dict):
+        given.update(overrides)
+    else:
+        for item in overrides or []:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise GptwoError(f"override '{item}' is not key=value", "write e.g. lr=3e-4")
+            if key.strip() not in fields:
+                raise GptwoError(f"unknown config key '{key}'", f"valid keys: {' '.join(fields)}")
+            given[key.strip()] = _parse_value(key, text.strip(), fields[key.strip()])
+    for key, value in given.items():
+        if key not in fields:
+            raise GptwoError(f"unknown config key '{key}'", f"valid keys: {' '.join(fields)}")
+        kind = fields[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise GptwoError(f"config key {key}={value!r} must be a {kind.__name__}", f"give {key} a {kind.__name__} value")
+        values[key] = value
+    if "grad_accum" in given and "batch_tokens" not in given:
+        values["batch_tokens"] = 0  # an explicit grad_accum wins over a preset's token budget
+    return TrainConfig(**values)
