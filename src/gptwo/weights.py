@@ -17,7 +17,7 @@ import torch
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.model import GPT
-from gptwo.tokenizer import Tokenizer, load_tokenizer
+from gptwo.tokenizer import EOT, Tokenizer, load_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json", "merges.txt"]
@@ -200,6 +200,9 @@ def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = No
     atomic_write_bytes(os.path.join(directory, "model.safetensors"), save(state_dict_to_hf(model), metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model.config.block_size}
+        atomic_write_bytes(os.path.join(directory, "tokenizer_config.json"), json.dumps(tokenizer_config, indent=2).encode())
     eot = tokenizer.eot_token if tokenizer is not None else None
     config = json.dumps(config_to_hf(model.config, eot), indent=2).encode()
     atomic_write_bytes(os.path.join(directory, "config.json"), config)
