@@ -266,6 +266,8 @@ def fetch_urls(
     Returns the stage's counts over the whole crawl (this run and earlier ones).
     """
     options.check()
+    if not Path(urls_file).is_file():
+        raise GptwoError(f"URL file not found: {urls_file}", "run 'gptwo webtext urls' first, or check the path")
     engine = engine or Engine()
     crawl_dir = Path(crawl_dir)
     partitions = open_crawl_dir(crawl_dir, partitions)
@@ -275,7 +277,7 @@ def fetch_urls(
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tasks = []
     for i, bucket in enumerate(buckets):
-        urls_path = crawl_dir / f"part-{i:05d}.urls.jsonl.zst"
+        urls_path = crawl_dir / f"part-{i:05d}.urls.ndjson.zst"
         write_jsonl(urls_path, bucket)
         warc_path = str(crawl_dir / "warc" / f"part-{i:05d}-{run_id}.warc.gz") if options.warc else None
         tasks.append((str(crawl_dir / f"part-{i:05d}.sqlite"), str(urls_path), options, 0, warc_path))

@@ -64,7 +64,7 @@ def open_text(path: str | os.PathLike) -> IO[str]:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a `.jsonl` or `.jsonl.zst` file written by this package."""
+    """Yield the JSON objects of a JSON-lines file (`.zst` compressed or not) written by this package."""
     with open_text(path) as lines:
         for line in lines:
             if line.strip():
