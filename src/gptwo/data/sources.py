@@ -1,7 +1,14 @@
-"""Text sources: files and folders (.txt, .md, .jsonl) yielding one document at a time."""
+"""Text sources, yielding one document at a time.
+
+An input is a file, a folder (walked in sorted order), the word `builtin` (an English corpus shipped
+with Python, see gptwo.data.builtin) or `hf:NAME[:CONFIG][@SPLIT]` (a Hugging Face dataset, streamed).
+Files: .txt and .md are one document each; .jsonl and .jsonl.zst hold one JSON object per line and
+.parquet one row per document, with the text in `text_field`.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Iterable, Iterator
@@ -9,6 +16,9 @@ from typing import Iterable, Iterator
 from gptwo.errors import GptwoError
 
 TEXT_SUFFIXES = (".txt", ".md")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
+BUILTIN = "builtin"
+HF_PREFIX = "hf:"
 
 
 def iter_files(paths: Iterable[str]) -> Iterator[str]:
@@ -18,7 +28,7 @@ def iter_files(paths: Iterable[str]) -> Iterator[str]:
             for root, dirs, files in os.walk(path):
                 dirs.sort()
                 for name in sorted(files):
-                    if name.endswith(TEXT_SUFFIXES + (".jsonl",)):
+                    if name.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES):
                         yield os.path.join(root, name)
         elif os.path.isfile(path):
             yield path
@@ -30,25 +40,123 @@ def read_text(path: str) -> str:
     """A file's text, strictly UTF-8."""
     with open(path, "rb") as f:
         raw = f.read()
+    return _decode(raw, path)
+
+
+def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise GptwoError(
-            f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
+            f"{where} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
             "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8",
         ) from None
 
 
+def _field(record, text_field: str, where: str) -> str:
+    """`record[text_field]` as a string, or a clear error naming the place."""
+    try:
+        value = record[text_field]
+    except (KeyError, TypeError, IndexError):
+        value = None
+    if not isinstance(value, str):
+        raise GptwoError(f"{where} is not a JSON object with a '{text_field}' field", "fix or remove that line, or pass --text-field") from None
+    return value
+
+
+def _iter_jsonl(lines: Iterable[str], path: str, text_field: str) -> Iterator[str]:
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            yield _field(record, text_field, f"{path}:{number}")
+
+
+def _iter_jsonl_zst(path: str, text_field: str) -> Iterator[str]:
+    try:
+        import zstandard
+    except ModuleNotFoundError:
+        raise GptwoError(f"reading {path} needs the zstandard package", "pip install 'gptwo[data]'") from None
+    with open(path, "rb") as raw:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw)
+        text = io.TextIOWrapper(reader, encoding="utf-8", errors="strict", newline="")
+        try:
+            yield from _iter_jsonl(text, path, text_field)
+        except UnicodeDecodeError:
+            raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
+        except zstandard.ZstdError as err:
+            raise GptwoError(f"{path} is not a valid zstandard file ({err})", "re-compress it with zstd") from None
+
+
+def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise GptwoError(f"reading {path} needs the pyarrow package", "pip install 'gptwo[data]'") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise GptwoError(f"{path} is not a readable parquet file ({err})", "re-write it, e.g. with pandas.DataFrame.to_parquet") from None
+    if text_field not in table.schema_arrow.names:
+        raise GptwoError(f"{path} has no '{text_field}' column (it has {', '.join(table.schema_arrow.names)})", "pass --text-field COLUMN")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        for number, value in enumerate(batch.column(0).to_pylist()):
+            if value is not None and not isinstance(value, str):
+                raise GptwoError(f"{path}: column '{text_field}' holds {type(value).__name__}, not text", "pass --text-field with a string column")
+            yield value or ""
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][@SPLIT]` → (name, config, split); split defaults to train."""
+    body = spec[len(HF_PREFIX) :]
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise GptwoError(f"'{spec}' names no dataset", "write hf:NAME[:CONFIG][@SPLIT], e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1")
+    return name, config or None, split or "train"
+
+
+def iter_hf_dataset(spec: str, text_field: str = "text") -> Iterator[str]:
+    """Documents of a Hugging Face dataset (hub name or local folder), streamed with datasets.load_dataset."""
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise GptwoError(f"reading {spec} needs the datasets package", "pip install 'gptwo[data]'") from None
+    name, config, split = parse_hf_spec(spec)
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        features = stream.features
+    except Exception as err:  # network, unknown dataset, unknown config or split
+        raise GptwoError(f"cannot open dataset {spec} ({type(err).__name__}: {err})", "check the name, config and split and your network") from None
+    if features is not None and text_field not in features:
+        raise GptwoError(f"dataset {spec} has no '{text_field}' column (it has {', '.join(features)})", "pass --text-field COLUMN")
+    for number, record in enumerate(stream):
+        yield _field(record, text_field, f"{spec} row {number}")
+
+
 def iter_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
-    """Documents from files: a .txt/.md file is one document, a .jsonl file one per line's `text_field`."""
-    for path in iter_files(paths):
-        text = read_text(path)
-        if path.endswith(".jsonl"):
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)[text_field]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise GptwoError(f"{path}:{number} is not a JSON object with a '{text_field}' field", "fix or remove that line") from None
+    """Documents from inputs: files and folders, `builtin`, or `hf:NAME[:CONFIG][@SPLIT]` (see module doc)."""
+    for path in paths:
+        if path == BUILTIN and not os.path.exists(path):
+            from gptwo.data.builtin import builtin_documents
+
+            yield from builtin_documents()
+        elif path.startswith(HF_PREFIX) and not os.path.exists(path):
+            yield from iter_hf_dataset(path, text_field)
         else:
-            yield text
+            yield from _iter_file_documents(path, text_field)
+
+
+def _iter_file_documents(path: str, text_field: str) -> Iterator[str]:
+    for file in iter_files([path]):
+        if file.endswith(".jsonl.zst"):
+            yield from _iter_jsonl_zst(file, text_field)
+        elif file.endswith(".parquet"):
+            yield from _iter_parquet(file, text_field)
+        elif file.endswith(".jsonl"):
+            yield from _iter_jsonl(read_text(file).split("\n"), file, text_field)
+        else:
+            yield read_text(file)
+

@@ -1,0 +1,307 @@
+"""Corpus → token shards: read documents, tokenize them in parallel, split train/val, write shards.
+
+Each document is followed by the end-of-text token. A document goes to val with probability
+`val_fraction` (a seeded draw per document, so the split is the same every run); when that leaves
+val empty, the last document goes there instead, and a corpus of a single document gives its last
+`val_fraction` of tokens to val. The output folder gets `train_NNNNNN.bin`, `val_NNNNNN.bin`,
+`tokenizer.json` and, last, `meta.json`; all are built in a temporary folder first, so a failed run
+leaves a previously prepared folder as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import pickle
+import random
+import shutil
+import sys
+import tempfile
+from collections import deque
+from contextlib import closing
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from gptwo.data.shards import token_dtype, write_shard
+from gptwo.data.sources import BUILTIN, HF_PREFIX, iter_documents
+from gptwo.errors import GptwoError
+from gptwo.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_VAL_FRACTION = 0.01
+DEFAULT_SHARD_TOKENS = 100_000_000
+CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
+IN_PROCESS_CHUNKS = 16  # the first chunks are encoded in this process, before a pool pays off
+META_FORMAT = "gptwo-shards"
+META_VERSION = 1
+SPLITS = ("train", "val")
+
+# An encoded chunk: all its tokens (each document followed by end-of-text), per-document token counts
+# and per-document UTF-8 byte counts (the separator counted as one byte).
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def prepare(
+    inputs: Sequence[str],
+    out_dir: str,
+    tokenizer: Tokenizer | str = "gpt2",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    seed: int = 0,
+    text_field: str = "text",
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` into train/val shards under `out_dir`; returns the meta written to meta.json."""
+    _check_arguments(inputs, val_fraction, shard_tokens, workers)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    dtype = token_dtype(tok.n_vocab)
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-prepare-")
+    try:
+        writers = {split: _SplitWriter(staging, split, dtype, tok.identity, shard_tokens) for split in SPLITS}
+        documents = (text for text in iter_documents(inputs, text_field) if text.strip())
+        with tqdm(desc="tokenizing", unit="char", unit_scale=True, file=sys.stderr, disable=not progress) as bar:
+            with closing(_encode_chunks(_chunks(documents, bar), tok, workers)) as encoded:
+                _split_documents(_documents(encoded, dtype), writers, tok, val_fraction, seed)
+        for writer in writers.values():
+            writer.close()
+        meta = _meta(tok, dtype, writers, inputs, val_fraction, seed, shard_tokens, text_field)
+        tok.save(os.path.join(staging, "tokenizer.json"))
+        _write_json(os.path.join(staging, "meta.json"), meta)
+        _publish(staging, out_dir, meta)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _check_arguments(inputs: Sequence[str], val_fraction: float, shard_tokens: int, workers: int | None) -> None:
+    if not inputs:
+        raise GptwoError("no inputs given", "pass text files, folders, 'builtin' or hf:NAME")
+    if not 0 <= val_fraction < 1:
+        raise GptwoError(f"val fraction {val_fraction} is not in [0, 1)", "use e.g. --val-fraction 0.01")
+    if shard_tokens < 1:
+        raise GptwoError(f"shard size {shard_tokens} tokens is not positive", "use e.g. --shard-tokens 100000000")
+    if workers is not None and workers < 1:
+        raise GptwoError(f"{workers} workers is not positive", "use --workers 1 or more")
+    for path in inputs:
+        special = path == BUILTIN or path.startswith(HF_PREFIX)
+        if not special and not os.path.exists(path):
+            raise GptwoError(f"input {path} does not exist", "check the path, or use 'builtin' or hf:NAME[:CONFIG][@SPLIT]")
+
+
+# ------------------------------------------------------------------ reading and encoding
+def _chunks(documents: Iterable[str], bar) -> Iterator[list[str]]:
+    """Documents grouped into lists of about CHUNK_CHARS characters."""
+    chunk, chars = [], 0
+    for text in documents:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= CHUNK_CHARS:
+            bar.update(chars)
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        bar.update(chars)
+        yield chunk
+
+
+def encode_texts(tok: Tokenizer, texts: list[str], num_threads: int = 1) -> Encoded:
+    """Encode documents, each followed by end-of-text, as one token array plus per-document counts."""
+    dtype = token_dtype(tok.n_vocab)
+    ids = tok.encode_batch(texts, num_threads=num_threads)
+    counts = np.array([len(doc) + 1 for doc in ids], dtype=np.int64)
+    tokens = np.empty(int(counts.sum()), dtype=dtype)
+    start = 0
+    for doc in ids:
+        tokens[start : start + len(doc)] = doc
+        tokens[start + len(doc)] = tok.eot_token
+        start += len(doc) + 1
+    nbytes = np.array([len(text.encode("utf-8")) + 1 for text in texts], dtype=np.int64)
+    return tokens, counts, nbytes
+
+
+_worker_tokenizer: Tokenizer | None = None
+_PROBE = "Probe: <|endoftext|> ünïcödé 123"
+
+
+def _init_worker(recipe: Tokenizer | str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = recipe if isinstance(recipe, Tokenizer) else Tokenizer.from_file_contents(recipe)
+
+
+def _worker_encode(texts: list[str]) -> Encoded:
+    return encode_texts(_worker_tokenizer, texts)
+
+
+def _worker_recipe(tok: Tokenizer) -> Tokenizer | str | None:
+    """What a worker process rebuilds `tok` from (the pickled tokenizer or its JSON), checked to encode alike."""
+    expected = tok.encode_ordinary(_PROBE)
+    for recipe in (tok, tok.to_json()):
+        copy = _rebuilt(recipe)
+        if copy is not None and copy.identity == tok.identity and copy.encode_ordinary(_PROBE) == expected:
+            return recipe
+    return None
+
+
+def _rebuilt(recipe: Tokenizer | str) -> Tokenizer | None:
+    try:
+        return pickle.loads(pickle.dumps(recipe)) if isinstance(recipe, Tokenizer) else Tokenizer.from_file_contents(recipe)
+    except Exception:  # noqa: BLE001 - not transferable this way; try the next one
+        return None
+
+
+def _encode_chunks(chunks: Iterator[list[str]], tok: Tokenizer, workers: int | None) -> Iterator[Encoded]:
+    """Encoded chunks in input order; past the first IN_PROCESS_CHUNKS, `workers` processes share the work."""
+    workers = workers or min(os.cpu_count() or 1, 16)
+    for chunk in itertools.islice(chunks, IN_PROCESS_CHUNKS):  # small corpora: a pool costs more than it saves
+        yield encode_texts(tok, chunk, num_threads=min(workers, 8))
+    first = next(chunks, None)
+    if first is None:
+        return
+    chunks = itertools.chain([first], chunks)
+    recipe = _worker_recipe(tok) if workers > 1 else None
+    if recipe is None:
+        for chunk in chunks:
+            yield encode_texts(tok, chunk, num_threads=min(workers, 8))
+        return
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once threads (torch, tokenizers) exist
+    with context.Pool(workers, initializer=_init_worker, initargs=(recipe,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_worker_encode, (chunk,)))
+            if len(pending) >= 2 * workers:  # bounded: memory stays flat on corpora of any size
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _documents(encoded: Iterable[Encoded], dtype: np.dtype) -> Iterator[tuple[np.ndarray, int]]:
+    """(tokens ending in end-of-text, UTF-8 bytes) per document."""
+    for tokens, counts, nbytes in encoded:
+        tokens = tokens.astype(dtype, copy=False)
+        for piece, size in zip(np.split(tokens, np.cumsum(counts)[:-1]), nbytes):
+            yield piece, int(size)
+
+
+# ------------------------------------------------------------------ splitting and writing
+def _split_documents(documents: Iterable[tuple[np.ndarray, int]], writers: dict, tok: Tokenizer, val_fraction: float, seed: int) -> None:
+    """Send each document to train or val (seeded draw); make sure val gets something when it can."""
+    rng = random.Random(seed)
+    held = None  # the latest train document, held back in case val would otherwise stay empty
+    count = 0
+    for document in documents:
+        count += 1
+        if rng.random() < val_fraction:
+            writers["val"].add(*document)
+            continue
+        if held is not None:
+            writers["train"].add(*held)
+        held = document
+    if count == 0:
+        raise GptwoError("the corpus has no documents (every input is empty)", "pass inputs that contain text")
+    if writers["val"].documents == 0 and val_fraction > 0:
+        if count >= 2:
+            writers["val"].add(*held)
+            return
+        if _split_single_document(held, writers, tok, val_fraction):
+            return
+    writers["train"].add(*held)
+
+
+def _split_single_document(document: tuple[np.ndarray, int], writers: dict, tok: Tokenizer, val_fraction: float) -> bool:
+    """Give the last `val_fraction` of a lone document's tokens to val (cut at a token); False if too short."""
+    tokens = document[0][:-1]  # without its end-of-text
+    val_count = max(1, round(len(tokens) * val_fraction))
+    if len(tokens) < 2:
+        return False
+    cut = len(tokens) - val_count
+    writers["train"].add(tokens[:cut], len(tok.decode_bytes(tokens[:cut].tolist())))
+    writers["val"].add(document[0][cut:], len(tok.decode_bytes(tokens[cut:].tolist())) + 1)
+    return True
+
+
+class _SplitWriter:
+    """Collects one split's tokens and writes them as shards of `shard_tokens` tokens (the last one shorter)."""
+
+    def __init__(self, folder: str, split: str, dtype: np.dtype, identity: str, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.identity, self.shard_tokens = folder, split, dtype, identity, shard_tokens
+        self.parts: list[np.ndarray] = []
+        self.buffered = self.tokens = self.documents = self.bytes = 0
+        self.shards: list[dict] = []
+
+    def add(self, tokens: np.ndarray, nbytes: int) -> None:
+        self.parts.append(tokens)
+        self.buffered += len(tokens)
+        self.tokens += len(tokens)
+        self.documents += 1
+        self.bytes += nbytes
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+
+    def _flush(self, count: int) -> None:
+        joined = np.concatenate(self.parts)
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        write_shard(os.path.join(self.folder, name), joined[:count], self.identity, dtype=self.dtype)
+        self.shards.append({"file": name, "tokens": count})
+        self.parts = [joined[count:]] if count < len(joined) else []
+        self.buffered = len(joined) - count
+
+
+def _meta(tok: Tokenizer, dtype: np.dtype, writers: dict, inputs, val_fraction, seed, shard_tokens, text_field) -> dict:
+    splits = {
+        split: {"documents": w.documents, "tokens": w.tokens, "bytes": w.bytes, "shards": w.shards} for split, w in writers.items()
+    }
+    return {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "tokenizer": tok.identity,
+        "n_vocab": tok.n_vocab,
+        "eot_token": tok.eot_token,
+        "dtype": dtype.name,
+        "train_tokens": writers["train"].tokens,
+        "val_tokens": writers["val"].tokens,
+        "train_bytes": writers["train"].bytes,
+        "val_bytes": writers["val"].bytes,
+        "splits": splits,
+        "inputs": list(inputs),
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+    }
+
+
+def _write_json(path: str, value: dict) -> None:
+    from gptwo.weights import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+
+
+def _publish(staging: str, out_dir: str, meta: dict) -> None:
+    """Move the staged files into `out_dir` (meta.json last), then drop shards only the old meta listed."""
+    old_files = _listed_shards(os.path.join(out_dir, "meta.json"))
+    new_files = [shard["file"] for split in SPLITS for shard in meta["splits"][split]["shards"]]
+    for name in [*new_files, "tokenizer.json", "meta.json"]:
+        os.chmod(os.path.join(staging, name), 0o644)  # temp files start private; data is for everyone
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    for name in sorted(old_files - set(new_files)):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.unlink(path)
+
+
+def _listed_shards(meta_path: str) -> set[str]:
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            old = json.load(f)
+        return {os.path.basename(s["file"]) for split in old["splits"].values() for s in split["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
