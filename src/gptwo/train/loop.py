@@ -1,0 +1,338 @@
+"""The training loop: data → model → AdamW steps, with evaluation, samples, metrics and checkpoints.
+
+One function, `train`, runs alone or as one rank under torchrun (DDP or FSDP). Rank 0 writes every
+file and the progress bar; all ranks stop together on an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from gptwo.config import GPTConfig, TrainConfig, load_train_config
+from gptwo.errors import GptwoError
+from gptwo.model import GPT
+from gptwo.tokenizer import Tokenizer
+from gptwo.train import checkpoint as ckpt
+from gptwo.train.distributed import Dist, close_distributed, grad_sync, init_distributed, mean_across, parallelize, unwrap
+from gptwo.train.metrics import MetricsLog, plot_losses
+from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
+
+
+@dataclass
+class Data:
+    """The prepared data a run trains on: loaders, tokenizer and what meta.json says."""
+
+    train: object
+    val: object | None
+    tokenizer: Tokenizer
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def identity(self) -> dict:
+        return {"tokenizer": self.train.tokenizer_identity, "train_tokens": self.meta.get("train_tokens"), "val_tokens": self.meta.get("val_tokens")}
+
+
+def run_training(data_dir: str, out_dir: str, preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
+                 max_steps: int | None = None, resume: bool = False, init_from: str | None = None, progress: bool = True) -> dict:
+    """What `gptwo train` does: resolve the config (a resumed run starts from its saved one) and train."""
+    overrides = list(overrides or [])
+    if max_steps is not None:
+        overrides.append(f"max_steps={max_steps}")
+    if init_from:
+        overrides.append(f"init_from={init_from}")
+    last = ckpt.latest_checkpoint(out_dir) if resume else None
+    if last is not None:
+        saved = ckpt.read_trainer_state(last)["config"]
+        config = load_train_config(overrides={**saved, **_parsed(overrides)})
+        changed = [k for k in SHAPE_KEYS if getattr(config, k) != saved.get(k)]
+        if changed:
+            raise GptwoError(f"--resume cannot change {changed[0]} (the run was started with {changed[0]}={saved.get(changed[0])!r})",
+                             "drop that override, or start a new run with --init-from RUN")
+    else:
+        config = load_train_config(preset, config_file, overrides)
+    return train(data_dir, out_dir, config, resume=resume, progress=progress)
+
+
+def _parsed(overrides: list[str]) -> dict:
+    """`key=value` strings as typed values (via load_train_config's checks)."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    full = load_train_config(overrides=overrides).to_dict()
+    return {k: full[k] for k in keys if k in full}
+
+
+def train(data_dir: str, out_dir: str, config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or, with `resume`, continue) a GPT on prepared data; return a summary of the run."""
+    from gptwo.weights import resolve_device
+
+    info, device = init_distributed(resolve_device(config.device))
+    try:
+        return _Trainer(data_dir, out_dir, config, info, device, resume, progress).run()
+    finally:
+        close_distributed()
+
+
+class _Trainer:
+    def __init__(self, data_dir: str, out_dir: str, config: TrainConfig, info: Dist, device: torch.device, resume: bool, progress: bool):
+        self.config, self.info, self.device, self.out_dir = config, info, device, out_dir
+        self.progress = progress and info.is_main
+        _set_threads(config, info, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.data = open_data(data_dir, config, info)
+        self.resume_from = self._check_run_dir(resume)
+        torch.manual_seed(config.seed)
+        model = self._build_model()
+        self.grad_accum = grad_accum_for(config, info.world_size)
+        self.model_config: GPTConfig = model.config
+        self.n_params = model.num_params()
+        model.to(device)
+        if _compile_enabled(config, device):
+            for block in model.transformer.h:
+                block.compile()
+        self.model = parallelize(model, info, config.parallel, device)
+        self.optimizer = make_optimizer(self.model, config, fused=device.type == "cuda")
+        self.step = 0
+        if self.resume_from:
+            self._load(self.resume_from)
+        torch.manual_seed(config.seed + 1_000_003 * (self.step + 1) + info.rank)  # dropout stream, distinct per rank
+        self.log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=info.is_main)
+        if info.is_main:
+            self.log.truncate_after(self.step)
+
+    # ---------------------------------------------------------------- setup
+    def _check_run_dir(self, resume: bool) -> str | None:
+        last = ckpt.latest_checkpoint(self.out_dir)
+        if last and not resume:
+            raise GptwoError(f"{self.out_dir} already holds a run ({os.path.basename(last)})", "pass --resume to continue it, or choose a new --out")
+        if resume and last is None and self.info.is_main:
+            print(f"note: no checkpoint in {self.out_dir} yet; starting a new run", file=sys.stderr)
+        return last
+
+    def _build_model(self) -> GPT:
+        config, data = self.config, self.data
+        if self.resume_from:
+            from gptwo.weights import config_from_hf
+
+            with open(os.path.join(self.resume_from, "config.json"), encoding="utf-8") as f:
+                model = GPT(config_from_hf(json.load(f)))
+        elif config.init_from:
+            from gptwo.weights import load_model
+
+            model, model_tok = load_model(config.init_from, device="cpu")
+            if model_tok.identity != data.train.tokenizer_identity:
+                raise GptwoError(
+                    f"the data was tokenized with '{data.train.tokenizer_identity}' but {config.init_from} uses '{model_tok.identity}'",
+                    f"prepare the data with the model's tokenizer: gptwo prepare ... --tokenizer {'gpt2' if model_tok.identity == 'gpt2' else config.init_from}",
+                )
+            model.train()
+        else:
+            model = GPT(config.model_config(data.train.n_vocab))
+        if config.block_size > model.config.block_size:
+            raise GptwoError(f"block_size={config.block_size} is longer than the model's context of {model.config.block_size}",
+                             f"use block_size={model.config.block_size} or less")
+        if data.train.n_vocab > model.config.vocab_size:
+            raise GptwoError(f"the data's tokenizer has {data.train.n_vocab} tokens but the model only {model.config.vocab_size}",
+                             "prepare the data with the model's tokenizer")
+        return model
+
+    def _load(self, path: str) -> None:
+        trainer = ckpt.read_trainer_state(path)
+        saved, now = trainer["data"], self.data.identity
+        if saved["tokenizer"] != now["tokenizer"]:
+            raise GptwoError(f"the run was trained on data tokenized with '{saved['tokenizer']}', but --data uses '{now['tokenizer']}'",
+                             "resume with the same --data, or start a new run with --init-from RUN")
+        if saved != now:
+            raise GptwoError(f"--data differs from the data this run was trained on ({saved['train_tokens']} vs {now['train_tokens']} training tokens)",
+                             "resume with the same --data, or start a new run with --init-from RUN")
+        trainer = ckpt.load_checkpoint(path, self.model, self.optimizer, self.info)
+        self.step = trainer["step"]
+        self.data.train.load_state_dict(trainer["ranks"][0]["loader"])  # slots consumed by all ranks together
+        if self.info.is_main:
+            print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        config, info = self.config, self.info
+        tokens_per_step = config.batch_size * config.block_size * self.grad_accum * info.world_size
+        flops = flops_per_token(self.model_config, self.n_params, config.block_size) * tokens_per_step
+        peak = peak_flops(self.device, config.peak_flops) * info.world_size
+        if info.is_main:
+            print(f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
+                  f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}", file=sys.stderr)
+        bar = _progress_bar(self.step, config.max_steps, self.progress)
+        summary: dict = {"run_dir": self.out_dir}
+        clock, window_steps = time.perf_counter(), 0
+        start_time = time.perf_counter()
+        try:
+            while self.step < config.max_steps:
+                loss = self.train_step()
+                self.step += 1
+                window_steps += 1
+                summary["loss"] = loss
+                bar.update(1)
+                if self.step % config.log_every == 0 or self.step == config.max_steps:
+                    elapsed = time.perf_counter() - clock
+                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed}
+                    if peak:
+                        row["mfu"] = flops * window_steps / elapsed / peak
+                    self.log.write(row)
+                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
+                    clock, window_steps = time.perf_counter(), 0
+                if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                    summary.update(self.evaluate(bar))
+                    clock, window_steps = time.perf_counter(), 0  # tokens/s counts training only
+                if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                    self.save()
+                    clock, window_steps = time.perf_counter(), 0
+        finally:
+            bar.close()
+        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step)
+        return summary
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; the loss averaged over them and all ranks."""
+        config, model = self.config, self.model
+        lr = lr_at(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = self.data.train.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with grad_sync(model, micro == self.grad_accum - 1):
+                with self._autocast():
+                    loss = self.loss_fn(model, x, y)
+                (loss / self.grad_accum).backward()
+            total += loss.detach()
+        loss_value = mean_across(float(total.item()) / self.grad_accum, self.info, self.device)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
+        norm_value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            last = ckpt.latest_checkpoint(self.out_dir)
+            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {norm_value}"
+            kept = f"; the last good checkpoint is {last}" if last else ""
+            raise GptwoError(f"training diverged at step {self.step + 1}: {what}{kept}", "lower lr (or raise warmup_steps) and resume or restart")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
+    @staticmethod
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (in nats) of a batch."""
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+    def _autocast(self):
+        use_bf16 = self.config.dtype == "bfloat16" or (self.config.dtype == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- evaluation, samples, checkpoints
+    @torch.no_grad()
+    def evaluate(self, bar, max_batches: int | None = None) -> dict:
+        """Validation loss (and bits per byte), a sample, a metrics row and an updated loss plot."""
+        config, model = self.config, self.model
+        result: dict = {}
+        if self.data.val is not None:
+            model.eval()
+            losses = []
+            with self._autocast():
+                for x, y in self.data.val.iter_eval_batches(max_batches or config.eval_batches):
+                    losses.append(float(self.loss_fn(model, x.to(self.device), y.to(self.device))))
+            if losses:
+                result["val_loss"] = mean_across(sum(losses) / len(losses), self.info, self.device)
+                bpb = bits_per_byte(result["val_loss"], self.data.meta)
+                if bpb is not None:
+                    result["val_bpb"] = bpb
+        if config.sample_tokens:
+            result["sample"] = self.sample(config.sample_prompt, config.sample_tokens)
+        if self.info.is_main and result:
+            self.log.write({"step": self.step, **result})
+            text = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "sample")
+            bar.write(f"step {self.step}: {text}" + (f"\n  sample: {config.sample_prompt + result['sample']!r}" if "sample" in result else ""), file=sys.stderr)
+            plot_losses(self.log.path, os.path.join(self.out_dir, "loss.png"))
+        return result
+
+    def sample(self, prompt: str, max_new_tokens: int, seed: int | None = None) -> str:
+        """A continuation of `prompt` (every rank samples alike, so FSDP's collectives line up)."""
+        from gptwo.generate import complete
+
+        model = unwrap(self.model)
+        model.eval()
+        with torch.compiler.set_stance("force_eager"), torch.no_grad():
+            text = complete(model, self.data.tokenizer, [prompt], max_new_tokens, temperature=0.8, top_k=50, seed=self.config.seed if seed is None else seed)[0]
+        model.train()
+        return text
+
+    def save(self) -> None:
+        trainer = {"config": self.config.to_dict(), "data": self.data.identity}
+        ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.data.tokenizer, trainer, self.info,
+                             self.data.train.state_dict(), self.config.keep_checkpoints)
+
+
+# ---------------------------------------------------------------- helpers
+def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
+    """Loaders and tokenizer of a prepared data folder, with the checks a run needs before it starts."""
+    from gptwo.data.loader import ShardLoader, read_meta
+
+    meta = read_meta(data_dir)
+    if not meta.get("train_tokens"):
+        raise GptwoError(f"the data in {data_dir} has no training tokens (empty corpus)", "prepare it from non-empty text with 'gptwo prepare'")
+    if meta["train_tokens"] <= config.block_size:
+        raise GptwoError(f"the data in {data_dir} has {meta['train_tokens']} training tokens, fewer than one block of {config.block_size + 1}",
+                         "use more text or a smaller block_size")
+    loader = ShardLoader(data_dir, split="train", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
+    val = None
+    if meta.get("val_tokens", 0) > config.batch_size * config.block_size:
+        val = ShardLoader(data_dir, split="val", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
+    tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
+    if tokenizer.identity != loader.tokenizer_identity:
+        raise GptwoError(f"{data_dir}/tokenizer.json ('{tokenizer.identity}') is not the tokenizer its shards were made with ('{loader.tokenizer_identity}')",
+                         "re-create the data with 'gptwo prepare'")
+    return Data(loader, val, tokenizer, meta)
+
+
+def bits_per_byte(loss_nats: float, meta: dict) -> float | None:
+    """Loss per token in nats → bits per byte of text, using the validation split's bytes per token."""
+    if not meta.get("val_bytes") or not meta.get("val_tokens"):
+        return None
+    return loss_nats / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+
+
+def grad_accum_for(config: TrainConfig, world_size: int) -> int:
+    """Micro-batches per step and rank: grad_accum, or batch_tokens / (batch_size · block_size · world_size)."""
+    if not config.batch_tokens:
+        return config.grad_accum
+    per_micro = config.batch_size * config.block_size * world_size
+    if config.batch_tokens % per_micro:
+        raise GptwoError(f"batch_tokens={config.batch_tokens} is not a multiple of batch_size·block_size·world_size = {per_micro}",
+                         "change batch_size or batch_tokens, or set grad_accum=N (which turns batch_tokens off)")
+    return config.batch_tokens // per_micro
+
+
+def _set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
+    """On CPU, split the cores between the processes on this machine."""
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
+
+
+def _compile_enabled(config: TrainConfig, device: torch.device) -> bool:
+    return config.compile == "true" or (config.compile == "auto" and device.type == "cuda")
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
