@@ -8,8 +8,10 @@ single-machine Ray instance it starts itself.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,15 +42,32 @@ class Engine:
             return _ray_map(func, tasks, self.workers, self.ray_address)
         if self.workers == 1 or len(tasks) == 1:
             return (func(*task) for task in tasks)
-        return _pool_map(func, tasks, min(self.workers, len(tasks)))
+        return _pool_map(func, tasks, self.workers)
+
+
+_pools: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool kept for the life of this process, so the stages of a build share workers
+    (and the models they loaded). spawn: workers start clean, whatever threads the parent holds."""
+    if workers not in _pools:
+        _pools[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_pools[workers].shutdown, cancel_futures=True)
+    return _pools[workers]
 
 
 def _pool_map(func: Callable[..., Any], tasks: Sequence[tuple], workers: int) -> Iterator[Any]:
-    # spawn: workers start clean, whatever threads or event loops the parent holds.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(func, *task) for task in tasks]
+    futures = [_pool(workers).submit(func, *task) for task in tasks]
+    try:
         for future in futures:
             yield future.result()
+    except BrokenProcessPool:
+        _pools.pop(workers).shutdown(cancel_futures=True)  # a worker died: start afresh next time
+        raise
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def _ray_map(func: Callable[..., Any], tasks: Sequence[tuple], workers: int, address: str | None) -> Iterator[Any]:
