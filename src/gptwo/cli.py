@@ -147,8 +147,100 @@ def add_train_commands(sub) -> None:
 
 
 # --------------------------------------------------------------------------- evaluation
+def _print_report(report: dict, as_json: bool, render) -> None:
+    import json
+
+    print(json.dumps(report) if as_json else render(report))
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from gptwo.eval.perplexity import perplexity_report
+    from gptwo.eval.report import render_perplexity
+
+    report = perplexity_report(args.model, args.files, stride=args.stride, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    _print_report(report, args.json, render_perplexity)
+    return 0
+
+
+def _cmd_eval_task(args: argparse.Namespace) -> int:
+    from gptwo.eval.report import render_task
+    from gptwo.eval.tasks import task_report
+
+    report = task_report(args.task, args.model, data=args.data, limit=args.limit, device=args.device, batch_size=args.batch_size, stride=args.stride, progress=not args.quiet)
+    _print_report(report, args.json, render_task)
+    return 0
+
+
+def _cmd_eval_compare(args: argparse.Namespace) -> int:
+    from gptwo.eval.compare import compare_report
+    from gptwo.eval.report import render_compare
+
+    data = {}
+    for spec in args.data:
+        task, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise GptwoError(f"--data {spec!r} is not TASK=PATH", "write it like --data lambada=lambada_test.jsonl")
+        data[task] = path
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    report = compare_report(args.models, files=args.files, tasks=tasks, data=data, limit=args.limit, stride=args.stride, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    _print_report(report, args.json, render_compare)
+    return 0
+
+
+def _cmd_eval_harness(args: argparse.Namespace) -> int:
+    try:
+        from gptwo.eval.harness import main as harness_main
+    except ImportError as err:
+        raise GptwoError(f"lm-evaluation-harness is not installed ({err.name})", "pip install 'gptwo[eval]'") from None
+    return harness_main(args.args)
+
+
+def _eval_options(p, tasks: bool = False) -> None:
+    p.add_argument("--stride", type=int, default=None, help="tokens each sliding window advances; less than the context gives every token more context (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows or requests per forward pass (default 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    if tasks:
+        p.add_argument("--limit", type=int, default=None, help="use only the first N items of each task (quick checks; not comparable to published numbers)")
+
+
 def add_eval_commands(sub) -> None:
-    """`gptwo eval ...` (evaluation issue)."""
+    """`gptwo eval ppl|lambada|hellaswag|wikitext2|wikitext103|compare|harness`."""
+    from gptwo.eval.catalog import TASK_INFO  # plain data: keeps --help fast
+
+    ev = sub.add_parser("eval", help="Evaluate models: perplexity, GPT-2's zero-shot tasks, comparisons, lm-eval.", description="Evaluate models: perplexity, GPT-2's zero-shot tasks, comparisons, lm-evaluation-harness.")
+    esub = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser, metavar="EVAL_COMMAND")
+
+    p = _command(esub, "ppl", _cmd_eval_ppl, "Perplexity per token and per word, and bits per byte, of text files (strided sliding window).")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files; each is one document, scored from an <|endoftext|> prefix")
+    p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
+    _eval_options(p)
+
+    for task in TASK_INFO.values():
+        p = _command(esub, task.name, _cmd_eval_task, f"{task.summary}.")
+        p.set_defaults(task=task.name)
+        p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
+        p.add_argument("--data", default=None, help=f"local data file: {task.data_help}; without it, {task.hub_dataset} is downloaded")
+        _eval_options(p, tasks=True)
+
+    p = _command(esub, "compare", _cmd_eval_compare, "One table of the same metrics for several models.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model folders, run folders or hub ids")
+    p.add_argument("--files", nargs="+", default=[], metavar="FILE", help="text files for perplexity, word perplexity and bits per byte")
+    p.add_argument("--tasks", default="", help=f"comma-separated tasks to add: {', '.join(TASK_INFO)}")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=PATH", help="local data file for a task (repeatable); tasks without one are downloaded")
+    _eval_options(p, tasks=True)
+
+    p = _command(
+        esub,
+        "harness",
+        _cmd_eval_harness,
+        "Run lm-evaluation-harness with gptwo models available as --model gptwo; all arguments go to lm-eval "
+        "(e.g. --model gptwo --model_args pretrained=PATH --tasks lambada_openai).",
+        prefix_chars="+",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="lm-eval's arguments, as for 'lm-eval run' (try: gptwo eval harness run --help)")
 
 
 # --------------------------------------------------------------------------- serving
