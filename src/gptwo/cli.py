@@ -96,8 +96,35 @@ def add_core_commands(sub) -> None:
 
 
 # --------------------------------------------------------------------------- data
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from gptwo.data.prepare import prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, workers=args.workers,
+                   shard_tokens=args.shard_tokens, seed=args.seed, text_field=args.text_field, progress=not args.quiet)
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"{train['documents']} documents, {meta['train_tokens']:,} tokens in {len(train['shards'])} train shard(s); "
+          f"{val['documents']} documents, {meta['val_tokens']:,} tokens in {len(val['shards'])} val shard(s) -> {args.out}", file=sys.stderr)
+    return 0
+
+
 def add_data_commands(sub) -> None:
     """`gptwo prepare` (training issue, data part)."""
+    from gptwo.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
+
+    p = _command(sub, "prepare", _cmd_data_prepare, "Tokenize a text corpus into train/val token shards for 'gptwo train'.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet), 'builtin' (Python's own docs, no download) "
+                        "or hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1)")
+    p.add_argument("--out", required=True, help="output folder: shards, tokenizer.json, meta.json (a previous preparation there is replaced only once the new one is complete)")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default), a tokenizer.json file, or a model folder holding one")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION}; at least one document, "
+                        "or the end of a single document)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes for large corpora (default: one per CPU core)")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet or dataset column holding the text (default text)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # --------------------------------------------------------------------------- training
@@ -244,13 +271,168 @@ def add_eval_commands(sub) -> None:
 
 
 # --------------------------------------------------------------------------- serving
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gptwo.serve import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        served_model_name=args.served_model_name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        log_level=args.log_level,
+    )
+    return 0
+
+
 def add_serve_commands(sub) -> None:
-    """`gptwo serve` (serving issue)."""
+    """`gptwo serve`: the OpenAI-compatible API and the playground page."""
+    p = _command(sub, "serve", _cmd_serve, "Serve a model over HTTP: OpenAI-style /v1/completions, and a playground page at /.")
+    p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's name or the hub id)")
+    p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32); each holds a KV cache row")
+    p.add_argument("--max-queue", type=int, default=256, help="most sequences waiting for a row; beyond it requests get 429 (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted; larger ones get 413 (default 1 MiB)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default info)")
 
 
 # --------------------------------------------------------------------------- webtext
+def _cmd_webtext_report(reports: dict) -> int:
+    import json
+
+    for stage, counts in reports.items():
+        dropped = ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items()) or "none"
+        print(f"{stage}: in {counts['in']}, kept {counts['kept']}; dropped: {dropped}", file=sys.stderr)
+    print(json.dumps(reports, indent=2))
+    return 0
+
+
+def _cmd_webtext_url_filter(args: argparse.Namespace):
+    from gptwo.webtext.urls import DEFAULT_BLOCKLIST, UrlFilter
+
+    blocklist = (() if args.no_default_blocklist else DEFAULT_BLOCKLIST) + tuple(d.lower() for d in args.block_domain)
+    return UrlFilter(min_score=args.min_score, blocklist=blocklist)
+
+
+def _cmd_webtext_extract_options(args: argparse.Namespace):
+    from gptwo.webtext.extract import ExtractOptions
+    from gptwo.webtext.settings import pick
+
+    languages = () if "any" in args.language else tuple(args.language or ("en",))
+    return pick(ExtractOptions, args, languages=languages)
+
+
+def _cmd_webtext_urls(args: argparse.Namespace) -> int:
+    from gptwo.webtext.engine import Engine
+    from gptwo.webtext.settings import pick
+    from gptwo.webtext.urls import collect_urls
+
+    report = collect_urls(args.inputs, args.out, rule=_cmd_webtext_url_filter(args), engine=pick(Engine, args))
+    return _cmd_webtext_report({"urls": report.as_dict()})
+
+
+def _cmd_webtext_fetch(args: argparse.Namespace) -> int:
+    from gptwo.webtext.engine import Engine
+    from gptwo.webtext.fetch import FetchOptions, fetch_urls
+    from gptwo.webtext.settings import pick
+
+    report = fetch_urls(args.urls, args.out, options=pick(FetchOptions, args), partitions=args.partitions, engine=pick(Engine, args))
+    return _cmd_webtext_report({"fetch": report.as_dict()})
+
+
+def _cmd_webtext_extract(args: argparse.Namespace) -> int:
+    from gptwo.webtext.engine import Engine
+    from gptwo.webtext.extract import extract_documents
+    from gptwo.webtext.settings import pick
+
+    extracted, deduped = extract_documents(args.crawl, args.out, options=_cmd_webtext_extract_options(args), engine=pick(Engine, args))
+    return _cmd_webtext_report({"extract": extracted.as_dict(), "dedup": deduped.as_dict()})
+
+
+def _cmd_webtext_build(args: argparse.Namespace) -> int:
+    from gptwo.webtext.build import build
+    from gptwo.webtext.engine import Engine
+    from gptwo.webtext.fetch import FetchOptions
+    from gptwo.webtext.settings import pick
+
+    report = build(
+        args.inputs, args.out, rule=_cmd_webtext_url_filter(args), fetch_options=pick(FetchOptions, args),
+        extract_options=_cmd_webtext_extract_options(args), engine=pick(Engine, args), partitions=args.partitions,
+    )
+    _cmd_webtext_report(report["stages"])
+    print(f"{report['documents']} documents -> {report['output']} (feed it to 'gptwo prepare')", file=sys.stderr)
+    return 0
+
+
 def add_webtext_commands(sub) -> None:
-    """`gptwo webtext ...` (WebText issue)."""
+    """`gptwo webtext urls|fetch|extract|build`: Reddit links → fetched, filtered, deduplicated documents."""
+    web = sub.add_parser("webtext", help="Build a WebText-style corpus from Reddit submission dumps.",
+                         description="Build a WebText-style corpus: Reddit links with >= 3 karma, fetched, extracted, filtered, deduplicated.")
+    wsub = web.add_subparsers(dest="webtext_command", required=True, parser_class=_Parser)
+
+    def engine_args(p) -> None:
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes (default: number of CPUs)")
+        p.add_argument("--engine", dest="kind", choices=("local", "ray"), default="local",
+                       help="'local' process pool (default) or 'ray' (a Ray cluster, or a single-machine Ray started for this run)")
+        p.add_argument("--ray-address", default=None, help="address of a running Ray cluster, e.g. ray://head:10001 (with --engine ray)")
+
+    def url_args(p) -> None:
+        p.add_argument("--min-score", type=int, default=3, help="keep link posts with at least this score (default 3, as GPT-2)")
+        p.add_argument("--block-domain", action="append", default=[], help="also drop links to this domain and its subdomains (repeatable)")
+        p.add_argument("--no-default-blocklist", action="store_true", help="don't drop Wikipedia links (dropped by default, as GPT-2 did)")
+
+    def fetch_args(p) -> None:
+        p.add_argument("--concurrency", type=int, default=64, help="requests in flight at once, over all workers (default 64)")
+        p.add_argument("--per-host", type=int, default=2, help="requests in flight at once to one host (default 2)")
+        p.add_argument("--timeout", type=float, default=20.0, help="seconds for one request, body included (default 20)")
+        p.add_argument("--retries", type=int, default=2, help="retries after a timeout, connection error, 429 or 5xx (default 2)")
+        p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry (default 1)")
+        p.add_argument("--max-redirects", type=int, default=5, help="redirects followed per URL (default 5)")
+        p.add_argument("--max-bytes", type=int, default=5_000_000, help="largest page downloaded, in bytes (default 5000000)")
+        p.add_argument("--user-agent", default=None, help="User-Agent header, also matched against robots.txt")
+        p.add_argument("--warc", action="store_true", help="also write every stored response to WARC files under the crawl folder")
+        p.add_argument("--retry-failed", action="store_true", help="on resume, retry URLs that failed with timeouts or 5xx")
+        p.add_argument("--partitions", type=int, default=8, help="crawl partitions (by host), fixed by the first run (default 8)")
+
+    def extract_args(p) -> None:
+        p.add_argument("--language", action="append", default=[], help="keep documents in this language (ISO 639-1, repeatable; default en; 'any' keeps all)")
+        p.add_argument("--min-language-prob", type=float, default=0.5, help="minimum language-detector probability (default 0.5)")
+        p.add_argument("--min-tokens", type=int, default=128, help="drop documents with fewer GPT-2 tokens (default 128)")
+        p.add_argument("--shingle-size", type=int, default=5, help="words per shingle for near-duplicate detection (default 5)")
+        p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+        p.add_argument("--dedup-threshold", dest="threshold", type=float, default=0.5, help="Jaccard similarity above which documents are near duplicates (default 0.5)")
+
+    p = _command(wsub, "urls", _cmd_webtext_urls, "Stage 1: Reddit submission dumps (.jsonl/.zst) or URL lists -> unique outbound URLs.")
+    p.add_argument("inputs", nargs="+", help="Pushshift submission dumps (NDJSON, optionally .zst) or plain URL lists")
+    p.add_argument("--out", required=True, help="output URL file (.jsonl.zst)")
+    url_args(p)
+    engine_args(p)
+
+    p = _command(wsub, "fetch", _cmd_webtext_fetch, "Stage 2: fetch a URL file into a resumable crawl folder (robots.txt honoured).")
+    p.add_argument("urls", help="URL file written by 'gptwo webtext urls'")
+    p.add_argument("--out", required=True, help="crawl folder; rerun with the same folder to resume")
+    fetch_args(p)
+    engine_args(p)
+
+    p = _command(wsub, "extract", _cmd_webtext_extract, "Stages 3-4: crawl folder -> extracted, filtered, deduplicated documents (.jsonl.zst).")
+    p.add_argument("crawl", help="crawl folder written by 'gptwo webtext fetch'")
+    p.add_argument("--out", required=True, help="output documents file (.jsonl.zst); per-partition files go to extract/ beside it")
+    extract_args(p)
+    engine_args(p)
+
+    p = _command(wsub, "build", _cmd_webtext_build, "All stages: dumps or URL lists -> DIR/documents.jsonl.zst and DIR/report.json (resumable).")
+    p.add_argument("inputs", nargs="+", help="Pushshift submission dumps (NDJSON, optionally .zst) or plain URL lists")
+    p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
+    url_args(p)
+    fetch_args(p)
+    extract_args(p)
+    engine_args(p)
 
 
 # --------------------------------------------------------------------------- entry point

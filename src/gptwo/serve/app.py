@@ -1,0 +1,333 @@
+"""The HTTP side: an OpenAI-compatible completions API and a playground page, on FastAPI + uvicorn.
+
+Routes: `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /` (playground), and the
+OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
+`{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413, a full
+queue gets 429, and a client that goes away cancels its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gptwo.errors import GptwoError
+from gptwo.serve import protocol
+from gptwo.serve.engine import Engine, Overloaded, SamplingParams, TokenLogprob, Update
+from gptwo.tokenizer import Tokenizer
+
+log = logging.getLogger("gptwo.serve")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: read a request body up to `max_bytes` (else answer 413), then hand it on whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        body = bytearray()
+        if not (declared.isdigit() and int(declared) > self.max_bytes):
+            more = True
+            while more and len(body) <= self.max_bytes:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+        if len(body) > self.max_bytes or (declared.isdigit() and int(declared) > self.max_bytes):
+            response = error_response(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
+            return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class ChoiceText:
+    """One choice's text and OpenAI logprobs, built from engine updates (prompt first when echoing)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], echo: bool, logprobs: bool):
+        self.tokenizer, self.prompt, self.echo, self.logprobs = tokenizer, prompt, echo, logprobs
+        self.started, self.finish_reason, self.completion_tokens = False, None, 0
+        self._chars = 0  # characters of the choice's text before the next token (for text_offset)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def take(self, update: Update) -> tuple[str, dict | None]:
+        """The text and logprobs (or None) that `update` adds to this choice."""
+        text, infos = update.text, list(update.tokens)
+        if not self.started:
+            self.started = True
+            if self.echo:
+                text = self.tokenizer.decode(self.prompt) + text
+                infos = (update.prompt or [TokenLogprob(t, None, None) for t in self.prompt]) + infos
+        self.completion_tokens += len(update.tokens)
+        self.finish_reason = update.finish_reason or self.finish_reason
+        return text, self._logprobs(infos) if self.logprobs else None
+
+    def _logprobs(self, infos: list[TokenLogprob]) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for info in infos:
+            out["tokens"].append(self.tokenizer.decode([info.token]))
+            out["token_logprobs"].append(info.logprob)
+            out["top_logprobs"].append(None if info.top is None else self._named(info.top))
+            out["text_offset"].append(self._chars)
+            self._chars += len(self._decoder.decode(self.tokenizer.token_bytes(info.token)))
+        return out
+
+    def _named(self, top: dict[int, float]) -> dict[str, float]:
+        named: dict[str, float] = {}
+        for token, logprob in top.items():
+            name = self.tokenizer.decode([token])
+            named[name] = max(logprob, named.get(name, float("-inf")))
+        return named
+
+
+def _merge_logprobs(total: dict | None, part: dict | None) -> dict | None:
+    if part is None:
+        return total
+    if total is None:
+        return {key: list(values) for key, values in part.items()}
+    for key, values in part.items():
+        total[key].extend(values)
+    return total
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="gptwo", summary="OpenAI-compatible completions for GPT-2 models", version="1", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    tokenizer, context = engine.tokenizer, engine.model.config.block_size
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        headers = {"Retry-After": "1"} if err.status == 429 else None
+        return error_response(err.status, err.message, err.type, err.param, err.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return error_response(err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception):
+        log.exception("request failed")
+        return error_response(500, f"internal error ({type(err).__name__})", type="server_error")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse((resources.files("gptwo.serve") / "static" / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health", summary="Whether the engine runs, and how busy it is")
+    async def health() -> JSONResponse:
+        status = {"status": "ok" if engine.alive else "down", "model": model_name, "running": engine.running, "waiting": engine.waiting, **engine.stats}
+        return JSONResponse(status, status_code=200 if engine.alive else 503)
+
+    @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
+    async def models() -> protocol.ModelList:
+        return protocol.ModelList(data=[protocol.ModelCard(id=model_name, created=created, max_model_len=context)])
+
+    def encode_prompts(prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]]
+        if not prompt:
+            raise ApiError(400, "prompt is an empty list", param="prompt")
+        if isinstance(prompt[0], str):
+            return [tokenizer.encode(p) if p else [tokenizer.eot_token] for p in prompt]
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return [list(p) for p in prompt]
+
+    @app.post(
+        "/v1/completions",
+        response_model=protocol.Completion,
+        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 413, 429, 500)},
+        summary="Complete prompts (OpenAI completions API; stream=true sends server-sent events)",
+    )
+    async def completions(body: protocol.CompletionRequest, request: Request):
+        if body.model != model_name:
+            raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`", param="model", code="model_not_found")
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ApiError(400, f"{unsupported} is not supported by gptwo", param=unsupported)
+        prompts = encode_prompts(body.prompt)
+        n = body.n or 1
+        top_k = body.top_k if body.top_k and body.top_k > 0 else None
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        params = SamplingParams(
+            max_tokens=16 if body.max_tokens is None else body.max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=top_k,
+            top_p=body.top_p if body.top_p not in (None, 1.0) else None,
+            stop=stop,
+            seed=body.seed,
+            logprobs=body.logprobs,
+            prompt_logprobs=bool(body.echo) and body.logprobs is not None,
+        )
+        try:
+            job = engine.submit(prompts, params, n)
+        except GptwoError as err:
+            raise ApiError(400, str(err), param="max_tokens" if "context" in err.what else "prompt") from None
+        except Overloaded as err:
+            raise ApiError(429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full") from None
+        choices = [ChoiceText(tokenizer, prompts[i // n], bool(body.echo), body.logprobs is not None) for i in range(len(prompts) * n)]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
+
+        def usage() -> dict:
+            prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(c.completion_tokens for c in choices)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+        async def updates() -> AsyncIterator[Update]:
+            left = len(choices)
+            while left:
+                update = await job.queue.get()
+                if update.error is not None:
+                    raise ApiError(500, f"generation failed: {update.error}", type="server_error")
+                left -= update.finish_reason is not None
+                yield update
+
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            async def events() -> AsyncIterator[str]:
+                try:
+                    async for update in updates():
+                        text, logprobs = choices[update.index].take(update)
+                        if text or logprobs or update.finish_reason:
+                            choice = {"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}
+                            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                    if include_usage:
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+                except ApiError as err:
+                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': None}})}\n\n"
+                finally:
+                    engine.cancel(job)  # frees the rows if the client went away mid-stream
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        async def collect() -> list[dict]:
+            texts, logprobs = [""] * len(choices), [None] * len(choices)
+            async for update in updates():
+                text, part = choices[update.index].take(update)
+                texts[update.index] += text
+                logprobs[update.index] = _merge_logprobs(logprobs[update.index], part)
+            return [{"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason} for i, (t, lp, c) in enumerate(zip(texts, logprobs, choices))]
+
+        work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                engine.cancel(job)
+                work.cancel()
+        if not work.done() or work.cancelled():
+            return error_response(499, "the client closed the request", code="client_closed")
+        return JSONResponse({**head, "choices": work.result(), "usage": usage()})
+
+    return app
+
+
+def default_model_name(model: str) -> str:
+    """The id a served model goes by: a folder's name, or the hub id as given."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    device: str = "auto",
+    served_model_name: str | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    max_body_bytes: int = 1 << 20,
+    log_level: str = "info",
+) -> None:
+    """Load `model` and serve it over HTTP until interrupted."""
+    import uvicorn
+
+    from gptwo.weights import load_model
+
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
+        if value < 1:
+            raise GptwoError(f"{name}={value} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+    sock = bind_socket(host, port)
+    net, tokenizer = load_model(model, device=device)
+    name = served_model_name or default_model_name(model)
+    app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)  # also sets up uvicorn's loggers
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    logging.getLogger("uvicorn.error").info("serving %s at %s (playground at /, OpenAI API at /v1)", name, url)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a GptwoError saying why not (port taken, bad host)."""
+    if not 0 <= port <= 65535:
+        raise GptwoError(f"port {port} is out of range", "use a port between 1 and 65535 (0 picks a free one)")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise GptwoError(f"cannot listen on {host}:{port} ({err.strerror or err})", "pick another --port or --host") from None
+    sock.listen(2048)
+    return sock

@@ -1,0 +1,427 @@
+"""The batching engine: one worker thread runs the model for every request at once (continuous batching).
+
+Each choice of a request is a `Sequence`. Between decode steps the worker retires finished or
+cancelled sequences and admits waiting ones: their prompts are prefilled together and their
+keys/values are copied into free rows of one shared `PooledCache`, so a new request joins the
+running batch at the next step instead of waiting for it to drain. Rows share slot indices (as in
+`gptwo.model.KVCache`); a joining prompt is right-aligned with the newest slot and the slots before
+it are marked invalid, so every row sees only its own tokens at its own positions.
+
+Sampling is per row: greedy rows take the argmax, seeded rows use their own generator (so a seed
+gives the same text however the request was batched), the rest are sampled in groups that share
+temperature / top-k / top-p. Log-probabilities are those of the raw model (before temperature).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+import torch
+
+from gptwo.errors import GptwoError
+from gptwo.generate import TextStream, pad_left, sample_next
+from gptwo.model import GPT, KVCache
+from gptwo.tokenizer import Tokenizer
+
+log = logging.getLogger("gptwo.serve")
+
+
+class Overloaded(Exception):
+    """The waiting queue is full; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples; `logprobs` is how many top alternatives to report per token (None: no logprobs)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # also report the log-probabilities of the prompt's tokens (echo)
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model and its top alternatives (token id -> logprob)."""
+
+    token: int
+    logprob: float | None
+    top: dict[int, float] | None
+
+
+@dataclass
+class Update:
+    """What one sequence produced in one step: new text, its tokens, and a finish reason at the end."""
+
+    index: int
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    prompt: list[TokenLogprob] | None = None  # only in the first update, when prompt logprobs were asked for
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Sequence:
+    """One choice being generated; the worker thread fills it, the event loop reads its request's queue."""
+
+    def __init__(self, request: "Request", index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, device: torch.device):
+        self.request, self.index, self.prompt, self.params = request, index, prompt, params
+        self.stream = TextStream(tokenizer, params.stop)
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed((params.seed + request.seed_offsets[index]) % 2**64)
+        self.generated = 0
+        self.next_input = -1  # the sampled token to feed at the next decode step
+        self.done = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request.cancelled
+
+    def push(self, token: TokenLogprob) -> None:
+        """Take one sampled token: emit its text, and finish on end-of-text, a stop string or max_tokens."""
+        self.generated += 1
+        text = self.stream.push(token.token)
+        finish = self.stream.finish_reason if self.stream.finished else None
+        if finish is None and self.generated >= self.params.max_tokens:
+            text += self.stream.close("length")
+            finish = "length"
+        self.next_input, self.done = token.token, finish is not None
+        self.request.emit(Update(self.index, text, [token], finish_reason=finish))
+
+
+class Request:
+    """One API call: several sequences (prompts x n) whose updates arrive on one asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seed_offsets: list[int]):
+        self.loop, self.seed_offsets = loop, seed_offsets
+        self.queue: asyncio.Queue[Update] = asyncio.Queue()
+        self.cancelled = False
+
+    def emit(self, update: Update) -> None:
+        """Hand an update to the event loop (called from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, update)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class PooledCache(KVCache):
+    """A KVCache whose batch is the first `rows` rows of a pool that grows on demand.
+
+    Rows join (`add_row`) and leave (`drop_rows`) between steps; `spans[r]` counts row r's real
+    tokens, which are always the newest `spans[r]` slots, so leading slots that no row needs any
+    more can be cut off (`_make_room`).
+    """
+
+    def __init__(self, config, device, dtype):
+        super().__init__(config, 0, 0, device=device, dtype=dtype)
+        self.config, self.device, self.dtype = config, device, dtype
+        self._k, self._v, self._valid = self.k, self.v, self.valid
+        self.rows, self.spans = 0, []
+        self._expose()
+
+    def _expose(self) -> None:
+        self.k, self.v, self.valid = self._k[:, : self.rows], self._v[:, : self.rows], self._valid[: self.rows]
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Grow the pool (doubling, length at most the context) to hold `rows` rows of `length` slots."""
+        cap_rows, cap_len = self._k.shape[1], self._k.shape[3]
+        if rows <= cap_rows and length <= cap_len:
+            return
+        new_rows = max(rows, min(2 * cap_rows, rows + 64), 4) if rows > cap_rows else cap_rows
+        new_len = min(self.config.block_size, max(length, 2 * cap_len, 64)) if length > cap_len else cap_len
+        shape = (self.config.n_layer, new_rows, self.config.n_head, new_len, self.config.head_dim)
+        k, v = (torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
+        valid = torch.zeros(new_rows, new_len, dtype=torch.bool, device=self.device)
+        k[:, : self.rows, :, : self.length] = self._k[:, : self.rows, :, : self.length]
+        v[:, : self.rows, :, : self.length] = self._v[:, : self.rows, :, : self.length]
+        valid[: self.rows, : self.length] = self._valid[: self.rows, : self.length]
+        self._k, self._v, self._valid = k, v, valid
+        self._expose()
+
+    def _shift(self, by: int) -> None:
+        """Move every row's slots `by` places right (by > 0) or left (by < 0)."""
+        n, old = self.rows, self.length
+        new = old + by
+        src, dst = (slice(0, old), slice(by, new)) if by > 0 else (slice(-by, old), slice(0, new))
+        for buf in (self._k, self._v):
+            buf[:, :n, :, dst] = buf[:, :n, :, src].clone()
+        self._valid[:n, dst] = self._valid[:n, src].clone()
+        if by > 0:
+            self._valid[:n, :by] = False
+        self.length = new
+
+    def add_row(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append a row whose keys/values `k`, `v` (n_layer, n_head, L, head_dim) end at the newest slot."""
+        span = k.shape[2]
+        self._reserve(self.rows + 1, max(self.length, span))
+        if span > self.length:
+            self._shift(span - self.length)
+        row, start = self.rows, self.length - span
+        self._k[:, row, :, start : self.length] = k
+        self._v[:, row, :, start : self.length] = v
+        self._valid[row] = False
+        self._valid[row, start : self.length] = True
+        self.rows += 1
+        self.spans.append(span)
+        self._expose()
+
+    def drop_rows(self, rows: Seq[int]) -> list[int]:
+        """Free `rows` by moving the last rows into their places; return the old index of each remaining row."""
+        order = list(range(self.rows))
+        for row in sorted(rows, reverse=True):
+            last = self.rows - 1
+            if row != last:
+                self._k[:, row, :, : self.length] = self._k[:, last, :, : self.length]
+                self._v[:, row, :, : self.length] = self._v[:, last, :, : self.length]
+                self._valid[row] = self._valid[last]
+                order[row], self.spans[row] = order[last], self.spans[last]
+            order.pop()
+            self.spans.pop()
+            self.rows -= 1
+        if not self.rows:
+            self.length = 0
+        self._expose()
+        return order
+
+    def _make_room(self) -> None:
+        """Cut leading slots no row uses once they are a quarter of the cache (or the context is full)."""
+        unused = self.length - max(self.spans)
+        if unused and (self.length >= self.config.block_size or 4 * unused >= self.length):
+            self._shift(-unused)
+        self._reserve(self.rows, self.length + 1)
+
+    def decode(self, model: GPT, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,); return the next-token logits (B, V)."""
+        self._make_room()
+        logits = model(tokens[:, None], cache=self, valid=torch.ones(self.rows, 1, dtype=torch.bool, device=self.device))
+        self.spans = [s + 1 for s in self.spans]
+        return logits[:, -1]
+
+
+class Engine:
+    """Runs `model` for all submitted requests in one background thread, batching them step by step."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, max_queue: int = 256, max_prefill_tokens: int = 4096):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        self.device = model.lm_head.weight.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.pool = self._new_pool()
+        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0}
+
+    def _new_pool(self) -> PooledCache:
+        return PooledCache(self.model.config, self.device, self.model.lm_head.weight.dtype)
+
+    # ---- the event loop side
+    def start(self) -> None:
+        """Start the worker thread (once)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="gptwo-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker thread; requests still running get an error update."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def check(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
+        """Reject requests the model cannot run: empty prompts, unknown token ids, more tokens than the context."""
+        context, vocab = self.model.config.block_size, self.tokenizer.n_vocab
+        for prompt in prompts:
+            if not prompt:
+                raise GptwoError("a prompt has no tokens", "give at least one token (the empty string means <|endoftext|>)")
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise GptwoError(f"token id {bad[0]} is outside the vocabulary of {vocab}", "use ids from this model's tokenizer")
+            if len(prompt) + params.max_tokens > context:
+                raise GptwoError(
+                    f"This model's maximum context length is {context} tokens, however you requested "
+                    f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in your prompt; {params.max_tokens} for the completion)",
+                    "reduce the prompt or max_tokens",
+                )
+        if len(prompts) * n > self.max_queue:
+            raise GptwoError(f"{len(prompts)} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n")
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Request:
+        """Queue `n` choices for each prompt (choice index = prompt * n + j); raise Overloaded if the queue is full."""
+        self.check(prompts, params, n)
+        request = Request(asyncio.get_running_loop(), [j for _ in prompts for j in range(n)])
+        seqs = [Sequence(request, i * n + j, p, params, self.tokenizer, self.device) for i, p in enumerate(prompts) for j in range(n)]
+        with self._cond:
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise Overloaded(f"{len(self._waiting)} sequences are waiting (the limit is {self.max_queue})")
+            self._waiting.extend(seqs)
+            self._cond.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop generating for `request` (its client went away); its rows are freed at the next step."""
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    # ---- the worker thread
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._active or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                joining = self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step(joining)
+            except Exception as err:  # noqa: BLE001 - a failed step must not kill the server
+                log.exception("engine step failed")
+                self._fail([*self._active, *joining], f"{type(err).__name__}: {err}")
+                self._active, self.pool = [], self._new_pool()
+        self._fail([*self._active, *self._waiting], "the server is shutting down")
+        self._active, self._waiting = [], collections.deque()
+
+    def _admit(self) -> list[Sequence]:
+        """Take waiting sequences that fit the free rows and the prefill budget (called under the lock)."""
+        joining: list[Sequence] = []
+        width = 0
+        while self._waiting and len(self._active) + len(joining) < self.max_batch:
+            seq = self._waiting[0]
+            width = max(width, len(seq.prompt))
+            if joining and width * (len(joining) + 1) > self.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            if seq.cancelled:
+                self.stats["cancelled"] += 1
+            else:
+                joining.append(seq)
+        return joining
+
+    def _step(self, joining: list[Sequence]) -> None:
+        self._retire()
+        if joining:
+            self._prefill(joining)
+            self._retire()
+        if self._active:
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
+            self.stats["steps"] += 1
+            tokens = torch.tensor([s.next_input for s in self._active], device=self.device)
+            self._advance(self._active, self.pool.decode(self.model, tokens))
+            self._retire()
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        """Run the joining prompts (each distinct prompt once), sample their first tokens, give them rows."""
+        prompts = list(dict.fromkeys(tuple(s.prompt) for s in joining))
+        ids, valid = pad_left(prompts, self.tokenizer.eot_token, self.device)
+        cache = KVCache(self.model.config, len(prompts), ids.shape[1], device=self.device, dtype=self.pool.dtype)
+        logits = self.model(ids, cache=cache, valid=valid)
+        rows = [prompts.index(tuple(s.prompt)) for s in joining]
+        for seq, row in zip(joining, rows):
+            prompt_info = self._prompt_logprobs(seq, logits[row, ids.shape[1] - len(seq.prompt) :]) if seq.params.prompt_logprobs else None
+            if seq.params.max_tokens == 0:
+                seq.done = True
+                seq.request.emit(Update(seq.index, seq.stream.close("length"), prompt=prompt_info, finish_reason="length"))
+                self.stats["finished"] += 1
+                continue
+            if prompt_info is not None:
+                seq.request.emit(Update(seq.index, prompt=prompt_info))
+            self.pool.add_row(cache.k[:, row, :, -len(seq.prompt) :], cache.v[:, row, :, -len(seq.prompt) :])
+            self._active.append(seq)
+        new = [(s, r) for s, r in zip(joining, rows) if not s.done]
+        if new:
+            self._advance([s for s, _ in new], logits[[r for _, r in new], -1])
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
+        """Log-probabilities of each prompt token given the ones before it (the first has none)."""
+        logprobs = torch.log_softmax(logits[:-1, : self.tokenizer.n_vocab].float(), dim=-1)
+        infos = _logprob_infos(logprobs, seq.prompt[1:], [seq.params.logprobs or 0] * (len(seq.prompt) - 1))
+        return [TokenLogprob(seq.prompt[0], None, None), *infos]
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample the next token of each sequence from its row of `logits` (B, V) and push it."""
+        logits = logits[:, : self.tokenizer.n_vocab]
+        tokens = self._sample(seqs, logits)
+        infos: dict[int, TokenLogprob] = {}
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:
+            logprobs = torch.log_softmax(logits[want].float(), dim=-1)
+            found = _logprob_infos(logprobs, [tokens[i] for i in want], [seqs[i].params.logprobs for i in want])
+            infos = dict(zip(want, found))
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            seq.push(infos.get(i) or TokenLogprob(token, None, None))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row: argmax for greedy rows, own generator for seeded rows, shared groups otherwise."""
+        tokens = logits.argmax(-1)
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0:
+                continue
+            if seq.generator is not None:
+                tokens[i] = sample_next(logits[i : i + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0]
+            else:
+                groups[(p.temperature, p.top_k, p.top_p)].append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            tokens[rows] = sample_next(logits[rows], temperature, top_k, top_p, self.generator)
+        return tokens.tolist()
+
+    def _retire(self) -> None:
+        """Free the rows of finished and cancelled sequences."""
+        gone = [i for i, s in enumerate(self._active) if s.done or s.cancelled]
+        if not gone:
+            return
+        for i in gone:
+            self.stats["cancelled" if not self._active[i].done else "finished"] += 1
+        order = self.pool.drop_rows(gone)
+        self._active = [self._active[i] for i in order]
+
+    def _fail(self, seqs: list[Sequence], message: str) -> None:
+        for seq in seqs:
+            self.stats["failed"] += 1
+            seq.request.emit(Update(seq.index, finish_reason="error", error=message))
+
+
+def _logprob_infos(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """For each row of `logprobs` (N, V): its token's logprob and the top `ks[row]` alternatives (plus the token)."""
+    if not tokens:
+        return []
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    top = torch.topk(logprobs, max(ks), dim=-1) if max(ks) else None
+    infos = []
+    for row, (token, logprob, k) in enumerate(zip(tokens, chosen, ks)):
+        alternatives = dict(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist())) if k else {}
+        infos.append(TokenLogprob(token, logprob, {**alternatives, token: logprob}))
+    return infos

@@ -1,0 +1,119 @@
+"""The OpenAI completions API as pydantic models: what requests may hold and what responses look like.
+
+Only the legacy `/v1/completions` shape is served (GPT-2 is not a chat model). Parameters that
+gptwo cannot honour (penalties, logit_bias, suffix, best_of > n) are rejected, never ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+MAX_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. `top_k` is an extension (as in vLLM); -1 or null means off."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="the served model's id (see GET /v1/models)")
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
+        default="", description="text, texts, token ids, or lists of token ids; empty text means <|endoftext|>"
+    )
+    max_tokens: Optional[int] = Field(default=16, ge=0, description="tokens to generate per choice (default 16)")
+    temperature: Optional[float] = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: Optional[float] = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: Optional[int] = Field(default=None, ge=-1, description="sample from the k most likely tokens; -1, 0 or null: all")
+    n: Optional[int] = Field(default=1, ge=1, le=128, description="choices per prompt")
+    best_of: Optional[int] = Field(default=None, ge=1, description="accepted only when equal to n")
+    stop: Union[StrictStr, list[StrictStr], None] = Field(default=None, description="up to 16 strings that end a choice (not returned)")
+    seed: Optional[int] = Field(default=None, ge=-(2**63), lt=2**64, description="makes sampling reproducible")
+    stream: Optional[bool] = Field(default=False, description="send server-sent events, ending with data: [DONE]")
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (raw model log-probabilities)")
+    echo: Optional[bool] = Field(default=False, description="return the prompt before the completion")
+    presence_penalty: Optional[float] = Field(default=0.0, description="not supported: must be 0")
+    frequency_penalty: Optional[float] = Field(default=0.0, description="not supported: must be 0")
+    logit_bias: Optional[dict[str, float]] = Field(default=None, description="not supported: must be empty")
+    suffix: Optional[str] = Field(default=None, description="not supported")
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop):
+        if isinstance(stop, list) and len(stop) > 16:
+            raise ValueError("at most 16 stop strings")
+        return stop
+
+    def unsupported(self) -> Optional[str]:
+        """The name of a parameter set to something gptwo does not do, if any."""
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty" if self.presence_penalty else "frequency_penalty"
+        if self.logit_bias:
+            return "logit_bias"
+        if self.suffix:
+            return "suffix"
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of"
+        return None
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class Choice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[Logprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """A whole completion, or (with stream) one chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gptwo"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,57 @@
+"""Helpers for the serving tests: a tiny random GPT-2 saved to disk, and a live uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import uvicorn
+
+from gptwo import GPT, GPTConfig, Tokenizer
+from gptwo.serve import Engine, create_app
+from gptwo.serve.app import bind_socket
+from gptwo.weights import save_pretrained
+
+
+def tiny_model(block_size: int = 512) -> GPT:
+    """A 2-layer GPT-2 with GPT-2's vocabulary and wide random weights, so greedy text varies and has clear winners."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    for param in model.parameters():
+        if param.dim() >= 2:
+            torch.nn.init.normal_(param, std=0.5)
+    return model.eval()
+
+
+def save_tiny_model(directory: str) -> None:
+    save_pretrained(tiny_model(), directory, tokenizer=Tokenizer.gpt2())
+
+
+class LiveServer:
+    """uvicorn serving `app` in a thread on a free port of 127.0.0.1 (`lifespan="off"` leaves the engine stopped)."""
+
+    def __init__(self, app, lifespan: str = "on"):
+        sock = bind_socket("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def serve_in_thread(model_dir: str, name: str = "tiny", lifespan: str = "on", **engine_kwargs) -> tuple[LiveServer, Engine]:
+    from gptwo.weights import load_model
+
+    model, tokenizer = load_model(model_dir, device="cpu")
+    engine = Engine(model, tokenizer, **engine_kwargs)
+    return LiveServer(create_app(engine, name, max_body_bytes=64 * 1024), lifespan=lifespan), engine
