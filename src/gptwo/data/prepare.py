@@ -26,13 +26,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from gptwo.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 from gptwo.data.shards import token_dtype, write_shard
 from gptwo.data.sources import BUILTIN, HF_PREFIX, iter_documents
 from gptwo.errors import GptwoError
 from gptwo.tokenizer import Tokenizer, load_tokenizer
 
-DEFAULT_VAL_FRACTION = 0.01
-DEFAULT_SHARD_TOKENS = 100_000_000
 CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
 IN_PROCESS_CHUNKS = 16  # the first chunks are encoded in this process, before a pool pays off
 META_FORMAT = "gptwo-shards"
@@ -59,12 +58,13 @@ def prepare(
     _check_arguments(inputs, val_fraction, shard_tokens, workers)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     dtype = token_dtype(tok.n_vocab)
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-prepare-")
     try:
         writers = {split: _SplitWriter(staging, split, dtype, tok.identity, shard_tokens) for split in SPLITS}
         documents = (text for text in iter_documents(inputs, text_field) if text.strip())
-        with tqdm(desc="tokenizing", unit="char", unit_scale=True, file=sys.stderr, disable=not progress) as bar:
+        with tqdm(desc="tokenizing", unit="char", unit_scale=True, file=sys.stderr, disable=not progress, delay=0.5) as bar:
             with closing(_encode_chunks(_chunks(documents, bar), tok, workers)) as encoded:
                 _split_documents(_documents(encoded, dtype), writers, tok, val_fraction, seed)
         for writer in writers.values():
@@ -73,8 +73,12 @@ def prepare(
         tok.save(os.path.join(staging, "tokenizer.json"))
         _write_json(os.path.join(staging, "meta.json"), meta)
         _publish(staging, out_dir, meta)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    os.rmdir(staging)
     return meta
 
 
@@ -189,27 +193,27 @@ def _documents(encoded: Iterable[Encoded], dtype: np.dtype) -> Iterator[tuple[np
 
 # ------------------------------------------------------------------ splitting and writing
 def _split_documents(documents: Iterable[tuple[np.ndarray, int]], writers: dict, tok: Tokenizer, val_fraction: float, seed: int) -> None:
-    """Send each document to train or val (seeded draw); make sure val gets something when it can."""
+    """Send each document to train or val by a seeded draw; with 2+ documents neither split stays empty."""
     rng = random.Random(seed)
-    held = None  # the latest train document, held back in case val would otherwise stay empty
+    held = None  # (split, document) of the latest document, held back in case a split would stay empty
     count = 0
     for document in documents:
         count += 1
-        if rng.random() < val_fraction:
-            writers["val"].add(*document)
-            continue
         if held is not None:
-            writers["train"].add(*held)
-        held = document
-    if count == 0:
+            writers[held[0]].add(*held[1])
+        held = ("val" if rng.random() < val_fraction else "train", document)
+    if held is None:
         raise GptwoError("the corpus has no documents (every input is empty)", "pass inputs that contain text")
-    if writers["val"].documents == 0 and val_fraction > 0:
-        if count >= 2:
-            writers["val"].add(*held)
+    split, document = held
+    if count == 1:
+        if val_fraction > 0 and _split_single_document(document, writers, tok, val_fraction):
             return
-        if _split_single_document(held, writers, tok, val_fraction):
-            return
-    writers["train"].add(*held)
+        split = "train"
+    elif val_fraction > 0 and writers["val"].documents == 0:
+        split = "val"
+    elif writers["train"].documents == 0:
+        split = "train"
+    writers[split].add(*document)
 
 
 def _split_single_document(document: tuple[np.ndarray, int], writers: dict, tok: Tokenizer, val_fraction: float) -> bool:

@@ -68,7 +68,7 @@ def write_shard(path: str, tokens: np.ndarray, tokenizer_identity: str, dtype: n
     """Write `tokens` as a gptwo shard at `path`, atomically (uint16 if every id fits, else uint32)."""
     tokens = np.asarray(tokens)
     if dtype is None:
-        dtype = token_dtype(int(tokens.max()) + 1 if tokens.size else 0)
+        dtype = _DTYPES[2] if not tokens.size or int(tokens.max()) <= 65535 else _DTYPES[4]
     dtype = np.dtype(dtype).newbyteorder("<")
     if dtype.itemsize not in _DTYPES or dtype.kind != "u":
         raise GptwoError(f"shard dtype {dtype} is not supported", "use uint16 or uint32")

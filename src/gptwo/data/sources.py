@@ -120,11 +120,11 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
 
 def iter_hf_dataset(spec: str, text_field: str = "text") -> Iterator[str]:
     """Documents of a Hugging Face dataset (hub name or local folder), streamed with datasets.load_dataset."""
+    name, config, split = parse_hf_spec(spec)
     try:
         import datasets
     except ModuleNotFoundError:
         raise GptwoError(f"reading {spec} needs the datasets package", "pip install 'gptwo[data]'") from None
-    name, config, split = parse_hf_spec(spec)
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
         features = stream.features
