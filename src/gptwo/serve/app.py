@@ -315,7 +315,10 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     logging.getLogger("uvicorn.error").info("serving %s at %s (playground at /, OpenAI API at /v1)", name, url)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after a graceful shutdown: for a server that is a normal stop
+        pass
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

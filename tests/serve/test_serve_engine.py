@@ -1,0 +1,106 @@
+"""The batching engine on its own: rows joining and leaving a shared cache, admission limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from serve_testing import tiny_model
+
+from gptwo import Tokenizer
+from gptwo.errors import GptwoError
+from gptwo.model import KVCache
+from gptwo.serve.engine import Engine, Overloaded, PooledCache, SamplingParams
+
+
+def next_logits(model, tokens: list[int]) -> torch.Tensor:
+    """The reference: next-token logits of `tokens` from one forward pass without any cache."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0, -1]
+
+
+def prefill(model, cache_rows: PooledCache, tokens: list[int]) -> torch.Tensor:
+    """Prefill `tokens` alone and hand its keys/values to the pool as a new row; return its next-token logits."""
+    cache = KVCache(model.config, 1, len(tokens))
+    logits = model(torch.tensor([tokens]), cache=cache)[0, -1]
+    cache_rows.add_row(cache.k[:, 0], cache.v[:, 0])
+    return logits
+
+
+@torch.no_grad()
+def test_rows_that_join_and_leave_see_only_their_own_tokens():
+    model = tiny_model(block_size=40)
+    pool = PooledCache(model.config, torch.device("cpu"), torch.float32)
+    seqs = {"a": [5, 6, 7, 8, 9]}
+    rows = ["a"]
+    torch.testing.assert_close(prefill(model, pool, seqs["a"]), next_logits(model, seqs["a"]), atol=1e-4, rtol=0)
+
+    def step(token: int) -> None:
+        logits = pool.decode(model, torch.tensor([token] * len(rows)))
+        for row, name in enumerate(rows):
+            seqs[name].append(token)
+            torch.testing.assert_close(logits[row], next_logits(model, seqs[name]), atol=1e-4, rtol=0)
+
+    for token in (11, 12, 13):
+        step(token)
+    seqs["b"] = list(range(100, 112))  # longer than the cache so far: every row shifts right
+    prefill(model, pool, seqs["b"])
+    rows.append("b")
+    step(14)
+    seqs["c"] = [200, 201]  # shorter: right-aligned, earlier slots invalid
+    prefill(model, pool, seqs["c"])
+    rows.append("c")
+    step(15)
+    order = pool.drop_rows([1])  # "b" leaves; "c" moves into its row
+    rows = [rows[i] for i in order]
+    assert rows == ["a", "c"]
+    while len(seqs["a"]) < model.config.block_size:  # "a" fills the context: slots only "b" used get cut
+        step(16 + len(seqs["a"]))
+    assert pool.length <= model.config.block_size and pool.length == max(pool.spans)
+
+
+def test_engine_refuses_what_it_cannot_run_and_bounds_its_queue():
+    engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=2, max_queue=3)  # never started: nothing leaves the queue
+
+    async def submit_all():
+        with pytest.raises(GptwoError, match="maximum context length is 32"):
+            engine.submit([[1] * 30], SamplingParams(max_tokens=3))
+        with pytest.raises(GptwoError, match="outside the vocabulary"):
+            engine.submit([[50257]], SamplingParams(max_tokens=1))
+        with pytest.raises(GptwoError, match="more than the queue holds"):
+            engine.submit([[1], [2]], SamplingParams(max_tokens=1), n=2)
+        engine.submit([[1], [2]], SamplingParams(max_tokens=1))
+        with pytest.raises(Overloaded):
+            engine.submit([[3], [4]], SamplingParams(max_tokens=1))
+        engine.submit([[3]], SamplingParams(max_tokens=1))
+
+    asyncio.run(submit_all())
+    assert engine.waiting == 3
+
+
+def test_engine_step_failure_fails_requests_but_keeps_running():
+    model = tiny_model(block_size=32)
+    engine = Engine(model, Tokenizer.gpt2())
+
+    async def run(prompt: list[int]):
+        job = engine.submit([prompt], SamplingParams(max_tokens=3, temperature=0))
+        updates = []
+        while not updates or updates[-1].finish_reason is None:
+            updates.append(await job.queue.get())
+        return updates
+
+    async def scenario():
+        original = model.forward
+        model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+        failed = await run([1, 2, 3])
+        model.forward = original
+        return failed, await run([1, 2, 3])
+
+    engine.start()
+    try:
+        failed, fine = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert failed[-1].finish_reason == "error" and "boom" in failed[-1].error
+    assert fine[-1].finish_reason == "length" and sum(len(u.tokens) for u in fine) == 3

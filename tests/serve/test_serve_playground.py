@@ -1,0 +1,63 @@
+"""The playground page in headless Chromium (Debian's chromium + chromium-driver), driven by selenium."""
+
+from __future__ import annotations
+
+import os
+
+import openai
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from serve_testing import save_tiny_model, serve_in_thread
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), "install Debian's chromium and chromium-driver packages"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def set_field(driver, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def test_playground_streams_a_completion(tmp_path, browser):
+    save_tiny_model(str(tmp_path / "tiny"))
+    server, _ = serve_in_thread(str(tmp_path / "tiny"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        expected = client.completions.create(model="tiny", prompt="Hello there", max_tokens=30, temperature=0).choices[0].text
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+        set_field(browser, "prompt", "Hello there")
+        set_field(browser, "temperature", "0")
+        set_field(browser, "max_tokens", "30")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "done" in d.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "output").text == "Hello there" + expected
+        pieces = browser.find_elements(By.CSS_SELECTOR, "#output span:not(.prompt)")
+        assert len(pieces) > 1 and "".join(p.text for p in pieces) == expected  # arrived as a stream of chunks
+
+        browser.find_element(By.ID, "colour").click()  # now each piece is coloured by its probability
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "done" in d.find_element(By.ID, "status").text and "tokens" in d.find_element(By.ID, "status").text)
+        coloured = browser.find_elements(By.CSS_SELECTOR, "#output span.tok")
+        assert coloured and all("hsla" in (span.get_attribute("style") or "") or "rgba" in (span.get_attribute("style") or "") for span in coloured)
+        assert "p = " in coloured[0].get_attribute("title")
+        assert browser.find_element(By.ID, "output").text == "Hello there" + expected
+    finally:
+        server.close()
