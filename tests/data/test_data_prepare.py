@@ -199,3 +199,10 @@ def test_parquet_without_the_column(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
     with pytest.raises(GptwoError, match="no 'text' column"):
         prepare([str(tmp_path / "t.parquet")], str(tmp_path / "out"), progress=False)
+
+
+def test_single_document_keeps_a_train_token(tmp_path):
+    (tmp_path / "two.txt").write_text("Hello world")
+    meta = prepare([str(tmp_path / "two.txt")], str(tmp_path / "out"), val_fraction=0.99, progress=False)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1, 2)
+    assert (meta["train_bytes"], meta["val_bytes"]) == (5, 7)

@@ -219,12 +219,12 @@ def _split_documents(documents: Iterable[tuple[np.ndarray, int]], writers: dict,
 def _split_single_document(document: tuple[np.ndarray, int], writers: dict, tok: Tokenizer, val_fraction: float) -> bool:
     """Give the last `val_fraction` of a lone document's tokens to val (cut at a token); False if too short."""
     tokens = document[0][:-1]  # without its end-of-text
-    val_count = max(1, round(len(tokens) * val_fraction))
     if len(tokens) < 2:
         return False
-    cut = len(tokens) - val_count
-    writers["train"].add(tokens[:cut], len(tok.decode_bytes(tokens[:cut].tolist())))
-    writers["val"].add(document[0][cut:], len(tok.decode_bytes(tokens[cut:].tolist())) + 1)
+    cut = len(tokens) - min(len(tokens) - 1, max(1, round(len(tokens) * val_fraction)))
+    val_bytes = len(tok.decode_bytes(tokens[cut:].tolist()))
+    writers["train"].add(tokens[:cut], document[1] - 1 - val_bytes)  # the document's bytes minus its separator
+    writers["val"].add(document[0][cut:], val_bytes + 1)
     return True
 
 
