@@ -6,9 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from gptwo import GPT
+from gptwo.train import checkpoint
 from gptwo.train.checkpoint import list_checkpoints, read_trainer_state
 from gptwo.train.loop import run_training
 from gptwo.weights import load_model
@@ -51,13 +53,24 @@ def test_train_checkpoint_round_trip(tmp_path):
     assert result.returncode == 0 and result.stdout
 
 
-def test_resume_in_process_gives_identical_losses(tmp_path):
+def test_crash_then_resume_in_process_gives_identical_losses(tmp_path, monkeypatch):
     data = tiny_data()
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    run_training(data, straight, overrides=TINY + ["max_steps=10"], progress=False)
-    run_training(data, split, overrides=TINY + ["max_steps=10"], max_steps=6, progress=False)  # stops at step 6
-    run_training(data, split, overrides=["max_steps=10"], resume=True, progress=False)
-    assert train_losses(straight) == train_losses(split)  # exact: same floats, same order
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    run_training(data, straight, overrides=TINY + ["max_steps=10", "checkpoint_every=2"], progress=False)
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(run_dir, step, *args, **kwargs):
+        real_save(run_dir, step, *args, **kwargs)
+        if step == 6:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(data, crashed, overrides=TINY + ["max_steps=10", "checkpoint_every=2"], progress=False)
+    monkeypatch.undo()
+    assert max(train_losses(crashed)) == 6
+    run_training(data, crashed, resume=True, progress=False)
+    assert train_losses(straight) == train_losses(crashed)  # exact: same floats
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):

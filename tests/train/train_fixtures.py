@@ -22,8 +22,8 @@ PARAGRAPHS = [
 ]
 
 
-def write_corpus(directory: str, documents: int = 24, seed: int = 0) -> str:
-    """About 10 KB of English-like text in `documents` files (deterministic)."""
+def write_corpus(directory: str, documents: int = 48, seed: int = 0) -> str:
+    """About 20 KB of English-like text in `documents` files (deterministic)."""
     import random
 
     rng = random.Random(seed)

@@ -132,6 +132,7 @@ def _write_checkpoint(run_dir: str, step: int, model: GPT, optim_state: dict, to
     final = os.path.join(root, f"step_{step}")
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=f"step_{step}.tmp-")
+    what = f"could not write checkpoint step_{step}"
     try:
         save_pretrained(model, tmp, tokenizer=tokenizer)
         optim_bytes, optim_json = _optimizer_files(optim_state)
@@ -141,17 +142,26 @@ def _write_checkpoint(run_dir: str, step: int, model: GPT, optim_state: dict, to
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
+        what = f"could not update the model files in {run_dir}"  # the checkpoint itself is complete
         for name in MODEL_FILES:  # RUN itself: the latest weights, one atomic file at a time
             with open(os.path.join(final, name), "rb") as f:
                 atomic_write_bytes(os.path.join(run_dir, name), f.read())
     except (OSError, GptwoError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).split(" — ")[0]
+        reason = _reason(err)
         last = latest_checkpoint(run_dir)
         kept = f"; {os.path.basename(last)} is intact, continue from it with --resume" if last else ""
         fix = "free disk space" if isinstance(err, OSError) and err.errno == errno.ENOSPC or "space" in reason else "check the output folder"
-        raise GptwoError(f"could not write checkpoint step_{step} ({reason}){kept}", fix) from None
+        raise GptwoError(f"{what} ({reason}){kept}", fix) from None
     return final
+
+
+def _reason(err: Exception) -> str:
+    """The system's words for a failed write ('No space left on device'), also inside a GptwoError."""
+    if isinstance(err, OSError):
+        return os.strerror(err.errno) if err.errno else str(err)
+    found = re.search(r"\(([^()]*)\)\s*$", getattr(err, "what", ""))
+    return found.group(1) if found else str(err)
 
 
 def _fsync_dir(path: str) -> None:

@@ -262,7 +262,10 @@ class _Trainer:
             self.log.write({"step": self.step, **result})
             text = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "sample")
             bar.write(f"step {self.step}: {text}" + (f"\n  sample: {config.sample_prompt + result['sample']!r}" if "sample" in result else ""), file=sys.stderr)
-            plot_losses(self.log.path, os.path.join(self.out_dir, "loss.png"))
+            try:
+                plot_losses(self.log.path, os.path.join(self.out_dir, "loss.png"))
+            except GptwoError as err:  # the plot is a convenience: a full disk is reported by the next checkpoint
+                bar.write(f"warning: {err}", file=sys.stderr)
         return result
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int | None = None) -> str:
@@ -295,7 +298,7 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
                          "use more text or a smaller block_size")
     loader = ShardLoader(data_dir, split="train", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
     val = None
-    if meta.get("val_tokens", 0) > config.batch_size * config.block_size:
+    if meta.get("val_tokens", 0) > config.batch_size * config.block_size * info.world_size:  # one batch per rank
         val = ShardLoader(data_dir, split="val", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
     tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
     if tokenizer.identity != loader.tokenizer_identity:
