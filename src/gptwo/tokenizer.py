@@ -69,8 +69,9 @@ def gpt2_files() -> tuple[str, str]:
 class Tokenizer:
     """A byte-level BPE tokenizer. Build with `Tokenizer.gpt2()`, `Tokenizer.train(...)` or `Tokenizer.from_file(path)`."""
 
-    def __init__(self, *, tiktoken_encoding=None, hf_tokenizer=None, name: str = "bpe"):
+    def __init__(self, *, tiktoken_encoding=None, hf_tokenizer=None, name: str = "bpe", json_source=None):
         self._tt, self._hf, self.name = tiktoken_encoding, hf_tokenizer, name
+        self._json_source = json_source or (lambda: self._hf.to_str())  # the tokenizer.json text, on demand
         if self._tt is not None:
             self.eot_token: int = self._tt.eot_token
             self.n_vocab: int = self._tt.n_vocab
@@ -82,36 +83,30 @@ class Tokenizer:
             self._hf_plain = self._hf.from_str(self._hf.to_str())  # a twin that reads <|endoftext|> as text
             self._hf_plain.encode_special_tokens = True
 
+    def __reduce__(self):
+        """Pickle as the tokenizer.json text (for worker processes); GPT-2's BPE as a reference."""
+        return (_gpt2, ()) if self.name == "gpt2" else (Tokenizer.from_file_contents, (self.to_json(),))
+
     # ---- construction
     @classmethod
     @functools.cache
     def gpt2(cls) -> "Tokenizer":
         """GPT-2's BPE exactly (50,257 tokens, <|endoftext|> = 50256)."""
-        return cls.from_bpe_files(*gpt2_files(), name="gpt2")
+        vocab_json, merges_txt = gpt2_files()
+        encoding = tiktoken_encoding("gpt2", vocab_json, merges_txt)
+        return cls(tiktoken_encoding=encoding, name="gpt2", json_source=_gpt2_hf_json)
 
     @classmethod
-    def from_bpe_files(cls, vocab_json: str, merges_txt: str, name: str | None = None) -> "Tokenizer":
+    def from_bpe_files(cls, vocab_json: str, merges_txt: str) -> "Tokenizer":
         """A GPT-2 style tokenizer from `vocab.json` (a.k.a. encoder.json) and `merges.txt` (vocab.bpe)."""
-        import tiktoken
-
-        with open(vocab_json, encoding="utf-8") as f:
-            vocab: dict[str, int] = json.load(f)
-        with open(merges_txt, encoding="utf-8") as f:
-            merges = [line.split() for line in f.read().splitlines()[1:] if line]
-        ranks = {_token_bytes(tok): i for tok, i in vocab.items() if tok != EOT}
-        # tiktoken merges by token id; that equals merge order when each merge's result has the next id.
-        merged_ids = [vocab.get(a + b, -1) for a, b in merges]
-        name = name or "bpe-" + hashlib.sha256((_sha256(vocab_json) + _sha256(merges_txt)).encode()).hexdigest()[:16]
-        if EOT not in vocab or merged_ids != sorted(merged_ids) or min(merged_ids, default=0) < 0:
-            from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
-            hf = HFTokenizer(models.BPE.from_file(vocab_json, merges_txt))
-            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            hf.decoder = decoders.ByteLevel()
-            hf.add_special_tokens([EOT])
-            return cls(hf_tokenizer=hf, name=name)
-        encoding = tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: vocab[EOT]})
-        return cls(tiktoken_encoding=encoding, name=name)
+        if _sha256(vocab_json) == GPT2_FILES_SHA256["encoder.json"] and _sha256(merges_txt) == GPT2_FILES_SHA256["vocab.bpe"]:
+            return cls.gpt2()
+        contents = _hf_from_bpe_files(vocab_json, merges_txt).to_str()
+        name = "bpe-" + hashlib.sha256(contents.encode()).hexdigest()[:16]
+        encoding = tiktoken_encoding(name, vocab_json, merges_txt)
+        if encoding is None:
+            return cls.from_file_contents(contents)
+        return cls(tiktoken_encoding=encoding, name=name, json_source=lambda: contents)
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
@@ -225,7 +220,8 @@ class Tokenizer:
         atomic_write_bytes(path, self.to_json().encode("utf-8"))
 
     def to_json(self) -> str:
-        return self._hf.to_str() if self._hf is not None else _gpt2_hf_json()
+        """The Hugging Face tokenizer.json text of this tokenizer."""
+        return self._json_source()
 
     @property
     def identity(self) -> str:
@@ -242,17 +238,40 @@ def _gpt2_vocab() -> dict[str, int]:
         return json.load(f)
 
 
-@functools.cache
-def _gpt2_hf_json() -> str:
-    """GPT-2's BPE as a Hugging Face tokenizer.json (what transformers' GPT2TokenizerFast builds)."""
+def _gpt2() -> "Tokenizer":
+    return Tokenizer.gpt2()
+
+
+def _hf_from_bpe_files(vocab_json: str, merges_txt: str):
+    """The Hugging Face tokenizer that transformers' GPT2TokenizerFast builds from these files."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-    vocab_json, merges_txt = gpt2_files()
     hf = HFTokenizer(models.BPE.from_file(vocab_json, merges_txt))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([EOT])
-    return hf.to_str()
+    return hf
+
+
+@functools.cache
+def _gpt2_hf_json() -> str:
+    return _hf_from_bpe_files(*gpt2_files()).to_str()
+
+
+def tiktoken_encoding(name: str, vocab_json: str, merges_txt: str):
+    """The same BPE as a tiktoken Encoding, or None where tiktoken's merge-by-id would differ."""
+    import tiktoken
+
+    with open(vocab_json, encoding="utf-8") as f:
+        vocab: dict[str, int] = json.load(f)
+    with open(merges_txt, encoding="utf-8") as f:
+        merges = [line.split() for line in f.read().splitlines()[1:] if line]
+    # tiktoken merges by token id; that equals merge order when each merge's result has the next id.
+    merged_ids = [vocab.get(a + b, -1) for a, b in merges]
+    if EOT not in vocab or merged_ids != sorted(merged_ids) or min(merged_ids, default=0) < 0:
+        return None
+    ranks = {_token_bytes(tok): i for tok, i in vocab.items() if tok != EOT}
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: vocab[EOT]})
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:

@@ -130,3 +130,37 @@ def test_cli_trains_a_tokenizer(tmp_path, capsys):
     out = tmp_path / "tok.json"
     assert main(["tokenizer", "train", str(corpus), "--vocab-size", "400", "--out", str(out)]) == 0
     assert Tokenizer.from_file(str(out)).n_vocab == 400
+
+
+def test_tokenizers_pickle_for_worker_processes(trained):
+    import pickle
+
+    text = "plain <|endoftext|> text"
+    for tok in (trained, Tokenizer.gpt2()):
+        copy = pickle.loads(pickle.dumps(tok))
+        assert copy.identity == tok.identity
+        assert copy.encode_ordinary(text) == tok.encode_ordinary(text)
+        assert copy.encode(text) == tok.encode(text)
+
+
+def test_other_vocab_and_merges_files_save_what_they_encode(tmp_path, trained):
+    """A GPT-2-style vocab.json + merges.txt that is not GPT-2's: encoded alike before and after saving."""
+    spec = json.loads(trained.to_json())
+    (tmp_path / "vocab.json").write_text(json.dumps(spec["model"]["vocab"]), encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    from_files = Tokenizer.from_bpe_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    from_files.save(str(tmp_path / "tokenizer.json"))
+    reloaded = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    sample = "Some new text, 12345 — ünïcode 🎉"
+    assert from_files.encode(sample) == reloaded.encode(sample) == trained.encode(sample)
+    assert from_files.identity == reloaded.identity
+    assert oct((tmp_path / "tokenizer.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
