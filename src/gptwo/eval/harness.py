@@ -15,6 +15,7 @@ tokenizer.json works as well as GPT-2's BPE.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -46,8 +47,12 @@ class GptwoLM(TemplateLM):
         max_gen_toks: int = 256,
     ) -> None:
         super().__init__()
-        from gptwo.weights import load_model
+        from gptwo.weights import load_model, resolve_device
 
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda:0 unless told otherwise; its hf model falls back too
+            logging.getLogger(__name__).warning("device %s is not available; using %s", device, resolve_device("auto"))
+            device = "auto"
         if str(dtype) not in _DTYPES and dtype is not None:
             raise GptwoError(f"dtype '{dtype}' is not supported", f"use one of: {', '.join(_DTYPES)}")
         self.model, self.tokenizer = load_model(pretrained, device=device or "auto", dtype=_DTYPES.get(str(dtype)))
