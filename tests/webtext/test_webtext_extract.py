@@ -46,6 +46,15 @@ def test_mojibake_is_repaired():
     assert "doesn't have eyebrows" in text and "\u00e2\u20ac" not in text
 
 
+def test_header_charset_decides_the_encoding():
+    paragraphs = words_text(ENGLISH, 200, seed=9)
+    paragraphs[0] = "Caf\u00e9 cr\u00e8me and na\u00efve r\u00e9sum\u00e9s. " + paragraphs[0]
+    latin1 = article_html("Menu", paragraphs).replace("charset='utf-8'", "").encode("latin-1")
+    text = page_text(latin1, content_type="text/html; charset=ISO-8859-1")
+    assert "Caf\u00e9 cr\u00e8me and na\u00efve r\u00e9sum\u00e9s." in text
+    assert page_text(latin1, content_type='text/html; charset="no-such-charset"') is not None
+
+
 def test_language_detection_works_offline_on_generated_text():
     assert detect_language(" ".join(words_text(ENGLISH, 200, seed=4)))[0] == "en"
     assert detect_language(" ".join(words_text(GERMAN, 200, seed=5)))[0] == "de"

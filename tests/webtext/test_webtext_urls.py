@@ -81,6 +81,22 @@ def test_plain_url_list_and_custom_blocklist(tmp_path):
     assert dict(report.dropped) == {"blocklisted": 1, "bad_url": 1}
 
 
+def test_dump_compressed_with_pushshifts_2gib_window_streams(tmp_path):
+    import json
+
+    import zstandard
+
+    lines = "".join(json.dumps(submission(f"https://site{i}.example.com/p", 5)) + "\n" for i in range(500)).encode()
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31)
+    dump = tmp_path / "RS_2020-04.zst"
+    with open(dump, "wb") as f, zstandard.ZstdCompressor(compression_params=params).stream_writer(f) as writer:
+        writer.write(lines)  # streamed: no content size, so the frame declares its 2 GiB window
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().stream_reader(open(dump, "rb")).read()  # zstd's default limit refuses it
+    report = collect_urls([dump], tmp_path / "urls.jsonl.zst")
+    assert report.kept == 500
+
+
 def test_missing_input_is_a_user_error(tmp_path):
     with pytest.raises(GptwoError, match="not found"):
         collect_urls([tmp_path / "nope.zst"], tmp_path / "out.jsonl.zst")

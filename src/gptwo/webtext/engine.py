@@ -48,11 +48,20 @@ class Engine:
 _pools: dict[int, ProcessPoolExecutor] = {}
 
 
+def _one_thread_per_worker() -> None:
+    """Parallelism comes from the worker processes: numerical libraries get one thread each, so
+    N workers don't start N x cores BLAS threads (Ray does the same for its workers)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     """A process pool kept for the life of this process, so the stages of a build share workers
     (and the models they loaded). spawn: workers start clean, whatever threads the parent holds."""
     if workers not in _pools:
-        _pools[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _pools[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_one_thread_per_worker)
         atexit.register(_pools[workers].shutdown, cancel_futures=True)
     return _pools[workers]
 

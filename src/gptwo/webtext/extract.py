@@ -44,13 +44,21 @@ class ExtractOptions:
             raise GptwoError(f"--min-language-prob must be in [0, 1] (got {self.min_language_prob})", "use e.g. 0.5")
 
 
-def page_text(body: bytes, url: str | None = None) -> str | None:
-    """Main text of an HTML page (repaired), or None if it has none."""
+def page_text(body: bytes, url: str | None = None, content_type: str | None = None) -> str | None:
+    """Main text of an HTML page (repaired), or None if it has none. The charset of the
+    Content-Type header wins; without one, trafilatura detects the encoding."""
     import ftfy
     import trafilatura
 
+    html: bytes | str = body
+    charset = _charset(content_type)
+    if charset:
+        try:
+            html = body.decode(charset, errors="replace")
+        except LookupError:  # a charset Python doesn't know: let trafilatura guess
+            pass
     try:
-        text = trafilatura.extract(body, url=url, include_comments=False, include_tables=False, deduplicate=False)
+        text = trafilatura.extract(html, url=url, include_comments=False, include_tables=False, deduplicate=False)
     except Exception:  # noqa: BLE001 - a page trafilatura can't parse simply has no text
         return None
     if not text:
@@ -58,9 +66,17 @@ def page_text(body: bytes, url: str | None = None) -> str | None:
     return ftfy.fix_text(text).strip() or None
 
 
+def _charset(content_type: str | None) -> str | None:
+    for param in (content_type or "").split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip(' "\''):
+            return value.strip(' "\'')
+    return None
+
+
 def page_document(page: dict[str, Any], options: ExtractOptions, report: StageReport) -> dict[str, Any] | None:
     """The document of one fetched page, or None with the reason counted in `report`."""
-    text = page_text(page["body"], page["final_url"] or page["url"])
+    text = page_text(page["body"], page["final_url"] or page["url"], page["content_type"])
     if text is None:
         report.drop("no_text")
         return None
