@@ -4,7 +4,7 @@ import json
 import time
 
 import pytest
-from conftest import submission, write_dump
+from webtext_site import submission, write_dump
 
 from gptwo.cli import main
 from gptwo.data.sources import iter_documents

@@ -1,7 +1,7 @@
 """Stages 3-4: extraction, repair, language and length filters, exact and near-duplicate removal."""
 
 import pytest
-from conftest import ENGLISH, FRENCH, GERMAN, article_html, near_duplicate, words_text
+from webtext_site import ENGLISH, FRENCH, GERMAN, article_html, near_duplicate, words_text
 
 from gptwo.errors import GptwoError
 from gptwo.tokenizer import Tokenizer

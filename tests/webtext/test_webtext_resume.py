@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ENGLISH, article_html, words_text
+from webtext_site import ENGLISH, article_html, words_text
 
 from gptwo.webtext.extract import extract_documents
 from gptwo.webtext.fetch import FetchOptions, fetch_urls

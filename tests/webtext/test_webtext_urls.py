@@ -1,7 +1,7 @@
 """Stage 1: Reddit dumps and URL lists → unique outbound URLs."""
 
 import pytest
-from conftest import submission, write_dump
+from webtext_site import submission, write_dump
 
 from gptwo.errors import GptwoError
 from gptwo.webtext.records import read_jsonl
