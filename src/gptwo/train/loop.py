@@ -170,7 +170,8 @@ class _Trainer:
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
             print(f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
-                  f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}", file=sys.stderr)
+                  f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}"
+                  + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""), file=sys.stderr)
         bar = _progress_bar(self.step, config.max_steps, self.progress)
         summary: dict = {"run_dir": self.out_dir}
         clock, window_steps = time.perf_counter(), 0
@@ -326,9 +327,16 @@ def grad_accum_for(config: TrainConfig, world_size: int) -> int:
 
 
 def _set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
-    """On CPU, split the cores between the processes on this machine."""
-    if device.type == "cpu":
-        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
+    """On CPU, split the idle cores between this machine's processes (`threads=N` decides instead).
+
+    Busy cores are left out: a torch thread that must share its core makes every other thread wait
+    for it at each operation, which on a loaded 2-core machine is several times slower than 1 thread.
+    """
+    if device.type != "cpu":
+        return
+    cores = os.cpu_count() or 1
+    idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+    torch.set_num_threads(config.threads or max(1, min(cores, round(idle)) // info.local_world_size))
 
 
 def _compile_enabled(config: TrainConfig, device: torch.device) -> bool:
