@@ -75,6 +75,19 @@ def test_per_host_limit_holds_under_high_global_concurrency(tmp_path, site_serve
     assert all(site_server.requests[f"/article/{i}"] == 1 for i in range(6))
 
 
+def test_unreachable_robots_txt_blocks_the_origin_until_a_retry(tmp_path, site_server):
+    site = site_server.site
+    working_robots = site.pages["/robots.txt"]
+    site.pages["/robots.txt"] = (503, {"Content-Type": "text/plain"}, b"busy")
+    urls = write_urls(tmp_path / "urls.jsonl.zst", site_server, ["/article/0", "/article/1"])
+    report = fetch_urls(urls, tmp_path / "crawl", options=FAST)
+    assert report.dropped == {"robots_unreachable": 2} and "/article/0" not in site_server.requests
+
+    site.pages["/robots.txt"] = working_robots
+    report = fetch_urls(urls, tmp_path / "crawl", options=FetchOptions(**{**FAST.__dict__, "retry_failed": True}))
+    assert report.kept == 2 and site_server.requests["/article/0"] == 1
+
+
 def test_warc_output_holds_every_stored_response(tmp_path, site_server):
     from warcio.archiveiterator import ArchiveIterator
 

@@ -74,7 +74,7 @@ class Crawler:
         self.concurrency = concurrency
         self.global_limit = asyncio.Semaphore(concurrency)
         self.host_limits: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(options.per_host))
-        self.robots: dict[str, urllib.robotparser.RobotFileParser | bool] = {}
+        self.robots: dict[str, urllib.robotparser.RobotFileParser | bool | None] = {}
         self.robots_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.warc_path = warc_path
         self.warc_writer = None
@@ -87,11 +87,13 @@ class Crawler:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         headers = {"User-Agent": self.options.user_agent, "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"}
         queue = deque(_interleave_hosts(records))
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as self.session:
-            workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(len(queue), 2 * self.concurrency))]
-            await asyncio.gather(*workers)
-        if self.warc_writer is not None:
-            self.warc_writer.out.close()
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as self.session:
+                workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(len(queue), 2 * self.concurrency))]
+                await asyncio.gather(*workers)
+        finally:
+            if self.warc_writer is not None:
+                self.warc_writer.out.close()
 
     async def _worker(self, queue: deque) -> None:
         while queue:
@@ -104,7 +106,10 @@ class Crawler:
         """Fetch `url`, following at most `max_redirects` redirects, each hop allowed by robots.txt."""
         seen, current = {url}, url
         for _ in range(self.options.max_redirects + 1):
-            if not await self.allowed(current):
+            allowed = await self.allowed(current)
+            if allowed is None:
+                return PageResult("robots_unreachable", transient=True, final_url=current)
+            if not allowed:
                 return PageResult("robots_disallowed", final_url=current)
             response = await self.request(current)
             if response.problem in ("timeout", "connection_error"):
@@ -172,9 +177,10 @@ class Crawler:
         body = await resp.content.read(self.options.max_bytes) if 200 <= resp.status < 300 else None
         return _Response(resp.status, resp.reason or "", resp.headers, body=body)
 
-    async def allowed(self, url: str) -> bool:
+    async def allowed(self, url: str) -> bool | None:
         """Whether robots.txt of `url`'s origin lets our User-Agent fetch it (RFC 9309: a 4xx
-        robots.txt allows everything, an unreachable or 5xx one allows nothing)."""
+        robots.txt allows everything). None when robots.txt is unreachable or answers 5xx: nothing
+        may be fetched from that origin in this run, and the next run asks again."""
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         async with self.robots_locks[origin]:
@@ -183,10 +189,11 @@ class Crawler:
                 if stored is None:
                     response = await self._get_robots(origin + "/robots.txt")
                     stored = (response.status or None, (response.body or b"").decode("utf-8", "replace"))
-                    self.state.save_robots(origin, *stored)
+                    if stored[0] is not None and stored[0] < 500:
+                        self.state.save_robots(origin, *stored)
                 self.robots[origin] = _robots_rules(*stored)
         rules = self.robots[origin]
-        return rules if isinstance(rules, bool) else rules.can_fetch(self.options.user_agent, url)
+        return rules if rules is None or isinstance(rules, bool) else rules.can_fetch(self.options.user_agent, url)
 
     async def _get_robots(self, url: str) -> _Response:
         for _ in range(self.options.max_redirects + 1):
@@ -215,9 +222,9 @@ def _looks_like_html(head: bytes) -> bool:
     return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--")) or b"<html" in head
 
 
-def _robots_rules(status: int | None, body: str) -> urllib.robotparser.RobotFileParser | bool:
+def _robots_rules(status: int | None, body: str) -> urllib.robotparser.RobotFileParser | bool | None:
     if status is None or status >= 500:
-        return False
+        return None
     if status >= 400:
         return True
     parser = urllib.robotparser.RobotFileParser()
