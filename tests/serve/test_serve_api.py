@@ -158,6 +158,18 @@ def test_logprobs_are_the_models_own(client, offline):
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert 1 <= len(top) <= 4 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy picks the top one
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, stream=True)]
+    assert sum((part.tokens for part in streamed), []) == lp.tokens
+    assert sum((part.text_offset for part in streamed), []) == lp.text_offset
+
+
+def test_top_k_extension_limits_the_choice(client, offline):
+    model, tok = offline
+    prompt = tok.encode(PROMPT)
+    with torch.no_grad():
+        allowed = set(model(torch.tensor([prompt]))[0, -1].topk(2).indices.tolist())
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=2.0, n=40, seed=1, logprobs=0, extra_body={"top_k": 2})
+    assert {c.logprobs.tokens[0] for c in result.choices} == {tok.decode([t]) for t in allowed}
 
 
 def test_echo_returns_the_prompt_and_its_logprobs(client, offline):
