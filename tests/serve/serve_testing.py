@@ -14,10 +14,10 @@ from gptwo.serve.app import bind_socket
 from gptwo.weights import save_pretrained
 
 
-def tiny_model(block_size: int = 512) -> GPT:
-    """A 2-layer GPT-2 with GPT-2's vocabulary and wide random weights, so greedy text varies and has clear winners."""
+def tiny_model(block_size: int = 512, vocab_size: int = 50257) -> GPT:
+    """A 2-layer GPT-2 (GPT-2's vocabulary by default) with wide random weights, so greedy text varies and has clear winners."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
     for param in model.parameters():
         if param.dim() >= 2:
             torch.nn.init.normal_(param, std=0.5)

@@ -30,7 +30,7 @@ def prefill(model, cache_rows: PooledCache, tokens: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def test_rows_that_join_and_leave_see_only_their_own_tokens():
-    model = tiny_model(block_size=40)
+    model = tiny_model(block_size=40, vocab_size=512)
     pool = PooledCache(model.config, torch.device("cpu"), torch.float32)
     seqs = {"a": [5, 6, 7, 8, 9]}
     rows = ["a"]

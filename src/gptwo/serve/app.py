@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptwo.errors import GptwoError
 from gptwo.serve import protocol
-from gptwo.serve.engine import Engine, Overloaded, SamplingParams, TokenLogprob, Update
+from gptwo.serve.engine import Engine, Overloaded, RequestRejected, TokenLogprob, Update
+from gptwo.serve.engine import Request as EngineRequest
 from gptwo.tokenizer import Tokenizer
 
 log = logging.getLogger("gptwo.serve")
@@ -133,6 +134,78 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def encode_prompts(tokenizer: Tokenizer, prompt) -> list[list[int]]:
+    """Token ids of each prompt: text is encoded ("" means <|endoftext|>), token ids pass through."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif not prompt:
+        raise ApiError(400, "prompt is an empty list", param="prompt")
+    elif isinstance(prompt[0], int):
+        prompt = [prompt]
+    return [(tokenizer.encode(p) if p else [tokenizer.eot_token]) if isinstance(p, str) else list(p) for p in prompt]
+
+
+class CompletionJob:
+    """An accepted completions request: the engine's updates turned into a response or a stream of chunks."""
+
+    def __init__(self, engine: Engine, job: EngineRequest, tokenizer: Tokenizer, prompts: list[list[int]], n: int, echo: bool, logprobs: bool, model_name: str):
+        self.engine, self.job, self.prompts = engine, job, prompts
+        self.choices = [ChoiceText(tokenizer, prompts[i // n], echo, logprobs) for i in range(len(prompts) * n)]
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
+
+    def usage(self) -> dict:
+        prompt_tokens, completion_tokens = sum(map(len, self.prompts)), sum(c.completion_tokens for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+    async def updates(self) -> AsyncIterator[tuple[Update, str, dict | None]]:
+        """Each update with the text and logprobs it adds to its choice, until every choice has finished."""
+        left = len(self.choices)
+        while left:
+            update = await self.job.queue.get()
+            if update.error is not None:
+                raise ApiError(500, f"generation failed: {update.error}", type="server_error")
+            left -= update.finish_reason is not None
+            yield (update, *self.choices[update.index].take(update))
+
+    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per update, optionally a usage chunk, then [DONE]."""
+        try:
+            async for update, text, logprobs in self.updates():
+                if text or logprobs or update.finish_reason:
+                    choice = {"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}
+                    yield f"data: {json.dumps({**self.head, 'choices': [choice]})}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
+        except ApiError as err:
+            yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': None}})}\n\n"
+        finally:
+            self.engine.cancel(self.job)  # frees the rows if the client went away mid-stream
+        yield "data: [DONE]\n\n"
+
+    async def collect(self) -> dict:
+        """The whole response body."""
+        texts, logprobs = [""] * len(self.choices), [None] * len(self.choices)
+        async for update, text, part in self.updates():
+            texts[update.index] += text
+            logprobs[update.index] = _merge_logprobs(logprobs[update.index], part)
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason} for i, (t, lp, c) in enumerate(zip(texts, logprobs, self.choices))]
+        return {**self.head, "choices": choices, "usage": self.usage()}
+
+    async def response(self, request: Request) -> JSONResponse:
+        """The whole response, unless the client disconnects first (then its sequences are cancelled)."""
+        work, gone = asyncio.ensure_future(self.collect()), asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                self.engine.cancel(self.job)
+                work.cancel()
+        if work.cancelled():
+            return error_response(499, "the client closed the request", code="client_closed")
+        return JSONResponse(work.result())
+
+
 def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine."""
 
@@ -180,17 +253,6 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -
     async def models() -> protocol.ModelList:
         return protocol.ModelList(data=[protocol.ModelCard(id=model_name, created=created, max_model_len=context)])
 
-    def encode_prompts(prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return [tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]]
-        if not prompt:
-            raise ApiError(400, "prompt is an empty list", param="prompt")
-        if isinstance(prompt[0], str):
-            return [tokenizer.encode(p) if p else [tokenizer.eot_token] for p in prompt]
-        if isinstance(prompt[0], int):
-            return [list(prompt)]
-        return [list(p) for p in prompt]
-
     @app.post(
         "/v1/completions",
         response_model=protocol.Completion,
@@ -203,81 +265,19 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -
         unsupported = body.unsupported()
         if unsupported:
             raise ApiError(400, f"{unsupported} is not supported by gptwo", param=unsupported)
-        prompts = encode_prompts(body.prompt)
-        n = body.n or 1
-        top_k = body.top_k if body.top_k and body.top_k > 0 else None
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        params = SamplingParams(
-            max_tokens=16 if body.max_tokens is None else body.max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_k=top_k,
-            top_p=body.top_p if body.top_p not in (None, 1.0) else None,
-            stop=stop,
-            seed=body.seed,
-            logprobs=body.logprobs,
-            prompt_logprobs=bool(body.echo) and body.logprobs is not None,
-        )
+        prompts, n = encode_prompts(tokenizer, body.prompt), body.n or 1
+        params = body.sampling_params()
         try:
             job = engine.submit(prompts, params, n)
-        except GptwoError as err:
-            raise ApiError(400, str(err), param="max_tokens" if "context" in err.what else "prompt") from None
+        except RequestRejected as err:
+            raise ApiError(400, str(err), param=err.param, code=err.code) from None
         except Overloaded as err:
             raise ApiError(429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full") from None
-        choices = [ChoiceText(tokenizer, prompts[i // n], bool(body.echo), body.logprobs is not None) for i in range(len(prompts) * n)]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
-
-        def usage() -> dict:
-            prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(c.completion_tokens for c in choices)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-
-        async def updates() -> AsyncIterator[Update]:
-            left = len(choices)
-            while left:
-                update = await job.queue.get()
-                if update.error is not None:
-                    raise ApiError(500, f"generation failed: {update.error}", type="server_error")
-                left -= update.finish_reason is not None
-                yield update
-
+        completion = CompletionJob(engine, job, tokenizer, prompts, n, bool(body.echo), body.logprobs is not None, model_name)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-            async def events() -> AsyncIterator[str]:
-                try:
-                    async for update in updates():
-                        text, logprobs = choices[update.index].take(update)
-                        if text or logprobs or update.finish_reason:
-                            choice = {"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}
-                            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-                    if include_usage:
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
-                except ApiError as err:
-                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': None}})}\n\n"
-                finally:
-                    engine.cancel(job)  # frees the rows if the client went away mid-stream
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-        async def collect() -> list[dict]:
-            texts, logprobs = [""] * len(choices), [None] * len(choices)
-            async for update in updates():
-                text, part = choices[update.index].take(update)
-                texts[update.index] += text
-                logprobs[update.index] = _merge_logprobs(logprobs[update.index], part)
-            return [{"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason} for i, (t, lp, c) in enumerate(zip(texts, logprobs, choices))]
-
-        work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not work.done():
-                engine.cancel(job)
-                work.cancel()
-        if not work.done() or work.cancelled():
-            return error_response(499, "the client closed the request", code="client_closed")
-        return JSONResponse({**head, "choices": work.result(), "usage": usage()})
+            return StreamingResponse(completion.events(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await completion.response(request)
 
     return app
 

@@ -35,6 +35,14 @@ class Overloaded(Exception):
     """The waiting queue is full; the client should retry later."""
 
 
+class RequestRejected(GptwoError):
+    """A request the model cannot run; `param` and `code` say which part (as in OpenAI's errors)."""
+
+    def __init__(self, what: str, fix: str, param: str, code: str | None = None):
+        super().__init__(what, fix)
+        self.param, self.code = param, code
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples; `logprobs` is how many top alternatives to report per token (None: no logprobs)."""
@@ -73,12 +81,12 @@ class Update:
 class Sequence:
     """One choice being generated; the worker thread fills it, the event loop reads its request's queue."""
 
-    def __init__(self, request: "Request", index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, device: torch.device):
+    def __init__(self, request: "Request", index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, device: torch.device, seed_offset: int = 0):
         self.request, self.index, self.prompt, self.params = request, index, prompt, params
         self.stream = TextStream(tokenizer, params.stop)
-        self.generator = None
+        self.generator = None  # seeded requests: choice j samples with its own generator seeded with seed + j
         if params.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed((params.seed + request.seed_offsets[index]) % 2**64)
+            self.generator = torch.Generator(device=device).manual_seed((params.seed + seed_offset) % 2**64)
         self.generated = 0
         self.next_input = -1  # the sampled token to feed at the next decode step
         self.done = False
@@ -102,8 +110,8 @@ class Sequence:
 class Request:
     """One API call: several sequences (prompts x n) whose updates arrive on one asyncio queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seed_offsets: list[int], outbox: list):
-        self.loop, self.seed_offsets, self._outbox = loop, seed_offsets, outbox
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: list):
+        self.loop, self._outbox = loop, outbox
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
         self.cancelled = False
 
@@ -266,24 +274,26 @@ class Engine:
         context, vocab = self.model.config.block_size, self.tokenizer.n_vocab
         for prompt in prompts:
             if not prompt:
-                raise GptwoError("a prompt has no tokens", "give at least one token (the empty string means <|endoftext|>)")
+                raise RequestRejected("a prompt has no tokens", "give at least one token (the empty string means <|endoftext|>)", "prompt")
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
-                raise GptwoError(f"token id {bad[0]} is outside the vocabulary of {vocab}", "use ids from this model's tokenizer")
+                raise RequestRejected(f"token id {bad[0]} is outside the vocabulary of {vocab}", "use ids from this model's tokenizer", "prompt")
             if len(prompt) + params.max_tokens > context:
-                raise GptwoError(
+                raise RequestRejected(
                     f"This model's maximum context length is {context} tokens, however you requested "
                     f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in your prompt; {params.max_tokens} for the completion)",
                     "reduce the prompt or max_tokens",
+                    "max_tokens",
+                    "context_length_exceeded",
                 )
         if len(prompts) * n > self.max_queue:
-            raise GptwoError(f"{len(prompts)} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n")
+            raise RequestRejected(f"{len(prompts)} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n", "n")
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Request:
         """Queue `n` choices for each prompt (choice index = prompt * n + j); raise Overloaded if the queue is full."""
         self.check(prompts, params, n)
-        request = Request(asyncio.get_running_loop(), [j for _ in prompts for j in range(n)], self._outbox)
-        seqs = [Sequence(request, i * n + j, p, params, self.tokenizer, self.device) for i, p in enumerate(prompts) for j in range(n)]
+        request = Request(asyncio.get_running_loop(), self._outbox)
+        seqs = [Sequence(request, i * n + j, p, params, self.tokenizer, self.device, seed_offset=j) for i, p in enumerate(prompts) for j in range(n)]
         with self._cond:
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} sequences are waiting (the limit is {self.max_queue})")
@@ -431,7 +441,9 @@ class Engine:
         self._active = [self._active[i] for i in order]
 
     def _fail(self, seqs: list[Sequence], message: str) -> None:
-        for seq in seqs:
+        """End unfinished sequences with an error update."""
+        for seq in (s for s in seqs if not s.done):
+            seq.done = True
             self.stats["failed"] += 1
             seq.request.emit(Update(seq.index, finish_reason="error", error=message))
 

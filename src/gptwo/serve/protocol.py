@@ -10,6 +10,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from gptwo.serve.engine import SamplingParams
+
 MAX_LOGPROBS = 20
 
 
@@ -50,6 +52,19 @@ class CompletionRequest(BaseModel):
         if isinstance(stop, list) and len(stop) > 16:
             raise ValueError("at most 16 stop strings")
         return stop
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's view of this request (defaults filled in, "off" values as None)."""
+        return SamplingParams(
+            max_tokens=16 if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k if self.top_k and self.top_k > 0 else None,
+            top_p=self.top_p if self.top_p not in (None, 1.0) else None,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            seed=self.seed,
+            logprobs=self.logprobs,
+            prompt_logprobs=bool(self.echo) and self.logprobs is not None,
+        )
 
     def unsupported(self) -> Optional[str]:
         """The name of a parameter set to something gptwo does not do, if any."""
