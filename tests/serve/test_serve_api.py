@@ -282,3 +282,19 @@ def test_a_full_queue_answers_429(model_dir):
                 first.result()
     finally:
         server.close()
+
+
+def test_a_failing_model_step_fails_only_its_requests(model_dir):
+    server, engine = serve_in_thread(model_dir)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        engine.model.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("device fell over"))
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+        assert err.value.response.json()["error"]["type"] == "server_error"
+        with pytest.raises(openai.APIError, match="device fell over"):
+            list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, stream=True))
+        del engine.model.forward  # the class's forward again
+        assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).usage.completion_tokens == 4
+    finally:
+        server.close()
