@@ -83,14 +83,14 @@ def generate_tokens(
     pending = 0  # tokens at the end of `seq` not yet in the cache
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(seq[:, -block:], valid=seq_valid[:, -block:])[:, -1]
+            logits = model(seq[:, -block:], valid=seq_valid[:, -block:], last_only=True)[:, -1]
         else:
             if cache is None or cache.length + pending > block:
                 keep = seq.shape[1] if seq.shape[1] < block else block * 3 // 4
                 cache = KVCache(model.config, seq.shape[0], block, device=seq.device, dtype=model.lm_head.weight.dtype)
-                logits = model(seq[:, -keep:], cache=cache, valid=seq_valid[:, -keep:])[:, -1]
+                logits = model(seq[:, -keep:], cache=cache, valid=seq_valid[:, -keep:], last_only=True)[:, -1]
             else:
-                logits = model(seq[:, -pending:], cache=cache, valid=seq_valid[:, -pending:])[:, -1]
+                logits = model(seq[:, -pending:], cache=cache, valid=seq_valid[:, -pending:], last_only=True)[:, -1]
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         seq = torch.cat([seq, next_ids[:, None]], dim=1)
         seq_valid = torch.cat([seq_valid, torch.ones_like(next_ids[:, None], dtype=torch.bool)], dim=1)

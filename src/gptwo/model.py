@@ -123,8 +123,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids `idx` (B, T).
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); (B, 1, vocab) for the last position with `last_only`.
 
         `valid` (B, T, bool) marks real tokens among padding; positions count real tokens only.
         With a `cache`, `idx` continues the tokens already in it and their keys/values are kept.
@@ -152,6 +152,8 @@ class GPT(nn.Module):
             x = block(x, mask, cache, layer)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))
 
     @torch.no_grad()

@@ -374,7 +374,8 @@ class Engine:
         prompts = list(dict.fromkeys(tuple(s.prompt) for s in joining))
         ids, valid = pad_left(prompts, self.tokenizer.eot_token, self.device)
         cache = KVCache(self.model.config, len(prompts), ids.shape[1], device=self.device, dtype=self.pool.dtype)
-        logits = self.model(ids, cache=cache, valid=valid)
+        every_position = any(s.params.prompt_logprobs for s in joining)  # echo with logprobs scores the prompt
+        logits = self.model(ids, cache=cache, valid=valid, last_only=not every_position)
         rows = [prompts.index(tuple(s.prompt)) for s in joining]
         for seq, row in zip(joining, rows):
             prompt_info = self._prompt_logprobs(seq, logits[row, ids.shape[1] - len(seq.prompt) :]) if seq.params.prompt_logprobs else None
