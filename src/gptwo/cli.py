@@ -133,6 +133,8 @@ def _cmd_train_train(args: argparse.Namespace) -> int:
 
     summary = run_training(args.data, args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
                            max_steps=args.max_steps, resume=args.resume, init_from=args.init_from)
+    if summary["rank"]:
+        return 0  # under torchrun only rank 0 reports
     val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
     bpb = f" ({summary['val_bpb']:.3f} bits/byte)" if "val_bpb" in summary else ""
     print(f"trained to step {summary['step']}{val}{bpb} -> {args.out} (try: gptwo generate --model {args.out} \"...\")", file=sys.stderr)

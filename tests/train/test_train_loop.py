@@ -53,10 +53,11 @@ def test_train_checkpoint_round_trip(tmp_path):
     assert result.returncode == 0 and result.stdout
 
 
-def test_crash_then_resume_in_process_gives_identical_losses(tmp_path, monkeypatch):
-    data = tiny_data()
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_crash_then_resume_in_process_gives_identical_losses(tmp_path, monkeypatch, sampling):
+    data, settings = tiny_data(), TINY + ["max_steps=10", "checkpoint_every=2", f"sampling={sampling}", "dropout=0.1"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    run_training(data, straight, overrides=TINY + ["max_steps=10", "checkpoint_every=2"], progress=False)
+    run_training(data, straight, overrides=settings, progress=False)
     real_save = checkpoint.save_checkpoint
 
     def save_then_crash(run_dir, step, *args, **kwargs):
@@ -66,7 +67,7 @@ def test_crash_then_resume_in_process_gives_identical_losses(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(data, crashed, overrides=TINY + ["max_steps=10", "checkpoint_every=2"], progress=False)
+        run_training(data, crashed, overrides=settings, progress=False)
     monkeypatch.undo()
     assert max(train_losses(crashed)) == 6
     run_training(data, crashed, resume=True, progress=False)

@@ -21,4 +21,4 @@ def test_quickstart_tiny_end_to_end(tmp_path, capsys):
     assert result.returncode == 0 and result.stdout
     # running it again continues the finished run instead of failing
     again = quickstart(run, tiny=True, progress=False)
-    assert again["step"] == 20
+    assert again["step"] == 20 and again["val_bpb"] == summary["val_bpb"]

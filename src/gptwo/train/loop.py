@@ -7,6 +7,7 @@ file and the progress bar; all ranks stop together on an error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -104,9 +105,9 @@ class _Trainer:
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=device.type == "cuda")
         self.step = 0
+        torch.manual_seed(config.seed + info.rank)  # dropout masks differ between ranks
         if self.resume_from:
-            self._load(self.resume_from)
-        torch.manual_seed(config.seed + 1_000_003 * (self.step + 1) + info.rank)  # dropout stream, distinct per rank
+            self._load(self.resume_from)  # restores each rank's RNG state as well
         self.log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=info.is_main)
         if info.is_main:
             self.log.truncate_after(self.step)
@@ -126,7 +127,7 @@ class _Trainer:
             from gptwo.weights import config_from_hf
 
             with open(os.path.join(self.resume_from, "config.json"), encoding="utf-8") as f:
-                model = GPT(config_from_hf(json.load(f)))
+                model = GPT(dataclasses.replace(config_from_hf(json.load(f)), dropout=config.dropout))
         elif config.init_from:
             from gptwo.weights import load_model
 
@@ -136,6 +137,7 @@ class _Trainer:
                     f"the data was tokenized with '{data.train.tokenizer_identity}' but {config.init_from} uses '{model_tok.identity}'",
                     f"prepare the data with the model's tokenizer: gptwo prepare ... --tokenizer {'gpt2' if model_tok.identity == 'gpt2' else config.init_from}",
                 )
+            _set_dropout(model, config.dropout)
             model.train()
         else:
             model = GPT(config.model_config(data.train.n_vocab))
@@ -173,7 +175,7 @@ class _Trainer:
                   f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}"
                   + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""), file=sys.stderr)
         bar = _progress_bar(self.step, config.max_steps, self.progress)
-        summary: dict = {"run_dir": self.out_dir}
+        summary: dict = {"run_dir": self.out_dir, "rank": info.rank}
         clock, window_steps = time.perf_counter(), 0
         start_time = time.perf_counter()
         try:
@@ -234,7 +236,7 @@ class _Trainer:
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (in nats) of a batch."""
         logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
     def _autocast(self):
         use_bf16 = self.config.dtype == "bfloat16" or (self.config.dtype == "auto" and self.device.type == "cuda")
@@ -298,6 +300,10 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
         raise GptwoError(f"the data in {data_dir} has {meta['train_tokens']} training tokens, fewer than one block of {config.block_size + 1}",
                          "use more text or a smaller block_size")
     loader = ShardLoader(data_dir, split="train", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
+    if config.sampling == "random":
+        from gptwo.train.sampling import RandomWindows
+
+        loader = RandomWindows(loader)
     val = None
     if meta.get("val_tokens", 0) > config.batch_size * config.block_size * info.world_size:  # one batch per rank
         val = ShardLoader(data_dir, split="val", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
@@ -335,8 +341,34 @@ def _set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
     if device.type != "cpu":
         return
     cores = os.cpu_count() or 1
-    idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
-    torch.set_num_threads(config.threads or max(1, min(cores, round(idle)) // info.local_world_size))
+    idle = round(cores * _idle_fraction()) if info.local_world_size == 1 else cores  # torchrun: ranks share evenly
+    torch.set_num_threads(config.threads or max(1, min(cores, idle) // info.local_world_size))
+
+
+def _idle_fraction(seconds: float = 0.25) -> float:
+    """Share of CPU time idle right now (Linux /proc/stat over a short window; 1.0 elsewhere)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _set_dropout(model: GPT, p: float) -> None:
+    """Use dropout `p` in a loaded model (saved configs do not carry the training dropout)."""
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        elif hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = p
 
 
 def _compile_enabled(config: TrainConfig, device: torch.device) -> bool:

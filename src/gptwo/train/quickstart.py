@@ -30,6 +30,10 @@ def quickstart(out_dir: str = "runs/quickstart", tiny: bool = False, progress: b
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         _prepare_builtin(data_dir, recipe["vocab_size"], progress)
     summary = run_training(data_dir, out_dir, preset="cpu", overrides=recipe["overrides"], resume=True, progress=progress)
+    if "val_bpb" not in summary:  # the run was already finished: report its last evaluation
+        from gptwo.train.metrics import read_metrics
+
+        summary.update({k: v for row in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if "val_bpb" in row for k, v in row.items() if k != "step"})
     samples = _samples(out_dir, max_new_tokens=12 if tiny else 60)
     summary.update(samples=samples, wall_s=time.perf_counter() - start)
     _report(summary, out_dir)
@@ -37,13 +41,26 @@ def quickstart(out_dir: str = "runs/quickstart", tiny: bool = False, progress: b
 
 
 def _prepare_builtin(data_dir: str, vocab_size: int, progress: bool) -> None:
+    """Tokenizer and shards for the built-in corpus, its documents shuffled (seeded).
+
+    The loader reads shards in order, and the corpus comes sorted (language reference, then modules
+    A to Z): unshuffled, each stretch of training would see one topic only and forget the others.
+    """
+    import json
+    import random
+
     from gptwo.data.builtin import builtin_documents
     from gptwo.data.prepare import prepare
     from gptwo.tokenizer import Tokenizer
+    from gptwo.weights import atomic_write_bytes
 
+    documents = builtin_documents()
+    random.Random(0).shuffle(documents)
+    corpus = os.path.join(os.path.dirname(data_dir), "corpus", "builtin-shuffled.jsonl")
+    atomic_write_bytes(corpus, "".join(json.dumps({"text": d}) + "\n" for d in documents).encode())
     print(f"training a {vocab_size}-token BPE on the built-in corpus...", file=sys.stderr)
-    tokenizer = Tokenizer.train(builtin_documents(), vocab_size=vocab_size)
-    prepare(["builtin"], data_dir, tokenizer=tokenizer, val_fraction=VAL_FRACTION, progress=progress)
+    tokenizer = Tokenizer.train(documents, vocab_size=vocab_size)
+    prepare([corpus], data_dir, tokenizer=tokenizer, val_fraction=VAL_FRACTION, progress=progress)
 
 
 def _samples(run_dir: str, max_new_tokens: int) -> dict[str, str]:
