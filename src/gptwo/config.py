@@ -76,6 +76,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch, per process
     grad_accum: int = 1  # micro-batches per step, per process
     batch_tokens: int = 0  # if > 0: global tokens per step; grad_accum is derived from it
+    sampling: str = "sequential"  # sequential: the loader's order; random: rows from random places (small corpora)
     # optimizer and schedule (GPT-3 paper, section 2.3 and appendix B)
     max_steps: int = 1000
     lr: float = 1e-3
@@ -115,6 +116,8 @@ class TrainConfig:
             raise GptwoError(f"min_lr_ratio={self.min_lr_ratio} is outside [0, 1]", "use e.g. 0.1")
         if self.parallel not in ("ddp", "fsdp"):
             raise GptwoError(f"parallel={self.parallel!r} is unknown", "use parallel=ddp or parallel=fsdp")
+        if self.sampling not in ("sequential", "random"):
+            raise GptwoError(f"sampling={self.sampling!r} is unknown", "use sampling=sequential or sampling=random")
         if self.compile not in ("auto", "true", "false"):
             raise GptwoError(f"compile={self.compile!r} is unknown", "use compile=auto, true or false")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -140,8 +143,8 @@ def _gpt2_recipe(size: str, lr: float, batch_size: int) -> dict:
 
 TRAIN_PRESETS: dict[str, dict] = {
     # A small GPT-2 that learns real English in minutes on a 2-core CPU (the quickstart's model).
-    "cpu": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=50,
-                max_steps=1200, eval_every=200, eval_batches=20, checkpoint_every=200, log_every=10, device="cpu"),
+    "cpu": dict(n_layer=4, n_head=2, n_embd=128, block_size=128, batch_size=16, grad_accum=1, sampling="random", lr=3e-3, warmup_steps=100,
+                max_steps=3000, eval_every=250, eval_batches=20, checkpoint_every=500, log_every=10, device="cpu"),
     "gpt2": _gpt2_recipe("gpt2", 6e-4, 16),
     "gpt2-medium": _gpt2_recipe("gpt2-medium", 3e-4, 8),
     "gpt2-large": _gpt2_recipe("gpt2-large", 2.5e-4, 4),
