@@ -26,7 +26,8 @@ def hf_model(config: GPTConfig):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                    n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
+                    n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+                    bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1)
     model = GPT2LMHeadModel(hf)
     model.config._attn_implementation = "sdpa"
     return model
@@ -66,6 +67,7 @@ def measure(name: str, model: torch.nn.Module, logits_of, batch: int, block: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 10 on CPU, 20 on GPU)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds per model; the best counts (default 2)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--out", default="bench/results/train.json", help="JSON output path")
     args = parser.parse_args()
@@ -84,11 +86,14 @@ def main() -> None:
     torch.manual_seed(0)
     ours = GPT(config)
     n_params = ours.num_params()
-    rows = [
-        measure("gptwo GPT", ours, lambda m, idx: m(idx), batch, block, config.vocab_size, device, steps, warmup, use_bf16, compile_model),
-        measure("transformers GPT2LMHeadModel", hf_model(config), lambda m, idx: m(input_ids=idx).logits, batch, block, config.vocab_size,
-                device, steps, warmup, use_bf16, compile_model),
-    ]
+    contenders = [("gptwo GPT", ours, lambda m, idx: m(idx)), ("transformers GPT2LMHeadModel", hf_model(config), lambda m, idx: m(input_ids=idx).logits)]
+    best: dict[str, dict] = {}
+    for _ in range(args.rounds):  # alternate the models and keep each one's best round, so drift hits both alike
+        for name, model, logits_of in contenders:
+            row = measure(name, model, logits_of, batch, block, config.vocab_size, device, steps, warmup, use_bf16, compile_model)
+            if name not in best or row["tokens_per_s"] > best[name]["tokens_per_s"]:
+                best[name] = row
+    rows = list(best.values())
     anchor = rows[1]["tokens_per_s"]
     peak = peak_flops(device)
     for row in rows:
