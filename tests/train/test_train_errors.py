@@ -139,3 +139,9 @@ def test_nan_loss_after_a_checkpoint(tmp_path, monkeypatch):
     assert [s for s, _ in list_checkpoints(run)] == [4]
     assert_loads(run)
     assert max(train_losses(run)) == 6
+
+
+def test_init_from_gpt2_checks_tokenizer_before_downloading(tmp_path):
+    # offline: an attempt to download would end in a different error
+    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "run"), "--init-from", "gpt2", *STEPS, env={"HF_HUB_OFFLINE": "1"})
+    one_line_error(result, "but gpt2 uses 'gpt2'", "--tokenizer gpt2")

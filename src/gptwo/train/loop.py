@@ -131,12 +131,9 @@ class _Trainer:
         elif config.init_from:
             from gptwo.weights import load_model
 
+            _check_tokenizer(config.init_from, _known_tokenizer(config.init_from), data)  # before any download
             model, model_tok = load_model(config.init_from, device="cpu")
-            if model_tok.identity != data.train.tokenizer_identity:
-                raise GptwoError(
-                    f"the data was tokenized with '{data.train.tokenizer_identity}' but {config.init_from} uses '{model_tok.identity}'",
-                    f"prepare the data with the model's tokenizer: gptwo prepare ... --tokenizer {'gpt2' if model_tok.identity == 'gpt2' else config.init_from}",
-                )
+            _check_tokenizer(config.init_from, model_tok.identity, data)
             _set_dropout(model, config.dropout)
             model.train()
         else:
@@ -359,6 +356,24 @@ def _idle_fraction(seconds: float = 0.25) -> float:
     except (OSError, ValueError, IndexError):
         return 1.0
     return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _known_tokenizer(spec: str) -> str | None:
+    """The tokenizer identity of a pretrained model without loading it: its folder's, or GPT-2's for the OpenAI ids."""
+    from gptwo.config import MODEL_PRESETS
+    from gptwo.tokenizer import load_tokenizer
+
+    if os.path.isdir(spec):
+        return load_tokenizer(spec).identity
+    return "gpt2" if spec.split("/")[-1] in MODEL_PRESETS else None
+
+
+def _check_tokenizer(spec: str, identity: str | None, data: Data) -> None:
+    if identity is not None and identity != data.train.tokenizer_identity:
+        raise GptwoError(
+            f"the data was tokenized with '{data.train.tokenizer_identity}' but {spec} uses '{identity}'",
+            f"prepare the data with the model's tokenizer: gptwo prepare ... --tokenizer {'gpt2' if identity == 'gpt2' else spec}",
+        )
 
 
 def _set_dropout(model: GPT, p: float) -> None:
