@@ -215,9 +215,9 @@ class Tokenizer:
     # ---- persistence
     def save(self, path: str) -> None:
         """Write this tokenizer as one Hugging Face `tokenizer.json` file (atomically)."""
-        from gptwo.weights import atomic_write_bytes
+        from gptwo.fileio import atomic_write
 
-        atomic_write_bytes(path, self.to_json().encode("utf-8"))
+        atomic_write(path, self.to_json().encode("utf-8"))
 
     def to_json(self) -> str:
         """The Hugging Face tokenizer.json text of this tokenizer."""

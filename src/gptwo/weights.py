@@ -10,39 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch
 
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
+from gptwo.fileio import atomic_write
 from gptwo.model import GPT
 from gptwo.tokenizer import EOT, Tokenizer, load_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json", "merges.txt"]
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-# ---------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise GptwoError(f"could not write {path} ({err.strerror or err})", "free disk space or choose another output folder") from None
 
 
 # ---------------------------------------------------------------- config
@@ -200,15 +179,15 @@ def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = No
     from safetensors.torch import save
 
     os.makedirs(directory, exist_ok=True)
-    atomic_write_bytes(os.path.join(directory, "model.safetensors"), save(state_dict_to_hf(model), metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, "model.safetensors"), save(state_dict_to_hf(model), metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save(os.path.join(directory, "tokenizer.json"))
         special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
         tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model.config.block_size}
-        atomic_write_bytes(os.path.join(directory, "tokenizer_config.json"), json.dumps(tokenizer_config, indent=2).encode())
+        atomic_write(os.path.join(directory, "tokenizer_config.json"), json.dumps(tokenizer_config, indent=2).encode())
     eot = tokenizer.eot_token if tokenizer is not None else None
     config = json.dumps(config_to_hf(model.config, eot), indent=2).encode()
-    atomic_write_bytes(os.path.join(directory, "config.json"), config)
+    atomic_write(os.path.join(directory, "config.json"), config)
 
 
 # ---------------------------------------------------------------- model + tokenizer together

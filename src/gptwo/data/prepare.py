@@ -284,9 +284,9 @@ def _meta(tok: Tokenizer, dtype: np.dtype, writers: dict, inputs, val_fraction, 
 
 
 def _write_json(path: str, value: dict) -> None:
-    from gptwo.weights import atomic_write_bytes
+    from gptwo.fileio import atomic_write
 
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+    atomic_write(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
 
 
 def _publish(staging: str, out_dir: str, meta: dict) -> None:

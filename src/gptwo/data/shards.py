@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from gptwo.errors import GptwoError
+from gptwo.fileio import atomic_write
 
 MAGIC = b"GPTWOTOK"
 VERSION = 1
@@ -74,21 +74,7 @@ def write_shard(path: str, tokens: np.ndarray, tokenizer_identity: str, dtype: n
         raise GptwoError(f"shard dtype {dtype} is not supported", "use uint16 or uint32")
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > np.iinfo(dtype).max):
         raise GptwoError(f"token ids in {path} do not fit {dtype.name}", "use uint32 shards for vocabularies over 65,535 tokens")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(encode_header(tokens.size, dtype, tokenizer_identity))
-            f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise GptwoError(f"could not write {path} ({err.strerror or err})", "free disk space or choose another output folder") from None
+    atomic_write(path, encode_header(tokens.size, dtype, tokenizer_identity), memoryview(np.ascontiguousarray(tokens, dtype=dtype)).cast("B"))
 
 
 def read_header(path: str) -> ShardHeader:

@@ -27,7 +27,8 @@ from gptwo.errors import GptwoError
 from gptwo.model import GPT
 from gptwo.tokenizer import Tokenizer
 from gptwo.train.distributed import Dist, barrier, gather_objects, unwrap
-from gptwo.weights import atomic_write_bytes, load_state_dict_into, read_weights, save_pretrained, state_dict_from_hf
+from gptwo.fileio import atomic_write
+from gptwo.weights import load_state_dict_into, read_weights, save_pretrained, state_dict_from_hf
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILES = ("tokenizer.json", "model.safetensors", "config.json")  # copied to RUN in this order, config last
@@ -145,7 +146,7 @@ def _write_checkpoint(run_dir: str, step: int, model: GPT, optim_state: dict, to
         what = f"could not update the model files in {run_dir}"  # the checkpoint itself is complete
         for name in MODEL_FILES:  # RUN itself: the latest weights, one atomic file at a time
             with open(os.path.join(final, name), "rb") as f:
-                atomic_write_bytes(os.path.join(run_dir, name), f.read())
+                atomic_write(os.path.join(run_dir, name), f.read())
     except (OSError, GptwoError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = _reason(err)

@@ -6,7 +6,7 @@ import io
 import json
 import os
 
-from gptwo.weights import atomic_write_bytes
+from gptwo.fileio import atomic_write
 
 
 class MetricsLog:
@@ -25,7 +25,7 @@ class MetricsLog:
         """Keep only rows up to `step` (what the checkpoint being resumed had seen)."""
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -65,4 +65,4 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    atomic_write_bytes(png_path, buffer.getvalue())
+    atomic_write(png_path, buffer.getvalue())

@@ -52,12 +52,12 @@ def _prepare_builtin(data_dir: str, vocab_size: int, progress: bool) -> None:
     from gptwo.data.builtin import builtin_documents
     from gptwo.data.prepare import prepare
     from gptwo.tokenizer import Tokenizer
-    from gptwo.weights import atomic_write_bytes
+    from gptwo.fileio import atomic_write
 
     documents = builtin_documents()
     random.Random(0).shuffle(documents)
     corpus = os.path.join(os.path.dirname(data_dir), "corpus", "builtin-shuffled.jsonl")
-    atomic_write_bytes(corpus, "".join(json.dumps({"text": d}) + "\n" for d in documents).encode())
+    atomic_write(corpus, "".join(json.dumps({"text": d}) + "\n" for d in documents).encode())
     print(f"training a {vocab_size}-token BPE on the built-in corpus...", file=sys.stderr)
     tokenizer = Tokenizer.train(documents, vocab_size=vocab_size)
     prepare([corpus], data_dir, tokenizer=tokenizer, val_fraction=VAL_FRACTION, progress=progress)
