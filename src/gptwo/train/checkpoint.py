@@ -31,7 +31,7 @@ from gptwo.fileio import atomic_write
 from gptwo.weights import load_state_dict_into, read_weights, save_pretrained, state_dict_from_hf
 
 CHECKPOINTS = "checkpoints"
-MODEL_FILES = ("tokenizer.json", "model.safetensors", "config.json")  # copied to RUN in this order, config last
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json")  # copied to RUN in this order, config last
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
