@@ -148,3 +148,12 @@ def test_plugin_rejects_a_path_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(GptwoError, match="no config.json"):
         lm_eval.api.registry.get_model("gptwo").create_from_arg_string(f"pretrained={tmp_path}")
+
+
+def test_plugin_is_declared_under_the_lm_eval_models_entry_point():
+    from importlib.metadata import entry_points
+
+    from gptwo.eval.harness import GptwoLM
+
+    (point,) = [p for p in entry_points(group="lm_eval.models") if p.name == "gptwo"]
+    assert point.load() is GptwoLM

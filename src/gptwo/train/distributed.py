@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 
-
 @dataclass
 class Dist:
     """Where this process stands: rank among world_size, and its device."""
