@@ -41,8 +41,14 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    return {char: byte for byte, char in byte_to_unicode().items()}
+
+
 def _token_bytes(token: str) -> bytes:
-    decode = {char: byte for byte, char in byte_to_unicode().items()}
+    """The bytes a vocab-file token string stands for."""
+    decode = _unicode_to_byte()
     return bytes(decode[char] for char in token)
 
 
