@@ -41,10 +41,7 @@ def read_points(paths: list[str], exclude_budgets: list[float] | None = None) ->
                 if line.strip():
                     points.append(_point(line, f"{source}:{number}"))
     excluded = [p for p in points if any(_same(p.get("budget"), b) for b in exclude_budgets or [])]
-    kept = [p for p in points if p not in excluded]
-    if len(kept) < 5:
-        raise GptwoError(f"{len(kept)} runs to fit; L(N, D) has five constants", "train at least 5 runs (better 12 or more, over 3 budgets or more)")
-    return kept
+    return [p for p in points if p not in excluded]
 
 
 def _point(line: str, where: str) -> dict:
@@ -203,6 +200,8 @@ def isoflop_exponents(minima: list[dict]) -> dict | None:
 # ---------------------------------------------------------------- the report
 def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budgets: list[float] = (), bootstrap: int = 200, seed: int = 0) -> dict:
     """Constants, bootstrap intervals, compute-optimal allocations, IsoFLOP minima and predictions (one JSON-able dict)."""
+    if len(points) < 5:
+        raise GptwoError(f"{len(points)} runs to fit; L(N, D) has five constants", "train at least 5 runs (better 12 or more, over 3 budgets or more)")
     fit = fit_constants(points)
     constants = {k: fit[k] for k in ("E", "A", "B", "alpha", "beta")}
     samples = _bootstrap(points, fit, bootstrap, seed)

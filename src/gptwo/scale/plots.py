@@ -39,11 +39,14 @@ def plot_fit(points: list[dict], report: dict, png_path: str, extra: list[dict] 
 
 def _isoflop(ax, group: list[dict], report: dict, budget: float, color, held_out: list[dict]) -> None:
     """One budget's measured losses against N, and the fitted L(N, C/6N) through them."""
+    from matplotlib.ticker import NullFormatter
+
     ns = np.geomspace(group[0]["params"] / 1.5, group[-1]["params"] * 1.5, 60)
     ax.plot(ns, [predict(report, n, budget / (6 * n)) for n in ns], color=color, lw=1)
     ax.scatter([p["params"] for p in group], [p["loss"] for p in group], color=color, zorder=3,
                facecolors=["none" if p in held_out else color for p in group], label=f"C = {budget:.2g}" + (" (held out)" if group[0] in held_out else ""))
     ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss (nats/token)", title="IsoFLOP curves: measured (dots), fitted (lines)")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
 
 
