@@ -149,6 +149,7 @@ CASES = [
     Case("tok-train-one-typo", ["tokenizer", "train", "corpus", "typo_dir", "--vocab-size", "300", "--out", "t.json"], ["typo_dir"]),
     Case("tok-train-negative-min-frequency", ["tokenizer", "train", "corpus", "--vocab-size", "300", "--min-frequency", "-1", "--out", "t.json"], ["--min-frequency"]),
     Case("tok-train-vocab-too-small", ["tokenizer", "train", "corpus", "--vocab-size", "100", "--out", "t.json"], ["--vocab-size"]),
+    Case("tok-train-vocab-huge", ["tokenizer", "train", "corpus", "--vocab-size", "99999999999999", "--out", "t.json"], ["--vocab-size"]),
     Case("tok-train-vocab-not-int", ["tokenizer", "train", "corpus", "--vocab-size", "3e2", "--out", "t.json"], ["--vocab-size"]),
     Case("tok-train-out-is-folder", ["tokenizer", "train", "corpus", "--vocab-size", "300", "--out", "folder"], ["folder"]),
     Case("tok-train-out-under-a-file", ["tokenizer", "train", "corpus", "--vocab-size", "300", "--out", "doc.txt/t.json"], ["doc.txt"]),
@@ -159,6 +160,7 @@ CASES = [
     Case("tok-encode-missing-file", ["tokenizer", "encode", "--tokenizer", "nope.json", "hello"], ["nope.json"]),
     Case("tok-encode-text-as-tokenizer", ["tokenizer", "encode", "--tokenizer", "doc.txt", "hello"], ["doc.txt"]),
     Case("tok-encode-json-list", ["tokenizer", "encode", "--tokenizer", "list.json", "hello"], ["list.json"]),
+    Case("tok-encode-undecodable-argument", ["tokenizer", "encode", "--tokenizer", "tok.json", "a\udcedb"], ["TEXT", "UTF-8"]),
     Case("tok-encode-binary-stdin", ["tokenizer", "encode", "--tokenizer", "tok.json", "-"], ["stdin"], stdin=b"\xff\xfe\x00\x01binary"),
     Case("tok-encode-latin1-stdin", ["tokenizer", "encode", "--tokenizer", "tok.json", "-"], ["stdin"], stdin="caf\xe9".encode("latin-1")),
     # generate: sampling numbers finite and in range; the model folder's config.json typed
@@ -170,6 +172,7 @@ CASES = [
     Case("gen-top-k-zero", _generate("--top-k", "0"), ["--top-k"]),
     Case("gen-max-new-tokens-negative", _generate("--max-new-tokens", "-3"), ["--max-new-tokens"]),
     Case("gen-num-samples-zero", _generate("--num-samples", "0"), ["--num-samples"]),
+    Case("gen-seed-overflow", _generate("--seed", str(10**23)), ["--seed"]),
     Case("gen-binary-stdin", ["generate", "--model", "model", "--max-new-tokens", "2", "-"], ["PROMPT", "stdin"], stdin=b"\x89PNG\r\n\x1a\n\xff\x00"),
     Case("gen-config-not-object", ["generate", "--model", "model_config_list", "hi"], ["model_config_list", "config.json"]),
     Case("gen-config-string-field", ["generate", "--model", "model_string_layers", "hi"], ["config.json", "n_layer"]),
@@ -186,6 +189,7 @@ CASES = [
     Case("prep-val-fraction-nan", ["prepare", "corpus", "--out", "new_data", "--val-fraction", "nan"], ["--val-fraction"]),
     Case("prep-shard-tokens-zero", ["prepare", "corpus", "--out", "new_data", "--shard-tokens", "0"], ["--shard-tokens"]),
     Case("prep-workers-zero", ["prepare", "corpus", "--out", "new_data", "--workers", "0"], ["--workers"]),
+    Case("prep-seed-negative", ["prepare", "corpus", "--out", "new_data", "--seed", "-1"], ["--seed"]),
     Case("prep-missing-input", ["prepare", "corpus", "no_such.txt", "--out", "new_data"], ["no_such.txt"]),
     Case("prep-jsonl-not-object", ["prepare", "bad.jsonl", "--out", "new_data", "--quiet"], ["bad.jsonl:1"]),
     Case("prep-not-utf8", ["prepare", "latin1.txt", "--out", "new_data", "--quiet"], ["latin1.txt"]),
@@ -200,6 +204,7 @@ CASES = [
     Case("train-lr-nan", _train("data", "new_run", "lr=nan"), ["lr"]),
     Case("train-weight-decay-nan", _train("data", "new_run", "weight_decay=nan"), ["weight_decay"]),
     Case("train-dropout-inf", _train("data", "new_run", "dropout=inf"), ["dropout"]),
+    Case("train-seed-negative", _train("data", "new_run", "seed=-1"), ["seed"]),
     Case("train-unknown-key", _train("data", "new_run", "n_layers=2"), ["n_layers"]),
     Case("train-max-steps-zero", ["train", "--data", "data", "--out", "new_run", "--max-steps", "0"], ["--max-steps"]),
     Case("train-stray-argument", ["train", "--data", "data", "--out", "new_run", "oops"], ["oops"]),
@@ -273,6 +278,15 @@ def test_case_count_by_command():
 
 
 # ---------------------------------------------------------------- behaviour that replaced silent results
+def test_whole_zst_streams_read_fully_one_frame_or_many(world, tmp_path):
+    from gptwo.data.sources import iter_documents
+
+    assert len(list(iter_documents([os.path.join(world, "whole.jsonl.zst")]))) == 40
+    frames = b"".join(_jsonl_zst(str(tmp_path / f"part{i}.zst"), 3) for i in range(4))  # concatenated frames, as zstd -c a b writes
+    _write(str(tmp_path / "multi.jsonl.zst"), frames)
+    assert len(list(iter_documents([str(tmp_path / "multi.jsonl.zst")]))) == 12
+
+
 def test_eval_ppl_of_a_folder_scores_its_text_files(world, capsys, monkeypatch):
     monkeypatch.chdir(world)
     assert main(["eval", "ppl", "--model", "model", "corpus", "--json", "--quiet"]) == 0

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 from gptwo.errors import GptwoError, from_library_error
 
+MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one `error: … — …` line (exit 2)."""
@@ -24,8 +26,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `low`."""
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (and <= `high`)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -33,8 +35,13 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high:,}")
         return value
     return parse
+
+
+_seed = _int_at_least(0, MAX_SEED)
 
 
 def _float_in(low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = True) -> Callable[[str], float]:
@@ -100,9 +107,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from gptwo.tokenizer import Tokenizer
-
     from gptwo.data.sources import check_inputs, iter_documents
+    from gptwo.tokenizer import Tokenizer
 
     check_inputs(args.inputs)
     tok = Tokenizer.train(iter_documents(args.inputs), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
@@ -121,6 +127,8 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
 
 
 def add_core_commands(sub) -> None:
+    from gptwo.tokenizer import MAX_VOCAB  # plain constant: keeps --help fast
+
     p = _command(sub, "generate", _cmd_generate, "Sample a continuation of PROMPT from a model (streams to stdout).")
     p.add_argument("prompt", help="prompt text, or '-' to read it from stdin")
     p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
@@ -128,7 +136,7 @@ def add_core_commands(sub) -> None:
     p.add_argument("--temperature", type=_float_in(0.0), default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
     p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample only from the K most likely tokens")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True, high_open=False), default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed for reproducible samples")
     p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable); it is not printed")
     p.add_argument("--num-samples", type=_int_at_least(1), default=1, help="number of independent samples, separated by a line of dashes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
@@ -136,8 +144,8 @@ def add_core_commands(sub) -> None:
     tok = sub.add_parser("tokenizer", help="Train or use a byte-level BPE tokenizer.", description="Train or use a byte-level BPE tokenizer.")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     p = _command(tsub, "train", _cmd_tokenizer_train, "Train a byte-level BPE (GPT-2 style) on your own text.")
-    p.add_argument("inputs", nargs="+", help="text files or folders (.txt, .md, .jsonl with a 'text' field)")
-    p.add_argument("--vocab-size", type=_int_at_least(257), required=True, help="vocabulary size, including 256 byte tokens and <|endoftext|>")
+    p.add_argument("inputs", nargs="+", help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet with a 'text' field), 'builtin' or hf:NAME; each must exist")
+    p.add_argument("--vocab-size", type=_int_at_least(257, MAX_VOCAB), required=True, help="vocabulary size, including 256 byte tokens and <|endoftext|>")
     p.add_argument("--min-frequency", type=_int_at_least(0), default=2, help="minimum pair frequency for a merge (default 2)")
     p.add_argument("--out", required=True, help="output tokenizer file (JSON)")
     p = _command(tsub, "encode", _cmd_tokenizer_encode, "Print the token ids of TEXT.")
@@ -173,7 +181,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="tokenizer processes for large corpora (default: one per CPU core)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet or dataset column holding the text (default text)")
     p.add_argument("--shard-tokens", type=_int_at_least(1), default=DEFAULT_SHARD_TOKENS, help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

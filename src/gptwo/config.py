@@ -120,6 +120,8 @@ class TrainConfig:
         for name in ("warmup_steps", "batch_tokens", "sample_tokens", "threads", "weight_decay", "grad_clip", "peak_flops"):
             if getattr(self, name) < 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} is negative", f"set {name} to 0 or more")
+        if not 0 <= self.seed < 2**63:
+            raise GptwoError(f"train config seed={self.seed} is outside [0, 2**63)", "use a non-negative seed, e.g. seed=0")
         if not self.lr > 0:
             raise GptwoError(f"train config lr={self.lr} must be positive", "use e.g. lr=6e-4")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 from gptwo.errors import GptwoError
 
 EOT = "<|endoftext|>"
+MAX_VOCAB = 1_000_000  # the BPE trainer aborts the process on much larger sizes
 GPT2_EOT_ID = 50256
 # GPT-2's split pattern (openai/gpt-2 encoder.py); tiktoken runs it in Rust.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -141,8 +142,8 @@ class Tokenizer:
         """
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-        if vocab_size < 257:
-            raise GptwoError(f"vocab size {vocab_size} is too small", "use at least 257 (256 bytes + <|endoftext|>)")
+        if not 257 <= vocab_size <= MAX_VOCAB:
+            raise GptwoError(f"vocab size {vocab_size} is outside 257..{MAX_VOCAB:,}", "use at least 257 (256 bytes + <|endoftext|>), e.g. 32000")
         if min_frequency < 0:
             raise GptwoError(f"min_frequency={min_frequency} is negative", "use 0 or more (default 2)")
         if isinstance(texts, (list, tuple)) and texts and any(isinstance(t, (str, os.PathLike)) and os.path.exists(t) for t in texts):

@@ -115,10 +115,10 @@ class _ZstdFile(io.RawIOBase):
         out = []
         try:
             while raw:
-                out.append(self._frame.decompress(raw))
-                raw = self._frame.unused_data if self._frame.eof else b""
                 if self._frame.eof:
                     self._frame = self._new()  # the next frame of a multi-frame file
+                out.append(self._frame.decompress(raw))
+                raw = self._frame.unused_data if self._frame.eof else b""
         except self._error as err:
             raise GptwoError(f"{self.path} is not a valid zstandard file ({err})", "re-download or re-compress it with zstd") from None
         self._pending = b"".join(out)
