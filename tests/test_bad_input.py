@@ -194,8 +194,9 @@ CASES = [
     Case("prep-jsonl-not-object", ["prepare", "bad.jsonl", "--out", "new_data", "--quiet"], ["bad.jsonl:1"]),
     Case("prep-not-utf8", ["prepare", "latin1.txt", "--out", "new_data", "--quiet"], ["latin1.txt"]),
     # train: config files are objects with typed fields, numbers finite, ids fit the vocabulary
-    Case("train-init-from-shape-override", ["train", "--data", "data", "--out", "new_run", "--init-from", "model", "n_embd=128"], ["n_embd", "--init-from"]),
+    Case("train-init-from-shape-override", ["train", "--data", "data", "--out", "new_run", "--init-from", "model", "n_embd=128"], ["n_embd", "--init-from", "its n_embd is 32"]),
     Case("train-init-from-shape-in-config", ["train", "--data", "data", "--out", "new_run", "--init-from", "model", "--config", "shape.json"], ["n_layer", "--init-from"]),
+    Case("train-init-from-hub-shape-unknown", ["train", "--data", "data", "--out", "new_run", "--init-from", "someone/some-model", "n_head=4"], ["n_head", "not known"]),
     Case("train-config-folder", ["train", "--data", "data", "--out", "new_run", "--config", "folder"], ["folder"]),
     Case("train-config-not-object", ["train", "--data", "data", "--out", "new_run", "--config", "list.json"], ["list.json"]),
     Case("train-config-broken-json", ["train", "--data", "data", "--out", "new_run", "--config", "broken.json"], ["broken.json"]),
@@ -301,6 +302,14 @@ def test_short_validation_split_warns_and_progress_has_no_carriage_returns(world
     err = capsys.readouterr().err
     assert "warning: the validation split" in err and "without validation" in err
     assert "\r" not in err and "train: step 3/3" in err and "loss" in err
+
+
+def test_init_from_accepts_the_shape_it_keeps(world):
+    from gptwo.config import load_train_config
+
+    config = load_train_config(overrides=[f"init_from={os.path.join(world, 'model')}", "n_layer=1", "n_embd=32", "block_size=16"])
+    assert (config.n_layer, config.n_embd) == (1, 32)
+    assert load_train_config(overrides=["init_from=gpt2", "n_layer=12"]).n_layer == 12
 
 
 def test_overrides_may_follow_options():

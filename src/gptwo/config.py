@@ -207,12 +207,29 @@ def train_fields() -> dict[str, type]:
     return {f.name: kinds[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(TrainConfig)}
 
 
+def _pretrained_shape(spec: str) -> dict:
+    """n_layer/n_head/n_embd of a pretrained model without loading it (a folder's config.json, or a GPT-2 preset); {} if unknown."""
+    import json
+
+    if os.path.isdir(spec):
+        try:
+            with open(os.path.join(spec, "config.json"), encoding="utf-8") as f:
+                hf = json.load(f)
+            return {key: hf[key] for key in ("n_layer", "n_head", "n_embd")} if isinstance(hf, dict) else {}
+        except (OSError, ValueError, KeyError):
+            return {}
+    return MODEL_PRESETS.get(spec.split("/")[-1], {})
+
+
 def _refuse_shape_with_init(values: dict, explicit: list[str]) -> None:
-    """A fine-tune keeps the pretrained model's shape: an explicit shape setting beside init_from is an error."""
-    shape = [key for key in ("n_layer", "n_head", "n_embd") if key in explicit]
-    if values.get("init_from") and shape:
-        raise GptwoError(f"{shape[0]}={values[shape[0]]} cannot apply with --init-from {values['init_from']} (the pretrained model's shape is kept)",
-                         f"drop {shape[0]}, or train from scratch without --init-from")
+    """A fine-tune keeps the pretrained model's shape: an explicit shape setting that differs from it is an error."""
+    init_from = values.get("init_from")
+    shape = _pretrained_shape(init_from) if init_from else {}
+    for key in ("n_layer", "n_head", "n_embd"):
+        if init_from and key in explicit and shape.get(key) != values[key]:
+            known = f"its {key} is {shape[key]}" if key in shape else "its shape is not known before loading"
+            raise GptwoError(f"{key}={values[key]} cannot apply with --init-from {init_from} ({known}; a fine-tune keeps the pretrained shape)",
+                             f"drop {key}, or train from scratch without --init-from")
 
 
 def load_train_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
