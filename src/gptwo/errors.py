@@ -46,7 +46,8 @@ def missing_extra(module: str, purpose: str, command: str | None = None) -> Gptw
     if known is None:
         return None
     extras, name = known
-    extra = COMMAND_EXTRAS.get(command or "") if COMMAND_EXTRAS.get(command or "") in extras else extras[0]
+    preferred = COMMAND_EXTRAS.get(command or "")
+    extra = preferred if preferred in extras else extras[0]
     return GptwoError(f"{purpose} needs {name}", f"pip install 'gptwo[{extra}]'")
 
 

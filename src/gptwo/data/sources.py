@@ -90,17 +90,18 @@ class _ZstdFile(io.RawIOBase):
         self.path, self.chunk_bytes, self._error = path, chunk_bytes, zstandard.ZstdError
         self._new = zstandard.ZstdDecompressor().decompressobj
         self._file = open(path, "rb")
-        self._frame, self._pending, self._read_in = self._new(), b"", 0
+        self._frame, self._pending, self._offset, self._read_in = self._new(), memoryview(b""), 0, 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
+        while self._offset >= len(self._pending):
             if not self._fill():
                 return 0
-        size = min(len(buffer), len(self._pending))
-        buffer[:size], self._pending = self._pending[:size], self._pending[size:]
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = self._pending[self._offset : self._offset + size]
+        self._offset += size
         return size
 
     def _fill(self) -> bool:
@@ -121,7 +122,7 @@ class _ZstdFile(io.RawIOBase):
                 raw = self._frame.unused_data if self._frame.eof else b""
         except self._error as err:
             raise GptwoError(f"{self.path} is not a valid zstandard file ({err})", "re-download or re-compress it with zstd") from None
-        self._pending = b"".join(out)
+        self._pending, self._offset = memoryview(b"".join(out)), 0
         return True
 
     def close(self) -> None:
