@@ -12,8 +12,9 @@ from gptwo.webtext import Engine, ExtractOptions, FetchOptions, build
 from gptwo.webtext.records import read_jsonl
 from gptwo.webtext.urls import UrlFilter
 
-FAST_FLAGS = ["--timeout", "0.5", "--retries", "1", "--backoff", "0.01", "--max-bytes", "1000000", "--partitions", "3"]
-FAST = FetchOptions(timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000)
+# The test site is on 127.0.0.1, which the crawler refuses unless told otherwise.
+FAST_FLAGS = ["--allow-private-addresses", "--timeout", "0.5", "--retries", "1", "--backoff", "0.01", "--max-bytes", "1000000", "--partitions", "3"]
+FAST = FetchOptions(timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000, allow_private_addresses=True)
 
 # Paths linked from the dump with enough karma, and which of them end up as documents.
 LINKED = ["/article/0", "/article/1", "/article/2", "/article/3", "/dup/exact", "/dup/near", "/foreign/de",
