@@ -104,8 +104,10 @@ def _load_signatures(path: str | os.PathLike, num_perm: int) -> np.ndarray:
     """The MinHash signatures an extract task wrote; a damaged file is an error saying how to redo it."""
     try:
         signatures = np.load(path)
-    except (OSError, ValueError, EOFError) as err:
-        signatures, problem = None, str(err)
+    except OSError as err:
+        signatures, problem = None, err.strerror or str(err)
+    except (ValueError, EOFError):
+        signatures, problem = None, "not a NumPy array file"
     else:
         problem = f"shape {signatures.shape}, expected (rows, {num_perm})"
     if signatures is None or signatures.ndim != 2 or signatures.shape[1] != num_perm:

@@ -278,6 +278,18 @@ def _interleave_hosts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ordered
 
 
+def _read_url_file(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a URL file, each checked: its fields go into SQLite as they are."""
+    fix = "write it with 'gptwo webtext urls' (which also reads plain lists of URLs)"
+    records = []
+    for number, record in enumerate(read_jsonl(path, fix=fix), 1):
+        problem = _url_record_problem(record)
+        if problem:
+            raise GptwoError(f"{path} is not a URL file: record {number} {problem}", fix)
+        records.append(record)
+    return records
+
+
 def _url_record_problem(record: dict[str, Any]) -> str | None:
     """What is wrong with one record of a URL file (None if nothing): the fields are stored in SQLite."""
     url = record.get("url")
@@ -323,14 +335,11 @@ def fetch_urls(
     if not Path(urls_file).is_file():
         raise GptwoError(f"URL file not found: {urls_file}", "run 'gptwo webtext urls' first, or check the path")
     engine = engine or Engine()
+    records = _read_url_file(urls_file)
     crawl_dir = Path(crawl_dir)
     partitions = open_crawl_dir(crawl_dir, partitions)
     buckets: list[list[dict[str, Any]]] = [[] for _ in range(partitions)]
-    fix = "write it with 'gptwo webtext urls' (which also reads plain lists of URLs)"
-    for number, record in enumerate(read_jsonl(urls_file, fix=fix), 1):
-        problem = _url_record_problem(record)
-        if problem:
-            raise GptwoError(f"{urls_file} is not a URL file: record {number} {problem}", fix)
+    for record in records:
         buckets[partition_of(url_host(record["url"]), partitions)].append(record)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tasks = []

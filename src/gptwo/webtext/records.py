@@ -78,7 +78,7 @@ class _ZstdReader(io.RawIOBase):
             chunk = self._raw.read(READ_CHUNK)
             if not chunk:
                 if self._frame is not None and not self._frame.eof:
-                    raise DamagedStream("the zstd stream ends mid-frame: the file is truncated")
+                    raise DamagedStream("the zstd stream ends mid-frame, so the file is truncated")
                 return 0
             self._out = memoryview(self._decompress(chunk))
         n = min(len(buffer), len(self._out))
@@ -94,7 +94,7 @@ class _ZstdReader(io.RawIOBase):
             try:
                 out.append(self._frame.decompress(data))
             except zstandard.ZstdError as err:
-                raise DamagedStream(f"it is not a valid zstd stream ({err})") from None
+                raise DamagedStream(f"not a valid zstd stream ({err})") from None
             data = self._frame.unused_data if self._frame.eof else b""
         return b"".join(out)
 
@@ -116,7 +116,7 @@ def open_text(path: str | os.PathLike) -> IO[str]:
         if head == ZSTD_MAGIC:
             return io.TextIOWrapper(io.BufferedReader(_ZstdReader(raw), READ_CHUNK), encoding="utf-8", errors="replace")
         if path.suffix == ".zst" and head:
-            raise DamagedStream("it is not a zstd file (it doesn't start with zstd's magic number)")
+            raise DamagedStream("not a zstd file (it doesn't start with zstd's magic number)")
     except BaseException:
         raw.close()
         raise
@@ -138,7 +138,7 @@ def read_jsonl(path: str | os.PathLike, fix: str = "delete it and rerun the comm
     except DamagedStream as err:
         raise GptwoError(f"{path} is damaged after {line_number} lines: {err}", fix) from None
     except ValueError as err:
-        raise GptwoError(f"{path} is damaged: line {line_number} is not a JSON object ({err})", fix) from None
+        raise GptwoError(f"{path} line {line_number} is not a JSON object ({err})", fix) from None
     except OSError as err:
         raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
 class AtomicFile:

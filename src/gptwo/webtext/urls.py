@@ -144,7 +144,8 @@ def _raw_records(path: Path, rule: UrlFilter, report: StageReport) -> Iterator[d
     try:
         yield from _parse_lines(path, rule, report)
     except DamagedStream as err:
-        raise GptwoError(f"{path}: {err} ({report.seen} records read before the damage)",
+        read = f"; {report.seen} records were read before the damage" if report.seen else ""
+        raise GptwoError(f"{path} is damaged: {err}{read}",
                          "download the file again (or recompress it), then rerun; nothing was written") from None
     except OSError as err:
         raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
@@ -203,10 +204,15 @@ def _scan_file(path: str, rule: UrlFilter) -> tuple[list[dict[str, Any]], StageR
 def _check_input(path: Path) -> None:
     """An input must be a file with something in it: a folder or an empty file is named as such."""
     if path.is_dir():
-        raise GptwoError(f"{path} is a folder, not a dump file", f"pass the files inside it, e.g. {path / '*.zst'}")
+        raise GptwoError(f"{path} is a folder, not a dump file", f"pass the files inside it, e.g. {str(path).rstrip('/')}/*.zst")
     if not path.is_file():
         raise GptwoError(f"input file not found: {path}", "check the path")
-    if path.stat().st_size == 0:
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as err:
+        raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
+    if empty:
         raise GptwoError(f"input file {path} is empty", "download it again, or leave it out")
 
 
