@@ -189,6 +189,7 @@ def test_bad_url_files_crawl_folders_and_outputs(tmp_path, capsys):
         (["fetch", str(tmp_path / "ok.ndjson"), "--out", str(crawl), "--resolve", "a.example.com"], ["HOST=ADDRESS"]),
         (["fetch", str(tmp_path / "ok.ndjson"), "--out", str(crawl), "--resolve", "a.example.com=10.0.0.999"], ["10.0.0.999"]),
         (["urls", str(tmp_path / "list.txt"), "--out", str(tmp_path)], ["is a folder"]),
+        (["urls", "/proc/self/mem", "--out", str(tmp_path / "u.ndjson.zst")], ["can't read /proc/self/mem"]),
         (["extract", str(tmp_path / "old-crawl"), "--out", str(tmp_path)], ["is a folder"]),
         (["build", str(tmp_path / "list.txt"), "--out", str(tmp_path / "list.txt")], ["list.txt", "is a file"]),
     ]
