@@ -61,19 +61,27 @@ def test_truncated_zst_dump_names_the_file_and_the_records_read_before_the_cut(t
     assert len(list(read_jsonl(out))) == 4000
 
 
-def write_random(path, n=5000):
-    path.write_bytes(random.Random(1).randbytes(n))
+def file_of(name: str, data: bytes):
+    """A maker of the bad input `name` holding `data`."""
+    def make(folder):
+        (folder / name).write_bytes(data)
+        return folder / name
+    return make
+
+
+def make_folder(folder):
+    (folder / "dumps").mkdir()
+    return folder / "dumps"
 
 
 BAD_INPUTS = {
     # name: (make the input in tmp_path -> its path, words the error must contain)
-    "random bytes as .zst": (lambda d: (write_random(d / "RS.zst"), d / "RS.zst")[1], ["not a zstd file"]),
-    "zstd magic, then junk": (lambda d: (d.joinpath("RS.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(200))), d / "RS.zst")[1],
-                              ["not a valid zstd stream"]),
-    "empty dump": (lambda d: (d.joinpath("RS.zst").write_bytes(b""), d / "RS.zst")[1], ["is empty"]),
-    "folder as dump": (lambda d: (d.joinpath("dumps").mkdir(), d / "dumps")[1], ["is a folder"]),
-    "binary plain file": (lambda d: (d.joinpath("RS.jsonl").write_bytes(bytes(range(256)) * 8), d / "RS.jsonl")[1], ["binary data"]),
-    "missing dump": (lambda d: d / "RS_typo.zst", ["not found"]),
+    "random bytes as .zst": (file_of("RS.zst", random.Random(1).randbytes(5000)), ["not a zstd file"]),
+    "zstd magic, then junk": (file_of("RS.zst", b"\x28\xb5\x2f\xfd" + bytes(range(200))), ["not a valid zstd stream"]),
+    "empty dump": (file_of("RS.zst", b""), ["is empty"]),
+    "folder as dump": (make_folder, ["is a folder"]),
+    "binary plain file": (file_of("RS.jsonl", bytes(range(256)) * 8), ["binary data"]),
+    "missing dump": (lambda folder: folder / "RS_typo.zst", ["not found"]),
 }
 
 
