@@ -308,7 +308,7 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
     if meta.get("val_tokens", 0) >= need:
         val = ShardLoader(data_dir, split="val", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
     elif info.is_main:
-        print(f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, fewer than one batch of batch_size*block_size+1 = {need}; "
+        print(f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, fewer than one batch per process (batch_size*block_size*processes+1 = {need}); "
               "training runs without validation loss — prepare with a larger --val-fraction, or lower batch_size or block_size", file=sys.stderr)
     tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
     if tokenizer.n_vocab != loader.n_vocab:
