@@ -580,9 +580,9 @@ def add_scale_commands(sub) -> None:
     p = _command(ssub, "fit", _cmd_scale_fit, "Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs (Huber on log loss, L-BFGS), with bootstrap intervals.")
     p.add_argument("runs", nargs="+", metavar="RUNS", help='sweep folders, or JSONL files with one {"params": N, "tokens": D, "loss": L} per line')
     p.add_argument("--json", action="store_true", help="print one JSON object (E, A, B, alpha, beta, intervals, optimum, predictions)")
-    p.add_argument("--plot", default=None, help="write the plots to this PNG: loss vs FLOPs per budget with the fitted frontier, and fitted vs measured")
+    p.add_argument("--plot", default=None, help="write the plots to this PNG: IsoFLOP curves, loss vs FLOPs with the fitted frontier, fitted vs measured (left-out runs hollow)")
     p.add_argument("--predict", action="append", default=[], metavar="N,D", help="predict the loss of N parameters trained on D tokens (repeatable)")
-    p.add_argument("--budget", action="append", type=float, default=[], metavar="C", help="report the compute-optimal N and D for C FLOPs (repeatable)")
+    p.add_argument("--budget", action="append", type=float, default=[], metavar="C", help="report the compute-optimal N and D for C FLOPs (repeatable; default: the largest budget fitted)")
     p.add_argument("--exclude-budget", action="append", type=float, default=[], metavar="C",
                    help="leave a sweep's runs of this budget out of the fit (to predict them; repeatable)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200; 0: none)")

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from gptwo.cli import main
 from gptwo.scale.fit import compute_optimal, fit_report, predict, read_points
 
 from scale_fixtures import cli
@@ -80,3 +81,12 @@ def test_bad_runs_file_is_a_one_line_error(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "runs.jsonl:1" in result.stderr and len(result.stderr.splitlines()) == 1
     result = cli("scale", "fit", str(tmp_path / "missing"))
     assert result.returncode == 2 and "neither a sweep folder" in result.stderr
+
+
+def test_fit_without_scipy_names_the_extra(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps({k: r[k] for k in ("params", "tokens", "loss")}) + "\n" for r in synthetic_runs(HOFFMANN)))
+    monkeypatch.setitem(__import__("sys").modules, "scipy.optimize", None)  # as if scipy were not installed
+    assert main(["scale", "fit", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gptwo scale fit needs scipy" in err[0] and "pip install 'gptwo[scale]'" in err[0]

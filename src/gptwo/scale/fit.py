@@ -111,11 +111,10 @@ def _minimise(starts: list[np.ndarray], data: tuple[np.ndarray, ...]) -> tuple[n
 
     BLAS runs on one thread: L-BFGS-B's small matrix steps are 20x slower with threads waiting on busy cores.
     """
-    try:
-        from scipy.optimize import minimize
-        from threadpoolctl import threadpool_limits
-    except ImportError as err:
-        raise GptwoError(f"the fit needs {err.name}", "pip install 'gptwo[scale]'") from None
+    from gptwo.errors import require
+
+    minimize = require("scipy.optimize", "gptwo scale fit", "scale").minimize
+    threadpool_limits = require("threadpoolctl", "gptwo scale fit", "scale").threadpool_limits
     found = []
     with threadpool_limits(1):
         for start in starts:
@@ -212,12 +211,12 @@ def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budg
               "intervals": _intervals(samples, budgets), "bootstrap": len(samples),
               "optimal": [compute_optimal(constants, c) for c in budgets],
               "isoflop": minima, "isoflop_exponents": isoflop_exponents(minima),
-              "residuals": {"rms_log": float(np.sqrt(np.mean([math.log(predict_one(constants, p) / p["loss"]) ** 2 for p in points])))},
+              "residuals": {"rms_log": float(np.sqrt(np.mean([math.log(_predicted(constants, p) / p["loss"]) ** 2 for p in points])))},
               "predictions": [_prediction(constants, samples, n, d) for n, d in queries]}
     return report
 
 
-def predict_one(constants: dict, point: dict) -> float:
+def _predicted(constants: dict, point: dict) -> float:
     return predict(constants, point["params"], point["tokens"])
 
 
@@ -266,8 +265,11 @@ def format_report(report: dict) -> str:
              f"95% bootstrap intervals over {report['bootstrap']} resamples; rms log residual {report['residuals']['rms_log']:.4f})",
              "  " + ", ".join(show(k, ".4g") for k in ("E", "A", "B", "alpha", "beta")),
              f"  compute-optimal: N_opt ~ C^{report['a']:.3f}, D_opt ~ C^{report['b']:.3f}"]
-    lines += [f"  at C={o['flops']:.3g}: N_opt={o['params']:.3g}, D_opt={o['tokens']:.3g} ({o['tokens_per_param']:.1f} tokens/param), loss {o['loss']:.4f}"
-              for o in report["optimal"]]
+    for o in report["optimal"]:
+        n_span, d_span = (iv.get(f"{k}_opt@{o['flops']:g}") for k in ("params", "tokens"))
+        lines.append(f"  at C={o['flops']:.3g}: N_opt={o['params']:.3g}" + (f" [{n_span[0]:.3g}, {n_span[1]:.3g}]" if n_span else "")
+                     + f", D_opt={o['tokens']:.3g}" + (f" [{d_span[0]:.3g}, {d_span[1]:.3g}]" if d_span else "")
+                     + f" ({o['tokens_per_param']:.1f} tokens/param), loss {o['loss']:.4f}")
     lines += [f"  IsoFLOP minimum at C={m['budget']:.3g}: N={m['params']:.3g}, D={m['tokens']:.3g}, loss {m['loss']:.4f}"
               + ("" if m["inside"] else " (outside the runs' N: extrapolated)") for m in report["isoflop"]]
     if report["isoflop_exponents"]:
