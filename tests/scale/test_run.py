@@ -80,3 +80,11 @@ def test_a_plan_for_another_vocabulary_is_refused(tmp_path):
     result = cli("scale", "run", str(tmp_path / "plan.json"), "--data", tiny_data(), "--out", str(tmp_path / "sweep"))
     assert result.returncode == 2 and "1024-token vocabulary" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "sweep").exists()
+
+
+def test_data_without_a_held_out_batch_is_refused_before_training(tmp_path):
+    plan = make_plan([1e10], vocab_size=300, shapes=TINY_SHAPES, per_budget=2, train={**TINY_TRAIN, "block_size": 256, "batch_size": 64})
+    write_plan(plan, str(tmp_path / "plan.json"))
+    result = cli("scale", "run", str(tmp_path / "plan.json"), "--data", tiny_data(), "--out", str(tmp_path / "sweep"))
+    assert result.returncode == 2 and "held-out tokens" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "sweep").exists()

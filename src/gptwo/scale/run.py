@@ -31,6 +31,7 @@ def run_sweep(plan_path: str, data_dir: str, out_dir: str, parallel: int = 1, th
         raise GptwoError(f"--parallel {parallel} must be at least 1", "use --parallel 1 or more")
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     jobs = [_job(plan, run, data_dir, out_dir, threads, vocab) for run in plan["runs"]]
+    _check_held_out(data_dir, jobs)
     records = {job["name"]: rec for job in jobs if (rec := finished_record(job)) is not None}
     pending = [job for job in jobs if job["name"] not in records]
     print(f"{len(records)} of {len(jobs)} runs already finished; training {len(pending)} ({parallel} at a time, {threads} thread(s) each)", file=sys.stderr)
@@ -58,8 +59,19 @@ def _job(plan: dict, run: dict, data_dir: str, out_dir: str, threads: int, vocab
               "params": counts.params, "params_total": counts.total, "params_non_embedding": counts.non_embedding, "tokens": tokens,
               "flops": run_flops(counts.params, tokens), "flops_attention": 12.0 * config.n_layer * config.n_embd * config.block_size * tokens,
               "steps": config.max_steps}
-    return {"name": run["name"], "data_dir": data_dir, "run_dir": os.path.join(out_dir, "runs", run["name"]),
+    return {"name": run["name"], "data_dir": data_dir, "run_dir": os.path.join(out_dir, "runs", run["name"]), "batch_tokens": config.batch_size * config.block_size,
             "overrides": [f"{k}={v}" for k, v in settings.items()], "record": record}
+
+
+def _check_held_out(data_dir: str, jobs: list[dict]) -> None:
+    """Every run is measured by its held-out loss: refuse, before training, data whose validation split is under one batch."""
+    from gptwo.data.loader import read_meta
+
+    val_tokens = read_meta(data_dir).get("val_tokens", 0)
+    batch = max(job["batch_tokens"] for job in jobs)
+    if val_tokens <= batch:
+        raise GptwoError(f"{data_dir} holds {val_tokens} held-out tokens, not more than one batch of {batch}; the sweep measures held-out loss",
+                         "prepare the data with a larger --val-fraction, or lower batch_size/block_size in the plan")
 
 
 def finished_record(job: dict) -> dict | None:
