@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -151,8 +152,6 @@ def load_models(model_spec: str, reference_spec: str | None, device: str = "auto
 
 def read_inputs(files: list[str]) -> list[tuple[str, str]]:
     """(name, text) of each input file; '-' reads stdin. Empty inputs are errors."""
-    import sys
-
     from gptwo.eval.perplexity import read_text_file
 
     if not files:

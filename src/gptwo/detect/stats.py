@@ -102,7 +102,11 @@ def token_stats(
 
 
 def _concat(parts: list[TokenTable]) -> TokenTable:
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    """One table from the tables of consecutive windows."""
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
     cross = cat("cross_entropy") if parts[0].cross_entropy is not None else None
     tokens = [t for p in parts for t in p.tokens]
     return TokenTable(tokens, cat("logprob"), cat("rank"), cat("entropy"), cat("variance"), cat("top_ids"), cat("top_logprobs"), cross)
