@@ -57,17 +57,17 @@ def test_calibrate_saves_a_threshold_that_detect_then_uses(tmp_path, capsys):
     (tmp_path / "generated").mkdir()
     rng = random.Random(3)
     words = "the a cat dog house river stone light quick slow under over through with from green blue".split()
-    for i in range(6):
-        (tmp_path / "human" / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(40)))
-        prompt = torch.tensor([tok.encode(" ".join(rng.choice(words) for _ in range(3)))])
-        out = model.generate(prompt, 40, top_k=1)  # the model's own greedy text: every token rank 1
-        (tmp_path / "generated" / f"{i}.txt").write_text(tok.decode(out[0].tolist()))
+    prompts = torch.tensor([tok.encode(" ".join(rng.choice(words) for _ in range(3))) for _ in range(5)])  # 3 one-token words each
+    greedy = model.generate(prompts, 24, top_k=1)  # the model's own greedy text: every token rank 1
+    for i in range(5):
+        (tmp_path / "human" / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(24)))
+        (tmp_path / "generated" / f"{i}.txt").write_text(tok.decode(greedy[i].tolist()))
     (tmp_path / "human" / "short.txt").write_text("too short")
     code = main(["detect", "calibrate", "--model", model_dir, "--human", str(tmp_path / "human"), "--generated", str(tmp_path / "generated"),
-                 "--device", "cpu", "--json"])
+                 "--min-tokens", "16", "--device", "cpu", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["documents"] == {"human": 6, "generated": 6}
+    assert report["documents"] == {"human": 5, "generated": 5}
     assert report["statistics"]["fast_detectgpt"]["auroc"] == 1.0 and report["statistics"]["log_rank"]["auroc"] == 1.0
     saved = json.loads((tmp_path / "model" / "detect-calibration.json").read_text())
     assert saved["detector"] == "fast_detectgpt" and saved["threshold"] == report["statistics"]["fast_detectgpt"]["threshold"]

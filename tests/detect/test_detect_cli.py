@@ -93,7 +93,7 @@ def test_sample_writes_matched_pairs(model_dir, tmp_path, capsys):
     from gptwo.weights import load_model
 
     model, tok = load_model(model_dir, device="cpu")
-    passages = [tok.encode_ordinary(TEXT)[:40], tok.encode_ordinary(TEXT[::-1])[:40]]
+    passages = [tok.encode_ordinary(TEXT)[:24], tok.encode_ordinary(TEXT[::-1])[:24]]
     pairs = continue_passages(model, tok, passages, 8, top_k=40, seed=1)
     for (human, generated), passage in zip(pairs, passages):
         assert len(human) == len(generated) and human == passage[: len(human)] and generated[:8] == passage[:8]
@@ -103,7 +103,7 @@ def test_sample_writes_matched_pairs(model_dir, tmp_path, capsys):
     for i in range(3):
         (source / f"{i}.txt").write_text(TEXT * (i + 1))
     out = tmp_path / "set"
-    assert main(["detect", "sample", "--model", model_dir, "--source", str(source), "--out", str(out), "--prompt-tokens", "8", "--new-tokens", "30",
+    assert main(["detect", "sample", "--model", model_dir, "--source", str(source), "--out", str(out), "--prompt-tokens", "8", "--new-tokens", "16", "--min-tokens", "8",
                  "--top-k", "40", "--device", "cpu"]) == 0
     humans, generated = sorted((out / "human").iterdir()), sorted((out / "generated").iterdir())
     assert len(humans) == len(generated) == json.loads((out / "sample.json").read_text())["pairs"] >= 1
