@@ -7,7 +7,7 @@ the rest (`gptwo detect sample`), under two sampling settings: temperature 1.0, 
 Each set goes through `gptwo detect calibrate` (AUROC, TPR at 1% FPR, ROC plot per setting).
 Prints a table and writes bench/results/detect/{SETTING}/… and bench/results/detect.json.
 
-    gptwo quickstart --out runs/qs && python bench/detect.py --model runs/qs
+    gptwo quickstart --out runs/qs && python bench/detect.py --model runs/qs --reference runs/qs/checkpoints/step_500
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens the model writes (default 128)")
     parser.add_argument("--per-document", type=int, default=0, help="passages per validation document (default 0 = all, non-overlapping)")
     parser.add_argument("--out", default="bench/results/detect", help="output folder")
+    parser.add_argument("--reference", default=None, help="a second model with the same tokenizer (e.g. an earlier checkpoint): adds Binoculars")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine more threads run far slower)")
     args = parser.parse_args()
@@ -47,11 +48,11 @@ def main() -> None:
         start = time.perf_counter()
         summary = sample_set(args.model, data, folder, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, per_document=args.per_document,
                              seed=args.seed, device="cpu", **sampling)
-        report = calibrate(args.model, os.path.join(folder, "human"), os.path.join(folder, "generated"), out=os.path.join(folder, "calibration.json"),
+        report = calibrate(args.model, os.path.join(folder, "human"), os.path.join(folder, "generated"), reference_spec=args.reference, out=os.path.join(folder, "calibration.json"),
                            plot=os.path.join(args.out, f"roc-{name}.png"), device="cpu")
         results[name] = {"pairs": summary["pairs"], "dropped_short": summary["dropped_short"], "sampling": sampling, "seconds": time.perf_counter() - start,
                          "statistics": report["statistics"], "plot": report["plot"]}
-    payload = {"model": args.model, "data": data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "detector": DEFAULT_DETECTOR, "settings": results}
+    payload = {"model": args.model, "reference": args.reference, "data": data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "detector": DEFAULT_DETECTOR, "settings": results}
     atomic_write(os.path.join(os.path.dirname(args.out.rstrip("/")) or ".", "detect.json"), (json.dumps(payload, indent=2) + "\n").encode())
     print(table(results))
 
