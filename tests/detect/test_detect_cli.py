@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from html.parser import HTMLParser
 
@@ -73,11 +74,11 @@ def test_detect_json_lines_and_a_well_formed_gltr_report(model_dir, tmp_path, ca
     assert "".join(checker.tokens) == TEXT + "Hello there"  # every token, escaped and restored
 
 
-def test_detect_text_output_names_the_rule(model_dir, tmp_path, capsys):
-    (tmp_path / "a.txt").write_text(TEXT)
-    assert main(["detect", "--model", model_dir, "--device", "cpu", "--tokens", "--reference", model_dir, str(tmp_path / "a.txt")]) == 0
+def test_detect_text_output_names_the_rule(model_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(TEXT))
+    assert main(["detect", "--model", model_dir, "--device", "cpu", "--tokens", "--reference", model_dir, "-"]) == 0
     out = capsys.readouterr().out
-    assert "uncalibrated" in out and "binoculars" in out and "top alternatives" in out
+    assert "uncalibrated" in out and "binoculars" in out and "top alternatives" in out and out.count("\n") > len(TEXT.split()) // 2
 
 
 @pytest.mark.parametrize("content, message", [("", "is empty"), ("   \n", "is empty")])
