@@ -19,8 +19,8 @@ import time
 
 import torch
 
+from gptwo.detect import DEFAULT_DETECTOR
 from gptwo.detect.calibrate import calibrate
-from gptwo.detect.detector import DEFAULT_DETECTOR
 from gptwo.detect.sample import sample_set
 from gptwo.fileio import atomic_write
 

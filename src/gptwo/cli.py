@@ -516,7 +516,7 @@ def _cmd_detect_sample(args: argparse.Namespace) -> int:
 
 def add_detect_commands(sub) -> None:
     """`gptwo detect FILE...`, `gptwo detect calibrate`, `gptwo detect sample` (detection issue)."""
-    from gptwo.detect.detector import DEFAULT_MIN_TOKENS  # plain constants: keeps --help fast
+    from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS  # plain constants: keeps --help fast
 
     def common(p, reference: bool = True, min_tokens: int | None = DEFAULT_MIN_TOKENS) -> None:
         p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
@@ -547,7 +547,7 @@ def add_detect_commands(sub) -> None:
     common(c)
     c.add_argument("--human", required=True, help="folder of human-written .txt files (one document each)")
     c.add_argument("--generated", required=True, help="folder of generated .txt files, e.g. from 'gptwo detect sample'")
-    c.add_argument("--detector", default="fast_detectgpt", help="statistic whose threshold is saved (default fast_detectgpt; binoculars needs --reference)")
+    c.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"statistic whose threshold is saved (default {DEFAULT_DETECTOR}; binoculars needs --reference)")
     c.add_argument("--max-fpr", type=float, default=0.01, help="share of human texts allowed above the threshold (default 0.01)")
     c.add_argument("--out", default=None, help="calibration JSON to write (default: MODEL/detect-calibration.json, which 'gptwo detect' reads)")
     c.add_argument("--plot", default=None, help="ROC plot PNG (default: beside the calibration JSON, *-roc.png)")

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from gptwo.detect.detector import CALIBRATION_FILE, DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS, Rule, judge_text, load_models
+from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS
+from gptwo.detect.detector import CALIBRATION_FILE, Rule, judge_text, load_models
 from gptwo.detect.stats import DIRECTION
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write

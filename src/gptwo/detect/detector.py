@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS
 from gptwo.detect.stats import DIRECTION, TokenTable, document_scores, token_stats
 from gptwo.errors import GptwoError
 from gptwo.tokenizer import Tokenizer
 
-DEFAULT_DETECTOR = "fast_detectgpt"
 # Uncalibrated fallback: text the model finds clearly more predictable than its own samples (whose D is
 # about N(0, 1)). On the quickstart model's held-out text 7% of human passages score above 1, and all
 # top-k-40 samples do; pure samples mostly do not (docs/detect.md). Calibrate for a real threshold.
 DEFAULT_THRESHOLD = 1.0
-DEFAULT_MIN_TOKENS = 32
 CALIBRATION_FILE = "detect-calibration.json"
 
 
