@@ -82,10 +82,10 @@ def filter_documents(inputs: Sequence[str], scores_path: str, out: str, by: str 
             seen.append(doc_id)
             if doc_id in keep_set:
                 yield text
+        if len(seen) != len(scores):  # raised inside the writer, so no output file is left behind
+            raise GptwoError(f"{scores_path} scores {len(scores)} documents but the inputs hold {len(seen)}", "score the same inputs")
 
     written = write_documents(out, kept())
-    if len(seen) != len(scores):
-        raise GptwoError(f"{scores_path} scores {len(scores)} documents but the inputs hold {len(seen)}", "score the same inputs")
     return {"documents": len(seen), "kept": written, "band": band, "by": by}
 
 
@@ -119,11 +119,12 @@ def write_documents(out: str, texts: Iterable[str]) -> int:
 
 
 # ---------------------------------------------------------------- DSIR (Xie et al. 2023)
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"\w+|[^\w\s]+")  # words, and runs of other symbols
+SMOOTHING = 0.01  # pseudo-count per bucket: small, so a small target sample is not flattened toward uniform
 
 
 def hashed_ngrams(text: str, buckets: int) -> np.ndarray:
-    """Counts of the text's lower-cased word unigrams and bigrams, hashed into `buckets` bins (DSIR's features)."""
+    """Counts of the text's lower-cased word (and symbol-run) unigrams and bigrams, hashed into `buckets` bins (DSIR's features)."""
     words = _WORD.findall(text.lower())
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
     counts = np.zeros(buckets, dtype=np.float64)
@@ -133,8 +134,8 @@ def hashed_ngrams(text: str, buckets: int) -> np.ndarray:
 
 
 def _log_distribution(counts: np.ndarray) -> np.ndarray:
-    """Log of a bag-of-n-grams distribution with add-one smoothing."""
-    smoothed = counts + 1.0
+    """Log of a bag-of-n-grams distribution, smoothed with a small pseudo-count."""
+    smoothed = counts + SMOOTHING
     return np.log(smoothed / smoothed.sum())
 
 
