@@ -476,7 +476,7 @@ def add_select_commands(sub) -> None:
     p.add_argument("--model", required=True, help="scoring model: model or run folder, or hub id")
     p.add_argument("--reference", default=None, help="reference model (same tokenizer): adds reference_loss and reducible = loss - reference_loss")
     p.add_argument("--out", required=True, help="output JSON lines (id, tokens, loss[, reference_loss, reducible]); an existing file is continued")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens scored per forward batch (default 8192)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="about this many tokens per forward pass and per flushed batch of rows (default 4096)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -104,6 +104,8 @@ def test_filter_errors_are_one_line(tmp_path):
     result = cli("select", "filter", other, "--scores", scores, "--keep", "0.5", "--out", str(tmp_path / "k.jsonl.zst"))
     assert result.returncode == 2 and "score the same inputs" in result.stderr
     assert not os.path.exists(tmp_path / "k.jsonl.zst")  # nothing half-written
+    with pytest.raises(GptwoError, match="holds 60 rows but these inputs only 1 documents"):
+        score_documents(reference_run(), [other], scores, progress=False)  # resuming someone else's scores
 
 
 def test_dsir_resamples_toward_the_target(tmp_path):

@@ -42,14 +42,16 @@ class Selector:
         batches = [self.loader.next_batch() for _ in range(self.pool)]
         x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
         y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
-        top = top_rows(self.scores(model, batches, x, y), len(batches[0][0]))
+        rows = len(batches[0][0])
+        top = top_rows(self.scores(model, x, y, rows), rows)
         return x[top], y[top]
 
-    def scores(self, model: torch.nn.Module, batches: list, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Score of every pool row, (K·B,): its loss, minus the reference's loss for `reducible`."""
+    def scores(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int) -> torch.Tensor:
+        """Score of every pool row, (K·B,): its loss, minus the reference's loss for `reducible`.
+
+        Rows are scored `rows` (= batch_size) at a time: the training shape, so compiled blocks are reused."""
         from gptwo.train.distributed import unwrap
 
-        rows = len(batches[0][0])  # scored batch_size rows at a time: the training shape, so compiled blocks are reused
         scores = self._losses(unwrap(model), x, y, rows)
         if self.strategy == "reducible":
             scores = scores - self._losses(self.reference, x, y, rows)

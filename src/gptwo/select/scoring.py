@@ -54,7 +54,11 @@ def token_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 def document_windows(tokens: Sequence[int], eot: int, block_size: int) -> list[tuple[list[int], list[int]]]:
     """(inputs, targets) windows covering every token of `[eot] + tokens` after the first, block_size at a time."""
     stream = [eot, *tokens]
-    return [(stream[s : s + block_size], stream[s + 1 : s + block_size + 1]) for s in range(0, len(stream) - 1, block_size)]
+    windows = []
+    for start in range(0, len(stream) - 1, block_size):
+        end = min(start + block_size, len(stream) - 1)  # inputs and targets of equal length
+        windows.append((stream[start:end], stream[start + 1 : end + 1]))
+    return windows
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -63,53 +67,58 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def document_nll(models: Sequence[torch.nn.Module], documents: Sequence[list[int]], eot: int, block_size: int,
-                 device: torch.device) -> list[list[float]]:
-    """Total NLL (nats) of each document under each model: result[m][d]."""
+                 device: torch.device, rows_per_forward: int = 8) -> list[list[float]]:
+    """Total NLL (nats) of each document under each model, result[m][d]; at most `rows_per_forward` windows per forward pass."""
     windows, owner = [], []
     for index, tokens in enumerate(documents):
         for window in document_windows(tokens, eot, block_size):
             windows.append(window)
             owner.append(index)
-    x = _pad([w[0] for w in windows], eot).to(device)
-    y = _pad([w[1] for w in windows], IGNORE).to(device)
-    owner_t = torch.tensor(owner, device=device)
-    totals = []
-    for model in models:
-        per_window = token_nll(model, x, y).double().sum(dim=1)
-        totals.append(torch.zeros(len(documents), dtype=torch.float64, device=device).index_add_(0, owner_t, per_window).tolist())
-    return totals
+    totals = [torch.zeros(len(documents), dtype=torch.float64, device=device) for _ in models]
+    for start in range(0, len(windows), rows_per_forward):
+        chunk = windows[start : start + rows_per_forward]
+        x, y = _pad([w[0] for w in chunk], eot).to(device), _pad([w[1] for w in chunk], IGNORE).to(device)
+        owners = torch.tensor(owner[start : start + rows_per_forward], device=device)
+        for total, model in zip(totals, models):
+            total.index_add_(0, owners, token_nll(model, x, y).double().sum(dim=1))
+    return [total.tolist() for total in totals]
 
 
 # ---------------------------------------------------------------- gptwo select score
-def _scored_so_far(out: str) -> int:
-    """How many complete rows `out` holds; a line cut short by a kill is removed."""
+def _scored_so_far(out: str) -> tuple[int, int | None]:
+    """How many complete rows `out` holds and the last one's id; a line cut short by a kill is removed."""
     if not os.path.isfile(out):
-        return 0
+        return 0, None
     with open(out, "rb") as f:
         data = f.read()
     keep = data[: data.rfind(b"\n") + 1]
-    rows = 0
+    rows, last_id = 0, None
     for line in keep.splitlines():
         try:
-            json.loads(line)
-        except ValueError:
-            raise GptwoError(f"{out} holds a line that is not JSON", "delete it (or choose another --out) to score from the start") from None
+            last_id = int(json.loads(line)["id"])
+        except (ValueError, KeyError, TypeError):
+            raise GptwoError(f"{out} holds a line that is not a score row", "delete it (or choose another --out) to score from the start") from None
         rows += 1
     if len(keep) != len(data):
         with open(out, "r+b") as f:
             f.truncate(len(keep))
-    return rows
+    return rows, last_id
 
 
-def _batches(inputs: Sequence[str], text_field: str, tokenizer, skip: int, batch_tokens: int) -> Iterator[list[tuple[int, list[int]]]]:
-    """(id, tokens) of the non-empty documents after the first `skip` of them, in batches of about `batch_tokens`."""
+def _batches(inputs: Sequence[str], text_field: str, tokenizer, done: tuple[int, int | None], out: str,
+             batch_tokens: int) -> Iterator[list[tuple[int, list[int]]]]:
+    """(id, tokens) of the non-empty documents after the `done` ones already in `out`, in batches of about `batch_tokens`."""
     from gptwo.data.sources import iter_documents
 
+    skip, last_id = done
     batch, size, seen = [], 0, 0
     for doc_id, text in enumerate(iter_documents(inputs, text_field)):
         if not text.strip():
             continue
         seen += 1
+        if seen == skip and doc_id != last_id:
+            raise GptwoError(f"{out} was written for other inputs (its row {skip} is document {last_id}, here it is {doc_id})",
+                             "score these inputs into a new --out")
         if seen <= skip:
             continue
         tokens = tokenizer.encode(text)
@@ -118,11 +127,13 @@ def _batches(inputs: Sequence[str], text_field: str, tokenizer, skip: int, batch
         if size >= batch_tokens:
             yield batch
             batch, size = [], 0
+    if seen < skip:
+        raise GptwoError(f"{out} holds {skip} rows but these inputs only {seen} documents", "score these inputs into a new --out")
     if batch:
         yield batch
 
 
-def score_documents(model_path: str, inputs: Sequence[str], out: str, reference: str | None = None, batch_tokens: int = 8192,
+def score_documents(model_path: str, inputs: Sequence[str], out: str, reference: str | None = None, batch_tokens: int = 4096,
                     device: str = "auto", text_field: str = "text", progress: bool = True) -> int:
     """Write `{id, tokens, loss[, reference_loss, reducible]}` per non-empty document of `inputs` to `out`
     (JSON lines), continuing after the rows already there; returns the number of rows written now."""
@@ -130,6 +141,8 @@ def score_documents(model_path: str, inputs: Sequence[str], out: str, reference:
 
     from gptwo.weights import load_model
 
+    if batch_tokens < 1:
+        raise GptwoError(f"--batch-tokens {batch_tokens} must be positive", "use e.g. --batch-tokens 4096")
     model, tokenizer = load_model(model_path, device=device)
     models = [model]
     if reference:
@@ -142,9 +155,9 @@ def score_documents(model_path: str, inputs: Sequence[str], out: str, reference:
     device_t = next(model.parameters()).device
     done = _scored_so_far(out)
     written = 0
-    with open(out, "a", encoding="utf-8") as f, tqdm(desc="scoring", unit="doc", initial=done, file=sys.stderr, disable=not progress, delay=0.5) as bar:
-        for batch in _batches(inputs, text_field, tokenizer, done, batch_tokens):
-            totals = document_nll(models, [tokens for _, tokens in batch], tokenizer.eot_token, block, device_t)
+    with open(out, "a", encoding="utf-8") as f, tqdm(desc="scoring", unit="doc", initial=done[0], file=sys.stderr, disable=not progress, delay=0.5) as bar:
+        for batch in _batches(inputs, text_field, tokenizer, done, out, batch_tokens):
+            totals = document_nll(models, [tokens for _, tokens in batch], tokenizer.eot_token, block, device_t, max(1, batch_tokens // block))
             for row, (doc_id, tokens) in enumerate(batch):
                 f.write(json.dumps(_score_row(doc_id, len(tokens), [t[row] for t in totals])) + "\n")
             f.flush()
