@@ -169,9 +169,9 @@ def heldout_curve(run: str, heldout: str, batches: int) -> list[tuple[int, float
     return curve
 
 
-def run(name: str, data: str, out: str, steps: int, extra: list[str], kinds: dict, points: int) -> dict:
+def run(name: str, data: str, out: str, steps: int, extra: list[str], kinds: dict, points: int, seed: int) -> dict:
     every = max(1, steps // points)
-    settings = MODEL + [f"max_steps={steps}", f"checkpoint_every={every}", f"eval_every={steps}", "keep_checkpoints=1000",
+    settings = MODEL + [f"seed={seed}", f"max_steps={steps}", f"checkpoint_every={every}", f"eval_every={steps}", "keep_checkpoints=1000",
                         f"warmup_steps={max(1, steps // 20)}"] + extra
     start, cpu = time.perf_counter(), time.process_time()
     with Recorder(kinds) as recorder:
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--noise-share", type=float, default=0.4, help="share of the training characters that is planted noise")
     parser.add_argument("--points", type=int, default=10, help="held-out evaluations per run")
     parser.add_argument("--eval-batches", type=int, default=40, help="held-out batches of 16 x 64 tokens per evaluation")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every run (model init, row sampling); the corpus stays the same")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (few documents and steps)")
     parser.add_argument("--out", default="bench/results", help="folder for selection.json and selection.png")
     args = parser.parse_args()
@@ -202,11 +203,11 @@ def main() -> None:
 
     # the reference model: trained on clean documents held out from training and from evaluation
     ref = os.path.join(root, "run-reference")
-    run_training(data["data-reference"], ref, overrides=REFERENCE + [f"max_steps={args.reference_steps}", f"eval_every={args.reference_steps}",
+    run_training(data["data-reference"], ref, overrides=REFERENCE + [f"seed={args.seed}", f"max_steps={args.reference_steps}", f"eval_every={args.reference_steps}",
                                                                       f"checkpoint_every={args.reference_steps}"], progress=False)
     reference_flops = train_flops_per_step(ref) * args.reference_steps
 
-    runs["uniform"] = run("uniform", data["data-mixed"], os.path.join(root, "run-uniform"), args.steps, [], kinds, args.points)
+    runs["uniform"] = run("uniform", data["data-mixed"], os.path.join(root, "run-uniform"), args.steps, [], kinds, args.points, args.seed)
     budget = runs["uniform"]["flops_per_step"] * args.steps
 
     # offline: score every document with the reference, keep the lowest-loss band, prepare, train
@@ -221,17 +222,17 @@ def main() -> None:
     fixed = {"offline": reference_flops + scoring_flops, "loss": 0.0, "reducible": reference_flops}
     per_step = runs["uniform"]["flops_per_step"]
     runs["offline"] = run("offline", os.path.join(root, "data-kept"), os.path.join(root, "run-offline"),
-                          int((budget - fixed["offline"]) // per_step), [], kinds, args.points)
+                          int((budget - fixed["offline"]) // per_step), [], kinds, args.points, args.seed)
     for strategy in ("loss", "reducible"):
         extra = [f"selection={strategy}", f"selection_pool={args.pool}"] + ([f"selection_reference={ref}"] if strategy == "reducible" else [])
         probe = _per_step_flops(data["data-mixed"], extra, root, strategy)
         runs[strategy] = run(strategy, data["data-mixed"], os.path.join(root, f"run-{strategy}"), int((budget - fixed[strategy]) // probe),
-                             extra, kinds, args.points)
+                             extra, kinds, args.points, args.seed)
     fixed["uniform"] = 0.0
     for name, result in runs.items():
         result["fixed_flops"] = fixed[name]
-        result["curve"] = [(fixed[name] + step * result["flops_per_step"], loss)
-                           for step, loss in heldout_curve(os.path.join(root, f"run-{name}"), data["data-heldout"], args.eval_batches)]
+        result["step_curve"] = heldout_curve(os.path.join(root, f"run-{name}"), data["data-heldout"], args.eval_batches)
+        result["curve"] = [(fixed[name] + step * result["flops_per_step"], loss) for step, loss in result["step_curve"]]
     report(runs, budget, data["shares"], reference_flops, scoring_flops, args, time.perf_counter() - wall, time.process_time() - cpu)
 
 
@@ -255,19 +256,30 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | N
     return None
 
 
+def interpolate(curve: list[tuple[float, float]], x: float) -> float:
+    """The curve's value at `x`, linear between its points (clamped at its ends)."""
+    (x0, y0) = curve[0]
+    for x1, y1 in curve:
+        if x1 >= x:
+            return y1 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        x0, y0 = x1, y1
+    return curve[-1][1]
+
+
 def report(runs: dict, budget: float, shares: dict, reference_flops: float, scoring_flops: float, args, wall: float, cpu: float) -> None:
     target = runs["uniform"]["curve"][-1][1]
     print(f"\ncorpus shares (tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
     print(f"budget {budget:.3e} FLOPs each; reference training {reference_flops:.3e} ({reference_flops / budget:.1%}), "
           f"offline scoring {scoring_flops:.3e} ({scoring_flops / budget:.1%}); pool {args.pool}\n")
-    header = f"{'strategy':<10} {'steps':>6} {'FLOPs/step':>11} {'final held-out':>15} {'FLOPs to uniform final':>22}  " + " ".join(f"{k:>13}" for k in ("clean", *NOISE))
-    print(header + "\n" + " " * 69 + "(share of the rows each trained on)")
+    header = f"{'strategy':<10} {'steps':>6} {'FLOPs/step':>11} {'final held-out':>15} {'uniform, same steps':>20} {'FLOPs to uniform final':>22}  " + " ".join(f"{k:>13}" for k in ("clean", *NOISE))
+    print(header + "\n" + " " * 90 + "(share of the rows each trained on)")
     for name, result in runs.items():
         reach = flops_to_reach(result["curve"], target)
         result["flops_to_uniform_final"] = reach
         result["ratio_to_uniform"] = reach / budget if reach is not None else None
         reached = f"{reach / budget:.2f}x" if reach is not None else "not reached"
-        print(f"{name:<10} {result['steps']:>6} {result['flops_per_step']:>11.3e} {result['curve'][-1][1]:>15.4f} {reached:>22}  "
+        result["uniform_same_steps"] = interpolate(runs["uniform"]["step_curve"], result["steps"])
+        print(f"{name:<10} {result['steps']:>6} {result['flops_per_step']:>11.3e} {result['curve'][-1][1]:>15.4f} {result['uniform_same_steps']:>20.4f} {reached:>22}  "
               + " ".join(f"{result['shares'][k]:>13.1%}" for k in ("clean", *NOISE)))
     print(f"\nwall {wall:.0f} s, CPU {cpu:.0f} s (this process; machine shared)")
     os.makedirs(args.out, exist_ok=True)
