@@ -69,6 +69,7 @@ def _nonempty_documents(inputs: Sequence[str], text_field: str) -> Iterator[tupl
 def filter_documents(inputs: Sequence[str], scores_path: str, out: str, by: str = "loss", keep: float = 0.5, band: str | None = None,
                      text_field: str = "text") -> dict:
     """Write the documents of `inputs` whose score falls in the kept band to `out`; returns counts."""
+    check_output_name(out)
     scores = read_scores(scores_path, by)
     band = band or DEFAULT_BAND[by]
     keep_set = kept_ids(scores, keep, band)
@@ -89,14 +90,19 @@ def filter_documents(inputs: Sequence[str], scores_path: str, out: str, by: str 
     return {"documents": len(seen), "kept": written, "band": band, "by": by}
 
 
+def check_output_name(out: str) -> None:
+    """Outputs are .jsonl.zst (checked before any work is done)."""
+    if not out.endswith(".jsonl.zst"):
+        raise GptwoError(f"--out {out} does not end in .jsonl.zst", "name the output like kept.jsonl.zst")
+
+
 def write_documents(out: str, texts: Iterable[str]) -> int:
     """Stream `{"text": ...}` lines into a zstandard file, atomically (temporary file, then rename); returns the count."""
     try:
         import zstandard
     except ModuleNotFoundError:
         raise GptwoError("writing .jsonl.zst needs the zstandard package", "pip install 'gptwo[data]'") from None
-    if not out.endswith(".jsonl.zst"):
-        raise GptwoError(f"--out {out} does not end in .jsonl.zst", "name the output like kept.jsonl.zst")
+    check_output_name(out)
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(out))
@@ -155,6 +161,7 @@ def dsir_resample(inputs: Sequence[str], target: Sequence[str], out: str, keep: 
                   text_field: str = "text") -> dict:
     """Keep `keep` of the documents, drawn without replacement in proportion to their importance weights
     (Gumbel top-k, as DSIR does), and write them to `out`; returns counts."""
+    check_output_name(out)
     if not 0.0 < keep <= 1.0:
         raise GptwoError(f"--keep {keep} is outside (0, 1]", "give the fraction of documents to keep, e.g. --keep 0.5")
     if buckets < 1:

@@ -71,7 +71,7 @@ class Selector:
         if self.strategy == "uniform":
             return 0.0
         per_token = model_forward_flops(model, block_size)
-        if self.reference is not None and self.strategy == "reducible":
+        if self.strategy == "reducible":
             per_token += model_forward_flops(self.reference, block_size)
         return per_token * self.pool * batch_size * block_size
 
