@@ -10,8 +10,9 @@ import torch
 import zstandard
 
 from gptwo.errors import GptwoError
-from gptwo.select.offline import dsir_resample, kept_ids
+from gptwo.select.offline import dsir_resample, filter_documents, kept_ids
 from gptwo.select.scoring import score_documents
+from gptwo.train.loop import run_training
 from gptwo.weights import load_model
 
 from select_fixtures import TINY, clean_document, cli, is_noise, metrics, mixed_corpus, noise_document, reference_run, tokenizer_file, write_jsonl
@@ -59,8 +60,7 @@ def test_score_matches_transformers_streams_and_resumes_after_a_kill(tmp_path):
         lines = f.read().splitlines(keepends=True)
     with open(out, "wb") as f:
         f.write(b"".join(lines[:7]) + lines[7][:10])
-    result = cli("select", "score", "--model", model, corpus, "--out", out, "--batch-tokens", "300", "--quiet")
-    assert result.returncode == 0 and f"scored {len(texts) - 7} document(s)" in result.stderr
+    assert score_documents(model, [corpus], out, batch_tokens=300, progress=False) == len(texts) - 7
     resumed = read_rows(out)
     assert [r["id"] for r in resumed] == [r["id"] for r in rows]
     assert all(a["loss"] == pytest.approx(b["loss"], abs=1e-5) for a, b in zip(rows, resumed))
@@ -80,8 +80,7 @@ def test_filter_keeps_the_low_loss_band_and_its_output_prepares_and_trains(tmp_p
     data, run = str(tmp_path / "data"), str(tmp_path / "run")
     result = cli("prepare", kept, "--out", data, "--tokenizer", tokenizer_file(), "--val-fraction", "0.2", "--quiet", "--workers", "1")
     assert result.returncode == 0, result.stderr
-    result = cli("train", "--data", data, "--out", run, *TINY, "max_steps=3")
-    assert result.returncode == 0, result.stderr
+    run_training(data, run, overrides=TINY + ["max_steps=3"], progress=False)
     assert [r["step"] for r in metrics(run) if "flops" in r] == [1, 2, 3]
 
 
@@ -101,8 +100,8 @@ def test_filter_errors_are_one_line(tmp_path):
     result = cli("select", "filter", corpus, "--scores", scores, "--by", "reducible", "--keep", "0.5", "--out", str(tmp_path / "k.jsonl.zst"))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "--reference" in result.stderr and "Traceback" not in result.stderr
     other = write_jsonl(str(tmp_path / "other.jsonl"), ["just one document"])
-    result = cli("select", "filter", other, "--scores", scores, "--keep", "0.5", "--out", str(tmp_path / "k.jsonl.zst"))
-    assert result.returncode == 2 and "score the same inputs" in result.stderr
+    with pytest.raises(GptwoError, match="score the same inputs"):
+        filter_documents([other], scores, str(tmp_path / "k.jsonl.zst"), keep=0.5)
     assert not os.path.exists(tmp_path / "k.jsonl.zst")  # nothing half-written
     with pytest.raises(GptwoError, match="holds 60 rows but these inputs only 1 documents"):
         score_documents(reference_run(), [other], scores, progress=False)  # resuming someone else's scores
