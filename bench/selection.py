@@ -12,7 +12,7 @@ each given the same total FLOPs: training + scoring + the reference model's trai
 counts for offline and reducible). Held-out loss is measured on clean documents none of them trains on.
 Prints a table, writes bench/results/selection.json and bench/results/selection.png.
 
-    nice -n 10 python bench/selection.py            # ~20 minutes on 2 shared cores
+    nice -n 10 python bench/selection.py            # 4 min of CPU; 10-30 min wall on 2 shared cores
     python bench/selection.py --quick               # a minute-long smoke run of the same pipeline
 """
 
