@@ -29,6 +29,7 @@ from gptwo.errors import GptwoError
 from gptwo.serve import protocol
 from gptwo.serve.engine import Engine, Overloaded, RequestRejected, TokenLogprob, Update
 from gptwo.serve.engine import Request as EngineRequest
+from gptwo.serve.inspect import inspect_router
 from gptwo.tokenizer import Tokenizer
 
 log = logging.getLogger("gptwo.serve")
@@ -240,6 +241,8 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -
         log.exception("request failed")
         return error_response(500, f"internal error ({type(err).__name__})", type="server_error")
 
+    app.include_router(inspect_router(engine, model_name))  # POST /v1/inspect and the Inspect page (gptwo.serve.inspect)
+
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse((resources.files("gptwo.serve") / "static" / "index.html").read_text(encoding="utf-8"))
@@ -311,6 +314,7 @@ def serve(
     net, tokenizer = load_model(model, device=device)
     name = served_model_name or default_model_name(model)
     app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes)
+    app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)  # also sets up uvicorn's loggers
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
