@@ -271,6 +271,7 @@ class Engine:
 
     def check(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
         """Reject requests the model cannot run: empty prompts, unknown token ids, more tokens than the context."""
+        self.check_count(len(prompts), n)
         context, vocab = self.model.config.block_size, self.tokenizer.n_vocab
         for prompt in prompts:
             if not prompt:
@@ -286,8 +287,11 @@ class Engine:
                     "max_tokens",
                     "context_length_exceeded",
                 )
-        if len(prompts) * n > self.max_queue:
-            raise RequestRejected(f"{len(prompts)} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n", "n")
+
+    def check_count(self, prompts: int, n: int) -> None:
+        """Reject more sequences (prompts x n) than the queue holds, before any prompt is encoded."""
+        if prompts * n > self.max_queue:
+            raise RequestRejected(f"{prompts} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n", "n")
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Request:
         """Queue `n` choices for each prompt (choice index = prompt * n + j); raise Overloaded if the queue is full."""
@@ -377,8 +381,14 @@ class Engine:
         every_position = any(s.params.prompt_logprobs for s in joining)  # echo with logprobs scores the prompt
         logits = self.model(ids, cache=cache, valid=valid, last_only=not every_position)
         rows = [prompts.index(tuple(s.prompt)) for s in joining]
+        scored: dict[tuple[int, int], list[TokenLogprob]] = {}  # (row, logprobs): n choices of a prompt score it once
         for seq, row in zip(joining, rows):
-            prompt_info = self._prompt_logprobs(seq, logits[row, ids.shape[1] - len(seq.prompt) :]) if seq.params.prompt_logprobs else None
+            prompt_info = None
+            if seq.params.prompt_logprobs:
+                key = (row, seq.params.logprobs or 0)
+                if key not in scored:
+                    scored[key] = self._prompt_logprobs(seq, logits[row, ids.shape[1] - len(seq.prompt) :])
+                prompt_info = scored[key]
             if seq.params.max_tokens == 0:
                 seq.done = True
                 seq.request.emit(Update(seq.index, seq.stream.close("length"), prompt=prompt_info, finish_reason="length"))
