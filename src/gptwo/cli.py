@@ -286,7 +286,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
-        api_key=args.api_key or os.environ.get("GPTWO_API_KEY") or None,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("GPTWO_API_KEY") or None,
         allowed_origins=args.allowed_origins,
         dtype=args.dtype,
     )

@@ -141,5 +141,6 @@ def test_gptwo_serve_with_key_from_env_origins_and_dtype(model_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
-    bad = subprocess.run([*cmd[:-4], "--allowed-origins", "localhost:3000"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --allowed-origins 'localhost:3000' is not an origin") and len(bad.stderr.strip().splitlines()) == 1
+    for flags, message in ((["--allowed-origins", "localhost:3000"], "--allowed-origins 'localhost:3000' is not an origin"), (["--api-key", ""], "--api-key is empty")):
+        bad = subprocess.run([*cmd[:-4], *flags], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}") and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -371,6 +371,9 @@ def serve(
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
         if value < 1:
             raise GptwoError(f"{name}={value} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+    if api_key is not None and not api_key.strip():  # e.g. --api-key "$UNSET_VARIABLE": never serve openly by mistake
+        raise GptwoError("--api-key is empty", "pass a non-empty key, or leave the option out to serve without one")
+    api_key = api_key.strip() if api_key else None
     origins = parse_origins(allowed_origins)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
