@@ -113,6 +113,9 @@ def test_a_lone_surrogate_is_a_400(live, body):
     assert_openai_error(payload)
     assert "lone surrogate" in payload["error"]["message"] and payload["error"]["code"] == "invalid_text"
     assert payload["error"]["param"] in ("prompt", "stop")
+    # an error that quotes a lone surrogate still renders (as JSON's \ud800 escape)
+    status, payload, _ = post(live[0].url + "/v1/completions", b'{"model": "\\ud800", "prompt": "fine"}')
+    assert status == 404 and "\ud800" in payload["error"]["message"]
     # a surrogate pair is a real character and stays fine
     status, _, _ = post(live[0].url + "/v1/completions", b'{"model": "tiny", "prompt": "\\ud83d\\ude00", "max_tokens": 2}')
     assert status == 200

@@ -49,8 +49,15 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+class EscapedJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error that quotes the request (say a lone surrogate in `model`) always renders."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status, headers=headers)
+    return EscapedJSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status, headers=headers)
 
 
 class BodyLimit:
