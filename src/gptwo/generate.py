@@ -35,7 +35,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Logits (B, V) scaled by temperature with tokens outside top-k / top-p set to -inf."""
-    logits = logits.float() / max(temperature, 1e-8)
+    logits = logits.float() if temperature == 1.0 else logits.float() / max(temperature, 1e-8)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -437,7 +437,7 @@ class Engine:
             else:
                 groups[(p.temperature, p.top_k, p.top_p)].append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            probs = torch.softmax(filter_logits(logits[rows], temperature, top_k, top_p), dim=-1)
+            probs = torch.softmax(filter_logits(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p), dim=-1)
             tokens[rows] = _sample_by_cdf(probs, self.generator)
         return tokens.tolist()
 
@@ -472,11 +472,28 @@ def _logprob_infos(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> 
     return infos
 
 
-def _sample_by_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of `probs` (B, V) by inverting the cumulative distribution: one random number
-    per row, several times cheaper than torch.multinomial over GPT-2's 50k tokens."""
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # stay below the last step
-    return torch.searchsorted(cdf, u, right=True)[:, 0]  # right=True never lands on a zero-probability token
+CDF_BLOCK = 256  # tokens per block of the two-level sampler
+
+
+def _sample_by_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `weights` (B, V), non-negative and not all zero, drawn in proportion to them.
+
+    One random number per row, placed on the cumulative distribution in two steps: first among
+    blocks of CDF_BLOCK tokens (a sum per block, a short cumulative sum), then inside the chosen
+    block. A cumulative sum over all of GPT-2's 50k tokens is a sequential scan that costs more than
+    the rest of sampling together; torch.multinomial is slower still.
+    """
+    rows, vocab = weights.shape
+    whole = vocab - vocab % CDF_BLOCK
+    sums = weights[:, :whole].view(rows, -1, CDF_BLOCK).sum(-1)
+    if whole < vocab:
+        sums = torch.cat([sums, weights[:, whole:].sum(-1, keepdim=True)], dim=1)
+    block_cdf = sums.cumsum(-1)
+    u = torch.rand((rows, 1), generator=generator, device=weights.device, dtype=block_cdf.dtype) * block_cdf[:, -1:]
+    u = torch.minimum(u, torch.nextafter(block_cdf[:, -1:], torch.zeros_like(u)))  # stay below the last step
+    block = torch.searchsorted(block_cdf, u, right=True)  # right=True never lands on an all-zero block
+    u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
+    index = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
+    inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0).cumsum(-1)
+    u = torch.minimum(u.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(u)))  # rounding: stay inside the block
+    return (index.gather(1, torch.searchsorted(inside, u, right=True)))[:, 0]
