@@ -58,7 +58,9 @@ def free_port() -> int:
 
 def start_server(model: str, port: int, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model, "--served-model-name", "bench", "--port", str(port),
-           "--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--log-level", "warning"]
+           "--device", args.device, "--max-batch", str(args.max_batch), "--log-level", "warning"]
+    if args.dtype != "auto":  # (so the bench also runs against older trees, which have no --dtype)
+        cmd += ["--dtype", args.dtype]
     threads = str(args.server_threads or max(1, (os.cpu_count() or 2) - 1))
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
     deadline = time.monotonic() + 300
