@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--heavy-tokens", type=int, default=16, help="max_tokens of the request with long stop strings (default 16)")
     parser.add_argument("--short-tokens", type=int, default=8, help="max_tokens of the short requests (default 8)")
     parser.add_argument("--device", default="cpu", help="server device (default cpu)")
+    parser.add_argument("--dtype", default="auto", help="server --dtype (default auto)")
     parser.add_argument("--max-batch", type=int, default=32, help="server --max-batch (default 32)")
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server (default: CPU count - 1)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serve_stop.json"), help="JSON output path")
