@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve import free_port, small_model, start_server  # noqa: E402  (bench/serve.py)
+from serve import free_port, small_model, start_server  # bench/serve.py
 
 CASES = [("3 x 300 KB", 3, 300_000), ("16 x 1024 chars", 16, 1024)]
 

@@ -67,7 +67,7 @@ def test_maximal_stop_strings_match_exactly_and_others_still_complete(live, clie
     stop = full[300 : 300 + MAX_STOP_CHARS]  # a maximal stop string that the text reaches
     expected = full[: full.find(stop)]
     stops = [random_text(MAX_STOP_CHARS, seed) for seed in range(MAX_STOPS - 1)] + [stop]
-    short = dict(model="tiny", prompt="The", max_tokens=8, temperature=0)
+    short = {"model": "tiny", "prompt": "The", "max_tokens": 8, "temperature": 0}
     alone = client.completions.create(**short).choices[0].text
     with ThreadPoolExecutor(2) as pool:
         long_job = pool.submit(client.completions.create, model="tiny", prompt=PROMPT, max_tokens=500, temperature=0, stop=stops)
@@ -124,12 +124,12 @@ def test_a_lone_surrogate_is_a_400(live, body):
 def test_every_field_that_grows_with_the_input_is_bounded(live, client):
     _, engine = live
     limits = [
-        (dict(prompt=[""] * (engine.max_queue + 1)), "n"),  # more prompts than the queue holds: refused before encoding
-        (dict(prompt=["a"] * 8, n=engine.max_queue // 8 + 1), "n"),
-        (dict(n=129), "n"),
-        (dict(logprobs=21), "logprobs"),
-        (dict(max_tokens=10_000), "max_tokens"),
-        (dict(prompt=[0] * 600), "max_tokens"),  # prompt + max_tokens over the 512-token context
+        ({"prompt": [""] * (engine.max_queue + 1)}, "n"),  # more prompts than the queue holds: refused before encoding
+        ({"prompt": ["a"] * 8, "n": engine.max_queue // 8 + 1}, "n"),
+        ({"n": 129}, "n"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"max_tokens": 10_000}, "max_tokens"),
+        ({"prompt": [0] * 600}, "max_tokens"),  # prompt + max_tokens over the 512-token context
     ]
     for fields, param in limits:
         status, payload = complete_raw(live, **fields)
