@@ -107,8 +107,6 @@ def test_engine_step_failure_fails_requests_but_keeps_running():
 
 
 def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
-    from scipy.stats import chisquare
-
     from gptwo.serve.engine import _sample_by_cdf
 
     vocab, draws = 600, 20_000  # blocks of 256, 256 and a partial one of 88
@@ -121,7 +119,8 @@ def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
     assert counts[weights == 0].sum() == 0
     nonzero = weights > 0
     expected = weights[nonzero].double() / weights.double().sum() * draws
-    assert chisquare(counts[nonzero].double().numpy(), expected.double().numpy()).pvalue > 1e-4
+    chi2, df = float(((counts[nonzero] - expected) ** 2 / expected).sum()), int(nonzero.sum()) - 1
+    assert chi2 < df + 5 * (2 * df) ** 0.5  # Pearson's test: chi2 has mean df and sd sqrt(2 df) when the draws are right
     for only in (0, 255, 256, 511, 512, 599):  # one possible token, wherever it sits
         one = torch.zeros(4, vocab)
         one[:, only] = 1e-30
