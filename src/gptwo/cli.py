@@ -137,7 +137,7 @@ def add_core_commands(sub) -> None:
     p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample only from the K most likely tokens")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True, high_open=False), default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
     p.add_argument("--seed", type=_seed, default=None, help="random seed for reproducible samples")
-    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable); it is not printed")
+    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable, at most 16 of at most 1024 characters each); it is not printed")
     p.add_argument("--num-samples", type=_int_at_least(1), default=1, help="number of independent samples, separated by a line of dashes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
 
@@ -345,6 +345,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("GPTWO_API_KEY") or None,
+        allowed_origins=args.allowed_origins,
+        dtype=args.dtype,
     )
     return 0
 
@@ -361,6 +364,10 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="most sequences waiting for a row; beyond it requests get 429 (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted; larger ones get 413 (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default info)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 (default: env GPTWO_API_KEY, else none)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
+                   help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
 
 
 # --------------------------------------------------------------------------- webtext
