@@ -50,13 +50,16 @@ def test_an_api_key_guards_every_v1_route(model_dir):
     try:
         completion = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
-            for method, route, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", completion), ("GET", "/v1/nothing", None)):
+            for method, route, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", completion), ("GET", "/v1/nothing", None),
+                                        ("POST", "/v1/inspect", {"text": PROMPT})):
                 status, got, raw = request(server.url + route, method, body, headers)
                 assert status == 401, (headers, route)
                 assert_openai_error(json.loads(raw))
                 assert json.loads(raw)["error"]["code"] == "invalid_api_key" and got["www-authenticate"] == "Bearer"
         status, _, raw = request(server.url + "/v1/completions", "POST", completion, {"Authorization": f"bearer {KEY}"})
         assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
+        status, _, raw = request(server.url + "/v1/inspect", "POST", {"text": PROMPT, "attention": False}, {"Authorization": f"Bearer {KEY}"})
+        assert status == 200 and json.loads(raw)["tokens"]
         for open_route in ("/health", "/", "/openapi.json"):  # the page must load to ask for the key
             assert request(server.url + open_route)[0] == 200
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
