@@ -106,6 +106,9 @@ class _Trainer:
                 block.compile()
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=device.type == "cuda")
+        from gptwo.select.online import make_selector
+
+        self.selector = make_selector(config, self.data.train, device, self._autocast)
         self.step = 0
         torch.manual_seed(config.seed + info.rank)  # dropout masks differ between ranks
         if self.resume_from:
@@ -168,6 +171,8 @@ class _Trainer:
         config, info = self.config, self.info
         tokens_per_step = config.batch_size * config.block_size * self.grad_accum * info.world_size
         flops = flops_per_token(self.model_config, self.n_params, config.block_size) * tokens_per_step
+        scoring = self.selector.scoring_flops(unwrap(self.model), config.batch_size, config.block_size) * self.grad_accum * info.world_size
+        flops_per_step = flops + scoring  # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
             print(f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
@@ -186,11 +191,12 @@ class _Trainer:
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
                     elapsed = time.perf_counter() - clock
-                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed}
+                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed,
+                           "flops": self.step * flops_per_step}
                     if peak:
                         row["mfu"] = flops * window_steps / elapsed / peak
                     self.log.write(row)
-                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
+                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | {row['flops']:.2e} FLOPs" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
                     clock, window_steps = time.perf_counter(), 0
                 if self.step % config.eval_every == 0 or self.step == config.max_steps:
                     summary.update(self.evaluate(bar))
@@ -200,7 +206,7 @@ class _Trainer:
                     clock, window_steps = time.perf_counter(), 0
         finally:
             bar.close()
-        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step)
+        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step, flops=self.step * flops_per_step)
         return summary
 
     def train_step(self) -> float:
@@ -212,8 +218,7 @@ class _Trainer:
         model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
-            x, y = self.data.train.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.selector.next_batch(model)  # on the device; selection (if any) scores a pool first
             with grad_sync(model, micro == self.grad_accum - 1):
                 with self._autocast():
                     loss = self.loss_fn(model, x, y)
