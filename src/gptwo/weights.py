@@ -156,8 +156,11 @@ def resolve_model_dir(path_or_id: str) -> str:
         ) from None
 
 
-def load_pretrained(path_or_id: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPT:
-    """A GPT from a Hugging Face GPT-2 folder or hub id, in eval mode."""
+def load_pretrained(path_or_id: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, quantize: str | None = None) -> GPT:
+    """A GPT from a Hugging Face GPT-2 folder or hub id, in eval mode.
+
+    A dtype named as text ('fp32', 'bf16') or `quantize="int8"` also prepares it for inference (gptwo.infer).
+    """
     directory = resolve_model_dir(path_or_id)
     config_path = os.path.join(directory, "config.json")
     try:
@@ -170,6 +173,10 @@ def load_pretrained(path_or_id: str, device: str | torch.device | None = None, d
         model = GPT(config)
     model = model.to_empty(device="cpu")
     load_state_dict_into(model, state_dict_from_hf(read_weights(directory)), directory)
+    if quantize is not None or isinstance(dtype, str):
+        from gptwo.infer import prepare_model
+
+        return prepare_model(model.to(device=device or "cpu"), dtype=dtype, quantize=quantize)
     model.to(device=device or "cpu", dtype=dtype)
     return model.eval()
 
@@ -208,7 +215,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
-def load_model(path_or_id: str, device: str | None = "auto", dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+def load_model(path_or_id: str, device: str | None = "auto", dtype: torch.dtype | str | None = None, quantize: str | None = None) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer: the folder's tokenizer.json or vocab.json+merges.txt, else GPT-2's BPE."""
     directory = resolve_model_dir(path_or_id)
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
@@ -217,7 +224,7 @@ def load_model(path_or_id: str, device: str | None = "auto", dtype: torch.dtype 
         tokenizer = Tokenizer.from_bpe_files(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
     else:
         tokenizer = Tokenizer.gpt2()
-    model = load_pretrained(directory, device=resolve_device(device), dtype=dtype)
+    model = load_pretrained(directory, device=resolve_device(device), dtype=dtype, quantize=quantize)
     check_vocab(model.config, tokenizer)
     return model, tokenizer
 
