@@ -437,12 +437,23 @@ def add_webtext_commands(sub) -> None:
     engine_args(p)
 
 
+# --------------------------------------------------------------------------- benchmarks
+def add_bench_commands(sub) -> None:
+    """`gptwo bench …`: each workload timed against transformers in the same process (speed issue)."""
+    from gptwo.bench.train import add_bench_train_command
+
+    bench = sub.add_parser("bench", help="Measure speed on this machine against transformers (same process, interleaved rounds).",
+                           description="Measure speed on this machine against transformers (same process, interleaved rounds).")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="BENCH_COMMAND")
+    add_bench_train_command(bsub, _command)
+
+
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptwo", description="GPT-2: model, tokenizer, data, training, serving, evaluation.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands):
+    for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands, add_bench_commands):
         add(sub)
     return parser
 
