@@ -486,8 +486,14 @@ def _add_bench_decode(bsub) -> None:
                    help="torch.compile the decode step with this mode (reduce-overhead = CUDA graphs); default none (eager)")
 
 
-# Each workload registers its `gptwo bench` subcommand here: decode (gptwo.bench.decode); train and serve add theirs.
-BENCH_COMMANDS: list[Callable] = [_add_bench_decode]
+def _add_bench_train(bsub) -> None:
+    from gptwo.bench.train import add_bench_train_command
+
+    add_bench_train_command(bsub, _command)
+
+
+# Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
+BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train]
 
 
 def add_bench_commands(sub) -> None:
