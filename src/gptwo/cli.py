@@ -346,6 +346,22 @@ def _cmd_webtext_extract_options(args: argparse.Namespace):
     return pick(ExtractOptions, args, languages=languages)
 
 
+def _cmd_webtext_fetch_options(args: argparse.Namespace):
+    from gptwo.webtext.fetch import FetchOptions
+    from gptwo.webtext.settings import pick
+
+    return pick(FetchOptions, args, resolve=tuple(args.resolve))
+
+
+def _webtext_pin(text: str) -> tuple[str, str]:
+    from gptwo.webtext.addresses import parse_pin
+
+    try:
+        return parse_pin(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _cmd_webtext_urls(args: argparse.Namespace) -> int:
     from gptwo.webtext.engine import Engine
     from gptwo.webtext.settings import pick
@@ -357,10 +373,10 @@ def _cmd_webtext_urls(args: argparse.Namespace) -> int:
 
 def _cmd_webtext_fetch(args: argparse.Namespace) -> int:
     from gptwo.webtext.engine import Engine
-    from gptwo.webtext.fetch import FetchOptions, fetch_urls
+    from gptwo.webtext.fetch import fetch_urls
     from gptwo.webtext.settings import pick
 
-    report = fetch_urls(args.urls, args.out, options=pick(FetchOptions, args), partitions=args.partitions, engine=pick(Engine, args))
+    report = fetch_urls(args.urls, args.out, options=_cmd_webtext_fetch_options(args), partitions=args.partitions, engine=pick(Engine, args))
     return _cmd_webtext_report({"fetch": report.as_dict()})
 
 
@@ -376,11 +392,10 @@ def _cmd_webtext_extract(args: argparse.Namespace) -> int:
 def _cmd_webtext_build(args: argparse.Namespace) -> int:
     from gptwo.webtext.build import build
     from gptwo.webtext.engine import Engine
-    from gptwo.webtext.fetch import FetchOptions
     from gptwo.webtext.settings import pick
 
     report = build(
-        args.inputs, args.out, rule=_cmd_webtext_url_filter(args), fetch_options=pick(FetchOptions, args),
+        args.inputs, args.out, rule=_cmd_webtext_url_filter(args), fetch_options=_cmd_webtext_fetch_options(args),
         extract_options=_cmd_webtext_extract_options(args), engine=pick(Engine, args), partitions=args.partitions,
     )
     _cmd_webtext_report(report["stages"])
@@ -416,6 +431,11 @@ def add_webtext_commands(sub) -> None:
         p.add_argument("--user-agent", default=None, help="User-Agent header, also matched against robots.txt")
         p.add_argument("--warc", action="store_true", help="also write every stored response to WARC files under the crawl folder")
         p.add_argument("--retry-failed", action="store_true", help="on resume, retry URLs that failed with timeouts or 5xx")
+        p.add_argument("--allow-private-addresses", action="store_true",
+                       help="also fetch loopback, private, link-local and other non-global addresses, refused by default "
+                            "(a link or redirect could reach your own network or a cloud metadata service); for an intranet crawl")
+        p.add_argument("--resolve", action="append", default=[], type=_webtext_pin, metavar="HOST=ADDRESS",
+                       help="connect to ADDRESS for HOST instead of asking DNS, even a private address (as curl --resolve; repeatable)")
         p.add_argument("--partitions", type=int, default=8, help="crawl partitions (by host), fixed by the first run (default 8)")
 
     def extract_args(p) -> None:

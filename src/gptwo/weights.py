@@ -117,6 +117,21 @@ def load_state_dict_into(model: GPT, state: dict[str, torch.Tensor], source: str
     model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True)
 
 
+def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
+    """A CPU GPT of `config` holding `state` (our names; the head comes from wte): every load path builds models here.
+
+    The model is built on the meta device (no random init of weights about to be overwritten), then
+    given real tensors; `to_empty` replaces each parameter, which unties the head from the embedding,
+    so the tie is restored before the weights are copied in.
+    """
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    load_state_dict_into(model, {k: v for k, v in state.items() if k != "lm_head.weight"}, source)
+    return model
+
+
 def read_weights(directory: str) -> dict[str, torch.Tensor]:
     """Tensors of `model.safetensors`, else of `pytorch_model.bin` (loaded with weights_only=True)."""
     st_path = os.path.join(directory, "model.safetensors")
@@ -169,10 +184,7 @@ def load_pretrained(path_or_id: str, device: str | torch.device | None = None, d
         config = config_from_hf(hf_config)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise GptwoError(f"{config_path} is not a valid GPT-2 config ({type(err).__name__}: {err})", "re-save the model") from None
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device="cpu")
-    load_state_dict_into(model, state_dict_from_hf(read_weights(directory)), directory)
+    model = model_from_state(config, state_dict_from_hf(read_weights(directory)), directory)
     if quantize is not None or isinstance(dtype, str):
         from gptwo.infer import prepare_model
 
@@ -184,6 +196,9 @@ def load_pretrained(path_or_id: str, device: str | torch.device | None = None, d
 def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = None) -> None:
     """Write `config.json` + `model.safetensors` (+ `tokenizer.json`) so transformers can load the folder."""
     from safetensors.torch import save
+
+    if getattr(model, "inference_prepared", None):  # set by gptwo.infer.prepare_model: its layers no longer match the format
+        raise GptwoError("a model prepared for inference (quantized or re-laid) cannot be saved", "save the model before preparing it")
 
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, "model.safetensors"), save(state_dict_to_hf(model), metadata={"format": "pt"}))

@@ -106,3 +106,10 @@ def test_cli_eval_and_generate_take_quantize_and_dtype(trained, tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--model", directory, "--quantize", "int4", "x"])
     assert exit_info.value.code == 2 and "int4" in capsys.readouterr().err
+
+
+def test_a_prepared_model_refuses_to_be_saved(trained, tmp_path):
+    _, model, _, _, _ = trained
+    with pytest.raises(GptwoError, match="cannot be saved"):
+        prepare_model(copy.deepcopy(model), quantize="int8").save_pretrained(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
