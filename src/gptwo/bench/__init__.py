@@ -1,7 +1,7 @@
 """`gptwo bench`: speed on the user's own hardware, each workload anchored on transformers in the same run.
 
-Shared pieces: interleaved timing rounds (medians), the CPU's name and flags, and a plain-text table. Each benchmark (decode.py, ...) returns a JSON-able report whose `rows` each carry
-`tool`, `tokens_per_s` and `ratio_vs_transformers`.
+Shared pieces: interleaved timing rounds (medians), the CPU's name and flags, and a plain-text
+table. A benchmark (decode.py, train.py) returns a JSON-able report that cli.py prints.
 """
 
 from __future__ import annotations
