@@ -7,11 +7,15 @@ library imports happen inside the command functions so `gptwo --help` stays fast
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
-from gptwo.errors import GptwoError
+from gptwo.errors import GptwoError, from_library_error
+
+MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,6 +24,56 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"error: {message} — see '{self.prog} --help'\n")
         raise SystemExit(2)
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (and <= `high`)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high:,}")
+        return value
+    return parse
+
+
+_seed = _int_at_least(0, MAX_SEED)
+
+
+def _float_in(low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite float in the range from `low` to `high` (open or closed ends)."""
+    shown = f"{'(' if low_open else '['}{low:g}, {'inf' if high == float('inf') else f'{high:g}'}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number in {shown}")
+        return value
+    return parse
+
+
+def _text_argument(value: str, what: str) -> str:
+    """A text argument, or stdin for '-', as valid UTF-8 text (undecodable bytes are an input error)."""
+    if value != "-":
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GptwoError(f"{what} is not valid UTF-8 text", "pass the text in UTF-8") from None
+        return value
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GptwoError(f"{what} from stdin is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
+                         "pipe UTF-8 text, e.g. through iconv -f latin1 -t utf-8") from None
 
 
 def _command(sub, name: str, func: Callable[[argparse.Namespace], int | None], help: str, **kw):
@@ -41,7 +95,7 @@ def add_inference_options(p) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gptwo.generate import generate_cli_stream
 
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    prompt = _text_argument(args.prompt, "PROMPT")
     for piece in generate_cli_stream(
         args.model,
         prompt,
@@ -64,9 +118,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from gptwo.data.sources import check_inputs, iter_documents
     from gptwo.tokenizer import Tokenizer
 
-    tok = Tokenizer.train(args.inputs, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    check_inputs(args.inputs)
+    tok = Tokenizer.train(iter_documents(args.inputs), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
     tok.save(args.out)
     print(f"trained byte-level BPE with {tok.n_vocab} tokens -> {args.out}", file=sys.stderr)
     return 0
@@ -76,31 +132,33 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     from gptwo.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    text = args.text if args.text != "-" else sys.stdin.read()
+    text = _text_argument(args.text, "TEXT")
     print(" ".join(map(str, tok.encode(text))))
     return 0
 
 
 def add_core_commands(sub) -> None:
+    from gptwo.tokenizer import MAX_VOCAB  # plain constant: keeps --help fast
+
     p = _command(sub, "generate", _cmd_generate, "Sample a continuation of PROMPT from a model (streams to stdout).")
     p.add_argument("prompt", help="prompt text, or '-' to read it from stdin")
     p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="number of tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable); it is not printed")
-    p.add_argument("--num-samples", type=int, default=1, help="number of independent samples, separated by a line of dashes")
+    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=100, help="number of tokens to generate (default 100)")
+    p.add_argument("--temperature", type=_float_in(0.0), default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample only from the K most likely tokens")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True, high_open=False), default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed for reproducible samples")
+    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable, at most 16 of at most 1024 characters each); it is not printed")
+    p.add_argument("--num-samples", type=_int_at_least(1), default=1, help="number of independent samples, separated by a line of dashes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     add_inference_options(p)
 
     tok = sub.add_parser("tokenizer", help="Train or use a byte-level BPE tokenizer.", description="Train or use a byte-level BPE tokenizer.")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     p = _command(tsub, "train", _cmd_tokenizer_train, "Train a byte-level BPE (GPT-2 style) on your own text.")
-    p.add_argument("inputs", nargs="+", help="text files or folders (.txt, .md, .jsonl with a 'text' field)")
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, including 256 byte tokens and <|endoftext|>")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge (default 2)")
+    p.add_argument("inputs", nargs="+", help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet with a 'text' field), 'builtin' or hf:NAME; each must exist")
+    p.add_argument("--vocab-size", type=_int_at_least(257, MAX_VOCAB), required=True, help="vocabulary size, including 256 byte tokens and <|endoftext|>")
+    p.add_argument("--min-frequency", type=_int_at_least(0), default=2, help="minimum pair frequency for a merge (default 2)")
     p.add_argument("--out", required=True, help="output tokenizer file (JSON)")
     p = _command(tsub, "encode", _cmd_tokenizer_encode, "Print the token ids of TEXT.")
     p.add_argument("text", help="text to encode, or '-' for stdin")
@@ -129,13 +187,13 @@ def add_data_commands(sub) -> None:
                         "or hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1)")
     p.add_argument("--out", required=True, help="output folder: shards, tokenizer.json, meta.json (a previous preparation there is replaced only once the new one is complete)")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default), a tokenizer.json file, or a model folder holding one")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+    p.add_argument("--val-fraction", type=_float_in(0.0, 1.0), default=DEFAULT_VAL_FRACTION,
                    help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION}; at least one document, "
                         "or the end of a single document)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes for large corpora (default: one per CPU core)")
+    p.add_argument("--workers", type=_int_at_least(1), default=None, help="tokenizer processes for large corpora (default: one per CPU core)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet or dataset column holding the text (default text)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--shard-tokens", type=_int_at_least(1), default=DEFAULT_SHARD_TOKENS, help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -178,7 +236,7 @@ def add_train_commands(sub) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--preset", choices=list(TRAIN_PRESETS), help="cpu (minutes on a laptop) or a GPT-2 size with the GPT-3 paper's recipe")
     group.add_argument("--config", help="JSON or TOML file of config fields (may name a 'preset')")
-    p.add_argument("--max-steps", type=int, default=None, help="number of optimizer steps (same as max_steps=N)")
+    p.add_argument("--max-steps", type=_int_at_least(1), default=None, help="number of optimizer steps (same as max_steps=N)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, exactly")
     p.add_argument("--init-from", default=None, help="start from pretrained weights: gpt2, a model/run folder, or a hub id (fine-tuning)")
 
@@ -232,22 +290,23 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_harness(args: argparse.Namespace) -> int:
-    try:
-        from gptwo.eval.harness import main as harness_main
-    except ImportError as err:
-        raise GptwoError(f"lm-evaluation-harness is not installed ({err.name})", "pip install 'gptwo[eval]'") from None
+    from gptwo.errors import require
+
+    require("lm_eval", "gptwo eval harness", "eval")
+    from gptwo.eval.harness import main as harness_main
+
     return harness_main(args.args)
 
 
 def _eval_options(p, tasks: bool = False) -> None:
-    p.add_argument("--stride", type=int, default=None, help="tokens each sliding window advances; less than the context gives every token more context (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows or requests per forward pass (default 8)")
+    p.add_argument("--stride", type=_int_at_least(1), default=None, help="tokens each sliding window advances; less than the context gives every token more context (default: the model's context)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows or requests per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_inference_options(p)
     if tasks:
-        p.add_argument("--limit", type=int, default=None, help="use only the first N items of each task (quick checks; not comparable to published numbers)")
+        p.add_argument("--limit", type=_int_at_least(1), default=None, help="use only the first N items of each task (quick checks; not comparable to published numbers)")
 
 
 def add_eval_commands(sub) -> None:
@@ -258,7 +317,7 @@ def add_eval_commands(sub) -> None:
     esub = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser, metavar="EVAL_COMMAND")
 
     p = _command(esub, "ppl", _cmd_eval_ppl, "Perplexity per token and per word, and bits per byte, of text files (strided sliding window).")
-    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files; each is one document, scored from an <|endoftext|> prefix")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files, each one document scored from an <|endoftext|> prefix; a folder means its .txt and .md files (recursively)")
     p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
     _eval_options(p)
 
@@ -302,6 +361,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("GPTWO_API_KEY") or None,
+        allowed_origins=args.allowed_origins,
+        dtype=args.dtype,
     )
     return 0
 
@@ -318,6 +380,10 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="most sequences waiting for a row; beyond it requests get 429 (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted; larger ones get 413 (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default info)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 (default: env GPTWO_API_KEY, else none)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
+                   help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
 
 
 # --------------------------------------------------------------------------- webtext
@@ -473,6 +539,182 @@ def add_webtext_commands(sub) -> None:
     engine_args(p)
 
 
+# --------------------------------------------------------------------------- detection
+class _RoutingParser(_Parser):
+    """A command that takes files and also has subcommands: `gptwo detect FILE...` and `gptwo detect calibrate|sample ...`."""
+
+    routes: dict[str, argparse.ArgumentParser] = {}  # set per instance
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in self.routes:
+            return self.routes[args[0]].parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.detect.detector import detect_files
+
+    docs, tokenizer = detect_files(args.model, args.files, reference_spec=args.reference, calibration=args.calibration, min_tokens=args.min_tokens,
+                                   stride=args.stride, top=args.top, device=args.device)
+    if args.html:
+        from gptwo.detect.report import write_html
+
+        write_html(args.html, docs, tokenizer, args.model)
+        print(f"GLTR report -> {args.html}", file=sys.stderr)
+    for doc in docs:
+        if args.json:
+            print(json.dumps(doc.to_dict(tokenizer, with_tokens=args.tokens)))
+        else:
+            from gptwo.detect.detector import render_document
+
+            print(render_document(doc, tokenizer, with_tokens=args.tokens))
+    return 0
+
+
+def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.detect.calibrate import calibrate, render_calibration
+
+    report = calibrate(args.model, args.human, args.generated, reference_spec=args.reference, detector=args.detector, max_fpr=args.max_fpr,
+                       min_tokens=args.min_tokens, out=args.out, plot=args.plot, stride=args.stride, device=args.device)
+    print(json.dumps(report) if args.json else render_calibration(report))
+    return 0
+
+
+def _cmd_detect_sample(args: argparse.Namespace) -> int:
+    from gptwo.detect.sample import sample_set
+
+    summary = sample_set(args.model, args.source, args.out, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, per_document=args.per_document,
+                         limit=args.limit, min_tokens=args.min_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         device=args.device)
+    print(f"{summary['pairs']} matched pairs -> {args.out}/human and {args.out}/generated "
+          f"(try: gptwo detect calibrate --model {args.model} --human {args.out}/human --generated {args.out}/generated)", file=sys.stderr)
+    return 0
+
+
+def add_detect_commands(sub) -> None:
+    """`gptwo detect FILE...`, `gptwo detect calibrate`, `gptwo detect sample` (detection issue)."""
+    from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS  # plain constants: keeps --help fast
+
+    def common(p, reference: bool = True, min_tokens: int | None = DEFAULT_MIN_TOKENS) -> None:
+        p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
+        if reference:
+            p.add_argument("--reference", default=None, help="a second model with the same tokenizer: adds the Binoculars score")
+            p.add_argument("--stride", type=int, default=None, help="texts longer than the context are scored in windows advancing by this many tokens (default: half the context)")
+        p.add_argument("--min-tokens", type=int, default=min_tokens, help=f"texts with fewer tokens are 'too short' to judge (default {DEFAULT_MIN_TOKENS}"
+                       + (", or the calibration's)" if min_tokens is None else ")"))
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+
+    epilog = ("subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the threshold (see 'gptwo detect calibrate --help')\n"
+              "  gptwo detect sample --model M --source DATA --out DIR          write a matched human/generated set\n\n"
+              "The default detector is Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md.")
+    sub._parser_class = _RoutingParser  # argparse makes subcommand parsers of this class; no public way to pick it per command
+    p = _command(sub, "detect", _cmd_detect, "Was this text written by the model? Per-token probability, rank, entropy; detection scores and a verdict.",
+                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub._parser_class = _Parser
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files, one document each, or '-' for stdin")
+    common(p, min_tokens=None)
+    p.add_argument("--calibration", default=None, help="calibration JSON (default: detect-calibration.json in the model folder; without one the verdict is uncalibrated)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input per line: file, tokens, score, verdict, scores")
+    p.add_argument("--tokens", action="store_true", help="also show each token's probability, rank, entropy and top alternatives (in JSON: token_stats)")
+    p.add_argument("--top", type=int, default=10, help="alternatives kept per token (default 10)")
+    p.add_argument("--html", default=None, metavar="OUT", help="write a GLTR-style HTML report: tokens coloured by rank, alternatives on hover, histograms")
+
+    c = _Parser(prog="gptwo detect calibrate", description="AUROC and TPR at a false-positive budget for every statistic; saves the detector's threshold beside the model and a ROC plot.")
+    c.set_defaults(func=_cmd_detect_calibrate)
+    common(c)
+    c.add_argument("--human", required=True, help="folder of human-written .txt files (one document each)")
+    c.add_argument("--generated", required=True, help="folder of generated .txt files, e.g. from 'gptwo detect sample'")
+    c.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"statistic whose threshold is saved (default {DEFAULT_DETECTOR}; binoculars needs --reference)")
+    c.add_argument("--max-fpr", type=float, default=0.01, help="share of human texts allowed above the threshold (default 0.01)")
+    c.add_argument("--out", default=None, help="calibration JSON to write (default: MODEL/detect-calibration.json, which 'gptwo detect' reads)")
+    c.add_argument("--plot", default=None, help="ROC plot PNG (default: beside the calibration JSON, *-roc.png)")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    s = _Parser(prog="gptwo detect sample", description="Write a matched evaluation set: each human passage's first tokens continued by the model, to the same length.")
+    s.set_defaults(func=_cmd_detect_sample)
+    common(s, reference=False)
+    s.add_argument("--source", required=True, help="a prepared data folder (its val split: documents the model did not train on) or a folder of .txt files")
+    s.add_argument("--out", required=True, help="output folder: human/*.txt, generated/*.txt, sample.json")
+    s.add_argument("--prompt-tokens", type=int, default=16, help="tokens of each human passage given as the prompt (default 16)")
+    s.add_argument("--new-tokens", type=int, default=128, help="tokens the model writes after the prompt (default 128)")
+    s.add_argument("--per-document", type=int, default=1, help="passages taken from each document, non-overlapping (default 1; 0 = all)")
+    s.add_argument("--limit", type=int, default=None, help="at most this many passages")
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    s.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.routes = {"calibrate": c, "sample": s}
+
+
+# --------------------------------------------------------------------------- data selection
+def _cmd_select_score(args: argparse.Namespace) -> int:
+    from gptwo.select.scoring import score_documents
+
+    written = score_documents(args.model, args.inputs, args.out, reference=args.reference, batch_tokens=args.batch_tokens,
+                              device=args.device, text_field=args.text_field, progress=not args.quiet)
+    print(f"scored {written} document(s) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_select_filter(args: argparse.Namespace) -> int:
+    from gptwo.select.offline import filter_documents
+
+    result = filter_documents(args.inputs, args.scores, args.out, by=args.by, keep=args.keep, band=args.band, text_field=args.text_field)
+    print(f"kept {result['kept']} of {result['documents']} documents ({result['band']} {result['by']} band) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_select_dsir(args: argparse.Namespace) -> int:
+    from gptwo.select.offline import dsir_resample
+
+    result = dsir_resample(args.inputs, args.target, args.out, keep=args.keep, buckets=args.buckets, seed=args.seed, text_field=args.text_field)
+    print(f"kept {result['kept']} of {result['documents']} documents (importance resampling toward --target) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_select_commands(sub) -> None:
+    """`gptwo select score|filter|dsir` (data selection issue; online selection is a training option)."""
+    sel = sub.add_parser("select", help="Choose training data with a model: score, filter, importance-resample.",
+                         description="Choose training data with a model: score documents, keep a band of them, or resample toward a target. "
+                                     "Online selection during training: gptwo train ... selection=loss|reducible. See docs/selection.md.")
+    ssub = sel.add_subparsers(dest="select_command", required=True, parser_class=_Parser, metavar="SELECT_COMMAND")
+    inputs_help = "text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet), 'builtin' or hf:NAME (as for 'gptwo prepare')"
+
+    p = _command(ssub, "score", _cmd_select_score, "Write each document's loss under a model (and its reducible loss) as JSON lines; resumes.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help)
+    p.add_argument("--model", required=True, help="scoring model: model or run folder, or hub id")
+    p.add_argument("--reference", default=None, help="reference model (same tokenizer): adds reference_loss and reducible = loss - reference_loss")
+    p.add_argument("--out", required=True, help="output JSON lines (id, tokens, loss[, reference_loss, reducible]); an existing file is continued")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="about this many tokens per forward pass and per flushed batch of rows (default 4096)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _command(ssub, "filter", _cmd_select_filter, "Keep a band of documents by their scores; writes .jsonl.zst for 'gptwo prepare'.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help + "; the same inputs that were scored")
+    p.add_argument("--scores", required=True, help="output of 'gptwo select score' for these inputs")
+    p.add_argument("--by", choices=["loss", "reducible"], default="loss", help="score to rank by (default loss)")
+    p.add_argument("--keep", type=float, required=True, help="fraction of documents to keep, in (0, 1]")
+    p.add_argument("--band", choices=["low", "middle", "high"], default=None,
+                   help="which scores to keep: low, middle or high (default: low for loss, high for reducible)")
+    p.add_argument("--out", required=True, help="output documents (.jsonl.zst), written atomically")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
+
+    p = _command(ssub, "dsir", _cmd_select_dsir, "Importance-resample documents toward a target sample (DSIR, hashed n-grams).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help)
+    p.add_argument("--target", nargs="+", required=True, help="documents that look like what you want (same input forms)")
+    p.add_argument("--keep", type=float, required=True, help="fraction of documents to keep, in (0, 1]")
+    p.add_argument("--buckets", type=int, default=10000, help="hash buckets for word unigrams and bigrams (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling draw (default 0)")
+    p.add_argument("--out", required=True, help="output documents (.jsonl.zst), written atomically")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
+
+
 # --------------------------------------------------------------------------- benchmarks
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     from gptwo.bench.decode import decode_report, render_decode
@@ -531,30 +773,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptwo", description="GPT-2: model, tokenizer, data, training, serving, evaluation.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands, add_bench_commands):
+    for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands, add_select_commands,
+                add_detect_commands, add_bench_commands):
         add(sub)
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*=")
+_INTERRUPTED = {
+    "train": "rerun the same command with --resume to continue from the last checkpoint",
+    "quickstart": "rerun 'gptwo quickstart' to continue from the last checkpoint",
+    "webtext": "rerun the same command to resume",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may come anywhere, also after options."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all(_OVERRIDE.match(item) for item in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one `gptwo` command: exit 0, 2 for bad input (one `error: … — …` line), 1 for a bug, 130 on Ctrl-C."""
+    args = parse_args(argv)
     debug = args.debug or bool(os.environ.get("GPTWO_DEBUG"))
     try:
         return int(args.func(args) or 0)
-    except GptwoError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.code
     except KeyboardInterrupt:
-        print("error: interrupted — rerun the command to continue", file=sys.stderr)
+        print(f"error: interrupted — {_INTERRUPTED.get(args.command, 'rerun the command')}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as err:  # noqa: BLE001 - last resort: one line, traceback only with --debug
+    except Exception as err:  # noqa: BLE001 - input errors become one line; anything else is a bug
         if debug:
             raise
-        print(f"error: {type(err).__name__}: {err} — rerun with --debug for the traceback", file=sys.stderr)
+        mapped = from_library_error(err, args.command)
+        if mapped is not None:
+            print(f"error: {mapped}", file=sys.stderr)
+            return mapped.code
+        print(f"error: {type(err).__name__}: {err} — this is a bug: please report it with the output of --debug", file=sys.stderr)
         return 1
 
 

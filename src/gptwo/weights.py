@@ -27,6 +27,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # ---------------------------------------------------------------- config
 def config_from_hf(hf: dict) -> GPTConfig:
     """GPTConfig from a transformers GPT-2 `config.json` dict; refuses variants we would compute wrongly."""
+    if not isinstance(hf, dict):
+        raise TypeError(f"it holds a JSON {type(hf).__name__}, not an object")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise GptwoError(f"model type '{hf.get('model_type')}' is not GPT-2", "use a GPT-2 checkpoint (model_type gpt2)")
     unsupported = {

@@ -8,12 +8,12 @@ Files: .txt and .md are one document each; .jsonl and .jsonl.zst hold one JSON o
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Iterable, Iterator
 
-from gptwo.errors import GptwoError
+from gptwo.errors import GptwoError, require
+from gptwo.fileio import DamagedStream, open_zstd_text
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
@@ -75,26 +75,18 @@ def _iter_jsonl(lines: Iterable[str], path: str, text_field: str) -> Iterator[st
 
 
 def _iter_jsonl_zst(path: str, text_field: str) -> Iterator[str]:
+    require("zstandard", f"reading {path}", "data")
     try:
-        import zstandard
-    except ModuleNotFoundError:
-        raise GptwoError(f"reading {path} needs the zstandard package", "pip install 'gptwo[data]'") from None
-    with open(path, "rb") as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw)
-        text = io.TextIOWrapper(reader, encoding="utf-8", errors="strict", newline="")
-        try:
+        with open_zstd_text(open(path, "rb")) as text:
             yield from _iter_jsonl(text, path, text_field)
-        except UnicodeDecodeError:
-            raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
-        except zstandard.ZstdError as err:
-            raise GptwoError(f"{path} is not a valid zstandard file ({err})", "re-compress it with zstd") from None
+    except UnicodeDecodeError:
+        raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
+    except DamagedStream as err:
+        raise GptwoError(f"{path} is damaged: {err}", "re-download or re-compress the file; a cut file would silently lose documents") from None
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ModuleNotFoundError:
-        raise GptwoError(f"reading {path} needs the pyarrow package", "pip install 'gptwo[data]'") from None
+    pq = require("pyarrow.parquet", f"reading {path}", "data")
     try:
         table = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a bad file
@@ -121,10 +113,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
 def iter_hf_dataset(spec: str, text_field: str = "text") -> Iterator[str]:
     """Documents of a Hugging Face dataset (hub name or local folder), streamed with datasets.load_dataset."""
     name, config, split = parse_hf_spec(spec)
-    try:
-        import datasets
-    except ModuleNotFoundError:
-        raise GptwoError(f"reading {spec} needs the datasets package", "pip install 'gptwo[data]'") from None
+    datasets = require("datasets", f"reading {spec}", "data")
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
         features = stream.features
@@ -134,6 +123,14 @@ def iter_hf_dataset(spec: str, text_field: str = "text") -> Iterator[str]:
         raise GptwoError(f"dataset {spec} has no '{text_field}' column (it has {', '.join(features)})", "pass --text-field COLUMN")
     for number, record in enumerate(stream):
         yield _field(record, text_field, f"{spec} row {number}")
+
+
+def check_inputs(paths: Iterable[str]) -> None:
+    """Every input names something that exists ('builtin' and hf:NAME aside): one mistyped path is an error."""
+    for path in paths:
+        special = path == BUILTIN or path.startswith(HF_PREFIX)
+        if not special and not os.path.exists(path):
+            raise GptwoError(f"input {path} does not exist", "check the path, or use 'builtin' or hf:NAME[:CONFIG][@SPLIT]")
 
 
 def iter_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:

@@ -48,6 +48,8 @@ class Data:
 def run_training(data_dir: str, out_dir: str, preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
                  max_steps: int | None = None, resume: bool = False, init_from: str | None = None, progress: bool = True) -> dict:
     """What `gptwo train` does: resolve the config (a resumed run starts from its saved one) and train."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GptwoError(f"run folder {out_dir} is a file", "choose a new folder for --out")
     overrides = list(overrides or [])
     if max_steps is not None:
         overrides.append(f"max_steps={max_steps}")
@@ -111,6 +113,9 @@ class _Trainer:
             compile_model(model, per_block=info.enabled and config.parallel == "fsdp")
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
+        from gptwo.select.online import make_selector
+
+        self.selector = make_selector(config, self.data.train, device, self._autocast)
         self.step = 0
         torch.manual_seed(config.seed + info.rank)  # dropout masks differ between ranks
         if self.resume_from:
@@ -176,6 +181,8 @@ class _Trainer:
         config, info = self.config, self.info
         tokens_per_step = config.batch_size * config.block_size * self.grad_accum * info.world_size
         flops = flops_per_token(self.model_config, self.n_params, config.block_size) * tokens_per_step
+        scoring = self.selector.scoring_flops(unwrap(self.model), config.batch_size, config.block_size) * self.grad_accum * info.world_size
+        flops_per_step = flops + scoring  # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
             print(f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
@@ -201,11 +208,12 @@ class _Trainer:
                 pending.clear()
                 if logged:
                     elapsed = time.perf_counter() - clock
-                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed}
+                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed,
+                           "flops": self.step * flops_per_step}
                     if peak:
                         row["mfu"] = flops * window_steps / elapsed / peak
                     self.log.write(row)
-                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
+                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | {row['flops']:.2e} FLOPs" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
                     clock, window_steps = time.perf_counter(), 0
                 if evaluated:
                     summary.update(self.evaluate(bar))
@@ -215,7 +223,7 @@ class _Trainer:
                     clock, window_steps = time.perf_counter(), 0
         finally:
             bar.close()
-        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step)
+        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step, flops=self.step * flops_per_step)
         return summary
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,8 +238,7 @@ class _Trainer:
         model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
-            x, y = self.data.train.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.selector.next_batch(model)  # on the device; selection (if any) scores a pool first
             with grad_sync(model, micro == self.grad_accum - 1):
                 with autocast(config, self.device):
                     loss = self.loss_fn(model, x, y)
@@ -320,9 +327,16 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
 
         loader = RandomWindows(loader)
     val = None
-    if meta.get("val_tokens", 0) > config.batch_size * config.block_size * info.world_size:  # one batch per rank
+    need = config.batch_size * config.block_size * info.world_size + 1  # one batch per rank
+    if meta.get("val_tokens", 0) >= need:
         val = ShardLoader(data_dir, split="val", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
+    elif info.is_main:
+        print(f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, fewer than one batch per process (batch_size*block_size*processes+1 = {need}); "
+              "training runs without validation loss — prepare with a larger --val-fraction, or lower batch_size or block_size", file=sys.stderr)
     tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
+    if tokenizer.n_vocab != loader.n_vocab:
+        raise GptwoError(f"{data_dir}/meta.json says n_vocab={loader.n_vocab} but its tokenizer.json has {tokenizer.n_vocab} tokens",
+                         "re-create the data with 'gptwo prepare'")
     if tokenizer.identity != loader.tokenizer_identity:
         raise GptwoError(f"{data_dir}/tokenizer.json ('{tokenizer.identity}') is not the tokenizer its shards were made with ('{loader.tokenizer_identity}')",
                          "re-create the data with 'gptwo prepare'")
@@ -410,6 +424,6 @@ def _eager(compiled: bool):
 
 
 def _progress_bar(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
+    from gptwo.progress import progress_bar
 
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
+    return progress_bar("train", total=total, initial=start, unit="step", enabled=enabled)
