@@ -26,6 +26,7 @@ from gptwo.train import checkpoint as ckpt
 from gptwo.train.distributed import Dist, close_distributed, grad_sync, init_distributed, mean_across, parallelize, unwrap
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
+from gptwo.train.speed import autocast, compile_enabled, compile_model, use_fused_adamw
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
 
@@ -85,6 +86,12 @@ def train(data_dir: str, out_dir: str, config: TrainConfig, resume: bool = False
         close_distributed()
 
 
+def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (in nats) of a batch."""
+    logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+
 class _Trainer:
     def __init__(self, data_dir: str, out_dir: str, config: TrainConfig, info: Dist, device: torch.device, resume: bool, progress: bool):
         self.config, self.info, self.device, self.out_dir = config, info, device, out_dir
@@ -101,11 +108,11 @@ class _Trainer:
         self.model_config: GPTConfig = model.config
         self.n_params = model.num_params()
         model.to(device)
-        if _compile_enabled(config, device):
-            for block in model.transformer.h:
-                block.compile()
+        self.compiled = compile_enabled(config, device, config.max_steps - self._resumed_step())
+        if self.compiled:
+            compile_model(model, per_block=info.enabled and config.parallel == "fsdp")
         self.model = parallelize(model, info, config.parallel, device)
-        self.optimizer = make_optimizer(self.model, config, fused=device.type == "cuda")
+        self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
         from gptwo.select.online import make_selector
 
         self.selector = make_selector(config, self.data.train, device, self._autocast)
@@ -125,6 +132,9 @@ class _Trainer:
         if resume and last is None and self.info.is_main:
             print(f"note: no checkpoint in {self.out_dir} yet; starting a new run", file=sys.stderr)
         return last
+
+    def _resumed_step(self) -> int:
+        return ckpt.read_trainer_state(self.resume_from)["step"] if self.resume_from else 0
 
     def _build_model(self) -> GPT:
         config, data = self.config, self.data
@@ -182,14 +192,21 @@ class _Trainer:
         summary: dict = {"run_dir": self.out_dir, "rank": info.rank}
         clock, window_steps = time.perf_counter(), 0
         start_time = time.perf_counter()
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps whose loss and norm are not yet read back
         try:
             while self.step < config.max_steps:
-                loss = self.train_step()
+                pending.append(self.train_step())
                 self.step += 1
                 window_steps += 1
-                summary["loss"] = loss
                 bar.update(1)
-                if self.step % config.log_every == 0 or self.step == config.max_steps:
+                logged = self.step % config.log_every == 0 or self.step == config.max_steps
+                evaluated = self.step % config.eval_every == 0 or self.step == config.max_steps
+                saved = self.step % config.checkpoint_every == 0 or self.step == config.max_steps
+                if not (logged or evaluated or saved):
+                    continue
+                loss = summary["loss"] = self._check_finite(pending)
+                pending.clear()
+                if logged:
                     elapsed = time.perf_counter() - clock
                     row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed,
                            "flops": self.step * flops_per_step}
@@ -198,10 +215,10 @@ class _Trainer:
                     self.log.write(row)
                     bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | {row['flops']:.2e} FLOPs" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
                     clock, window_steps = time.perf_counter(), 0
-                if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                if evaluated:
                     summary.update(self.evaluate(bar))
                     clock, window_steps = time.perf_counter(), 0  # tokens/s counts training only
-                if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                if saved:
                     self.save()
                     clock, window_steps = time.perf_counter(), 0
         finally:
@@ -209,8 +226,11 @@ class _Trainer:
         summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step, flops=self.step * flops_per_step)
         return summary
 
-    def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; the loss averaged over them and all ranks."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches: this rank's mean loss and the gradient norm, as tensors.
+
+        Nothing is read back to the host here, so a GPU runs ahead; `_check_finite` reads them at log steps.
+        """
         config, model = self.config, self.model
         lr = lr_at(self.step, config)
         for group in self.optimizer.param_groups:
@@ -220,31 +240,29 @@ class _Trainer:
         for micro in range(self.grad_accum):
             x, y = self.selector.next_batch(model)  # on the device; selection (if any) scores a pool first
             with grad_sync(model, micro == self.grad_accum - 1):
-                with self._autocast():
+                with autocast(config, self.device):
                     loss = self.loss_fn(model, x, y)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
-        loss_value = mean_across(float(total.item()) / self.grad_accum, self.info, self.device)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
-        norm_value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            last = ckpt.latest_checkpoint(self.out_dir)
-            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {norm_value}"
-            kept = f"; the last good checkpoint is {last}" if last else ""
-            raise GptwoError(f"training diverged at step {self.step + 1}: {what}{kept}", "lower lr (or raise warmup_steps) and resume or restart")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return total / self.grad_accum, norm
+
+    def _check_finite(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """The last pending step's loss (mean over ranks); stops at the first pending step whose loss or norm is not finite."""
+        first = self.step - len(pending) + 1
+        for offset, (loss, norm) in enumerate(pending):
+            loss_value = mean_across(float(loss), self.info, self.device)
+            norm_value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                last = ckpt.latest_checkpoint(self.out_dir)
+                what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {norm_value}"
+                kept = f"; the last good checkpoint is {last}" if last else ""
+                raise GptwoError(f"training diverged at step {first + offset}: {what}{kept}", "lower lr (or raise warmup_steps) and resume or restart")
         return loss_value
 
-    @staticmethod
-    def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (in nats) of a batch."""
-        logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-
-    def _autocast(self):
-        use_bf16 = self.config.dtype == "bfloat16" or (self.config.dtype == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    loss_fn = staticmethod(loss_fn)  # a class attribute, so tests can poison it
 
     # ---------------------------------------------------------------- evaluation, samples, checkpoints
     @torch.no_grad()
@@ -255,7 +273,7 @@ class _Trainer:
         if self.data.val is not None:
             model.eval()
             losses = []
-            with self._autocast():
+            with autocast(config, self.device), _eager(self.compiled):
                 for x, y in self.data.val.iter_eval_batches(max_batches or config.eval_batches):
                     losses.append(float(self.loss_fn(model, x.to(self.device), y.to(self.device))))
             if losses:
@@ -400,8 +418,9 @@ def _set_dropout(model: GPT, p: float) -> None:
             module.dropout = p
 
 
-def _compile_enabled(config: TrainConfig, device: torch.device) -> bool:
-    return config.compile == "true" or (config.compile == "auto" and device.type == "cuda")
+def _eager(compiled: bool):
+    """Run a compiled model eagerly (evaluation: a second, eval-mode compilation would cost more than it saves)."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
 
 
 def _progress_bar(start: int, total: int, enabled: bool):

@@ -1,0 +1,225 @@
+"""`gptwo bench train`: training tokens/s and MFU of gptwo's step vs transformers' GPT2LMHeadModel.
+
+Both models get the same shape, the same random tokens, the same AdamW and autocast; gptwo's step
+is the one `gptwo train` runs (`gptwo.train.speed`), and transformers is compiled too where the
+device is CUDA. The models take turns (interleaved rounds) and each one's median round counts, so
+a machine that speeds up or slows down hits both alike.
+
+FLOPs per token = 6·N + 12·L·C·T (N parameters without position embeddings, L layers, C width,
+T context; PaLM, Chowdhery et al. 2022, appendix B); MFU = achieved FLOP/s over the device's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import sys
+import time
+
+from gptwo.config import MODEL_PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
+from gptwo.errors import GptwoError
+
+FLOP_FORMULA = "6*N + 12*L*C*T per token (N: parameters without position embeddings, L layers, C width, T context)"
+# Workloads: the quickstart's model and tokenizer size, and GPT-2 124M / 1.5B at full context.
+WORKLOADS = {
+    "cpu": dict(shape=dict(vocab_size=4096, block_size=TRAIN_PRESETS["cpu"]["block_size"], n_layer=TRAIN_PRESETS["cpu"]["n_layer"],
+                           n_head=TRAIN_PRESETS["cpu"]["n_head"], n_embd=TRAIN_PRESETS["cpu"]["n_embd"]), batch_size=TRAIN_PRESETS["cpu"]["batch_size"]),
+    "gpt2": dict(shape=dict(vocab_size=50257, block_size=1024, **MODEL_PRESETS["gpt2"]), batch_size=16),
+    "gpt2-xl": dict(shape=dict(vocab_size=50257, block_size=1024, **MODEL_PRESETS["gpt2-xl"]), batch_size=4),
+}
+
+
+@dataclasses.dataclass
+class Contender:
+    """One model under test with its optimizer and a function running one training step."""
+
+    name: str
+    step: object
+    compiled: bool
+    rounds: list[float] = dataclasses.field(default_factory=list)
+
+
+def bench_train(preset: str = "cpu", device: str = "auto", batch_size: int | None = None, shape: dict | None = None, steps: int | None = None,
+                rounds: int = 3, warmup: int = 3, dtype: str = "auto", compile: str = "auto", peak_flops: float = 0.0) -> dict:
+    """Measure training steps/s of gptwo and transformers on one workload; return the report (see docs/training.md)."""
+    import torch
+
+    from gptwo.train.optim import flops_per_token, peak_flops as device_peak
+    from gptwo.weights import resolve_device
+
+    if preset not in WORKLOADS:
+        raise GptwoError(f"unknown bench preset '{preset}'", f"use one of: {', '.join(WORKLOADS)}")
+    if rounds < 1 or (steps is not None and steps < 1) or warmup < 0:
+        raise GptwoError("--rounds and --steps must be at least 1 and --warmup 0 or more", "pass positive counts")
+    dev = resolve_device(device)
+    workload = WORKLOADS[preset]
+    model_config = GPTConfig(**{**workload["shape"], **(shape or {})})
+    batch = batch_size or workload["batch_size"]
+    steps = steps or (20 if dev.type == "cuda" else 8)
+    train_config = TrainConfig(n_layer=model_config.n_layer, n_head=model_config.n_head, n_embd=model_config.n_embd, block_size=model_config.block_size,
+                               batch_size=batch, lr=1e-4, dtype=dtype, compile=compile, device=str(dev))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    tokens = torch.randint(0, model_config.vocab_size, (batch, model_config.block_size + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    torch.manual_seed(0)
+    ours = _gptwo_model(model_config)
+    n_params = ours.num_params()
+    contenders = [_contender("gptwo", ours, train_config, dev, tokens, hf=False), _contender("transformers", _hf_model(model_config), train_config, dev, tokens, hf=True)]
+    for contender in contenders:
+        for _ in range(warmup):
+            contender.step()
+    _sync(dev)
+    for _ in range(rounds):
+        for contender in contenders:
+            contender.rounds.append(_timed(contender.step, steps, dev))
+    per_token = flops_per_token(model_config, n_params, model_config.block_size)
+    peak = peak_flops or device_peak(dev)
+    anchor = batch * model_config.block_size / statistics.median(contenders[1].rounds)
+    rows = []
+    for contender in contenders:
+        seconds = statistics.median(contender.rounds)
+        tokens_per_s = batch * model_config.block_size / seconds
+        rows.append({"name": contender.name, "compiled": contender.compiled, "tokens_per_s": tokens_per_s, "s_per_step": seconds,
+                     "tflops": tokens_per_s * per_token / 1e12, "mfu": tokens_per_s * per_token / peak if peak else None,
+                     "vs_transformers": tokens_per_s / anchor})
+    from gptwo.train.speed import use_bf16
+
+    return {"bench": "train", "preset": preset, "device": _device_name(dev), "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "torch": torch.__version__, "transformers": _transformers_version(), "shape": model_config.to_dict(), "batch_size": batch,
+            "tokens_per_step": batch * model_config.block_size, "dtype": "bfloat16" if use_bf16(train_config, dev) else "float32",
+            "n_params": n_params, "flops_per_token": per_token, "flop_formula": FLOP_FORMULA, "peak_flops": peak or None,
+            "steps": steps, "rounds": rounds, "rows": rows, "ratio": rows[0]["tokens_per_s"] / anchor}
+
+
+def _gptwo_model(config: GPTConfig):
+    from gptwo.model import GPT
+
+    return GPT(config)
+
+
+def _hf_model(config: GPTConfig):
+    """transformers' GPT-2 of the same shape: SDPA attention, tanh GELU, no dropout."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise GptwoError("gptwo bench train compares against transformers, which is not installed", "pip install 'gptwo[eval]'") from None
+    hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new", attn_implementation="sdpa")
+    return GPT2LMHeadModel(hf)
+
+
+def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: torch.device, tokens: torch.Tensor, hf: bool) -> Contender:
+    """A training step as `gptwo train` takes it: compile policy, fused AdamW, autocast, loss, clipping."""
+    import torch
+
+    from gptwo.train.loop import loss_fn
+    from gptwo.train.optim import make_optimizer
+    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, autocast, compile_enabled, compile_model, use_fused_adamw
+
+    model.to(device).train()
+    optimizer = make_optimizer(model, config, fused=use_fused_adamw(device, None))
+    compiled = compile_enabled(config, device, CPU_COMPILE_MIN_STEPS) if not hf else (config.compile != "false" and device.type == "cuda") or config.compile == "true"
+    if hf:
+        runner = torch.compile(model) if compiled else model
+        module = lambda idx: runner(input_ids=idx, use_cache=False).logits  # logits only, so both run the same loss
+    else:
+        module = compile_model(model) if compiled else model
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        with autocast(config, device):
+            loss = loss_fn(module, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Contender(name, step, compiled)
+
+
+def _timed(step, steps: int, device: torch.device) -> float:
+    """Seconds per step over `steps` steps."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor() or "cpu")
+    return f"{device.type}: {model}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+def render_train(report: dict) -> str:
+    """The report as a table."""
+    shape = report["shape"]
+    lines = [f"training speed on {report['device']}" + (f" ({report['threads']} threads)" if report["threads"] else "")
+             + f": {shape['n_layer']}L {shape['n_head']}H {shape['n_embd']}d vocab {shape['vocab_size']}, batch {report['batch_size']} x {shape['block_size']},"
+             f" {report['dtype']}, AdamW; median of {report['rounds']} interleaved rounds x {report['steps']} steps",
+             f"FLOPs/token {report['flops_per_token']:,.0f} = {report['flop_formula']}",
+             f"{'model':14} {'compiled':>8} {'tokens/s':>12} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>7} {'vs transformers':>16}"]
+    for row in report["rows"]:
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        lines.append(f"{row['name']:14} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f} {row['tflops']:8.3f} {mfu:>7} {row['vs_transformers']:15.2f}x")
+    if report["peak_flops"] is None:
+        lines.append("MFU needs the device's peak FLOP/s: pass --peak-flops")
+    return "\n".join(lines)
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    """The CLI's `gptwo bench train`."""
+    import json
+
+    shape = {key: getattr(args, key) for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size") if getattr(args, key) is not None}
+    report = bench_train(args.preset, args.device, args.batch_size, shape, args.steps, args.rounds, args.warmup, args.dtype, args.compile, args.peak_flops)
+    print(json.dumps(report) if args.json else render_train(report))
+    return 0
+
+
+def add_bench_train_command(bench_sub, command) -> None:
+    """Register `gptwo bench train` under the `bench` group (`command` is cli.py's `_command`)."""
+    p = command(bench_sub, "train", _cmd_bench_train, "Training tokens/s and MFU of gptwo vs transformers (same shape, batch, AdamW; same process).")
+    p.add_argument("--preset", default="cpu", choices=list(WORKLOADS), help="workload: cpu (the quickstart's model), gpt2 (124M) or gpt2-xl (1.5B); default cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 16 for cpu and gpt2, 4 for gpt2-xl)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 8 on CPU, 20 on GPU)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each model's median counts (default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA, float32 on CPU")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="auto: as 'gptwo train' does for a long run")
+    p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (default: looked up for known GPUs)")
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
