@@ -364,6 +364,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key if args.api_key is not None else os.environ.get("GPTWO_API_KEY") or None,
         allowed_origins=args.allowed_origins,
         dtype=args.dtype,
+        quantize=args.quantize,
     )
     return 0
 
@@ -384,6 +385,8 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
                    help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of fp32's weight memory (docs/inference.md)")
 
 
 # --------------------------------------------------------------------------- webtext
