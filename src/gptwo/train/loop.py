@@ -23,7 +23,7 @@ from gptwo.errors import GptwoError
 from gptwo.model import GPT
 from gptwo.tokenizer import Tokenizer
 from gptwo.train import checkpoint as ckpt
-from gptwo.train.distributed import Dist, close_distributed, grad_sync, init_distributed, mean_across, parallelize, unwrap
+from gptwo.train.distributed import Dist, close_distributed, gather_objects, grad_sync, init_distributed, mean_across, parallelize, unwrap
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
 from gptwo.train.speed import autocast, compile_enabled, compile_model, use_fused_adamw
@@ -186,12 +186,16 @@ class _Trainer:
         clock, window_steps = time.perf_counter(), 0
         start_time = time.perf_counter()
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps whose loss and norm are not yet read back
+        budget = _TimeBudget(config, self.step, start_time) if config.max_time else None
         try:
             while self.step < config.max_steps:
                 pending.append(self.train_step())
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
+                if budget is not None and budget.due(self.step):
+                    config = self.config = self._fit_time_budget(budget, bar)
+                    budget = None
                 logged = self.step % config.log_every == 0 or self.step == config.max_steps
                 evaluated = self.step % config.eval_every == 0 or self.step == config.max_steps
                 saved = self.step % config.checkpoint_every == 0 or self.step == config.max_steps
@@ -217,6 +221,15 @@ class _Trainer:
             bar.close()
         summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step)
         return summary
+
+    def _fit_time_budget(self, budget: "_TimeBudget", bar) -> TrainConfig:
+        """The config with max_steps cut so training ends within max_time (rank 0's measurement, on every rank)."""
+        steps = gather_objects(budget.steps_that_fit(self.step), self.info)[0]
+        bar.total = steps
+        if self.info.is_main and steps < self.config.max_steps:
+            bar.write(f"max_time={self.config.max_time:g}s: training {steps} steps instead of {self.config.max_steps} "
+                      f"({budget.rate:.1f} steps/s measured)", file=sys.stderr)
+        return dataclasses.replace(self.config, max_steps=steps, max_time=0.0)  # saved so, a resumed run keeps this schedule
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches: this rank's mean loss and the gradient norm, as tensors.
@@ -304,6 +317,31 @@ class _Trainer:
 
 
 # ---------------------------------------------------------------- helpers
+class _TimeBudget:
+    """Measures steps/s early in a run (after warm-up, past the first step's compilation) to fit max_steps into max_time.
+
+    Only the warm-up's learning rate is independent of max_steps, so the cut is made once, when warm-up ends.
+    """
+
+    RESERVE = 0.9  # of the time left, for evaluations, checkpoints and a machine that slows down
+
+    def __init__(self, config: TrainConfig, step: int, start: float):
+        self.config, self.start, self.first = config, start, None
+        self.at = max(config.warmup_steps, step + 20)
+        self.rate = 0.0
+
+    def due(self, step: int) -> bool:
+        if self.first is None:
+            self.first = (step, time.perf_counter())  # the first step compiles: the rate is measured after it
+        return step >= self.at
+
+    def steps_that_fit(self, step: int) -> int:
+        now = time.perf_counter()
+        self.rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)
+        left = self.config.max_time - (now - self.start)
+        return max(step, min(self.config.max_steps, step + int(self.RESERVE * left * self.rate)))
+
+
 def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
     """Loaders and tokenizer of a prepared data folder, with the checks a run needs before it starts."""
     from gptwo.data.loader import ShardLoader, read_meta

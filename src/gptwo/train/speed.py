@@ -46,3 +46,9 @@ def autocast(config: TrainConfig, device: torch.device):
 def use_fused_adamw(device: torch.device, parallel: str | None) -> bool:
     """Fused AdamW (one kernel over all parameters) on CUDA and CPU, except on FSDP's sharded parameters."""
     return device.type in ("cuda", "cpu") and parallel != "fsdp"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast speeds training up."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
