@@ -7,11 +7,15 @@ library imports happen inside the command functions so `gptwo --help` stays fast
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
-from gptwo.errors import GptwoError
+from gptwo.errors import GptwoError, from_library_error
+
+MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,6 +24,56 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"error: {message} — see '{self.prog} --help'\n")
         raise SystemExit(2)
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (and <= `high`)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high:,}")
+        return value
+    return parse
+
+
+_seed = _int_at_least(0, MAX_SEED)
+
+
+def _float_in(low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite float in the range from `low` to `high` (open or closed ends)."""
+    shown = f"{'(' if low_open else '['}{low:g}, {'inf' if high == float('inf') else f'{high:g}'}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number in {shown}")
+        return value
+    return parse
+
+
+def _text_argument(value: str, what: str) -> str:
+    """A text argument, or stdin for '-', as valid UTF-8 text (undecodable bytes are an input error)."""
+    if value != "-":
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GptwoError(f"{what} is not valid UTF-8 text", "pass the text in UTF-8") from None
+        return value
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GptwoError(f"{what} from stdin is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
+                         "pipe UTF-8 text, e.g. through iconv -f latin1 -t utf-8") from None
 
 
 def _command(sub, name: str, func: Callable[[argparse.Namespace], int | None], help: str, **kw):
@@ -32,7 +86,7 @@ def _command(sub, name: str, func: Callable[[argparse.Namespace], int | None], h
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gptwo.generate import generate_cli_stream
 
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    prompt = _text_argument(args.prompt, "PROMPT")
     for piece in generate_cli_stream(
         args.model,
         prompt,
@@ -53,9 +107,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from gptwo.data.sources import check_inputs, iter_documents
     from gptwo.tokenizer import Tokenizer
 
-    tok = Tokenizer.train(args.inputs, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    check_inputs(args.inputs)
+    tok = Tokenizer.train(iter_documents(args.inputs), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
     tok.save(args.out)
     print(f"trained byte-level BPE with {tok.n_vocab} tokens -> {args.out}", file=sys.stderr)
     return 0
@@ -65,30 +121,32 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     from gptwo.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    text = args.text if args.text != "-" else sys.stdin.read()
+    text = _text_argument(args.text, "TEXT")
     print(" ".join(map(str, tok.encode(text))))
     return 0
 
 
 def add_core_commands(sub) -> None:
+    from gptwo.tokenizer import MAX_VOCAB  # plain constant: keeps --help fast
+
     p = _command(sub, "generate", _cmd_generate, "Sample a continuation of PROMPT from a model (streams to stdout).")
     p.add_argument("prompt", help="prompt text, or '-' to read it from stdin")
     p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="number of tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=100, help="number of tokens to generate (default 100)")
+    p.add_argument("--temperature", type=_float_in(0.0), default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample only from the K most likely tokens")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True, high_open=False), default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed for reproducible samples")
     p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable); it is not printed")
-    p.add_argument("--num-samples", type=int, default=1, help="number of independent samples, separated by a line of dashes")
+    p.add_argument("--num-samples", type=_int_at_least(1), default=1, help="number of independent samples, separated by a line of dashes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
 
     tok = sub.add_parser("tokenizer", help="Train or use a byte-level BPE tokenizer.", description="Train or use a byte-level BPE tokenizer.")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     p = _command(tsub, "train", _cmd_tokenizer_train, "Train a byte-level BPE (GPT-2 style) on your own text.")
-    p.add_argument("inputs", nargs="+", help="text files or folders (.txt, .md, .jsonl with a 'text' field)")
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, including 256 byte tokens and <|endoftext|>")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge (default 2)")
+    p.add_argument("inputs", nargs="+", help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet with a 'text' field), 'builtin' or hf:NAME; each must exist")
+    p.add_argument("--vocab-size", type=_int_at_least(257, MAX_VOCAB), required=True, help="vocabulary size, including 256 byte tokens and <|endoftext|>")
+    p.add_argument("--min-frequency", type=_int_at_least(0), default=2, help="minimum pair frequency for a merge (default 2)")
     p.add_argument("--out", required=True, help="output tokenizer file (JSON)")
     p = _command(tsub, "encode", _cmd_tokenizer_encode, "Print the token ids of TEXT.")
     p.add_argument("text", help="text to encode, or '-' for stdin")
@@ -117,13 +175,13 @@ def add_data_commands(sub) -> None:
                         "or hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1)")
     p.add_argument("--out", required=True, help="output folder: shards, tokenizer.json, meta.json (a previous preparation there is replaced only once the new one is complete)")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default), a tokenizer.json file, or a model folder holding one")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+    p.add_argument("--val-fraction", type=_float_in(0.0, 1.0), default=DEFAULT_VAL_FRACTION,
                    help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION}; at least one document, "
                         "or the end of a single document)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes for large corpora (default: one per CPU core)")
+    p.add_argument("--workers", type=_int_at_least(1), default=None, help="tokenizer processes for large corpora (default: one per CPU core)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet or dataset column holding the text (default text)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--shard-tokens", type=_int_at_least(1), default=DEFAULT_SHARD_TOKENS, help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -166,7 +224,7 @@ def add_train_commands(sub) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--preset", choices=list(TRAIN_PRESETS), help="cpu (minutes on a laptop) or a GPT-2 size with the GPT-3 paper's recipe")
     group.add_argument("--config", help="JSON or TOML file of config fields (may name a 'preset')")
-    p.add_argument("--max-steps", type=int, default=None, help="number of optimizer steps (same as max_steps=N)")
+    p.add_argument("--max-steps", type=_int_at_least(1), default=None, help="number of optimizer steps (same as max_steps=N)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, exactly")
     p.add_argument("--init-from", default=None, help="start from pretrained weights: gpt2, a model/run folder, or a hub id (fine-tuning)")
 
@@ -217,21 +275,22 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_harness(args: argparse.Namespace) -> int:
-    try:
-        from gptwo.eval.harness import main as harness_main
-    except ImportError as err:
-        raise GptwoError(f"lm-evaluation-harness is not installed ({err.name})", "pip install 'gptwo[eval]'") from None
+    from gptwo.errors import require
+
+    require("lm_eval", "gptwo eval harness", "eval")
+    from gptwo.eval.harness import main as harness_main
+
     return harness_main(args.args)
 
 
 def _eval_options(p, tasks: bool = False) -> None:
-    p.add_argument("--stride", type=int, default=None, help="tokens each sliding window advances; less than the context gives every token more context (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows or requests per forward pass (default 8)")
+    p.add_argument("--stride", type=_int_at_least(1), default=None, help="tokens each sliding window advances; less than the context gives every token more context (default: the model's context)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows or requests per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     if tasks:
-        p.add_argument("--limit", type=int, default=None, help="use only the first N items of each task (quick checks; not comparable to published numbers)")
+        p.add_argument("--limit", type=_int_at_least(1), default=None, help="use only the first N items of each task (quick checks; not comparable to published numbers)")
 
 
 def add_eval_commands(sub) -> None:
@@ -242,7 +301,7 @@ def add_eval_commands(sub) -> None:
     esub = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser, metavar="EVAL_COMMAND")
 
     p = _command(esub, "ppl", _cmd_eval_ppl, "Perplexity per token and per word, and bits per byte, of text files (strided sliding window).")
-    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files; each is one document, scored from an <|endoftext|> prefix")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files, each one document scored from an <|endoftext|> prefix; a folder means its .txt and .md files (recursively)")
     p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
     _eval_options(p)
 
@@ -330,6 +389,22 @@ def _cmd_webtext_extract_options(args: argparse.Namespace):
     return pick(ExtractOptions, args, languages=languages)
 
 
+def _cmd_webtext_fetch_options(args: argparse.Namespace):
+    from gptwo.webtext.fetch import FetchOptions
+    from gptwo.webtext.settings import pick
+
+    return pick(FetchOptions, args, resolve=tuple(args.resolve))
+
+
+def _webtext_pin(text: str) -> tuple[str, str]:
+    from gptwo.webtext.addresses import parse_pin
+
+    try:
+        return parse_pin(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _cmd_webtext_urls(args: argparse.Namespace) -> int:
     from gptwo.webtext.engine import Engine
     from gptwo.webtext.settings import pick
@@ -341,10 +416,10 @@ def _cmd_webtext_urls(args: argparse.Namespace) -> int:
 
 def _cmd_webtext_fetch(args: argparse.Namespace) -> int:
     from gptwo.webtext.engine import Engine
-    from gptwo.webtext.fetch import FetchOptions, fetch_urls
+    from gptwo.webtext.fetch import fetch_urls
     from gptwo.webtext.settings import pick
 
-    report = fetch_urls(args.urls, args.out, options=pick(FetchOptions, args), partitions=args.partitions, engine=pick(Engine, args))
+    report = fetch_urls(args.urls, args.out, options=_cmd_webtext_fetch_options(args), partitions=args.partitions, engine=pick(Engine, args))
     return _cmd_webtext_report({"fetch": report.as_dict()})
 
 
@@ -360,11 +435,10 @@ def _cmd_webtext_extract(args: argparse.Namespace) -> int:
 def _cmd_webtext_build(args: argparse.Namespace) -> int:
     from gptwo.webtext.build import build
     from gptwo.webtext.engine import Engine
-    from gptwo.webtext.fetch import FetchOptions
     from gptwo.webtext.settings import pick
 
     report = build(
-        args.inputs, args.out, rule=_cmd_webtext_url_filter(args), fetch_options=pick(FetchOptions, args),
+        args.inputs, args.out, rule=_cmd_webtext_url_filter(args), fetch_options=_cmd_webtext_fetch_options(args),
         extract_options=_cmd_webtext_extract_options(args), engine=pick(Engine, args), partitions=args.partitions,
     )
     _cmd_webtext_report(report["stages"])
@@ -400,6 +474,11 @@ def add_webtext_commands(sub) -> None:
         p.add_argument("--user-agent", default=None, help="User-Agent header, also matched against robots.txt")
         p.add_argument("--warc", action="store_true", help="also write every stored response to WARC files under the crawl folder")
         p.add_argument("--retry-failed", action="store_true", help="on resume, retry URLs that failed with timeouts or 5xx")
+        p.add_argument("--allow-private-addresses", action="store_true",
+                       help="also fetch loopback, private, link-local and other non-global addresses, refused by default "
+                            "(a link or redirect could reach your own network or a cloud metadata service); for an intranet crawl")
+        p.add_argument("--resolve", action="append", default=[], type=_webtext_pin, metavar="HOST=ADDRESS",
+                       help="connect to ADDRESS for HOST instead of asking DNS, even a private address (as curl --resolve; repeatable)")
         p.add_argument("--partitions", type=int, default=8, help="crawl partitions (by host), fixed by the first run (default 8)")
 
     def extract_args(p) -> None:
@@ -458,25 +537,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*=")
+_INTERRUPTED = {
+    "train": "rerun the same command with --resume to continue from the last checkpoint",
+    "quickstart": "rerun 'gptwo quickstart' to continue from the last checkpoint",
+    "webtext": "rerun the same command to resume",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may come anywhere, also after options."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all(_OVERRIDE.match(item) for item in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one `gptwo` command: exit 0, 2 for bad input (one `error: … — …` line), 1 for a bug, 130 on Ctrl-C."""
+    args = parse_args(argv)
     debug = args.debug or bool(os.environ.get("GPTWO_DEBUG"))
     try:
         return int(args.func(args) or 0)
-    except GptwoError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.code
     except KeyboardInterrupt:
-        print("error: interrupted — rerun the command to continue", file=sys.stderr)
+        print(f"error: interrupted — {_INTERRUPTED.get(args.command, 'rerun the command')}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as err:  # noqa: BLE001 - last resort: one line, traceback only with --debug
+    except Exception as err:  # noqa: BLE001 - input errors become one line; anything else is a bug
         if debug:
             raise
-        print(f"error: {type(err).__name__}: {err} — rerun with --debug for the traceback", file=sys.stderr)
+        mapped = from_library_error(err, args.command)
+        if mapped is not None:
+            print(f"error: {mapped}", file=sys.stderr)
+            return mapped.code
+        print(f"error: {type(err).__name__}: {err} — this is a bug: please report it with the output of --debug", file=sys.stderr)
         return 1
 
 

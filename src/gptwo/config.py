@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 
 from gptwo.errors import GptwoError
@@ -30,13 +32,18 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) <= 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):  # TypeError: loaders name the file it came from
+                raise TypeError(f"model config {name}={value!r} is not an integer")
+            if value <= 0:
                 raise GptwoError(f"model config {name}={getattr(self, name)} must be positive", "set it to a positive integer")
         if self.n_embd % self.n_head:
             raise GptwoError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
                 "choose n_embd as a multiple of n_head (e.g. 64 per head)",
             )
+        if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
+            raise GptwoError(f"layer_norm_eps={self.layer_norm_eps!r} is not a small positive number", "use e.g. 1e-5")
         if not 0.0 <= self.dropout < 1.0:
             raise GptwoError(f"dropout={self.dropout} is out of range", "use a value in [0, 1)")
 
@@ -105,12 +112,17 @@ class TrainConfig:
     peak_flops: float = 0.0  # accelerator peak FLOP/s for MFU; 0 = look up the GPU
 
     def __post_init__(self) -> None:
+        for name, value in self.to_dict().items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise GptwoError(f"train config {name}={value} is not a finite number", f"give {name} a finite value")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} must be positive", f"set {name} to a positive integer")
         for name in ("warmup_steps", "batch_tokens", "sample_tokens", "threads", "weight_decay", "grad_clip", "peak_flops", "max_time"):
             if getattr(self, name) < 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} is negative", f"set {name} to 0 or more")
+        if not 0 <= self.seed < 2**63:
+            raise GptwoError(f"train config seed={self.seed} is outside [0, 2**63)", "use a non-negative seed, e.g. seed=0")
         if not self.lr > 0:
             raise GptwoError(f"train config lr={self.lr} must be positive", "use e.g. lr=6e-4")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -153,6 +165,9 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
 def _parse_value(name: str, text: str, kind: type):
     """A `key=value` override's value as the field's type, or an error naming the type."""
     try:
@@ -164,7 +179,7 @@ def _parse_value(name: str, text: str, kind: type):
             return float(text)
         return text
     except ValueError:
-        raise GptwoError(f"{name}={text!r} is not a valid {kind.__name__}", f"give {name} a {kind.__name__} value") from None
+        raise GptwoError(f"{name}={text!r} is not {_KIND_NAMES[kind]}", f"give {name} {_KIND_NAMES[kind]} value") from None
 
 
 def _read_config_file(path: str) -> dict:
@@ -172,20 +187,50 @@ def _read_config_file(path: str) -> dict:
     import json
     import tomllib
 
+    kind = "TOML" if path.endswith(".toml") else "JSON"
+    if not os.path.isfile(path):
+        what = "is a folder, not a file" if os.path.isdir(path) else "not found"
+        raise GptwoError(f"config file {path} {what}", f"pass a {kind} file of config fields with --config")
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        return tomllib.loads(raw.decode("utf-8")) if path.endswith(".toml") else json.loads(raw)
-    except FileNotFoundError:
-        raise GptwoError(f"config file {path} not found", "check the path") from None
+        values = tomllib.loads(raw.decode("utf-8")) if kind == "TOML" else json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
-        raise GptwoError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'} ({err})", "fix its syntax") from None
+        raise GptwoError(f"config file {path} is not valid {kind} ({err})", "fix its syntax") from None
+    if not isinstance(values, dict):
+        raise GptwoError(f"config file {path} holds a {type(values).__name__}, not an object of config fields", 'write e.g. {"lr": 3e-4, "n_layer": 6}')
+    return values
 
 
 def train_fields() -> dict[str, type]:
     """TrainConfig's field names and their types (for overrides and --help)."""
     kinds = {"int": int, "float": float, "str": str}
     return {f.name: kinds[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _pretrained_shape(spec: str) -> dict:
+    """n_layer/n_head/n_embd of a pretrained model without loading it (a folder's config.json, or a GPT-2 preset); {} if unknown."""
+    import json
+
+    if os.path.isdir(spec):
+        try:
+            with open(os.path.join(spec, "config.json"), encoding="utf-8") as f:
+                hf = json.load(f)
+            return {key: hf[key] for key in ("n_layer", "n_head", "n_embd")} if isinstance(hf, dict) else {}
+        except (OSError, ValueError, KeyError):
+            return {}
+    return MODEL_PRESETS.get(spec.split("/")[-1], {})
+
+
+def _refuse_shape_with_init(values: dict, explicit: list[str]) -> None:
+    """A fine-tune keeps the pretrained model's shape: an explicit shape setting that differs from it is an error."""
+    init_from = values.get("init_from")
+    shape = _pretrained_shape(init_from) if init_from else {}
+    for key in ("n_layer", "n_head", "n_embd"):
+        if init_from and key in explicit and shape.get(key) != values[key]:
+            known = f"its {key} is {shape[key]}" if key in shape else "its shape is not known before loading"
+            raise GptwoError(f"{key}={values[key]} cannot apply with --init-from {init_from} ({known}; a fine-tune keeps the pretrained shape)",
+                             f"drop {key}, or train from scratch without --init-from")
 
 
 def load_train_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
@@ -199,6 +244,7 @@ def load_train_config(preset: str | None = None, config_file: str | None = None,
             raise GptwoError(f"unknown training preset '{preset}'", f"use one of: {', '.join(TRAIN_PRESETS)}")
         values.update(TRAIN_PRESETS[preset])
     given: dict = dict(file_values)
+    where = {key: f"config file {config_file}" for key in file_values}
     if isinstance(overrides, dict):
         given.update(overrides)
     else:
@@ -209,15 +255,18 @@ def load_train_config(preset: str | None = None, config_file: str | None = None,
             if key.strip() not in fields:
                 raise GptwoError(f"unknown config key '{key}'", f"valid keys: {' '.join(fields)}")
             given[key.strip()] = _parse_value(key, text.strip(), fields[key.strip()])
+            where[key.strip()] = "the command line"
     for key, value in given.items():
+        source = f" (in {where[key]})" if key in where else ""
         if key not in fields:
-            raise GptwoError(f"unknown config key '{key}'", f"valid keys: {' '.join(fields)}")
+            raise GptwoError(f"unknown config key '{key}'{source}", f"valid keys: {' '.join(fields)}")
         kind = fields[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise GptwoError(f"config key {key}={value!r} must be a {kind.__name__}", f"give {key} a {kind.__name__} value")
+            raise GptwoError(f"config key {key}={value!r}{source} is not {_KIND_NAMES[kind]}", f"give {key} {_KIND_NAMES[kind]} value")
         values[key] = value
+    _refuse_shape_with_init(values, [key for key in given if key in where])
     if "grad_accum" in given and "batch_tokens" not in given:
         values["batch_tokens"] = 0  # an explicit grad_accum wins over a preset's token budget
     return TrainConfig(**values)

@@ -13,7 +13,11 @@ os.umask(_UMASK)
 
 def atomic_write(path: str, *chunks: bytes | memoryview) -> None:
     """Write `chunks` to `path` through a temporary file in the same folder, fsync'd, then renamed."""
+    if os.path.isdir(path):
+        raise GptwoError(f"cannot write {path}: it is a folder", "give a file name (inside the folder, if you like)")
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise GptwoError(f"cannot write {path}: {directory} is a file, not a folder", "choose another output path")
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:

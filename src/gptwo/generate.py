@@ -9,6 +9,7 @@ the context keeps its last tokens).
 from __future__ import annotations
 
 import codecs
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -25,8 +26,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     """Reject sampling settings that have no meaning, naming the allowed range."""
     if max_new_tokens < 0:
         raise GptwoError(f"max_new_tokens={max_new_tokens} is negative", "ask for 0 or more tokens")
-    if temperature < 0:
-        raise GptwoError(f"temperature={temperature} is negative", "use 0 (greedy) or a positive value")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
+        raise GptwoError(f"temperature={temperature} is not a finite number >= 0", "use 0 (greedy) or a positive value")
     if top_k is not None and top_k < 1:
         raise GptwoError(f"top_k={top_k} must be at least 1", "use a positive integer, or leave it unset")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -102,12 +102,16 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(N), N = 2 residual additions per layer.
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def tie_weights(self) -> None:
+        """Share one matrix between the token embedding and the output layer, as GPT-2 does."""
+        self.lm_head.weight = self.transformer.wte.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

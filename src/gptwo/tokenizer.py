@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 from gptwo.errors import GptwoError
 
 EOT = "<|endoftext|>"
+MAX_VOCAB = 1_000_000  # the BPE trainer aborts the process on much larger sizes
 GPT2_EOT_ID = 50256
 # GPT-2's split pattern (openai/gpt-2 encoder.py); tiktoken runs it in Rust.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -141,12 +142,15 @@ class Tokenizer:
         """
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-        if vocab_size < 257:
-            raise GptwoError(f"vocab size {vocab_size} is too small", "use at least 257 (256 bytes + <|endoftext|>)")
-        if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, (str, os.PathLike)) and os.path.exists(t) for t in texts):
-            from gptwo.data.sources import iter_documents
+        if not 257 <= vocab_size <= MAX_VOCAB:
+            raise GptwoError(f"vocab size {vocab_size} is outside 257..{MAX_VOCAB:,}", "use at least 257 (256 bytes + <|endoftext|>), e.g. 32000")
+        if min_frequency < 0:
+            raise GptwoError(f"min_frequency={min_frequency} is negative", "use 0 or more (default 2)")
+        if isinstance(texts, (list, tuple)) and texts and any(isinstance(t, (str, os.PathLike)) and os.path.exists(t) for t in texts):
+            from gptwo.data.sources import check_inputs, iter_documents
 
-            texts = iter_documents(texts)
+            check_inputs([os.fspath(t) for t in texts])  # paths, one of them mistyped: not texts
+            texts = iter_documents([os.fspath(t) for t in texts])
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -281,10 +285,18 @@ def tiktoken_encoding(name: str, vocab_json: str, merges_txt: str):
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:
-    """'gpt2' (or None), a tokenizer file, or a model/run folder (its tokenizer.json, else GPT-2's BPE)."""
+    """'gpt2' (or None), a tokenizer file, or a model/run folder (its tokenizer files; GPT-2's BPE if it has none)."""
     if spec in (None, "", "gpt2"):
         return Tokenizer.gpt2()
-    if os.path.isdir(spec):
-        inner = os.path.join(spec, "tokenizer.json")
-        return Tokenizer.from_file(inner) if os.path.isfile(inner) else Tokenizer.gpt2()
-    return Tokenizer.from_file(spec)
+    if not os.path.isdir(spec):
+        return Tokenizer.from_file(spec)
+    inner = os.path.join(spec, "tokenizer.json")
+    vocab, merges = os.path.join(spec, "vocab.json"), os.path.join(spec, "merges.txt")
+    if os.path.isfile(inner):
+        return Tokenizer.from_file(inner)
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+        return Tokenizer.from_bpe_files(vocab, merges)
+    if os.path.isfile(os.path.join(spec, "config.json")):
+        return Tokenizer.gpt2()  # a model folder without a tokenizer file is a GPT-2
+    raise GptwoError(f"folder {spec} holds no tokenizer.json (and no config.json, so it is not a model folder)",
+                     "pass a tokenizer.json file, a model folder, or 'gpt2'")

@@ -27,6 +27,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # ---------------------------------------------------------------- config
 def config_from_hf(hf: dict) -> GPTConfig:
     """GPTConfig from a transformers GPT-2 `config.json` dict; refuses variants we would compute wrongly."""
+    if not isinstance(hf, dict):
+        raise TypeError(f"it holds a JSON {type(hf).__name__}, not an object")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise GptwoError(f"model type '{hf.get('model_type')}' is not GPT-2", "use a GPT-2 checkpoint (model_type gpt2)")
     unsupported = {
@@ -117,6 +119,21 @@ def load_state_dict_into(model: GPT, state: dict[str, torch.Tensor], source: str
     model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True)
 
 
+def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
+    """A CPU GPT of `config` holding `state` (our names; the head comes from wte): every load path builds models here.
+
+    The model is built on the meta device (no random init of weights about to be overwritten), then
+    given real tensors; `to_empty` replaces each parameter, which unties the head from the embedding,
+    so the tie is restored before the weights are copied in.
+    """
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    load_state_dict_into(model, {k: v for k, v in state.items() if k != "lm_head.weight"}, source)
+    return model
+
+
 def read_weights(directory: str) -> dict[str, torch.Tensor]:
     """Tensors of `model.safetensors`, else of `pytorch_model.bin` (loaded with weights_only=True)."""
     st_path = os.path.join(directory, "model.safetensors")
@@ -166,10 +183,7 @@ def load_pretrained(path_or_id: str, device: str | torch.device | None = None, d
         config = config_from_hf(hf_config)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise GptwoError(f"{config_path} is not a valid GPT-2 config ({type(err).__name__}: {err})", "re-save the model") from None
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device="cpu")
-    load_state_dict_into(model, state_dict_from_hf(read_weights(directory)), directory)
+    model = model_from_state(config, state_dict_from_hf(read_weights(directory)), directory)
     model.to(device=device or "cpu", dtype=dtype)
     return model.eval()
 

@@ -125,8 +125,10 @@ def test_non_utf8_input_file(tmp_path):
 
 
 def test_bad_sampling_values_and_usage(model_dir, capsys):
-    for flags, message in ((["--temperature", "-1"], "temperature"), (["--top-p", "1.5"], "top_p"), (["--top-k", "0"], "top_k")):
-        assert main(["generate", "--model", str(model_dir), *flags, "Hi"]) == 2
+    for flags, message in ((["--temperature", "-1"], "--temperature"), (["--top-p", "1.5"], "--top-p"), (["--top-k", "0"], "--top-k")):
+        with pytest.raises(SystemExit) as exit_info:  # checked by the parser, before the model loads
+            main(["generate", "--model", str(model_dir), *flags, "Hi"])
+        assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert_one_line_error(err)
         assert message in err

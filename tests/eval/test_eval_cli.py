@@ -90,7 +90,7 @@ def test_compare_puts_models_in_one_table(capsys, models, files):
         (["ppl", "--model", "{model}", "{missing}"], "not found"),
         (["ppl", "--model", "{not_model}", "{short}"], "has no config.json, so it is not a model folder"),
         (["ppl", "--model", "{short}", "{short}"], "is neither a model folder nor a hub id"),
-        (["ppl", "--model", "{model}", "{short}", "--stride", "0"], "stride 0 is outside 1..32"),
+        (["ppl", "--model", "{model}", "{short}", "--stride", "33"], "stride 33 is outside 1..32"),
         (["lambada", "--model", "{model}", "--data", "{bad_lambada}"], "item 2 of .* has no field 'text' — each item needs the fields text"),
         (["hellaswag", "--model", "{model}", "--data", "{empty}"], "is empty"),
         (["compare", "{model}", "--files", "{short}", "--data", "hellaswag=x.jsonl"], "--data names task 'hellaswag' which is not in --tasks"),

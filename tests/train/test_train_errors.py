@@ -17,6 +17,7 @@ from gptwo.weights import load_model, save_pretrained
 from train_fixtures import TINY, cli, tiny_data, train_losses
 
 STEPS = TINY + ["sample_tokens=0"]
+FINE_TUNE = [s for s in STEPS if not s.startswith(("n_layer=", "n_head=", "n_embd="))]  # --init-from keeps the model's shape
 
 
 def one_line_error(result, *fragments):
@@ -50,7 +51,7 @@ def test_empty_corpus(tmp_path):
 def test_init_from_a_model_with_another_tokenizer(tmp_path):
     model_dir = str(tmp_path / "gpt2-tiny")  # GPT-2's vocabulary, no tokenizer.json: GPT-2's BPE
     save_pretrained(GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)), model_dir)
-    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "run"), "--init-from", model_dir, *STEPS, "max_steps=2")
+    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "run"), "--init-from", model_dir, *FINE_TUNE, "max_steps=2")
     one_line_error(result, "tokenized with 'bpe-", "uses 'gpt2'", "--tokenizer gpt2")
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
@@ -59,12 +60,14 @@ def test_init_from_fine_tunes_and_checks_context(tmp_path):
     base = str(tmp_path / "base")
     run_training(tiny_data(), base, overrides=STEPS + ["max_steps=4"], progress=False)
     tuned = str(tmp_path / "tuned")
-    summary = run_training(tiny_data(), tuned, overrides=STEPS + ["max_steps=4", "n_layer=7"], init_from=base, progress=False)
+    with pytest.raises(GptwoError, match="n_layer=7 cannot apply with --init-from"):  # a fine-tune keeps the pretrained shape
+        run_training(tiny_data(), tuned, overrides=FINE_TUNE + ["max_steps=4", "n_layer=7"], init_from=base, progress=False)
+    summary = run_training(tiny_data(), tuned, overrides=FINE_TUNE + ["max_steps=4"], init_from=base, progress=False)
     assert summary["step"] == 4
-    assert GPT.from_pretrained(tuned).config.n_layer == 2  # the pretrained shape wins over n_layer
+    assert GPT.from_pretrained(tuned).config.n_layer == 2
     first_loss = train_losses(tuned)[1]
     assert first_loss < train_losses(base)[1]  # starts from trained weights, not from scratch
-    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "long"), "--init-from", base, *STEPS, "block_size=64")
+    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "long"), "--init-from", base, *FINE_TUNE, "block_size=64")
     one_line_error(result, "block_size=64 is longer than the model's context of 32")
 
 
@@ -143,5 +146,5 @@ def test_nan_loss_after_a_checkpoint(tmp_path, monkeypatch):
 
 def test_init_from_gpt2_checks_tokenizer_before_downloading(tmp_path):
     # offline: an attempt to download would end in a different error
-    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "run"), "--init-from", "gpt2", *STEPS, env={"HF_HUB_OFFLINE": "1"})
+    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "run"), "--init-from", "gpt2", *FINE_TUNE, env={"HF_HUB_OFFLINE": "1"})
     one_line_error(result, "but gpt2 uses 'gpt2'", "--tokenizer gpt2")

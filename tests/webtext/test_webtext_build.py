@@ -4,16 +4,19 @@ import json
 import time
 
 import pytest
+import zstandard
 from webtext_site import submission, write_dump
 
 from gptwo.cli import main
+from gptwo.errors import GptwoError
 from gptwo.data.sources import iter_documents
 from gptwo.webtext import Engine, ExtractOptions, FetchOptions, build
 from gptwo.webtext.records import read_jsonl
-from gptwo.webtext.urls import UrlFilter
+from gptwo.webtext.urls import UrlFilter, collect_urls
 
-FAST_FLAGS = ["--timeout", "0.5", "--retries", "1", "--backoff", "0.01", "--max-bytes", "1000000", "--partitions", "3"]
-FAST = FetchOptions(timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000)
+# The test site is on 127.0.0.1, which the crawler refuses unless told otherwise.
+FAST_FLAGS = ["--allow-private-addresses", "--timeout", "0.5", "--retries", "1", "--backoff", "0.01", "--max-bytes", "1000000", "--partitions", "3"]
+FAST = FetchOptions(timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000, allow_private_addresses=True)
 
 # Paths linked from the dump with enough karma, and which of them end up as documents.
 LINKED = ["/article/0", "/article/1", "/article/2", "/article/3", "/dup/exact", "/dup/near", "/foreign/de",
@@ -106,6 +109,11 @@ def test_parallel_engines_give_the_same_documents(tmp_path, site_server, engine)
                        engine=engine, partitions=4)
         if engine.kind == "ray":
             assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2  # a local Ray instance ran the tasks
+        # A user error inside a task reaches the caller as itself, on either engine (the CLI's one line).
+        cut = tmp_path / "cut.zst"
+        cut.write_bytes(zstandard.ZstdCompressor().compress(dump.read_bytes())[:-4])
+        with pytest.raises(GptwoError, match=r"^\S*cut.zst is damaged: the zstd stream ends mid-frame[^\n]*$"):
+            collect_urls([cut, dump], tmp_path / "urls.ndjson.zst", engine=engine)
     finally:
         if engine.kind == "ray":
             ray.shutdown()

@@ -9,7 +9,8 @@ from gptwo.webtext.crawlstate import partition_paths
 from gptwo.webtext.fetch import FetchOptions, fetch_urls
 from gptwo.webtext.records import write_jsonl
 
-FAST = FetchOptions(concurrency=8, per_host=2, timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000)
+# The test site is on 127.0.0.1, which the crawler refuses unless told otherwise.
+FAST = FetchOptions(concurrency=8, per_host=2, timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000, allow_private_addresses=True)
 
 EXPECTED = {
     "/article/0": "ok", "/article/1": "ok", "/dup/exact": "ok", "/foreign/de": "ok", "/malformed": "ok",
@@ -70,7 +71,7 @@ def test_crawl_outcomes_politeness_and_resume(tmp_path, site_server):
 
 def test_per_host_limit_holds_under_high_global_concurrency(tmp_path, site_server):
     urls = write_urls(tmp_path / "urls.jsonl.zst", site_server, [f"/article/{i}" for i in range(6)] + ["/dup/near"])
-    fetch_urls(urls, tmp_path / "crawl", options=FetchOptions(concurrency=32, per_host=1, timeout=5))
+    fetch_urls(urls, tmp_path / "crawl", options=FetchOptions(concurrency=32, per_host=1, timeout=5, allow_private_addresses=True))
     assert site_server.max_in_flight == 1
     assert all(site_server.requests[f"/article/{i}"] == 1 for i in range(6))
 

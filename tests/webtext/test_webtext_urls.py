@@ -12,6 +12,8 @@ def test_normalize_url_canonicalizes_and_rejects_non_http():
     assert normalize_url(" HTTPS://News.Example.COM:443/a/b?utm_source=rd&id=7&fbclid=x#top ") == "https://news.example.com/a/b?id=7"
     assert normalize_url("http://example.com") == "http://example.com/"
     assert normalize_url("http://example.com:8080/x") == "http://example.com:8080/x"
+    assert normalize_url("http://[::FFFF:8.8.8.8]:8080/x") == "http://[::ffff:8.8.8.8]:8080/x"  # IPv6 keeps its brackets
+    assert normalize_url("http://example.com/caf\udce9") is None  # a lone surrogate is no text
     for bad in ("ftp://example.com/file", "mailto:a@b.c", "javascript:alert(1)", "not a url", "http://", "http://localhost/x", "http://example.com:99999/"):
         assert normalize_url(bad) is None, bad
 

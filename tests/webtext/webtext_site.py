@@ -175,13 +175,16 @@ class SiteServer:
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         path = request.path
+        # In flight: from arrival until the answer is sent (the client may ask again as soon as it
+        # arrives). Slow pages are left out: the client gives up on them while the server sleeps on.
+        counted = path not in self.site.slow_paths
         with self.lock:
             self.requests[path] += 1
             self.user_agents.add(request.headers.get("User-Agent", ""))
             held = path != "/robots.txt" and self.hold_limit is not None and self.pages_served() >= self.hold_limit
             if held:
                 self.held += 1
-            self.in_flight += 1
+            self.in_flight += counted
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if held:
@@ -195,15 +198,18 @@ class SiteServer:
                     self.site.flaky_paths[path] -= 1
                     status, headers, body = 503, {"Content-Type": "text/html"}, b"<html>busy</html>"
                 self.served[path] += 1
+            time.sleep(0.01)  # lets concurrent requests overlap so limits are visible
+            with self.lock:
+                self.in_flight -= counted
+                counted = False
             self._send(request, status, headers, body)
         finally:
             with self.lock:
-                self.in_flight -= 1
+                self.in_flight -= counted
 
     @staticmethod
     def _send(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes) -> None:
         try:
-            time.sleep(0.01)  # lets concurrent requests overlap so limits are visible
             request.send_response(status)
             for key, value in headers.items():
                 if not key.startswith("X-"):

@@ -44,11 +44,39 @@ def read_meta(data_dir: str) -> dict:
             meta = None
         if not isinstance(meta, dict) or any(key not in meta for key in _META_KEYS) or not isinstance(meta["splits"], dict):
             raise GptwoError(f"{meta_path} is not a valid gptwo meta file", "re-run 'gptwo prepare' for this folder")
+        _check_meta_fields(meta, meta_path)
         return meta
     llmc = _llmc_meta(data_dir)
     if llmc is None:
         raise GptwoError(f"{data_dir} holds neither meta.json nor llm.c shards (*_train_*.bin)", _PREPARE)
     return llmc
+
+
+def _check_meta_fields(meta: dict, meta_path: str) -> None:
+    """meta.json's numbers are integers in range: a vocabulary that fits its shards' dtype, an end-of-text inside it."""
+    fix = "re-run 'gptwo prepare' for this folder"
+    for key in ("n_vocab", "eot_token", "train_tokens", "val_tokens"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GptwoError(f"{meta_path}: {key}={value!r} is not a non-negative integer", fix)
+    if not 0 < meta["n_vocab"] <= 1 << 32:
+        raise GptwoError(f"{meta_path}: n_vocab={meta['n_vocab']} is not a vocabulary size", fix)
+    if meta["eot_token"] >= meta["n_vocab"]:
+        raise GptwoError(f"{meta_path}: eot_token={meta['eot_token']} is outside the vocabulary of n_vocab={meta['n_vocab']}", fix)
+    for split, entry in meta["splits"].items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int) for s in shards):
+            raise GptwoError(f"{meta_path}: split '{split}' does not list its shards as {{file, tokens}}", fix)
+        if any(os.path.basename(s["file"]) != s["file"] for s in shards):
+            raise GptwoError(f"{meta_path}: split '{split}' names a shard outside the folder", fix)
+
+
+def check_token_ids(tokens: np.ndarray, n_vocab: int, where: str) -> None:
+    """Every id in `tokens` is inside the vocabulary (before it reaches an embedding)."""
+    if tokens.size and int(tokens.max()) >= n_vocab:
+        bad = int(tokens.max())
+        raise GptwoError(f"{where} holds token id {bad}, outside the data's vocabulary of {n_vocab} (meta.json n_vocab)",
+                         "the shards or meta.json are corrupt or mismatched: re-run 'gptwo prepare' for this folder")
 
 
 def _llmc_meta(data_dir: str) -> dict | None:
@@ -110,8 +138,8 @@ class ShardLoader:
         if self.split not in splits:
             raise GptwoError(f"{self.data_dir} has no '{self.split}' split (it has {', '.join(splits)})", "use split 'train' or 'val'")
         shards = []
-        for entry in splits[self.split]["shards"]:
-            path = os.path.join(self.data_dir, entry["file"])
+        self.shard_files = [os.path.join(self.data_dir, entry["file"]) for entry in splits[self.split]["shards"]]
+        for entry, path in zip(splits[self.split]["shards"], self.shard_files):
             if not os.path.isfile(path):
                 raise GptwoError(f"shard {path} listed in meta.json is missing", "re-run 'gptwo prepare' for this folder")
             header = read_header(path)
@@ -119,6 +147,10 @@ class ShardLoader:
                 raise GptwoError(f"shard {path} does not match meta.json (tokens or tokenizer differ)", "re-run 'gptwo prepare' for this folder")
             shards.append(read_shard(path))
         return shards
+
+    def shard_path(self, index: int) -> str:
+        """The file of shard `index` of this split."""
+        return self.shard_files[index]
 
     def _check_size(self) -> None:
         need = self.batch_size * self.block_size + 1
@@ -146,7 +178,9 @@ class ShardLoader:
         while filled < length:
             local = start + filled - self._starts[shard]
             take = min(length - filled, len(self.shards[shard]) - local)
-            out[filled : filled + take] = self.shards[shard][local : local + take]
+            piece = self.shards[shard][local : local + take]
+            check_token_ids(piece, self.n_vocab, self.shard_path(shard))
+            out[filled : filled + take] = piece
             filled += take
             shard += 1
         return out

@@ -17,19 +17,18 @@ import os
 import pickle
 import random
 import shutil
-import sys
 import tempfile
 from collections import deque
 from contextlib import closing
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from gptwo.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 from gptwo.data.shards import token_dtype, write_shard
-from gptwo.data.sources import BUILTIN, HF_PREFIX, iter_documents
+from gptwo.data.sources import check_inputs, iter_documents
 from gptwo.errors import GptwoError
+from gptwo.progress import progress_bar
 from gptwo.tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
@@ -55,7 +54,7 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Tokenize `inputs` into train/val shards under `out_dir`; returns the meta written to meta.json."""
-    _check_arguments(inputs, val_fraction, shard_tokens, workers)
+    _check_arguments(inputs, out_dir, val_fraction, shard_tokens, workers)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     dtype = token_dtype(tok.n_vocab)
     created = not os.path.exists(out_dir)
@@ -64,7 +63,7 @@ def prepare(
     try:
         writers = {split: _SplitWriter(staging, split, dtype, tok.identity, shard_tokens) for split in SPLITS}
         documents = (text for text in iter_documents(inputs, text_field) if text.strip())
-        with tqdm(desc="tokenizing", unit="char", unit_scale=True, file=sys.stderr, disable=not progress, delay=0.5) as bar:
+        with progress_bar("tokenizing", unit="char", enabled=progress, unit_scale=True, delay=0.5) as bar:
             with closing(_encode_chunks(_chunks(documents, bar), tok, workers)) as encoded:
                 _split_documents(_documents(encoded, dtype), writers, tok, val_fraction, seed)
         for writer in writers.values():
@@ -82,19 +81,18 @@ def prepare(
     return meta
 
 
-def _check_arguments(inputs: Sequence[str], val_fraction: float, shard_tokens: int, workers: int | None) -> None:
+def _check_arguments(inputs: Sequence[str], out_dir: str, val_fraction: float, shard_tokens: int, workers: int | None) -> None:
     if not inputs:
         raise GptwoError("no inputs given", "pass text files, folders, 'builtin' or hf:NAME")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GptwoError(f"output {out_dir} is a file, not a folder", "choose a folder for --out (it is created if missing)")
     if not 0 <= val_fraction < 1:
         raise GptwoError(f"val fraction {val_fraction} is not in [0, 1)", "use e.g. --val-fraction 0.01")
     if shard_tokens < 1:
         raise GptwoError(f"shard size {shard_tokens} tokens is not positive", "use e.g. --shard-tokens 100000000")
     if workers is not None and workers < 1:
         raise GptwoError(f"{workers} workers is not positive", "use --workers 1 or more")
-    for path in inputs:
-        special = path == BUILTIN or path.startswith(HF_PREFIX)
-        if not special and not os.path.exists(path):
-            raise GptwoError(f"input {path} does not exist", "check the path, or use 'builtin' or hf:NAME[:CONFIG][@SPLIT]")
+    check_inputs(inputs)
 
 
 # ------------------------------------------------------------------ reading and encoding

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Iterable, Iterator
 
-from gptwo.errors import GptwoError
+from gptwo.errors import GptwoError, require
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
@@ -75,26 +75,63 @@ def _iter_jsonl(lines: Iterable[str], path: str, text_field: str) -> Iterator[st
 
 
 def _iter_jsonl_zst(path: str, text_field: str) -> Iterator[str]:
+    text = io.TextIOWrapper(_ZstdFile(path), encoding="utf-8", errors="strict", newline="")
     try:
-        import zstandard
-    except ModuleNotFoundError:
-        raise GptwoError(f"reading {path} needs the zstandard package", "pip install 'gptwo[data]'") from None
-    with open(path, "rb") as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw)
-        text = io.TextIOWrapper(reader, encoding="utf-8", errors="strict", newline="")
+        yield from _iter_jsonl(text, path, text_field)
+    except UnicodeDecodeError:
+        raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
+
+
+class _ZstdFile(io.RawIOBase):
+    """The decompressed bytes of a .zst file (all its frames); a stream that ends mid-frame is an error."""
+
+    def __init__(self, path: str, chunk_bytes: int = 1 << 16):
+        zstandard = require("zstandard", f"reading {path}", "data")
+        self.path, self.chunk_bytes, self._error = path, chunk_bytes, zstandard.ZstdError
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._file = open(path, "rb")
+        self._frame, self._pending, self._offset, self._read_in = self._new(), memoryview(b""), 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._offset >= len(self._pending):
+            if not self._fill():
+                return 0
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = self._pending[self._offset : self._offset + size]
+        self._offset += size
+        return size
+
+    def _fill(self) -> bool:
+        """Decompress the next chunk into `_pending`; False at a clean end of the file."""
+        raw = self._file.read(self.chunk_bytes)
+        if not raw:
+            if self._read_in and not self._frame.eof:
+                raise GptwoError(f"{self.path} is truncated: its zstandard stream ends in the middle of a frame",
+                                 "re-download or re-compress the file; a cut file would silently lose documents")
+            return False
+        self._read_in += len(raw)
+        out = []
         try:
-            yield from _iter_jsonl(text, path, text_field)
-        except UnicodeDecodeError:
-            raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
-        except zstandard.ZstdError as err:
-            raise GptwoError(f"{path} is not a valid zstandard file ({err})", "re-compress it with zstd") from None
+            while raw:
+                if self._frame.eof:
+                    self._frame = self._new()  # the next frame of a multi-frame file
+                out.append(self._frame.decompress(raw))
+                raw = self._frame.unused_data if self._frame.eof else b""
+        except self._error as err:
+            raise GptwoError(f"{self.path} is not a valid zstandard file ({err})", "re-download or re-compress it with zstd") from None
+        self._pending, self._offset = memoryview(b"".join(out)), 0
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ModuleNotFoundError:
-        raise GptwoError(f"reading {path} needs the pyarrow package", "pip install 'gptwo[data]'") from None
+    pq = require("pyarrow.parquet", f"reading {path}", "data")
     try:
         table = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a bad file
@@ -121,10 +158,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
 def iter_hf_dataset(spec: str, text_field: str = "text") -> Iterator[str]:
     """Documents of a Hugging Face dataset (hub name or local folder), streamed with datasets.load_dataset."""
     name, config, split = parse_hf_spec(spec)
-    try:
-        import datasets
-    except ModuleNotFoundError:
-        raise GptwoError(f"reading {spec} needs the datasets package", "pip install 'gptwo[data]'") from None
+    datasets = require("datasets", f"reading {spec}", "data")
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
         features = stream.features
@@ -134,6 +168,14 @@ def iter_hf_dataset(spec: str, text_field: str = "text") -> Iterator[str]:
         raise GptwoError(f"dataset {spec} has no '{text_field}' column (it has {', '.join(features)})", "pass --text-field COLUMN")
     for number, record in enumerate(stream):
         yield _field(record, text_field, f"{spec} row {number}")
+
+
+def check_inputs(paths: Iterable[str]) -> None:
+    """Every input names something that exists ('builtin' and hf:NAME aside): one mistyped path is an error."""
+    for path in paths:
+        special = path == BUILTIN or path.startswith(HF_PREFIX)
+        if not special and not os.path.exists(path):
+            raise GptwoError(f"input {path} does not exist", "check the path, or use 'builtin' or hf:NAME[:CONFIG][@SPLIT]")
 
 
 def iter_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:

@@ -110,6 +110,22 @@ def score_texts(
     return [TextStats(names[i], nll[i], counts[i], count_words(originals[i]), count_bytes(originals[i])) for i in range(len(texts))]
 
 
+def text_files(paths: Sequence[str]) -> list[str]:
+    """The files to score: each file as given, and a folder's .txt and .md files (recursively, sorted)."""
+    from gptwo.data.sources import TEXT_SUFFIXES, iter_files
+
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = [f for f in iter_files([path]) if f.endswith(TEXT_SUFFIXES)]
+            if not found:
+                raise GptwoError(f"folder {path} holds no .txt or .md files", "pass text files, or a folder of them")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def read_text_file(path: str) -> str:
     """A text file's contents; clear errors for a missing, empty or binary file."""
     if not os.path.isfile(path):
@@ -141,6 +157,7 @@ def perplexity_report(
 
     if not files:
         raise GptwoError("no files to evaluate", "pass one or more text files")
+    files = text_files(files)
     texts = [read_text_file(path) for path in files]
     model, tokenizer = load_model(model_spec, device=device)
     per_file = score_texts(model, tokenizer, texts, names=list(files), stride=stride, batch_size=batch_size, progress="perplexity" if progress else None)

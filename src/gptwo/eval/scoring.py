@@ -9,15 +9,14 @@ numbers agree with the harness's `hf` model. Long texts become such pairs throug
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gptwo.errors import GptwoError
+from gptwo.progress import progress_bar
 from gptwo.tokenizer import Tokenizer
 
 Pair = tuple[Sequence[int], Sequence[int]]
@@ -93,7 +92,7 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], batch_size: int =
     device = model_device(model)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results: list[Score | None] = [None] * len(pairs)
-    with tqdm(total=len(pairs), desc=progress, disable=progress is None, file=sys.stderr, leave=False) as bar:
+    with progress_bar(progress or "", total=len(pairs), unit="window", enabled=progress is not None, leave=False) as bar:
         for first in range(0, len(order), batch_size):
             rows = order[first : first + batch_size]
             inputs = [([*pairs[i][0], *pairs[i][1]])[-(block + 1) :][:-1] for i in rows]

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -28,7 +29,7 @@ from gptwo.model import GPT
 from gptwo.tokenizer import Tokenizer
 from gptwo.train.distributed import Dist, barrier, gather_objects, unwrap
 from gptwo.fileio import atomic_write
-from gptwo.weights import load_state_dict_into, read_weights, save_pretrained, state_dict_from_hf
+from gptwo.weights import model_from_state, read_weights, save_pretrained, state_dict_from_hf
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json")  # copied to RUN in this order, config last
@@ -107,11 +108,7 @@ def _export_model(model: torch.nn.Module, model_state: dict) -> GPT:
     inner = unwrap(model)
     if not any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         return inner
-    with torch.device("meta"):
-        plain = GPT(inner.config)
-    plain = plain.to_empty(device="cpu")
-    load_state_dict_into(plain, {k: v for k, v in model_state.items() if k != "lm_head.weight"}, "the training model")
-    return plain
+    return model_from_state(inner.config, model_state, "the training model")
 
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
@@ -209,8 +206,25 @@ def load_checkpoint(checkpoint_dir: str, model: torch.nn.Module, optimizer: torc
     for key, value in {**tensors, **trainer["optimizer"]["scalars"]}.items():
         param, name = key.split("::")
         state.setdefault(param, {})[name] = value
-    optim_state = {"state": state, "param_groups": trainer["optimizer"]["param_groups"]}
+    optim_state = _without_untied_head({"state": state, "param_groups": trainer["optimizer"]["param_groups"]}, checkpoint_dir, info)
     set_state_dict(unwrap(model), optimizer, model_state_dict=weights, optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
     ranks = trainer["ranks"]
     set_rng_state(ranks[info.rank if info.rank < len(ranks) else 0]["rng"])  # a resume may use another world size
     return trainer
+
+
+def _without_untied_head(optim_state: dict, checkpoint_dir: str, info: Dist) -> dict:
+    """Optimizer state for the tied model, also from fine-tuning checkpoints written before the tied-weights fix.
+
+    Those trained a model whose head had come untied from its embedding on loading (a bug); their
+    weight files hold only the embedding (which both roles now share), and their optimizer state has an
+    extra entry for the head. That entry is dropped: the run resumes tied, from the saved embedding.
+    """
+    head = "lm_head.weight"
+    if not any(head in group["params"] for group in optim_state["param_groups"]):
+        return optim_state
+    if info.is_main:
+        print(f"note: {checkpoint_dir} was written with an untied output layer (a bug since fixed); its separately trained head was not saved, "
+              "so training resumes with the head tied to the saved embedding again", file=sys.stderr)
+    groups = [{**group, "params": [p for p in group["params"] if p != head]} for group in optim_state["param_groups"]]
+    return {"state": {k: v for k, v in optim_state["state"].items() if k != head}, "param_groups": groups}

@@ -48,6 +48,8 @@ class Data:
 def run_training(data_dir: str, out_dir: str, preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
                  max_steps: int | None = None, resume: bool = False, init_from: str | None = None, progress: bool = True) -> dict:
     """What `gptwo train` does: resolve the config (a resumed run starts from its saved one) and train."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GptwoError(f"run folder {out_dir} is a file", "choose a new folder for --out")
     overrides = list(overrides or [])
     if max_steps is not None:
         overrides.append(f"max_steps={max_steps}")
@@ -358,9 +360,16 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
 
         loader = RandomWindows(loader)
     val = None
-    if meta.get("val_tokens", 0) > config.batch_size * config.block_size * info.world_size:  # one batch per rank
+    need = config.batch_size * config.block_size * info.world_size + 1  # one batch per rank
+    if meta.get("val_tokens", 0) >= need:
         val = ShardLoader(data_dir, split="val", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
+    elif info.is_main:
+        print(f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, fewer than one batch per process (batch_size*block_size*processes+1 = {need}); "
+              "training runs without validation loss — prepare with a larger --val-fraction, or lower batch_size or block_size", file=sys.stderr)
     tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
+    if tokenizer.n_vocab != loader.n_vocab:
+        raise GptwoError(f"{data_dir}/meta.json says n_vocab={loader.n_vocab} but its tokenizer.json has {tokenizer.n_vocab} tokens",
+                         "re-create the data with 'gptwo prepare'")
     if tokenizer.identity != loader.tokenizer_identity:
         raise GptwoError(f"{data_dir}/tokenizer.json ('{tokenizer.identity}') is not the tokenizer its shards were made with ('{loader.tokenizer_identity}')",
                          "re-create the data with 'gptwo prepare'")
@@ -448,6 +457,6 @@ def _eager(compiled: bool):
 
 
 def _progress_bar(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
+    from gptwo.progress import progress_bar
 
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
+    return progress_bar("train", total=total, initial=start, unit="step", enabled=enabled)

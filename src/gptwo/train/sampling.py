@@ -14,6 +14,8 @@ import bisect
 import numpy as np
 import torch
 
+from gptwo.data.loader import check_token_ids
+
 
 class RandomWindows:
     """Same interface as `ShardLoader` for training batches, drawing rows at random offsets."""
@@ -33,6 +35,7 @@ class RandomWindows:
         while filled < len(out):
             local = start + filled - self._starts[shard]
             piece = self.loader.shards[shard][local : local + len(out) - filled]
+            check_token_ids(piece, self.n_vocab, self.loader.shard_path(shard))
             out[filled : filled + len(piece)] = piece
             filled += len(piece)
             shard += 1

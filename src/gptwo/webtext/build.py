@@ -15,10 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from gptwo.errors import GptwoError
 from gptwo.webtext.engine import Engine
 from gptwo.webtext.extract import ExtractOptions, extract_documents
 from gptwo.webtext.fetch import FetchOptions, fetch_urls
-from gptwo.webtext.records import StageReport, read_json, write_json
+from gptwo.webtext.records import StageReport, read_cache, write_json
 from gptwo.webtext.urls import UrlFilter, collect_urls
 
 DOCUMENTS_FILE = "documents.jsonl.zst"
@@ -34,10 +35,9 @@ def _inputs_fingerprint(inputs: list[str], rule: UrlFilter) -> dict[str, Any]:
 def _url_stage(inputs: list[str], out_dir: Path, rule: UrlFilter, engine: Engine) -> StageReport:
     urls_path, meta_path = out_dir / URLS_FILE, out_dir / "urls.report.json"
     fingerprint = _inputs_fingerprint(inputs, rule) if all(os.path.isfile(p) for p in inputs) else None
-    if fingerprint and urls_path.is_file() and meta_path.is_file():
-        previous = read_json(meta_path)
-        if previous["fingerprint"] == fingerprint:
-            return StageReport.from_dict("urls", previous["report"])
+    previous = read_cache(meta_path, "fingerprint", "report") if fingerprint and urls_path.is_file() else None
+    if previous is not None and previous["fingerprint"] == fingerprint and isinstance(previous["report"], dict):
+        return StageReport.from_dict("urls", previous["report"])
     report = collect_urls(inputs, urls_path, rule=rule, engine=engine)
     write_json(meta_path, {"fingerprint": fingerprint, "report": report.as_dict()})
     return report
@@ -56,6 +56,8 @@ def build(
     """Run every stage into `out_dir`; returns the report also written to `out_dir/report.json`."""
     engine = engine or Engine()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GptwoError(f"--out {out_dir} is a file, not a folder", "choose a folder for the build (it is created if missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = [str(p) for p in inputs]
     fetch_options.check()

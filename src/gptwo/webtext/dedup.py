@@ -18,6 +18,7 @@ from typing import Iterable
 import numpy as np
 import regex
 
+from gptwo.errors import GptwoError
 from gptwo.webtext.records import JsonlWriter, StageReport, read_jsonl
 
 WORDS = regex.compile(r"\w+")
@@ -76,8 +77,11 @@ def deduplicate(
     seen_exact: set[bytes] = set()
     with JsonlWriter(out) as writer:
         for docs_path, signatures_path in parts:
-            signatures = np.load(signatures_path)
-            for row, doc in enumerate(read_jsonl(docs_path)):
+            signatures = _load_signatures(signatures_path, num_perm)
+            fix = f"delete {docs_path} and rerun: it is extracted again from the crawl"
+            for row, doc in enumerate(read_jsonl(docs_path, fix=fix)):
+                if row >= len(signatures) or not isinstance(doc.get("text"), str):
+                    raise GptwoError(f"{docs_path} does not match its signatures {signatures_path} at line {row + 1}", fix)
                 report.seen += 1
                 key = exact_key(doc["text"])
                 if key in seen_exact:
@@ -94,6 +98,21 @@ def deduplicate(
                 writer.write(doc)
         report.kept = writer.count
     return report
+
+
+def _load_signatures(path: str | os.PathLike, num_perm: int) -> np.ndarray:
+    """The MinHash signatures an extract task wrote; a damaged file is an error saying how to redo it."""
+    try:
+        signatures = np.load(path)
+    except OSError as err:
+        signatures, problem = None, err.strerror or str(err)
+    except (ValueError, EOFError):
+        signatures, problem = None, "not a NumPy array file"
+    else:
+        problem = f"shape {signatures.shape}, expected (rows, {num_perm})"
+    if signatures is None or signatures.ndim != 2 or signatures.shape[1] != num_perm:
+        raise GptwoError(f"signature file {path} is damaged ({problem})", f"delete {path} and rerun: it is computed again from the crawl")
+    return signatures
 
 
 def sidecar_path(docs_path: str | Path, suffix: str) -> Path:

@@ -92,4 +92,9 @@ def _ray_map(func: Callable[..., Any], tasks: Sequence[tuple], workers: int, add
     remote = ray.remote(func)
     refs = [remote.remote(*task) for task in tasks]
     for ref in refs:
-        yield ray.get(ref)
+        try:
+            yield ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, GptwoError):  # a user error in a task: the task's own one line
+                raise err.cause from None
+            raise

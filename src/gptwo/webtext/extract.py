@@ -21,7 +21,7 @@ from gptwo.webtext.crawlstate import CrawlState, partition_paths
 from gptwo.webtext.dedup import deduplicate, sidecar_path, signature, signature_path
 from gptwo.webtext.engine import Engine
 from gptwo.webtext.filters import detect_language, has_min_tokens
-from gptwo.webtext.records import AtomicFile, JsonlWriter, StageReport, read_json, write_json
+from gptwo.webtext.records import AtomicFile, JsonlWriter, StageReport, check_output_file, read_cache, write_json
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,11 @@ def extract_partition(db_path: str, docs_path: str, options: ExtractOptions) -> 
     state = CrawlState(db_path)
     try:
         pages = state.count_ok()
-        if report_path.is_file():
-            previous = read_json(report_path)
-            if previous["pages"] == pages and previous["options"] == json.loads(json.dumps(asdict(options))):
-                return previous["report"]
+        previous = read_cache(report_path, "pages", "options", "report")
+        if (previous is not None and previous["pages"] == pages and previous["options"] == json.loads(json.dumps(asdict(options)))
+                and isinstance(previous["report"], dict) and {"in", "kept", "dropped"} <= previous["report"].keys()
+                and Path(docs_path).is_file() and signature_path(docs_path).is_file()):
+            return previous["report"]
         report = StageReport("extract")
         signatures = []
         with JsonlWriter(docs_path) as writer:
@@ -132,6 +133,7 @@ def extract_documents(
     (`.jsonl.zst`: url, subreddit, score, title, text). Per-partition files go to `work_dir`
     (default: `extract/` beside `out`). Returns the extract and dedup counts."""
     options.check()
+    check_output_file(out)
     engine = engine or Engine()
     dbs = [p for p in partition_paths(crawl_dir) if p.exists()]
     work_dir = Path(work_dir) if work_dir else Path(out).parent / "extract"

@@ -2,7 +2,9 @@
 
 Asynchronous HTTP (aiohttp) with a global and a per-host concurrency limit, timeouts, retries
 with exponential backoff for timeouts / 429 / 5xx, redirects followed by hand (bounded, loops
-detected), robots.txt honoured for every hop, a size cap and a content-type check. Outcomes go to
+detected), robots.txt honoured for every hop, a size cap and a content-type check, and only
+globally routable addresses connected to (`addresses`: pages, redirects and robots.txt alike;
+refused URLs are `blocked_address`, never retried). Outcomes go to
 `CrawlState` (SQLite) as they finish, so an interrupted crawl resumes where it stopped. Optionally
 every stored response is also written to WARC files (warcio).
 
@@ -25,20 +27,24 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from gptwo.errors import GptwoError
+from gptwo.webtext.addresses import BlockedAddress, GuardedResolver, literal_host_allowed
 from gptwo.webtext.crawlstate import CrawlState, PageResult, open_crawl_dir, partition_of
 from gptwo.webtext.engine import Engine
 from gptwo.webtext.records import StageReport, read_jsonl, write_jsonl
-from gptwo.webtext.urls import normalize_url, url_host
+from gptwo.webtext.urls import LONE_SURROGATE, SQLITE_INT_LIMIT, normalize_url, url_host
 
 DEFAULT_USER_AGENT = "gptwo-webtext/0.1 (research crawler; honours robots.txt)"
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 RETRY_CODES = (429, 500, 502, 503, 504)
+ROBOTS_OUTCOMES = {"disallowed": "robots_disallowed", "unreachable": "robots_unreachable", "blocked": "blocked_address"}
 
 
 @dataclass(frozen=True)
 class FetchOptions:
-    """Crawl limits. `concurrency` is global (split over the worker processes), `per_host` per host."""
+    """Crawl limits. `concurrency` is global (split over the worker processes), `per_host` per host.
+    Only globally routable addresses are fetched unless `allow_private_addresses`; `resolve` pins
+    names to addresses, used as given (like curl's --resolve), e.g. one intranet or staging host."""
 
     concurrency: int = 64
     per_host: int = 2
@@ -50,6 +56,8 @@ class FetchOptions:
     user_agent: str = DEFAULT_USER_AGENT
     warc: bool = False
     retry_failed: bool = False
+    allow_private_addresses: bool = False
+    resolve: tuple[tuple[str, str], ...] = ()
 
     def check(self) -> None:
         for name in ("concurrency", "per_host", "max_bytes"):
@@ -74,7 +82,7 @@ class Crawler:
         self.concurrency = concurrency
         self.global_limit = asyncio.Semaphore(concurrency)
         self.host_limits: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(options.per_host))
-        self.robots: dict[str, urllib.robotparser.RobotFileParser | bool | None] = {}
+        self.robots: dict[str, urllib.robotparser.RobotFileParser | bool | str | None] = {}
         self.robots_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.warc_path = warc_path
         self.warc_writer = None
@@ -84,7 +92,8 @@ class Crawler:
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self.options.timeout)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        resolver = GuardedResolver(pinned=dict(self.options.resolve), allow_private=self.options.allow_private_addresses)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, resolver=resolver)
         headers = {"User-Agent": self.options.user_agent, "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"}
         queue = deque(_interleave_hosts(records))
         try:
@@ -106,14 +115,14 @@ class Crawler:
         """Fetch `url`, following at most `max_redirects` redirects, each hop allowed by robots.txt."""
         seen, current = {url}, url
         for _ in range(self.options.max_redirects + 1):
-            allowed = await self.allowed(current)
-            if allowed is None:
-                return PageResult("robots_unreachable", transient=True, final_url=current)
-            if not allowed:
-                return PageResult("robots_disallowed", final_url=current)
+            robots = await self.robots_verdict(current)
+            if robots != "allowed":
+                return PageResult(ROBOTS_OUTCOMES[robots], transient=robots == "unreachable", final_url=current)
             response = await self.request(current)
             if response.problem in ("timeout", "connection_error"):
                 return PageResult(response.problem, transient=True, final_url=current)
+            if response.problem == "blocked_address":
+                return PageResult("blocked_address", final_url=current)
             if response.status in REDIRECT_CODES:
                 target = normalize_url(urljoin(current, response.headers.get("Location", "")))
                 if target is None:
@@ -138,6 +147,8 @@ class Crawler:
         connection errors, 429 and 5xx. `page=False` reads any body (robots.txt), truncated at the cap."""
         import aiohttp
 
+        if not self.address_allowed(url):
+            return _Response(0, "", {}, problem="blocked_address")
         attempts = self.options.retries + 1
         for attempt in range(attempts):
             try:
@@ -149,6 +160,10 @@ class Crawler:
                             return await (self._read(resp) if page else self._read_any(resp))
             except asyncio.TimeoutError:
                 problem = "timeout"
+            except aiohttp.ClientConnectorError as err:
+                if isinstance(err.os_error, BlockedAddress):  # the resolver refused every answer
+                    return _Response(0, "", {}, problem="blocked_address")
+                problem = "connection_error"
             except (aiohttp.ClientError, OSError, UnicodeError, ValueError):
                 problem = "connection_error"
             if attempt + 1 < attempts:
@@ -177,10 +192,19 @@ class Crawler:
         body = await resp.content.read(self.options.max_bytes) if 200 <= resp.status < 300 else None
         return _Response(resp.status, resp.reason or "", resp.headers, body=body)
 
-    async def allowed(self, url: str) -> bool | None:
-        """Whether robots.txt of `url`'s origin lets our User-Agent fetch it (RFC 9309: a 4xx
-        robots.txt allows everything). None when robots.txt is unreachable or answers 5xx: nothing
-        may be fetched from that origin in this run, and the next run asks again."""
+    def address_allowed(self, url: str) -> bool:
+        """False for a URL whose host is an IP literal the guard refuses (checked before connecting;
+        names are checked by the resolver on every lookup)."""
+        if self.options.allow_private_addresses:
+            return True
+        host = url_host(url)
+        return host.rstrip(".").lower() in dict(self.options.resolve) or literal_host_allowed(host) is not False
+
+    async def robots_verdict(self, url: str) -> str:
+        """What robots.txt of `url`'s origin says for our User-Agent: 'allowed', 'disallowed',
+        'unreachable' (unreachable or 5xx: nothing may be fetched from that origin in this run, and
+        the next run asks again) or 'blocked' (it is, or redirects to, an address the guard refuses).
+        RFC 9309: a 4xx robots.txt allows everything."""
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         async with self.robots_locks[origin]:
@@ -188,17 +212,25 @@ class Crawler:
                 stored = self.state.robots(origin)
                 if stored is None:
                     response = await self._get_robots(origin + "/robots.txt")
+                    if response.problem == "blocked_address":
+                        self.robots[origin] = "blocked"
+                        return "blocked"
                     stored = (response.status or None, (response.body or b"").decode("utf-8", "replace"))
                     if stored[0] is not None and stored[0] < 500:
                         self.state.save_robots(origin, *stored)
                 self.robots[origin] = _robots_rules(*stored)
         rules = self.robots[origin]
-        return rules if rules is None or isinstance(rules, bool) else rules.can_fetch(self.options.user_agent, url)
+        if rules is None:
+            return "unreachable"
+        if isinstance(rules, str):
+            return rules
+        allowed = rules if isinstance(rules, bool) else rules.can_fetch(self.options.user_agent, url)
+        return "allowed" if allowed else "disallowed"
 
     async def _get_robots(self, url: str) -> _Response:
         for _ in range(self.options.max_redirects + 1):
             response = await self.request(url, page=False)
-            if response.status not in REDIRECT_CODES:
+            if response.problem == "blocked_address" or response.status not in REDIRECT_CODES:
                 return response
             url = urljoin(url, response.headers.get("Location", ""))
         return _Response(0, "", {}, problem="too_many_redirects")
@@ -246,11 +278,38 @@ def _interleave_hosts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ordered
 
 
+def _read_url_file(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a URL file, each checked: its fields go into SQLite as they are."""
+    fix = "write it with 'gptwo webtext urls' (which also reads plain lists of URLs)"
+    records = []
+    for number, record in enumerate(read_jsonl(path, fix=fix), 1):
+        problem = _url_record_problem(record)
+        if problem:
+            raise GptwoError(f"{path} is not a URL file: record {number} {problem}", fix)
+        records.append(record)
+    return records
+
+
+def _url_record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with one record of a URL file (None if nothing): the fields are stored in SQLite."""
+    url = record.get("url")
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not url_host(url) or LONE_SURROGATE.search(url):
+        return "has no http(s) URL"
+    score = record.get("score")
+    if score is not None and (type(score) is not int or not -SQLITE_INT_LIMIT <= score < SQLITE_INT_LIMIT):
+        return f"has a score that is not a 64-bit integer ({score!r:.40})"
+    for key in ("title", "subreddit"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or LONE_SURROGATE.search(value)):
+            return f"has a {key} that is not text"
+    return None
+
+
 def crawl_partition(db_path: str, urls_path: str, options: FetchOptions, concurrency: int, warc_path: str | None) -> int:
     """Fetch the not-yet-finished URLs of one partition (runs in a worker); returns how many were fetched."""
     state = CrawlState(db_path)
     try:
-        done = state.finished_urls(retry_transient=options.retry_failed)
+        done = state.finished_urls(retry_transient=options.retry_failed, retry_blocked=options.allow_private_addresses)
         todo = [r for r in read_jsonl(urls_path) if r["url"] not in done]
         crawler = Crawler(state, options, concurrency, Path(warc_path) if warc_path else None)
         if todo:
@@ -276,10 +335,11 @@ def fetch_urls(
     if not Path(urls_file).is_file():
         raise GptwoError(f"URL file not found: {urls_file}", "run 'gptwo webtext urls' first, or check the path")
     engine = engine or Engine()
+    records = _read_url_file(urls_file)
     crawl_dir = Path(crawl_dir)
     partitions = open_crawl_dir(crawl_dir, partitions)
     buckets: list[list[dict[str, Any]]] = [[] for _ in range(partitions)]
-    for record in read_jsonl(urls_file):
+    for record in records:
         buckets[partition_of(url_host(record["url"]), partitions)].append(record)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tasks = []

@@ -51,26 +51,96 @@ class StageReport:
         return cls(stage, data["in"], data["kept"], Counter(data["dropped"]), notes)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+READ_CHUNK = 1 << 18
+
+
+class DamagedStream(Exception):
+    """A compressed input that is not a whole zstd stream (not zstd at all, or cut off mid-frame).
+    Callers turn it into a `GptwoError` that names the file and says how far it was read."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a file of zstd frames, streamed. Unlike zstandard's stream_reader,
+    a file that ends inside a frame (a cut download) raises `DamagedStream` instead of ending quietly."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._frame = None
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            chunk = self._raw.read(READ_CHUNK)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise DamagedStream("the zstd stream ends mid-frame, so the file is truncated")
+                return 0
+            self._out = memoryview(self._decompress(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            try:
+                out.append(self._frame.decompress(data))
+            except zstandard.ZstdError as err:
+                raise DamagedStream(f"not a valid zstd stream ({err})") from None
+            data = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a text file for streaming; `.zst` files are decompressed on the fly, never loaded whole."""
+    """Open a text file for streaming; zstd files (by content, whatever their name) are decompressed
+    on the fly, never loaded whole. A `.zst` file that isn't zstd, or one cut off mid-frame, raises
+    `DamagedStream` (on opening or while reading); an unreadable file raises OSError."""
     path = Path(path)
     if not path.is_file():
         raise GptwoError(f"input file not found: {path}", "check the path")
     raw = open(path, "rb")
-    if path.suffix == ".zst":
-        reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(raw, closefd=True)
-        return io.TextIOWrapper(io.BufferedReader(reader), encoding="utf-8", errors="replace")
+    try:
+        head = raw.peek(4)[:4] if isinstance(raw, io.BufferedReader) else b""
+        if head == ZSTD_MAGIC:
+            return io.TextIOWrapper(io.BufferedReader(_ZstdReader(raw), READ_CHUNK), encoding="utf-8", errors="replace")
+        if path.suffix == ".zst" and head:
+            raise DamagedStream("not a zstd file (it doesn't start with zstd's magic number)")
+    except BaseException:
+        raw.close()
+        raise
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a JSON-lines file (`.zst` compressed or not) written by this package."""
-    with open_text(path) as lines:
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
-
-
+def read_jsonl(path: str | os.PathLike, fix: str = "delete it and rerun the command that wrote it") -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSON-lines file (`.zst` compressed or not) written by this
+    package; a damaged file (cut short, not JSON objects, unreadable) is a `GptwoError` with `fix`."""
+    line_number = 0
+    try:
+        with open_text(path) as lines:
+            for line_number, line in enumerate(lines, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError("not a JSON object")
+                    yield record
+    except DamagedStream as err:
+        raise GptwoError(f"{path} is damaged after {line_number} lines: {err}", fix) from None
+    except ValueError as err:
+        raise GptwoError(f"{path} line {line_number} is not a JSON object ({err})", fix) from None
+    except OSError as err:
+        raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
 class AtomicFile:
     """A file written under a temporary name and renamed into place only on success."""
 
@@ -131,6 +201,22 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         f.write("\n")
 
 
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse an output file path that is an existing folder (it would fail only after all the work)."""
+    if Path(path).is_dir():
+        raise GptwoError(f"--out {path} is a folder", f"give a file name, e.g. {Path(path) / 'out.jsonl.zst'}")
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_cache(path: str | os.PathLike, *keys: str) -> dict[str, Any] | None:
+    """A JSON object this package wrote to skip work on a rerun, or None when it is missing or
+    damaged (or lacks one of `keys`): the work is then simply done again."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and all(key in data for key in keys) else None

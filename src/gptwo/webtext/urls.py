@@ -9,8 +9,10 @@ one record per URL (the highest-scoring post's).
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -18,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gptwo.errors import GptwoError
 from gptwo.webtext.engine import Engine
-from gptwo.webtext.records import StageReport, open_text, write_jsonl
+from gptwo.webtext.records import DamagedStream, StageReport, check_output_file, open_text, write_jsonl
 
 DEFAULT_BLOCKLIST = ("wikipedia.org",)
 
@@ -33,6 +35,8 @@ NON_HTML_EXTENSIONS = frozenset(
 
 TRACKING_PARAMS = ("utm_", "fbclid", "gclid", "mc_cid", "mc_eid", "ref_src")
 DELETED_MARKERS = frozenset({"[deleted]", "[removed]", "[deleted by user]"})
+SQLITE_INT_LIMIT = 2**63  # scores are stored as SQLite integers: 64-bit signed
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may carry them; UTF-8 (and SQLite) can't
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def normalize_url(url: str) -> str | None:
     (utm_*, fbclid, ...), and turns an empty path into `/`.
     """
     url = url.strip()
-    if not url or any(c.isspace() for c in url):
+    if not url or any(c.isspace() for c in url) or LONE_SURROGATE.search(url):
         return None
     try:
         parts = urlsplit(url)
@@ -64,6 +68,7 @@ def normalize_url(url: str) -> str | None:
     host = (parts.hostname or "").rstrip(".")
     if scheme not in ("http", "https") or not host or "." not in host:
         return None
+    host = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
     netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
     query = urlencode(
         [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.lower().startswith(TRACKING_PARAMS)]
@@ -89,37 +94,64 @@ def has_non_html_extension(url: str) -> bool:
     return ext in NON_HTML_EXTENSIONS
 
 
-def _is_deleted(post: dict[str, Any]) -> bool:
-    return bool(post.get("removed_by_category")) or post.get("title") in DELETED_MARKERS or post.get("url") in DELETED_MARKERS
+def _score(value: Any) -> int:
+    """A post's score as an integer SQLite can store; ValueError for anything else (1e308, NaN,
+    'abc', true): such a record is counted as malformed and skipped, never clamped into a score."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"score {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"score {value!r}")
+    score = int(value)
+    if not -SQLITE_INT_LIMIT <= score < SQLITE_INT_LIMIT:
+        raise ValueError(f"score {value!r}")
+    return score
+
+
+def _text(value: Any) -> str | None:
+    """A post's title or subreddit: None or a string (lone surrogates, which can't be stored, replaced)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"text field {value!r}")
+    return LONE_SURROGATE.sub("\ufffd", value)
 
 
 def _submission_record(post: dict[str, Any], rule: UrlFilter, report: StageReport) -> dict[str, Any] | None:
     """The URL record of one Pushshift submission, or None (with the drop reason counted)."""
-    if _is_deleted(post):
+    try:
+        score, title, subreddit = _score(post.get("score")), _text(post.get("title")), _text(post.get("subreddit"))
+    except ValueError:
+        report.drop("malformed")
+        return None
+    url = post.get("url")
+    if post.get("removed_by_category") or title in DELETED_MARKERS or (isinstance(url, str) and url in DELETED_MARKERS):
         report.drop("deleted")
         return None
-    if post.get("is_self") or not isinstance(post.get("url"), str):
+    if post.get("is_self") or not isinstance(url, str):
         report.drop("self_post")
-        return None
-    try:
-        score = int(post.get("score") or 0)
-    except (TypeError, ValueError):
-        report.drop("malformed")
         return None
     if score < rule.min_score:
         report.drop("low_score")
         return None
-    return {
-        "url": post["url"],
-        "subreddit": post.get("subreddit"),
-        "score": score,
-        "title": post.get("title"),
-    }
+    return {"url": url, "subreddit": subreddit, "score": score, "title": title}
 
 
 def _raw_records(path: Path, rule: UrlFilter, report: StageReport) -> Iterator[dict[str, Any]]:
     """Records of one input file, before URL checks. A file whose first non-blank line starts
     with `{` is a submission dump; anything else is a plain list of URLs (one per line)."""
+    try:
+        yield from _parse_lines(path, rule, report)
+    except DamagedStream as err:
+        read = f"; {report.seen} records were read before the damage" if report.seen else ""
+        raise GptwoError(f"{path} is damaged: {err}{read}",
+                         "download the file again (or recompress it), then rerun; nothing was written") from None
+    except OSError as err:
+        raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
+
+
+def _parse_lines(path: Path, rule: UrlFilter, report: StageReport) -> Iterator[dict[str, Any]]:
     is_dump = None
     with open_text(path) as lines:
         for line in lines:
@@ -128,6 +160,9 @@ def _raw_records(path: Path, rule: UrlFilter, report: StageReport) -> Iterator[d
                 continue
             if is_dump is None:
                 is_dump = line.startswith("{")
+                if not is_dump and ("\x00" in line or "\ufffd" in line):
+                    raise GptwoError(f"{path} is neither a submission dump nor a URL list (it holds binary data)",
+                                     "pass Pushshift submission dumps (NDJSON, optionally .zst) or text files of URLs")
             report.seen += 1
             if not is_dump:
                 yield {"url": line, "subreddit": None, "score": None, "title": None}
@@ -166,6 +201,21 @@ def _scan_file(path: str, rule: UrlFilter) -> tuple[list[dict[str, Any]], StageR
     return records, report
 
 
+def _check_input(path: Path) -> None:
+    """An input must be a file with something in it: a folder or an empty file is named as such."""
+    if path.is_dir():
+        raise GptwoError(f"{path} is a folder, not a dump file", f"pass the files inside it, e.g. {str(path).rstrip('/')}/*.zst")
+    if not path.is_file():
+        raise GptwoError(f"input file not found: {path}", "check the path")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as err:
+        raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
+    if empty:
+        raise GptwoError(f"input file {path} is empty", "download it again, or leave it out")
+
+
 def collect_urls(
     inputs: Iterable[str | os.PathLike],
     out: str | os.PathLike,
@@ -182,8 +232,8 @@ def collect_urls(
     if not paths:
         raise GptwoError("no input files given", "pass Reddit submission dumps (.jsonl/.zst) or URL lists")
     for p in paths:
-        if not Path(p).is_file():
-            raise GptwoError(f"input file not found: {p}", "check the path")
+        _check_input(Path(p))
+    check_output_file(out)
     engine = engine or Engine()
     report = StageReport("urls")
     best: dict[str, dict[str, Any]] = {}
