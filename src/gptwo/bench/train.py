@@ -192,7 +192,7 @@ def render_train(report: dict) -> str:
              f"{'model':14} {'compiled':>8} {'tokens/s':>12} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>7} {'vs transformers':>16}"]
     for row in report["rows"]:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-        lines.append(f"{row['name']:14} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f} {row["tflops"]:8.3g} {mfu:>7} {row['vs_transformers']:15.2f}x")
+        lines.append(f"{row['name']:14} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f} {row['tflops']:8.3g} {mfu:>7} {row['vs_transformers']:15.2f}x")
     if report["peak_flops"] is None:
         lines.append("MFU needs the device's peak FLOP/s: pass --peak-flops")
     return "\n".join(lines)
