@@ -96,7 +96,7 @@ class _Trainer:
     def __init__(self, data_dir: str, out_dir: str, config: TrainConfig, info: Dist, device: torch.device, resume: bool, progress: bool):
         self.config, self.info, self.device, self.out_dir = config, info, device, out_dir
         self.progress = progress and info.is_main
-        _set_threads(config, info, device)
+        set_threads(config, info, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -320,26 +320,30 @@ class _Trainer:
 
 # ---------------------------------------------------------------- helpers
 class _TimeBudget:
-    """Measures steps/s early in a run (after warm-up, past the first step's compilation) to fit max_steps into max_time.
+    """Measures steps/s over the second half of warm-up to fit max_steps into max_time.
 
-    Only the warm-up's learning rate is independent of max_steps, so the cut is made once, when warm-up ends.
+    The first steps run slower (compilation, caches, the compiler's worker processes winding down),
+    so they are left out. Only warm-up's learning rate is independent of max_steps, so the cut is
+    made once, when warm-up ends (after at least 20 steps).
     """
 
     RESERVE = 0.9  # of the time left, for evaluations, checkpoints and a machine that slows down
 
     def __init__(self, config: TrainConfig, step: int, start: float):
-        self.config, self.start, self.first = config, start, None
+        self.config, self.start = config, start
         self.at = max(config.warmup_steps, step + 20)
+        self.mid = (step + self.at) // 2
+        self.since: tuple[int, float] | None = None
         self.rate = 0.0
 
     def due(self, step: int) -> bool:
-        if self.first is None:
-            self.first = (step, time.perf_counter())  # the first step compiles: the rate is measured after it
+        if step == self.mid:
+            self.since = (step, time.perf_counter())
         return step >= self.at
 
     def steps_that_fit(self, step: int) -> int:
         now = time.perf_counter()
-        self.rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)
+        self.rate = (step - self.since[0]) / max(now - self.since[1], 1e-9)
         left = self.config.max_time - (now - self.start)
         return max(step, min(self.config.max_steps, step + int(self.RESERVE * left * self.rate)))
 
@@ -394,7 +398,7 @@ def grad_accum_for(config: TrainConfig, world_size: int) -> int:
     return config.batch_tokens // per_micro
 
 
-def _set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
+def set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
     """On CPU, split the idle cores between this machine's processes (`threads=N` decides instead).
 
     Busy cores are left out: a torch thread that must share its core makes every other thread wait
