@@ -121,21 +121,22 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
 
     from gptwo.train.loop import loss_fn
     from gptwo.train.optim import make_optimizer
-    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, autocast, compile_enabled, compile_model, use_fused_adamw
+    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, autocast, compile_enabled, compiled_loss, use_fused_adamw
 
     model.to(device).train()
     optimizer = make_optimizer(model, config, fused=use_fused_adamw(device, None))
     compiled = compile_enabled(config, device, CPU_COMPILE_MIN_STEPS) if not hf else (config.compile != "false" and device.type == "cuda") or config.compile == "true"
-    if hf:
+    if hf:  # compiled as its users compile it: the model
         runner = torch.compile(model) if compiled else model
         module = lambda idx: runner(input_ids=idx, use_cache=False).logits  # logits only, so both run the same loss
+        step_loss = loss_fn
     else:
-        module = compile_model(model) if compiled else model
+        module, step_loss = model, compiled_loss(loss_fn) if compiled else loss_fn
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
         with autocast(config, device):
-            loss = loss_fn(module, x, y)
+            loss = step_loss(module, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()

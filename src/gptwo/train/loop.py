@@ -26,7 +26,7 @@ from gptwo.train import checkpoint as ckpt
 from gptwo.train.distributed import Dist, close_distributed, gather_objects, grad_sync, init_distributed, mean_across, parallelize, unwrap
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
-from gptwo.train.speed import autocast, compile_enabled, compile_model, use_fused_adamw
+from gptwo.train.speed import autocast, compile_enabled, compile_model, compiled_loss, use_fused_adamw
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
 
@@ -109,8 +109,10 @@ class _Trainer:
         self.n_params = model.num_params()
         model.to(device)
         self.compiled = compile_enabled(config, device, config.max_steps - self._resumed_step())
-        if self.compiled:
-            compile_model(model, per_block=info.enabled and config.parallel == "fsdp")
+        per_block = info.enabled and config.parallel == "fsdp"
+        if self.compiled and per_block:
+            compile_model(model, per_block=True)
+        self.train_loss = compiled_loss(self.loss_fn) if self.compiled and not per_block else self.loss_fn
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
         self.step = 0
@@ -249,7 +251,7 @@ class _Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with grad_sync(model, micro == self.grad_accum - 1):
                 with autocast(config, self.device):
-                    loss = self.loss_fn(model, x, y)
+                    loss = self.train_loss(model, x, y)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
