@@ -59,6 +59,8 @@ def free_port() -> int:
 def start_server(model: str, port: int, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model, "--served-model-name", "bench", "--port", str(port),
            "--device", args.device, "--max-batch", str(args.max_batch), "--log-level", "warning"]
+    if args.dtype != "auto":  # (so the bench also runs against older trees, which have no --dtype)
+        cmd += ["--dtype", args.dtype]
     threads = str(args.server_threads or max(1, (os.cpu_count() or 2) - 1))
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
     deadline = time.monotonic() + 300
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4, help="layers of the default random model (default 4)")
     parser.add_argument("--n-embd", type=int, default=256, help="width of the default random model (default 256)")
     parser.add_argument("--device", default="auto", help="device for the server (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="server --dtype (default auto)")
     parser.add_argument("--clients", type=int, default=64, help="clients in the main phase (default 64)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of the main phase (default 30)")
     parser.add_argument("--anchor-duration", type=float, default=10.0, help="seconds of the 1- and 32-client phases (default 10)")
@@ -165,12 +168,12 @@ def main() -> None:
 
     gain = phases[1]["tokens_per_s"] / max(phases[0]["tokens_per_s"], 1e-9)
     header = f"{'clients':>7} {'seconds':>7} {'requests':>8} {'failed':>6} {'dropped':>7} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
-    print(f"\ngptwo serve, model={args.model or f'random GPT-2 n_layer={args.n_layer} n_embd={args.n_embd}'}, max_tokens={args.max_tokens}, max_batch={args.max_batch}")
+    print(f"\ngptwo serve, model={args.model or f'random GPT-2 n_layer={args.n_layer} n_embd={args.n_embd}'}, dtype={args.dtype}, max_tokens={args.max_tokens}, max_batch={args.max_batch}")
     print(header)
     for p in phases:
         print(f"{p['clients']:>7} {p['seconds']:>7} {p['requests']:>8} {p['failed']:>6} {p['dropped']:>7} {p['tokens']:>7} {p['tokens_per_s']:>8} {p['ttft_p50_ms']:>7}ms {p['ttft_p99_ms']:>7}ms")
     print(f"batching gain: {gain:.1f}x tokens/s at 32 clients vs 1 client; peak batch {health['peak_batch']}")
-    result = {"model": args.model or {"n_layer": args.n_layer, "n_embd": args.n_embd}, "device": args.device, "max_tokens": args.max_tokens,
+    result = {"model": args.model or {"n_layer": args.n_layer, "n_embd": args.n_embd}, "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "max_batch": args.max_batch, "phases": phases, "gain_32_vs_1": round(gain, 2), "server": health}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

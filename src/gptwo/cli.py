@@ -137,7 +137,7 @@ def add_core_commands(sub) -> None:
     p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample only from the K most likely tokens")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True, high_open=False), default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
     p.add_argument("--seed", type=_seed, default=None, help="random seed for reproducible samples")
-    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable); it is not printed")
+    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable, at most 16 of at most 1024 characters each); it is not printed")
     p.add_argument("--num-samples", type=_int_at_least(1), default=1, help="number of independent samples, separated by a line of dashes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
 
@@ -345,6 +345,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("GPTWO_API_KEY") or None,
+        allowed_origins=args.allowed_origins,
+        dtype=args.dtype,
     )
     return 0
 
@@ -361,6 +364,10 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="most sequences waiting for a row; beyond it requests get 429 (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted; larger ones get 413 (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default info)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 (default: env GPTWO_API_KEY, else none)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
+                   help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
 
 
 # --------------------------------------------------------------------------- webtext
@@ -516,6 +523,255 @@ def add_webtext_commands(sub) -> None:
     engine_args(p)
 
 
+# --------------------------------------------------------------------------- detection
+class _RoutingParser(_Parser):
+    """A command that takes files and also has subcommands: `gptwo detect FILE...` and `gptwo detect calibrate|sample ...`."""
+
+    routes: dict[str, argparse.ArgumentParser] = {}  # set per instance
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in self.routes:
+            return self.routes[args[0]].parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.detect.detector import detect_files
+
+    docs, tokenizer = detect_files(args.model, args.files, reference_spec=args.reference, calibration=args.calibration, min_tokens=args.min_tokens,
+                                   stride=args.stride, top=args.top, device=args.device)
+    if args.html:
+        from gptwo.detect.report import write_html
+
+        write_html(args.html, docs, tokenizer, args.model)
+        print(f"GLTR report -> {args.html}", file=sys.stderr)
+    for doc in docs:
+        if args.json:
+            print(json.dumps(doc.to_dict(tokenizer, with_tokens=args.tokens)))
+        else:
+            from gptwo.detect.detector import render_document
+
+            print(render_document(doc, tokenizer, with_tokens=args.tokens))
+    return 0
+
+
+def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.detect.calibrate import calibrate, render_calibration
+
+    report = calibrate(args.model, args.human, args.generated, reference_spec=args.reference, detector=args.detector, max_fpr=args.max_fpr,
+                       min_tokens=args.min_tokens, out=args.out, plot=args.plot, stride=args.stride, device=args.device)
+    print(json.dumps(report) if args.json else render_calibration(report))
+    return 0
+
+
+def _cmd_detect_sample(args: argparse.Namespace) -> int:
+    from gptwo.detect.sample import sample_set
+
+    summary = sample_set(args.model, args.source, args.out, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, per_document=args.per_document,
+                         limit=args.limit, min_tokens=args.min_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         device=args.device)
+    print(f"{summary['pairs']} matched pairs -> {args.out}/human and {args.out}/generated "
+          f"(try: gptwo detect calibrate --model {args.model} --human {args.out}/human --generated {args.out}/generated)", file=sys.stderr)
+    return 0
+
+
+def add_detect_commands(sub) -> None:
+    """`gptwo detect FILE...`, `gptwo detect calibrate`, `gptwo detect sample` (detection issue)."""
+    from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS  # plain constants: keeps --help fast
+
+    def common(p, reference: bool = True, min_tokens: int | None = DEFAULT_MIN_TOKENS) -> None:
+        p.add_argument("--model", required=True, help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2")
+        if reference:
+            p.add_argument("--reference", default=None, help="a second model with the same tokenizer: adds the Binoculars score")
+            p.add_argument("--stride", type=int, default=None, help="texts longer than the context are scored in windows advancing by this many tokens (default: half the context)")
+        p.add_argument("--min-tokens", type=int, default=min_tokens, help=f"texts with fewer tokens are 'too short' to judge (default {DEFAULT_MIN_TOKENS}"
+                       + (", or the calibration's)" if min_tokens is None else ")"))
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+
+    epilog = ("subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the threshold (see 'gptwo detect calibrate --help')\n"
+              "  gptwo detect sample --model M --source DATA --out DIR          write a matched human/generated set\n\n"
+              "The default detector is Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md.")
+    sub._parser_class = _RoutingParser  # argparse makes subcommand parsers of this class; no public way to pick it per command
+    p = _command(sub, "detect", _cmd_detect, "Was this text written by the model? Per-token probability, rank, entropy; detection scores and a verdict.",
+                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub._parser_class = _Parser
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files, one document each, or '-' for stdin")
+    common(p, min_tokens=None)
+    p.add_argument("--calibration", default=None, help="calibration JSON (default: detect-calibration.json in the model folder; without one the verdict is uncalibrated)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input per line: file, tokens, score, verdict, scores")
+    p.add_argument("--tokens", action="store_true", help="also show each token's probability, rank, entropy and top alternatives (in JSON: token_stats)")
+    p.add_argument("--top", type=int, default=10, help="alternatives kept per token (default 10)")
+    p.add_argument("--html", default=None, metavar="OUT", help="write a GLTR-style HTML report: tokens coloured by rank, alternatives on hover, histograms")
+
+    c = _Parser(prog="gptwo detect calibrate", description="AUROC and TPR at a false-positive budget for every statistic; saves the detector's threshold beside the model and a ROC plot.")
+    c.set_defaults(func=_cmd_detect_calibrate)
+    common(c)
+    c.add_argument("--human", required=True, help="folder of human-written .txt files (one document each)")
+    c.add_argument("--generated", required=True, help="folder of generated .txt files, e.g. from 'gptwo detect sample'")
+    c.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"statistic whose threshold is saved (default {DEFAULT_DETECTOR}; binoculars needs --reference)")
+    c.add_argument("--max-fpr", type=float, default=0.01, help="share of human texts allowed above the threshold (default 0.01)")
+    c.add_argument("--out", default=None, help="calibration JSON to write (default: MODEL/detect-calibration.json, which 'gptwo detect' reads)")
+    c.add_argument("--plot", default=None, help="ROC plot PNG (default: beside the calibration JSON, *-roc.png)")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    s = _Parser(prog="gptwo detect sample", description="Write a matched evaluation set: each human passage's first tokens continued by the model, to the same length.")
+    s.set_defaults(func=_cmd_detect_sample)
+    common(s, reference=False)
+    s.add_argument("--source", required=True, help="a prepared data folder (its val split: documents the model did not train on) or a folder of .txt files")
+    s.add_argument("--out", required=True, help="output folder: human/*.txt, generated/*.txt, sample.json")
+    s.add_argument("--prompt-tokens", type=int, default=16, help="tokens of each human passage given as the prompt (default 16)")
+    s.add_argument("--new-tokens", type=int, default=128, help="tokens the model writes after the prompt (default 128)")
+    s.add_argument("--per-document", type=int, default=1, help="passages taken from each document, non-overlapping (default 1; 0 = all)")
+    s.add_argument("--limit", type=int, default=None, help="at most this many passages")
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    s.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with total probability >= P")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.routes = {"calibrate": c, "sample": s}
+
+
+# --------------------------------------------------------------------------- data selection
+def _cmd_select_score(args: argparse.Namespace) -> int:
+    from gptwo.select.scoring import score_documents
+
+    written = score_documents(args.model, args.inputs, args.out, reference=args.reference, batch_tokens=args.batch_tokens,
+                              device=args.device, text_field=args.text_field, progress=not args.quiet)
+    print(f"scored {written} document(s) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_select_filter(args: argparse.Namespace) -> int:
+    from gptwo.select.offline import filter_documents
+
+    result = filter_documents(args.inputs, args.scores, args.out, by=args.by, keep=args.keep, band=args.band, text_field=args.text_field)
+    print(f"kept {result['kept']} of {result['documents']} documents ({result['band']} {result['by']} band) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_select_dsir(args: argparse.Namespace) -> int:
+    from gptwo.select.offline import dsir_resample
+
+    result = dsir_resample(args.inputs, args.target, args.out, keep=args.keep, buckets=args.buckets, seed=args.seed, text_field=args.text_field)
+    print(f"kept {result['kept']} of {result['documents']} documents (importance resampling toward --target) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_select_commands(sub) -> None:
+    """`gptwo select score|filter|dsir` (data selection issue; online selection is a training option)."""
+    sel = sub.add_parser("select", help="Choose training data with a model: score, filter, importance-resample.",
+                         description="Choose training data with a model: score documents, keep a band of them, or resample toward a target. "
+                                     "Online selection during training: gptwo train ... selection=loss|reducible. See docs/selection.md.")
+    ssub = sel.add_subparsers(dest="select_command", required=True, parser_class=_Parser, metavar="SELECT_COMMAND")
+    inputs_help = "text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet), 'builtin' or hf:NAME (as for 'gptwo prepare')"
+
+    p = _command(ssub, "score", _cmd_select_score, "Write each document's loss under a model (and its reducible loss) as JSON lines; resumes.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help)
+    p.add_argument("--model", required=True, help="scoring model: model or run folder, or hub id")
+    p.add_argument("--reference", default=None, help="reference model (same tokenizer): adds reference_loss and reducible = loss - reference_loss")
+    p.add_argument("--out", required=True, help="output JSON lines (id, tokens, loss[, reference_loss, reducible]); an existing file is continued")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="about this many tokens per forward pass and per flushed batch of rows (default 4096)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _command(ssub, "filter", _cmd_select_filter, "Keep a band of documents by their scores; writes .jsonl.zst for 'gptwo prepare'.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help + "; the same inputs that were scored")
+    p.add_argument("--scores", required=True, help="output of 'gptwo select score' for these inputs")
+    p.add_argument("--by", choices=["loss", "reducible"], default="loss", help="score to rank by (default loss)")
+    p.add_argument("--keep", type=float, required=True, help="fraction of documents to keep, in (0, 1]")
+    p.add_argument("--band", choices=["low", "middle", "high"], default=None,
+                   help="which scores to keep: low, middle or high (default: low for loss, high for reducible)")
+    p.add_argument("--out", required=True, help="output documents (.jsonl.zst), written atomically")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
+
+    p = _command(ssub, "dsir", _cmd_select_dsir, "Importance-resample documents toward a target sample (DSIR, hashed n-grams).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help)
+    p.add_argument("--target", nargs="+", required=True, help="documents that look like what you want (same input forms)")
+    p.add_argument("--keep", type=float, required=True, help="fraction of documents to keep, in (0, 1]")
+    p.add_argument("--buckets", type=int, default=10000, help="hash buckets for word unigrams and bigrams (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling draw (default 0)")
+    p.add_argument("--out", required=True, help="output documents (.jsonl.zst), written atomically")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
+
+
+# --------------------------------------------------------------------------- scaling laws
+def _cmd_scale_plan(args: argparse.Namespace) -> int:
+    from gptwo.scale.plan import make_plan, parse_budgets, parse_shapes, vocab_size_of, write_plan
+
+    if (args.data is None) == (args.vocab_size is None):
+        raise GptwoError("give the vocabulary as --data DIR or --vocab-size N (one of them)", "e.g. --data data/builtin")
+    vocab = args.vocab_size or vocab_size_of(args.data)
+    plan = make_plan(parse_budgets(args.budgets), vocab, parse_shapes(args.shapes) if args.shapes else None, args.per_budget, args.tokens_per_param)
+    write_plan(plan, args.out)
+    for run in plan["runs"]:
+        print(f"{run['name']:>22}  N={run['params']:>10,} (non-embedding {run['params_non_embedding']:,})  D={run['tokens']:>11,}  C={run['flops']:.3g}")
+    print(f"{len(plan['runs'])} runs, {sum(r['flops'] for r in plan['runs']):.3g} FLOPs in all -> {args.out}  ({plan['formula']})", file=sys.stderr)
+    return 0
+
+
+def _cmd_scale_run(args: argparse.Namespace) -> int:
+    from gptwo.scale.run import run_sweep
+
+    records = run_sweep(args.plan, args.data, args.out, parallel=args.parallel, threads=args.threads)
+    print(f"{len(records)} runs finished -> {args.out}/results.jsonl (fit them: gptwo scale fit {args.out})", file=sys.stderr)
+    return 0
+
+
+def _cmd_scale_fit(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.scale.fit import fit_report, format_report, parse_point, read_points
+
+    points = read_points(args.runs, exclude_budgets=args.exclude_budget)
+    every = read_points(args.runs)
+    for budget in args.exclude_budget:
+        if not any(p.get("budget") and abs(p["budget"] / budget - 1) < 1e-6 for p in every):
+            print(f"note: no run has budget {budget:g} (yet); nothing of it to leave out", file=sys.stderr)
+    report = fit_report(points, queries=[parse_point(p) for p in args.predict], budgets=args.budget, bootstrap=args.bootstrap, seed=args.seed)
+    if args.plot:
+        from gptwo.scale.plots import plot_fit
+
+        plot_fit(points, report, args.plot, extra=every)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def add_scale_commands(sub) -> None:
+    """`gptwo scale plan|run|fit` (scaling-laws issue): IsoFLOP sweeps and L(N, D) fits. See docs/scaling.md."""
+    scale = sub.add_parser("scale", help="Scaling laws: plan an IsoFLOP sweep, run it, fit L(N, D) and predict.",
+                           description="Scaling laws: plan an IsoFLOP sweep, run it, fit L(N, D) = E + A/N^alpha + B/D^beta and predict.")
+    ssub = scale.add_subparsers(dest="scale_command", required=True, parser_class=_Parser)
+    p = _command(ssub, "plan", _cmd_scale_plan, "Write an IsoFLOP plan: per compute budget, model shapes and the tokens each trains for (C = 6*N*D).")
+    p.add_argument("--budgets", required=True, help="compute budgets in FLOPs, comma-separated (e.g. 2e11,6e11,2e12,6e12)")
+    p.add_argument("--shapes", default=None, help="model shapes n_layer x n_head x n_embd, comma-separated (e.g. 2x2x64,4x4x128; default: a built-in ladder of ten)")
+    p.add_argument("--per-budget", type=int, default=5, help="runs per budget: the shapes nearest the guessed optimum (default 5)")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="tokens per parameter that centres each budget's shapes (default 20, Chinchilla's)")
+    p.add_argument("--data", default=None, help="a prepared data folder, to read the vocabulary size from its tokenizer")
+    p.add_argument("--vocab-size", type=int, default=None, help="the vocabulary size, instead of --data")
+    p.add_argument("--out", required=True, help="the plan file to write (JSON, editable)")
+    p = _command(ssub, "run", _cmd_scale_run, "Train every run of a plan (ordinary run folders); finished runs are skipped, killed ones resumed.")
+    p.add_argument("plan", help="a plan file from 'gptwo scale plan'")
+    p.add_argument("--data", required=True, help="prepared data folder (from 'gptwo prepare'), the same vocabulary as the plan")
+    p.add_argument("--out", required=True, help="sweep folder: runs/NAME run folders and results.jsonl")
+    p.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: CPU cores / --parallel)")
+    p = _command(ssub, "fit", _cmd_scale_fit, "Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs (Huber on log loss, L-BFGS), with bootstrap intervals.")
+    p.add_argument("runs", nargs="+", metavar="RUNS", help='sweep folders, or JSONL files with one {"params": N, "tokens": D, "loss": L} per line')
+    p.add_argument("--json", action="store_true", help="print one JSON object (E, A, B, alpha, beta, intervals, optimum, predictions)")
+    p.add_argument("--plot", default=None, help="write the plots to this PNG: IsoFLOP curves, loss vs FLOPs with the fitted frontier, fitted vs measured (left-out runs hollow)")
+    p.add_argument("--predict", action="append", default=[], metavar="N,D", help="predict the loss of N parameters trained on D tokens (repeatable)")
+    p.add_argument("--budget", action="append", type=float, default=[], metavar="C", help="report the compute-optimal N and D for C FLOPs (repeatable; default: the largest budget fitted)")
+    p.add_argument("--exclude-budget", action="append", type=float, default=[], metavar="C",
+                   help="leave a sweep's runs of this budget out of the fit (to predict them; repeatable)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+
+
 # --------------------------------------------------------------------------- benchmarks
 def add_bench_commands(sub) -> None:
     """`gptwo bench …`: each workload timed against transformers in the same process (speed issue)."""
@@ -532,7 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptwo", description="GPT-2: model, tokenizer, data, training, serving, evaluation.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands, add_bench_commands):
+    for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands, add_select_commands,
+                add_detect_commands, add_scale_commands, add_bench_commands):
         add(sub)
     return parser
 

@@ -84,6 +84,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step, per process
     batch_tokens: int = 0  # if > 0: global tokens per step; grad_accum is derived from it
     sampling: str = "sequential"  # sequential: the loader's order; random: rows from random places (small corpora)
+    # data selection (docs/selection.md): train on the top batch_size rows of selection_pool batches
+    selection: str = "uniform"  # uniform: the loader's batch; loss: highest current loss; reducible: loss minus a reference's
+    selection_pool: int = 4  # candidates per micro-batch = selection_pool * batch_size (loss and reducible only)
+    selection_reference: str = ""  # model or run folder scoring the reference loss (selection=reducible)
     # optimizer and schedule (GPT-3 paper, section 2.3 and appendix B)
     max_steps: int = 1000
     max_time: float = 0.0  # if > 0: seconds of training; max_steps is cut to fit, from the speed measured by warm-up's end
@@ -115,7 +119,7 @@ class TrainConfig:
         for name, value in self.to_dict().items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise GptwoError(f"train config {name}={value} is not a finite number", f"give {name} a finite value")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "selection_pool"):
             if getattr(self, name) <= 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} must be positive", f"set {name} to a positive integer")
         for name in ("warmup_steps", "batch_tokens", "sample_tokens", "threads", "weight_decay", "grad_clip", "peak_flops", "max_time"):
@@ -131,6 +135,11 @@ class TrainConfig:
             raise GptwoError(f"parallel={self.parallel!r} is unknown", "use parallel=ddp or parallel=fsdp")
         if self.sampling not in ("sequential", "random"):
             raise GptwoError(f"sampling={self.sampling!r} is unknown", "use sampling=sequential or sampling=random")
+        if self.selection not in ("uniform", "loss", "reducible"):
+            raise GptwoError(f"selection={self.selection!r} is unknown", "use selection=uniform, loss or reducible")
+        if (self.selection == "reducible") != bool(self.selection_reference):
+            raise GptwoError("selection=reducible and selection_reference=PATH go together",
+                             "give both (the reference is a model folder), or neither")
         if self.compile not in ("auto", "true", "false"):
             raise GptwoError(f"compile={self.compile!r} is unknown", "use compile=auto, true or false")
         if self.dtype not in ("auto", "float32", "bfloat16"):

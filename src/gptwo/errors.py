@@ -34,10 +34,12 @@ OPTIONAL_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
     "pyarrow": (("data",), "pyarrow"),
     "zstandard": (("data", "webtext"), "zstandard"),
     **{name: (("webtext",), f"the crawler's packages ({name} missing)")
-       for name in ("aiohttp", "trafilatura", "ftfy", "datasketch", "warcio", "py3langid", "regex", "threadpoolctl", "ray", "lxml_html_clean")},
+       for name in ("aiohttp", "trafilatura", "ftfy", "datasketch", "warcio", "py3langid", "regex", "ray", "lxml_html_clean")},
+    "scipy": (("scale",), "scipy"),
+    "threadpoolctl": (("webtext", "scale"), "threadpoolctl"),
 }
 # The extra each command's own packages come from, when a module belongs to several.
-COMMAND_EXTRAS = {"serve": "serve", "eval": "eval", "webtext": "webtext", "prepare": "data", "tokenizer": "data"}
+COMMAND_EXTRAS = {"serve": "serve", "eval": "eval", "webtext": "webtext", "prepare": "data", "tokenizer": "data", "scale": "scale"}
 
 
 def missing_extra(module: str, purpose: str, command: str | None = None) -> GptwoError | None:

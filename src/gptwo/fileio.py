@@ -1,9 +1,12 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never a mix."""
+"""Files in and out: atomic writes (a crash leaves either the old file or the new one, never a mix),
+and streamed reading of zstd files that notices when one was cut short."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from typing import IO
 
 from gptwo.errors import GptwoError
 
@@ -32,3 +35,64 @@ def atomic_write(path: str, *chunks: bytes | memoryview) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise GptwoError(f"could not write {path} ({err.strerror or err})", "free disk space or choose another output folder") from None
+
+
+# Pushshift's dumps are compressed with a 2 GiB window; zstandard's default decoder refuses them.
+ZSTD_MAX_WINDOW = 2**31
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+READ_CHUNK = 1 << 18
+
+
+class DamagedStream(Exception):
+    """A compressed input that is not a whole zstd stream (not zstd at all, or cut off mid-frame).
+    Callers turn it into a `GptwoError` that names the file (and, where they can, how far it was read)."""
+
+
+class ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a file of zstd frames, streamed. Unlike zstandard's stream_reader,
+    a file that ends inside a frame (a cut download) raises `DamagedStream` instead of ending quietly."""
+
+    def __init__(self, raw: IO[bytes]):
+        import zstandard  # an optional dependency: callers check for it with errors.require
+
+        self._raw, self._error = raw, zstandard.ZstdError
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._frame = None
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            chunk = self._raw.read(READ_CHUNK)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise DamagedStream("the zstd stream ends mid-frame, so the file is truncated")
+                return 0
+            self._out = memoryview(self._decompress(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._dctx.decompressobj()  # the next frame of a multi-frame file
+            try:
+                out.append(self._frame.decompress(data))
+            except self._error as err:
+                raise DamagedStream(f"not a valid zstd stream ({err})") from None
+            data = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_zstd_text(raw: IO[bytes], errors: str = "strict") -> IO[str]:
+    """UTF-8 text of an open zstd file, streamed (see `ZstdReader`)."""
+    return io.TextIOWrapper(io.BufferedReader(ZstdReader(raw), READ_CHUNK), encoding="utf-8", errors=errors, newline="")

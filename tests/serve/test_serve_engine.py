@@ -104,3 +104,24 @@ def test_engine_step_failure_fails_requests_but_keeps_running():
         engine.stop()
     assert failed[-1].finish_reason == "error" and "boom" in failed[-1].error
     assert fine[-1].finish_reason == "length" and sum(len(u.tokens) for u in fine) == 3
+
+
+def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
+    from gptwo.serve.engine import _sample_by_cdf
+
+    vocab, draws = 600, 20_000  # blocks of 256, 256 and a partial one of 88
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.rand(vocab, generator=generator) ** 4
+    weights[::7] = 0  # zero-weight tokens, some at block edges
+    weights[599] = 0.5
+    tokens = _sample_by_cdf(weights.expand(draws, vocab).contiguous(), generator)
+    counts = torch.bincount(tokens, minlength=vocab)
+    assert counts[weights == 0].sum() == 0
+    nonzero = weights > 0
+    expected = weights[nonzero].double() / weights.double().sum() * draws
+    chi2, df = float(((counts[nonzero] - expected) ** 2 / expected).sum()), int(nonzero.sum()) - 1
+    assert chi2 < df + 5 * (2 * df) ** 0.5  # Pearson's test: chi2 has mean df and sd sqrt(2 df) when the draws are right
+    for only in (0, 255, 256, 511, 512, 599):  # one possible token, wherever it sits
+        one = torch.zeros(4, vocab)
+        one[:, only] = 1e-30
+        assert _sample_by_cdf(one, generator).tolist() == [only] * 4

@@ -61,3 +61,28 @@ def test_playground_streams_a_completion(tmp_path, browser):
         assert browser.find_element(By.ID, "output").text == "Hello there" + expected
     finally:
         server.close()
+
+
+def test_playground_sends_the_api_key(tmp_path, browser):
+    save_tiny_model(str(tmp_path / "tiny"))
+    server, _ = serve_in_thread(str(tmp_path / "tiny"), app_kwargs={"api_key": "sk-play"})
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-play", max_retries=0)
+        expected = client.completions.create(model="tiny", prompt="Hello there", max_tokens=10, temperature=0).choices[0].text
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)
+        set_field(browser, "api_key", "sk-play")
+        browser.find_element(By.ID, "prompt").click()  # leaving the field stores the key and retries
+        wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+        set_field(browser, "prompt", "Hello there")
+        set_field(browser, "temperature", "0")
+        set_field(browser, "max_tokens", "10")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "done" in d.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "output").text == "Hello there" + expected
+        browser.refresh()  # the key was kept in this browser
+        wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+        assert browser.find_element(By.ID, "api_key").get_attribute("value") == "sk-play"
+    finally:
+        server.close()

@@ -8,12 +8,12 @@ Files: .txt and .md are one document each; .jsonl and .jsonl.zst hold one JSON o
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Iterable, Iterator
 
 from gptwo.errors import GptwoError, require
+from gptwo.fileio import DamagedStream, open_zstd_text
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
@@ -75,59 +75,14 @@ def _iter_jsonl(lines: Iterable[str], path: str, text_field: str) -> Iterator[st
 
 
 def _iter_jsonl_zst(path: str, text_field: str) -> Iterator[str]:
-    text = io.TextIOWrapper(_ZstdFile(path), encoding="utf-8", errors="strict", newline="")
+    require("zstandard", f"reading {path}", "data")
     try:
-        yield from _iter_jsonl(text, path, text_field)
+        with open_zstd_text(open(path, "rb")) as text:
+            yield from _iter_jsonl(text, path, text_field)
     except UnicodeDecodeError:
         raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
-
-
-class _ZstdFile(io.RawIOBase):
-    """The decompressed bytes of a .zst file (all its frames); a stream that ends mid-frame is an error."""
-
-    def __init__(self, path: str, chunk_bytes: int = 1 << 16):
-        zstandard = require("zstandard", f"reading {path}", "data")
-        self.path, self.chunk_bytes, self._error = path, chunk_bytes, zstandard.ZstdError
-        self._new = zstandard.ZstdDecompressor().decompressobj
-        self._file = open(path, "rb")
-        self._frame, self._pending, self._offset, self._read_in = self._new(), memoryview(b""), 0, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self._offset >= len(self._pending):
-            if not self._fill():
-                return 0
-        size = min(len(buffer), len(self._pending) - self._offset)
-        buffer[:size] = self._pending[self._offset : self._offset + size]
-        self._offset += size
-        return size
-
-    def _fill(self) -> bool:
-        """Decompress the next chunk into `_pending`; False at a clean end of the file."""
-        raw = self._file.read(self.chunk_bytes)
-        if not raw:
-            if self._read_in and not self._frame.eof:
-                raise GptwoError(f"{self.path} is truncated: its zstandard stream ends in the middle of a frame",
-                                 "re-download or re-compress the file; a cut file would silently lose documents")
-            return False
-        self._read_in += len(raw)
-        out = []
-        try:
-            while raw:
-                if self._frame.eof:
-                    self._frame = self._new()  # the next frame of a multi-frame file
-                out.append(self._frame.decompress(raw))
-                raw = self._frame.unused_data if self._frame.eof else b""
-        except self._error as err:
-            raise GptwoError(f"{self.path} is not a valid zstandard file ({err})", "re-download or re-compress it with zstd") from None
-        self._pending, self._offset = memoryview(b"".join(out)), 0
-        return True
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
+    except DamagedStream as err:
+        raise GptwoError(f"{path} is damaged: {err}", "re-download or re-compress the file; a cut file would silently lose documents") from None
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:

@@ -3,7 +3,8 @@
 Routes: `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /` (playground), and the
 OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
 `{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413, a full
-queue gets 429, and a client that goes away cancels its sequences.
+queue gets 429, a missing or wrong API key (when one is set) 401, and a client that goes away
+cancels its sequences.
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import difflib
+import hmac
+import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
 from importlib import resources
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +36,7 @@ from gptwo.errors import GptwoError
 from gptwo.serve import protocol
 from gptwo.serve.engine import Engine, Overloaded, RequestRejected, TokenLogprob, Update
 from gptwo.serve.engine import Request as EngineRequest
+from gptwo.serve.inspect import inspect_router
 from gptwo.tokenizer import Tokenizer
 
 log = logging.getLogger("gptwo.serve")
@@ -42,8 +50,15 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+class EscapedJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error that quotes the request (say a lone surrogate in `model`) always renders."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status, headers=headers)
+    return EscapedJSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -78,6 +93,35 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class ApiKeyAuth:
+    """ASGI middleware: every `/v1/*` request must carry `Authorization: Bearer <key>`, else 401 (OpenAI's shape).
+
+    Other routes (the playground page, /health, the OpenAPI schema) stay open, as in vLLM; CORS
+    preflights (OPTIONS, which browsers send without credentials) pass through.
+    """
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and (scope["path"] + "/").startswith("/v1/"):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                message = "Incorrect API key provided" if given else "You didn't provide an API key: send it in an Authorization header (Authorization: Bearer YOUR_KEY)"
+                response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def parse_origins(values: Sequence[str]) -> list[str]:
+    """Origins for CORS from repeated and/or comma-separated values; each must be `*` or scheme://host[:port]."""
+    origins = [o.strip() for value in values for o in value.split(",") if o.strip()]
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise GptwoError(f"--allowed-origins '{origin}' is not an origin", "write scheme://host[:port] with no path or trailing slash, e.g. http://localhost:3000 (or * for any)")
+    return origins
 
 
 class ChoiceText:
@@ -129,20 +173,37 @@ def _merge_logprobs(total: dict | None, part: dict | None) -> dict | None:
     return total
 
 
+def validation_error(errors: list[dict]) -> dict:
+    """OpenAI's message / param / code for pydantic's errors: unknown fields first (naming a close known one)."""
+    errors = sorted(errors, key=lambda e: e.get("type") != "extra_forbidden") or [{"loc": (), "msg": "invalid request", "type": ""}]
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "body")
+    if first["type"] == "extra_forbidden":
+        known = [*protocol.CompletionRequest.model_fields, *protocol.StreamOptions.model_fields]
+        close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return {"message": f"Unknown parameter: '{where}'{hint}", "param": where, "code": "unknown_parameter"}
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    return {"message": message, "param": where or None, "code": first["type"] if first["type"] in protocol.CODES else None}
+
+
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-def encode_prompts(tokenizer: Tokenizer, prompt) -> list[list[int]]:
-    """Token ids of each prompt: text is encoded ("" means <|endoftext|>), token ids pass through."""
+def prompt_list(prompt) -> list:
+    """The prompts of a request's `prompt` field, each a string or a list of token ids."""
     if isinstance(prompt, str):
-        prompt = [prompt]
-    elif not prompt:
+        return [prompt]
+    if not prompt:
         raise ApiError(400, "prompt is an empty list", param="prompt")
-    elif isinstance(prompt[0], int):
-        prompt = [prompt]
-    return [(tokenizer.encode(p) if p else [tokenizer.eot_token]) if isinstance(p, str) else list(p) for p in prompt]
+    return [prompt] if isinstance(prompt[0], int) else list(prompt)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt: text is encoded ("" means <|endoftext|>), token ids pass through."""
+    return [(tokenizer.encode(p) if p else [tokenizer.eot_token]) if isinstance(p, str) else list(p) for p in prompts]
 
 
 class CompletionJob:
@@ -206,8 +267,12 @@ class CompletionJob:
         return JSONResponse(work.result())
 
 
-def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine."""
+def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *, api_key: str | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine.
+
+    With `api_key`, every /v1/* request needs it as a bearer token; `allowed_origins` are the web
+    origins whose pages may call the API from a browser (CORS; none by default).
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -217,6 +282,10 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -
 
     app = FastAPI(title="gptwo", summary="OpenAI-compatible completions for GPT-2 models", version="1", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key:  # added later = runs earlier: a request without the key is refused before its body is read
+        app.add_middleware(ApiKeyAuth, key=api_key)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"], max_age=600)
     tokenizer, context = engine.tokenizer, engine.model.config.block_size
     created = int(time.time())
 
@@ -227,9 +296,7 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
-        return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None)
+        return error_response(400, **validation_error(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -239,6 +306,8 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -
     async def _crash(request: Request, err: Exception):
         log.exception("request failed")
         return error_response(500, f"internal error ({type(err).__name__})", type="server_error")
+
+    app.include_router(inspect_router(engine, model_name))  # POST /v1/inspect and the Inspect page (gptwo.serve.inspect)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -265,10 +334,12 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20) -
         unsupported = body.unsupported()
         if unsupported:
             raise ApiError(400, f"{unsupported} is not supported by gptwo", param=unsupported)
-        prompts, n = encode_prompts(tokenizer, body.prompt), body.n or 1
-        params = body.sampling_params()
+        n = body.n or 1
         try:
-            job = engine.submit(prompts, params, n)
+            texts = prompt_list(body.prompt)
+            engine.check_count(len(texts), n)  # before encoding: the work stays bounded by the queue
+            prompts = encode_prompts(tokenizer, texts)
+            job = engine.submit(prompts, body.sampling_params(), n)
         except RequestRejected as err:
             raise ApiError(400, str(err), param=err.param, code=err.code) from None
         except Overloaded as err:
@@ -298,27 +369,63 @@ def serve(
     max_queue: int = 256,
     max_body_bytes: int = 1 << 20,
     log_level: str = "info",
+    api_key: str | None = None,
+    allowed_origins: Sequence[str] = (),
+    dtype: str = "auto",
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted."""
     import uvicorn
 
-    from gptwo.weights import load_model
+    from gptwo.weights import load_model, resolve_device
 
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
         if value < 1:
             raise GptwoError(f"{name}={value} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+    if api_key is not None and not api_key.strip():  # e.g. --api-key "$UNSET_VARIABLE": never serve openly by mistake
+        raise GptwoError("--api-key is empty", "pass a non-empty key, or leave the option out to serve without one")
+    api_key = api_key.strip() if api_key else None
+    origins = parse_origins(allowed_origins)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
-    net, tokenizer = load_model(model, device=device)
+    net, tokenizer = load_model(model, device=str(torch_device), dtype=torch_dtype)
     name = served_model_name or default_model_name(model)
-    app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes)
+    app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes, api_key=api_key, allowed_origins=origins)
+    app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)  # also sets up uvicorn's loggers
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
-    logging.getLogger("uvicorn.error").info("serving %s at %s (playground at /, OpenAI API at /v1)", name, url)
+    logger = logging.getLogger("uvicorn.error")
+    auth = "API key required" if api_key else "no API key"
+    logger.info("serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, DTYPE_NAMES[torch_dtype], auth)
+    if not api_key and not _is_loopback(sock.getsockname()[0]):
+        logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after a graceful shutdown: for a server that is a normal stop
         pass
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for `--dtype`: auto is bf16 on CUDA (fp16 on GPUs without bf16), fp32 elsewhere."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise GptwoError(f"unknown dtype '{name}'", "use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -271,6 +271,7 @@ class Engine:
 
     def check(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
         """Reject requests the model cannot run: empty prompts, unknown token ids, more tokens than the context."""
+        self.check_count(len(prompts), n)
         context, vocab = self.model.config.block_size, self.tokenizer.n_vocab
         for prompt in prompts:
             if not prompt:
@@ -286,8 +287,11 @@ class Engine:
                     "max_tokens",
                     "context_length_exceeded",
                 )
-        if len(prompts) * n > self.max_queue:
-            raise RequestRejected(f"{len(prompts)} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n", "n")
+
+    def check_count(self, prompts: int, n: int) -> None:
+        """Reject more sequences (prompts x n) than the queue holds, before any prompt is encoded."""
+        if prompts * n > self.max_queue:
+            raise RequestRejected(f"{prompts} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n", "n")
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Request:
         """Queue `n` choices for each prompt (choice index = prompt * n + j); raise Overloaded if the queue is full."""
@@ -377,8 +381,14 @@ class Engine:
         every_position = any(s.params.prompt_logprobs for s in joining)  # echo with logprobs scores the prompt
         logits = self.model(ids, cache=cache, valid=valid, last_only=not every_position)
         rows = [prompts.index(tuple(s.prompt)) for s in joining]
+        scored: dict[tuple[int, int], list[TokenLogprob]] = {}  # (row, logprobs): n choices of a prompt score it once
         for seq, row in zip(joining, rows):
-            prompt_info = self._prompt_logprobs(seq, logits[row, ids.shape[1] - len(seq.prompt) :]) if seq.params.prompt_logprobs else None
+            prompt_info = None
+            if seq.params.prompt_logprobs:
+                key = (row, seq.params.logprobs or 0)
+                if key not in scored:
+                    scored[key] = self._prompt_logprobs(seq, logits[row, ids.shape[1] - len(seq.prompt) :])
+                prompt_info = scored[key]
             if seq.params.max_tokens == 0:
                 seq.done = True
                 seq.request.emit(Update(seq.index, seq.stream.close("length"), prompt=prompt_info, finish_reason="length"))
@@ -427,7 +437,7 @@ class Engine:
             else:
                 groups[(p.temperature, p.top_k, p.top_p)].append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            probs = torch.softmax(filter_logits(logits[rows], temperature, top_k, top_p), dim=-1)
+            probs = torch.softmax(filter_logits(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p), dim=-1)
             tokens[rows] = _sample_by_cdf(probs, self.generator)
         return tokens.tolist()
 
@@ -462,11 +472,28 @@ def _logprob_infos(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> 
     return infos
 
 
-def _sample_by_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of `probs` (B, V) by inverting the cumulative distribution: one random number
-    per row, several times cheaper than torch.multinomial over GPT-2's 50k tokens."""
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # stay below the last step
-    return torch.searchsorted(cdf, u, right=True)[:, 0]  # right=True never lands on a zero-probability token
+CDF_BLOCK = 256  # tokens per block of the two-level sampler
+
+
+def _sample_by_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `weights` (B, V), non-negative and not all zero, drawn in proportion to them.
+
+    One random number per row, placed on the cumulative distribution in two steps: first among
+    blocks of CDF_BLOCK tokens (a sum per block, a short cumulative sum), then inside the chosen
+    block. A cumulative sum over all of GPT-2's 50k tokens is a sequential scan that costs more than
+    the rest of sampling together; torch.multinomial is slower still.
+    """
+    rows, vocab = weights.shape
+    whole = vocab - vocab % CDF_BLOCK
+    sums = weights[:, :whole].view(rows, -1, CDF_BLOCK).sum(-1)
+    if whole < vocab:
+        sums = torch.cat([sums, weights[:, whole:].sum(-1, keepdim=True)], dim=1)
+    block_cdf = sums.cumsum(-1)
+    u = torch.rand((rows, 1), generator=generator, device=weights.device, dtype=block_cdf.dtype) * block_cdf[:, -1:]
+    u = torch.minimum(u, torch.nextafter(block_cdf[:, -1:], torch.zeros_like(u)))  # stay below the last step
+    block = torch.searchsorted(block_cdf, u, right=True)  # right=True never lands on an all-zero block
+    u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
+    index = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
+    inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0).cumsum(-1)
+    u = torch.minimum(u.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(u)))  # rounding: stay inside the block
+    return (index.gather(1, torch.searchsorted(inside, u, right=True)))[:, 0]

@@ -9,20 +9,25 @@ from __future__ import annotations
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
 
+from gptwo.generate import MAX_STOP_CHARS, MAX_STOPS, invalid_text
 from gptwo.serve.engine import SamplingParams
 
 MAX_LOGPROBS = 20
+CODES = ("string_above_max_length", "array_above_max_length", "invalid_text")  # our validators' error types = OpenAI codes
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. `top_k` is an extension (as in vLLM); -1 or null means off."""
+    """POST /v1/completions. `top_k` is an extension (as in vLLM); -1 or null means off. Unknown fields are errors."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="the served model's id (see GET /v1/models)")
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
@@ -34,7 +39,9 @@ class CompletionRequest(BaseModel):
     top_k: Optional[int] = Field(default=None, ge=-1, description="sample from the k most likely tokens; -1, 0 or null: all")
     n: Optional[int] = Field(default=1, ge=1, le=128, description="choices per prompt")
     best_of: Optional[int] = Field(default=None, ge=1, description="accepted only when equal to n")
-    stop: Union[StrictStr, list[StrictStr], None] = Field(default=None, description="up to 16 strings that end a choice (not returned)")
+    stop: Union[StrictStr, list[StrictStr], None] = Field(
+        default=None, description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters that end a choice (not returned)"
+    )
     seed: Optional[int] = Field(default=None, ge=-(2**63), lt=2**64, description="makes sampling reproducible")
     stream: Optional[bool] = Field(default=False, description="send server-sent events, ending with data: [DONE]")
     stream_options: Optional[StreamOptions] = None
@@ -46,11 +53,29 @@ class CompletionRequest(BaseModel):
     suffix: Optional[str] = Field(default=None, description="not supported")
     user: Optional[str] = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_text(cls, prompt):
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            why = isinstance(text, str) and invalid_text(text)
+            if why:
+                raise PydanticCustomError("invalid_text", "the prompt is not valid text: {why}", {"why": why})
+        return prompt
+
     @field_validator("stop")
     @classmethod
-    def _few_stops(cls, stop):
-        if isinstance(stop, list) and len(stop) > 16:
-            raise ValueError("at most 16 stop strings")
+    def _few_short_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise PydanticCustomError("array_above_max_length", "array too long: {n} stop strings, at most {limit} are allowed", {"n": len(stops), "limit": MAX_STOPS})
+        for text in stops:
+            if len(text) > MAX_STOP_CHARS:
+                raise PydanticCustomError(
+                    "string_above_max_length", "string too long: a stop string has {n} characters, at most {limit} are allowed", {"n": len(text), "limit": MAX_STOP_CHARS}
+                )
+            why = invalid_text(text)
+            if why:
+                raise PydanticCustomError("invalid_text", "a stop string is not valid text: {why}", {"why": why})
         return stop
 
     def sampling_params(self) -> SamplingParams:

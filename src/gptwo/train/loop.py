@@ -115,6 +115,9 @@ class _Trainer:
         self.train_loss = compiled_loss(self.loss_fn) if self.compiled and not per_block else self.loss_fn
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
+        from gptwo.select.online import make_selector
+
+        self.selector = make_selector(config, self.data.train, device, lambda: autocast(config, device))
         self.step = 0
         torch.manual_seed(config.seed + info.rank)  # dropout masks differ between ranks
         if self.resume_from:
@@ -180,6 +183,8 @@ class _Trainer:
         config, info = self.config, self.info
         tokens_per_step = config.batch_size * config.block_size * self.grad_accum * info.world_size
         flops = flops_per_token(self.model_config, self.n_params, config.block_size) * tokens_per_step
+        scoring = self.selector.scoring_flops(unwrap(self.model), config.batch_size, config.block_size) * self.grad_accum * info.world_size
+        flops_per_step = flops + scoring  # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
             print(f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
@@ -209,11 +214,12 @@ class _Trainer:
                 pending.clear()
                 if logged:
                     elapsed = time.perf_counter() - clock
-                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed}
+                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed,
+                           "flops": self.step * flops_per_step}
                     if peak:
                         row["mfu"] = flops * window_steps / elapsed / peak
                     self.log.write(row)
-                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
+                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | {row['flops']:.2e} FLOPs" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
                     clock, window_steps = time.perf_counter(), 0
                 if evaluated:
                     summary.update(self.evaluate(bar))
@@ -223,7 +229,7 @@ class _Trainer:
                     clock, window_steps = time.perf_counter(), 0
         finally:
             bar.close()
-        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step)
+        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step, flops=self.step * flops_per_step)
         return summary
 
     def _fit_time_budget(self, budget: "_TimeBudget", bar) -> TrainConfig:
@@ -247,8 +253,7 @@ class _Trainer:
         model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
-            x, y = self.data.train.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.selector.next_batch(model)  # on the device; selection (if any) scores a pool first
             with grad_sync(model, micro == self.grad_accum - 1):
                 with autocast(config, self.device):
                     loss = self.train_loss(model, x, y)

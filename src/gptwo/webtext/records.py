@@ -15,9 +15,8 @@ from typing import IO, Any, Iterable, Iterator
 import zstandard
 
 from gptwo.errors import GptwoError
+from gptwo.fileio import ZSTD_MAGIC, DamagedStream, open_zstd_text
 
-# Pushshift's dumps are compressed with a 2 GiB window; the default decoder refuses them.
-ZSTD_MAX_WINDOW = 2**31
 
 
 @dataclass
@@ -51,58 +50,6 @@ class StageReport:
         return cls(stage, data["in"], data["kept"], Counter(data["dropped"]), notes)
 
 
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-READ_CHUNK = 1 << 18
-
-
-class DamagedStream(Exception):
-    """A compressed input that is not a whole zstd stream (not zstd at all, or cut off mid-frame).
-    Callers turn it into a `GptwoError` that names the file and says how far it was read."""
-
-
-class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a file of zstd frames, streamed. Unlike zstandard's stream_reader,
-    a file that ends inside a frame (a cut download) raises `DamagedStream` instead of ending quietly."""
-
-    def __init__(self, raw: IO[bytes]):
-        self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-        self._frame = None
-        self._out = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._out:
-            chunk = self._raw.read(READ_CHUNK)
-            if not chunk:
-                if self._frame is not None and not self._frame.eof:
-                    raise DamagedStream("the zstd stream ends mid-frame, so the file is truncated")
-                return 0
-            self._out = memoryview(self._decompress(chunk))
-        n = min(len(buffer), len(self._out))
-        buffer[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-    def _decompress(self, data: bytes) -> bytes:
-        out = []
-        while data:
-            if self._frame is None or self._frame.eof:
-                self._frame = self._dctx.decompressobj()
-            try:
-                out.append(self._frame.decompress(data))
-            except zstandard.ZstdError as err:
-                raise DamagedStream(f"not a valid zstd stream ({err})") from None
-            data = self._frame.unused_data if self._frame.eof else b""
-        return b"".join(out)
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
 def open_text(path: str | os.PathLike) -> IO[str]:
     """Open a text file for streaming; zstd files (by content, whatever their name) are decompressed
     on the fly, never loaded whole. A `.zst` file that isn't zstd, or one cut off mid-frame, raises
@@ -114,7 +61,7 @@ def open_text(path: str | os.PathLike) -> IO[str]:
     try:
         head = raw.peek(4)[:4] if isinstance(raw, io.BufferedReader) else b""
         if head == ZSTD_MAGIC:
-            return io.TextIOWrapper(io.BufferedReader(_ZstdReader(raw), READ_CHUNK), encoding="utf-8", errors="replace")
+            return open_zstd_text(raw, errors="replace")
         if path.suffix == ".zst" and head:
             raise DamagedStream("not a zstd file (it doesn't start with zstd's magic number)")
     except BaseException:

@@ -1,0 +1,73 @@
+"""Detection benchmark: can each statistic tell held-out human text from the model's own continuations?
+
+Human passages: the validation documents of the model's prepared data (for the quickstart model,
+the built-in corpus' held-out documents), cut into non-overlapping passages of prompt + new tokens.
+Generated: the model's continuation of each passage's first `--prompt-tokens` tokens, as long as
+the rest (`gptwo detect sample`), under two sampling settings: temperature 1.0, and top-k 40.
+Each set goes through `gptwo detect calibrate` (AUROC, TPR at 1% FPR, ROC plot per setting).
+Prints a table and writes bench/results/detect/{SETTING}/… and bench/results/detect.json.
+
+    gptwo quickstart --out runs/qs && python bench/detect.py --model runs/qs --reference runs/qs/checkpoints/step_500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from gptwo.detect import DEFAULT_DETECTOR
+from gptwo.detect.calibrate import calibrate
+from gptwo.detect.sample import sample_set
+from gptwo.fileio import atomic_write
+
+SETTINGS = {"temperature-1.0": dict(temperature=1.0, top_k=None), "top-k-40": dict(temperature=1.0, top_k=40)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="runs/qs", help="a run/model folder (default runs/qs, from 'gptwo quickstart --out runs/qs')")
+    parser.add_argument("--data", default=None, help="prepared data folder whose val split gives the human text (default MODEL/data)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt tokens taken from each human passage (default 16)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens the model writes (default 128)")
+    parser.add_argument("--per-document", type=int, default=0, help="passages per validation document (default 0 = all, non-overlapping)")
+    parser.add_argument("--out", default="bench/results/detect", help="output folder")
+    parser.add_argument("--reference", default=None, help="a second model with the same tokenizer (e.g. an earlier checkpoint): adds Binoculars")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine more threads run far slower)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = args.data or os.path.join(args.model, "data")
+    results = {}
+    for name, sampling in SETTINGS.items():
+        folder = os.path.join(args.out, name)
+        start = time.perf_counter()
+        summary = sample_set(args.model, data, folder, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, per_document=args.per_document,
+                             seed=args.seed, device="cpu", **sampling)
+        report = calibrate(args.model, os.path.join(folder, "human"), os.path.join(folder, "generated"), reference_spec=args.reference, out=os.path.join(folder, "calibration.json"),
+                           plot=os.path.join(args.out, f"roc-{name}.png"), device="cpu")
+        results[name] = {"pairs": summary["pairs"], "dropped_short": summary["dropped_short"], "sampling": sampling, "seconds": time.perf_counter() - start,
+                         "statistics": report["statistics"], "plot": report["plot"]}
+    payload = {"model": args.model, "reference": args.reference, "data": data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "detector": DEFAULT_DETECTOR, "settings": results}
+    atomic_write(os.path.join(os.path.dirname(args.out.rstrip("/")) or ".", "detect.json"), (json.dumps(payload, indent=2) + "\n").encode())
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per statistic, AUROC and TPR at 1% FPR per sampling setting."""
+    names = list(SETTINGS)
+    head = "| statistic | " + " | ".join(f"AUROC {n} | TPR@1%FPR {n}" for n in names) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(names))]
+    for stat in results[names[0]]["statistics"]:
+        cells = [f"{results[n]['statistics'][stat]['auroc']:.3f} | {results[n]['statistics'][stat]['tpr']:.3f}" for n in names]
+        lines.append(f"| {stat}{' (default)' if stat == DEFAULT_DETECTOR else ''} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{n}: {results[n]['pairs']} pairs" for n in names)
+    return "\n".join(lines) + f"\n\n{counts}"
+
+
+if __name__ == "__main__":
+    main()

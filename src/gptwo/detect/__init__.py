@@ -1,0 +1,7 @@
+"""Was this text written by the model? Per-token statistics, zero-shot detectors, calibration, GLTR report, attention maps.
+
+The defaults live here as plain constants (no torch import), so `gptwo --help` stays fast.
+"""
+
+DEFAULT_DETECTOR = "fast_detectgpt"
+DEFAULT_MIN_TOKENS = 32

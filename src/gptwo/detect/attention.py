@@ -1,0 +1,49 @@
+"""Attention weights of a GPT, by an explicit path used only when asked (the Inspect view).
+
+The model's own forward uses fused scaled-dot-product attention, which never forms the weights.
+This module walks the same modules block by block — each `Block` runs its ordinary (fast)
+forward — and beside each block recomputes softmax(q kᵀ / √d + causal mask) from that block's
+`ln_1` output and its `c_attn` weights. Nothing is attached to the model (no hooks), so a model
+that is serving requests in another thread is not disturbed. `tests/detect` checks that
+`c_proj(weights @ v)` equals the block's attention output and that the logits equal `model(idx)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptwo.errors import GptwoError
+
+
+def attention_weights(block: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention weights (B, n_head, T, T) of one block for its `ln_1` output `h` (B, T, C), and its values."""
+    attn = block.attn
+    B, T, C = h.shape
+    q, k, v = attn.c_attn(h).split(attn.n_embd, dim=2)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // attn.n_head)
+    causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1), v
+
+
+def attention_output(block: torch.nn.Module, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention sublayer's output from explicit weights: c_proj(weights @ v), heads merged."""
+    B, H, T, D = v.shape
+    return block.attn.c_proj((weights @ v).transpose(1, 2).reshape(B, T, H * D))
+
+
+@torch.no_grad()
+def forward_with_attention(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, T, vocab) and attention weights (n_layer, B, n_head, T, T) of token ids `idx` (B, T)."""
+    B, T = idx.shape
+    if T > model.config.block_size:
+        raise GptwoError(f"{T} tokens exceed the model's context of {model.config.block_size}", "inspect a shorter text")
+    transformer = model.transformer
+    x = transformer.drop(transformer.wte(idx) + transformer.wpe(torch.arange(T, device=idx.device)))
+    maps = []
+    for block in transformer.h:
+        maps.append(attention_weights(block, block.ln_1(x))[0])
+        x = block(x)
+    return model.lm_head(transformer.ln_f(x)), torch.stack(maps)

@@ -1,0 +1,193 @@
+"""The default detector and its verdict: a statistic, a threshold (calibrated or not), a minimum length.
+
+The default detector is Fast-DetectGPT's analytic statistic with the model itself as sampling and
+scoring model (Bao et al., 2024): one forward pass, no second model. `score` is the statistic with
+the sign that makes larger mean "more likely generated"; a text is `generated` when its score is
+above the threshold. `gptwo detect calibrate` writes the threshold beside the model as
+`detect-calibration.json`; without one, a default threshold is used and the verdict says so.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS
+from gptwo.detect.stats import DIRECTION, TokenTable, document_scores, token_stats
+from gptwo.errors import GptwoError
+from gptwo.tokenizer import Tokenizer
+
+# Uncalibrated fallback: text the model finds clearly more predictable than its own samples (whose D is
+# about N(0, 1)). On the quickstart model's held-out text 7% of human passages score above 1, and all
+# top-k-40 samples do; pure samples mostly do not (docs/detect.md). Calibrate for a real threshold.
+DEFAULT_THRESHOLD = 1.0
+CALIBRATION_FILE = "detect-calibration.json"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How scores become a verdict: which statistic, the threshold on its signed score, the minimum length."""
+
+    detector: str = DEFAULT_DETECTOR
+    threshold: float = DEFAULT_THRESHOLD
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    calibrated: bool = False
+    source: str | None = None  # the calibration file, when calibrated
+
+    def score(self, scores: dict[str, float]) -> float:
+        return DIRECTION[self.detector] * scores[self.detector]
+
+    def verdict(self, score: float, tokens: int) -> str:
+        if tokens < self.min_tokens:
+            return "too short"
+        return "generated" if score > self.threshold else "human"
+
+    def describe(self) -> str:
+        if self.calibrated:
+            return f"{self.detector} > {self.threshold:.4g} (calibrated: {self.source})"
+        return f"{self.detector} > {self.threshold:.4g} (uncalibrated default; run 'gptwo detect calibrate' for a threshold fitted to your text)"
+
+
+def calibration_path(model_spec: str) -> str | None:
+    """Where the calibration of a model folder lives (None for a hub id)."""
+    return os.path.join(model_spec, CALIBRATION_FILE) if os.path.isdir(model_spec) else None
+
+
+def load_rule(model_spec: str, calibration: str | None = None, min_tokens: int | None = None) -> Rule:
+    """The rule from `calibration` (or the model folder's calibration file), else the uncalibrated default."""
+    path = calibration or calibration_path(model_spec)
+    if calibration and not os.path.isfile(calibration):
+        raise GptwoError(f"calibration file {calibration} not found", "run 'gptwo detect calibrate' or check the path")
+    if not path or not os.path.isfile(path):
+        return Rule(min_tokens=DEFAULT_MIN_TOKENS if min_tokens is None else min_tokens)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        rule = Rule(saved["detector"], float(saved["threshold"]), int(saved["min_tokens"]), True, path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise GptwoError(f"{path} is not a valid calibration ({type(err).__name__}: {err})", "run 'gptwo detect calibrate' again") from None
+    if rule.detector not in DIRECTION:
+        raise GptwoError(f"{path} names an unknown detector '{rule.detector}'", "run 'gptwo detect calibrate' again")
+    return rule if min_tokens is None else Rule(rule.detector, rule.threshold, min_tokens, True, path)
+
+
+def token_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds, decoded incrementally, so that the pieces join to exactly the text."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    return [decoder.decode(tokenizer.token_bytes(i)) for i in ids]
+
+
+@dataclass
+class Document:
+    """One judged text: its per-token table, every statistic, the score and the verdict."""
+
+    name: str
+    table: TokenTable
+    scores: dict[str, float]
+    score: float
+    verdict: str
+    rule: Rule
+    pieces: list[str] = field(default_factory=list)  # each token's text
+
+    def to_dict(self, tokenizer: Tokenizer, with_tokens: bool = False) -> dict:
+        out = {"file": self.name, "tokens": len(self.table), "score": self.score, "verdict": self.verdict, "detector": self.rule.detector,
+               "threshold": self.rule.threshold, "calibrated": self.rule.calibrated, "scores": self.scores}
+        if with_tokens:
+            out["token_stats"] = token_rows(self, tokenizer)
+        return out
+
+
+def token_rows(doc: Document, tokenizer: Tokenizer) -> list[dict]:
+    """Per token: its text and id, probability, rank, entropy and the top alternatives with probabilities."""
+    table = doc.table
+    rows = []
+    for i, piece in enumerate(doc.pieces):
+        top = [[tokenizer.decode([int(t)]), float(lp.exp())] for t, lp in zip(table.top_ids[i], table.top_logprobs[i])]
+        rows.append({"token": piece, "id": table.tokens[i], "prob": float(table.logprob[i].exp()), "logprob": float(table.logprob[i]),
+                     "rank": int(table.rank[i]), "entropy": float(table.entropy[i]), "top": top})
+    return rows
+
+
+def check_same_tokenizer(tokenizer: Tokenizer, reference_tokenizer: Tokenizer) -> None:
+    """Binoculars compares two models' predictions token by token: they must share one tokenizer."""
+    if tokenizer.identity != reference_tokenizer.identity:
+        raise GptwoError("the reference model uses another tokenizer than the model", "pass a --reference trained with the same tokenizer (e.g. on the same prepared data)")
+
+
+def judge_tokens(model: torch.nn.Module, tokenizer: Tokenizer, tokens: list[int], name: str, rule: Rule, *,
+                 reference: torch.nn.Module | None = None, stride: int | None = None, top: int = 10) -> Document:
+    """Score a tokenized text and give its verdict."""
+    if rule.detector == "binoculars" and reference is None:
+        raise GptwoError("the calibrated detector is binoculars, which needs a second model", "pass --reference (the model used when calibrating)")
+    table = token_stats(model, tokenizer, tokens, reference=reference, stride=stride, top=top)
+    scores = document_scores(table)
+    score = rule.score(scores)
+    return Document(name, table, scores, score, rule.verdict(score, len(table)), rule, token_texts(tokenizer, table.tokens))
+
+
+def judge_text(model: torch.nn.Module, tokenizer: Tokenizer, text: str, name: str, rule: Rule, **kwargs) -> Document:
+    """Score a text and give its verdict; empty text is an error."""
+    tokens = tokenizer.encode_ordinary(text)
+    if not tokens:
+        raise GptwoError(f"{name} is empty", "give text with at least one character")
+    return judge_tokens(model, tokenizer, tokens, name, rule, **kwargs)
+
+
+def load_models(model_spec: str, reference_spec: str | None, device: str = "auto"):
+    """The model, its tokenizer, and the reference model (None without one), checked to share the tokenizer."""
+    from gptwo.weights import load_model
+
+    model, tokenizer = load_model(model_spec, device=device)
+    reference = None
+    if reference_spec:
+        reference, reference_tokenizer = load_model(reference_spec, device=device)
+        check_same_tokenizer(tokenizer, reference_tokenizer)
+    return model, tokenizer, reference
+
+
+def read_inputs(files: list[str]) -> list[tuple[str, str]]:
+    """(name, text) of each input file; '-' reads stdin. Empty inputs are errors."""
+    from gptwo.eval.perplexity import read_text_file
+
+    if not files:
+        raise GptwoError("no input files", "pass one or more text files, or '-' for stdin")
+    inputs = []
+    for path in files:
+        if path == "-":
+            text = sys.stdin.read()
+            if not text.strip():
+                raise GptwoError("stdin is empty", "pipe some text in, or pass a file")
+            inputs.append(("-", text))
+        else:
+            inputs.append((path, read_text_file(path)))
+    return inputs
+
+
+def detect_files(model_spec: str, files: list[str], *, reference_spec: str | None = None, calibration: str | None = None,
+                 min_tokens: int | None = None, stride: int | None = None, top: int = 10, device: str = "auto") -> tuple[list[Document], Tokenizer]:
+    """What `gptwo detect` reports: one judged Document per input, and the tokenizer to show tokens with."""
+    inputs = read_inputs(files)
+    rule = load_rule(model_spec, calibration, min_tokens)
+    model, tokenizer, reference = load_models(model_spec, reference_spec, device)
+    docs = [judge_text(model, tokenizer, text, name, rule, reference=reference, stride=stride, top=top) for name, text in inputs]
+    return docs, tokenizer
+
+
+def render_document(doc: Document, tokenizer: Tokenizer, with_tokens: bool = False) -> str:
+    """What `gptwo detect` prints for one text: optionally a row per token, then the scores and the verdict."""
+    lines = []
+    if with_tokens:
+        lines.append(f"{'token':<18} {'prob':>8} {'rank':>6} {'entropy':>8}  top alternatives")
+        for row in token_rows(doc, tokenizer):
+            alternatives = ", ".join(f"{text!r} {p:.1%}" for text, p in row["top"][:5])
+            lines.append(f"{row['token']!r:<18} {row['prob']:>8.2%} {row['rank']:>6} {row['entropy']:>8.3f}  {alternatives}")
+    verdict = f"too short to judge (fewer than {doc.rule.min_tokens} tokens)" if doc.verdict == "too short" else doc.verdict
+    lines.append(f"{doc.name}: {len(doc.table)} tokens · score {doc.score:.4f} · verdict: {verdict}")
+    lines.append(f"  rule: {doc.rule.describe()}")
+    lines.append("  " + "  ".join(f"{name} {value:.4g}" for name, value in doc.scores.items()))
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""A matched evaluation set: human passages and the model's continuations of their openings.
+
+The protocol of DetectGPT (Mitchell et al., 2023) and Fast-DetectGPT (Bao et al., 2024): each
+human passage's first tokens are the prompt, the model writes the rest, and both texts get the
+same length in tokens (a continuation that ends early with <|endoftext|> shortens its human twin).
+Human passages come from a prepared data folder's validation split (documents the model did
+not train on) or from a folder of .txt files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from gptwo.errors import GptwoError
+from gptwo.fileio import atomic_write
+from gptwo.tokenizer import Tokenizer
+
+
+def val_documents(data_dir: str, tokenizer: Tokenizer) -> list[list[int]]:
+    """The token ids of each validation document of a prepared data folder (split at <|endoftext|>)."""
+    from gptwo.data.loader import read_meta
+    from gptwo.data.shards import read_shard
+
+    meta = read_meta(data_dir)
+    if meta.get("tokenizer") != tokenizer.identity:
+        raise GptwoError(f"{data_dir} was prepared with another tokenizer than the model's", "sample from the data the model was trained on, or pass .txt files")
+    shards = [read_shard(os.path.join(data_dir, shard["file"] if isinstance(shard, dict) else shard)) for shard in meta["splits"]["val"]["shards"]]
+    tokens = np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
+    documents, start = [], 0
+    for end in np.flatnonzero(tokens == tokenizer.eot_token).tolist() + [len(tokens)]:
+        if end > start:
+            documents.append(tokens[start:end].astype(np.int64).tolist())
+        start = end + 1
+    return documents
+
+
+def source_documents(source: str, tokenizer: Tokenizer) -> list[list[int]]:
+    """Documents as token ids: a prepared data folder's val split, or every .txt file of a folder."""
+    if os.path.isfile(os.path.join(source, "meta.json")):
+        return val_documents(source, tokenizer)
+    from gptwo.detect.calibrate import read_folder
+
+    return [tokenizer.encode_ordinary(text) for _, text in read_folder(source)]
+
+
+def passages(documents: list[list[int]], length: int, per_document: int = 1) -> list[list[int]]:
+    """Non-overlapping passages of `length` tokens from each document (up to `per_document`; 0 = all)."""
+    out = []
+    for tokens in documents:
+        count = len(tokens) // length if per_document == 0 else min(per_document, len(tokens) // length)
+        out += [tokens[i * length : (i + 1) * length] for i in range(count)]
+    return out
+
+
+@torch.no_grad()
+def continue_passages(model: torch.nn.Module, tokenizer: Tokenizer, human: list[list[int]], prompt_tokens: int, *, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 16) -> list[tuple[list[int], list[int]]]:
+    """(human, generated) token pairs of equal length: each passage's first `prompt_tokens` continued by the model."""
+    from gptwo.generate import generate
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pairs = []
+    for first in range(0, len(human), batch_size):
+        batch = human[first : first + batch_size]
+        idx = torch.tensor([p[:prompt_tokens] for p in batch], dtype=torch.long, device=device)
+        new = len(batch[0]) - prompt_tokens
+        out = generate(model, idx, new, temperature, top_k, top_p, eos_token=tokenizer.eot_token, generator=generator).tolist()
+        for passage, row in zip(batch, out):
+            continuation = row[prompt_tokens:]
+            if tokenizer.eot_token in continuation:
+                continuation = continuation[: continuation.index(tokenizer.eot_token)]
+            length = prompt_tokens + len(continuation)
+            pairs.append((passage[:length], row[:length]))
+    return pairs
+
+
+def sample_set(model_spec: str, source: str, out_dir: str, *, prompt_tokens: int = 16, new_tokens: int = 128, per_document: int = 1,
+               limit: int | None = None, min_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int = 0, device: str = "auto") -> dict:
+    """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs) and OUT/sample.json; return the summary."""
+    from gptwo.generate import check_sampling
+    from gptwo.weights import load_model
+
+    check_sampling(new_tokens, temperature, top_k, top_p)
+    if prompt_tokens < 1:
+        raise GptwoError(f"--prompt-tokens {prompt_tokens} must be at least 1", "use e.g. 16")
+    model, tokenizer = load_model(model_spec, device=device)
+    chosen = passages(source_documents(source, tokenizer), prompt_tokens + new_tokens, per_document)[:limit]
+    if not chosen:
+        raise GptwoError(f"no document in {source} has {prompt_tokens + new_tokens} tokens", "use shorter --prompt-tokens/--new-tokens or longer documents")
+    pairs = [p for p in continue_passages(model, tokenizer, chosen, prompt_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+             if len(p[0]) >= min_tokens]
+    for i, (human, generated) in enumerate(pairs):
+        atomic_write(os.path.join(out_dir, "human", f"{i:05d}.txt"), tokenizer.decode(human).encode())
+        atomic_write(os.path.join(out_dir, "generated", f"{i:05d}.txt"), tokenizer.decode(generated).encode())
+    summary = {"model": model_spec, "source": source, "pairs": len(pairs), "dropped_short": len(chosen) - len(pairs), "prompt_tokens": prompt_tokens,
+               "new_tokens": new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    atomic_write(os.path.join(out_dir, "sample.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    if summary["dropped_short"]:
+        print(f"note: {summary['dropped_short']} continuation(s) ended before {min_tokens} tokens and were left out", file=sys.stderr)
+    return summary

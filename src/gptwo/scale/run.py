@@ -1,0 +1,138 @@
+"""Run an IsoFLOP plan: every run an ordinary `gptwo train` run folder, finished ones skipped, killed ones resumed.
+
+OUT/runs/NAME is each run's folder (checkpoints, metrics.jsonl, loss.png, train.log); OUT/runs/NAME/scale.json
+marks it finished with its record; OUT/results.jsonl holds one record per finished run (params counted three
+ways, tokens, FLOPs, final held-out loss, wall and CPU seconds), rewritten after each run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+from gptwo.errors import GptwoError
+from gptwo.scale.plan import count_params, read_plan, run_flops, vocab_size_of
+
+RESULTS = "results.jsonl"
+MARKER = "scale.json"
+
+
+def run_sweep(plan_path: str, data_dir: str, out_dir: str, parallel: int = 1, threads: int = 0) -> list[dict]:
+    """Train every unfinished run of the plan (`parallel` processes at once, each `threads` torch threads); return all records."""
+    plan = read_plan(plan_path)
+    vocab = vocab_size_of(data_dir)
+    if plan.get("vocab_size", vocab) != vocab:
+        raise GptwoError(f"the plan counts parameters for a {plan['vocab_size']}-token vocabulary but {data_dir} has {vocab}",
+                         f"make the plan with --data {data_dir} (or --vocab-size {vocab})")
+    if parallel < 1:
+        raise GptwoError(f"--parallel {parallel} must be at least 1", "use --parallel 1 or more")
+    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
+    jobs = [_job(plan, run, data_dir, out_dir, threads, vocab) for run in plan["runs"]]
+    _check_held_out(data_dir, jobs)
+    records = {job["name"]: rec for job in jobs if (rec := finished_record(job)) is not None}
+    pending = [job for job in jobs if job["name"] not in records]
+    print(f"{len(records)} of {len(jobs)} runs already finished; training {len(pending)} ({parallel} at a time, {threads} thread(s) each)", file=sys.stderr)
+    for record in _train_all(pending, parallel):
+        records[record["name"]] = record
+        _write_results(out_dir, [records[job["name"]] for job in jobs if job["name"] in records])
+        print(f"[{len(records)}/{len(jobs)}] {record['name']}: held-out loss {record['loss']:.4f} (N={record['params']:,}, D={record['tokens']:,}, "
+              f"C={record['flops']:.3g}, {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU)", file=sys.stderr)
+    return [records[job["name"]] for job in jobs]
+
+
+def _job(plan: dict, run: dict, data_dir: str, out_dir: str, threads: int, vocab: int) -> dict:
+    """Everything one run needs: its folder, its trainer overrides and the counts its record states."""
+    from gptwo.config import load_train_config, train_fields
+
+    fields = train_fields()
+    settings = {**plan.get("train", {}), **{k: v for k, v in run.items() if k in fields}}
+    settings.setdefault("eval_every", run["max_steps"])
+    settings.setdefault("checkpoint_every", max(1, min(run["max_steps"], max(50, run["max_steps"] // 5))))
+    settings.setdefault("threads", threads)
+    config = load_train_config(overrides=settings)  # checks every value now, before any run starts
+    counts = count_params(config.n_layer, config.n_head, config.n_embd, vocab, config.block_size)
+    tokens = config.max_steps * config.batch_size * config.block_size * config.grad_accum
+    record = {"name": run["name"], "budget": run.get("budget"), "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+              "params": counts.params, "params_total": counts.total, "params_non_embedding": counts.non_embedding, "tokens": tokens,
+              "flops": run_flops(counts.params, tokens), "flops_attention": 12.0 * config.n_layer * config.n_embd * config.block_size * tokens,
+              "steps": config.max_steps}
+    return {"name": run["name"], "data_dir": data_dir, "run_dir": os.path.join(out_dir, "runs", run["name"]), "batch_tokens": config.batch_size * config.block_size,
+            "overrides": [f"{k}={v}" for k, v in settings.items()], "record": record}
+
+
+def _check_held_out(data_dir: str, jobs: list[dict]) -> None:
+    """Every run is measured by its held-out loss: refuse, before training, data whose validation split is under one batch."""
+    from gptwo.data.loader import read_meta
+
+    val_tokens = read_meta(data_dir).get("val_tokens", 0)
+    batch = max(job["batch_tokens"] for job in jobs)
+    if val_tokens <= batch:
+        raise GptwoError(f"{data_dir} holds {val_tokens} held-out tokens, not more than one batch of {batch}; the sweep measures held-out loss",
+                         "prepare the data with a larger --val-fraction, or lower batch_size/block_size in the plan")
+
+
+def finished_record(job: dict) -> dict | None:
+    """The record of a run already trained to the end of this plan entry, or None; an entry changed since is an error."""
+    path = os.path.join(job["run_dir"], MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    changed = [k for k in ("n_layer", "n_head", "n_embd", "steps", "tokens") if record.get(k) != job["record"][k]]
+    if changed:
+        raise GptwoError(f"{job['run_dir']} was trained with {changed[0]}={record.get(changed[0])}, the plan now says {job['record'][changed[0]]}",
+                         "delete that run folder to retrain it, or rename the run in the plan")
+    return record
+
+
+def _train_all(jobs: list[dict], parallel: int):
+    """Yield each job's record as it finishes: in this process, or in `parallel` fresh processes."""
+    if parallel == 1 or len(jobs) <= 1:
+        yield from map(train_job, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_job, job) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def train_job(job: dict) -> dict:
+    """Train (or resume, or just read back) one run with the ordinary trainer; write its finished-marker; return its record."""
+    from gptwo.fileio import atomic_write
+    from gptwo.train.loop import run_training
+
+    os.makedirs(job["run_dir"], exist_ok=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with open(os.path.join(job["run_dir"], "train.log"), "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+        summary = run_training(job["data_dir"], job["run_dir"], overrides=job["overrides"], resume=True, progress=False)
+    loss = summary.get("val_loss", _final_val_loss(job))
+    if loss is None:
+        raise GptwoError(f"run {job['name']} has no held-out loss", "prepare the data with a validation split larger than one batch")
+    record = {**job["record"], "loss": loss, "train_loss": summary.get("loss"), "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    atomic_write(os.path.join(job["run_dir"], MARKER), (json.dumps(record) + "\n").encode())
+    return record
+
+
+def _final_val_loss(job: dict) -> float | None:
+    """The held-out loss logged at the last step (a run killed after finishing but before its marker)."""
+    from gptwo.train.metrics import read_metrics
+
+    rows = read_metrics(os.path.join(job["run_dir"], "metrics.jsonl"))
+    return next((row["val_loss"] for row in reversed(rows) if "val_loss" in row and row["step"] == job["record"]["steps"]), None)
+
+
+def _write_results(out_dir: str, records: list[dict]) -> None:
+    from gptwo.fileio import atomic_write
+
+    atomic_write(os.path.join(out_dir, RESULTS), "".join(json.dumps(r) + "\n" for r in records).encode())

@@ -1,0 +1,178 @@
+"""Offline selection: keep a band of documents by their scores (`gptwo select filter`), or resample
+a corpus toward a target sample with hashed n-gram importance weights (`gptwo select dsir`).
+
+Both write the kept documents, in input order, as `{"text": ...}` lines in a .jsonl.zst file that
+`gptwo prepare` reads. Document ids are positions in the input stream, as `gptwo select score` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zlib
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from gptwo.errors import GptwoError
+
+BANDS = ("low", "middle", "high")
+DEFAULT_BAND = {"loss": "low", "reducible": "high"}  # low loss: drop what the model finds noisy; high reducible: RHO-LOSS
+
+
+def read_scores(path: str, by: str) -> dict[int, float]:
+    """id → score (`loss` or `reducible`) from a `gptwo select score` output file."""
+    if by not in DEFAULT_BAND:
+        raise GptwoError(f"--by {by!r} is unknown", "use --by loss or --by reducible")
+    scores: dict[int, float] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    scores[int(row["id"])] = float(row[by])
+                except (ValueError, KeyError, TypeError):
+                    hint = "score with --reference R to get 'reducible'" if by == "reducible" else "re-run 'gptwo select score'"
+                    raise GptwoError(f"{path}:{number} has no numeric '{by}' with an 'id'", hint) from None
+    except FileNotFoundError:
+        raise GptwoError(f"scores file {path} not found", "run 'gptwo select score' first") from None
+    if not scores:
+        raise GptwoError(f"scores file {path} is empty", "run 'gptwo select score' on the same inputs first")
+    return scores
+
+
+def kept_ids(scores: dict[int, float], keep: float, band: str) -> set[int]:
+    """The ids of the `keep` fraction of documents in the low, middle or high band of scores."""
+    if not 0.0 < keep <= 1.0:
+        raise GptwoError(f"--keep {keep} is outside (0, 1]", "give the fraction of documents to keep, e.g. --keep 0.5")
+    if band not in BANDS:
+        raise GptwoError(f"--band {band!r} is unknown", "use --band low, middle or high")
+    ranked = sorted(scores, key=lambda i: (scores[i], i))
+    count = max(1, round(keep * len(ranked)))
+    start = {"low": 0, "middle": (len(ranked) - count) // 2, "high": len(ranked) - count}[band]
+    return set(ranked[start : start + count])
+
+
+def _nonempty_documents(inputs: Sequence[str], text_field: str) -> Iterator[tuple[int, str]]:
+    """(id, text) of each non-empty input document, ids counted over all documents as `select score` counts them."""
+    from gptwo.data.sources import iter_documents
+
+    for doc_id, text in enumerate(iter_documents(inputs, text_field)):
+        if text.strip():
+            yield doc_id, text
+
+
+def filter_documents(inputs: Sequence[str], scores_path: str, out: str, by: str = "loss", keep: float = 0.5, band: str | None = None,
+                     text_field: str = "text") -> dict:
+    """Write the documents of `inputs` whose score falls in the kept band to `out`; returns counts."""
+    check_output_name(out)
+    scores = read_scores(scores_path, by)
+    band = band or DEFAULT_BAND[by]
+    keep_set = kept_ids(scores, keep, band)
+    seen: list[int] = []
+
+    def kept() -> Iterator[str]:
+        for doc_id, text in _nonempty_documents(inputs, text_field):
+            if doc_id not in scores:
+                raise GptwoError(f"document {doc_id} of the inputs has no score in {scores_path}",
+                                 "score the same inputs (rerun 'gptwo select score' to finish an interrupted run)")
+            seen.append(doc_id)
+            if doc_id in keep_set:
+                yield text
+        if len(seen) != len(scores):  # raised inside the writer, so no output file is left behind
+            raise GptwoError(f"{scores_path} scores {len(scores)} documents but the inputs hold {len(seen)}", "score the same inputs")
+
+    written = write_documents(out, kept())
+    return {"documents": len(seen), "kept": written, "band": band, "by": by}
+
+
+def check_output_name(out: str) -> None:
+    """Outputs are .jsonl.zst (checked before any work is done)."""
+    if not out.endswith(".jsonl.zst"):
+        raise GptwoError(f"--out {out} does not end in .jsonl.zst", "name the output like kept.jsonl.zst")
+
+
+def write_documents(out: str, texts: Iterable[str]) -> int:
+    """Stream `{"text": ...}` lines into a zstandard file, atomically (temporary file, then rename); returns the count."""
+    try:
+        import zstandard
+    except ModuleNotFoundError:
+        raise GptwoError("writing .jsonl.zst needs the zstandard package", "pip install 'gptwo[data]'") from None
+    check_output_name(out)
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(out))
+    count = 0
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as writer:
+                for text in texts:
+                    writer.write((json.dumps({"text": text}) + "\n").encode("utf-8"))
+                    count += 1
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return count
+
+
+# ---------------------------------------------------------------- DSIR (Xie et al. 2023)
+_WORD = re.compile(r"\w+|[^\w\s]+")  # words, and runs of other symbols
+SMOOTHING = 0.01  # pseudo-count per bucket: small, so a small target sample is not flattened toward uniform
+
+
+def hashed_ngrams(text: str, buckets: int) -> np.ndarray:
+    """Counts of the text's lower-cased word (and symbol-run) unigrams and bigrams, hashed into `buckets` bins (DSIR's features)."""
+    words = _WORD.findall(text.lower())
+    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    counts = np.zeros(buckets, dtype=np.float64)
+    if grams:
+        np.add.at(counts, [zlib.crc32(g.encode()) % buckets for g in grams], 1.0)
+    return counts
+
+
+def _log_distribution(counts: np.ndarray) -> np.ndarray:
+    """Log of a bag-of-n-grams distribution, smoothed with a small pseudo-count."""
+    smoothed = counts + SMOOTHING
+    return np.log(smoothed / smoothed.sum())
+
+
+def dsir_weights(inputs: Sequence[str], target: Sequence[str], buckets: int = 10000, text_field: str = "text") -> dict[int, float]:
+    """id → log importance weight log p_target(x) − log p_raw(x) of every non-empty input document."""
+    from gptwo.data.sources import iter_documents
+
+    target_counts = sum((hashed_ngrams(t, buckets) for t in iter_documents(target, text_field) if t.strip()), np.zeros(buckets))
+    raw_counts = sum((hashed_ngrams(t, buckets) for _, t in _nonempty_documents(inputs, text_field)), np.zeros(buckets))
+    if not target_counts.any():
+        raise GptwoError("the --target sample holds no words", "give target documents with text")
+    ratio = _log_distribution(target_counts) - _log_distribution(raw_counts)
+    return {doc_id: float(hashed_ngrams(text, buckets) @ ratio) for doc_id, text in _nonempty_documents(inputs, text_field)}
+
+
+def dsir_resample(inputs: Sequence[str], target: Sequence[str], out: str, keep: float = 0.5, buckets: int = 10000, seed: int = 0,
+                  text_field: str = "text") -> dict:
+    """Keep `keep` of the documents, drawn without replacement in proportion to their importance weights
+    (Gumbel top-k, as DSIR does), and write them to `out`; returns counts."""
+    check_output_name(out)
+    if not 0.0 < keep <= 1.0:
+        raise GptwoError(f"--keep {keep} is outside (0, 1]", "give the fraction of documents to keep, e.g. --keep 0.5")
+    if buckets < 1:
+        raise GptwoError(f"--buckets {buckets} must be positive", "use e.g. --buckets 10000")
+    weights = dsir_weights(inputs, target, buckets, text_field)
+    if not weights:
+        raise GptwoError("the inputs hold no documents", "check the input paths")
+    ids = sorted(weights)
+    gumbel = np.random.default_rng(seed).gumbel(size=len(ids))
+    keys = np.array([weights[i] for i in ids]) + gumbel
+    count = max(1, round(keep * len(ids)))
+    chosen = {ids[i] for i in np.argsort(-keys, kind="stable")[:count]}
+    written = write_documents(out, (text for doc_id, text in _nonempty_documents(inputs, text_field) if doc_id in chosen))
+    return {"documents": len(ids), "kept": written, "mean_log_weight_kept": float(np.mean([weights[i] for i in chosen]))}
