@@ -32,6 +32,9 @@ report = json.load(open(sys.argv[1]))
 if sys.argv[2:4] == ["bench", "train"]:
     from gptwo.bench.train import render_train
     print(render_train(report))
+elif sys.argv[2:4] == ["bench", "decode"]:
+    from gptwo.bench.decode import render_decode
+    print(render_decode(report))
 else:
     print(json.dumps(report, indent=1))
 PY
@@ -46,6 +49,20 @@ if (( DRY_RUN )); then
 else
     run train-gpt2 bench train --preset gpt2 --device "$DEVICE" --batch-size 32 --steps 20 --rounds 3 --warmup 3
     run train-gpt2-xl bench train --preset gpt2-xl --device "$DEVICE" --batch-size 4 --steps 8 --rounds 2 --warmup 3
+fi
+
+# ---------------------------------------------------------------- decode (static KV cache, torch.compile; reduce-overhead = CUDA graphs)
+# gptwo's Decoder vs transformers' fp32 generate, in one process; GPT-2 124M shape, random weights, greedy.
+# int8 is left out on CUDA: torch's _weight_int8pack_mm is a CPU (and MPS) kernel.
+if (( DRY_RUN )); then
+    TINY_MODEL="$OUT/tiny-model"
+    "$PY" -c "import sys, torch; from gptwo import GPT, GPTConfig, Tokenizer; from gptwo.weights import save_pretrained; torch.manual_seed(0); save_pretrained(GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)), sys.argv[1])" "$TINY_MODEL"
+    DECODE=(--model "$TINY_MODEL" --new-tokens 8 --prompt-tokens 4 --rounds 1)
+    run decode-b1 bench decode --device "$DEVICE" --batch-size 1 --variants fp32,bf16,int8 --compile default "${DECODE[@]}"
+    run decode-b32 bench decode --device "$DEVICE" --batch-size 32 --variants bf16 --compile default "${DECODE[@]}"
+else
+    run decode-b1 bench decode --device "$DEVICE" --batch-size 1 --variants fp32,bf16 --compile reduce-overhead --rounds 3
+    run decode-b32 bench decode --device "$DEVICE" --batch-size 32 --variants fp32,bf16 --compile reduce-overhead --rounds 3
 fi
 
 # ---------------------------------------------------------------- GPU-marked tests (skipped, and so not run, by --dry-run)

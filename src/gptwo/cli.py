@@ -82,6 +82,15 @@ def _command(sub, name: str, func: Callable[[argparse.Namespace], int | None], h
     return parser
 
 
+# --------------------------------------------------------------------------- inference options (gptwo.infer)
+def add_inference_options(p) -> None:
+    """`--dtype` and `--quantize`, shared by the commands that run a finished model."""
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="weights and activations in this precision, re-laid for fast decoding (default: as stored, unchanged)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weight-only quantization (per-channel scales): ~4x smaller weights, faster CPU decoding (docs/inference.md)")
+
+
 # --------------------------------------------------------------------------- core
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gptwo.generate import generate_cli_stream
@@ -98,6 +107,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop or None,
         num_samples=args.num_samples,
         device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -140,6 +151,7 @@ def add_core_commands(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable, at most 16 of at most 1024 characters each); it is not printed")
     p.add_argument("--num-samples", type=_int_at_least(1), default=1, help="number of independent samples, separated by a line of dashes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    add_inference_options(p)
 
     tok = sub.add_parser("tokenizer", help="Train or use a byte-level BPE tokenizer.", description="Train or use a byte-level BPE tokenizer.")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
@@ -244,7 +256,8 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     from gptwo.eval.perplexity import perplexity_report
     from gptwo.eval.report import render_perplexity
 
-    report = perplexity_report(args.model, args.files, stride=args.stride, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    report = perplexity_report(args.model, args.files, stride=args.stride, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                               dtype=args.dtype, quantize=args.quantize)
     _print_report(report, args.json, render_perplexity)
     return 0
 
@@ -253,7 +266,8 @@ def _cmd_eval_task(args: argparse.Namespace) -> int:
     from gptwo.eval.report import render_task
     from gptwo.eval.tasks import task_report
 
-    report = task_report(args.task, args.model, data=args.data, limit=args.limit, device=args.device, batch_size=args.batch_size, stride=args.stride, progress=not args.quiet)
+    report = task_report(args.task, args.model, data=args.data, limit=args.limit, device=args.device, batch_size=args.batch_size, stride=args.stride,
+                         progress=not args.quiet, dtype=args.dtype, quantize=args.quantize)
     _print_report(report, args.json, render_task)
     return 0
 
@@ -269,7 +283,8 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
             raise GptwoError(f"--data {spec!r} is not TASK=PATH", "write it like --data lambada=lambada_test.jsonl")
         data[task] = path
     tasks = [t for t in (args.tasks or "").split(",") if t]
-    report = compare_report(args.models, files=args.files, tasks=tasks, data=data, limit=args.limit, stride=args.stride, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    report = compare_report(args.models, files=args.files, tasks=tasks, data=data, limit=args.limit, stride=args.stride, batch_size=args.batch_size,
+                            device=args.device, progress=not args.quiet, dtype=args.dtype, quantize=args.quantize)
     _print_report(report, args.json, render_compare)
     return 0
 
@@ -289,6 +304,7 @@ def _eval_options(p, tasks: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    add_inference_options(p)
     if tasks:
         p.add_argument("--limit", type=_int_at_least(1), default=None, help="use only the first N items of each task (quick checks; not comparable to published numbers)")
 
@@ -348,6 +364,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key if args.api_key is not None else os.environ.get("GPTWO_API_KEY") or None,
         allowed_origins=args.allowed_origins,
         dtype=args.dtype,
+        quantize=args.quantize,
     )
     return 0
 
@@ -368,6 +385,8 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
                    help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of fp32's weight memory (docs/inference.md)")
 
 
 # --------------------------------------------------------------------------- webtext
@@ -773,14 +792,56 @@ def add_scale_commands(sub) -> None:
 
 
 # --------------------------------------------------------------------------- benchmarks
-def add_bench_commands(sub) -> None:
-    """`gptwo bench …`: each workload timed against transformers in the same process (speed issue)."""
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from gptwo.bench.decode import decode_report, render_decode
+
+    variants = tuple(v for v in args.variants.split(",") if v)
+    report = decode_report(args.model, device=args.device, variants=variants, batch_size=args.batch_size, new_tokens=args.new_tokens,
+                           prompt_tokens=args.prompt_tokens, rounds=args.rounds, threads=args.threads, compile=args.compile, progress=not args.json)
+    _print_report(report, args.json, render_decode)
+    return 0
+
+
+def _bench_options(p) -> None:
+    """Options every `gptwo bench` workload takes."""
+    p.add_argument("--model", default=None, help="model folder or hub id to time (default: GPT-2 124M's shape with random weights)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table (fields: docs/inference.md)")
+
+
+def _add_bench_decode(bsub) -> None:
+    from gptwo.bench import COMPILE_MODES  # plain data: keeps --help fast
+
+    p = _command(bsub, "decode", _cmd_bench_decode, "Decoding tokens/s per precision (fp32, bf16, int8) vs transformers' generate, with the memory-bandwidth ceiling.")
+    _bench_options(p)
+    p.add_argument("--variants", default="fp32,bf16,int8", help="comma-separated precisions to time: fp32, bf16, int8 (default all three)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt, greedy (default 128)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="tokens in each (random) prompt (default 16)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median counts (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                   help="torch.compile the decode step with this mode (reduce-overhead = CUDA graphs); default none (eager)")
+
+
+def _add_bench_train(bsub) -> None:
     from gptwo.bench.train import add_bench_train_command
 
-    bench = sub.add_parser("bench", help="Measure speed on this machine against transformers (same process, interleaved rounds).",
-                           description="Measure speed on this machine against transformers (same process, interleaved rounds).")
-    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="BENCH_COMMAND")
     add_bench_train_command(bsub, _command)
+
+
+# Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
+BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train]
+
+
+def add_bench_commands(sub) -> None:
+    """`gptwo bench decode|train|serve`: speed on this machine, transformers as the same-run anchor."""
+    bench = sub.add_parser("bench", help="Measure speed on this machine against transformers in the same run.",
+                           description="Measure speed on this machine: each workload runs through transformers in the same process as the anchor "
+                                       "(interleaved rounds, medians) and reports ratios.")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="WORKLOAD")
+    for add in BENCH_COMMANDS:
+        add(bsub)
 
 
 # --------------------------------------------------------------------------- entry point

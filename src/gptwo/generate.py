@@ -327,7 +327,8 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], max_new_t
     return out
 
 
-def generate_cli_stream(model_spec: str, prompt: str, *, num_samples: int = 1, device: str = "auto", seed: int | None = None, **kwargs) -> Iterator[str]:
+def generate_cli_stream(model_spec: str, prompt: str, *, num_samples: int = 1, device: str = "auto", seed: int | None = None,
+                        dtype: str | None = None, quantize: str | None = None, **kwargs) -> Iterator[str]:
     """What `gptwo generate` prints: each sample's continuation, streamed, samples separated by a rule."""
     from gptwo.weights import load_model
 
@@ -335,7 +336,7 @@ def generate_cli_stream(model_spec: str, prompt: str, *, num_samples: int = 1, d
     check_stops(kwargs.get("stop") or ())
     if num_samples < 1:
         raise GptwoError(f"--num-samples {num_samples} must be at least 1", "ask for one sample or more")
-    model, tokenizer = load_model(model_spec, device=device)
+    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize)
     tokens = encode_prompt(tokenizer, prompt)
     if len(tokens) > model.config.block_size:
         print(f"note: the prompt has {len(tokens)} tokens; the model sees the last {model.config.block_size * 3 // 4}", file=sys.stderr)

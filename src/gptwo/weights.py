@@ -173,8 +173,11 @@ def resolve_model_dir(path_or_id: str) -> str:
         ) from None
 
 
-def load_pretrained(path_or_id: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPT:
-    """A GPT from a Hugging Face GPT-2 folder or hub id, in eval mode."""
+def load_pretrained(path_or_id: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, quantize: str | None = None) -> GPT:
+    """A GPT from a Hugging Face GPT-2 folder or hub id, in eval mode.
+
+    A dtype named as text ('fp32', 'bf16') or `quantize="int8"` also prepares it for inference (gptwo.infer).
+    """
     directory = resolve_model_dir(path_or_id)
     config_path = os.path.join(directory, "config.json")
     try:
@@ -184,6 +187,10 @@ def load_pretrained(path_or_id: str, device: str | torch.device | None = None, d
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise GptwoError(f"{config_path} is not a valid GPT-2 config ({type(err).__name__}: {err})", "re-save the model") from None
     model = model_from_state(config, state_dict_from_hf(read_weights(directory)), directory)
+    if quantize is not None or isinstance(dtype, str):
+        from gptwo.infer import prepare_model
+
+        return prepare_model(model.to(device=device or "cpu"), dtype=dtype, quantize=quantize)
     model.to(device=device or "cpu", dtype=dtype)
     return model.eval()
 
@@ -191,6 +198,9 @@ def load_pretrained(path_or_id: str, device: str | torch.device | None = None, d
 def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = None) -> None:
     """Write `config.json` + `model.safetensors` (+ `tokenizer.json`) so transformers can load the folder."""
     from safetensors.torch import save
+
+    if getattr(model, "inference_prepared", None):  # set by gptwo.infer.prepare_model: its layers no longer match the format
+        raise GptwoError("a model prepared for inference (quantized or re-laid) cannot be saved", "save the model before preparing it")
 
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, "model.safetensors"), save(state_dict_to_hf(model), metadata={"format": "pt"}))
@@ -222,7 +232,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
-def load_model(path_or_id: str, device: str | None = "auto", dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+def load_model(path_or_id: str, device: str | None = "auto", dtype: torch.dtype | str | None = None, quantize: str | None = None) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer: the folder's tokenizer.json or vocab.json+merges.txt, else GPT-2's BPE."""
     directory = resolve_model_dir(path_or_id)
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
@@ -231,7 +241,7 @@ def load_model(path_or_id: str, device: str | None = "auto", dtype: torch.dtype 
         tokenizer = Tokenizer.from_bpe_files(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
     else:
         tokenizer = Tokenizer.gpt2()
-    model = load_pretrained(directory, device=resolve_device(device), dtype=dtype)
+    model = load_pretrained(directory, device=resolve_device(device), dtype=dtype, quantize=quantize)
     check_vocab(model.config, tokenizer)
     return model, tokenizer
 

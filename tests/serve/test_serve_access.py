@@ -125,15 +125,27 @@ def test_dtype_option(model_dir):
         server.close()
 
 
+def test_int8_server_answers_as_the_int8_model_does(model_dir):
+    server, engine = serve_in_thread(model_dir, quantize="int8")
+    try:
+        assert engine.model.inference_prepared["quantize"] == "int8"
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        choices = client.completions.create(model="tiny", prompt=[PROMPT, "Hi"], max_tokens=12, temperature=0).choices
+        model, tok = load_model(model_dir, device="cpu", quantize="int8")
+        assert [c.text for c in sorted(choices, key=lambda c: c.index)] == [complete(model, tok, [p], 12, temperature=0)[0] for p in (PROMPT, "Hi")]
+    finally:
+        server.close()
+
+
 def test_gptwo_serve_with_key_from_env_origins_and_dtype(model_dir):
     cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model_dir, "--port", "0", "--served-model-name", "tiny",
-           "--allowed-origins", f"{GOOD},http://other.test", "--dtype", "bf16"]
+           "--allowed-origins", f"{GOOD},http://other.test", "--quantize", "int8", "--dtype", "bf16"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "GPTWO_API_KEY": KEY})
     try:
         url, deadline = None, time.monotonic() + 60
         while url is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
-            found = re.search(r"serving tiny at (http://127\.0\.0\.1:\d+) .*cpu, bf16; API key required", line)
+            found = re.search(r"serving tiny at (http://127\.0\.0\.1:\d+) .*cpu, bf16, int8 weights; API key required", line)
             url = found and found.group(1)
         assert url
         while request(url + "/health")[0] != 200 and time.monotonic() < deadline:

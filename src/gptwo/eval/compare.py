@@ -28,6 +28,8 @@ def compare_report(
     batch_size: int = 8,
     device: str = "auto",
     progress: bool = True,
+    dtype: str | None = None,
+    quantize: str | None = None,
 ) -> dict:
     """One row per model: perplexity, word perplexity and bits per byte over `files`, then each task's metrics.
 
@@ -47,7 +49,7 @@ def compare_report(
     items = {name: load_items(get_task(name).name, data.get(name), limit) for name in tasks}
     rows = []
     for spec in models:
-        model, tokenizer = load_model(spec, device=device)
+        model, tokenizer = load_model(spec, device=device, dtype=dtype, quantize=quantize)
         row: dict = {"model": spec}
         if texts:
             stats = total(score_texts(model, tokenizer, texts, names=list(files), stride=stride, batch_size=batch_size, progress=f"{spec}: files" if progress else None))

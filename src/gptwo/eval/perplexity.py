@@ -151,6 +151,8 @@ def perplexity_report(
     batch_size: int = 8,
     device: str = "auto",
     progress: bool = True,
+    dtype: str | None = None,
+    quantize: str | None = None,
 ) -> dict:
     """What `gptwo eval ppl` prints: totals over all files (top level) and one row per file."""
     from gptwo.weights import load_model
@@ -159,7 +161,7 @@ def perplexity_report(
         raise GptwoError("no files to evaluate", "pass one or more text files")
     files = text_files(files)
     texts = [read_text_file(path) for path in files]
-    model, tokenizer = load_model(model_spec, device=device)
+    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize)
     per_file = score_texts(model, tokenizer, texts, names=list(files), stride=stride, batch_size=batch_size, progress="perplexity" if progress else None)
     summary = total(per_file).to_dict()
     del summary["name"]

@@ -312,12 +312,13 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, name: str, items
     return {"task": name, **metrics}
 
 
-def task_report(name: str, model_spec: str, *, data: str | None = None, limit: int | None = None, device: str = "auto", **options) -> dict:
+def task_report(name: str, model_spec: str, *, data: str | None = None, limit: int | None = None, device: str = "auto",
+                dtype: str | None = None, quantize: str | None = None, **options) -> dict:
     """What `gptwo eval TASK` prints: the task's metrics for one model (data are read before the model loads)."""
     from gptwo.weights import load_model
 
     items = load_items(name, data, limit)
-    model, tokenizer = load_model(model_spec, device=device)
+    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize)
     return {"model": model_spec, **evaluate_task(model, tokenizer, name, items, **options)}
 
 

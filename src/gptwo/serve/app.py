@@ -371,6 +371,7 @@ def serve(
     log_level: str = "info",
     api_key: str | None = None,
     allowed_origins: Sequence[str] = (),
+    quantize: str | None = None,
     dtype: str = "auto",
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted."""
@@ -388,7 +389,7 @@ def serve(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
-    net, tokenizer = load_model(model, device=str(torch_device), dtype=torch_dtype)
+    net, tokenizer = load_model(model, device=str(torch_device), dtype=torch_dtype, quantize=quantize)
     name = served_model_name or default_model_name(model)
     app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes, api_key=api_key, allowed_origins=origins)
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
@@ -397,7 +398,8 @@ def serve(
     url = f"http://{shown}:{sock.getsockname()[1]}"
     logger = logging.getLogger("uvicorn.error")
     auth = "API key required" if api_key else "no API key"
-    logger.info("serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, DTYPE_NAMES[torch_dtype], auth)
+    weights = DTYPE_NAMES[torch_dtype] + (f", {quantize} weights" if quantize else "")
+    logger.info("serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, weights, auth)
     if not api_key and not _is_loopback(sock.getsockname()[0]):
         logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     try:

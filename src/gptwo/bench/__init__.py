@@ -1,0 +1,69 @@
+"""`gptwo bench`: speed on the user's own hardware, each workload anchored on transformers in the same run.
+
+Shared pieces: interleaved timing rounds (medians), the CPU's name and flags, and a plain-text
+table. A benchmark (decode.py, train.py) returns a JSON-able report that cli.py prints.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")  # `--compile`; plain data keeps --help fast
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that matter to decoding kernels (AVX-512, native bf16, VNNI, AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"))
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `fn` takes, synchronizing CUDA around it."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per run, the runs taking turns each round (so drifting machine load hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def render_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Rows as an aligned text table; `columns` are (key, heading, format spec)."""
+    cells = [[heading for _, heading, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else format(row[key], spec) for key, _, spec in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)

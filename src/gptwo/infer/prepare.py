@@ -1,0 +1,68 @@
+"""Turn a finished GPT into an inference model: dtype, weight layout and int8 weight-only quantization.
+
+Applied from outside model.py by swapping modules: every block's linear layers and the head become
+`TransposedLinear` or `Int8Linear`. The head keeps `weight` tied to the token embedding (lookups,
+dtype and device still read it) and computes from its own copy. A prepared model is for inference
+only: it cannot be trained or saved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gptwo.errors import GptwoError
+from gptwo.infer.linear import Int8Linear, TransposedLinear
+from gptwo.model import GPT
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUANTIZATIONS = ("int8",)
+PREPARED = "inference_prepared"  # attribute set on a prepared model: {"dtype": ..., "quantize": ...}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """torch dtype for 'fp32' / 'bf16' (None stays None)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise GptwoError(f"dtype '{name}' is not supported", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise GptwoError(f"quantization '{quantize}' is not supported", f"use one of {', '.join(QUANTIZATIONS)}, or leave it out")
+
+
+def _linears(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every linear layer of the blocks and the head."""
+    found = [(parent, name, child) for parent in model.transformer.h.modules() for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    return found + [(model, "lm_head", model.lm_head)]
+
+
+@torch.no_grad()
+def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: str | None = None, transpose: bool = True) -> GPT:
+    """`model` (changed in place, eval mode) with its weights in `dtype` and its linears re-laid for decoding.
+
+    `quantize="int8"`: weight-only int8 with per-output-channel scales (activations stay in `dtype`).
+    `transpose`: store float weights (in, out), which batch-1 decoding reads faster (docs/inference.md).
+    """
+    check_quantize(quantize)
+    if getattr(model, PREPARED, None) is not None:
+        raise GptwoError("the model is already prepared for inference", "prepare a freshly loaded model once")
+    torch_dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
+    model.to(torch_dtype).eval()
+    for parent, name, linear in _linears(model):
+        if quantize == "int8":
+            replacement = Int8Linear(linear)
+        elif transpose:
+            replacement = TransposedLinear(linear)
+        else:
+            continue
+        setattr(parent, name, replacement)
+    if isinstance(model.lm_head, (Int8Linear, TransposedLinear)):
+        model.lm_head.weight = model.transformer.wte.weight  # still tied: dtype/device readers and save paths see wte
+    for p in model.parameters():
+        p.requires_grad_(False)
+    setattr(model, PREPARED, {"dtype": {v: k for k, v in DTYPES.items()}.get(torch_dtype, str(torch_dtype)), "quantize": quantize})
+    return model

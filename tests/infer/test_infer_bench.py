@@ -1,0 +1,54 @@
+"""`gptwo bench decode` on a tiny saved model: the documented JSON fields and the table (timings never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gptwo import GPT, GPTConfig, Tokenizer
+from gptwo.cli import main
+from gptwo.weights import save_pretrained
+
+ROW_FIELDS = {"tool", "dtype", "tokens_per_s", "ratio_vs_transformers", "weight_mb", "ceiling_tokens_per_s", "token_agreement"}
+TOP_FIELDS = {"bench", "device", "cpu", "cpu_flags", "threads", "gpu", "model", "batch_size", "prompt_tokens", "new_tokens", "rounds", "compile", "bandwidth_gb_s", "rows"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    directory = str(tmp_path_factory.mktemp("tiny"))
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train(["a tiny corpus for a tiny tokenizer"] * 3, vocab_size=260, min_frequency=1)
+    save_pretrained(GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=32)), directory, tokenizer=tokenizer)
+    return directory
+
+
+ARGS = ["--new-tokens", "4", "--prompt-tokens", "3", "--rounds", "1", "--device", "cpu"]
+
+
+def test_bench_decode_json_has_the_documented_fields(tiny_model, capsys):
+    assert main(["bench", "decode", "--model", tiny_model, "--json", *ARGS]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert TOP_FIELDS <= set(report) and report["bench"] == "decode" and report["new_tokens"] == 4
+    assert [(r["tool"], r["dtype"]) for r in report["rows"]] == [("transformers", "fp32"), ("gptwo", "fp32"), ("gptwo", "bf16"), ("gptwo", "int8")]
+    for row in report["rows"]:
+        assert ROW_FIELDS <= set(row)
+        assert row["tokens_per_s"] > 0 and row["ceiling_tokens_per_s"] > 0 and 0 <= row["token_agreement"] <= 1
+    anchor, fp32, bf16, int8 = report["rows"]
+    assert anchor["ratio_vs_transformers"] == 1.0
+    assert fp32["token_agreement"] == 1.0  # the same weights in fp32 decode the same greedy tokens as transformers
+    assert int8["weight_mb"] < bf16["weight_mb"] < fp32["weight_mb"]  # what each step streams shrinks with the precision
+    assert report["bandwidth_gb_s"] > 0
+
+
+def test_bench_decode_prints_a_table(tiny_model, capsys):
+    assert main(["bench", "decode", "--model", tiny_model, "--variants", "int8", *ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "transformers" in out and "int8" in out and "ceiling" in out and "bf16" not in out.split("\n", 1)[1]
+
+
+def test_bench_decode_refuses_unknown_variants_in_one_line(tiny_model, capsys):
+    assert main(["bench", "decode", "--model", tiny_model, "--variants", "fp8", *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown variant 'fp8'") and err.count("\n") == 1
