@@ -15,11 +15,14 @@ import argparse
 import dataclasses
 import platform
 import statistics
-import sys
 import time
+from typing import TYPE_CHECKING
 
 from gptwo.config import MODEL_PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
 from gptwo.errors import GptwoError
+
+if TYPE_CHECKING:  # torch is imported where a benchmark runs, so --help stays fast
+    import torch
 
 FLOP_FORMULA = "6*N + 12*L*C*T per token (N: parameters without position embeddings, L layers, C width, T context)"
 # Workloads: the quickstart's model and tokenizer size, and GPT-2 124M / 1.5B at full context.
