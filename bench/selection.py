@@ -268,7 +268,7 @@ def interpolate(curve: list[tuple[float, float]], x: float) -> float:
 
 def report(runs: dict, budget: float, shares: dict, reference_flops: float, scoring_flops: float, args, wall: float, cpu: float) -> None:
     target = runs["uniform"]["curve"][-1][1]
-    print(f"\ncorpus shares (tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+    print("\ncorpus shares (tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
     print(f"budget {budget:.3e} FLOPs each; reference training {reference_flops:.3e} ({reference_flops / budget:.1%}), "
           f"offline scoring {scoring_flops:.3e} ({scoring_flops / budget:.1%}); pool {args.pool}\n")
     header = f"{'strategy':<10} {'steps':>6} {'FLOPs/step':>11} {'final held-out':>15} {'uniform, same steps':>20} {'FLOPs to uniform final':>22}  " + " ".join(f"{k:>13}" for k in ("clean", *NOISE))

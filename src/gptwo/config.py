@@ -90,6 +90,7 @@ class TrainConfig:
     selection_reference: str = ""  # model or run folder scoring the reference loss (selection=reducible)
     # optimizer and schedule (GPT-3 paper, section 2.3 and appendix B)
     max_steps: int = 1000
+    max_time: float = 0.0  # if > 0: seconds of training; max_steps is cut to fit, from the speed measured by warm-up's end
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 50
@@ -121,7 +122,7 @@ class TrainConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "selection_pool"):
             if getattr(self, name) <= 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} must be positive", f"set {name} to a positive integer")
-        for name in ("warmup_steps", "batch_tokens", "sample_tokens", "threads", "weight_decay", "grad_clip", "peak_flops"):
+        for name in ("warmup_steps", "batch_tokens", "sample_tokens", "threads", "weight_decay", "grad_clip", "peak_flops", "max_time"):
             if getattr(self, name) < 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} is negative", f"set {name} to 0 or more")
         if not 0 <= self.seed < 2**63:

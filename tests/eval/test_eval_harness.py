@@ -25,10 +25,10 @@ def write_tasks(directory: str) -> str:
     write_jsonl(os.path.join(data, "generate.jsonl"), [{"prompt": s[:30], "answer": s[30:]} for s in SENTENCES])
     common = "dataset_path: json\ntest_split: test\n"
     specs = {
-        "tiny_lambada": f"""
+        "tiny_lambada": """
             output_type: loglikelihood
-            doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
-            doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+            doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+            doc_to_target: "{{' '+text.split(' ')[-1]}}"
             metric_list:
               - metric: perplexity
                 aggregation: perplexity

@@ -15,11 +15,14 @@ import argparse
 import dataclasses
 import platform
 import statistics
-import sys
 import time
+from typing import TYPE_CHECKING
 
 from gptwo.config import MODEL_PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
 from gptwo.errors import GptwoError
+
+if TYPE_CHECKING:  # torch is imported where a benchmark runs, so --help stays fast
+    import torch
 
 FLOP_FORMULA = "6*N + 12*L*C*T per token (N: parameters without position embeddings, L layers, C width, T context)"
 # Workloads: the quickstart's model and tokenizer size, and GPT-2 124M / 1.5B at full context.
@@ -42,10 +45,12 @@ class Contender:
 
 
 def bench_train(preset: str = "cpu", device: str = "auto", batch_size: int | None = None, shape: dict | None = None, steps: int | None = None,
-                rounds: int = 3, warmup: int = 3, dtype: str = "auto", compile: str = "auto", peak_flops: float = 0.0) -> dict:
+                rounds: int = 3, warmup: int = 3, dtype: str = "auto", compile: str = "auto", peak_flops: float = 0.0, threads: int = 0) -> dict:
     """Measure training steps/s of gptwo and transformers on one workload; return the report (see docs/training.md)."""
     import torch
 
+    from gptwo.train.distributed import Dist
+    from gptwo.train.loop import set_threads
     from gptwo.train.optim import flops_per_token, peak_flops as device_peak
     from gptwo.weights import resolve_device
 
@@ -59,7 +64,8 @@ def bench_train(preset: str = "cpu", device: str = "auto", batch_size: int | Non
     batch = batch_size or workload["batch_size"]
     steps = steps or (20 if dev.type == "cuda" else 8)
     train_config = TrainConfig(n_layer=model_config.n_layer, n_head=model_config.n_head, n_embd=model_config.n_embd, block_size=model_config.block_size,
-                               batch_size=batch, lr=1e-4, dtype=dtype, compile=compile, device=str(dev))
+                               batch_size=batch, lr=1e-4, dtype=dtype, compile=compile, device=str(dev), threads=threads)
+    set_threads(train_config, Dist(), dev)  # on a CPU: the idle cores, as `gptwo train` takes them
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -107,7 +113,8 @@ def _hf_model(config: GPTConfig):
     except ImportError:
         raise GptwoError("gptwo bench train compares against transformers, which is not installed", "pip install 'gptwo[eval]'") from None
     hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new", attn_implementation="sdpa")
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new", attn_implementation="sdpa",
+                    bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1)
     return GPT2LMHeadModel(hf)
 
 
@@ -117,21 +124,22 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
 
     from gptwo.train.loop import loss_fn
     from gptwo.train.optim import make_optimizer
-    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, autocast, compile_enabled, compile_model, use_fused_adamw
+    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, autocast, compile_enabled, compiled_loss, use_fused_adamw
 
     model.to(device).train()
     optimizer = make_optimizer(model, config, fused=use_fused_adamw(device, None))
     compiled = compile_enabled(config, device, CPU_COMPILE_MIN_STEPS) if not hf else (config.compile != "false" and device.type == "cuda") or config.compile == "true"
-    if hf:
+    if hf:  # compiled as its users compile it: the model
         runner = torch.compile(model) if compiled else model
         module = lambda idx: runner(input_ids=idx, use_cache=False).logits  # logits only, so both run the same loss
+        step_loss = loss_fn
     else:
-        module = compile_model(model) if compiled else model
+        module, step_loss = model, compiled_loss(loss_fn) if compiled else loss_fn
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
         with autocast(config, device):
-            loss = loss_fn(module, x, y)
+            loss = step_loss(module, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -192,7 +200,7 @@ def render_train(report: dict) -> str:
              f"{'model':14} {'compiled':>8} {'tokens/s':>12} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>7} {'vs transformers':>16}"]
     for row in report["rows"]:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-        lines.append(f"{row['name']:14} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f} {row['tflops']:8.3f} {mfu:>7} {row['vs_transformers']:15.2f}x")
+        lines.append(f"{row['name']:14} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f} {row['tflops']:8.3g} {mfu:>7} {row['vs_transformers']:15.2f}x")
     if report["peak_flops"] is None:
         lines.append("MFU needs the device's peak FLOP/s: pass --peak-flops")
     return "\n".join(lines)
@@ -203,7 +211,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     import json
 
     shape = {key: getattr(args, key) for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size") if getattr(args, key) is not None}
-    report = bench_train(args.preset, args.device, args.batch_size, shape, args.steps, args.rounds, args.warmup, args.dtype, args.compile, args.peak_flops)
+    report = bench_train(args.preset, args.device, args.batch_size, shape, args.steps, args.rounds, args.warmup, args.dtype, args.compile, args.peak_flops, args.threads)
     print(json.dumps(report) if args.json else render_train(report))
     return 0
 
@@ -220,6 +228,7 @@ def add_bench_train_command(bench_sub, command) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA, float32 on CPU")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="auto: as 'gptwo train' does for a long run")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the idle cores, as 'gptwo train' takes them)")
     p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (default: looked up for known GPUs)")
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")

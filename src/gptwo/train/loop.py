@@ -23,10 +23,10 @@ from gptwo.errors import GptwoError
 from gptwo.model import GPT
 from gptwo.tokenizer import Tokenizer
 from gptwo.train import checkpoint as ckpt
-from gptwo.train.distributed import Dist, close_distributed, grad_sync, init_distributed, mean_across, parallelize, unwrap
+from gptwo.train.distributed import Dist, close_distributed, gather_objects, grad_sync, init_distributed, mean_across, parallelize, unwrap
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
-from gptwo.train.speed import autocast, compile_enabled, compile_model, use_fused_adamw
+from gptwo.train.speed import autocast, compile_enabled, compile_model, compiled_loss, use_fused_adamw
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
 
@@ -96,7 +96,7 @@ class _Trainer:
     def __init__(self, data_dir: str, out_dir: str, config: TrainConfig, info: Dist, device: torch.device, resume: bool, progress: bool):
         self.config, self.info, self.device, self.out_dir = config, info, device, out_dir
         self.progress = progress and info.is_main
-        _set_threads(config, info, device)
+        set_threads(config, info, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -109,13 +109,15 @@ class _Trainer:
         self.n_params = model.num_params()
         model.to(device)
         self.compiled = compile_enabled(config, device, config.max_steps - self._resumed_step())
-        if self.compiled:
-            compile_model(model, per_block=info.enabled and config.parallel == "fsdp")
+        per_block = info.enabled and config.parallel == "fsdp"
+        if self.compiled and per_block:
+            compile_model(model, per_block=True)
+        self.train_loss = compiled_loss(self.loss_fn) if self.compiled and not per_block else self.loss_fn
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
         from gptwo.select.online import make_selector
 
-        self.selector = make_selector(config, self.data.train, device, self._autocast)
+        self.selector = make_selector(config, self.data.train, device, lambda: autocast(config, device))
         self.step = 0
         torch.manual_seed(config.seed + info.rank)  # dropout masks differ between ranks
         if self.resume_from:
@@ -193,12 +195,16 @@ class _Trainer:
         clock, window_steps = time.perf_counter(), 0
         start_time = time.perf_counter()
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps whose loss and norm are not yet read back
+        budget = _TimeBudget(config, self.step, start_time) if config.max_time else None
         try:
             while self.step < config.max_steps:
                 pending.append(self.train_step())
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
+                if budget is not None and budget.due(self.step):
+                    config = self.config = self._fit_time_budget(budget, bar)
+                    budget = None
                 logged = self.step % config.log_every == 0 or self.step == config.max_steps
                 evaluated = self.step % config.eval_every == 0 or self.step == config.max_steps
                 saved = self.step % config.checkpoint_every == 0 or self.step == config.max_steps
@@ -226,6 +232,15 @@ class _Trainer:
         summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step, flops=self.step * flops_per_step)
         return summary
 
+    def _fit_time_budget(self, budget: "_TimeBudget", bar) -> TrainConfig:
+        """The config with max_steps cut so training ends within max_time (rank 0's measurement, on every rank)."""
+        steps = gather_objects(budget.steps_that_fit(self.step), self.info)[0]
+        bar.total = steps
+        if self.info.is_main and steps < self.config.max_steps:
+            bar.write(f"max_time={self.config.max_time:g}s: training {steps} steps instead of {self.config.max_steps} "
+                      f"({budget.rate:.1f} steps/s measured)", file=sys.stderr)
+        return dataclasses.replace(self.config, max_steps=steps, max_time=0.0)  # saved so, a resumed run keeps this schedule
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches: this rank's mean loss and the gradient norm, as tensors.
 
@@ -241,7 +256,7 @@ class _Trainer:
             x, y = self.selector.next_batch(model)  # on the device; selection (if any) scores a pool first
             with grad_sync(model, micro == self.grad_accum - 1):
                 with autocast(config, self.device):
-                    loss = self.loss_fn(model, x, y)
+                    loss = self.train_loss(model, x, y)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
@@ -311,6 +326,35 @@ class _Trainer:
 
 
 # ---------------------------------------------------------------- helpers
+class _TimeBudget:
+    """Measures steps/s over the second half of warm-up to fit max_steps into max_time.
+
+    The first steps run slower (compilation, caches, the compiler's worker processes winding down),
+    so they are left out. Only warm-up's learning rate is independent of max_steps, so the cut is
+    made once, when warm-up ends (after at least 20 steps).
+    """
+
+    RESERVE = 0.9  # of the time left, for evaluations, checkpoints and a machine that slows down
+
+    def __init__(self, config: TrainConfig, step: int, start: float):
+        self.config, self.start = config, start
+        self.at = max(config.warmup_steps, step + 20)
+        self.mid = (step + self.at) // 2
+        self.since: tuple[int, float] | None = None
+        self.rate = 0.0
+
+    def due(self, step: int) -> bool:
+        if step == self.mid:
+            self.since = (step, time.perf_counter())
+        return step >= self.at
+
+    def steps_that_fit(self, step: int) -> int:
+        now = time.perf_counter()
+        self.rate = (step - self.since[0]) / max(now - self.since[1], 1e-9)
+        left = self.config.max_time - (now - self.start)
+        return max(step, min(self.config.max_steps, step + int(self.RESERVE * left * self.rate)))
+
+
 def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
     """Loaders and tokenizer of a prepared data folder, with the checks a run needs before it starts."""
     from gptwo.data.loader import ShardLoader, read_meta
@@ -361,7 +405,7 @@ def grad_accum_for(config: TrainConfig, world_size: int) -> int:
     return config.batch_tokens // per_micro
 
 
-def _set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
+def set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
     """On CPU, split the idle cores between this machine's processes (`threads=N` decides instead).
 
     Busy cores are left out: a torch thread that must share its core makes every other thread wait

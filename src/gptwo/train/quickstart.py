@@ -11,7 +11,9 @@ import os
 import sys
 import time
 
+from gptwo.train.checkpoint import latest_checkpoint
 from gptwo.train.loop import run_training
+from gptwo.train.speed import native_bf16
 
 VOCAB_SIZE = 4096
 VAL_FRACTION = 0.05
@@ -19,7 +21,9 @@ PROMPTS = ("The", "To open a file,", "A list is")
 # The tiny variant checks the same pipeline in seconds (CI): small vocab, model and step count.
 TINY = dict(vocab_size=512, overrides=["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_steps=20",
                                        "eval_every=10", "checkpoint_every=10", "eval_batches=4", "log_every=5", "sample_tokens=8"])
-FULL = dict(vocab_size=VOCAB_SIZE, overrides=["eval_batches=1000"])  # the last evaluation covers the whole val split
+FULL = dict(vocab_size=VOCAB_SIZE, overrides=["eval_batches=1000", "eval_every=500"])  # the last evaluation covers the whole val split
+# The whole command aims at 5 minutes: training gets what preparing the data left, less the samples at the end.
+TOTAL_SECONDS, SAMPLES_SECONDS = 300.0, 15.0
 
 
 def quickstart(out_dir: str = "runs/quickstart", tiny: bool = False, progress: bool = True) -> dict:
@@ -29,7 +33,12 @@ def quickstart(out_dir: str = "runs/quickstart", tiny: bool = False, progress: b
     data_dir = os.path.join(out_dir, "data")
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         _prepare_builtin(data_dir, recipe["vocab_size"], progress)
-    summary = run_training(data_dir, out_dir, preset="cpu", overrides=recipe["overrides"], resume=True, progress=progress)
+    overrides = list(recipe["overrides"])
+    if not tiny and not latest_checkpoint(out_dir):  # a fresh run fits its steps into the time left; a resumed one keeps its schedule
+        overrides.append(f"max_time={max(60.0, TOTAL_SECONDS - SAMPLES_SECONDS - (time.perf_counter() - start)):.0f}")
+    if not tiny and native_bf16():
+        overrides.append("dtype=bfloat16")
+    summary = run_training(data_dir, out_dir, preset="cpu", overrides=overrides, resume=True, progress=progress)
     if "val_bpb" not in summary:  # the run was already finished: report its last evaluation
         from gptwo.train.metrics import read_metrics
 

@@ -1,13 +1,15 @@
 """How a training step is made fast, decided in one place for `gptwo train` and `gptwo bench train`.
 
-torch.compile of the model (whole model alone or under DDP; one unit per block under FSDP, as
-torchtitan does), fused AdamW, and bf16 autocast where it pays. Applied from outside the model.
+torch.compile of the step's loss (model and cross-entropy in one graph, alone or under DDP; one unit
+per block under FSDP, as torchtitan does), fused AdamW, and bf16 autocast where it pays. Applied
+from outside the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+from typing import Callable
 
 import torch
 
@@ -24,6 +26,11 @@ def compile_enabled(config: TrainConfig, device: torch.device, steps: int) -> bo
     if device.type == "cuda":
         return True
     return device.type == "cpu" and steps >= CPU_COMPILE_MIN_STEPS and shutil.which("cc") is not None
+
+
+def compiled_loss(loss: Callable) -> Callable:
+    """`loss(model, x, y)` compiled whole: the logits' float cast and the cross-entropy fuse with the model's last matmul."""
+    return torch.compile(loss)
 
 
 def compile_model(model: torch.nn.Module, per_block: bool = False) -> torch.nn.Module:
@@ -46,3 +53,9 @@ def autocast(config: TrainConfig, device: torch.device):
 def use_fused_adamw(device: torch.device, parallel: str | None) -> bool:
     """Fused AdamW (one kernel over all parameters) on CUDA and CPU, except on FSDP's sharded parameters."""
     return device.type in ("cuda", "cpu") and parallel != "fsdp"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast speeds training up."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)

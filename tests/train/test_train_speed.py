@@ -1,0 +1,64 @@
+"""The speed options of a training run: time budget, compiled steps, bf16 autocast, read-back only at log steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptwo.errors import GptwoError
+from gptwo.train.checkpoint import list_checkpoints, read_trainer_state
+from gptwo.train.loop import run_training
+
+from test_train_errors import one_line_error
+from train_fixtures import TINY, cli, tiny_data, train_losses
+
+QUIET = ["sample_tokens=0", "eval_every=1000", "checkpoint_every=1000", "compile=false"]  # compile=auto would compile runs of 1,000 steps
+
+
+def test_max_time_cuts_max_steps_once_warmup_ends_and_resume_keeps_it(tmp_path):
+    run = str(tmp_path / "run")
+    summary = run_training(tiny_data(), run, overrides=TINY + QUIET + ["max_steps=1000", "warmup_steps=3", "max_time=0.001"], progress=False)
+    assert summary["step"] == 20  # measured over the first 20 steps, no time left: stop there
+    (step, path), = list_checkpoints(run)
+    assert step == 20
+    saved = read_trainer_state(path)["config"]
+    assert saved["max_steps"] == 20 and saved["max_time"] == 0.0  # the schedule it trained with, for --resume
+    again = run_training(tiny_data(), run, resume=True, progress=False)
+    assert again["step"] == 20
+
+
+def test_ample_max_time_changes_nothing(tmp_path):
+    steps = ["max_steps=24", "warmup_steps=2", "seed=3"]
+    run_training(tiny_data(), str(tmp_path / "a"), overrides=TINY + QUIET + steps, progress=False)
+    run_training(tiny_data(), str(tmp_path / "b"), overrides=TINY + QUIET + steps + ["max_time=3600"], progress=False)
+    assert train_losses(str(tmp_path / "a")) == train_losses(str(tmp_path / "b"))
+
+
+def test_compiled_cpu_training_follows_eager(tmp_path):
+    steps = ["max_steps=6", "warmup_steps=2"]
+    run_training(tiny_data(), str(tmp_path / "eager"), overrides=TINY + QUIET + steps + ["compile=false"], progress=False)
+    run_training(tiny_data(), str(tmp_path / "compiled"), overrides=TINY + QUIET + steps + ["compile=true"], progress=False)
+    eager, compiled = train_losses(str(tmp_path / "eager")), train_losses(str(tmp_path / "compiled"))
+    assert eager.keys() == compiled.keys()
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-4)
+
+
+def test_bf16_autocast_on_cpu_learns_like_float32(tmp_path):
+    steps = ["max_steps=16", "warmup_steps=2"]
+    run_training(tiny_data(), str(tmp_path / "fp32"), overrides=TINY + QUIET + steps, progress=False)
+    run_training(tiny_data(), str(tmp_path / "bf16"), overrides=TINY + QUIET + steps + ["dtype=bfloat16"], progress=False)
+    fp32, bf16 = train_losses(str(tmp_path / "fp32")), train_losses(str(tmp_path / "bf16"))
+    assert bf16[1] == pytest.approx(fp32[1], abs=0.02)
+    assert bf16[16] == pytest.approx(fp32[16], abs=0.1) and bf16[16] < bf16[1] - 0.5
+
+
+def test_divergence_between_log_steps_names_the_exact_step(tmp_path):
+    run = str(tmp_path / "run")
+    result = cli("train", "--data", tiny_data(), "--out", run, *TINY, *QUIET, "max_steps=12", "log_every=5", "lr=1e30", "warmup_steps=0")
+    one_line_error(result, "diverged at step 2", "lower lr")
+    assert list_checkpoints(run) == []
+
+
+def test_max_time_must_not_be_negative():
+    with pytest.raises(GptwoError, match="max_time"):
+        run_training(tiny_data(), "unused", overrides=TINY + ["max_time=-1"], progress=False)
