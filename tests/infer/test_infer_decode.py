@@ -51,6 +51,20 @@ def test_compiled_and_eager_decoding_give_the_same_tokens():
     assert torch.equal(compiled, eager)
 
 
+def test_frozen_max_autotune_int8_decoding_gives_the_eager_tokens():
+    """Weights frozen into the step, the KV cache still written: same tokens as eager, twice in a row (~30 s: C++ compiles)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = prepare_model(random_model(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=64)), quantize="int8")
+    idx = torch.randint(0, 97, (1, 5))
+    eager = Decoder(model, max_len=24).generate(idx, 16)
+    frozen = Decoder(model, max_len=24, compile="max-autotune-frozen")
+    first, code = run_and_get_code(frozen.generate, idx, 16)
+    assert torch.equal(first, eager) and torch.equal(frozen.generate(idx, 16), eager)
+    assert "_frozen_param" in "".join(code)  # the weights were folded in as constants, not passed each step
+    assert "micro_gemm" in "".join(code)  # the int8 matmuls run Inductor's C++ GEMM template
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = random_model()
     idx = torch.randint(0, CONFIG.vocab_size, (1, 4))

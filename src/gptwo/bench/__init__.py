@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")  # `--compile`; plain data keeps --help fast
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "max-autotune-frozen", "reduce-overhead")  # `--compile`; plain data keeps --help fast
 
 
 def cpu_name() -> str:

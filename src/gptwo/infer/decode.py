@@ -4,6 +4,8 @@ It walks the model's own modules (so prepared/quantized linears apply) but skips
 `generate` loop needs for ragged batches (padding masks, position cumsums, cache growth): prompts of
 one length, positions given directly. With `compile=True` the single-token step is compiled once
 for fixed shapes (the cache is preallocated to `max_len`, attention masks the unused slots).
+`compile="max-autotune-frozen"` also freezes the weights into the compiled step (the KV cache,
+mutated, stays a buffer) so Inductor's C++ GEMM template takes the matmuls: faster for int8 on CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch.nn.functional as F
 from gptwo.errors import GptwoError
 from gptwo.generate import check_sampling, sample_next
 from gptwo.model import GPT
+
+FROZEN = "max-autotune-frozen"  # compile mode: Inductor freezing + its C++ GEMM template (docs/inference.md)
+FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
 
 class Decoder(torch.nn.Module):
@@ -32,9 +37,10 @@ class Decoder(torch.nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slots", torch.arange(self.max_len, device=device), persistent=False)
-        self.compiled = bool(compile)
-        mode = compile if isinstance(compile, str) else None
-        self._step = torch.compile(self._static_step, mode=mode, fullgraph=True, dynamic=False) if compile else self._static_step
+        self.compiled, self.frozen = bool(compile), compile == FROZEN
+        mode = compile if isinstance(compile, str) and not self.frozen else None
+        options = FROZEN_OPTIONS if self.frozen else None
+        self._step = torch.compile(self._static_step, mode=mode, options=options, fullgraph=True, dynamic=False) if compile else self._static_step
 
     def forward(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Last-position logits (B, vocab) for `idx` (B, T) continuing `start` cached tokens; writes the cache."""
@@ -60,6 +66,13 @@ class Decoder(torch.nn.Module):
             x = x + block.mlp(block.ln_2(x))
         return self.model.lm_head(tf.ln_f(x[:, -1:]))[:, -1]
 
+    def _compiled_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The compiled step; in FROZEN mode Dynamo must see `freezing` set while tracing to fold the weights in as constants."""
+        if not self.frozen:
+            return self._step(token, pos)
+        with torch._inductor.config.patch(freezing=True):
+            return self._step(token, pos)
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,6 +89,6 @@ class Decoder(torch.nn.Module):
         out = [sample_next(logits, temperature, top_k, top_p, generator)]
         for step in range(1, max_new_tokens):
             pos = torch.tensor([T + step - 1], device=idx.device)
-            logits = self._step(out[-1][:, None], pos) if self.compiled else self.forward(out[-1][:, None], T + step - 1)
+            logits = self._compiled_step(out[-1][:, None], pos) if self.compiled else self.forward(out[-1][:, None], T + step - 1)
             out.append(sample_next(logits, temperature, top_k, top_p, generator))
         return torch.cat([idx, torch.stack(out, dim=1)], dim=1)
