@@ -15,7 +15,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from serve_testing import save_tiny_model, serve_in_thread
+from serve_testing import serve_in_thread
 from test_serve_api import PROMPT, assert_openai_error
 
 from gptwo.errors import GptwoError
@@ -25,13 +25,6 @@ from gptwo.weights import load_model
 
 KEY = "sk-test-0123456789"
 GOOD, EVIL = "http://good.test:3000", "https://evil.test"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    directory = str(tmp_path_factory.mktemp("tiny"))
-    save_tiny_model(directory)
-    return directory
 
 
 def request(url: str, method: str = "GET", body: dict | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:

@@ -14,19 +14,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_testing import save_tiny_model, serve_in_thread
+from serve_testing import serve_in_thread
 
 from gptwo.generate import complete, generate
 from gptwo.weights import load_model
 
 PROMPT = "Hello there, how are you"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    directory = str(tmp_path_factory.mktemp("tiny"))
-    save_tiny_model(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from serve_testing import save_tiny_model, serve_in_thread
+from serve_testing import serve_in_thread
 from test_serve_api import PROMPT, assert_openai_error, post, reference_logprobs
 
 from gptwo.generate import MAX_STOP_CHARS, MAX_STOPS
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    directory = str(tmp_path_factory.mktemp("tiny"))
-    save_tiny_model(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

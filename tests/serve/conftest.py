@@ -1,0 +1,13 @@
+"""Fixtures shared by the serving tests."""
+
+import pytest
+
+from serve_testing import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny saved model (random weights, GPT-2's tokenizer), one per test module."""
+    directory = str(tmp_path_factory.mktemp("tiny"))
+    save_tiny_model(directory)
+    return directory
