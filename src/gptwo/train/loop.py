@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from gptwo.config import GPTConfig, TrainConfig, load_train_config
 from gptwo.errors import GptwoError
 from gptwo.model import GPT
+from gptwo.select.online import make_selector
 from gptwo.tokenizer import Tokenizer
 from gptwo.train import checkpoint as ckpt
 from gptwo.train.distributed import Dist, close_distributed, gather_objects, grad_sync, init_distributed, mean_across, parallelize, unwrap
@@ -115,8 +116,6 @@ class _Trainer:
         self.train_loss = compiled_loss(self.loss_fn) if self.compiled and not per_block else self.loss_fn
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
-        from gptwo.select.online import make_selector
-
         self.selector = make_selector(config, self.data.train, device, lambda: autocast(config, device))
         self.step = 0
         torch.manual_seed(config.seed + info.rank)  # dropout masks differ between ranks
