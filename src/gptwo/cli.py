@@ -583,7 +583,8 @@ def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
     from gptwo.detect.calibrate import calibrate, render_calibration
 
     report = calibrate(args.model, args.human, args.generated, reference_spec=args.reference, detector=args.detector, max_fpr=args.max_fpr,
-                       min_tokens=args.min_tokens, out=args.out, plot=args.plot, stride=args.stride, device=args.device)
+                       min_tokens=args.min_tokens, out=args.out, plot=args.plot, stride=args.stride, device=args.device,
+                       lexicon=None if args.lexicon == "none" else args.lexicon, folds=args.folds)
     print(json.dumps(report) if args.json else render_calibration(report))
     return 0
 
@@ -612,9 +613,10 @@ def add_detect_commands(sub) -> None:
                        + (", or the calibration's)" if min_tokens is None else ")"))
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
 
-    epilog = ("subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the threshold (see 'gptwo detect calibrate --help')\n"
+    epilog = ("subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the detector (see 'gptwo detect calibrate --help')\n"
               "  gptwo detect sample --model M --source DATA --out DIR          write a matched human/generated set\n\n"
-              "The default detector is Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md.")
+              "The detector is the calibrated classifier saved beside the model by 'gptwo detect calibrate' when there is one,\n"
+              "else Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md.")
     sub._parser_class = _RoutingParser  # argparse makes subcommand parsers of this class; no public way to pick it per command
     p = _command(sub, "detect", _cmd_detect, "Was this text written by the model? Per-token probability, rank, entropy; detection scores and a verdict.",
                  epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -627,12 +629,17 @@ def add_detect_commands(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="alternatives kept per token (default 10)")
     p.add_argument("--html", default=None, metavar="OUT", help="write a GLTR-style HTML report: tokens coloured by rank, alternatives on hover, histograms")
 
-    c = _Parser(prog="gptwo detect calibrate", description="AUROC and TPR at a false-positive budget for every statistic; saves the detector's threshold beside the model and a ROC plot.")
+    c = _Parser(prog="gptwo detect calibrate", description="AUROC and TPR at a false-positive budget for every statistic and for a supervised classifier "
+                "(cross-validated by source document); saves the detector and its threshold beside the model, and a ROC plot.")
     c.set_defaults(func=_cmd_detect_calibrate)
     common(c)
     c.add_argument("--human", required=True, help="folder of human-written .txt files (one document each)")
     c.add_argument("--generated", required=True, help="folder of generated .txt files, e.g. from 'gptwo detect sample'")
-    c.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"statistic whose threshold is saved (default {DEFAULT_DETECTOR}; binoculars needs --reference)")
+    c.add_argument("--detector", default="classifier", help="detector saved: classifier (default: logistic regression on the statistics and a lexicon) "
+                   f"or one statistic, e.g. {DEFAULT_DETECTOR} (binoculars needs --reference)")
+    c.add_argument("--lexicon", default="auto", help="training text whose word counts the classifier uses: a prepared data folder (train split) or a folder "
+                   "of .txt files; auto (default) = MODEL/data when present; none = no lexicon features")
+    c.add_argument("--folds", type=int, default=5, help="cross-validation folds, split by source document, for the classifier's AUROC (default 5)")
     c.add_argument("--max-fpr", type=float, default=0.01, help="share of human texts allowed above the threshold (default 0.01)")
     c.add_argument("--out", default=None, help="calibration JSON to write (default: MODEL/detect-calibration.json, which 'gptwo detect' reads)")
     c.add_argument("--plot", default=None, help="ROC plot PNG (default: beside the calibration JSON, *-roc.png)")
