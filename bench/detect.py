@@ -22,6 +22,10 @@ import time
 
 import torch
 
+from gptwo.detect.calibrate import auroc
+from gptwo.detect.stats import document_scores, token_stats
+from gptwo.weights import load_model
+
 from gptwo.detect.calibrate import calibrate
 from gptwo.detect.sample import sample_set
 from gptwo.fileio import atomic_write
@@ -52,12 +56,22 @@ def main() -> None:
                              seed=args.seed, device="cpu", **sampling)
         report = calibrate(args.model, os.path.join(folder, "human"), os.path.join(folder, "generated"), reference_spec=args.reference, out=os.path.join(folder, "calibration.json"),
                            plot=os.path.join(args.out, f"roc-{name}.png"), device="cpu")
-        results[name] = {"pairs": summary["pairs"], "dropped_short": summary["dropped_short"], "sampling": sampling, "seconds": time.perf_counter() - start,
+        oracle = oracle_auroc(args.model, folder)
+        results[name] = {"oracle_fast_detectgpt_auroc": oracle, "pairs": summary["pairs"], "dropped_short": summary["dropped_short"], "sampling": sampling, "seconds": time.perf_counter() - start,
                          "statistics": report["statistics"], "plot": report["plot"], "classifier_evaluation": report["classifier_evaluation"],
                          "documents": len(set(summary["documents"]))}
     payload = {"model": args.model, "reference": args.reference, "data": data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "detector": "classifier", "settings": results}
     atomic_write(os.path.join(os.path.dirname(args.out.rstrip("/")) or ".", "detect.json"), (json.dumps(payload, indent=2) + "\n").encode())
     print(table(results))
+
+
+def oracle_auroc(model_spec: str, folder: str) -> float:
+    """Fast-DetectGPT's AUROC when each text is scored on the token ids it was sampled/stored as — not text-only: an oracle."""
+    model, tokenizer = load_model(model_spec, device="cpu")
+    with open(os.path.join(folder, "tokens.json"), encoding="utf-8") as f:
+        ids = json.load(f)
+    score = {kind: [document_scores(token_stats(model, tokenizer, t, top=1))["fast_detectgpt"] for t in ids[kind]] for kind in ("human", "generated")}
+    return auroc(score["generated"], score["human"])
 
 
 def table(results: dict) -> str:
@@ -69,6 +83,8 @@ def table(results: dict) -> str:
         cells = [f"{results[n]['statistics'][stat]['auroc']:.3f} | {results[n]['statistics'][stat]['tpr']:.3f}" for n in names]
         label = " (detector once calibrated; out-of-fold)" if stat == "classifier" else " (uncalibrated default)" if stat == "fast_detectgpt" else ""
         lines.append(f"| {stat}{label} | " + " | ".join(cells) + " |")
+    cells = [f"{results[n]['oracle_fast_detectgpt_auroc']:.3f} | –" for n in names]
+    lines.append("| fast_detectgpt on the sampled token ids (oracle, not text-only) | " + " | ".join(cells) + " |")
     counts = []
     for n in names:
         folds = results[n]["classifier_evaluation"]["folds"]

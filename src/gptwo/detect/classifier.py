@@ -154,6 +154,16 @@ def feature_matrix(rows: list[dict[str, float]], names: list[str]) -> np.ndarray
     return np.array([[row[n] for n in names] for row in rows], dtype=float)
 
 
+def _balanced_folds(members: list, groups: list, folds: int) -> dict:
+    """Each group's fold: the largest groups first, each to the fold with the fewest documents so far (deterministic)."""
+    size = collections.Counter(members)
+    load, fold_of = [0] * folds, {}
+    for g in sorted(groups, key=lambda g: (-size[g], str(g))):
+        fold_of[g] = min(range(folds), key=lambda k: (load[k], k))
+        load[fold_of[g]] += size[g]
+    return fold_of
+
+
 def cross_validate(human: np.ndarray, generated: np.ndarray, human_groups: list, generated_groups: list, names: list[str],
                    folds: int = 5, l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Out-of-fold logits of every document: groups (source documents) are split into `folds`, each fold scored by a
@@ -162,7 +172,7 @@ def cross_validate(human: np.ndarray, generated: np.ndarray, human_groups: list,
     folds = min(folds, len(groups))
     if folds < 2:
         raise GptwoError("cross-validation needs documents from at least two sources", "give more documents")
-    fold_of = {g: i * folds // len(groups) for i, g in enumerate(groups)}  # contiguous runs of groups, in order
+    fold_of = _balanced_folds(list(human_groups) + list(generated_groups), groups, folds)
     hf, gf = np.array([fold_of[g] for g in human_groups]), np.array([fold_of[g] for g in generated_groups])
     out_h, out_g, sizes = np.zeros(len(human)), np.zeros(len(generated)), []
     for k in range(folds):

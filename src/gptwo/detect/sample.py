@@ -83,7 +83,7 @@ def continue_passages(model: torch.nn.Module, tokenizer: Tokenizer, human: list[
 def sample_set(model_spec: str, source: str, out_dir: str, *, prompt_tokens: int = 16, new_tokens: int = 128, per_document: int = 1,
                limit: int | None = None, min_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                seed: int = 0, device: str = "auto") -> dict:
-    """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs) and OUT/sample.json; return the summary."""
+    """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the ids); return the summary."""
     from gptwo.generate import check_sampling
     from gptwo.weights import load_model
 
@@ -104,6 +104,8 @@ def sample_set(model_spec: str, source: str, out_dir: str, *, prompt_tokens: int
                "new_tokens": new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
                "documents": [d for d, _ in kept]}  # the source document of pair i: calibration's cross-validation keeps each document in one fold
     atomic_write(os.path.join(out_dir, "sample.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    # the token ids as sampled: a sampled text often re-encodes to other tokens (non-canonical splits); for oracle comparisons only
+    atomic_write(os.path.join(out_dir, "tokens.json"), (json.dumps({"human": [h for h, _ in pairs], "generated": [g for _, g in pairs]}) + "\n").encode())
     if summary["dropped_short"]:
         print(f"note: {summary['dropped_short']} continuation(s) ended before {min_tokens} tokens and were left out", file=sys.stderr)
     return summary
