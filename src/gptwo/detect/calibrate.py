@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS
+from gptwo.detect import DEFAULT_MIN_TOKENS
 from gptwo.detect.classifier import Lexicon, cross_validate, document_features, feature_matrix, fit_logistic
 from gptwo.detect.detector import CALIBRATION_FILE, Rule, judge_text, load_models
 from gptwo.detect.stats import DIRECTION

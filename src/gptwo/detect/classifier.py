@@ -47,7 +47,7 @@ class Lexicon:
     pairs: dict[str, int]  # "first second" -> count
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> "Lexicon":
+    def from_texts(cls, texts: Iterable[str]) -> Lexicon:
         """Count words and adjacent word pairs (within each text), keeping the most frequent."""
         counts, pairs = collections.Counter(), collections.Counter()
         for text in texts:
@@ -70,7 +70,7 @@ class Lexicon:
         return json.dumps({"format": "gptwo-detect-lexicon", "words": self.words, "pairs": self.pairs})
 
     @classmethod
-    def from_json(cls, text: str) -> "Lexicon":
+    def from_json(cls, text: str) -> Lexicon:
         saved = json.loads(text)
         return cls(dict(saved["words"]), dict(saved["pairs"]))
 
@@ -124,7 +124,7 @@ class Classifier:
         return {"names": self.names, "mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias, "l2": self.l2}
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "Classifier":
+    def from_dict(cls, saved: dict) -> Classifier:
         return cls(list(saved["names"]), [float(v) for v in saved["mean"]], [float(v) for v in saved["scale"]], [float(v) for v in saved["weights"]],
                    float(saved["bias"]), float(saved["l2"]))
 
