@@ -1,6 +1,6 @@
 """A calibrated supervised detector: logistic regression on features the model and its training text give cheaply.
 
-In the spirit of OpenAI's GPT-2 output-detector baselines (a logistic regression on simple features
+In the spirit of OpenAI's GPT-2 output-detector baselines (a logistic regression
 on TF-IDF features reached 88-97% on GPT-2 samples). Each document becomes a fixed vector of named features:
 
 - the zero-shot statistics (`stats.document_scores`, without Binoculars),
