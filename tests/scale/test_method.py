@@ -74,6 +74,8 @@ def test_a_wider_huber_delta_still_recovers_the_constants_and_is_reported():
     assert abs(report["alpha"] - HOFFMANN["alpha"]) < 0.03 and abs(report["beta"] - HOFFMANN["beta"]) < 0.03
     with pytest.raises(GptwoError):
         fit_report(synthetic_runs(HOFFMANN), bootstrap=0, delta=0.0)
+    with pytest.raises(GptwoError):
+        backtest(synthetic_runs(HOFFMANN), Method(delta=-1e-3))
 
 
 def test_prepare_applies_count_then_seed_mean_then_near_minimum():

@@ -96,6 +96,8 @@ def predicted_best(constants: dict, budget: float, shapes: list[tuple[float, flo
 
 def backtest(points: list[dict], method: Method, first: int = 2) -> list[dict]:
     """For each budget after the `first` smallest: fit on the budgets below it, predict its best run; one row per budget."""
+    if not method.delta > 0:
+        raise GptwoError(f"Huber delta {method.delta} must be positive", "use e.g. --delta 1e-3 (the papers') or 3e-3")
     budgets = sorted({p["budget"] for p in points if p.get("budget")})
     if len(budgets) <= first:
         raise GptwoError(f"{len(budgets)} budgets: a backtest fits on {first} or more and predicts a larger one", "run a sweep with more budgets")
