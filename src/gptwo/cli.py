@@ -752,19 +752,56 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
     import json
 
     from gptwo.scale.fit import fit_report, format_report, parse_point, read_points
+    from gptwo.scale.method import best_of_plan, plan_largest, prepare
 
-    points = read_points(args.runs, exclude_budgets=args.exclude_budget)
-    every = read_points(args.runs)
+    method = _scale_method(args)
+    queries, budgets = [parse_point(p) for p in args.predict], list(args.budget)
+    if args.best_of:
+        target, shapes, _ = plan_largest(args.best_of, method)
+        queries, budgets = queries + [s for s in shapes if s not in queries], budgets + [target] * (target not in budgets)
+    points = prepare(read_points(args.runs, exclude_budgets=args.exclude_budget), method)
+    every = prepare(read_points(args.runs), method)
     for budget in args.exclude_budget:
         if not any(p.get("budget") and abs(p["budget"] / budget - 1) < 1e-6 for p in every):
             print(f"note: no run has budget {budget:g} (yet); nothing of it to leave out", file=sys.stderr)
-    report = fit_report(points, queries=[parse_point(p) for p in args.predict], budgets=args.budget, bootstrap=args.bootstrap, seed=args.seed)
+    report = fit_report(points, queries=queries, budgets=budgets, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta)
+    if args.best_of:
+        report["best"] = best_of_plan(report, args.best_of, method)
     if args.plot:
         from gptwo.scale.plots import plot_fit
 
         plot_fit(points, report, args.plot, extra=every)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def _cmd_scale_backtest(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.scale.fit import read_points
+    from gptwo.scale.method import backtest, format_backtest
+
+    method = _scale_method(args)
+    rows = backtest(read_points(args.runs), method, first=args.first)
+    print(json.dumps({"method": method.label(), "rows": rows}) if args.json else format_backtest(rows, method))
+    return 0
+
+
+def _scale_method(args: argparse.Namespace):
+    from gptwo.scale.method import Method
+
+    return Method(count=args.count, average_seeds=args.average_seeds, near_min=args.near_min, delta=args.delta, best=args.best)
+
+
+def _scale_method_options(p) -> None:
+    """The fit's method choices, shared by fit and backtest (docs/scaling.md, 'Choosing the method')."""
+    p.add_argument("--count", default="params", choices=("params", "total", "non_embedding"),
+                   help="which parameter count is N: params (default; all but position embeddings), total, or non_embedding (Kaplan's)")
+    p.add_argument("--average-seeds", action="store_true", help="average runs of the same N and D (other seeds) into one point, geometric mean of losses")
+    p.add_argument("--near-min", type=int, default=0, metavar="K", help="fit only each budget's K lowest-loss runs (default 0: all runs)")
+    p.add_argument("--delta", type=float, default=1e-3, help="the Huber loss's delta on log-loss residuals (default 1e-3, the papers')")
+    p.add_argument("--best", default="optimum", choices=("optimum", "shapes"),
+                   help="a budget's predicted best loss: at the fitted compute-optimal N, D (optimum, default) or the lowest over its planned shapes (shapes)")
 
 
 def add_scale_commands(sub) -> None:
@@ -796,6 +833,13 @@ def add_scale_commands(sub) -> None:
                    help="leave a sweep's runs of this budget out of the fit (to predict them; repeatable)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--best-of", default=None, metavar="PLAN", help="predict the best run of this plan's largest budget: each shape's loss and the predicted best (see --best)")
+    _scale_method_options(p)
+    p = _command(ssub, "backtest", _cmd_scale_backtest, "Choose a fit method on runs in hand: fit on the budgets below each budget, predict its best run, report the errors.")
+    p.add_argument("runs", nargs="+", metavar="RUNS", help="sweep folders or JSONL files of runs with budgets (as for fit)")
+    p.add_argument("--first", type=int, default=2, help="the smallest budgets only ever fitted, never predicted (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: the method and one row per predicted budget")
+    _scale_method_options(p)
 
 
 # --------------------------------------------------------------------------- benchmarks
