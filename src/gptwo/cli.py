@@ -764,7 +764,7 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
     for budget in args.exclude_budget:
         if not any(p.get("budget") and abs(p["budget"] / budget - 1) < 1e-6 for p in every):
             print(f"note: no run has budget {budget:g} (yet); nothing of it to leave out", file=sys.stderr)
-    report = fit_report(points, queries=queries, budgets=budgets, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta)
+    report = fit_report(points, queries=queries, budgets=budgets, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, corpus=method.corpus(points))
     if args.best_of:
         report["best"] = best_of_plan(report, args.best_of, method)
     if args.plot:
@@ -789,8 +789,10 @@ def _cmd_scale_backtest(args: argparse.Namespace) -> int:
 
 def _scale_method(args: argparse.Namespace):
     from gptwo.scale.method import Method
+    from gptwo.scale.repeats import parse_repeats
 
-    return Method(count=args.count, average_seeds=args.average_seeds, near_min=args.near_min, delta=args.delta, best=args.best)
+    return Method(count=args.count, average_seeds=args.average_seeds, near_min=args.near_min, delta=args.delta, best=args.best,
+                  repeats=parse_repeats(args.repeats, args.unique_tokens))
 
 
 def _scale_method_options(p) -> None:
@@ -802,6 +804,10 @@ def _scale_method_options(p) -> None:
     p.add_argument("--delta", type=float, default=1e-3, help="the Huber loss's delta on log-loss residuals (default 1e-3, the papers')")
     p.add_argument("--best", default="optimum", choices=("optimum", "shapes"),
                    help="a budget's predicted best loss: at the fitted compute-optimal N, D (optimum, default) or the lowest over its planned shapes (shapes)")
+    p.add_argument("--repeats", default="none", metavar="none|muennighoff[:RSTAR]",
+                   help="repeated tokens: none (default; counted as fresh) or Muennighoff et al. 2023's effective data D' = U + U*R*(1 - exp(-R/R*)), R* 15.4 unless given")
+    p.add_argument("--unique-tokens", type=float, default=None, metavar="U",
+                   help="unique training tokens U for --repeats (default: each run's recorded unique_tokens; the data folder's meta.json train_tokens)")
 
 
 def add_scale_commands(sub) -> None:

@@ -148,12 +148,19 @@ def predict(constants: dict, params: float, tokens: float) -> float:
     return constants["E"] + constants["A"] / params ** constants["alpha"] + constants["B"] / tokens ** constants["beta"]
 
 
-def compute_optimal(constants: dict, budget: float) -> dict:
-    """The N and D that minimise the fitted loss at C = 6·N·D FLOPs (Hoffmann et al. 2022, eq. 4), and that loss."""
+def compute_optimal(constants: dict, budget: float, corpus: tuple[float, float] | None = None) -> dict:
+    """The N and D that minimise the fitted loss at C = 6·N·D FLOPs (Hoffmann et al. 2022, eq. 4), and that loss.
+
+    With `corpus` = (U unique tokens, R*), D is tokens read and the loss is L(N, D′) of repeated data (scale/repeats.py).
+    """
     alpha, beta = constants["alpha"], constants["beta"]
     if min(alpha, beta, constants["A"], constants["B"]) <= 0:
         nan = float("nan")  # no finite optimum: loss does not fall with both N and D
         return {"flops": budget, "params": nan, "tokens": nan, "tokens_per_param": nan, "loss": nan}
+    if corpus is not None:
+        from gptwo.scale.repeats import compute_optimal_repeated
+
+        return compute_optimal_repeated(constants, budget, *corpus)
     g = (alpha * constants["A"] / (beta * constants["B"])) ** (1 / (alpha + beta))
     params = g * (budget / 6) ** (beta / (alpha + beta))
     tokens = (budget / 6) ** (alpha / (alpha + beta)) / g
@@ -198,8 +205,11 @@ def isoflop_exponents(minima: list[dict]) -> dict | None:
 
 # ---------------------------------------------------------------- the report
 def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budgets: list[float] = (), bootstrap: int = 200, seed: int = 0,
-               delta: float = DELTA) -> dict:
-    """Constants, bootstrap intervals, compute-optimal allocations, IsoFLOP minima and predictions (one JSON-able dict)."""
+               delta: float = DELTA, corpus: tuple[float, float] | None = None) -> dict:
+    """Constants, bootstrap intervals, compute-optimal allocations, IsoFLOP minima and predictions (one JSON-able dict).
+
+    With `corpus` = (U, R*) the points' tokens are already the effective D′, and queries and budgets count tokens read.
+    """
     if len(points) < 5:
         raise GptwoError(f"{len(points)} runs to fit; L(N, D) has five constants", "train at least 5 runs (better 12 or more, over 3 budgets or more)")
     if not delta > 0:
@@ -211,11 +221,14 @@ def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budg
     budgets = list(budgets) or sorted({p["budget"] for p in points if p.get("budget")})[-1:]
     report = {**constants, "objective": fit["objective"], "runs": len(points), "delta": delta,
               "formula": "L(N, D) = E + A/N^alpha + B/D^beta; C = 6*N*D", **optimal_exponents(constants),
-              "intervals": _intervals(samples, budgets), "bootstrap": len(samples),
-              "optimal": [compute_optimal(constants, c) for c in budgets],
+              "intervals": _intervals(samples, budgets, corpus), "bootstrap": len(samples),
+              "optimal": [compute_optimal(constants, c, corpus) for c in budgets],
               "isoflop": minima, "isoflop_exponents": isoflop_exponents(minima),
               "residuals": {"rms_log": float(np.sqrt(np.mean([math.log(_predicted(constants, p) / p["loss"]) ** 2 for p in points])))},
-              "predictions": [_prediction(constants, samples, n, d) for n, d in queries]}
+              "predictions": [_prediction(constants, samples, n, d, corpus) for n, d in queries]}
+    if corpus is not None:
+        report["repeats"] = {"unique_tokens": corpus[0], "rstar": corpus[1], "formula": "D' = U + U*R*(1 - exp(-R/R*)), R = D/U - 1 (Muennighoff et al. 2023)"}
+        report["formula"] = "L(N, D') = E + A/N^alpha + B/D'^beta; C = 6*N*D, D tokens read"
     return report
 
 
@@ -236,23 +249,30 @@ def _bootstrap(points: list[dict], fit: dict, rounds: int, seed: int, delta: flo
     return samples
 
 
-def _intervals(samples: list[dict], budgets: list[float]) -> dict:
+def _intervals(samples: list[dict], budgets: list[float], corpus: tuple[float, float] | None = None) -> dict:
     """95% percentile intervals of the constants, the allocation exponents and the optimal N, D at each budget."""
     if not samples:
         return {}
     series = {k: [s[k] for s in samples] for k in ("E", "A", "B", "alpha", "beta")}
     series.update({k: [optimal_exponents(s)[k] for s in samples] for k in ("a", "b")})
     for c in budgets:
-        series[f"params_opt@{c:g}"] = [compute_optimal(s, c)["params"] for s in samples]
-        series[f"tokens_opt@{c:g}"] = [compute_optimal(s, c)["tokens"] for s in samples]
-        series[f"loss_opt@{c:g}"] = [compute_optimal(s, c)["loss"] for s in samples]
+        optima = [compute_optimal(s, c, corpus) for s in samples]
+        for key in ("params", "tokens", "loss"):
+            series[f"{key}_opt@{c:g}"] = [o[key] for o in optima]
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in series.items()}
 
 
-def _prediction(constants: dict, samples: list[dict], params: float, tokens: float) -> dict:
-    out = {"params": params, "tokens": tokens, "loss": predict(constants, params, tokens), "flops": 6 * params * tokens}
+def _prediction(constants: dict, samples: list[dict], params: float, tokens: float, corpus: tuple[float, float] | None = None) -> dict:
+    fitted = tokens
+    if corpus is not None:
+        from gptwo.scale.repeats import effective_tokens
+
+        fitted = effective_tokens(tokens, *corpus)
+    out = {"params": params, "tokens": tokens, "loss": predict(constants, params, fitted), "flops": 6 * params * tokens}
+    if corpus is not None:
+        out["effective_tokens"] = fitted
     if samples:
-        values = [predict(s, params, tokens) for s in samples]
+        values = [predict(s, params, fitted) for s in samples]
         out["interval"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
     return out
 
@@ -268,7 +288,11 @@ def format_report(report: dict) -> str:
     lines = [f"L(N, D) = E + A/N^alpha + B/D^beta fitted to {report['runs']} runs (Huber delta={report['delta']} on log loss; "
              f"95% bootstrap intervals over {report['bootstrap']} resamples; rms log residual {report['residuals']['rms_log']:.4f})",
              "  " + ", ".join(show(k, ".4g") for k in ("E", "A", "B", "alpha", "beta")),
-             f"  compute-optimal: N_opt ~ C^{report['a']:.3f}, D_opt ~ C^{report['b']:.3f}"]
+             f"  compute-optimal: N_opt ~ C^{report['a']:.3f}, D_opt ~ C^{report['b']:.3f}"
+             + (" (without repeats; with them the optimum is found numerically below)" if "repeats" in report else "")]
+    if "repeats" in report:
+        lines.insert(1, f"  D is effective data D' = U + U*R*(1 - exp(-R/R*)), U = {report['repeats']['unique_tokens']:.0f} unique tokens, "
+                        f"R* = {report['repeats']['rstar']:g} (Muennighoff et al. 2023); D below counts tokens read")
     for o in report["optimal"]:
         n_span, d_span = (iv.get(f"{k}_opt@{o['flops']:g}") for k in ("params", "tokens"))
         lines.append(f"  at C={o['flops']:.3g}: N_opt={o['params']:.3g}" + (f" [{n_span[0]:.3g}, {n_span[1]:.3g}]" if n_span else "")

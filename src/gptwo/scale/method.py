@@ -5,7 +5,8 @@ Song 2024 show the choice moves the fitted exponents at small scale), whether ru
 seeds are averaged first, whether each budget keeps only its `near_min` lowest-loss runs (the IsoFLOP
 valley, where the prediction is wanted), the Huber δ and the number of L-BFGS starts, and how a budget's
 best loss is predicted: the lowest predicted loss over the shapes it trains (`shapes`) or the loss at the
-fitted compute-optimal N and D (`optimum`). The backtest fits on the budgets below each budget in turn
+fitted compute-optimal N and D (`optimum`); and whether repeated tokens count as fresh or as Muennighoff et al.'s
+(2023) effective data (`repeats`, scale/repeats.py). The backtest fits on the budgets below each budget in turn
 and predicts that budget's best run (the seed-mean of its runs, whatever the method) — the same test as the pre-registered prediction, on data in hand.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from gptwo.errors import GptwoError
 from gptwo.scale.fit import DELTA, STARTS, compute_optimal, fit_constants, predict
+from gptwo.scale.repeats import Repeats, effective_tokens, unique_of, with_effective_tokens
 
 COUNTS = {"params": "params", "total": "params_total", "non_embedding": "params_non_embedding"}
 
@@ -32,11 +34,23 @@ class Method:
     delta: float = DELTA
     starts: int = STARTS
     best: str = "shapes"  # "shapes" or "optimum"
+    repeats: Repeats | None = None  # None: a repeated token counts as a fresh one
 
     def label(self) -> str:
         """A short name for tables."""
+        repeats = f", repeats=muennighoff R*={self.repeats.rstar:g}" if self.repeats else ""
         return (f"N={self.count}, {'seed-mean' if self.average_seeds else 'each seed'}, "
-                f"{f'{self.near_min} nearest min' if self.near_min else 'all runs'}, delta={self.delta:g}, starts={self.starts}, best={self.best}")
+                f"{f'{self.near_min} nearest min' if self.near_min else 'all runs'}, delta={self.delta:g}, starts={self.starts}{repeats}, best={self.best}")
+
+    def corpus(self, points: list[dict]) -> tuple[float, float] | None:
+        """(U, R*) for predictions under this method, U taken from --unique-tokens or the runs (which must agree); None without repeats."""
+        if self.repeats is None:
+            return None
+        uniques = {unique_of(p, self.repeats) for p in points}
+        if len(uniques) != 1:
+            raise GptwoError(f"the runs record {len(uniques)} different unique_tokens ({', '.join(f'{u:g}' for u in sorted(uniques))}); one corpus size predicts",
+                             "fit runs of one data folder, or pass --unique-tokens U")
+        return uniques.pop(), self.repeats.rstar
 
     def with_(self, **changes) -> "Method":
         """A copy with some choices changed."""
@@ -75,21 +89,22 @@ def near_minimum(points: list[dict], keep: int) -> list[dict]:
 
 
 def prepare(points: list[dict], method: Method) -> list[dict]:
-    """The fit's points under a method: count, then seed-averaging, then the runs near each budget's minimum."""
+    """The fit's points under a method: count, then seed-averaging, then the runs near each budget's minimum, then effective tokens."""
     points = with_count(points, method.count)
     if method.average_seeds:
         points = average_seeds(points)
-    return near_minimum(points, method.near_min)
+    return with_effective_tokens(near_minimum(points, method.near_min), method.repeats)
 
 
-def predicted_best(constants: dict, budget: float, shapes: list[tuple[float, float]], how: str = "shapes") -> dict:
-    """A budget's predicted best loss: the lowest over its (N, D) shapes, or at the compute-optimal N, D."""
+def predicted_best(constants: dict, budget: float, shapes: list[tuple[float, float]], how: str = "shapes",
+                   corpus: tuple[float, float] | None = None) -> dict:
+    """A budget's predicted best loss: the lowest over its (N, D) shapes, or at the compute-optimal N, D (D tokens read; `corpus` = (U, R*) for repeats)."""
     if how == "optimum":
-        optimum = compute_optimal(constants, budget)
+        optimum = compute_optimal(constants, budget, corpus)
         return {"loss": optimum["loss"], "params": optimum["params"], "tokens": optimum["tokens"]}
     if how != "shapes":
         raise GptwoError(f"best='{how}' is neither 'shapes' nor 'optimum'", "use --best shapes or --best optimum")
-    losses = [predict(constants, n, d) for n, d in shapes]
+    losses = [predict(constants, n, effective_tokens(d, *corpus) if corpus else d) for n, d in shapes]
     i = int(np.argmin(losses))
     return {"loss": losses[i], "params": shapes[i][0], "tokens": shapes[i][1]}
 
@@ -107,7 +122,7 @@ def backtest(points: list[dict], method: Method, first: int = 2) -> list[dict]:
         counted = average_seeds(with_count([p for p in points if p.get("budget") == budget], method.count))  # the target: seed-mean losses
         constants = fit_constants(train, delta=method.delta, count=method.starts)
         shapes = sorted({(p["params"], p["tokens"]) for p in counted})
-        guess = predicted_best(constants, budget, shapes, method.best)
+        guess = predicted_best(constants, budget, shapes, method.best, method.corpus(train))
         best = min(counted, key=lambda p: p["loss"])
         rows.append({"budget": budget, "fitted_runs": len(train), "predicted": guess["loss"], "predicted_params": guess["params"],
                      "measured": best["loss"], "measured_params": best["params"], "error": guess["loss"] / best["loss"] - 1})
@@ -133,7 +148,7 @@ def best_of_plan(report: dict, plan_path: str, method: Method) -> dict:
     """
     budget, shapes, names = plan_largest(plan_path, method)
     constants = {k: report[k] for k in ("E", "A", "B", "alpha", "beta")}
-    guess = predicted_best(constants, budget, shapes, method.best)
+    guess = predicted_best(constants, budget, shapes, method.best, (report["repeats"]["unique_tokens"], report["repeats"]["rstar"]) if "repeats" in report else None)
     per_shape = [{**p, "names": n} for p, n in zip((p for p in report["predictions"] if (p["params"], p["tokens"]) in shapes), names)]
     lowest = min(per_shape, key=lambda s: s["loss"])
     interval = report["intervals"].get(f"loss_opt@{budget:g}") if method.best == "optimum" else lowest.get("interval")

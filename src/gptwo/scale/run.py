@@ -58,9 +58,16 @@ def _job(plan: dict, run: dict, data_dir: str, out_dir: str, threads: int, vocab
     record = {"name": run["name"], "budget": run.get("budget"), "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
               "params": counts.params, "params_total": counts.total, "params_non_embedding": counts.non_embedding, "tokens": tokens,
               "flops": run_flops(counts.params, tokens), "flops_attention": 12.0 * config.n_layer * config.n_embd * config.block_size * tokens,
-              "steps": config.max_steps, "seed": config.seed}
+              "steps": config.max_steps, "seed": config.seed, "unique_tokens": _train_tokens(data_dir)}
     return {"name": run["name"], "data_dir": data_dir, "run_dir": os.path.join(out_dir, "runs", run["name"]), "batch_tokens": config.batch_size * config.block_size,
             "overrides": [f"{k}={v}" for k, v in settings.items()], "record": record}
+
+
+def _train_tokens(data_dir: str) -> int:
+    """The unique training tokens of a data folder (for fits that count repeated tokens: `--repeats`)."""
+    from gptwo.data.loader import read_meta
+
+    return int(read_meta(data_dir)["train_tokens"])
 
 
 def _check_held_out(data_dir: str, jobs: list[dict]) -> None:
