@@ -33,6 +33,7 @@ def test_sweep_trains_ordinary_runs_and_records_params_tokens_flops_and_held_out
         assert record["loss"] == [r["val_loss"] for r in rows if "val_loss" in r][-1] and rows[-1]["step"] == run["max_steps"]
         assert (record["params"], record["tokens"], record["flops"]) == (run["params"], run["tokens"], run["flops"])
         assert record["seed"] == run.get("seed", 0)
+        assert record["unique_tokens"] == json.load(open(os.path.join(tiny_data(), "meta.json")))["train_tokens"]  # what --repeats needs
     assert [p["loss"] for p in read_points([str(tmp_path / "sweep")])] == [r["loss"] for r in records]
 
 
