@@ -7,6 +7,18 @@ import io
 import numpy as np
 
 from gptwo.scale.fit import compute_optimal, predict
+from gptwo.scale.repeats import effective_tokens
+
+
+def _corpus(report: dict) -> tuple[float, float] | None:
+    """(U, R*) when the fit counts repeated tokens as effective data (--repeats), else None."""
+    return (report["repeats"]["unique_tokens"], report["repeats"]["rstar"]) if "repeats" in report else None
+
+
+def _loss_read(report: dict, params: float, tokens_read: float) -> float:
+    """The fitted loss of N parameters reading D tokens (through D' when the fit counts repeats)."""
+    corpus = _corpus(report)
+    return predict(report, params, effective_tokens(tokens_read, *corpus) if corpus else tokens_read)
 
 
 def plot_fit(points: list[dict], report: dict, png_path: str, extra: list[dict] | None = None) -> None:
@@ -42,7 +54,7 @@ def _isoflop(ax, group: list[dict], report: dict, budget: float, color, held_out
     from matplotlib.ticker import NullFormatter
 
     ns = np.geomspace(group[0]["params"] / 1.5, group[-1]["params"] * 1.5, 60)
-    ax.plot(ns, [predict(report, n, budget / (6 * n)) for n in ns], color=color, lw=1)
+    ax.plot(ns, [_loss_read(report, n, budget / (6 * n)) for n in ns], color=color, lw=1)
     ax.scatter([p["params"] for p in group], [p["loss"] for p in group], color=color, zorder=3,
                facecolors=["none" if p in held_out else color for p in group], label=f"C = {budget:.2g}" + (" (held out)" if group[0] in held_out else ""))
     ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss (nats/token)", title="IsoFLOP curves: measured (dots), fitted (lines)")
@@ -52,7 +64,7 @@ def _isoflop(ax, group: list[dict], report: dict, budget: float, color, held_out
 
 def _frontier(ax, points: list[dict], report: dict) -> None:
     flops = np.geomspace(min(p["flops"] for p in points) / 2, max(p["flops"] for p in points) * 3, 60)
-    ax.plot(flops, [compute_optimal(report, c)["loss"] for c in flops], color="black", lw=1.2, label="fitted compute-optimal frontier")
+    ax.plot(flops, [compute_optimal(report, c, _corpus(report))["loss"] for c in flops], color="black", lw=1.2, label="fitted compute-optimal frontier")
     ax.set(xscale="log", xlabel="training FLOPs C = 6ND", ylabel="held-out loss (nats/token)", title="loss against compute")
     ax.legend(fontsize=7)
 
