@@ -141,9 +141,7 @@ def llamacpp_anchor(path: str, gguf: str | None, model: str | None, batch_size: 
         raise GptwoError("--gguf names the llama.cpp anchor's files but no llama.cpp was given", "add --llama-cpp PATH (llama-bench or its build folder)")
     if batch_size != 1:
         raise GptwoError("the llama.cpp anchor times batch 1 only", "leave --batch-size at 1, or drop --llama-cpp")
-    if progress and not gguf:
-        print("converting the model to GGUF with llama.cpp's convert_hf_to_gguf.py", file=sys.stderr)
-    return anchor(path, gguf, model, prompt_tokens, new_tokens, torch.get_num_threads())
+    return anchor(path, gguf, model, prompt_tokens, new_tokens, torch.get_num_threads(), progress)
 
 
 def warm_llamacpp(llama, progress: bool) -> dict:

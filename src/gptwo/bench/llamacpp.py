@@ -197,7 +197,8 @@ class LlamaCppAnchor:
         return {"binary": self.binary, **self.build, "gguf": dict(self.files)}
 
 
-def llamacpp_anchor(path: str, gguf_dir: str | None, model: str | None, prompt_tokens: int, new_tokens: int, threads: int) -> LlamaCppAnchor:
+def llamacpp_anchor(path: str, gguf_dir: str | None, model: str | None, prompt_tokens: int, new_tokens: int, threads: int,
+                    progress: bool = False) -> LlamaCppAnchor:
     """The anchor for `--llama-cpp PATH [--gguf DIR]`: DIR's GGUF files, or the bench model converted by the binary's source tree into a temporary folder."""
     binary = find_llama_bench(path)
     if gguf_dir:
@@ -205,6 +206,8 @@ def llamacpp_anchor(path: str, gguf_dir: str | None, model: str | None, prompt_t
     converter = find_converter(binary)
     if converter is None:
         raise GptwoError(f"no convert_hf_to_gguf.py above {binary} to convert the model with", "pass --gguf DIR written by bench/llamacpp.sh")
+    if progress:
+        print(f"converting the model to GGUF with {converter}", file=sys.stderr)
     scratch = tempfile.TemporaryDirectory(prefix="gptwo-gguf-")
     save_bench_model(os.path.join(scratch.name, "hf"), model)
     files = convert(os.path.join(scratch.name, "hf"), converter, scratch.name)
