@@ -18,14 +18,14 @@ if (( $# < 2 )); then
     exit 2
 fi
 SRC=$(cd "$1" && pwd)
+[[ -f "$SRC/convert_hf_to_gguf.py" ]] || { echo "error: $SRC is not a llama.cpp source tree (no convert_hf_to_gguf.py) — pass llama.cpp's top folder" >&2; exit 2; }
 mkdir -p "$2"
 OUT=$(cd "$2" && pwd)
-MODEL=${3:-}
-BUILD=${LLAMA_BUILD:-$SRC/build}
+MODEL=${3:+$(realpath -m "$3")}
+BUILD=$(realpath -m "${LLAMA_BUILD:-$SRC/build}")
 PY=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-[[ -f "$SRC/convert_hf_to_gguf.py" ]] || { echo "error: $SRC is not a llama.cpp source tree (no convert_hf_to_gguf.py) — pass llama.cpp's top folder" >&2; exit 2; }
 
 if [[ ! -x "$BUILD/bin/llama-bench" ]]; then
     echo "== building llama-bench in $BUILD"
