@@ -17,7 +17,13 @@ import pytest
 import torch
 
 from gptwo import GPT, GPTConfig, Tokenizer
-from gptwo.bench.llamacpp import GGUF_DTYPES, gguf_tensor_bytes, llamacpp_anchor, parse_llama_bench, streamed_bytes
+from gptwo.bench.llamacpp import (
+    GGUF_DTYPES,
+    gguf_tensor_bytes,
+    llamacpp_anchor,
+    parse_llama_bench,
+    streamed_bytes,
+)
 from gptwo.cli import main
 from gptwo.errors import GptwoError
 from gptwo.weights import save_pretrained
@@ -114,7 +120,8 @@ def test_bench_decode_times_llamacpp_in_the_same_rounds(tiny_model, fake_llama, 
             "--threads", "1", "--device", "cpu", "--llama-cpp", fake_llama, "--gguf", gguf_dir]
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    calls = [json.loads(line) for line in open(os.path.join(fake_llama, "bin", "calls.jsonl"))]
+    with open(os.path.join(fake_llama, "bin", "calls.jsonl")) as f:
+        calls = [json.loads(line) for line in f]
     files = [os.path.join(gguf_dir, f"model-{dtype}.gguf") for dtype in GGUF_DTYPES]
     assert [c["argv"][1] for c in calls] == files * 4  # one warm-up call each, then the precisions take turns in each of 3 rounds
     assert all(c["argv"][2:] == ["-p", "0", "-n", "0", "-pg", "3,4", "-t", "1", "-r", "1", "-o", "json"] for c in calls)
@@ -189,7 +196,8 @@ def test_without_gguf_the_source_trees_converter_writes_each_precision(tiny_mode
     binary.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
     binary.chmod(0o755)
     anchor = llamacpp_anchor(str(source / "build"), None, tiny_model, 3, 4, 1)
-    vocab = json.load(open(os.path.join(tiny_model, "config.json")))["vocab_size"]
+    with open(os.path.join(tiny_model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
     assert (source / "calls.txt").read_text().splitlines() == [f"{dtype} 2 {vocab} gguf-py" for dtype in GGUF_DTYPES]
     assert list(anchor.files) == list(GGUF_DTYPES) and all(os.path.isfile(path) for path in anchor.files.values())
     assert anchor.time("q8_0") > 0

@@ -17,7 +17,8 @@ import struct
 import subprocess
 import sys
 import tempfile
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from gptwo.errors import GptwoError
 
@@ -81,7 +82,7 @@ def convert(model_dir: str, converter: str, out_dir: str, dtypes: tuple[str, ...
     files = {}
     for dtype in dtypes:
         files[dtype] = os.path.join(out_dir, gguf_name(dtype))
-        done = subprocess.run([sys.executable, converter, model_dir, "--outtype", dtype, "--outfile", files[dtype]], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, converter, model_dir, "--outtype", dtype, "--outfile", files[dtype]], env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise GptwoError(f"llama.cpp's converter failed on {model_dir} at {dtype} ({last})", "convert with bench/llamacpp.sh and pass --gguf")
@@ -170,7 +171,7 @@ class LlamaCppAnchor:
         """One llama-bench call on this precision's file: seconds for the prompt and the new tokens."""
         command = [self.binary, "-m", self.files[dtype], "-p", "0", "-n", "0", "-pg", f"{self.prompt_tokens},{self.new_tokens}",
                    "-t", str(self.threads), "-r", "1", "-o", "json"]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise GptwoError(f"llama-bench failed on {self.files[dtype]} ({last})", "check that the file is a GGUF model this llama.cpp build reads")
