@@ -854,7 +854,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
     variants = tuple(v for v in args.variants.split(",") if v)
     report = decode_report(args.model, device=args.device, variants=variants, batch_size=args.batch_size, new_tokens=args.new_tokens,
-                           prompt_tokens=args.prompt_tokens, rounds=args.rounds, threads=args.threads, compile=args.compile, progress=not args.json)
+                           prompt_tokens=args.prompt_tokens, rounds=args.rounds, threads=args.threads, compile=args.compile, progress=not args.json,
+                           llama_cpp=args.llama_cpp, gguf=args.gguf)
     _print_report(report, args.json, render_decode)
     return 0
 
@@ -876,9 +877,13 @@ def _add_bench_decode(bsub) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt, greedy (default 128)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="tokens in each (random) prompt (default 16)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median counts (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama-bench (default: torch's choice)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="none",
                    help="torch.compile the decode step with this mode (reduce-overhead = CUDA graphs; max-autotune-frozen = frozen weights + Inductor's C++ GEMM template, faster for int8 on CPU); default none (eager)")
+    p.add_argument("--llama-cpp", default=None, metavar="PATH",
+                   help="also time llama.cpp in the same rounds: its llama-bench binary or build folder (bench/llamacpp.sh builds one); rows f32, f16, bf16, q8_0")
+    p.add_argument("--gguf", default=None, metavar="DIR",
+                   help="with --llama-cpp: folder of model-{f32,f16,bf16,q8_0}.gguf for the same model (bench/llamacpp.sh); default: convert now with the converter of the binary's source tree")
 
 
 def _add_bench_train(bsub) -> None:
