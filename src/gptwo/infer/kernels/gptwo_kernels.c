@@ -1,0 +1,390 @@
+/* gptwo native CPU kernels: small-M GEMV over fp32, bf16 and int8 weights, and GPT-2's whole decode step.
+
+   Compiled on first use by gptwo/infer/native.py (cc -O3 -march=native -fopenmp -shared) and called through
+   ctypes. Weights are row-major (out, in), as nn.Linear keeps them: y[m, n] = dot(W[n, :], x[m, :]) + b[n],
+   four output rows per pass so each activation vector is loaded once for four weight rows. Batch-1 decoding
+   streams every weight once per token, so these loops aim at memory bandwidth, not FLOPs.
+
+   Weight kinds (K_*):
+     F32      fp32 weights, FMA.
+     BF16     bf16 weights widened to fp32 by a 16-bit shift, fp32 FMA with fp32 activations.
+     BF16_DP  bf16 weights, activations rounded to bf16, native vdpbf16ps (fp32 accumulation).
+     I8       int8 weights (one scale per output row) widened to fp32, fp32 FMA: exact weight-only int8.
+     I8_VNNI  int8 weights, activations quantized to int8 per block of 64 (one scale per block, as llama.cpp's
+              q8_0 does per 32), vpdpbusd on (w + 128) as unsigned times x as signed; the +128 is removed with
+              the blocks' activation sums, which are the same for every row.
+   The OpenMP runtime is the process's libgomp.so.1 (torch's, already loaded), so torch and these kernels
+   share one thread pool. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+enum { K_F32 = 0, K_BF16 = 1, K_BF16_DP = 2, K_I8 = 3, K_I8_VNNI = 4 };
+enum { EPI_STORE = 0, EPI_ADD = 1 }; /* y = acc + b, or y += acc + b (residual) */
+#define QB 64                         /* activation quantization block (I8_VNNI) */
+#define INLINE static inline __attribute__((always_inline))
+
+int gptwo_caps(void) {
+    int caps = (1 << K_F32) | (1 << K_BF16) | (1 << K_I8);
+#ifdef __AVX512BF16__
+    caps |= 1 << K_BF16_DP;
+#endif
+#ifdef __AVX512VNNI__
+    caps |= 1 << K_I8_VNNI;
+#endif
+    return caps;
+}
+
+/* One linear layer and one batch of activations prepared for its kind. */
+typedef struct { int kind, K, N; const void *w; const float *scale, *bias; } Lin;
+typedef struct { const float *x; uint16_t *xb; int8_t *xq; float *xs; float *corr; int M, K, Kp; } Act;
+
+INLINE __mmask16 tail16(int n) { return (__mmask16)((1u << n) - 1); }
+INLINE __mmask32 tail32(int n) { return (__mmask32)((1ull << n) - 1); }
+INLINE __mmask64 tail64(int n) { return n >= 64 ? ~0ull : (__mmask64)((1ull << n) - 1); }
+INLINE __m512 bf16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+/* R dot products of weight rows w[r*K ...] with x, for each kind; out[r] are raw sums (before scale/bias). */
+INLINE void dots_f32(const float *w, int K, const float *x, int R, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(x + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (size_t)r * K + k), xv, acc[r]);
+    }
+    if (k < K) {
+        __mmask16 m = tail16(K - k);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + (size_t)r * K + k), xv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+INLINE void dots_bf16(const uint16_t *w, int K, const float *x, int R, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(x + k);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + k))), xv, acc[r]);
+    }
+    if (k < K) {
+        __mmask16 m = tail16(K - k);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(bf16_to_f32(_mm256_maskz_loadu_epi16(m, w + (size_t)r * K + k)), xv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+#ifdef __AVX512BF16__
+INLINE void dots_bf16_dp(const uint16_t *w, int K, const uint16_t *xb, int R, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + (size_t)r * K + k), xv);
+    }
+    if (k < K) {
+        __mmask32 m = tail32(K - k);
+        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xb + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + (size_t)r * K + k), xv);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+INLINE void dots_i8(const int8_t *w, int K, const float *x, int R, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(x + k);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + (size_t)r * K + k)))), xv, acc[r]);
+    }
+    if (k < K) {
+        __mmask16 m = tail16(K - k);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + (size_t)r * K + k))), xv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+#ifdef __AVX512VNNI__
+/* xq is zero-padded to Kp (a multiple of QB); xs[b] the block scales. The result still holds the +128 offset. */
+INLINE void dots_i8_vnni(const int8_t *w, int K, const int8_t *xq, const float *xs, int R, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int k = 0, b = 0; k < K; k += QB, b++) {
+        __mmask64 m = tail64(K - k);
+        __m512i xv = _mm512_loadu_si512(xq + k);
+        __m512 s = _mm512_set1_ps(xs[b]);
+        for (int r = 0; r < R; r++) {
+            __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + (size_t)r * K + k), flip);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+/* Activations in the form the kind reads: bf16 copies (BF16_DP) or int8 blocks with scales (I8_VNNI). Row m. */
+static void prepare_row(int kind, Act *a, int m) {
+    const float *x = a->x + (size_t)m * a->K;
+    if (kind == K_BF16_DP) {
+        uint16_t *xb = a->xb + (size_t)m * a->Kp;
+        for (int k = 0; k < a->K; k++) {
+            uint32_t u; memcpy(&u, x + k, 4);
+            xb[k] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16); /* round to nearest even */
+        }
+    } else if (kind == K_I8_VNNI) {
+        int8_t *xq = a->xq + (size_t)m * a->Kp;
+        int nb = a->Kp / QB;
+        float *xs = a->xs + (size_t)m * nb, corr = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            int k0 = b * QB, k1 = k0 + QB < a->K ? k0 + QB : a->K;
+            float amax = 0.0f;
+            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
+            float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+            int sum = 0;
+            for (int k = k0; k < k0 + QB; k++) {
+                int q = k < k1 ? (int)lrintf(x[k] * inv) : 0;
+                xq[k] = (int8_t)q;
+                sum += q;
+            }
+            xs[b] = s;
+            corr += s * (float)sum;
+        }
+        a->corr[m] = 128.0f * corr;
+    }
+}
+
+/* Rows n0..n0+R-1 of y for activation row m. */
+INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *out) {
+    size_t off = (size_t)n0 * L->K;
+    switch (L->kind) {
+    case K_F32: dots_f32((const float *)L->w + off, L->K, a->x + (size_t)m * L->K, R, out); break;
+    case K_BF16: dots_bf16((const uint16_t *)L->w + off, L->K, a->x + (size_t)m * L->K, R, out); break;
+#ifdef __AVX512BF16__
+    case K_BF16_DP: dots_bf16_dp((const uint16_t *)L->w + off, L->K, a->xb + (size_t)m * a->Kp, R, out); break;
+#endif
+    case K_I8: dots_i8((const int8_t *)L->w + off, L->K, a->x + (size_t)m * L->K, R, out); break;
+#ifdef __AVX512VNNI__
+    case K_I8_VNNI: {
+        dots_i8_vnni((const int8_t *)L->w + off, L->K, a->xq + (size_t)m * a->Kp, a->xs + (size_t)m * (a->Kp / QB), R, out);
+        for (int r = 0; r < R; r++) out[r] -= a->corr[m];
+        break;
+    }
+#endif
+    }
+    if (L->scale)
+        for (int r = 0; r < R; r++) out[r] *= L->scale[n0 + r];
+}
+
+/* y (M, N) = x (M, K) @ W.T (+ bias), shared across the team: call from inside a parallel region. */
+static void linear_team(const Lin *L, Act *a, float *y, int ldy, int epi) {
+    #pragma omp for schedule(static)
+    for (int m = 0; m < a->M; m++) prepare_row(L->kind, a, m);
+    int blocks = (L->N + 3) / 4;
+    #pragma omp for schedule(static)
+    for (int blk = 0; blk < blocks; blk++) {
+        int n0 = blk * 4, R = L->N - n0 < 4 ? L->N - n0 : 4;
+        for (int m = 0; m < a->M; m++) {
+            float out[4];
+            if (R == 4) row_block(L, a, m, n0, 4, out);
+            else for (int r = 0; r < R; r++) row_block(L, a, m, n0 + r, 1, out + r);
+            float *yr = y + (size_t)m * ldy + n0;
+            for (int r = 0; r < R; r++) {
+                float v = out[r] + (L->bias ? L->bias[n0 + r] : 0.0f);
+                yr[r] = epi == EPI_ADD ? yr[r] + v : v;
+            }
+        }
+    }
+}
+
+/* Scratch bytes an Act needs for M rows of K inputs (bf16 copies, int8 blocks, scales, corrections). */
+static size_t act_bytes(int M, int K) {
+    size_t Kp = (size_t)(K + QB - 1) / QB * QB;
+    return M * Kp * 2 + M * Kp + M * (Kp / QB) * 4 + M * 4 + 256;
+}
+
+static Act act_init(const float *x, int M, int K, char *scratch) {
+    Act a = {x, 0, 0, 0, 0, M, K, (K + QB - 1) / QB * QB};
+    a.xb = (uint16_t *)scratch; scratch += (size_t)M * a.Kp * 2;
+    a.xq = (int8_t *)scratch; scratch += (size_t)M * a.Kp;
+    scratch = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    a.xs = (float *)scratch; scratch += (size_t)M * (a.Kp / QB) * 4;
+    a.corr = (float *)scratch;
+    return a;
+}
+
+/* A standalone linear layer: y (M, N) = x (M, K) @ W.T + b, on `threads` threads. */
+void gptwo_linear(int kind, const void *w, const float *scale, const float *bias, const float *x, float *y, int M, int K, int N, int threads) {
+    Lin L = {kind, K, N, w, scale, bias};
+    char *scratch = malloc(act_bytes(M, K));
+    Act a = act_init(x, M, K, scratch);
+    #pragma omp parallel num_threads(threads)
+    linear_team(&L, &a, y, N, EPI_STORE);
+    free(scratch);
+}
+
+/* ---- the whole decode step ---- */
+
+INLINE __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* GELU, tanh approximation (GPT-2's), in place over n values; tanh(u) = 1 - 2 / (exp(2u) + 1). */
+static void gelu_team(float *h, size_t n) {
+    size_t chunks = (n + 15) / 16;
+    #pragma omp for schedule(static)
+    for (size_t c = 0; c < chunks; c++) {
+        __mmask16 m = n - c * 16 >= 16 ? 0xffff : tail16((int)(n - c * 16));
+        __m512 x = _mm512_maskz_loadu_ps(m, h + c * 16);
+        __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+        __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(exp512(_mm512_add_ps(u, u)), _mm512_set1_ps(1.0f))));
+        _mm512_mask_storeu_ps(h + c * 16, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), t)));
+    }
+}
+
+static void layernorm_team(const float *x, float *out, const float *g, const float *b, int T, int C, float eps) {
+    #pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * C;
+        float *o = out + (size_t)t * C, mean = 0.0f, var = 0.0f;
+        #pragma omp simd reduction(+ : mean)
+        for (int c = 0; c < C; c++) mean += xr[c];
+        mean /= C;
+        #pragma omp simd reduction(+ : var)
+        for (int c = 0; c < C; c++) var += (xr[c] - mean) * (xr[c] - mean);
+        float inv = 1.0f / sqrtf(var / C + eps);
+        #pragma omp simd
+        for (int c = 0; c < C; c++) o[c] = (xr[c] - mean) * inv * g[c] + b[c];
+    }
+}
+
+/* Causal attention of T new tokens (rows of qkv, (T, 3C)) at positions start.. over one layer's cache
+   k, v (H, max_len, hd): each thread takes whole heads, writes their keys/values, then attends. */
+static void attention_team(const float *qkv, float *y, float *kc, float *vc, int T, int start, int C, int H, int max_len, float *scores_all) {
+    int hd = C / H;
+    float *scores = scores_all + (size_t)omp_get_thread_num() * (max_len + 16);
+    float scale = 1.0f / sqrtf((float)hd);
+    #pragma omp for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *kh = kc + (size_t)h * max_len * hd, *vh = vc + (size_t)h * max_len * hd;
+        for (int t = 0; t < T; t++) {
+            memcpy(kh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + C + h * hd, hd * 4);
+            memcpy(vh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + 2 * C + h * hd, hd * 4);
+        }
+        for (int t = 0; t < T; t++) {
+            const float *q = qkv + (size_t)t * 3 * C + h * hd;
+            int n = start + t + 1;
+            float mx = -INFINITY;
+            for (int j = 0; j < n; j++) {
+                const float *kj = kh + (size_t)j * hd;
+                float s = 0.0f;
+                #pragma omp simd reduction(+ : s)
+                for (int d = 0; d < hd; d++) s += q[d] * kj[d];
+                scores[j] = s * scale;
+                mx = fmaxf(mx, scores[j]);
+            }
+            __m512 sum = _mm512_setzero_ps();
+            for (int j = 0; j < n; j += 16) {
+                __mmask16 m = n - j >= 16 ? 0xffff : tail16(n - j);
+                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(mx)));
+                e = _mm512_maskz_mov_ps(m, e);
+                _mm512_mask_storeu_ps(scores + j, m, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            float inv = 1.0f / _mm512_reduce_add_ps(sum);
+            float *out = y + (size_t)t * C + h * hd;
+            for (int d = 0; d < hd; d++) out[d] = 0.0f;
+            for (int j = 0; j < n; j++) {
+                const float *vj = vh + (size_t)j * hd;
+                float p = scores[j] * inv;
+                #pragma omp simd
+                for (int d = 0; d < hd; d++) out[d] += p * vj[d];
+            }
+        }
+    }
+}
+
+/* Per layer, P holds 16 pointers: ln1 g, b; qkv w, scale, b; proj w, scale, b; ln2 g, b; fc w, scale, b;
+   fc2 w, scale, b. After the layers: wte, wpe, lnf g, b, head w, head scale, k cache, v cache.
+   D: n_layer, n_embd, n_head, vocab, max_len, kind, embeddings in bf16 (0/1), threads. */
+enum { PER_LAYER = 16 };
+
+size_t gptwo_step_scratch_bytes(const int64_t *D, int T) {
+    int C = (int)D[1], V = (int)D[3], max_len = (int)D[4], threads = (int)D[7];
+    (void)V;
+    size_t floats = (size_t)T * C * 3 + (size_t)T * 3 * C + (size_t)T * 4 * C + (size_t)threads * (max_len + 16);
+    return floats * 4 + act_bytes(T, 4 * C) + 4096;
+}
+
+/* Logits (vocab) of the last of T tokens at positions start..start+T-1; writes their keys/values to the cache. */
+void gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *tokens, int T, int start, float *logits, char *scratch) {
+    int L = (int)D[0], C = (int)D[1], H = (int)D[2], V = (int)D[3], max_len = (int)D[4], kind = (int)D[5], emb_bf16 = (int)D[6], threads = (int)D[7];
+    int hd = C / H;
+    float *x = (float *)scratch, *xn = x + (size_t)T * C, *att = xn + (size_t)T * C, *qkv = att + (size_t)T * C;
+    float *hbuf = qkv + (size_t)T * 3 * C, *scores = hbuf + (size_t)T * 4 * C;
+    char *act_scratch = (char *)(((uintptr_t)(scores + (size_t)threads * (max_len + 16)) + 63) & ~(uintptr_t)63);
+    const void **G = P + (size_t)L * PER_LAYER;
+    float *kcache = (float *)G[6], *vcache = (float *)G[7];
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            float *xr = x + (size_t)t * C;
+            const float *pe = (const float *)G[1];
+            if (emb_bf16) {
+                const uint16_t *te = (const uint16_t *)G[0] + (size_t)tokens[t] * C, *pe16 = (const uint16_t *)G[1] + (size_t)(start + t) * C;
+                for (int c = 0; c < C; c++) {
+                    uint32_t a = (uint32_t)te[c] << 16, b = (uint32_t)pe16[c] << 16;
+                    float fa, fb; memcpy(&fa, &a, 4); memcpy(&fb, &b, 4);
+                    xr[c] = fa + fb;
+                }
+            } else {
+                const float *te = (const float *)G[0] + (size_t)tokens[t] * C;
+                for (int c = 0; c < C; c++) xr[c] = te[c] + pe[(size_t)(start + t) * C + c];
+            }
+        }
+        for (int l = 0; l < L; l++) {
+            const void **W = P + (size_t)l * PER_LAYER;
+            float *kc = kcache + (size_t)l * H * max_len * hd, *vc = vcache + (size_t)l * H * max_len * hd;
+            Lin qkv_l = {kind, C, 3 * C, W[2], W[3], W[4]}, proj = {kind, C, C, W[5], W[6], W[7]};
+            Lin fc = {kind, C, 4 * C, W[10], W[11], W[12]}, fc2 = {kind, 4 * C, C, W[13], W[14], W[15]};
+            layernorm_team(x, xn, W[0], W[1], T, C, eps);
+            Act a = act_init(xn, T, C, act_scratch);
+            linear_team(&qkv_l, &a, qkv, 3 * C, EPI_STORE);
+            attention_team(qkv, att, kc, vc, T, start, C, H, max_len, scores);
+            a = act_init(att, T, C, act_scratch);
+            linear_team(&proj, &a, x, C, EPI_ADD);
+            layernorm_team(x, xn, W[8], W[9], T, C, eps);
+            a = act_init(xn, T, C, act_scratch);
+            linear_team(&fc, &a, hbuf, 4 * C, EPI_STORE);
+            gelu_team(hbuf, (size_t)T * 4 * C);
+            a = act_init(hbuf, T, 4 * C, act_scratch);
+            linear_team(&fc2, &a, x, C, EPI_ADD);
+        }
+        layernorm_team(x + (size_t)(T - 1) * C, xn, G[2], G[3], 1, C, eps);
+        Lin head = {kind, C, V, G[4], G[5], 0};
+        Act a = act_init(xn, 1, C, act_scratch);
+        linear_team(&head, &a, logits, V, EPI_STORE);
+    }
+}
