@@ -21,9 +21,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <sched.h>
 
 enum { K_F32 = 0, K_BF16 = 1, K_BF16_DP = 2, K_I8 = 3, K_I8_VNNI = 4 };
-enum { EPI_STORE = 0, EPI_ADD = 1 }; /* y = acc + b, or y += acc + b (residual) */
+enum { EPI_STORE = 0, EPI_ADD = 1, EPI_GELU = 2 }; /* y = acc + b, y += acc + b (residual), y = gelu(acc + b) */
 #define QB 64                         /* activation quantization block (I8_VNNI) */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -186,25 +187,46 @@ INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *o
         for (int r = 0; r < R; r++) out[r] *= L->scale[n0 + r];
 }
 
-/* y (M, N) = x (M, K) @ W.T (+ bias), shared across the team: call from inside a parallel region. */
-static void linear_team(const Lin *L, Act *a, float *y, int ldy, int epi) {
-    #pragma omp for schedule(static)
-    for (int m = 0; m < a->M; m++) prepare_row(L->kind, a, m);
-    int blocks = (L->N + 3) / 4;
-    #pragma omp for schedule(static)
-    for (int blk = 0; blk < blocks; blk++) {
-        int n0 = blk * 4, R = L->N - n0 < 4 ? L->N - n0 : 4;
-        for (int m = 0; m < a->M; m++) {
-            float out[4];
-            if (R == 4) row_block(L, a, m, n0, 4, out);
-            else for (int r = 0; r < R; r++) row_block(L, a, m, n0 + r, 1, out + r);
-            float *yr = y + (size_t)m * ldy + n0;
-            for (int r = 0; r < R; r++) {
-                float v = out[r] + (L->bias ? L->bias[n0 + r] : 0.0f);
-                yr[r] = epi == EPI_ADD ? yr[r] + v : v;
-            }
-        }
+/* Work sharing without barriers: each operation has a counter of claimed chunks and one of finished ones.
+   A thread claims chunks until none is left, then waits until all are finished. A thread that the OS
+   deschedules (this machine is shared) holds back at most the chunk it holds, not every later barrier. */
+typedef struct { int next, done; char pad[56]; } Sync;
+
+static void wait_done(Sync *s, int total) {
+    for (int spins = 0; __atomic_load_n(&s->done, __ATOMIC_ACQUIRE) < total; spins++) {
+        _mm_pause();
+        if (spins > 4000) sched_yield();
     }
+}
+
+INLINE int claim(Sync *s) { return __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED); }
+INLINE void finish(Sync *s) { __atomic_fetch_add(&s->done, 1, __ATOMIC_RELEASE); }
+
+static void gelu_inplace(float *h, int n);
+
+/* y (M, N) = x (M, K) @ W.T (+ bias), chunks of rows shared by the team through `s`; `a` is this thread's. */
+static void linear_team(const Lin *L, const Act *a, float *y, int ldy, int epi, Sync *s, int threads) {
+    int blocks = (L->N + 3) / 4, chunks = blocks < threads * 8 ? blocks : threads * 8;
+    for (int c; (c = claim(s)) < chunks;) {
+        int b0 = (int)((long)blocks * c / chunks), b1 = (int)((long)blocks * (c + 1) / chunks);
+        int n0 = b0 * 4, n1 = b1 * 4 < L->N ? b1 * 4 : L->N;
+        for (int m = 0; m < a->M; m++) {
+            float *yr = y + (size_t)m * ldy;
+            for (int n = n0; n < n1; n += 4) {
+                float out[4];
+                int R = n1 - n < 4 ? n1 - n : 4;
+                if (R == 4) row_block(L, a, m, n, 4, out);
+                else for (int r = 0; r < R; r++) row_block(L, a, m, n + r, 1, out + r);
+                for (int r = 0; r < R; r++) {
+                    float v = out[r] + (L->bias ? L->bias[n + r] : 0.0f);
+                    yr[n + r] = epi == EPI_ADD ? yr[n + r] + v : v;
+                }
+            }
+            if (epi == EPI_GELU) gelu_inplace(yr + n0, n1 - n0);
+        }
+        finish(s);
+    }
+    wait_done(s, chunks);
 }
 
 /* Scratch bytes an Act needs for M rows of K inputs (bf16 copies, int8 blocks, scales, corrections). */
@@ -213,23 +235,28 @@ static size_t act_bytes(int M, int K) {
     return M * Kp * 2 + M * Kp + M * (Kp / QB) * 4 + M * 4 + 256;
 }
 
-static Act act_init(const float *x, int M, int K, char *scratch) {
+/* x prepared for `kind` in this thread's scratch (every thread prepares its own copy: no waiting). */
+static Act act_prepare(int kind, const float *x, int M, int K, char *scratch) {
     Act a = {x, 0, 0, 0, 0, M, K, (K + QB - 1) / QB * QB};
     a.xb = (uint16_t *)scratch; scratch += (size_t)M * a.Kp * 2;
     a.xq = (int8_t *)scratch; scratch += (size_t)M * a.Kp;
     scratch = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     a.xs = (float *)scratch; scratch += (size_t)M * (a.Kp / QB) * 4;
     a.corr = (float *)scratch;
+    for (int m = 0; m < M; m++) prepare_row(kind, &a, m);
     return a;
 }
 
 /* A standalone linear layer: y (M, N) = x (M, K) @ W.T + b, on `threads` threads. */
 void gptwo_linear(int kind, const void *w, const float *scale, const float *bias, const float *x, float *y, int M, int K, int N, int threads) {
     Lin L = {kind, K, N, w, scale, bias};
-    char *scratch = malloc(act_bytes(M, K));
-    Act a = act_init(x, M, K, scratch);
+    Sync sync = {0, 0, {0}};
+    char *scratch = malloc(act_bytes(M, K) * threads);
     #pragma omp parallel num_threads(threads)
-    linear_team(&L, &a, y, N, EPI_STORE);
+    {
+        Act a = act_prepare(kind, x, M, K, scratch + act_bytes(M, K) * omp_get_thread_num());
+        linear_team(&L, &a, y, N, EPI_STORE, &sync, omp_get_num_threads());
+    }
     free(scratch);
 }
 
@@ -251,20 +278,18 @@ INLINE __m512 exp512(__m512 x) {
 }
 
 /* GELU, tanh approximation (GPT-2's), in place over n values; tanh(u) = 1 - 2 / (exp(2u) + 1). */
-static void gelu_team(float *h, size_t n) {
-    size_t chunks = (n + 15) / 16;
-    #pragma omp for schedule(static)
-    for (size_t c = 0; c < chunks; c++) {
-        __mmask16 m = n - c * 16 >= 16 ? 0xffff : tail16((int)(n - c * 16));
-        __m512 x = _mm512_maskz_loadu_ps(m, h + c * 16);
+static void gelu_inplace(float *h, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : tail16(n - i);
+        __m512 x = _mm512_maskz_loadu_ps(m, h + i);
         __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
         __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(exp512(_mm512_add_ps(u, u)), _mm512_set1_ps(1.0f))));
-        _mm512_mask_storeu_ps(h + c * 16, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), t)));
+        _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), t)));
     }
 }
 
-static void layernorm_team(const float *x, float *out, const float *g, const float *b, int T, int C, float eps) {
-    #pragma omp for schedule(static)
+/* LayerNorm of T rows into `out` (each thread normalizes into its own buffer: cheaper than waiting). */
+static void layernorm(const float *x, float *out, const float *g, const float *b, int T, int C, float eps) {
     for (int t = 0; t < T; t++) {
         const float *xr = x + (size_t)t * C;
         float *o = out + (size_t)t * C, mean = 0.0f, var = 0.0f;
@@ -280,47 +305,42 @@ static void layernorm_team(const float *x, float *out, const float *g, const flo
 }
 
 /* Causal attention of T new tokens (rows of qkv, (T, 3C)) at positions start.. over one layer's cache
-   k, v (H, max_len, hd): each thread takes whole heads, writes their keys/values, then attends. */
-static void attention_team(const float *qkv, float *y, float *kc, float *vc, int T, int start, int C, int H, int max_len, float *scores_all) {
+   k, v (H, max_len, hd): a claimed head's keys/values are written, then its T queries attend. */
+static void attention_head(const float *qkv, float *y, float *kc, float *vc, int T, int start, int C, int H, int h, int max_len, float *scores) {
     int hd = C / H;
-    float *scores = scores_all + (size_t)omp_get_thread_num() * (max_len + 16);
     float scale = 1.0f / sqrtf((float)hd);
-    #pragma omp for schedule(static)
-    for (int h = 0; h < H; h++) {
-        float *kh = kc + (size_t)h * max_len * hd, *vh = vc + (size_t)h * max_len * hd;
-        for (int t = 0; t < T; t++) {
-            memcpy(kh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + C + h * hd, hd * 4);
-            memcpy(vh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + 2 * C + h * hd, hd * 4);
+    float *kh = kc + (size_t)h * max_len * hd, *vh = vc + (size_t)h * max_len * hd;
+    for (int t = 0; t < T; t++) {
+        memcpy(kh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + C + h * hd, hd * 4);
+        memcpy(vh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + 2 * C + h * hd, hd * 4);
+    }
+    for (int t = 0; t < T; t++) {
+        const float *q = qkv + (size_t)t * 3 * C + h * hd;
+        int n = start + t + 1;
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const float *kj = kh + (size_t)j * hd;
+            float s = 0.0f;
+            #pragma omp simd reduction(+ : s)
+            for (int d = 0; d < hd; d++) s += q[d] * kj[d];
+            scores[j] = s * scale;
+            mx = fmaxf(mx, scores[j]);
         }
-        for (int t = 0; t < T; t++) {
-            const float *q = qkv + (size_t)t * 3 * C + h * hd;
-            int n = start + t + 1;
-            float mx = -INFINITY;
-            for (int j = 0; j < n; j++) {
-                const float *kj = kh + (size_t)j * hd;
-                float s = 0.0f;
-                #pragma omp simd reduction(+ : s)
-                for (int d = 0; d < hd; d++) s += q[d] * kj[d];
-                scores[j] = s * scale;
-                mx = fmaxf(mx, scores[j]);
-            }
-            __m512 sum = _mm512_setzero_ps();
-            for (int j = 0; j < n; j += 16) {
-                __mmask16 m = n - j >= 16 ? 0xffff : tail16(n - j);
-                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(mx)));
-                e = _mm512_maskz_mov_ps(m, e);
-                _mm512_mask_storeu_ps(scores + j, m, e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            float inv = 1.0f / _mm512_reduce_add_ps(sum);
-            float *out = y + (size_t)t * C + h * hd;
-            for (int d = 0; d < hd; d++) out[d] = 0.0f;
-            for (int j = 0; j < n; j++) {
-                const float *vj = vh + (size_t)j * hd;
-                float p = scores[j] * inv;
-                #pragma omp simd
-                for (int d = 0; d < hd; d++) out[d] += p * vj[d];
-            }
+        __m512 sum = _mm512_setzero_ps();
+        for (int j = 0; j < n; j += 16) {
+            __mmask16 m = n - j >= 16 ? 0xffff : tail16(n - j);
+            __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(mx))));
+            _mm512_mask_storeu_ps(scores + j, m, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        float *out = y + (size_t)t * C + h * hd;
+        for (int d = 0; d < hd; d++) out[d] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float *vj = vh + (size_t)j * hd;
+            float p = scores[j] * inv;
+            #pragma omp simd
+            for (int d = 0; d < hd; d++) out[d] += p * vj[d];
         }
     }
 }
@@ -328,63 +348,70 @@ static void attention_team(const float *qkv, float *y, float *kc, float *vc, int
 /* Per layer, P holds 16 pointers: ln1 g, b; qkv w, scale, b; proj w, scale, b; ln2 g, b; fc w, scale, b;
    fc2 w, scale, b. After the layers: wte, wpe, lnf g, b, head w, head scale, k cache, v cache.
    D: n_layer, n_embd, n_head, vocab, max_len, kind, embeddings in bf16 (0/1), threads. */
-enum { PER_LAYER = 16 };
+enum { PER_LAYER = 16, SYNCS_PER_LAYER = 5 };
+
+static size_t thread_bytes(int T, int C, int max_len) { return ((size_t)T * C * 4 + (size_t)(max_len + 16) * 4 + act_bytes(T, 4 * C) + 127) / 64 * 64; }
 
 size_t gptwo_step_scratch_bytes(const int64_t *D, int T) {
-    int C = (int)D[1], V = (int)D[3], max_len = (int)D[4], threads = (int)D[7];
-    (void)V;
-    size_t floats = (size_t)T * C * 3 + (size_t)T * 3 * C + (size_t)T * 4 * C + (size_t)threads * (max_len + 16);
-    return floats * 4 + act_bytes(T, 4 * C) + 4096;
+    int L = (int)D[0], C = (int)D[1], max_len = (int)D[4], threads = (int)D[7];
+    size_t shared = (size_t)T * C * 2 + (size_t)T * 3 * C + (size_t)T * 4 * C;
+    return shared * 4 + (size_t)(L * SYNCS_PER_LAYER + 4) * sizeof(Sync) + threads * thread_bytes(T, C, max_len) + 4096;
+}
+
+static void embed_row(const void **G, int emb_bf16, int64_t token, int pos, int C, float *xr) {
+    if (emb_bf16) {
+        const uint16_t *te = (const uint16_t *)G[0] + (size_t)token * C, *pe = (const uint16_t *)G[1] + (size_t)pos * C;
+        for (int c = 0; c < C; c++) {
+            uint32_t a = (uint32_t)te[c] << 16, b = (uint32_t)pe[c] << 16;
+            float fa, fb; memcpy(&fa, &a, 4); memcpy(&fb, &b, 4);
+            xr[c] = fa + fb;
+        }
+    } else {
+        const float *te = (const float *)G[0] + (size_t)token * C, *pe = (const float *)G[1] + (size_t)pos * C;
+        for (int c = 0; c < C; c++) xr[c] = te[c] + pe[c];
+    }
 }
 
 /* Logits (vocab) of the last of T tokens at positions start..start+T-1; writes their keys/values to the cache. */
 void gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *tokens, int T, int start, float *logits, char *scratch) {
     int L = (int)D[0], C = (int)D[1], H = (int)D[2], V = (int)D[3], max_len = (int)D[4], kind = (int)D[5], emb_bf16 = (int)D[6], threads = (int)D[7];
     int hd = C / H;
-    float *x = (float *)scratch, *xn = x + (size_t)T * C, *att = xn + (size_t)T * C, *qkv = att + (size_t)T * C;
-    float *hbuf = qkv + (size_t)T * 3 * C, *scores = hbuf + (size_t)T * 4 * C;
-    char *act_scratch = (char *)(((uintptr_t)(scores + (size_t)threads * (max_len + 16)) + 63) & ~(uintptr_t)63);
+    float *x = (float *)scratch, *att = x + (size_t)T * C, *qkv = att + (size_t)T * C, *hbuf = qkv + (size_t)T * 3 * C;
+    Sync *sync = (Sync *)(((uintptr_t)(hbuf + (size_t)T * 4 * C) + 63) & ~(uintptr_t)63);
+    char *per_thread = (char *)(sync + L * SYNCS_PER_LAYER + 4);
+    memset(sync, 0, (size_t)(L * SYNCS_PER_LAYER + 4) * sizeof(Sync));
     const void **G = P + (size_t)L * PER_LAYER;
     float *kcache = (float *)G[6], *vcache = (float *)G[7];
     #pragma omp parallel num_threads(threads)
     {
-        #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) {
-            float *xr = x + (size_t)t * C;
-            const float *pe = (const float *)G[1];
-            if (emb_bf16) {
-                const uint16_t *te = (const uint16_t *)G[0] + (size_t)tokens[t] * C, *pe16 = (const uint16_t *)G[1] + (size_t)(start + t) * C;
-                for (int c = 0; c < C; c++) {
-                    uint32_t a = (uint32_t)te[c] << 16, b = (uint32_t)pe16[c] << 16;
-                    float fa, fb; memcpy(&fa, &a, 4); memcpy(&fb, &b, 4);
-                    xr[c] = fa + fb;
-                }
-            } else {
-                const float *te = (const float *)G[0] + (size_t)tokens[t] * C;
-                for (int c = 0; c < C; c++) xr[c] = te[c] + pe[(size_t)(start + t) * C + c];
-            }
-        }
+        int team = omp_get_num_threads();
+        char *mine = per_thread + thread_bytes(T, C, max_len) * omp_get_thread_num();
+        float *xn = (float *)mine, *scores = xn + (size_t)T * C;
+        char *act_scratch = (char *)(scores + max_len + 16);
+        Sync *s = sync;
+        for (int t; (t = claim(s)) < T; finish(s)) embed_row(G, emb_bf16, tokens[t], start + t, C, x + (size_t)t * C);
+        wait_done(s++, T);
         for (int l = 0; l < L; l++) {
             const void **W = P + (size_t)l * PER_LAYER;
             float *kc = kcache + (size_t)l * H * max_len * hd, *vc = vcache + (size_t)l * H * max_len * hd;
             Lin qkv_l = {kind, C, 3 * C, W[2], W[3], W[4]}, proj = {kind, C, C, W[5], W[6], W[7]};
             Lin fc = {kind, C, 4 * C, W[10], W[11], W[12]}, fc2 = {kind, 4 * C, C, W[13], W[14], W[15]};
-            layernorm_team(x, xn, W[0], W[1], T, C, eps);
-            Act a = act_init(xn, T, C, act_scratch);
-            linear_team(&qkv_l, &a, qkv, 3 * C, EPI_STORE);
-            attention_team(qkv, att, kc, vc, T, start, C, H, max_len, scores);
-            a = act_init(att, T, C, act_scratch);
-            linear_team(&proj, &a, x, C, EPI_ADD);
-            layernorm_team(x, xn, W[8], W[9], T, C, eps);
-            a = act_init(xn, T, C, act_scratch);
-            linear_team(&fc, &a, hbuf, 4 * C, EPI_STORE);
-            gelu_team(hbuf, (size_t)T * 4 * C);
-            a = act_init(hbuf, T, 4 * C, act_scratch);
-            linear_team(&fc2, &a, x, C, EPI_ADD);
+            layernorm(x, xn, W[0], W[1], T, C, eps);
+            Act a = act_prepare(kind, xn, T, C, act_scratch);
+            linear_team(&qkv_l, &a, qkv, 3 * C, EPI_STORE, s++, team);
+            for (int h; (h = claim(s)) < H; finish(s)) attention_head(qkv, att, kc, vc, T, start, C, H, h, max_len, scores);
+            wait_done(s++, H);
+            a = act_prepare(kind, att, T, C, act_scratch);
+            linear_team(&proj, &a, x, C, EPI_ADD, s++, team);
+            layernorm(x, xn, W[8], W[9], T, C, eps);
+            a = act_prepare(kind, xn, T, C, act_scratch);
+            linear_team(&fc, &a, hbuf, 4 * C, EPI_GELU, s++, team);
+            a = act_prepare(kind, hbuf, T, 4 * C, act_scratch);
+            linear_team(&fc2, &a, x, C, EPI_ADD, s++, team);
         }
-        layernorm_team(x + (size_t)(T - 1) * C, xn, G[2], G[3], 1, C, eps);
+        layernorm(x + (size_t)(T - 1) * C, xn, G[2], G[3], 1, C, eps);
         Lin head = {kind, C, V, G[4], G[5], 0};
-        Act a = act_init(xn, 1, C, act_scratch);
-        linear_team(&head, &a, logits, V, EPI_STORE);
+        Act a = act_prepare(kind, xn, 1, C, act_scratch);
+        linear_team(&head, &a, logits, V, EPI_STORE, s, team);
     }
 }
