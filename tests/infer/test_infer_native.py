@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gptwo import GPT, GPTConfig
+from gptwo.errors import GptwoError
 from gptwo.infer import Decoder, native, prepare_model
 from gptwo.infer.linear import NativeLinear, TransposedLinear, quantize_int8
 
@@ -80,6 +81,23 @@ def test_native_greedy_tokens_equal_the_generate_loop():
     decoder = Decoder(prepare_model(copy.deepcopy(model), dtype="fp32"), max_len=96)
     assert decoder.native is not None
     assert torch.equal(decoder.generate(idx, 60), model.generate(idx, 60, temperature=0))
+
+
+@needs_kernels
+def test_a_prepared_model_generates_through_the_native_step_and_slides_past_its_context():
+    model = odd_model(block_size=32)
+    prepared = prepare_model(copy.deepcopy(model), dtype="fp32")
+    idx = torch.randint(0, 101, (1, 20))
+    assert torch.equal(prepared.generate(idx, 40, temperature=0), model.generate(idx, 40, temperature=0))  # 60 > 32: the cache restarts
+
+
+@needs_kernels
+def test_the_native_step_refuses_what_would_read_outside_its_buffers():
+    decoder = Decoder(prepare_model(odd_model(), dtype="fp32"), max_len=16)
+    with pytest.raises(GptwoError, match="vocabulary"):
+        decoder.forward(torch.tensor([[5, 101]]), 0)
+    with pytest.raises(GptwoError, match="slots"):
+        decoder.native(torch.tensor([[5, 6]]), 15)
 
 
 @needs_kernels

@@ -21,6 +21,8 @@ from importlib import resources
 
 import torch
 
+from gptwo.errors import GptwoError
+
 F32, BF16, BF16_DP, I8, I8_VNNI = range(5)  # kernel kinds, as in the C source
 KIND_NAMES = {F32: "fp32", BF16: "bf16 widened to fp32", BF16_DP: "bf16 vdpbf16ps", I8: "int8 widened to fp32", I8_VNNI: "int8 vpdpbusd (activations int8 per 64)"}
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
@@ -153,7 +155,7 @@ class NativeStep:
             self.keep += [t for t in parts if t is not None]
             pointers += [ptr(t) for t in parts]
         shape = (config.n_layer, config.n_head, max_len, config.head_dim)
-        self.k, self.v = torch.zeros(shape), torch.zeros(shape)
+        self.k, self.v = torch.empty(shape), torch.empty(shape)  # only written slots are read
         head_w, head_scale, _ = _linear_parts(model.lm_head)
         wte, wpe = tf.wte.weight.detach().contiguous(), tf.wpe.weight.detach().contiguous()
         tail = [wte, wpe, f32(tf.ln_f.weight), f32(tf.ln_f.bias), head_w, head_scale, self.k, self.v]
@@ -166,6 +168,7 @@ class NativeStep:
         self.eps = float(config.layer_norm_eps)
         self.scratch = torch.empty(lib.gptwo_step_scratch_bytes(self.dims, STEP_CHUNK), dtype=torch.uint8)
         self.logits = torch.empty(config.vocab_size)
+        self.length: int | None = None  # tokens in the cache after the last call
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -181,9 +184,13 @@ class NativeStep:
     def __call__(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (1, vocab) after tokens `idx` (1, T) at positions start..start+T-1; their keys/values enter the cache."""
         tokens = idx.reshape(-1).to(torch.int64).contiguous()
+        if start + tokens.numel() > self.max_len or int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab:  # the C side trusts both
+            raise GptwoError(f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, or an id is outside the vocabulary",
+                             "pass token ids below the vocabulary size and stay within the context")
         for first in range(0, tokens.numel(), STEP_CHUNK):
             chunk = tokens[first : first + STEP_CHUNK]
             self.lib.gptwo_step(self.pointers, self.dims, self.eps, ptr(chunk), chunk.numel(), start + first, ptr(self.logits), ptr(self.scratch))
+        self.length = start + tokens.numel()
         return self.logits.clone()[None]
 
 
