@@ -137,29 +137,37 @@ INLINE void dots_i8_vnni(const int8_t *w, int K, const int8_t *xq, const float *
 /* Activations in the form the kind reads: bf16 copies (BF16_DP) or int8 blocks with scales (I8_VNNI). Row m. */
 static void prepare_row(int kind, Act *a, int m) {
     const float *x = a->x + (size_t)m * a->K;
+#ifdef __AVX512BF16__
     if (kind == K_BF16_DP) {
         uint16_t *xb = a->xb + (size_t)m * a->Kp;
-        for (int k = 0; k < a->K; k++) {
-            uint32_t u; memcpy(&u, x + k, 4);
-            xb[k] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16); /* round to nearest even */
+        for (int k = 0; k < a->K; k += 16) {
+            __mmask16 t = a->K - k >= 16 ? 0xffff : tail16(a->K - k);
+            _mm256_mask_storeu_epi16(xb + k, t, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(t, x + k))); /* round to nearest even */
         }
-    } else if (kind == K_I8_VNNI) {
+    }
+#endif
+    if (kind == K_I8_VNNI) {
         int8_t *xq = a->xq + (size_t)m * a->Kp;
         int nb = a->Kp / QB;
         float *xs = a->xs + (size_t)m * nb, corr = 0.0f;
         for (int b = 0; b < nb; b++) {
-            int k0 = b * QB, k1 = k0 + QB < a->K ? k0 + QB : a->K;
-            float amax = 0.0f;
-            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
-            float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-            int sum = 0;
-            for (int k = k0; k < k0 + QB; k++) {
-                int q = k < k1 ? (int)lrintf(x[k] * inv) : 0;
-                xq[k] = (int8_t)q;
-                sum += q;
+            __m512 v[4];
+            __m512 amax = _mm512_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                int k = b * QB + i * 16;
+                __mmask16 t = a->K - k >= 16 ? 0xffff : (a->K > k ? tail16(a->K - k) : 0);
+                v[i] = _mm512_maskz_loadu_ps(t, x + k);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
             }
-            xs[b] = s;
-            corr += s * (float)sum;
+            float mx = _mm512_reduce_max_ps(amax), inv = mx > 0 ? 127.0f / mx : 0.0f;
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < 4; i++) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv))); /* round to nearest */
+                sum = _mm512_add_epi32(sum, q);
+                _mm_storeu_si128((__m128i *)(xq + b * QB + i * 16), _mm512_cvtsepi32_epi8(q));
+            }
+            xs[b] = mx / 127.0f;
+            corr += xs[b] * (float)_mm512_reduce_add_epi32(sum);
         }
         a->corr[m] = 128.0f * corr;
     }
