@@ -89,8 +89,7 @@ def _load() -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with a one-line note on stderr, once) when they cannot be built here."""
-    if "lib" not in _state:
-        torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernels share its thread pool
+    if "lib" not in _state:  # torch (imported above) has loaded its libgomp.so.1: the kernels bind to it, one runtime
         try:
             _state["lib"], _state["why"] = _load(), None
         except OSError as err:
