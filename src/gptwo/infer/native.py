@@ -83,7 +83,7 @@ def _load() -> ctypes.CDLL:
     lib.gptwo_step_scratch_bytes.argtypes = [i64p, i]
     lib.gptwo_step_scratch_bytes.restype = ctypes.c_size_t
     lib.gptwo_step.argtypes = [p, i64p, ctypes.c_float, p, i, i, p, p]
-    lib.gptwo_step.restype = None
+    lib.gptwo_step.restype = i
     return lib
 
 
@@ -183,12 +183,11 @@ class NativeStep:
     def __call__(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (1, vocab) after tokens `idx` (1, T) at positions start..start+T-1; their keys/values enter the cache."""
         tokens = idx.reshape(-1).to(torch.int64).contiguous()
-        if start + tokens.numel() > self.max_len or int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab:  # the C side trusts both
-            raise GptwoError(f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, or an id is outside the vocabulary",
-                             "pass token ids below the vocabulary size and stay within the context")
         for first in range(0, tokens.numel(), STEP_CHUNK):
             chunk = tokens[first : first + STEP_CHUNK]
-            self.lib.gptwo_step(self.pointers, self.dims, self.eps, ptr(chunk), chunk.numel(), start + first, ptr(self.logits), ptr(self.scratch))
+            if self.lib.gptwo_step(self.pointers, self.dims, self.eps, ptr(chunk), chunk.numel(), start + first, ptr(self.logits), ptr(self.scratch)):
+                raise GptwoError(f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, or an id is outside the vocabulary",
+                                 "pass token ids below the vocabulary size and stay within the context")
         self.length = start + tokens.numel()
         return self.logits.clone()[None]
 

@@ -380,9 +380,13 @@ static void embed_row(const void **G, int emb_bf16, int64_t token, int pos, int 
     }
 }
 
-/* Logits (vocab) of the last of T tokens at positions start..start+T-1; writes their keys/values to the cache. */
-void gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *tokens, int T, int start, float *logits, char *scratch) {
+/* Logits (vocab) of the last of T tokens at positions start..start+T-1; writes their keys/values to the cache.
+   Returns 0, or 1 (and does nothing) when a token id is outside the vocabulary or the positions outside the cache. */
+int gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *tokens, int T, int start, float *logits, char *scratch) {
     int L = (int)D[0], C = (int)D[1], H = (int)D[2], V = (int)D[3], max_len = (int)D[4], kind = (int)D[5], emb_bf16 = (int)D[6], threads = (int)D[7];
+    if (T < 1 || start < 0 || start + T > max_len) return 1;
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= V) return 1;
     int hd = C / H;
     float *x = (float *)scratch, *att = x + (size_t)T * C, *qkv = att + (size_t)T * C, *hbuf = qkv + (size_t)T * 3 * C;
     Sync *sync = (Sync *)(((uintptr_t)(hbuf + (size_t)T * 4 * C) + 63) & ~(uintptr_t)63);
@@ -422,4 +426,5 @@ void gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *toke
         Act a = act_prepare(kind, xn, 1, C, act_scratch);
         linear_team(&head, &a, logits, V, EPI_STORE, s, team);
     }
+    return 0;
 }
