@@ -4,7 +4,8 @@ The C source ships in the package and is built with the system compiler (`cc -O3
 -shared`, `$CC` overrides `cc`) into a per-user cache keyed by the source, the command and the CPU's flags,
 written atomically. It needs x86-64 with AVX-512 (f, bw, vl); without a compiler or those flags, or with
 `GPTWO_NATIVE=0`, `library()` returns None after a one-line note and gptwo keeps torch's matmul.
-`GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=vnni|widen` pick the bf16 / int8 kernel (docs/inference.md).
+`GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=vnni|widen` pick the bf16 / int8 kernel, and
+`GPTWO_NATIVE_THREADS=N` the decode step's threads (default: torch's) (docs/inference.md).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class NativeStep:
         self.keep += [t for t in tail if t is not None]
         pointers += [ptr(t) for t in tail]
         self.pointers = (ctypes.c_void_p * len(pointers))(*pointers)
-        threads = torch.get_num_threads()
+        threads = int(os.environ.get("GPTWO_NATIVE_THREADS") or torch.get_num_threads())
         dims = [config.n_layer, config.n_embd, config.n_head, config.vocab_size, max_len, model.lm_head.kind, int(wte.dtype == torch.bfloat16), threads]
         self.dims = (ctypes.c_int64 * len(dims))(*dims)
         self.eps = float(config.layer_norm_eps)

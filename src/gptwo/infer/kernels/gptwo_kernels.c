@@ -21,10 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#include <sched.h>
 
 enum { K_F32 = 0, K_BF16 = 1, K_BF16_DP = 2, K_I8 = 3, K_I8_VNNI = 4 };
-enum { EPI_STORE = 0, EPI_ADD = 1, EPI_GELU = 2 }; /* y = acc + b, y += acc + b (residual), y = gelu(acc + b) */
 #define QB 64                         /* activation quantization block (I8_VNNI) */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -195,46 +193,71 @@ INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *o
         for (int r = 0; r < R; r++) out[r] *= L->scale[n0 + r];
 }
 
-/* Work sharing without barriers: each operation has a counter of claimed chunks and one of finished ones.
-   A thread claims chunks until none is left, then waits until all are finished. A thread that the OS
-   deschedules (this machine is shared) holds back at most the chunk it holds, not every later barrier. */
-typedef struct { int next, done; char pad[56]; } Sync;
+/* Work sharing without barriers. Each operation is split into chunks (rows of a linear, heads of attention)
+   that write disjoint outputs and can be computed twice with the same result. A thread claims chunks from
+   a counter until none is left; then, while some are unfinished, it waits briefly and afterwards computes
+   the unfinished ones itself. On this shared machine the OS deschedules threads at random: a barrier
+   would hold the whole team until the descheduled thread runs again (milliseconds); here the other
+   thread takes its work over. Outputs go to per-layer buffers, so a late duplicate writes stale-free
+   (identical) values where nobody reads anything else. */
+#define MAX_CHUNKS 64
+#define HELP_SPINS 2000 /* ~30 us of pause before taking over a partner's unfinished chunks */
+typedef struct { int next, done; unsigned char flag[MAX_CHUNKS]; char pad[56]; } Sync;
+typedef void (*ChunkFn)(const void *ctx, int chunk, int chunks);
 
-static void wait_done(Sync *s, int total) {
-    for (int spins = 0; __atomic_load_n(&s->done, __ATOMIC_ACQUIRE) < total; spins++) {
+INLINE void mark(Sync *s, int c) {
+    if (!__atomic_exchange_n(&s->flag[c], 1, __ATOMIC_ACQ_REL)) __atomic_fetch_add(&s->done, 1, __ATOMIC_RELEASE);
+}
+
+static void run_chunks(Sync *s, int n, ChunkFn fn, const void *ctx) {
+    for (int c; (c = __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED)) < n;) {
+        fn(ctx, c, n);
+        mark(s, c);
+    }
+    for (int spins = 0; __atomic_load_n(&s->done, __ATOMIC_ACQUIRE) < n; spins++) {
         _mm_pause();
-        if (spins > 4000) sched_yield();
+        if (spins < HELP_SPINS) continue;
+        for (int c = 0; c < n; c++)
+            if (!__atomic_load_n(&s->flag[c], __ATOMIC_ACQUIRE)) {
+                fn(ctx, c, n);
+                mark(s, c);
+            }
     }
 }
 
-INLINE int claim(Sync *s) { return __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED); }
-INLINE void finish(Sync *s) { __atomic_fetch_add(&s->done, 1, __ATOMIC_RELEASE); }
-
 static void gelu_inplace(float *h, int n);
 
-/* y (M, N) = x (M, K) @ W.T (+ bias), chunks of rows shared by the team through `s`; `a` is this thread's. */
-static void linear_team(const Lin *L, const Act *a, float *y, int ldy, int epi, Sync *s, int threads) {
-    int blocks = (L->N + 3) / 4, chunks = blocks < threads * 8 ? blocks : threads * 8;
-    for (int c; (c = claim(s)) < chunks;) {
-        int b0 = (int)((long)blocks * c / chunks), b1 = (int)((long)blocks * (c + 1) / chunks);
-        int n0 = b0 * 4, n1 = b1 * 4 < L->N ? b1 * 4 : L->N;
-        for (int m = 0; m < a->M; m++) {
-            float *yr = y + (size_t)m * ldy;
-            for (int n = n0; n < n1; n += 4) {
-                float out[4];
-                int R = n1 - n < 4 ? n1 - n : 4;
-                if (R == 4) row_block(L, a, m, n, 4, out);
-                else for (int r = 0; r < R; r++) row_block(L, a, m, n + r, 1, out + r);
-                for (int r = 0; r < R; r++) {
-                    float v = out[r] + (L->bias ? L->bias[n + r] : 0.0f);
-                    yr[n + r] = epi == EPI_ADD ? yr[n + r] + v : v;
-                }
+typedef struct { const Lin *L; const Act *a; float *y; int ldy, gelu; } LinearJob;
+
+/* Rows [chunk/chunks] of y (M, N) = x (M, K) @ W.T (+ bias) (then GELU). */
+static void linear_chunk(const void *ctx, int c, int chunks) {
+    const LinearJob *j = ctx;
+    const Lin *L = j->L;
+    int blocks = (L->N + 3) / 4;
+    int b0 = (int)((long)blocks * c / chunks), b1 = (int)((long)blocks * (c + 1) / chunks);
+    int n0 = b0 * 4, n1 = b1 * 4 < L->N ? b1 * 4 : L->N;
+    for (int m = 0; m < j->a->M; m++) {
+        float *yr = j->y + (size_t)m * j->ldy;
+        for (int g = n0; g < n1; g += 16) { /* finished values only are stored: a duplicate writes the same */
+            float out[16];
+            int G = n1 - g < 16 ? n1 - g : 16;
+            for (int n = g; n < g + G; n += 4) {
+                int R = g + G - n < 4 ? g + G - n : 4;
+                if (R == 4) row_block(L, j->a, m, n, 4, out + n - g);
+                else for (int r = 0; r < R; r++) row_block(L, j->a, m, n + r, 1, out + n - g + r);
             }
-            if (epi == EPI_GELU) gelu_inplace(yr + n0, n1 - n0);
+            for (int r = 0; r < G; r++) out[r] += L->bias ? L->bias[g + r] : 0.0f;
+            if (j->gelu) gelu_inplace(out, G);
+            memcpy(yr + g, out, (size_t)G * 4);
         }
-        finish(s);
     }
-    wait_done(s, chunks);
+}
+
+/* y = x @ W.T + b (GELU'd if asked), shared by the team through `s`; `a` is this thread's copy of x. */
+static void linear_team(const Lin *L, const Act *a, float *y, int ldy, int gelu, Sync *s) {
+    int blocks = (L->N + 3) / 4;
+    LinearJob job = {L, a, y, ldy, gelu};
+    run_chunks(s, blocks < MAX_CHUNKS ? blocks : MAX_CHUNKS, linear_chunk, &job);
 }
 
 /* Scratch bytes an Act needs for M rows of K inputs (bf16 copies, int8 blocks, scales, corrections). */
@@ -258,12 +281,13 @@ static Act act_prepare(int kind, const float *x, int M, int K, char *scratch) {
 /* A standalone linear layer: y (M, N) = x (M, K) @ W.T + b, on `threads` threads. */
 void gptwo_linear(int kind, const void *w, const float *scale, const float *bias, const float *x, float *y, int M, int K, int N, int threads) {
     Lin L = {kind, K, N, w, scale, bias};
-    Sync sync = {0, 0, {0}};
+    Sync sync;
+    memset(&sync, 0, sizeof sync);
     char *scratch = malloc(act_bytes(M, K) * threads);
     #pragma omp parallel num_threads(threads)
     {
         Act a = act_prepare(kind, x, M, K, scratch + act_bytes(M, K) * omp_get_thread_num());
-        linear_team(&L, &a, y, N, EPI_STORE, &sync, omp_get_num_threads());
+        linear_team(&L, &a, y, N, 0, &sync);
     }
     free(scratch);
 }
@@ -341,8 +365,7 @@ static void attention_head(const float *qkv, float *y, float *kc, float *vc, int
             _mm512_mask_storeu_ps(scores + j, m, e);
             sum = _mm512_add_ps(sum, e);
         }
-        float inv = 1.0f / _mm512_reduce_add_ps(sum);
-        float *out = y + (size_t)t * C + h * hd;
+        float inv = 1.0f / _mm512_reduce_add_ps(sum), *out = scores + max_len; /* this thread's, then copied */
         for (int d = 0; d < hd; d++) out[d] = 0.0f;
         for (int j = 0; j < n; j++) {
             const float *vj = vh + (size_t)j * hd;
@@ -350,20 +373,31 @@ static void attention_head(const float *qkv, float *y, float *kc, float *vc, int
             #pragma omp simd
             for (int d = 0; d < hd; d++) out[d] += p * vj[d];
         }
+        memcpy(y + (size_t)t * C + h * hd, out, (size_t)hd * 4);
     }
+}
+
+typedef struct { const float *qkv; float *y, *kc, *vc, *scores; int T, start, C, H, max_len; } AttentionJob;
+
+static void attention_chunk(const void *ctx, int c, int chunks) {
+    const AttentionJob *j = ctx;
+    for (int h = j->H * c / chunks; h < j->H * (c + 1) / chunks; h++)
+        attention_head(j->qkv, j->y, j->kc, j->vc, j->T, j->start, j->C, j->H, h, j->max_len, j->scores);
 }
 
 /* Per layer, P holds 16 pointers: ln1 g, b; qkv w, scale, b; proj w, scale, b; ln2 g, b; fc w, scale, b;
    fc2 w, scale, b. After the layers: wte, wpe, lnf g, b, head w, head scale, k cache, v cache.
    D: n_layer, n_embd, n_head, vocab, max_len, kind, embeddings in bf16 (0/1), threads. */
-enum { PER_LAYER = 16, SYNCS_PER_LAYER = 5 };
+enum { PER_LAYER = 16, OPS_PER_LAYER = 5, LAYER_FLOATS = 10 /* x C per token: qkv 3, att 1, proj 1, fc 4, fc2 1 */ };
 
-static size_t thread_bytes(int T, int C, int max_len) { return ((size_t)T * C * 4 + (size_t)(max_len + 16) * 4 + act_bytes(T, 4 * C) + 127) / 64 * 64; }
+/* Each thread keeps its own residual stream x and LayerNorm output (the same numbers in every thread). */
+static size_t thread_bytes(int T, int C, int H, int max_len) {
+    return ((size_t)T * C * 8 + (size_t)(max_len + C / H + 32) * 4 + act_bytes(T, 4 * C) + 127) / 64 * 64;
+}
 
 size_t gptwo_step_scratch_bytes(const int64_t *D, int T) {
-    int L = (int)D[0], C = (int)D[1], max_len = (int)D[4], threads = (int)D[7];
-    size_t shared = (size_t)T * C * 2 + (size_t)T * 3 * C + (size_t)T * 4 * C;
-    return shared * 4 + (size_t)(L * SYNCS_PER_LAYER + 4) * sizeof(Sync) + threads * thread_bytes(T, C, max_len) + 4096;
+    int L = (int)D[0], C = (int)D[1], H = (int)D[2], max_len = (int)D[4], threads = (int)D[7];
+    return (size_t)L * T * LAYER_FLOATS * C * 4 + (size_t)(L * OPS_PER_LAYER + 2) * sizeof(Sync) + threads * thread_bytes(T, C, H, max_len) + 4096;
 }
 
 static void embed_row(const void **G, int emb_bf16, int64_t token, int pos, int C, float *xr) {
@@ -380,6 +414,11 @@ static void embed_row(const void **G, int emb_bf16, int64_t token, int pos, int 
     }
 }
 
+static void add_into(float *x, const float *r, size_t n) {
+    #pragma omp simd
+    for (size_t i = 0; i < n; i++) x[i] += r[i];
+}
+
 /* Logits (vocab) of the last of T tokens at positions start..start+T-1; writes their keys/values to the cache.
    Returns 0, or 1 (and does nothing) when a token id is outside the vocabulary or the positions outside the cache. */
 int gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *tokens, int T, int start, float *logits, char *scratch) {
@@ -388,43 +427,44 @@ int gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *token
     for (int t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= V) return 1;
     int hd = C / H;
-    float *x = (float *)scratch, *att = x + (size_t)T * C, *qkv = att + (size_t)T * C, *hbuf = qkv + (size_t)T * 3 * C;
-    Sync *sync = (Sync *)(((uintptr_t)(hbuf + (size_t)T * 4 * C) + 63) & ~(uintptr_t)63);
-    char *per_thread = (char *)(sync + L * SYNCS_PER_LAYER + 4);
-    memset(sync, 0, (size_t)(L * SYNCS_PER_LAYER + 4) * sizeof(Sync));
+    float *layers = (float *)scratch;
+    Sync *sync = (Sync *)(((uintptr_t)(layers + (size_t)L * T * LAYER_FLOATS * C) + 127) & ~(uintptr_t)127);
+    char *per_thread = (char *)(sync + L * OPS_PER_LAYER + 2);
+    memset(sync, 0, (size_t)(L * OPS_PER_LAYER + 2) * sizeof(Sync));
     const void **G = P + (size_t)L * PER_LAYER;
     float *kcache = (float *)G[6], *vcache = (float *)G[7];
     #pragma omp parallel num_threads(threads)
     {
-        int team = omp_get_num_threads();
-        char *mine = per_thread + thread_bytes(T, C, max_len) * omp_get_thread_num();
-        float *xn = (float *)mine, *scores = xn + (size_t)T * C;
-        char *act_scratch = (char *)(scores + max_len + 16);
+        char *mine = per_thread + thread_bytes(T, C, H, max_len) * omp_get_thread_num();
+        float *x = (float *)mine, *xn = x + (size_t)T * C, *scores = xn + (size_t)T * C;
+        char *act_scratch = (char *)(((uintptr_t)(scores + max_len + hd + 16) + 63) & ~(uintptr_t)63);
         Sync *s = sync;
-        for (int t; (t = claim(s)) < T; finish(s)) embed_row(G, emb_bf16, tokens[t], start + t, C, x + (size_t)t * C);
-        wait_done(s++, T);
+        for (int t = 0; t < T; t++) embed_row(G, emb_bf16, tokens[t], start + t, C, x + (size_t)t * C);
         for (int l = 0; l < L; l++) {
             const void **W = P + (size_t)l * PER_LAYER;
-            float *kc = kcache + (size_t)l * H * max_len * hd, *vc = vcache + (size_t)l * H * max_len * hd;
+            float *qkv = layers + (size_t)l * T * LAYER_FLOATS * C, *att = qkv + (size_t)T * 3 * C, *r1 = att + (size_t)T * C;
+            float *h = r1 + (size_t)T * C, *r2 = h + (size_t)T * 4 * C;
             Lin qkv_l = {kind, C, 3 * C, W[2], W[3], W[4]}, proj = {kind, C, C, W[5], W[6], W[7]};
             Lin fc = {kind, C, 4 * C, W[10], W[11], W[12]}, fc2 = {kind, 4 * C, C, W[13], W[14], W[15]};
+            AttentionJob attn = {qkv, att, kcache + (size_t)l * H * max_len * hd, vcache + (size_t)l * H * max_len * hd, scores, T, start, C, H, max_len};
             layernorm(x, xn, W[0], W[1], T, C, eps);
             Act a = act_prepare(kind, xn, T, C, act_scratch);
-            linear_team(&qkv_l, &a, qkv, 3 * C, EPI_STORE, s++, team);
-            for (int h; (h = claim(s)) < H; finish(s)) attention_head(qkv, att, kc, vc, T, start, C, H, h, max_len, scores);
-            wait_done(s++, H);
+            linear_team(&qkv_l, &a, qkv, 3 * C, 0, s++);
+            run_chunks(s++, H < MAX_CHUNKS ? H : MAX_CHUNKS, attention_chunk, &attn);
             a = act_prepare(kind, att, T, C, act_scratch);
-            linear_team(&proj, &a, x, C, EPI_ADD, s++, team);
+            linear_team(&proj, &a, r1, C, 0, s++);
+            add_into(x, r1, (size_t)T * C);
             layernorm(x, xn, W[8], W[9], T, C, eps);
             a = act_prepare(kind, xn, T, C, act_scratch);
-            linear_team(&fc, &a, hbuf, 4 * C, EPI_GELU, s++, team);
-            a = act_prepare(kind, hbuf, T, 4 * C, act_scratch);
-            linear_team(&fc2, &a, x, C, EPI_ADD, s++, team);
+            linear_team(&fc, &a, h, 4 * C, 1, s++);
+            a = act_prepare(kind, h, T, 4 * C, act_scratch);
+            linear_team(&fc2, &a, r2, C, 0, s++);
+            add_into(x, r2, (size_t)T * C);
         }
         layernorm(x + (size_t)(T - 1) * C, xn, G[2], G[3], 1, C, eps);
         Lin head = {kind, C, V, G[4], G[5], 0};
         Act a = act_prepare(kind, xn, 1, C, act_scratch);
-        linear_team(&head, &a, logits, V, EPI_STORE, s, team);
+        linear_team(&head, &a, logits, V, 0, s);
     }
     return 0;
 }
