@@ -114,7 +114,7 @@ def kind_for(weight_dtype: str) -> int | None:
     if weight_dtype == "fp32":
         return F32
     if weight_dtype == "bf16":
-        return BF16_DP if os.environ.get("GPTWO_NATIVE_BF16", "widen") == "dp" and caps & (1 << BF16_DP) else BF16
+        return BF16_DP if os.environ.get("GPTWO_NATIVE_BF16", "dp") == "dp" and caps & (1 << BF16_DP) else BF16
     return I8_VNNI if os.environ.get("GPTWO_NATIVE_INT8", "widen") == "vnni" and caps & (1 << I8_VNNI) else I8
 
 
