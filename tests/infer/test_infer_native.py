@@ -8,13 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from infer_fixtures import train_small_model
 
 from gptwo import GPT, GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.infer import Decoder, native, prepare_model
 from gptwo.infer.linear import NativeLinear, TransposedLinear, quantize_int8
-
-from infer_fixtures import train_small_model
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine (see the note on stderr)")
 SHAPES = [(1, 77, 45), (3, 200, 33), (5, 768, 130), (16, 1000, 7), (2, 64, 4)]  # (M, K, N): K, N off multiples of 16 and 64, M > 1

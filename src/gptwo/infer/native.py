@@ -62,7 +62,7 @@ def _build(source: bytes, flags: set[str]) -> str:
         src, out = os.path.join(tmp, SOURCE), os.path.join(tmp, "k.so")
         with open(src, "wb") as f:
             f.write(source)
-        done = subprocess.run([*command, "-o", out, src], capture_output=True, text=True)
+        done = subprocess.run([*command, "-o", out, src], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise OSError(f"the compiler failed: {(done.stderr.strip().splitlines() or ['?'])[0]}")
         os.replace(out, target)  # atomic: a concurrent build or reader never sees half a file
@@ -146,7 +146,6 @@ class NativeStep:
     def __init__(self, model: torch.nn.Module, max_len: int):
         lib, config, tf = library(), model.config, model.transformer
         self.lib, self.max_len, self.vocab = lib, max_len, config.vocab_size
-        f32 = lambda t: t.detach().float().contiguous()  # noqa: E731 - small tensors the C side reads as fp32
         self.keep: list[torch.Tensor] = []
         pointers: list[int | None] = []
         for block in tf.h:
@@ -191,6 +190,11 @@ class NativeStep:
                                  "pass token ids below the vocabulary size and stay within the context")
         self.length = start + tokens.numel()
         return self.logits.clone()[None]
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """A small tensor (LayerNorm, bias) as the contiguous fp32 the C step reads."""
+    return t.detach().float().contiguous()
 
 
 def _linear_parts(linear: torch.nn.Module) -> list[torch.Tensor | None]:
