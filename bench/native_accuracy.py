@@ -21,7 +21,8 @@ from gptwo.infer import Decoder, prepare_model
 
 KINDS = {"fp32": ({"dtype": "fp32"}, {}), "bf16 widen": ({"dtype": "bf16"}, {"GPTWO_NATIVE_BF16": "widen"}),
          "bf16 vdpbf16ps": ({"dtype": "bf16"}, {"GPTWO_NATIVE_BF16": "dp"}), "int8 widen": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "widen"}),
-         "int8 vpdpbusd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "vnni"})}
+         "int8 vpdpbusd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "vnni"}),
+         "int8 vpdpwssd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "w16"})}
 
 
 def main(directory: str, windows: int = 8) -> None:

@@ -26,6 +26,7 @@ OPTIONS = {  # name -> (prepare_model options, environment)
     "native bf16 vdpbf16ps": ({"dtype": "bf16"}, {"GPTWO_NATIVE_BF16": "dp"}),
     "native int8 widen+FMA": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "widen"}),
     "native int8 vpdpbusd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "vnni"}),
+    "native int8 vpdpwssd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "w16"}),
 }
 
 

@@ -56,6 +56,9 @@ def test_int8_kernels_match_the_dequantized_weights(M, K, N):
     step = padded.amax(-1, keepdim=True).expand_as(padded).reshape(M, -1)[:, :K] / 254
     bound = step @ dequantized.abs().t() * 1.001 + 1e-3
     assert torch.all((native.linear(native.I8_VNNI, q, scales, b, x) - reference).abs() <= bound)
+    # vpdpwssd: activations rounded to int16 per token (15 bits), each off by at most the row's max / 32766
+    bound = x.abs().amax(1, keepdim=True) / 32766 * dequantized.abs().sum(1) * 1.001 + 1e-3
+    assert torch.all((native.linear(native.I8_W16, q, scales, b, x) - reference).abs() <= bound)
 
 
 @needs_kernels
@@ -126,13 +129,13 @@ def stepwise_perplexity(decoder: Decoder, windows: torch.Tensor) -> float:
 
 
 @needs_kernels
-@pytest.mark.parametrize("int8_kernel", ["widen", "vnni"])
+@pytest.mark.parametrize("int8_kernel", ["widen", "vnni", "w16"])
 def test_int8_through_the_native_step_keeps_perplexity_and_greedy_tokens(trained, monkeypatch, int8_kernel):
     model, tokenizer, held_out, windows = trained
     monkeypatch.setenv("GPTWO_NATIVE_INT8", int8_kernel)
     fp32 = Decoder(prepare_model(copy.deepcopy(model), dtype="fp32"), max_len=64)
     int8 = Decoder(prepare_model(copy.deepcopy(model), quantize="int8"), max_len=64)
-    assert int8.native is not None and int8.model.lm_head.kind == (native.I8_VNNI if int8_kernel == "vnni" else native.I8)
+    assert int8.native is not None and int8.model.lm_head.kind == {"widen": native.I8, "vnni": native.I8_VNNI, "w16": native.I8_W16}[int8_kernel]
     assert abs(stepwise_perplexity(int8, windows) / stepwise_perplexity(fp32, windows) - 1) < 0.01
     same = total = 0
     for sentence in held_out.split(".")[:8]:

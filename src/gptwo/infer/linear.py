@@ -66,7 +66,7 @@ class NativeLinear(nn.Module):
     def __init__(self, linear: nn.Linear, kind: int):
         super().__init__()
         self.kind = kind
-        if kind in (native.I8, native.I8_VNNI):
+        if kind in (native.I8, native.I8_VNNI, native.I8_W16):
             q, scales = quantize_int8(linear.weight)
             self.register_buffer("w", q.to(linear.weight.device))
             self.register_buffer("scales", scales.to(linear.weight.device))

@@ -4,7 +4,7 @@ The C source ships in the package and is built with the system compiler (`cc -O3
 -shared`, `$CC` overrides `cc`) into a per-user cache keyed by the source, the command and the CPU's flags,
 written atomically. It needs x86-64 with AVX-512 (f, bw, vl); without a compiler or those flags, or with
 `GPTWO_NATIVE=0`, `library()` returns None after a one-line note and gptwo keeps torch's matmul.
-`GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=vnni|widen` pick the bf16 / int8 kernel, and
+`GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=widen|vnni|w16` pick the bf16 / int8 kernel, and
 `GPTWO_NATIVE_THREADS=N` the decode step's threads (default: torch's) (docs/inference.md).
 """
 
@@ -24,8 +24,9 @@ import torch
 
 from gptwo.errors import GptwoError
 
-F32, BF16, BF16_DP, I8, I8_VNNI = range(5)  # kernel kinds, as in the C source
-KIND_NAMES = {F32: "fp32", BF16: "bf16 widened to fp32", BF16_DP: "bf16 vdpbf16ps", I8: "int8 widened to fp32", I8_VNNI: "int8 vpdpbusd (activations int8 per 64)"}
+F32, BF16, BF16_DP, I8, I8_VNNI, I8_W16 = range(6)  # kernel kinds, as in the C source
+KIND_NAMES = {F32: "fp32", BF16: "bf16 widened to fp32", BF16_DP: "bf16 vdpbf16ps", I8: "int8 widened to fp32", I8_VNNI: "int8 vpdpbusd (activations int8 per 64)",
+              I8_W16: "int8 vpdpwssd (activations int16 per token)"}
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 SOURCE = "gptwo_kernels.c"
 _state: dict = {}  # "lib": the loaded library or None, "why": why not
@@ -115,7 +116,8 @@ def kind_for(weight_dtype: str) -> int | None:
         return F32
     if weight_dtype == "bf16":
         return BF16_DP if os.environ.get("GPTWO_NATIVE_BF16", "dp") == "dp" and caps & (1 << BF16_DP) else BF16
-    return I8_VNNI if os.environ.get("GPTWO_NATIVE_INT8", "widen") == "vnni" and caps & (1 << I8_VNNI) else I8
+    choice = {"vnni": I8_VNNI, "w16": I8_W16}.get(os.environ.get("GPTWO_NATIVE_INT8", "widen"), I8)
+    return choice if caps & (1 << choice) else I8
 
 
 def ptr(t: torch.Tensor | None) -> int | None:

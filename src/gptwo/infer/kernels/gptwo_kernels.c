@@ -13,6 +13,9 @@
      I8_VNNI  int8 weights, activations quantized to int8 per block of 64 (one scale per block, as llama.cpp's
               q8_0 does per 32), vpdpbusd on (w + 128) as unsigned times x as signed; the +128 is removed with
               the blocks' activation sums, which are the same for every row.
+     I8_W16   int8 weights widened to int16 in registers, activations quantized to int16 per token (one
+              scale, 15 bits: error 1/32766 of the token's largest value), vpdpwssd with int32 lanes
+              (no overflow below K = 16K), one float conversion per row.
    The OpenMP runtime is the process's libgomp.so.1 (torch's, already loaded), so torch and these kernels
    share one thread pool. */
 #include <immintrin.h>
@@ -22,7 +25,7 @@
 #include <string.h>
 #include <omp.h>
 
-enum { K_F32 = 0, K_BF16 = 1, K_BF16_DP = 2, K_I8 = 3, K_I8_VNNI = 4 };
+enum { K_F32 = 0, K_BF16 = 1, K_BF16_DP = 2, K_I8 = 3, K_I8_VNNI = 4, K_I8_W16 = 5 };
 #define QB 64                         /* activation quantization block (I8_VNNI) */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -32,7 +35,7 @@ int gptwo_caps(void) {
     caps |= 1 << K_BF16_DP;
 #endif
 #ifdef __AVX512VNNI__
-    caps |= 1 << K_I8_VNNI;
+    caps |= (1 << K_I8_VNNI) | (1 << K_I8_W16);
 #endif
     return caps;
 }
@@ -132,6 +135,24 @@ INLINE void dots_i8_vnni(const int8_t *w, int K, const int8_t *xq, const float *
 }
 #endif
 
+#ifdef __AVX512VNNI__
+INLINE void dots_i8_w16(const int8_t *w, int K, const int16_t *xq, int R, float *out) {
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512i xv = _mm512_loadu_si512(xq + k);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + k))), xv);
+    }
+    if (k < K) {
+        __mmask32 m = tail32(K - k);
+        __m512i xv = _mm512_maskz_loadu_epi16(m, xq + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + (size_t)r * K + k)), xv);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[r])); /* lanes fit int32; their sum may not */
+}
+#endif
+
 /* Activations in the form the kind reads: bf16 copies (BF16_DP) or int8 blocks with scales (I8_VNNI). Row m. */
 static void prepare_row(int kind, Act *a, int m) {
     const float *x = a->x + (size_t)m * a->K;
@@ -144,6 +165,21 @@ static void prepare_row(int kind, Act *a, int m) {
         }
     }
 #endif
+    if (kind == K_I8_W16) { /* int16 per token in xb; its scale in corr[m] */
+        int16_t *xq = (int16_t *)a->xb + (size_t)m * a->Kp;
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = 0; k < a->K; k += 16) {
+            __mmask16 t = a->K - k >= 16 ? 0xffff : tail16(a->K - k);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(t, x + k)));
+        }
+        float mx = _mm512_reduce_max_ps(amax), inv = mx > 0 ? 16383.0f / mx : 0.0f;
+        for (int k = 0; k < a->K; k += 16) {
+            __mmask16 t = a->K - k >= 16 ? 0xffff : tail16(a->K - k);
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, x + k), _mm512_set1_ps(inv)));
+            _mm256_mask_storeu_epi16(xq + k, t, _mm512_cvtsepi32_epi16(q));
+        }
+        a->corr[m] = mx / 16383.0f;
+    }
     if (kind == K_I8_VNNI) {
         int8_t *xq = a->xq + (size_t)m * a->Kp;
         int nb = a->Kp / QB;
@@ -185,6 +221,11 @@ INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *o
     case K_I8_VNNI: {
         dots_i8_vnni((const int8_t *)L->w + off, L->K, a->xq + (size_t)m * a->Kp, a->xs + (size_t)m * (a->Kp / QB), R, out);
         for (int r = 0; r < R; r++) out[r] -= a->corr[m];
+        break;
+    }
+    case K_I8_W16: {
+        dots_i8_w16((const int8_t *)L->w + off, L->K, (const int16_t *)a->xb + (size_t)m * a->Kp, R, out);
+        for (int r = 0; r < R; r++) out[r] *= a->corr[m];
         break;
     }
 #endif
