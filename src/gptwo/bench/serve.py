@@ -54,9 +54,10 @@ def client_prompts(clients: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the clients
 @dataclass
 class Completion:
-    """What one streamed request got: tokens (from the usage chunk), time to first text, or an error."""
+    """What one streamed request got: tokens (from the usage chunk), its text, time to first text, or an error."""
 
     tokens: int = 0
+    text: str = ""
     ttft: float | None = None
     error: str | None = None
 
@@ -75,9 +76,9 @@ async def _read_body(reader: asyncio.StreamReader, chunked: bool):
         await reader.readexactly(2)
 
 
-async def stream_completion(host: str, port: int, prompt: str, tokens: int) -> Completion:
+async def stream_completion(host: str, port: int, prompt: str, tokens: int, temperature: float = 1.0) -> Completion:
     """POST one streamed /v1/completions request; read its server-sent events to the end."""
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 1.0, "stream": True,
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": temperature, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
@@ -110,6 +111,7 @@ async def stream_completion(host: str, port: int, prompt: str, tokens: int) -> C
                 for choice in chunk.get("choices") or []:
                     if out.ttft is None and choice.get("text"):
                         out.ttft = time.perf_counter() - started
+                    out.text += choice.get("text") or ""
                 if chunk.get("usage"):
                     out.tokens = chunk["usage"]["completion_tokens"]
     except (OSError, asyncio.IncompleteReadError, ValueError) as err:
