@@ -384,7 +384,7 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 (default: env GPTWO_API_KEY, else none)")
     p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
                    help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), else fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of fp32's weight memory (docs/inference.md)")
 
