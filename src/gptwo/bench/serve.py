@@ -47,8 +47,8 @@ SERVER_START_S = 300  # a server that is not healthy by then counts as broken
 
 
 def client_prompts(clients: int) -> list[str]:
-    """The prompt of each client: the list above, in turn (the same prompts go through transformers)."""
-    return [PROMPTS[i % len(PROMPTS)] for i in range(clients)]
+    """Each client's prompt: the list above in turn, numbered so that no two are equal (the server runs equal prompts once)."""
+    return [f"{i + 1}. {PROMPTS[i % len(PROMPTS)]}" for i in range(clients)]
 
 
 # ---------------------------------------------------------------------------------------------- the clients
