@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="server weights to time (default fp32,bf16,int8)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row's median counts (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each server and of transformers")
-    parser.add_argument("--compare-src", default=None, help="also time the fp32 server of another checkout's src folder")
+    parser.add_argument("--compare-src", action="append", default=[], help="also time the fp32 server of another checkout's src folder (repeatable)")
     parser.add_argument("--out", default="bench/results/serve.json", help="JSON output path")
     args = parser.parse_args()
     report = serve_report(args.model, device=args.device, clients=args.clients, tokens=args.tokens, variants=tuple(args.variants.split(",")),

@@ -851,8 +851,8 @@ def _add_bench_serve(bsub) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None, help="time only the int8 weight-only server (shorthand for --variants int8)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median counts (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of each server and of transformers (default: torch's choice here)")
-    p.add_argument("--compare-src", default=None, metavar="DIR",
-                   help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same rounds")
+    p.add_argument("--compare-src", action="append", default=[], metavar="DIR",
+                   help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same rounds (repeatable)")
 
 
 # Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).

@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Sequence as Seq
 
 import torch
 
@@ -282,7 +283,7 @@ def bench_model_dir(spec: str | None, directory: str) -> str:
 
 
 def serve_report(model: str | None = None, device: str = "auto", clients: int = 64, tokens: int = 32, variants: tuple[str, ...] = ("fp32", "bf16", "int8"),
-                 rounds: int = 3, threads: int | None = None, compare_src: str | None = None, progress: bool = True) -> dict:
+                 rounds: int = 3, threads: int | None = None, compare_src: Seq[str] = (), progress: bool = True) -> dict:
     """Median aggregate tokens/s of each server variant and of transformers on the same prompts, interleaved rounds."""
     from gptwo.weights import resolve_device
 
@@ -293,8 +294,9 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
         raise GptwoError("no variants to time", f"pass --variants with some of {', '.join(VARIANTS)}")
     if min(clients, tokens, rounds) < 1:
         raise GptwoError("clients, tokens and rounds must be at least 1", "pass positive numbers")
-    if compare_src and not os.path.isfile(os.path.join(compare_src, "gptwo", "cli.py")):
-        raise GptwoError(f"{compare_src} holds no gptwo package", "pass the src folder of a gptwo checkout (the one holding gptwo/cli.py)")
+    for src in compare_src:
+        if not os.path.isfile(os.path.join(src, "gptwo", "cli.py")):
+            raise GptwoError(f"{src} holds no gptwo package", "pass the src folder of a gptwo checkout (the one holding gptwo/cli.py)")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -306,8 +308,8 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
             if progress:
                 print(f"starting the {name} server", file=sys.stderr)
             servers.append(start_server(model_dir, name, str(dev), threads, clients))
-        if compare_src:
-            servers.append(start_server(model_dir, "fp32", str(dev), threads, clients, src=compare_src, tool=f"gptwo serve ({compare_src})"))
+        for src in compare_src:
+            servers.append(start_server(model_dir, "fp32", str(dev), threads, clients, src=src, tool=f"gptwo serve ({src})"))
         anchors, notes = hf_anchors(model_dir, clients, tokens, str(dev), progress)
         anchor_s: dict[str, list[float]] = {name: [] for name in anchors}
         prompts = client_prompts(clients)
