@@ -181,7 +181,11 @@ def start_server(model_dir: str, variant: str, device: str, threads: int, max_ba
     port = free_port()
     cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model_dir, "--served-model-name", "bench", "--port", str(port),
            "--device", device, "--max-batch", str(max_batch), "--log-level", "warning"]
-    cmd += ["--dtype", dtype] if dtype != "fp32" else []  # (older trees have no --dtype: fp32 was all they did)
+    package = os.path.join(os.path.abspath(src), "gptwo") if src else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(package, "cli.py"), encoding="utf-8") as f:
+        has_dtype = '"--dtype"' in f.read()
+    if dtype != "fp32" or has_dtype:  # (older trees have no --dtype: fp32 was all they did)
+        cmd += ["--dtype", dtype]
     cmd += ["--quantize", quantize] if quantize else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if src:
