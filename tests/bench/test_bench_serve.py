@@ -50,7 +50,10 @@ def test_bench_serve_json_fields(report, tiny_dir):
         row = rows[("gptwo serve", variant)]
         assert row["failed"] == 0, row.get("errors")
         assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and row["single_client_tokens_per_s"] > 0
-    assert all(peak >= 1 for peak in report["peak_batch"].values())
+    servers = report["servers"]  # what each server says it runs (its /health)
+    assert servers["gptwo serve fp32"]["dtype"] == "fp32" and servers["gptwo serve fp32"]["quantize"] is None
+    assert servers["gptwo serve int8"]["quantize"] == "int8"
+    assert all(s["peak_batch"] >= 1 and s["failed"] == 0 for s in servers.values())
 
 
 def test_bench_serve_table_and_bad_variant(report):

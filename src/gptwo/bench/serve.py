@@ -358,7 +358,7 @@ def _report(servers: list[Server], anchor_rates: dict[str, list[float]], notes: 
     return {"bench": "serve", "device": str(dev), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": threads,
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "model": model or "random GPT-2 124M shape",
             "clients": clients, "tokens": tokens, "rounds": rounds, "anchor": anchor["tool"], "notes": notes,
-            "peak_batch": {name: h.get("peak_batch") for name, h in health.items()}, "rows": rows}
+            "servers": {name: {key: h.get(key) for key in ("dtype", "quantize", "peak_batch", "failed")} for name, h in health.items()}, "rows": rows}
 
 
 def render_serve(report: dict) -> str:

@@ -315,7 +315,8 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *
 
     @app.get("/health", summary="Whether the engine runs, and how busy it is")
     async def health() -> JSONResponse:
-        status = {"status": "ok" if engine.alive else "down", "model": model_name, "running": engine.running, "waiting": engine.waiting, **engine.stats}
+        status = {"status": "ok" if engine.alive else "down", "model": model_name, "dtype": DTYPE_NAMES.get(engine.pool.dtype, str(engine.pool.dtype)),
+                  "quantize": getattr(engine.model, "inference_prepared", {}).get("quantize"), "running": engine.running, "waiting": engine.waiting, **engine.stats}
         return JSONResponse(status, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
