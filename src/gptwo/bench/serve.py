@@ -175,8 +175,8 @@ class Server:
             self.proc.kill()
 
 
-def start_server(model_dir: str, variant: str, device: str, threads: int, max_batch: int, src: str | None = None, tool: str = "gptwo serve") -> Server:
-    """Start `gptwo serve` (from `src`, another checkout's src folder, if given) and wait until /health answers."""
+def start_server(model_dir: str, variant: str, device: str, threads: int, max_batch: int, log: str, src: str | None = None, tool: str = "gptwo serve") -> Server:
+    """Start `gptwo serve` (from `src`, another checkout's src folder, if given; its stderr to `log`) and wait until /health answers."""
     dtype, quantize = VARIANTS[variant]
     port = free_port()
     cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model_dir, "--served-model-name", "bench", "--port", str(port),
@@ -190,12 +190,14 @@ def start_server(model_dir: str, variant: str, device: str, threads: int, max_ba
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if src:
         env["PYTHONPATH"] = os.path.abspath(src)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "w", encoding="utf-8") as err:  # a file, not a pipe: a pipe nobody reads would stall a chatty server
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     server = Server(tool, variant, proc, port)
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise GptwoError(f"the {variant} server exited with {proc.returncode}: {proc.stderr.read().strip()[-300:]}", "run that `gptwo serve` by hand to see why")
+            with open(log, encoding="utf-8", errors="replace") as f:
+                raise GptwoError(f"the {variant} server exited with {proc.returncode}: {f.read().strip()[-300:]}", "run that `gptwo serve` by hand to see why")
         try:
             server.health()
             return server
@@ -311,9 +313,9 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
         for name in variants:
             if progress:
                 print(f"starting the {name} server", file=sys.stderr)
-            servers.append(start_server(model_dir, name, str(dev), threads, clients))
-        for src in compare_src:
-            servers.append(start_server(model_dir, "fp32", str(dev), threads, clients, src=src, tool=f"gptwo serve ({src})"))
+            servers.append(start_server(model_dir, name, str(dev), threads, clients, os.path.join(tmp, f"{name}.log")))
+        for i, src in enumerate(compare_src):
+            servers.append(start_server(model_dir, "fp32", str(dev), threads, clients, os.path.join(tmp, f"compare{i}.log"), src=src, tool=f"gptwo serve ({src})"))
         anchors, notes = hf_anchors(model_dir, clients, tokens, str(dev), progress)
         anchor_s: dict[str, list[float]] = {name: [] for name in anchors}
         prompts = client_prompts(clients)
