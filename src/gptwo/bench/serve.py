@@ -328,11 +328,15 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
                 server.samples.append(burst(server.address, prompts, tokens))
                 alone = burst(server.address, prompts[:1], tokens)
                 server.single.append(alone["tokens_per_s"] if not alone["failed"] else 0.0)
+                if progress:
+                    print(f"  {server.tool} {server.variant}: {server.samples[-1]['tokens_per_s']:.1f} tokens/s, {server.samples[-1]['failed']} failed", file=sys.stderr)
             for name, run in anchors.items():
                 started = time.perf_counter()
                 with torch.no_grad():
                     made = run()
                 anchor_s[name].append(made / (time.perf_counter() - started))
+                if progress:
+                    print(f"  {name}: {anchor_s[name][-1]:.1f} tokens/s", file=sys.stderr)
         health = {f"{s.tool} {s.variant}": s.health() for s in servers}
     finally:
         for server in servers:
