@@ -15,11 +15,13 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -246,28 +248,33 @@ def hf_batch_run(hf, prompts: list[list[int]], tokens: int, page: int = 64):
 
 
 def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress: bool) -> tuple[dict, list[str]]:
-    """The transformers runs that work here (name -> function returning tokens made), and notes on those that do not."""
+    """The transformers runs that work here (name -> function returning tokens made), and notes on those that do not.
+
+    Each is tried first on a few prompts and tokens (a warm-up that also catches an anchor that does not run here).
+    """
     from gptwo.bench.decode import hf_twin
     from gptwo.weights import load_model
 
     model, tokenizer = load_model(model_dir, device=device)
     prompts = hf_prompts(tokenizer, clients)
-    runs, notes = {"transformers generate": hf_generate_run(hf_twin(model), prompts, tokens, tokenizer.eot_token)}, []
-    batching = hf_twin(model)  # its own copy: continuous batching switches the model's attention to a paged kind
-    if hasattr(batching, "generate_batch"):
-        runs["transformers generate_batch"] = hf_batch_run(batching, prompts, tokens)
+    plain, batching = hf_twin(model), hf_twin(model)  # each its own copy: continuous batching switches the attention to a paged kind
     del model
-    for name in list(runs):  # warm-up: a run that fails here is left out, with the reason
+    few, short = prompts[:4], min(tokens, 4)
+    makers = {"transformers generate": lambda p, t: hf_generate_run(plain, p, t, tokenizer.eot_token)}
+    if hasattr(batching, "generate_batch"):
+        makers["transformers generate_batch"] = lambda p, t: hf_batch_run(batching, p, t)
+    runs, notes = {}, []
+    for name, make in makers.items():  # warm-up: a run that fails here is left out, with the reason
         if progress:
             print(f"warming up {name}", file=sys.stderr)
         try:
             with torch.no_grad():
-                made = runs[name]()
-            if made < clients * tokens:
-                raise RuntimeError(f"made {made} of {clients * tokens} tokens")
+                made = make(few, short)()
+            if made < len(few) * short:
+                raise RuntimeError(f"made {made} of {len(few) * short} tokens")
+            runs[name] = make(prompts, tokens)
         except Exception as err:  # noqa: BLE001 - an anchor that does not work on this machine is reported, not fatal
             notes.append(f"{name} left out: {type(err).__name__}: {str(err)[:200]}")
-            del runs[name]
     if not runs:
         raise GptwoError("no transformers anchor ran", "; ".join(notes))
     return runs, notes
@@ -305,6 +312,8 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
             raise GptwoError(f"{src} holds no gptwo package", "pass the src folder of a gptwo checkout (the one holding gptwo/cli.py)")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    if threading.current_thread() is threading.main_thread():  # a SIGTERM (e.g. `timeout`) still stops the servers
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     dev = resolve_device(device)
     tmp = tempfile.mkdtemp(prefix="gptwo-bench-serve-")
     servers: list[Server] = []
