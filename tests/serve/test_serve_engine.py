@@ -133,6 +133,28 @@ def test_engine_step_failure_fails_requests_but_keeps_running():
     assert fine[-1].finish_reason == "length" and sum(len(u.tokens) for u in fine) == 3
 
 
+def test_first_tokens_are_handed_out_before_the_next_decode_step():
+    engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2())
+    pending_at_decode = []
+    decode = engine.pool.decode
+    engine.pool.decode = lambda *a, **k: (pending_at_decode.append(len(engine._outbox)), decode(*a, **k))[1]
+
+    async def run():
+        job = engine.submit([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0))
+        updates = []
+        while sum(u.finish_reason is not None for u in updates) < 2:
+            updates.append(await job.queue.get())
+        return updates
+
+    engine.start()
+    try:
+        updates = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert sum(len(u.tokens) for u in updates) == 6
+    assert pending_at_decode and pending_at_decode[0] == 0  # the prefill's tokens were already on their way
+
+
 def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
     from gptwo.serve.engine import _sample_by_cdf
 

@@ -247,6 +247,16 @@ def hf_batch_run(hf, prompts: list[list[int]], tokens: int, page: int = 64):
     return run
 
 
+def fast_gelu(hf):
+    """transformers at its best: GPT-2's tanh GELU as torch's fused kernel (`gelu_pytorch_tanh`), not the default `gelu_new` in Python ops."""
+    from transformers.activations import ACT2FN
+
+    for block in hf.transformer.h:
+        block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
+    hf.config.activation_function = "gelu_pytorch_tanh"
+    return hf
+
+
 def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress: bool) -> tuple[dict, list[str]]:
     """The transformers runs that work here (name -> function returning tokens made), and notes on those that do not.
 
@@ -257,7 +267,7 @@ def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress:
 
     model, tokenizer = load_model(model_dir, device=device)
     prompts = hf_prompts(tokenizer, clients)
-    plain, batching = hf_twin(model), hf_twin(model)  # each its own copy: continuous batching switches the attention to a paged kind
+    plain, batching = fast_gelu(hf_twin(model)), fast_gelu(hf_twin(model))  # own copies: continuous batching switches the attention to a paged kind
     del model
     few, short = prompts[:4], min(tokens, 4)
     makers = {"transformers generate": lambda p, t: hf_generate_run(plain, p, t, tokenizer.eot_token)}

@@ -376,6 +376,7 @@ class Engine:
         if joining:
             self._prefill(joining)
             self._retire()
+            self._flush()  # first tokens go out now, not after the decode step below (time to first token)
         if self._active:
             self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
             self.stats["steps"] += 1
