@@ -176,13 +176,13 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
     if not hf:
         use_onednn_linears(model, config, device)
     optimizer = make_optimizer(model, config, fused=use_fused_adamw(device, None))
-    if hf:  # compiled as its users compile it: the model
+    if hf:  # as its users train it: the loss computed inside the model's forward, the model compiled whole
         runner = torch.compile(model) if compiled else model
-        module = lambda idx: runner(input_ids=idx, use_cache=False).logits  # logits only, so both run the same loss
-        step_loss = loss_fn
+        module = runner
+        step_loss = lambda m, idx, targets: m(input_ids=idx, labels=targets, shift_labels=targets, use_cache=False).loss  # the same targets as gptwo's
     else:
         module, step_loss = model, compiled_loss(loss_fn) if compiled else loss_fn
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    x, y = tokens[:, :-1], tokens[:, 1:].contiguous()
 
     def step() -> None:
         with autocast(config, device):
