@@ -1,9 +1,11 @@
 """`gptwo bench train`: training tokens/s and MFU of gptwo's step vs transformers' GPT2LMHeadModel.
 
-Both models get the same shape, the same random tokens, the same AdamW and autocast; gptwo's step
-is the one `gptwo train` runs (`gptwo.train.speed`), and transformers is compiled too where the
-device is CUDA. The models take turns (interleaved rounds) and each one's median round counts, so
-a machine that speeds up or slows down hits both alike.
+Both models get the same shape, the same random tokens and targets, the same AdamW and autocast.
+gptwo's step is the one `gptwo train` runs (`gptwo.train.speed`), in its default precision for the
+device and in float32; transformers runs in the same precisions, eager and compiled (compiled only
+on CUDA), with the loss computed inside its forward as its users train it. The anchor is
+transformers' fastest row. Everything takes turns (interleaved rounds) and each row's median round
+counts, so a machine that speeds up or slows down hits all alike.
 
 FLOPs per token = 6·N + 12·L·C·T (N parameters without position embeddings, L layers, C width,
 T context; PaLM, Chowdhery et al. 2022, appendix B); MFU = achieved FLOP/s over the device's peak.
