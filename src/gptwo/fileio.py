@@ -41,6 +41,10 @@ def atomic_write(path: str, *chunks: bytes | memoryview) -> None:
 ZSTD_MAX_WINDOW = 2**31
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_CHUNK = 1 << 18
+# Compressed bytes handed to zstd at once. A zstd block of up to 128 KiB can be coded in 4 bytes, so
+# the output of one call is at most ~32,000x its input: 2 KiB in keeps one call's output under ~64 MiB
+# (a "zip bomb" then costs time in proportion to what is read, never memory all at once).
+ZSTD_FEED = 1 << 11
 
 
 class DamagedStream(Exception):
@@ -59,18 +63,21 @@ class ZstdReader(io.RawIOBase):
         self._dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         self._frame = None
         self._out = memoryview(b"")
+        self._in = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         while not self._out:
-            chunk = self._raw.read(READ_CHUNK)
-            if not chunk:
-                if self._frame is not None and not self._frame.eof:
-                    raise DamagedStream("the zstd stream ends mid-frame, so the file is truncated")
-                return 0
-            self._out = memoryview(self._decompress(chunk))
+            if not self._in:
+                self._in = memoryview(self._raw.read(READ_CHUNK))
+                if not self._in:
+                    if self._frame is not None and not self._frame.eof:
+                        raise DamagedStream("the zstd stream ends mid-frame, so the file is truncated")
+                    return 0
+            piece, self._in = self._in[:ZSTD_FEED], self._in[ZSTD_FEED:]
+            self._out = memoryview(self._decompress(bytes(piece)))
         n = min(len(buffer), len(self._out))
         buffer[:n] = self._out[:n]
         self._out = self._out[n:]
