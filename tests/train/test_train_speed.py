@@ -93,3 +93,28 @@ def test_onednn_linears_give_torchs_loss_and_gradients(compiled):
     assert fast.state_dict().keys() == plain.state_dict().keys()
     with torch.no_grad():  # generation's shapes (a KV cache, one position) go through the same linears
         assert torch.allclose(fast(x[:, :5])[:, -1], plain(x[:, :5])[:, -1], atol=1e-5)
+
+
+def test_compiled_bf16_step_with_matmul_attention_follows_eager_fused_attention():
+    import torch
+
+    from gptwo.config import GPTConfig, TrainConfig
+    from gptwo.model import GPT
+    from gptwo.train.loop import loss_fn
+    from gptwo.train.speed import autocast, compiled_loss, math_attention
+
+    config, device = TrainConfig(dtype="bfloat16"), torch.device("cpu")
+    assert math_attention(config, device) and not math_attention(TrainConfig(dtype="float32"), device)
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    compiled = GPT(eager.config)
+    compiled.load_state_dict(eager.state_dict())
+    tokens = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(2))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with autocast(config, device):
+        expected, got = loss_fn(eager, x, y), compiled_loss(loss_fn, matmul_attention=True)(compiled, x, y)
+    expected.backward()
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), abs=0.02)  # bf16 rounding, differently ordered
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=0.1, atol=2e-3), name

@@ -172,7 +172,7 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
 
     from gptwo.train.loop import loss_fn
     from gptwo.train.optim import make_optimizer
-    from gptwo.train.speed import autocast, compiled_loss, use_bf16, use_fused_adamw, use_onednn_linears
+    from gptwo.train.speed import autocast, compiled_loss, math_attention, use_bf16, use_fused_adamw, use_onednn_linears
 
     model.to(device).train()
     if not hf:
@@ -183,7 +183,7 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
         module = runner
         step_loss = lambda m, idx, targets: m(input_ids=idx, labels=targets, shift_labels=targets, use_cache=False).loss  # the same targets as gptwo's
     else:
-        module, step_loss = model, compiled_loss(loss_fn) if compiled else loss_fn
+        module, step_loss = model, compiled_loss(loss_fn, math_attention(config, device)) if compiled else loss_fn
     x, y = tokens[:, :-1], tokens[:, 1:].contiguous()
 
     def step() -> None:
