@@ -4,7 +4,10 @@ Human passages: the validation documents of the model's prepared data (for the q
 the built-in corpus' held-out documents), cut into non-overlapping passages of prompt + new tokens.
 Generated: the model's continuation of each passage's first `--prompt-tokens` tokens, as long as
 the rest (`gptwo detect sample`), under two sampling settings: temperature 1.0, and top-k 40.
-Each set goes through `gptwo detect calibrate` (AUROC, TPR at 1% FPR, ROC plot per setting).
+Each set goes through `gptwo detect calibrate`: AUROC and TPR at 1% FPR of every zero-shot statistic
+(no fitting) and of the supervised classifier, whose figures are out of fold (5-fold cross-validation
+split by source document: no passage of a test document, human or its continuation, is used to fit),
+and a ROC plot per setting. The classifier's lexicon is the model's training split (MODEL/data).
 Prints a table and writes bench/results/detect/{SETTING}/… and bench/results/detect.json.
 
     gptwo quickstart --out runs/qs && python bench/detect.py --model runs/qs --reference runs/qs/checkpoints/step_500
@@ -19,7 +22,10 @@ import time
 
 import torch
 
-from gptwo.detect import DEFAULT_DETECTOR
+from gptwo.detect.calibrate import auroc
+from gptwo.detect.stats import document_scores, token_stats
+from gptwo.weights import load_model
+
 from gptwo.detect.calibrate import calibrate
 from gptwo.detect.sample import sample_set
 from gptwo.fileio import atomic_write
@@ -50,11 +56,22 @@ def main() -> None:
                              seed=args.seed, device="cpu", **sampling)
         report = calibrate(args.model, os.path.join(folder, "human"), os.path.join(folder, "generated"), reference_spec=args.reference, out=os.path.join(folder, "calibration.json"),
                            plot=os.path.join(args.out, f"roc-{name}.png"), device="cpu")
-        results[name] = {"pairs": summary["pairs"], "dropped_short": summary["dropped_short"], "sampling": sampling, "seconds": time.perf_counter() - start,
-                         "statistics": report["statistics"], "plot": report["plot"]}
-    payload = {"model": args.model, "reference": args.reference, "data": data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "detector": DEFAULT_DETECTOR, "settings": results}
+        oracle = oracle_auroc(args.model, folder)
+        results[name] = {"oracle_fast_detectgpt_auroc": oracle, "pairs": summary["pairs"], "dropped_short": summary["dropped_short"], "sampling": sampling, "seconds": time.perf_counter() - start,
+                         "statistics": report["statistics"], "plot": report["plot"], "classifier_evaluation": report["classifier_evaluation"],
+                         "documents": len(set(summary["documents"]))}
+    payload = {"model": args.model, "reference": args.reference, "data": data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "detector": "classifier", "settings": results}
     atomic_write(os.path.join(os.path.dirname(args.out.rstrip("/")) or ".", "detect.json"), (json.dumps(payload, indent=2) + "\n").encode())
     print(table(results))
+
+
+def oracle_auroc(model_spec: str, folder: str) -> float:
+    """Fast-DetectGPT's AUROC when each text is scored on the token ids it was sampled/stored as — not text-only: an oracle."""
+    model, tokenizer = load_model(model_spec, device="cpu")
+    with open(os.path.join(folder, "tokens.json"), encoding="utf-8") as f:
+        ids = json.load(f)
+    score = {kind: [document_scores(token_stats(model, tokenizer, t, top=1))["fast_detectgpt"] for t in ids[kind]] for kind in ("human", "generated")}
+    return auroc(score["generated"], score["human"])
 
 
 def table(results: dict) -> str:
@@ -64,9 +81,18 @@ def table(results: dict) -> str:
     lines = [head, "|" + "---|" * (1 + 2 * len(names))]
     for stat in results[names[0]]["statistics"]:
         cells = [f"{results[n]['statistics'][stat]['auroc']:.3f} | {results[n]['statistics'][stat]['tpr']:.3f}" for n in names]
-        lines.append(f"| {stat}{' (default)' if stat == DEFAULT_DETECTOR else ''} | " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{n}: {results[n]['pairs']} pairs" for n in names)
-    return "\n".join(lines) + f"\n\n{counts}"
+        label = " (detector once calibrated; out-of-fold)" if stat == "classifier" else " (uncalibrated default)" if stat == "fast_detectgpt" else ""
+        lines.append(f"| {stat}{label} | " + " | ".join(cells) + " |")
+    cells = [f"{results[n]['oracle_fast_detectgpt_auroc']:.3f} | –" for n in names]
+    lines.append("| fast_detectgpt on the sampled token ids (oracle, not text-only) | " + " | ".join(cells) + " |")
+    counts = []
+    for n in names:
+        folds = results[n]["classifier_evaluation"]["folds"]
+        train = [f["train"]["human"] + f["train"]["generated"] for f in folds]
+        test = [f["test"]["human"] + f["test"]["generated"] for f in folds]
+        counts.append(f"{n}: {results[n]['pairs']} pairs from {results[n]['documents']} documents; classifier: {len(folds)} folds by document, "
+                      f"fit on {min(train)}-{max(train)} texts, tested on {min(test)}-{max(test)} each")
+    return "\n".join(lines) + "\n\n" + "\n".join(counts)
 
 
 if __name__ == "__main__":

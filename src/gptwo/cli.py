@@ -384,7 +384,7 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 (default: env GPTWO_API_KEY, else none)")
     p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
                    help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), else fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of fp32's weight memory (docs/inference.md)")
 
@@ -583,7 +583,8 @@ def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
     from gptwo.detect.calibrate import calibrate, render_calibration
 
     report = calibrate(args.model, args.human, args.generated, reference_spec=args.reference, detector=args.detector, max_fpr=args.max_fpr,
-                       min_tokens=args.min_tokens, out=args.out, plot=args.plot, stride=args.stride, device=args.device)
+                       min_tokens=args.min_tokens, out=args.out, plot=args.plot, stride=args.stride, device=args.device,
+                       lexicon=None if args.lexicon == "none" else args.lexicon, folds=args.folds)
     print(json.dumps(report) if args.json else render_calibration(report))
     return 0
 
@@ -612,9 +613,10 @@ def add_detect_commands(sub) -> None:
                        + (", or the calibration's)" if min_tokens is None else ")"))
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
 
-    epilog = ("subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the threshold (see 'gptwo detect calibrate --help')\n"
+    epilog = ("subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the detector (see 'gptwo detect calibrate --help')\n"
               "  gptwo detect sample --model M --source DATA --out DIR          write a matched human/generated set\n\n"
-              "The default detector is Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md.")
+              "The detector is the calibrated classifier saved beside the model by 'gptwo detect calibrate' when there is one,\n"
+              "else Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md.")
     sub._parser_class = _RoutingParser  # argparse makes subcommand parsers of this class; no public way to pick it per command
     p = _command(sub, "detect", _cmd_detect, "Was this text written by the model? Per-token probability, rank, entropy; detection scores and a verdict.",
                  epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -627,12 +629,17 @@ def add_detect_commands(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="alternatives kept per token (default 10)")
     p.add_argument("--html", default=None, metavar="OUT", help="write a GLTR-style HTML report: tokens coloured by rank, alternatives on hover, histograms")
 
-    c = _Parser(prog="gptwo detect calibrate", description="AUROC and TPR at a false-positive budget for every statistic; saves the detector's threshold beside the model and a ROC plot.")
+    c = _Parser(prog="gptwo detect calibrate", description="AUROC and TPR at a false-positive budget for every statistic and for a supervised classifier "
+                "(cross-validated by source document); saves the detector and its threshold beside the model, and a ROC plot.")
     c.set_defaults(func=_cmd_detect_calibrate)
     common(c)
     c.add_argument("--human", required=True, help="folder of human-written .txt files (one document each)")
     c.add_argument("--generated", required=True, help="folder of generated .txt files, e.g. from 'gptwo detect sample'")
-    c.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"statistic whose threshold is saved (default {DEFAULT_DETECTOR}; binoculars needs --reference)")
+    c.add_argument("--detector", default="classifier", help="detector saved: classifier (default: logistic regression on the statistics and a lexicon) "
+                   f"or one statistic, e.g. {DEFAULT_DETECTOR} (binoculars needs --reference)")
+    c.add_argument("--lexicon", default="auto", help="training text whose word counts the classifier uses: a prepared data folder (train split) or a folder "
+                   "of .txt files; auto (default) = MODEL/data when present; none = no lexicon features")
+    c.add_argument("--folds", type=int, default=5, help="cross-validation folds, split by source document, for the classifier's AUROC (default 5)")
     c.add_argument("--max-fpr", type=float, default=0.01, help="share of human texts allowed above the threshold (default 0.01)")
     c.add_argument("--out", default=None, help="calibration JSON to write (default: MODEL/detect-calibration.json, which 'gptwo detect' reads)")
     c.add_argument("--plot", default=None, help="ROC plot PNG (default: beside the calibration JSON, *-roc.png)")
@@ -745,19 +752,56 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
     import json
 
     from gptwo.scale.fit import fit_report, format_report, parse_point, read_points
+    from gptwo.scale.method import best_of_plan, plan_largest, prepare
 
-    points = read_points(args.runs, exclude_budgets=args.exclude_budget)
-    every = read_points(args.runs)
+    method = _scale_method(args)
+    queries, budgets = [parse_point(p) for p in args.predict], list(args.budget)
+    if args.best_of:
+        target, shapes, _ = plan_largest(args.best_of, method)
+        queries, budgets = queries + [s for s in shapes if s not in queries], budgets + [target] * (target not in budgets)
+    points = prepare(read_points(args.runs, exclude_budgets=args.exclude_budget), method)
+    every = prepare(read_points(args.runs), method)
     for budget in args.exclude_budget:
         if not any(p.get("budget") and abs(p["budget"] / budget - 1) < 1e-6 for p in every):
             print(f"note: no run has budget {budget:g} (yet); nothing of it to leave out", file=sys.stderr)
-    report = fit_report(points, queries=[parse_point(p) for p in args.predict], budgets=args.budget, bootstrap=args.bootstrap, seed=args.seed)
+    report = fit_report(points, queries=queries, budgets=budgets, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta)
+    if args.best_of:
+        report["best"] = best_of_plan(report, args.best_of, method)
     if args.plot:
         from gptwo.scale.plots import plot_fit
 
         plot_fit(points, report, args.plot, extra=every)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def _cmd_scale_backtest(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.scale.fit import read_points
+    from gptwo.scale.method import backtest, format_backtest
+
+    method = _scale_method(args)
+    rows = backtest(read_points(args.runs), method, first=args.first)
+    print(json.dumps({"method": method.label(), "rows": rows}) if args.json else format_backtest(rows, method))
+    return 0
+
+
+def _scale_method(args: argparse.Namespace):
+    from gptwo.scale.method import Method
+
+    return Method(count=args.count, average_seeds=args.average_seeds, near_min=args.near_min, delta=args.delta, best=args.best)
+
+
+def _scale_method_options(p) -> None:
+    """The fit's method choices, shared by fit and backtest (docs/scaling.md, 'Choosing the method')."""
+    p.add_argument("--count", default="params", choices=("params", "total", "non_embedding"),
+                   help="which parameter count is N: params (default; all but position embeddings), total, or non_embedding (Kaplan's)")
+    p.add_argument("--average-seeds", action="store_true", help="average runs of the same N and D (other seeds) into one point, geometric mean of losses")
+    p.add_argument("--near-min", type=int, default=0, metavar="K", help="fit only each budget's K lowest-loss runs (default 0: all runs)")
+    p.add_argument("--delta", type=float, default=1e-3, help="the Huber loss's delta on log-loss residuals (default 1e-3, the papers')")
+    p.add_argument("--best", default="optimum", choices=("optimum", "shapes"),
+                   help="a budget's predicted best loss: at the fitted compute-optimal N, D (optimum, default) or the lowest over its planned shapes (shapes)")
 
 
 def add_scale_commands(sub) -> None:
@@ -789,6 +833,13 @@ def add_scale_commands(sub) -> None:
                    help="leave a sweep's runs of this budget out of the fit (to predict them; repeatable)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--best-of", default=None, metavar="PLAN", help="predict the best run of this plan's largest budget: each shape's loss and the predicted best (see --best)")
+    _scale_method_options(p)
+    p = _command(ssub, "backtest", _cmd_scale_backtest, "Choose a fit method on runs in hand: fit on the budgets below each budget, predict its best run, report the errors.")
+    p.add_argument("runs", nargs="+", metavar="RUNS", help="sweep folders or JSONL files of runs with budgets (as for fit)")
+    p.add_argument("--first", type=int, default=2, help="the smallest budgets only ever fitted, never predicted (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: the method and one row per predicted budget")
+    _scale_method_options(p)
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -797,7 +848,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
     variants = tuple(v for v in args.variants.split(",") if v)
     report = decode_report(args.model, device=args.device, variants=variants, batch_size=args.batch_size, new_tokens=args.new_tokens,
-                           prompt_tokens=args.prompt_tokens, rounds=args.rounds, threads=args.threads, compile=args.compile, progress=not args.json)
+                           prompt_tokens=args.prompt_tokens, rounds=args.rounds, threads=args.threads, compile=args.compile, progress=not args.json,
+                           llama_cpp=args.llama_cpp, gguf=args.gguf)
     _print_report(report, args.json, render_decode)
     return 0
 
@@ -819,9 +871,13 @@ def _add_bench_decode(bsub) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt, greedy (default 128)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="tokens in each (random) prompt (default 16)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median counts (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama-bench (default: torch's choice)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="none",
                    help="torch.compile the decode step with this mode (reduce-overhead = CUDA graphs; max-autotune-frozen = frozen weights + Inductor's C++ GEMM template, faster for int8 on CPU); default none (eager)")
+    p.add_argument("--llama-cpp", default=None, metavar="PATH",
+                   help="also time llama.cpp in the same rounds: its llama-bench binary or build folder (bench/llamacpp.sh builds one); rows f32, f16, bf16, q8_0")
+    p.add_argument("--gguf", default=None, metavar="DIR",
+                   help="with --llama-cpp: folder of model-{f32,f16,bf16,q8_0}.gguf for the same model (bench/llamacpp.sh); default: convert now with the converter of the binary's source tree")
 
 
 def _add_bench_train(bsub) -> None:
@@ -830,8 +886,33 @@ def _add_bench_train(bsub) -> None:
     add_bench_train_command(bsub, _command)
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from gptwo.bench.serve import render_serve, serve_report
+
+    variants = ("int8",) if args.quantize else (args.dtype,) if args.dtype else tuple(v for v in args.variants.split(",") if v)
+    report = serve_report(args.model, device=args.device, clients=args.clients, tokens=args.tokens, variants=variants, rounds=args.rounds,
+                          threads=args.threads, compare_src=args.compare_src, progress=not args.json)
+    _print_report(report, args.json, render_serve)
+    return 0
+
+
+def _add_bench_serve(bsub) -> None:
+    p = _command(bsub, "serve", _cmd_bench_serve,
+                 "Aggregate tokens/s of `gptwo serve` under concurrent streaming clients vs transformers' batched generate on the same prompts.")
+    _bench_options(p)
+    p.add_argument("--clients", type=int, default=64, help="concurrent streaming clients, one request each per round (default 64)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens each request generates, temperature 1 (default 32)")
+    p.add_argument("--variants", default="fp32,bf16,int8", help="comma-separated server weights to time: fp32, bf16, int8 (default all three)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="time only the server with these weights (shorthand for --variants)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="time only the int8 weight-only server (shorthand for --variants int8)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median counts (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each server and of transformers (default: torch's choice here)")
+    p.add_argument("--compare-src", action="append", default=[], metavar="DIR",
+                   help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same rounds (repeatable)")
+
+
 # Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
-BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train]
+BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train, _add_bench_serve]
 
 
 def add_bench_commands(sub) -> None:

@@ -64,7 +64,7 @@ def test_calibrate_saves_a_threshold_that_detect_then_uses(tmp_path, capsys):
         (tmp_path / "generated" / f"{i}.txt").write_text(tok.decode(greedy[i].tolist()))
     (tmp_path / "human" / "short.txt").write_text("too short")
     code = main(["detect", "calibrate", "--model", model_dir, "--human", str(tmp_path / "human"), "--generated", str(tmp_path / "generated"),
-                 "--min-tokens", "16", "--device", "cpu", "--json"])
+                 "--min-tokens", "16", "--device", "cpu", "--detector", "fast_detectgpt", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["documents"] == {"human": 5, "generated": 5}

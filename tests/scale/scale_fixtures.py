@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import subprocess
@@ -36,3 +37,21 @@ TINY_SHAPES = [(1, 1, 16), (1, 2, 32), (2, 2, 32)]
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `python -m gptwo.cli ARGS` and return the finished process (text output)."""
     return subprocess.run([sys.executable, "-m", "gptwo.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def synthetic_runs(constants: dict, noise: float = 0.005, seed: int = 0) -> list[dict]:
+    """IsoFLOP sweeps at five budgets, 7 shapes each around the optimum, losses with multiplicative noise."""
+    import numpy as np
+
+    from gptwo.scale.fit import predict
+
+    rng = np.random.default_rng(seed)
+    runs = []
+    for budget in (1e18, 3e18, 1e19, 3e19, 1e20):
+        for n in np.geomspace(math.sqrt(budget / 120) / 8, math.sqrt(budget / 120) * 8, 7):
+            d = budget / (6 * n)
+            runs.append({"params": n, "tokens": d, "loss": predict(constants, n, d) * math.exp(rng.normal(0, noise)), "budget": budget, "flops": budget})
+    return runs

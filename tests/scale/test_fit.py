@@ -9,20 +9,7 @@ import pytest
 from gptwo.cli import main
 from gptwo.scale.fit import compute_optimal, fit_report, predict, read_points
 
-from scale_fixtures import cli
-
-HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
-
-
-def synthetic_runs(constants: dict, noise: float = 0.005, seed: int = 0) -> list[dict]:
-    """IsoFLOP sweeps at five budgets, 7 shapes each around the optimum, losses with multiplicative noise."""
-    rng = np.random.default_rng(seed)
-    runs = []
-    for budget in (1e18, 3e18, 1e19, 3e19, 1e20):
-        for n in np.geomspace(math.sqrt(budget / 120) / 8, math.sqrt(budget / 120) * 8, 7):
-            d = budget / (6 * n)
-            runs.append({"params": n, "tokens": d, "loss": predict(constants, n, d) * math.exp(rng.normal(0, noise)), "budget": budget, "flops": budget})
-    return runs
+from scale_fixtures import HOFFMANN, cli, synthetic_runs
 
 
 @pytest.mark.parametrize("constants", [HOFFMANN, dict(E=1.82, A=482.0, B=2085.0, alpha=0.35, beta=0.37)], ids=["hoffmann", "besiroglu"])

@@ -32,6 +32,7 @@ def test_sweep_trains_ordinary_runs_and_records_params_tokens_flops_and_held_out
         assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()  # a model folder, as `gptwo train` leaves
         assert record["loss"] == [r["val_loss"] for r in rows if "val_loss" in r][-1] and rows[-1]["step"] == run["max_steps"]
         assert (record["params"], record["tokens"], record["flops"]) == (run["params"], run["tokens"], run["flops"])
+        assert record["seed"] == run.get("seed", 0)
     assert [p["loss"] for p in read_points([str(tmp_path / "sweep")])] == [r["loss"] for r in records]
 
 

@@ -4,6 +4,8 @@ Every variant decodes the same random prompt greedily for `new_tokens` tokens; t
 turns each round (interleaved) and the median round counts. A memory-read probe runs in the same
 rounds: decoding at batch 1 streams every weight once per token, so bandwidth / weight bytes is
 the ceiling on tokens/s. `token_agreement` is the share of generated tokens equal to transformers'.
+Given `llama_cpp`, llama.cpp's llama-bench takes its turn in the same rounds on GGUF files of the
+same weights (gptwo.bench.llamacpp).
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def bench_model(spec: str | None, device: torch.device) -> GPT:
 
 def decode_report(model: str | None = None, device: str = "auto", variants: tuple[str, ...] = ("fp32", "bf16", "int8"), batch_size: int = 1,
                   new_tokens: int = 128, prompt_tokens: int = 16, rounds: int = 5, threads: int | None = None,
-                  compile: str = "none", progress: bool = True) -> dict:
-    """Median tokens/s of each variant and of transformers in the same run, with the bandwidth ceiling."""
+                  compile: str = "none", progress: bool = True, llama_cpp: str | None = None, gguf: str | None = None) -> dict:
+    """Median tokens/s of each variant and of transformers in the same run, with the bandwidth ceiling (and llama.cpp's, given its build)."""
     from gptwo.infer import Decoder, prepare_model
     from gptwo.weights import resolve_device
 
@@ -74,6 +76,7 @@ def decode_report(model: str | None = None, device: str = "auto", variants: tupl
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
+    llama = llamacpp_anchor(llama_cpp, gguf, model, batch_size, prompt_tokens, new_tokens, progress) if llama_cpp or gguf else None
     base = bench_model(model, dev)
     if prompt_tokens + new_tokens > base.config.block_size:
         raise GptwoError(f"{prompt_tokens} + {new_tokens} tokens exceed the model's context of {base.config.block_size}", "ask for fewer tokens")
@@ -95,6 +98,8 @@ def decode_report(model: str | None = None, device: str = "auto", variants: tupl
             if progress:
                 print(f"warming up {key[0]} {key[1]}", file=sys.stderr)
             tokens[key] = run()[:, prompt_tokens:]
+        if llama:
+            runs.update(warm_llamacpp(llama, progress))
         probe = torch.ones(512 * 2**20 // 4, device=dev)
         runs[("memory", "read")] = probe.sum
         if progress:
@@ -108,10 +113,11 @@ def decode_report(model: str | None = None, device: str = "auto", variants: tupl
         rows.append({"tool": key[0], "dtype": key[1], "tokens_per_s": rate, "ratio_vs_transformers": rate / anchor, "weight_mb": nbytes / 1e6,
                      "ceiling_tokens_per_s": batch_size * bandwidth * 1e9 / nbytes,
                      "token_agreement": (tokens[key] == tokens[("transformers", "fp32")]).float().mean().item()})
+    rows += llama.rows(bandwidth, anchor) if llama else []
     return {"bench": "decode", "device": str(dev), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "model": model or "random GPT-2 124M shape",
             "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "compile": compile,
-            "bandwidth_gb_s": bandwidth, "rows": rows}
+            "bandwidth_gb_s": bandwidth, "rows": rows, "llama_cpp": llama.summary() if llama else None}
 
 
 def render_decode(report: dict) -> str:
@@ -119,4 +125,29 @@ def render_decode(report: dict) -> str:
     where = report["gpu"] or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
     head = (f"decode: {where}; batch {report['batch_size']}, {report['prompt_tokens']}-token prompt + {report['new_tokens']} new tokens greedy, "
             f"median of {report['rounds']} interleaved rounds, compile={report['compile']}; memory read {report['bandwidth_gb_s']:.1f} GB/s")
-    return head + "\n" + render_table(report["rows"], COLUMNS)
+    table = head + "\n" + render_table(report["rows"], COLUMNS)
+    if report.get("llama_cpp"):
+        info = report["llama_cpp"]
+        table += (f"\nllama.cpp: llama-bench build {info['build_number']} ({info['build_commit']}), -pg {report['prompt_tokens']},{report['new_tokens']} "
+                  f"-t {report['threads']}, its own timing; its q8_0 also quantizes activations to 8 bits")
+    return table
+
+
+def llamacpp_anchor(path: str, gguf: str | None, model: str | None, batch_size: int, prompt_tokens: int, new_tokens: int, progress: bool):
+    """llama.cpp's llama-bench as a further anchor, on GGUF files of the same weights (converted now unless `gguf` holds them)."""
+    from gptwo.bench.llamacpp import llamacpp_anchor as anchor
+
+    if not path:
+        raise GptwoError("--gguf names the llama.cpp anchor's files but no llama.cpp was given", "add --llama-cpp PATH (llama-bench or its build folder)")
+    if batch_size != 1:
+        raise GptwoError("the llama.cpp anchor times batch 1 only", "leave --batch-size at 1, or drop --llama-cpp")
+    return anchor(path, gguf, model, prompt_tokens, new_tokens, torch.get_num_threads(), progress)
+
+
+def warm_llamacpp(llama, progress: bool) -> dict:
+    """One llama-bench call per precision before the rounds (page cache; errors surface early), then its runs for the rounds."""
+    for dtype in llama.files:
+        if progress:
+            print(f"warming up llama.cpp {dtype}", file=sys.stderr)
+        llama.time(dtype)
+    return llama.runs()

@@ -4,6 +4,12 @@ AUROC is the probability that a generated text scores above a human one (ties co
 Mann-Whitney statistic). The threshold is chosen for a false-positive budget: the lowest score
 that at most `max_fpr` of the human texts exceed, so people are rarely accused; TPR at that
 threshold is reported beside AUROC. No scikit-learn: these are a few lines of numpy.
+
+Calibration also fits the supervised detector (`detect/classifier.py`) and makes it the saved
+detector. Its AUROC and TPR are measured honestly: by k-fold cross-validation split by source
+document (from the set's `sample.json`, else by file name, so a human passage and the continuation
+of its opening stay together), each document scored by a classifier fit without its fold. The
+saved classifier is then fit on every document; its threshold comes from the out-of-fold human scores.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS
+from gptwo.detect import DEFAULT_MIN_TOKENS
+from gptwo.detect.classifier import Lexicon, cross_validate, document_features, feature_matrix, fit_logistic
 from gptwo.detect.detector import CALIBRATION_FILE, Rule, judge_text, load_models
 from gptwo.detect.stats import DIRECTION
 from gptwo.errors import GptwoError
@@ -115,63 +122,116 @@ def read_folder(folder: str) -> list[tuple[str, str]]:
     return [(path, read_text_file(path)) for path in paths]
 
 
-def score_folder(model, tokenizer, folder: str, rule: Rule, reference=None, stride: int | None = None) -> list[dict[str, float]]:
-    """Statistics of each long-enough document in `folder`; shorter ones are left out with a note."""
-    scores, short = [], 0
+def score_folder(model, tokenizer, folder: str, rule: Rule, reference=None, stride: int | None = None,
+                 lexicon: Lexicon | None = None) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]]]:
+    """(file names, statistics, classifier features) of each long-enough document in `folder`; shorter ones are left out with a note."""
+    names, scores, features, short = [], [], [], 0
     for path, text in read_folder(folder):
         doc = judge_text(model, tokenizer, text, path, rule, reference=reference, stride=stride, top=1)
         if doc.verdict == "too short":
             short += 1
-        else:
-            scores.append(doc.scores)
+            continue
+        names.append(os.path.basename(path))
+        scores.append(doc.scores)
+        features.append(document_features(doc.table, text, lexicon))
     if short:
         print(f"note: {short} document(s) in {folder} have fewer than {rule.min_tokens} tokens and were left out", file=sys.stderr)
     if len(scores) < 2:
         raise GptwoError(f"{folder} has {len(scores)} document(s) of at least {rule.min_tokens} tokens", "give at least two (ideally hundreds) per kind")
-    return scores
+    return names, scores, features
 
 
-def calibrate(model_spec: str, human_dir: str, generated_dir: str, *, reference_spec: str | None = None, detector: str = DEFAULT_DETECTOR,
+def source_groups(folder: str, names: list[str]) -> list:
+    """The source document of each file, from the set's sample.json (written by 'gptwo detect sample'), else the file name itself."""
+    path = os.path.join(os.path.dirname(os.path.normpath(folder)), "sample.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            documents = json.load(f)["documents"]
+        return [int(documents[int(os.path.splitext(name)[0])]) for name in names]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return list(names)
+
+
+def load_lexicon(source: str | None, tokenizer) -> Lexicon | None:
+    """Word counts of training text: a prepared data folder's train split, or a folder of .txt files (None: no lexicon)."""
+    if source is None:
+        return None
+    if os.path.isfile(os.path.join(source, "meta.json")):
+        from gptwo.detect.sample import split_documents
+
+        return Lexicon.from_texts(tokenizer.decode(doc) for doc in split_documents(source, tokenizer, "train"))
+    return Lexicon.from_texts(text for _, text in read_folder(source))
+
+
+def fit_classifier(human_dir: str, generated_dir: str, human: tuple, generated: tuple, folds: int, l2: float) -> tuple:
+    """Out-of-fold classifier logits (added to each document's statistics), the fold sizes, and the classifier fit on everything."""
+    names = list(human[2][0])
+    xh, xg = feature_matrix(human[2], names), feature_matrix(generated[2], names)
+    oof_h, oof_g, sizes = cross_validate(xh, xg, source_groups(human_dir, human[0]), source_groups(generated_dir, generated[0]), names, folds, l2)
+    for row, value in zip(human[1], oof_h):
+        row["classifier"] = float(value)
+    for row, value in zip(generated[1], oof_g):
+        row["classifier"] = float(value)
+    final = fit_logistic(np.concatenate([xh, xg]), np.r_[np.zeros(len(xh)), np.ones(len(xg))], names, l2)
+    return sizes, final
+
+
+def calibrate(model_spec: str, human_dir: str, generated_dir: str, *, reference_spec: str | None = None, detector: str = "classifier",
               max_fpr: float = 0.01, min_tokens: int = DEFAULT_MIN_TOKENS, out: str | None = None, plot: str | None = None,
-              stride: int | None = None, device: str = "auto") -> dict:
-    """Score both folders, report every statistic, save the detector's threshold (JSON) and a ROC plot (PNG)."""
+              stride: int | None = None, device: str = "auto", lexicon: str | None = "auto", folds: int = 5, l2: float = 1e-3) -> dict:
+    """Score both folders, report every statistic and the cross-validated classifier, save the detector (JSON) and a ROC plot (PNG)."""
     if detector not in DIRECTION:
         raise GptwoError(f"unknown detector '{detector}'", f"use one of: {', '.join(DIRECTION)}")
     if detector == "binoculars" and not reference_spec:
         raise GptwoError("the binoculars detector needs a second model", "pass --reference")
     if not 0 <= max_fpr < 1:
         raise GptwoError(f"--max-fpr {max_fpr} is not in [0, 1)", "use e.g. 0.01")
+    if folds < 2:
+        raise GptwoError(f"--folds {folds} must be at least 2", "use e.g. 5")
     if out is None:
         if not os.path.isdir(model_spec):
             raise GptwoError(f"'{model_spec}' is not a local model folder, so the calibration cannot go beside it", "pass --out FILE")
         out = os.path.join(model_spec, CALIBRATION_FILE)
     plot = plot or os.path.splitext(out)[0] + "-roc.png"
     model, tokenizer, reference = load_models(model_spec, reference_spec, device)
+    if lexicon == "auto":  # the model's own prepared data, when it is a gptwo run folder
+        lexicon = os.path.join(model_spec, "data") if os.path.isfile(os.path.join(model_spec, "data", "meta.json")) else None
+    words = load_lexicon(lexicon, tokenizer)
     rule = Rule(min_tokens=min_tokens)
-    human = score_folder(model, tokenizer, human_dir, rule, reference, stride)
-    generated = score_folder(model, tokenizer, generated_dir, rule, reference, stride)
-    stats = evaluate(generated, human, max_fpr)
-    chosen = stats[detector]
-    saved = {"detector": detector, "threshold": chosen["threshold"], "direction": DIRECTION[detector], "min_tokens": min_tokens, "max_fpr": max_fpr,
+    human = score_folder(model, tokenizer, human_dir, rule, reference, stride, words)
+    generated = score_folder(model, tokenizer, generated_dir, rule, reference, stride, words)
+    sizes, classifier = fit_classifier(human_dir, generated_dir, human, generated, folds, l2)
+    stats = evaluate(generated[1], human[1], max_fpr)
+    lexicon_file = os.path.splitext(out)[0] + "-lexicon.json" if words is not None and detector == "classifier" else None
+    saved = {"detector": detector, "threshold": stats[detector]["threshold"], "direction": DIRECTION[detector], "min_tokens": min_tokens, "max_fpr": max_fpr,
              "model": model_spec, "reference": reference_spec, "human": human_dir, "generated": generated_dir,
-             "documents": {"human": len(human), "generated": len(generated)}, "statistics": stats,
+             "documents": {"human": len(human[1]), "generated": len(generated[1])}, "statistics": stats,
+             "classifier_evaluation": {"method": f"{len(sizes)}-fold cross-validation, split by source document", "lexicon": lexicon, "folds": sizes},
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if detector == "classifier":
+        saved.update(classifier=classifier.to_dict(), lexicon=lexicon_file and os.path.basename(lexicon_file))
+        if lexicon_file:
+            atomic_write(lexicon_file, words.to_json().encode())
     atomic_write(out, (json.dumps(saved, indent=2) + "\n").encode())
     curves = {}
     for name in stats:
-        pos, neg = [DIRECTION[name] * s[name] for s in generated], [DIRECTION[name] * s[name] for s in human]
+        pos, neg = [DIRECTION[name] * s[name] for s in generated[1]], [DIRECTION[name] * s[name] for s in human[1]]
         curves[name] = (*roc_curve(pos, neg), stats[name]["auroc"])
-    plot_roc(curves, plot, f"{os.path.basename(os.path.normpath(model_spec))}: {len(human)} human vs {len(generated)} generated")
+    plot_roc(curves, plot, f"{os.path.basename(os.path.normpath(model_spec))}: {len(human[1])} human vs {len(generated[1])} generated")
     return {**saved, "calibration": out, "plot": plot}
 
 
 def render_calibration(report: dict) -> str:
     """The calibration report as a table."""
     fpr = report["max_fpr"]
+    evaluation = report["classifier_evaluation"]
+    test = sum(f["test"]["human"] + f["test"]["generated"] for f in evaluation["folds"])
+    train = [f["train"]["human"] + f["train"]["generated"] for f in evaluation["folds"]]
     lines = [f"{report['documents']['human']} human, {report['documents']['generated']} generated documents", "",
              f"{'statistic':<16} {'AUROC':>7} {f'TPR@{fpr:.0%}FPR':>12} {'threshold':>10}"]
     for name, row in report["statistics"].items():
         mark = "  <- detector" if name == report["detector"] else ("  (inverted: below 0.5)" if row["auroc"] < 0.5 else "")
         lines.append(f"{name:<16} {row['auroc']:>7.4f} {row['tpr']:>12.3f} {row['threshold']:>10.4g}{mark}")
-    lines += ["", f"threshold saved to {report['calibration']}; ROC plot: {report['plot']}"]
+    lines += ["", f"classifier: {evaluation['method']} ({test} documents scored out of fold, each fold fit on {min(train)}-{max(train)}); "
+              f"lexicon: {evaluation['lexicon'] or 'none'}", f"detector saved to {report['calibration']}; ROC plot: {report['plot']}"]
     return "\n".join(lines)

@@ -1,10 +1,12 @@
 """The default detector and its verdict: a statistic, a threshold (calibrated or not), a minimum length.
 
-The default detector is Fast-DetectGPT's analytic statistic with the model itself as sampling and
-scoring model (Bao et al., 2024): one forward pass, no second model. `score` is the statistic with
-the sign that makes larger mean "more likely generated"; a text is `generated` when its score is
-above the threshold. `gptwo detect calibrate` writes the threshold beside the model as
-`detect-calibration.json`; without one, a default threshold is used and the verdict says so.
+Without a calibration the detector is Fast-DetectGPT's analytic statistic with the model itself as
+sampling and scoring model (Bao et al., 2024): one forward pass, no second model. `gptwo detect
+calibrate` fits a supervised detector (`detect/classifier.py`: a logistic regression on the zero-shot
+statistics, rank and likelihood profiles and a lexicon of the training text) and writes it, with its
+threshold, beside the model as `detect-calibration.json`; `detect` then uses it. `score` is the
+detector's value signed so that larger means "more likely generated"; a text is `generated` when
+its score is above the threshold. The verdict names the detector that gave it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+
+from gptwo.detect.classifier import Classifier, Lexicon, document_features
 
 import torch
 
@@ -38,6 +42,8 @@ class Rule:
     min_tokens: int = DEFAULT_MIN_TOKENS
     calibrated: bool = False
     source: str | None = None  # the calibration file, when calibrated
+    classifier: Classifier | None = field(default=None, compare=False)  # detector "classifier": the fitted model
+    lexicon: Lexicon | None = field(default=None, compare=False, repr=False)  # the classifier's word counts, when it uses them
 
     def score(self, scores: dict[str, float]) -> float:
         return DIRECTION[self.detector] * scores[self.detector]
@@ -68,12 +74,22 @@ def load_rule(model_spec: str, calibration: str | None = None, min_tokens: int |
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        rule = Rule(saved["detector"], float(saved["threshold"]), int(saved["min_tokens"]), True, path)
+        classifier, lexicon = _load_classifier(saved, path) if saved["detector"] == "classifier" else (None, None)
+        rule = Rule(saved["detector"], float(saved["threshold"]), int(saved["min_tokens"] if min_tokens is None else min_tokens), True, path, classifier, lexicon)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise GptwoError(f"{path} is not a valid calibration ({type(err).__name__}: {err})", "run 'gptwo detect calibrate' again") from None
     if rule.detector not in DIRECTION:
         raise GptwoError(f"{path} names an unknown detector '{rule.detector}'", "run 'gptwo detect calibrate' again")
-    return rule if min_tokens is None else Rule(rule.detector, rule.threshold, min_tokens, True, path)
+    return rule
+
+
+def _load_classifier(saved: dict, path: str) -> tuple[Classifier, Lexicon | None]:
+    """The saved classifier and, when its features need one, the lexicon file beside the calibration."""
+    classifier = Classifier.from_dict(saved["classifier"])
+    if not saved.get("lexicon"):
+        return classifier, None
+    with open(os.path.join(os.path.dirname(path), saved["lexicon"]), encoding="utf-8") as f:
+        return classifier, Lexicon.from_json(f.read())
 
 
 def token_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
@@ -126,6 +142,8 @@ def judge_tokens(model: torch.nn.Module, tokenizer: Tokenizer, tokens: list[int]
         raise GptwoError("the calibrated detector is binoculars, which needs a second model", "pass --reference (the model used when calibrating)")
     table = token_stats(model, tokenizer, tokens, reference=reference, stride=stride, top=top)
     scores = document_scores(table)
+    if rule.classifier is not None:
+        scores["classifier"] = rule.classifier.score(document_features(table, tokenizer.decode(tokens), rule.lexicon))
     score = rule.score(scores)
     return Document(name, table, scores, score, rule.verdict(score, len(table)), rule, token_texts(tokenizer, table.tokens))
 

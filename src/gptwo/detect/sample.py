@@ -21,15 +21,15 @@ from gptwo.fileio import atomic_write
 from gptwo.tokenizer import Tokenizer
 
 
-def val_documents(data_dir: str, tokenizer: Tokenizer) -> list[list[int]]:
-    """The token ids of each validation document of a prepared data folder (split at <|endoftext|>)."""
+def split_documents(data_dir: str, tokenizer: Tokenizer, split: str = "val") -> list[list[int]]:
+    """The token ids of each document of one split of a prepared data folder (split at <|endoftext|>)."""
     from gptwo.data.loader import read_meta
     from gptwo.data.shards import read_shard
 
     meta = read_meta(data_dir)
     if meta.get("tokenizer") != tokenizer.identity:
         raise GptwoError(f"{data_dir} was prepared with another tokenizer than the model's", "sample from the data the model was trained on, or pass .txt files")
-    shards = [read_shard(os.path.join(data_dir, shard["file"] if isinstance(shard, dict) else shard)) for shard in meta["splits"]["val"]["shards"]]
+    shards = [read_shard(os.path.join(data_dir, shard["file"] if isinstance(shard, dict) else shard)) for shard in meta["splits"][split]["shards"]]
     tokens = np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
     documents, start = [], 0
     for end in np.flatnonzero(tokens == tokenizer.eot_token).tolist() + [len(tokens)]:
@@ -42,18 +42,18 @@ def val_documents(data_dir: str, tokenizer: Tokenizer) -> list[list[int]]:
 def source_documents(source: str, tokenizer: Tokenizer) -> list[list[int]]:
     """Documents as token ids: a prepared data folder's val split, or every .txt file of a folder."""
     if os.path.isfile(os.path.join(source, "meta.json")):
-        return val_documents(source, tokenizer)
+        return split_documents(source, tokenizer)
     from gptwo.detect.calibrate import read_folder
 
     return [tokenizer.encode_ordinary(text) for _, text in read_folder(source)]
 
 
-def passages(documents: list[list[int]], length: int, per_document: int = 1) -> list[list[int]]:
-    """Non-overlapping passages of `length` tokens from each document (up to `per_document`; 0 = all)."""
+def passages(documents: list[list[int]], length: int, per_document: int = 1) -> list[tuple[int, list[int]]]:
+    """(document index, passage): non-overlapping passages of `length` tokens from each document (up to `per_document`; 0 = all)."""
     out = []
-    for tokens in documents:
+    for d, tokens in enumerate(documents):
         count = len(tokens) // length if per_document == 0 else min(per_document, len(tokens) // length)
-        out += [tokens[i * length : (i + 1) * length] for i in range(count)]
+        out += [(d, tokens[i * length : (i + 1) * length]) for i in range(count)]
     return out
 
 
@@ -83,7 +83,7 @@ def continue_passages(model: torch.nn.Module, tokenizer: Tokenizer, human: list[
 def sample_set(model_spec: str, source: str, out_dir: str, *, prompt_tokens: int = 16, new_tokens: int = 128, per_document: int = 1,
                limit: int | None = None, min_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                seed: int = 0, device: str = "auto") -> dict:
-    """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs) and OUT/sample.json; return the summary."""
+    """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the ids); return the summary."""
     from gptwo.generate import check_sampling
     from gptwo.weights import load_model
 
@@ -94,14 +94,18 @@ def sample_set(model_spec: str, source: str, out_dir: str, *, prompt_tokens: int
     chosen = passages(source_documents(source, tokenizer), prompt_tokens + new_tokens, per_document)[:limit]
     if not chosen:
         raise GptwoError(f"no document in {source} has {prompt_tokens + new_tokens} tokens", "use shorter --prompt-tokens/--new-tokens or longer documents")
-    pairs = [p for p in continue_passages(model, tokenizer, chosen, prompt_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-             if len(p[0]) >= min_tokens]
+    continued = continue_passages(model, tokenizer, [p for _, p in chosen], prompt_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    kept = [(d, pair) for (d, _), pair in zip(chosen, continued) if len(pair[0]) >= min_tokens]
+    pairs = [pair for _, pair in kept]
     for i, (human, generated) in enumerate(pairs):
         atomic_write(os.path.join(out_dir, "human", f"{i:05d}.txt"), tokenizer.decode(human).encode())
         atomic_write(os.path.join(out_dir, "generated", f"{i:05d}.txt"), tokenizer.decode(generated).encode())
     summary = {"model": model_spec, "source": source, "pairs": len(pairs), "dropped_short": len(chosen) - len(pairs), "prompt_tokens": prompt_tokens,
-               "new_tokens": new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+               "new_tokens": new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+               "documents": [d for d, _ in kept]}  # the source document of pair i: calibration's cross-validation keeps each document in one fold
     atomic_write(os.path.join(out_dir, "sample.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    # the token ids as sampled: a sampled text often re-encodes to other tokens (non-canonical splits); for oracle comparisons only
+    atomic_write(os.path.join(out_dir, "tokens.json"), (json.dumps({"human": [h for h, _ in pairs], "generated": [g for _, g in pairs]}) + "\n").encode())
     if summary["dropped_short"]:
         print(f"note: {summary['dropped_short']} continuation(s) ended before {min_tokens} tokens and were left out", file=sys.stderr)
     return summary

@@ -35,6 +35,7 @@ DIRECTION = {
     "gltr_rest": -1,
     "fast_detectgpt": 1,
     "binoculars": -1,
+    "classifier": 1,  # the calibrated supervised detector's logit (detect/classifier.py)
 }
 
 

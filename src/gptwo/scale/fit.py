@@ -73,9 +73,9 @@ def parse_point(text: str) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- the fit
-def _huber(residual: np.ndarray) -> np.ndarray:
-    small = np.abs(residual) <= DELTA
-    return np.where(small, 0.5 * residual**2, DELTA * (np.abs(residual) - 0.5 * DELTA))
+def _huber(residual: np.ndarray, delta: float = DELTA) -> np.ndarray:
+    small = np.abs(residual) <= delta
+    return np.where(small, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta))
 
 
 def _log_model(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,25 +88,25 @@ def _log_model(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> tuple
     return top + np.log(total), weights / total
 
 
-def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray) -> tuple[float, np.ndarray]:
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray, delta: float = DELTA) -> tuple[float, np.ndarray]:
     """Summed Huber loss of log-space residuals and its gradient in (a, b, e, α, β)."""
     model, weights = _log_model(theta, log_n, log_d)
     residual = model - log_loss
-    slope = np.where(np.abs(residual) <= DELTA, residual, DELTA * np.sign(residual))
+    slope = np.where(np.abs(residual) <= delta, residual, delta * np.sign(residual))
     grad = np.array([(slope * weights[0]).sum(), (slope * weights[1]).sum(), (slope * weights[2]).sum(),
                      -(slope * weights[0] * log_n).sum(), -(slope * weights[1] * log_d).sum()])
-    return float(_huber(residual).sum()), grad
+    return float(_huber(residual, delta).sum()), grad
 
 
-def grid_starts(data: tuple[np.ndarray, ...], count: int = STARTS) -> list[np.ndarray]:
+def grid_starts(data: tuple[np.ndarray, ...], count: int = STARTS, delta: float = DELTA) -> list[np.ndarray]:
     """The `count` best points of the starting grid by the objective (scored all at once)."""
     grid = np.array([[a, b, e, alpha, beta] for alpha, beta, e, a, b in itertools.product(*GRID.values())])
     log_n, log_d, log_loss = data
-    values = _huber(_log_model(grid, log_n, log_d)[0] - log_loss).sum(axis=-1)
+    values = _huber(_log_model(grid, log_n, log_d)[0] - log_loss, delta).sum(axis=-1)
     return list(grid[np.argsort(values)[:count]])
 
 
-def _minimise(starts: list[np.ndarray], data: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[tuple[float, np.ndarray]]]:
+def _minimise(starts: list[np.ndarray], data: tuple[np.ndarray, ...], delta: float = DELTA) -> tuple[np.ndarray, list[tuple[float, np.ndarray]]]:
     """L-BFGS from each start; the best optimum and all (value, θ) found, best first.
 
     BLAS runs on one thread: L-BFGS-B's small matrix steps are 20x slower with threads waiting on busy cores.
@@ -118,7 +118,7 @@ def _minimise(starts: list[np.ndarray], data: tuple[np.ndarray, ...]) -> tuple[n
     found = []
     with threadpool_limits(1):
         for start in starts:
-            result = minimize(_objective, start, args=data, jac=True, method="L-BFGS-B", bounds=BOUNDS, options={"maxiter": 500, "gtol": 1e-10, "ftol": 1e-13})
+            result = minimize(_objective, start, args=(*data, delta), jac=True, method="L-BFGS-B", bounds=BOUNDS, options={"maxiter": 500, "gtol": 1e-10, "ftol": 1e-13})
             if np.all(np.isfinite(result.x)):
                 found.append((float(result.fun), result.x))
     if not found:
@@ -131,10 +131,10 @@ def _arrays(points: list[dict]) -> tuple[np.ndarray, ...]:
     return (np.log([p["params"] for p in points]), np.log([p["tokens"] for p in points]), np.log([p["loss"] for p in points]))
 
 
-def fit_constants(points: list[dict], starts: list[np.ndarray] | None = None) -> dict:
-    """E, A, B, alpha, beta fitted to runs (Huber δ=1e-3 on log loss, L-BFGS from the grid's best points or the given starts)."""
+def fit_constants(points: list[dict], starts: list[np.ndarray] | None = None, delta: float = DELTA, count: int = STARTS) -> dict:
+    """E, A, B, alpha, beta fitted to runs (Huber δ on log loss, L-BFGS from the grid's `count` best points or the given starts)."""
     data = _arrays(points)
-    best, found = _minimise(starts or grid_starts(data), data)
+    best, found = _minimise(starts or grid_starts(data, count, delta), data, delta)
     return {**_constants(best), "objective": found[0][0], "_theta": best, "_found": found}
 
 
@@ -197,16 +197,19 @@ def isoflop_exponents(minima: list[dict]) -> dict | None:
 
 
 # ---------------------------------------------------------------- the report
-def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budgets: list[float] = (), bootstrap: int = 200, seed: int = 0) -> dict:
+def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budgets: list[float] = (), bootstrap: int = 200, seed: int = 0,
+               delta: float = DELTA) -> dict:
     """Constants, bootstrap intervals, compute-optimal allocations, IsoFLOP minima and predictions (one JSON-able dict)."""
     if len(points) < 5:
         raise GptwoError(f"{len(points)} runs to fit; L(N, D) has five constants", "train at least 5 runs (better 12 or more, over 3 budgets or more)")
-    fit = fit_constants(points)
+    if not delta > 0:
+        raise GptwoError(f"Huber delta {delta} must be positive", "use e.g. --delta 1e-3 (the papers') or 1e-2")
+    fit = fit_constants(points, delta=delta)
     constants = {k: fit[k] for k in ("E", "A", "B", "alpha", "beta")}
-    samples = _bootstrap(points, fit, bootstrap, seed)
+    samples = _bootstrap(points, fit, bootstrap, seed, delta)
     minima = isoflop_minima(points)
     budgets = list(budgets) or sorted({p["budget"] for p in points if p.get("budget")})[-1:]
-    report = {**constants, "objective": fit["objective"], "runs": len(points), "delta": DELTA,
+    report = {**constants, "objective": fit["objective"], "runs": len(points), "delta": delta,
               "formula": "L(N, D) = E + A/N^alpha + B/D^beta; C = 6*N*D", **optimal_exponents(constants),
               "intervals": _intervals(samples, budgets), "bootstrap": len(samples),
               "optimal": [compute_optimal(constants, c) for c in budgets],
@@ -220,7 +223,7 @@ def _predicted(constants: dict, point: dict) -> float:
     return predict(constants, point["params"], point["tokens"])
 
 
-def _bootstrap(points: list[dict], fit: dict, rounds: int, seed: int) -> list[dict]:
+def _bootstrap(points: list[dict], fit: dict, rounds: int, seed: int, delta: float = DELTA) -> list[dict]:
     """Refits on runs resampled with replacement, each from the full fit's optimum and the grid's best point (not the whole grid: time)."""
     rng = np.random.default_rng(seed)
     starts = [fit["_theta"]]
@@ -228,7 +231,7 @@ def _bootstrap(points: list[dict], fit: dict, rounds: int, seed: int) -> list[di
     for _ in range(rounds):
         chosen = [points[i] for i in rng.integers(0, len(points), len(points))]
         data = _arrays(chosen)
-        best, _ = _minimise(starts + grid_starts(data, 1), data)
+        best, _ = _minimise(starts + grid_starts(data, 1, delta), data, delta)
         samples.append(_constants(best))
     return samples
 
@@ -242,6 +245,7 @@ def _intervals(samples: list[dict], budgets: list[float]) -> dict:
     for c in budgets:
         series[f"params_opt@{c:g}"] = [compute_optimal(s, c)["params"] for s in samples]
         series[f"tokens_opt@{c:g}"] = [compute_optimal(s, c)["tokens"] for s in samples]
+        series[f"loss_opt@{c:g}"] = [compute_optimal(s, c)["loss"] for s in samples]
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in series.items()}
 
 
@@ -270,6 +274,11 @@ def format_report(report: dict) -> str:
         lines.append(f"  at C={o['flops']:.3g}: N_opt={o['params']:.3g}" + (f" [{n_span[0]:.3g}, {n_span[1]:.3g}]" if n_span else "")
                      + f", D_opt={o['tokens']:.3g}" + (f" [{d_span[0]:.3g}, {d_span[1]:.3g}]" if d_span else "")
                      + f" ({o['tokens_per_param']:.1f} tokens/param), loss {o['loss']:.4f}")
+    if "best" in report:
+        best = report["best"]
+        span = f" [{best['interval'][0]:.4f}, {best['interval'][1]:.4f}]" if best.get("interval") else ""
+        lines.append(f"  predicted best run at C={best['budget']:.3g}: loss {best['loss']:.4f}{span} ({best['method'].split('best=')[-1]}); "
+                     f"lowest predicted shape {', '.join(best['best_shape'])}")
     lines += [f"  IsoFLOP minimum at C={m['budget']:.3g}: N={m['params']:.3g}, D={m['tokens']:.3g}, loss {m['loss']:.4f}"
               + ("" if m["inside"] else " (outside the runs' N: extrapolated)") for m in report["isoflop"]]
     if report["isoflop_exponents"]:

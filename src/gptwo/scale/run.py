@@ -58,7 +58,7 @@ def _job(plan: dict, run: dict, data_dir: str, out_dir: str, threads: int, vocab
     record = {"name": run["name"], "budget": run.get("budget"), "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
               "params": counts.params, "params_total": counts.total, "params_non_embedding": counts.non_embedding, "tokens": tokens,
               "flops": run_flops(counts.params, tokens), "flops_attention": 12.0 * config.n_layer * config.n_embd * config.block_size * tokens,
-              "steps": config.max_steps}
+              "steps": config.max_steps, "seed": config.seed}
     return {"name": run["name"], "data_dir": data_dir, "run_dir": os.path.join(out_dir, "runs", run["name"]), "batch_tokens": config.batch_size * config.block_size,
             "overrides": [f"{k}={v}" for k, v in settings.items()], "record": record}
 
