@@ -384,7 +384,7 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 (default: env GPTWO_API_KEY, else none)")
     p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
                    help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype (default auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), else fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of fp32's weight memory (docs/inference.md)")
 
@@ -892,8 +892,33 @@ def _add_bench_train(bsub) -> None:
     add_bench_train_command(bsub, _command)
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from gptwo.bench.serve import render_serve, serve_report
+
+    variants = ("int8",) if args.quantize else (args.dtype,) if args.dtype else tuple(v for v in args.variants.split(",") if v)
+    report = serve_report(args.model, device=args.device, clients=args.clients, tokens=args.tokens, variants=variants, rounds=args.rounds,
+                          threads=args.threads, compare_src=args.compare_src, progress=not args.json)
+    _print_report(report, args.json, render_serve)
+    return 0
+
+
+def _add_bench_serve(bsub) -> None:
+    p = _command(bsub, "serve", _cmd_bench_serve,
+                 "Aggregate tokens/s of `gptwo serve` under concurrent streaming clients vs transformers' batched generate on the same prompts.")
+    _bench_options(p)
+    p.add_argument("--clients", type=int, default=64, help="concurrent streaming clients, one request each per round (default 64)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens each request generates, temperature 1 (default 32)")
+    p.add_argument("--variants", default="fp32,bf16,int8", help="comma-separated server weights to time: fp32, bf16, int8 (default all three)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="time only the server with these weights (shorthand for --variants)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="time only the int8 weight-only server (shorthand for --variants int8)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median counts (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each server and of transformers (default: torch's choice here)")
+    p.add_argument("--compare-src", action="append", default=[], metavar="DIR",
+                   help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same rounds (repeatable)")
+
+
 # Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
-BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train]
+BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train, _add_bench_serve]
 
 
 def add_bench_commands(sub) -> None:

@@ -57,6 +57,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
+def _native_step(model: GPT, idx: torch.Tensor, valid: torch.Tensor | None):
+    """gptwo.infer's whole-step C kernel for one unpadded prompt on a model prepared with native linears, else None."""
+    if idx.shape[0] != 1 or not getattr(model, "inference_prepared", None) or (valid is not None and not bool(valid.all())):
+        return None
+    from gptwo.infer.native import NativeStep
+
+    if not NativeStep.supports(model):
+        return None
+    return NativeStep(model, model.config.block_size)
+
+
 def generate_tokens(
     model: GPT,
     idx: torch.Tensor,
@@ -82,8 +93,13 @@ def generate_tokens(
         raise GptwoError("a prompt ends in padding", "left-pad prompts (valid=False before the text, never after)")
     cache: KVCache | None = None
     pending = 0  # tokens at the end of `seq` not yet in the cache
+    native = _native_step(model, idx, valid) if use_cache else None
     for _ in range(max_new_tokens):
-        if not use_cache:
+        if native is not None:  # one C call per token; the cache slides as below
+            restart = native.length is None or native.length + pending > block
+            keep = (seq.shape[1] if seq.shape[1] < block else block * 3 // 4) if restart else pending
+            logits = native(seq[:, -keep:], 0 if restart else native.length)
+        elif not use_cache:
             logits = model(seq[:, -block:], valid=seq_valid[:, -block:], last_only=True)[:, -1]
         else:
             if cache is None or cache.length + pending > block:

@@ -12,7 +12,8 @@ from gptwo import GPT
 from gptwo.cli import main
 from gptwo.errors import GptwoError
 from gptwo.infer import Decoder, prepare_model
-from gptwo.infer.linear import Int8Linear, TransposedLinear, quantize_int8
+from gptwo.infer import native
+from gptwo.infer.linear import Int8Linear, NativeLinear, TransposedLinear, quantize_int8
 
 from infer_fixtures import perplexity, train_small_model
 
@@ -62,7 +63,7 @@ def test_quantized_weights_round_trip_within_half_a_step():
 def test_from_pretrained_quantize_int8_swaps_every_linear_and_keeps_the_head_tied(trained):
     directory, model, _, _, windows = trained
     quantized = GPT.from_pretrained(directory, quantize="int8")
-    linears = [m for m in quantized.modules() if isinstance(m, Int8Linear)]
+    linears = [m for m in quantized.modules() if isinstance(m, Int8Linear) or (isinstance(m, NativeLinear) and m.w.dtype == torch.int8)]
     assert len(linears) == 4 * model.config.n_layer + 1
     assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
     assert quantized.lm_head.weight is quantized.transformer.wte.weight
@@ -70,10 +71,10 @@ def test_from_pretrained_quantize_int8_swaps_every_linear_and_keeps_the_head_tie
     torch.testing.assert_close(quantized(windows[:2]), expected)
 
 
-def test_fp32_preparation_transposes_and_keeps_logits(trained):
+def test_fp32_preparation_re_lays_the_linears_and_keeps_logits(trained):
     _, model, _, _, windows = trained
     prepared = prepare_model(copy.deepcopy(model), dtype="fp32")
-    assert isinstance(prepared.lm_head, TransposedLinear)
+    assert isinstance(prepared.lm_head, NativeLinear if native.library() else TransposedLinear)
     torch.testing.assert_close(prepared(windows[:2]), model(windows[:2]), rtol=1e-4, atol=1e-4)
 
 

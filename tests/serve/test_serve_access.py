@@ -101,9 +101,17 @@ def test_origins_are_parsed_and_checked():
             parse_origins([bad])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
+    import gptwo.train.speed
+
+    monkeypatch.setattr(gptwo.train.speed, "native_bf16", lambda: native)
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice is never overridden
+
+
 def test_dtype_option(model_dir):
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == torch.float32
     assert [resolve_dtype(name, cpu) for name in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16, torch.float16]
     with pytest.raises(GptwoError, match="unknown dtype"):
         resolve_dtype("fp8", cpu)

@@ -67,6 +67,7 @@ def test_models_health_and_openapi(live, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     status, health = get(live[0].url + "/health")
     assert status == 200 and health["status"] == "ok" and health["model"] == "tiny"
+    assert health["dtype"] == "fp32" and health["quantize"] is None
     status, schema = get(live[0].url + "/openapi.json")
     assert status == 200 and "/v1/completions" in schema["paths"] and "CompletionRequest" in schema["components"]["schemas"]
 

@@ -60,6 +60,33 @@ def test_rows_that_join_and_leave_see_only_their_own_tokens():
     assert pool.length <= model.config.block_size and pool.length == max(pool.spans)
 
 
+@torch.no_grad()
+def test_rows_prefilled_together_join_at_once_and_see_only_their_own_tokens():
+    """add_rows: left-padded prompts of different lengths, longer and shorter than the running row, join in one copy."""
+    from gptwo.generate import pad_left
+
+    model = tiny_model(block_size=40, vocab_size=512)
+    pool = PooledCache(model.config, torch.device("cpu"), torch.float32)
+    seqs = {"a": [5, 6, 7, 8, 9]}
+    prefill(model, pool, seqs["a"])
+    pool.decode(model, torch.tensor([10]))
+    seqs["a"].append(10)
+    joining = {"b": list(range(100, 109)), "c": [200, 201], "d": [300, 301, 302, 303, 304, 305]}
+    ids, valid = pad_left(list(joining.values()), 0, torch.device("cpu"))
+    cache = KVCache(model.config, len(joining), ids.shape[1])
+    logits = model(ids, cache=cache, valid=valid)[:, -1]
+    for row, tokens in enumerate(joining.values()):
+        torch.testing.assert_close(logits[row], next_logits(model, tokens), atol=1e-4, rtol=0)
+    pool.add_rows(cache.k, cache.v, [len(t) for t in joining.values()])
+    seqs.update(joining)
+    assert pool.rows == 4 and pool.spans == [6, 9, 2, 6] and pool.length == 9
+    for token in (20, 21, 22):
+        out = pool.decode(model, torch.tensor([token] * 4))
+        for row, name in enumerate(seqs):
+            seqs[name].append(token)
+            torch.testing.assert_close(out[row], next_logits(model, seqs[name]), atol=1e-4, rtol=0)
+
+
 def test_engine_refuses_what_it_cannot_run_and_bounds_its_queue():
     engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=2, max_queue=3)  # never started: nothing leaves the queue
 
@@ -104,6 +131,28 @@ def test_engine_step_failure_fails_requests_but_keeps_running():
         engine.stop()
     assert failed[-1].finish_reason == "error" and "boom" in failed[-1].error
     assert fine[-1].finish_reason == "length" and sum(len(u.tokens) for u in fine) == 3
+
+
+def test_first_tokens_are_handed_out_before_the_next_decode_step():
+    engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2())
+    pending_at_decode = []
+    decode = engine.pool.decode
+    engine.pool.decode = lambda *a, **k: (pending_at_decode.append(len(engine._outbox)), decode(*a, **k))[1]
+
+    async def run():
+        job = engine.submit([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0))
+        updates = []
+        while sum(u.finish_reason is not None for u in updates) < 2:
+            updates.append(await job.queue.get())
+        return updates
+
+    engine.start()
+    try:
+        updates = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert sum(len(u.tokens) for u in updates) == 6
+    assert pending_at_decode and pending_at_decode[0] == 0  # the prefill's tokens were already on their way
 
 
 def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():

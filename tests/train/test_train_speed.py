@@ -7,6 +7,7 @@ import pytest
 from gptwo.errors import GptwoError
 from gptwo.train.checkpoint import list_checkpoints, read_trainer_state
 from gptwo.train.loop import run_training
+from gptwo.train.speed import onednn_available
 
 from test_train_errors import one_line_error
 from train_fixtures import TINY, cli, tiny_data, train_losses
@@ -62,3 +63,58 @@ def test_divergence_between_log_steps_names_the_exact_step(tmp_path):
 def test_max_time_must_not_be_negative():
     with pytest.raises(GptwoError, match="max_time"):
         run_training(tiny_data(), "unused", overrides=TINY + ["max_time=-1"], progress=False)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_onednn_linears_give_torchs_loss_and_gradients(compiled):
+    import torch
+
+    from gptwo.config import GPTConfig, TrainConfig
+    from gptwo.model import GPT
+    from gptwo.train.loop import loss_fn
+    from gptwo.train.speed import compiled_loss, use_onednn_linears
+
+    config = GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    plain, fast = GPT(config), GPT(config)
+    fast.load_state_dict(plain.state_dict())
+    assert use_onednn_linears(fast, TrainConfig(dtype="float32"), torch.device("cpu"))
+    assert not use_onednn_linears(GPT(config), TrainConfig(dtype="bfloat16"), torch.device("cpu"))  # bf16: autocast's own kernels
+    tokens = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    expected = loss_fn(plain, x, y)
+    expected.backward()
+    got = (compiled_loss(loss_fn) if compiled else loss_fn)(fast, x, y)
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6), name
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():  # generation's shapes (a KV cache, one position) go through the same linears
+        assert torch.allclose(fast(x[:, :5])[:, -1], plain(x[:, :5])[:, -1], atol=1e-5)
+
+
+def test_compiled_bf16_step_with_matmul_attention_follows_eager_fused_attention():
+    import torch
+
+    from gptwo.config import GPTConfig, TrainConfig
+    from gptwo.model import GPT
+    from gptwo.train.loop import loss_fn
+    from gptwo.train.speed import autocast, compiled_loss, math_attention
+
+    config, device = TrainConfig(dtype="bfloat16"), torch.device("cpu")
+    assert math_attention(config, device) and not math_attention(TrainConfig(dtype="float32"), device)
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    compiled = GPT(eager.config)
+    compiled.load_state_dict(eager.state_dict())
+    tokens = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(2))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with autocast(config, device):
+        expected, got = loss_fn(eager, x, y), compiled_loss(loss_fn, matmul_attention=True)(compiled, x, y)
+    expected.backward()
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), abs=0.02)  # bf16 rounding, differently ordered
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=0.1, atol=2e-3), name

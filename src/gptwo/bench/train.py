@@ -1,9 +1,11 @@
 """`gptwo bench train`: training tokens/s and MFU of gptwo's step vs transformers' GPT2LMHeadModel.
 
-Both models get the same shape, the same random tokens, the same AdamW and autocast; gptwo's step
-is the one `gptwo train` runs (`gptwo.train.speed`), and transformers is compiled too where the
-device is CUDA. The models take turns (interleaved rounds) and each one's median round counts, so
-a machine that speeds up or slows down hits both alike.
+Both models get the same shape, the same random tokens and targets, the same AdamW and autocast.
+gptwo's step is the one `gptwo train` runs (`gptwo.train.speed`), in its default precision for the
+device and in float32; transformers runs in the same precisions, eager and compiled (compiled only
+on CUDA), with the loss computed inside its forward as its users train it. The anchor is
+transformers' fastest row. Everything takes turns (interleaved rounds) and each row's median round
+counts, so a machine that speeds up or slows down hits all alike.
 
 FLOPs per token = 6·N + 12·L·C·T (N parameters without position embeddings, L layers, C width,
 T context; PaLM, Chowdhery et al. 2022, appendix B); MFU = achieved FLOP/s over the device's peak.
@@ -36,11 +38,12 @@ WORKLOADS = {
 
 @dataclasses.dataclass
 class Contender:
-    """One model under test with its optimizer and a function running one training step."""
+    """One model under test, in one precision and compile mode, with a function running one training step."""
 
     name: str
-    step: object
+    dtype: str
     compiled: bool
+    step: object
     rounds: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -71,9 +74,8 @@ def bench_train(preset: str = "cpu", device: str = "auto", batch_size: int | Non
         torch.backends.cudnn.allow_tf32 = True
     tokens = torch.randint(0, model_config.vocab_size, (batch, model_config.block_size + 1), generator=torch.Generator().manual_seed(0)).to(dev)
     torch.manual_seed(0)
-    ours = _gptwo_model(model_config)
-    n_params = ours.num_params()
-    contenders = [_contender("gptwo", ours, train_config, dev, tokens, hf=False), _contender("transformers", _hf_model(model_config), train_config, dev, tokens, hf=True)]
+    n_params = _gptwo_model(model_config).num_params()
+    contenders = _contenders(model_config, train_config, dev, tokens)
     for contender in contenders:
         for _ in range(warmup):
             contender.step()
@@ -82,22 +84,68 @@ def bench_train(preset: str = "cpu", device: str = "auto", batch_size: int | Non
         for contender in contenders:
             contender.rounds.append(_timed(contender.step, steps, dev))
     per_token = flops_per_token(model_config, n_params, model_config.block_size)
-    peak = peak_flops or device_peak(dev)
-    anchor = batch * model_config.block_size / statistics.median(contenders[1].rounds)
-    rows = []
-    for contender in contenders:
-        seconds = statistics.median(contender.rounds)
-        tokens_per_s = batch * model_config.block_size / seconds
-        rows.append({"name": contender.name, "compiled": contender.compiled, "tokens_per_s": tokens_per_s, "s_per_step": seconds,
-                     "tflops": tokens_per_s * per_token / 1e12, "mfu": tokens_per_s * per_token / peak if peak else None,
-                     "vs_transformers": tokens_per_s / anchor})
-    from gptwo.train.speed import use_bf16
-
+    rows = _rows(contenders, batch * model_config.block_size, per_token, peak_flops or device_peak(dev))
+    anchor = next(row for row in rows if row["anchor"])
+    fp32 = [row for row in rows if row["dtype"] == "float32"]
+    ours_fp32 = next((row for row in fp32 if row["name"] == "gptwo"), None)
+    theirs_fp32 = max((row["tokens_per_s"] for row in fp32 if row["name"] == "transformers"), default=None)
     return {"bench": "train", "preset": preset, "device": _device_name(dev), "threads": torch.get_num_threads() if dev.type == "cpu" else None,
             "torch": torch.__version__, "transformers": _transformers_version(), "shape": model_config.to_dict(), "batch_size": batch,
-            "tokens_per_step": batch * model_config.block_size, "dtype": "bfloat16" if use_bf16(train_config, dev) else "float32",
-            "n_params": n_params, "flops_per_token": per_token, "flop_formula": FLOP_FORMULA, "peak_flops": peak or None,
-            "steps": steps, "rounds": rounds, "rows": rows, "ratio": rows[0]["tokens_per_s"] / anchor}
+            "tokens_per_step": batch * model_config.block_size, "dtype": rows[0]["dtype"],
+            "n_params": n_params, "flops_per_token": per_token, "flop_formula": FLOP_FORMULA, "peak_flops": peak_flops or device_peak(dev) or None,
+            "steps": steps, "rounds": rounds, "rows": rows, "ratio": rows[0]["vs_transformers"],
+            "anchor": {key: anchor[key] for key in ("name", "dtype", "compiled")},
+            "ratio_float32": ours_fp32["tokens_per_s"] / theirs_fp32 if ours_fp32 and theirs_fp32 else None}
+
+
+def bench_dtypes(dtype: str, device: torch.device) -> list[str]:
+    """The precisions measured: the one asked for, or (auto) gptwo's default first, then float32 on a CPU.
+
+    gptwo's default is bf16 autocast on CUDA and on a CPU with native bf16 matmuls (as the quickstart
+    trains there), float32 on other CPUs.
+    """
+    from gptwo.train.speed import native_bf16
+
+    if dtype != "auto":
+        return [dtype]
+    if device.type == "cuda":
+        return ["bfloat16"]
+    return ["bfloat16", "float32"] if native_bf16() else ["float32"]
+
+
+def _contenders(model_config: GPTConfig, train_config: TrainConfig, device: torch.device, tokens: torch.Tensor) -> list[Contender]:
+    """gptwo's step per precision, then transformers' per precision, eager and compiled (its best is the anchor).
+
+    On CUDA transformers runs compiled only (eager is far behind there); with --compile false nothing compiles.
+    """
+    import torch
+
+    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, compile_enabled
+
+    contenders = []
+    dtypes = bench_dtypes(train_config.dtype, device)
+    may_compile = compile_enabled(train_config, device, CPU_COMPILE_MIN_STEPS)
+    hf_modes = [True] if device.type == "cuda" and may_compile else [False, True] if may_compile else [False]
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        contenders.append(_contender("gptwo", _gptwo_model(model_config), dataclasses.replace(train_config, dtype=dtype), device, tokens, may_compile, hf=False))
+    for dtype in dtypes:
+        for compiled in hf_modes:
+            torch.manual_seed(0)
+            contenders.append(_contender("transformers", _hf_model(model_config), dataclasses.replace(train_config, dtype=dtype), device, tokens, compiled, hf=True))
+    return contenders
+
+
+def _rows(contenders: list[Contender], tokens_per_step: int, per_token: float, peak: float) -> list[dict]:
+    """One row per contender; `vs_transformers` is over the anchor, transformers' fastest row."""
+    speeds = [tokens_per_step / statistics.median(contender.rounds) for contender in contenders]
+    anchor = max(range(len(contenders)), key=lambda i: speeds[i] if contenders[i].name == "transformers" else -1.0)
+    rows = []
+    for i, (contender, tokens_per_s) in enumerate(zip(contenders, speeds)):
+        rows.append({"name": contender.name, "dtype": contender.dtype, "compiled": contender.compiled, "tokens_per_s": tokens_per_s,
+                     "s_per_step": tokens_per_step / tokens_per_s, "tflops": tokens_per_s * per_token / 1e12,
+                     "mfu": tokens_per_s * per_token / peak if peak else None, "vs_transformers": tokens_per_s / speeds[anchor], "anchor": i == anchor})
+    return rows
 
 
 def _gptwo_model(config: GPTConfig):
@@ -118,24 +166,25 @@ def _hf_model(config: GPTConfig):
     return GPT2LMHeadModel(hf)
 
 
-def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: torch.device, tokens: torch.Tensor, hf: bool) -> Contender:
+def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: torch.device, tokens: torch.Tensor, compiled: bool, hf: bool) -> Contender:
     """A training step as `gptwo train` takes it: compile policy, fused AdamW, autocast, loss, clipping."""
     import torch
 
     from gptwo.train.loop import loss_fn
     from gptwo.train.optim import make_optimizer
-    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, autocast, compile_enabled, compiled_loss, use_fused_adamw
+    from gptwo.train.speed import autocast, compiled_loss, math_attention, use_bf16, use_fused_adamw, use_onednn_linears
 
     model.to(device).train()
+    if not hf:
+        use_onednn_linears(model, config, device)
     optimizer = make_optimizer(model, config, fused=use_fused_adamw(device, None))
-    compiled = compile_enabled(config, device, CPU_COMPILE_MIN_STEPS) if not hf else (config.compile != "false" and device.type == "cuda") or config.compile == "true"
-    if hf:  # compiled as its users compile it: the model
+    if hf:  # as its users train it: the loss computed inside the model's forward, the model compiled whole
         runner = torch.compile(model) if compiled else model
-        module = lambda idx: runner(input_ids=idx, use_cache=False).logits  # logits only, so both run the same loss
-        step_loss = loss_fn
+        module = runner
+        step_loss = lambda m, idx, targets: m(input_ids=idx, labels=targets, shift_labels=targets, use_cache=False).loss  # the same targets as gptwo's
     else:
-        module, step_loss = model, compiled_loss(loss_fn) if compiled else loss_fn
-    x, y = tokens[:, :-1], tokens[:, 1:]
+        module, step_loss = model, compiled_loss(loss_fn, math_attention(config, device)) if compiled else loss_fn
+    x, y = tokens[:, :-1], tokens[:, 1:].contiguous()
 
     def step() -> None:
         with autocast(config, device):
@@ -145,7 +194,7 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Contender(name, step, compiled)
+    return Contender(name, "bfloat16" if use_bf16(config, device) else "float32", compiled, step)
 
 
 def _timed(step, steps: int, device: torch.device) -> float:
@@ -191,16 +240,19 @@ def _transformers_version() -> str | None:
 
 
 def render_train(report: dict) -> str:
-    """The report as a table."""
+    """The report as a table; the anchor is transformers' fastest row."""
     shape = report["shape"]
     lines = [f"training speed on {report['device']}" + (f" ({report['threads']} threads)" if report["threads"] else "")
              + f": {shape['n_layer']}L {shape['n_head']}H {shape['n_embd']}d vocab {shape['vocab_size']}, batch {report['batch_size']} x {shape['block_size']},"
-             f" {report['dtype']}, AdamW; median of {report['rounds']} interleaved rounds x {report['steps']} steps",
+             f" AdamW; median of {report['rounds']} interleaved rounds x {report['steps']} steps",
              f"FLOPs/token {report['flops_per_token']:,.0f} = {report['flop_formula']}",
-             f"{'model':14} {'compiled':>8} {'tokens/s':>12} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>7} {'vs transformers':>16}"]
+             f"{'model':14} {'dtype':9} {'compiled':>8} {'tokens/s':>12} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>7} {'vs anchor':>10}"]
     for row in report["rows"]:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-        lines.append(f"{row['name']:14} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f} {row['tflops']:8.3g} {mfu:>7} {row['vs_transformers']:15.2f}x")
+        lines.append(f"{row['name']:14} {row['dtype']:9} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f}"
+                     f" {row['tflops']:8.3g} {mfu:>7} {row['vs_transformers']:9.2f}x" + ("  (anchor)" if row["anchor"] else ""))
+    lines.append(f"gptwo ({report['dtype']}) vs the anchor: {report['ratio']:.2f}x"
+                 + (f"; float32 vs transformers' best float32: {report['ratio_float32']:.2f}x" if report["ratio_float32"] else ""))
     if report["peak_flops"] is None:
         lines.append("MFU needs the device's peak FLOP/s: pass --peak-flops")
     return "\n".join(lines)
@@ -226,8 +278,10 @@ def add_bench_train_command(bench_sub, command) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 8 on CPU, 20 on GPU)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each model's median counts (default 3)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA, float32 on CPU")
-    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="auto: as 'gptwo train' does for a long run")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 autocast on CUDA; on a CPU bf16 (where it has native bf16 matmuls, as the quickstart trains) and float32")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="auto: as 'gptwo train' does for a long run; transformers runs eager and compiled on a CPU, compiled on CUDA; false: nothing compiles")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the idle cores, as 'gptwo train' takes them)")
     p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (default: looked up for known GPUs)")
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):

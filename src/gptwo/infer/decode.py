@@ -6,6 +6,8 @@ one length, positions given directly. With `compile=True` the single-token step 
 for fixed shapes (the cache is preallocated to `max_len`, attention masks the unused slots).
 `compile="max-autotune-frozen"` also freezes the weights into the compiled step (the KV cache,
 mutated, stays a buffer) so Inductor's C++ GEMM template takes the matmuls: faster for int8 on CPU.
+At batch 1 on a CPU, a model prepared with native linears runs each step as one C call instead
+(`native.NativeStep`: the whole forward over its own fp32 cache), unless compiling was asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from gptwo.errors import GptwoError
 from gptwo.generate import check_sampling, sample_next
+from gptwo.infer.native import NativeStep
 from gptwo.model import GPT
 
 FROZEN = "max-autotune-frozen"  # compile mode: Inductor freezing + its C++ GEMM template (docs/inference.md)
@@ -33,7 +36,8 @@ class Decoder(torch.nn.Module):
         self.model, self.batch_size = model, batch_size
         self.max_len = min(max_len or config.block_size, config.block_size)
         dtype, device = model.transformer.wte.weight.dtype, model.transformer.wte.weight.device
-        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
+        self.native = NativeStep(model, self.max_len) if batch_size == 1 and not compile and NativeStep.supports(model) else None
+        shape = (config.n_layer, batch_size, config.n_head, 0 if self.native else self.max_len, config.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slots", torch.arange(self.max_len, device=device), persistent=False)
@@ -44,6 +48,8 @@ class Decoder(torch.nn.Module):
 
     def forward(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Last-position logits (B, vocab) for `idx` (B, T) continuing `start` cached tokens; writes the cache."""
+        if self.native is not None:
+            return self.native(idx, start)
         return self._run(idx, torch.arange(start, start + idx.shape[1], device=idx.device), static=False)
 
     def _static_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

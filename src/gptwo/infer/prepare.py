@@ -1,7 +1,8 @@
 """Turn a finished GPT into an inference model: dtype, weight layout and int8 weight-only quantization.
 
 Applied from outside model.py by swapping modules: every block's linear layers and the head become
-`TransposedLinear` or `Int8Linear`. The head keeps `weight` tied to the token embedding (lookups,
+`NativeLinear` (gptwo's own CPU kernels, infer/native.py) where they build, else `TransposedLinear` or
+`Int8Linear` (torch's matmul). The head keeps `weight` tied to the token embedding (lookups,
 dtype and device still read it) and computes from its own copy. A prepared model is for inference
 only: it cannot be trained or saved.
 """
@@ -12,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from gptwo.errors import GptwoError
-from gptwo.infer.linear import Int8Linear, TransposedLinear
+from gptwo.infer import native
+from gptwo.infer.linear import Int8Linear, NativeLinear, TransposedLinear
 from gptwo.model import GPT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,28 +43,40 @@ def _linears(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 @torch.no_grad()
-def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: str | None = None, transpose: bool = True) -> GPT:
+def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: str | None = None, transpose: bool = True,
+                  native_kernels: bool = True) -> GPT:
     """`model` (changed in place, eval mode) with its weights in `dtype` and its linears re-laid for decoding.
 
     `quantize="int8"`: weight-only int8 with per-output-channel scales (activations stay in `dtype`).
     `transpose`: store float weights (in, out), which batch-1 decoding reads faster (docs/inference.md).
+    `native_kernels`: use gptwo's own CPU kernels where they build (False, or GPTWO_NATIVE=0: torch's matmul).
     """
     check_quantize(quantize)
     if getattr(model, PREPARED, None) is not None:
         raise GptwoError("the model is already prepared for inference", "prepare a freshly loaded model once")
     torch_dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
     model.to(torch_dtype).eval()
+    kind = _native_kind(model, torch_dtype, quantize) if native_kernels else None
     for parent, name, linear in _linears(model):
-        if quantize == "int8":
+        if kind is not None:
+            replacement = NativeLinear(linear, kind)
+        elif quantize == "int8":
             replacement = Int8Linear(linear)
         elif transpose:
             replacement = TransposedLinear(linear)
         else:
             continue
         setattr(parent, name, replacement)
-    if isinstance(model.lm_head, (Int8Linear, TransposedLinear)):
+    if isinstance(model.lm_head, (Int8Linear, NativeLinear, TransposedLinear)):
         model.lm_head.weight = model.transformer.wte.weight  # still tied: dtype/device readers and save paths see wte
     for p in model.parameters():
         p.requires_grad_(False)
     setattr(model, PREPARED, {"dtype": {v: k for k, v in DTYPES.items()}.get(torch_dtype, str(torch_dtype)), "quantize": quantize})
     return model
+
+
+def _native_kind(model: GPT, dtype: torch.dtype, quantize: str | None) -> int | None:
+    """The native kernel for this model's weights, or None for torch's matmul (not on CPU, fp16, or no kernels here)."""
+    if model.lm_head.weight.device.type != "cpu" or (quantize is None and dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    return native.kind_for("int8" if quantize == "int8" else {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])

@@ -27,7 +27,7 @@ from gptwo.train import checkpoint as ckpt
 from gptwo.train.distributed import Dist, close_distributed, gather_objects, grad_sync, init_distributed, mean_across, parallelize, unwrap
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
-from gptwo.train.speed import autocast, compile_enabled, compile_model, compiled_loss, use_fused_adamw
+from gptwo.train.speed import autocast, compile_enabled, compile_model, compiled_loss, math_attention, use_fused_adamw, use_onednn_linears
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
 
@@ -109,11 +109,12 @@ class _Trainer:
         self.model_config: GPTConfig = model.config
         self.n_params = model.num_params()
         model.to(device)
+        use_onednn_linears(model, config, device)
         self.compiled = compile_enabled(config, device, config.max_steps - self._resumed_step())
         per_block = info.enabled and config.parallel == "fsdp"
         if self.compiled and per_block:
             compile_model(model, per_block=True)
-        self.train_loss = compiled_loss(self.loss_fn) if self.compiled and not per_block else self.loss_fn
+        self.train_loss = compiled_loss(self.loss_fn, math_attention(config, device)) if self.compiled and not per_block else self.loss_fn
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
         self.selector = make_selector(config, self.data.train, device, lambda: autocast(config, device))
