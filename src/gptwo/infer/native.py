@@ -4,7 +4,7 @@ The C source ships in the package and is built with the system compiler (`cc -O3
 -shared`, `$CC` overrides `cc`) into a per-user cache keyed by the source, the command and the CPU's flags,
 written atomically. It needs x86-64 with AVX-512 (f, bw, vl); without a compiler or those flags, or with
 `GPTWO_NATIVE=0`, `library()` returns None after a one-line note and gptwo keeps torch's matmul.
-`GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=widen|vnni|w16` pick the bf16 / int8 kernel, and
+`GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=w16|widen|vnni` pick the bf16 / int8 kernel, and
 `GPTWO_NATIVE_THREADS=N` the decode step's threads (default: torch's) (docs/inference.md).
 """
 
@@ -116,7 +116,7 @@ def kind_for(weight_dtype: str) -> int | None:
         return F32
     if weight_dtype == "bf16":
         return BF16_DP if os.environ.get("GPTWO_NATIVE_BF16", "dp") == "dp" and caps & (1 << BF16_DP) else BF16
-    choice = {"vnni": I8_VNNI, "w16": I8_W16}.get(os.environ.get("GPTWO_NATIVE_INT8", "widen"), I8)
+    choice = {"vnni": I8_VNNI, "w16": I8_W16}.get(os.environ.get("GPTWO_NATIVE_INT8", "w16"), I8)
     return choice if caps & (1 << choice) else I8
 
 

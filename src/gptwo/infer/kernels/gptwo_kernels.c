@@ -138,7 +138,17 @@ INLINE void dots_i8_vnni(const int8_t *w, int K, const int8_t *xq, const float *
 #ifdef __AVX512VNNI__
 INLINE void dots_i8_w16(const int8_t *w, int K, const int16_t *xq, int R, float *out) {
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i acc2[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     int k = 0;
+    for (; k + 64 <= K; k += 64) { /* two independent sums per row: more work in flight per cycle */
+        __m512i xv = _mm512_loadu_si512(xq + k), xv2 = _mm512_loadu_si512(xq + k + 32);
+        for (int r = 0; r < R; r++) {
+            __m512i wb = _mm512_loadu_si512(w + (size_t)r * K + k);
+            acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(_mm512_castsi512_si256(wb)), xv);
+            acc2[r] = _mm512_dpwssd_epi32(acc2[r], _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(wb, 1)), xv2);
+        }
+    }
+    for (int r = 0; r < R; r++) acc[r] = _mm512_add_epi32(acc[r], acc2[r]);
     for (; k + 32 <= K; k += 32) {
         __m512i xv = _mm512_loadu_si512(xq + k);
         for (int r = 0; r < R; r++)
