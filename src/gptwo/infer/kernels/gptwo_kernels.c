@@ -251,7 +251,7 @@ INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *o
    would hold the whole team until the descheduled thread runs again (milliseconds); here the other
    thread takes its work over. Outputs go to per-layer buffers, so a late duplicate writes stale-free
    (identical) values where nobody reads anything else. */
-#define MAX_CHUNKS 64
+#define MAX_CHUNKS 16
 #define HELP_SPINS 2000 /* ~30 us of pause before taking over a partner's unfinished chunks */
 typedef struct { int next, done; unsigned char flag[MAX_CHUNKS]; char pad[56]; } Sync;
 typedef void (*ChunkFn)(const void *ctx, int chunk, int chunks);
