@@ -43,8 +43,9 @@ def test_greedy_tokens_equal_the_generate_loop():
     assert torch.equal(Decoder(model, batch_size=3).generate(idx, 25), model.generate(idx, 25, temperature=0))
 
 
-def test_compiled_and_eager_decoding_give_the_same_tokens():
-    model = prepare_model(random_model(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32)))
+@pytest.mark.parametrize("options", [{}, {"quantize": "int8"}], ids=["fp32", "int8"])
+def test_compiled_and_eager_decoding_give_the_same_tokens(options):
+    model = prepare_model(random_model(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32)), **options)
     idx = torch.randint(0, 97, (1, 5))
     eager = Decoder(model, max_len=24).generate(idx, 16)
     compiled = Decoder(model, max_len=24, compile=True).generate(idx, 16)

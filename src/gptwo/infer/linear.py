@@ -70,9 +70,13 @@ class NativeLinear(nn.Module):
             q, scales = quantize_int8(linear.weight)
             self.register_buffer("w", q.to(linear.weight.device))
             self.register_buffer("scales", scales.to(linear.weight.device))
+            # torch's int8 kernel (more rows, or under torch.compile) takes bf16 scales: converted once here,
+            # since Inductor cannot lower `_weight_int8pack_mm` over a converted-in-graph input
+            self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
         else:
             self.register_buffer("w", linear.weight.detach().contiguous())
             self.register_buffer("scales", None)
+            self.register_buffer("scales_bf16", None)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +84,7 @@ class NativeLinear(nn.Module):
         if flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and not torch.compiler.is_compiling():  # Dynamo cannot trace ctypes
             y = native.linear(self.kind, self.w, self.scales, self.bias, flat.float().contiguous())
         elif self.scales is not None:
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.w, self.scales.to(torch.bfloat16)).float()
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.w, self.scales_bf16).float()
             y = y if self.bias is None else y + self.bias
         else:
             y = F.linear(flat.to(self.w.dtype), self.w, None if self.bias is None else self.bias.to(self.w.dtype))
