@@ -14,9 +14,7 @@ import struct
 import sys
 
 import pytest
-import torch
 
-from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.bench.llamacpp import (
     GGUF_DTYPES,
     gguf_tensor_bytes,
@@ -26,7 +24,6 @@ from gptwo.bench.llamacpp import (
 )
 from gptwo.cli import main
 from gptwo.errors import GptwoError
-from gptwo.weights import save_pretrained
 
 FAKE_LLAMA_BENCH = r'''#!{python}
 import json, os, sys
@@ -73,15 +70,6 @@ def write_gguf(path: str, tensors: list[tuple[str, int, int]], alignment: int = 
 
 TENSORS = [("token_embd.weight", 0, 4096), ("position_embd.weight", 0, 1024), ("blk.0.attn_qkv.weight", 8, 136), ("blk.0.attn_norm.weight", 0, 128),
            ("output_norm.weight", 0, 128), ("output.weight", 8, 1088)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    directory = str(tmp_path_factory.mktemp("tiny"))
-    torch.manual_seed(0)
-    tokenizer = Tokenizer.train(["a tiny corpus for a tiny tokenizer"] * 3, vocab_size=260, min_frequency=1)
-    save_pretrained(GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=32)), directory, tokenizer=tokenizer)
-    return directory
 
 
 @pytest.fixture

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
-from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.cli import main
-from gptwo.weights import save_pretrained
 
 ROW_FIELDS = {"tool", "dtype", "tokens_per_s", "ratio_vs_transformers", "weight_mb", "ceiling_tokens_per_s", "token_agreement"}
 TOP_FIELDS = {"bench", "device", "cpu", "cpu_flags", "threads", "gpu", "model", "batch_size", "prompt_tokens", "new_tokens", "rounds", "compile", "bandwidth_gb_s", "rows"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    directory = str(tmp_path_factory.mktemp("tiny"))
-    torch.manual_seed(0)
-    tokenizer = Tokenizer.train(["a tiny corpus for a tiny tokenizer"] * 3, vocab_size=260, min_frequency=1)
-    save_pretrained(GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=32)), directory, tokenizer=tokenizer)
-    return directory
 
 
 ARGS = ["--new-tokens", "4", "--prompt-tokens", "3", "--rounds", "1", "--device", "cpu"]
