@@ -77,3 +77,16 @@ def test_fit_without_scipy_names_the_extra(tmp_path, capsys, monkeypatch):
     assert main(["scale", "fit", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gptwo scale fit needs scipy" in err[0] and "pip install 'gptwo[scale]'" in err[0]
+
+
+def test_an_isoflop_minimum_outside_the_runs_is_reported_without_its_extrapolated_numbers():
+    from gptwo.scale.fit import format_report, isoflop_minima
+
+    # losses that still fall at the largest N: the parabola's vertex lies far beyond the runs
+    runs = [{"budget": 1e12, "flops": 1e12, "params": n, "tokens": 1e12 / (6 * n), "loss": loss}
+            for n, loss in [(1e4, 5.0), (2e4, 4.6), (4e4, 4.3)]]
+    (minimum,) = isoflop_minima(runs)
+    assert not minimum["inside"]
+    report = fit_report(runs + synthetic_runs(HOFFMANN)[:14], bootstrap=0)
+    line = next(x for x in format_report(report).splitlines() if "C=1e+12" in x and "IsoFLOP minimum" in x)
+    assert "outside the runs' N" in line and "loss" not in line

@@ -303,8 +303,9 @@ def format_report(report: dict) -> str:
         span = f" [{best['interval'][0]:.4f}, {best['interval'][1]:.4f}]" if best.get("interval") else ""
         lines.append(f"  predicted best run at C={best['budget']:.3g}: loss {best['loss']:.4f}{span} ({best['method'].split('best=')[-1]}); "
                      f"lowest predicted shape {', '.join(best['best_shape'])}")
-    lines += [f"  IsoFLOP minimum at C={m['budget']:.3g}: N={m['params']:.3g}, D={m['tokens']:.3g}, loss {m['loss']:.4f}"
-              + ("" if m["inside"] else " (outside the runs' N: extrapolated)") for m in report["isoflop"]]
+    lines += [f"  IsoFLOP minimum at C={m['budget']:.3g}: N={m['params']:.3g}, D={m['tokens']:.3g}, loss {m['loss']:.4f}" if m["inside"]
+              else f"  IsoFLOP minimum at C={m['budget']:.3g}: outside the runs' N (their shapes do not bracket it; not used)"
+              for m in report["isoflop"]]
     if report["isoflop_exponents"]:
         lines.append(f"  IsoFLOP minima: N_opt ~ C^{report['isoflop_exponents']['a']:.3f}")
     for p in report["predictions"]:
