@@ -34,6 +34,15 @@ def set_field(driver, element_id: str, value: str) -> None:
     field.send_keys(value)
 
 
+def generate_greedy(driver, wait, prompt: str, max_tokens: int) -> None:
+    """Fill the playground's form for a greedy completion, press Generate and wait until it is done."""
+    set_field(driver, "prompt", prompt)
+    set_field(driver, "temperature", "0")
+    set_field(driver, "max_tokens", str(max_tokens))
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: "done" in d.find_element(By.ID, "status").text)
+
+
 def test_playground_streams_a_completion(tmp_path, browser):
     save_tiny_model(str(tmp_path / "tiny"))
     server, _ = serve_in_thread(str(tmp_path / "tiny"))
@@ -43,11 +52,7 @@ def test_playground_streams_a_completion(tmp_path, browser):
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 30)
         wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
-        set_field(browser, "prompt", "Hello there")
-        set_field(browser, "temperature", "0")
-        set_field(browser, "max_tokens", "30")
-        browser.find_element(By.ID, "generate").click()
-        wait.until(lambda d: "done" in d.find_element(By.ID, "status").text)
+        generate_greedy(browser, wait, "Hello there", 30)
         assert browser.find_element(By.ID, "output").text == "Hello there" + expected
         pieces = browser.find_elements(By.CSS_SELECTOR, "#output span:not(.prompt)")
         assert len(pieces) > 1 and "".join(p.text for p in pieces) == expected  # arrived as a stream of chunks
@@ -75,11 +80,7 @@ def test_playground_sends_the_api_key(tmp_path, browser):
         set_field(browser, "api_key", "sk-play")
         browser.find_element(By.ID, "prompt").click()  # leaving the field stores the key and retries
         wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
-        set_field(browser, "prompt", "Hello there")
-        set_field(browser, "temperature", "0")
-        set_field(browser, "max_tokens", "10")
-        browser.find_element(By.ID, "generate").click()
-        wait.until(lambda d: "done" in d.find_element(By.ID, "status").text)
+        generate_greedy(browser, wait, "Hello there", 10)
         assert browser.find_element(By.ID, "output").text == "Hello there" + expected
         browser.refresh()  # the key was kept in this browser
         wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
