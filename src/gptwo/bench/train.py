@@ -55,6 +55,7 @@ def bench_train(preset: str = "cpu", device: str = "auto", batch_size: int | Non
     from gptwo.train.distributed import Dist
     from gptwo.train.loop import set_threads
     from gptwo.train.optim import flops_per_token, peak_flops as device_peak
+    from gptwo.train.speed import keep_freed_memory
     from gptwo.weights import resolve_device
 
     if preset not in WORKLOADS:
@@ -69,6 +70,7 @@ def bench_train(preset: str = "cpu", device: str = "auto", batch_size: int | Non
     train_config = TrainConfig(n_layer=model_config.n_layer, n_head=model_config.n_head, n_embd=model_config.n_embd, block_size=model_config.block_size,
                                batch_size=batch, lr=1e-4, dtype=dtype, compile=compile, device=str(dev), threads=threads)
     set_threads(train_config, Dist(), dev)  # on a CPU: the idle cores, as `gptwo train` takes them
+    keep_freed_memory(dev)  # as `gptwo train` does: process-wide, so transformers' rows run with it too
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -172,7 +174,7 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
 
     from gptwo.train.loop import loss_fn
     from gptwo.train.optim import make_optimizer
-    from gptwo.train.speed import autocast, compiled_loss, math_attention, use_bf16, use_fused_adamw, use_onednn_linears
+    from gptwo.train.speed import autocast, compiled_loss, use_bf16, use_fused_adamw, use_onednn_linears
 
     model.to(device).train()
     if not hf:
@@ -183,7 +185,7 @@ def _contender(name: str, model: torch.nn.Module, config: TrainConfig, device: t
         module = runner
         step_loss = lambda m, idx, targets: m(input_ids=idx, labels=targets, shift_labels=targets, use_cache=False).loss  # the same targets as gptwo's
     else:
-        module, step_loss = model, compiled_loss(loss_fn, math_attention(config, device)) if compiled else loss_fn
+        module, step_loss = model, compiled_loss(loss_fn, config, device) if compiled else loss_fn
     x, y = tokens[:, :-1], tokens[:, 1:].contiguous()
 
     def step() -> None:

@@ -27,7 +27,7 @@ from gptwo.train import checkpoint as ckpt
 from gptwo.train.distributed import Dist, close_distributed, gather_objects, grad_sync, init_distributed, mean_across, parallelize, unwrap
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
-from gptwo.train.speed import autocast, compile_enabled, compile_model, compiled_loss, math_attention, use_fused_adamw, use_onednn_linears
+from gptwo.train.speed import autocast, compile_enabled, compile_model, compiled_loss, keep_freed_memory, use_fused_adamw, use_onednn_linears
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
 
@@ -98,6 +98,7 @@ class _Trainer:
         self.config, self.info, self.device, self.out_dir = config, info, device, out_dir
         self.progress = progress and info.is_main
         set_threads(config, info, device)
+        keep_freed_memory(device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -114,7 +115,7 @@ class _Trainer:
         per_block = info.enabled and config.parallel == "fsdp"
         if self.compiled and per_block:
             compile_model(model, per_block=True)
-        self.train_loss = compiled_loss(self.loss_fn, math_attention(config, device)) if self.compiled and not per_block else self.loss_fn
+        self.train_loss = compiled_loss(self.loss_fn, config, device) if self.compiled and not per_block else self.loss_fn
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
         self.selector = make_selector(config, self.data.train, device, lambda: autocast(config, device))
