@@ -10,6 +10,8 @@ from serve_testing import tiny_model
 
 from gptwo import Tokenizer
 from gptwo.errors import GptwoError
+from gptwo.infer import native, prepare_model
+from gptwo.infer.native import NativeStep
 from gptwo.model import KVCache
 from gptwo.serve.engine import Engine, Overloaded, PooledCache, SamplingParams
 
@@ -22,7 +24,7 @@ def next_logits(model, tokens: list[int]) -> torch.Tensor:
 
 def prefill(model, cache_rows: PooledCache, tokens: list[int]) -> torch.Tensor:
     """Prefill `tokens` alone and hand its keys/values to the pool as a new row; return its next-token logits."""
-    cache = KVCache(model.config, 1, len(tokens))
+    cache = KVCache(model.config, 1, len(tokens), dtype=cache_rows.dtype)
     logits = model(torch.tensor([tokens]), cache=cache)[0, -1]
     cache_rows.add_row(cache.k[:, 0], cache.v[:, 0])
     return logits
@@ -58,6 +60,51 @@ def test_rows_that_join_and_leave_see_only_their_own_tokens():
     while len(seqs["a"]) < model.config.block_size:  # "a" fills the context: slots only "b" used get cut
         step(16 + len(seqs["a"]))
     assert pool.length <= model.config.block_size and pool.length == max(pool.spans)
+
+
+@pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@torch.no_grad()
+def test_a_lone_row_decodes_in_one_native_call_and_hands_its_cache_back(dtype):
+    model = prepare_model(tiny_model(block_size=40, vocab_size=512), dtype=dtype)
+    reference = tiny_model(block_size=40, vocab_size=512)  # float32 math on the same (bf16-rounded) weights
+    for param in reference.parameters():
+        param.copy_(param.to(model.transformer.wte.weight.dtype))
+    engine = Engine(model, Tokenizer.gpt2())
+    pool = engine.pool
+    assert isinstance(engine.solo, NativeStep) and pool.solo is engine.solo
+    # of the largest logit; in bf16 the pool's rows and prefills run torch's bf16 activations (up to 3.4% off here, native steps
+    # included, as they read those keys/values), while a stale or misplaced cache is off by far more
+    tolerance = 1e-4 if dtype == "fp32" else 0.06
+    seqs, rows = {"a": [5, 6, 7, 8, 9]}, ["a"]
+    prefill(model, pool, seqs["a"])
+
+    def step(token: int, solo: bool) -> None:
+        logits = pool.decode(model, torch.tensor([token] * len(rows)))
+        assert (pool.solo_len is not None) == solo
+        for row, name in enumerate(rows):
+            seqs[name].append(token)
+            expected = next_logits(reference, seqs[name])
+            torch.testing.assert_close(logits[row].float(), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+
+    for token in (11, 12, 13):
+        step(token, solo=True)
+    seqs["b"] = list(range(100, 112))  # joins: "a"'s cache goes back into the pool first
+    prefill(model, pool, seqs["b"])
+    rows.append("b")
+    step(14, solo=False)
+    rows = [rows[i] for i in pool.drop_rows([0])]  # "a" leaves: "b" is alone, decodes natively again
+    assert rows == ["b"]
+    step(15, solo=True)
+    step(16, solo=True)
+    seqs["c"] = [200, 201]
+    prefill(model, pool, seqs["c"])
+    rows.append("c")
+    step(17, solo=False)
+    rows = [rows[i] for i in pool.drop_rows([0])]
+    while len(seqs["c"]) < model.config.block_size:  # alone up to the full context
+        step(18 + len(seqs["c"]), solo=True)
+    assert pool.drop_rows([0]) == [] and pool.solo_len is None and pool.rows == 0
 
 
 @torch.no_grad()

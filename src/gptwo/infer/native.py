@@ -178,9 +178,9 @@ class NativeStep:
 
         tf = model.transformer
         linears = [m for b in tf.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]
-        return (library() is not None and all(isinstance(m, NativeLinear) for m in linears) and len({m.kind for m in linears}) == 1
+        return (all(isinstance(m, NativeLinear) for m in linears) and len({m.kind for m in linears}) == 1
                 and tf.wte.weight.device.type == "cpu" and tf.wte.weight.dtype in (torch.float32, torch.bfloat16)
-                and model.config.n_embd % model.config.n_head == 0)
+                and model.config.n_embd % model.config.n_head == 0 and library() is not None)
 
     def __call__(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (1, vocab) after tokens `idx` (1, T) at positions start..start+T-1; their keys/values enter the cache."""

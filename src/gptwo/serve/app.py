@@ -390,7 +390,10 @@ def serve(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
-    net, tokenizer = load_model(model, device=str(torch_device), dtype=torch_dtype, quantize=quantize)
+    # on a CPU, fp32/bf16 weights are prepared for inference too (named as text): native kernels for a few rows,
+    # and a lone request decodes in one native call per token (serve/engine.py, PooledCache)
+    prepared = DTYPE_NAMES[torch_dtype] if torch_device.type == "cpu" and torch_dtype in (torch.float32, torch.bfloat16) else torch_dtype
+    net, tokenizer = load_model(model, device=str(torch_device), dtype=prepared, quantize=quantize)
     name = served_model_name or default_model_name(model)
     app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes, api_key=api_key, allowed_origins=origins)
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration

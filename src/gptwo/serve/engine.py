@@ -25,6 +25,7 @@ import torch
 
 from gptwo.errors import GptwoError
 from gptwo.generate import TextStream, filter_logits, pad_left, sample_next
+from gptwo.infer.native import NativeStep
 from gptwo.model import GPT, KVCache
 from gptwo.tokenizer import Tokenizer
 
@@ -131,13 +132,19 @@ class PooledCache(KVCache):
     Rows join (`add_rows`) and leave (`drop_rows`) between steps; `spans[r]` counts row r's real
     tokens, which are always the newest `spans[r]` slots, so leading slots that no row needs any
     more can be cut off (`_make_room`).
+
+    With a `solo` step (`NativeStep`: the whole forward in one C call, for a model prepared with
+    native CPU kernels), a lone row decodes through it, as `gptwo generate` does at batch 1: its
+    keys/values move into the step's own cache when it is alone at a decode, and back into the
+    pool before anything else changes the pool (a row joins or leaves).
     """
 
-    def __init__(self, config, device, dtype):
+    def __init__(self, config, device, dtype, solo: NativeStep | None = None):
         super().__init__(config, 0, 0, device=device, dtype=dtype)
         self.config, self.device, self.dtype = config, device, dtype
         self._k, self._v, self._valid = self.k, self.v, self.valid
         self.rows, self.spans = 0, []
+        self.solo, self.solo_len = solo, None  # solo_len: the lone row's tokens held in solo's cache (the pool's copy is stale)
         self._expose()
 
     def _expose(self) -> None:
@@ -181,6 +188,7 @@ class PooledCache(KVCache):
         One copy for all joining rows (a copy per row, each a small strided OpenMP loop, cost ~2 s
         for 64 rows of GPT-2 small on a busy 2-core machine).
         """
+        self._leave_solo()
         count, width = k.shape[1], max(spans)
         self._reserve(self.rows + count, max(self.length, width))
         if width > self.length:
@@ -198,6 +206,7 @@ class PooledCache(KVCache):
 
     def drop_rows(self, rows: Seq[int]) -> list[int]:
         """Free `rows` by moving the last rows into their places; return the old index of each remaining row."""
+        self._leave_solo()
         order = list(range(self.rows))
         for row in sorted(rows, reverse=True):
             last = self.rows - 1
@@ -214,6 +223,19 @@ class PooledCache(KVCache):
         self._expose()
         return order
 
+    def _leave_solo(self) -> None:
+        """Copy the lone row's keys/values back from the solo step's cache into the pool (its slots 0..n-1)."""
+        if self.solo_len is None:
+            return
+        n, self.solo_len = self.solo_len, None
+        self._reserve(1, n)
+        self._k[:, 0, :, :n] = self.solo.k[:, :, :n]
+        self._v[:, 0, :, :n] = self.solo.v[:, :, :n]
+        self._valid[0] = False
+        self._valid[0, :n] = True
+        self.length, self.spans = n, [n]
+        self._expose()
+
     def _make_room(self) -> None:
         """Cut leading slots no row uses once they are a quarter of the cache (or the context is full)."""
         unused = self.length - max(self.spans)
@@ -223,6 +245,17 @@ class PooledCache(KVCache):
 
     def decode(self, model: GPT, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); return the next-token logits (B, V)."""
+        if self.solo is not None and self.rows == 1:
+            if self.solo_len is None:  # the row's real tokens are the newest spans[0] slots
+                span = self.spans[0]
+                self.solo.k[:, :, :span] = self._k[:, 0, :, self.length - span : self.length]
+                self.solo.v[:, :, :span] = self._v[:, 0, :, self.length - span : self.length]
+                self.solo_len = span
+            logits = self.solo(tokens.view(1, 1), self.solo_len)
+            self.solo_len += 1
+            self.spans[0] += 1
+            return logits
+        self._leave_solo()
         self._make_room()
         logits = model(tokens[:, None], cache=self, valid=torch.ones(self.rows, 1, dtype=torch.bool, device=self.device))
         self.spans = [s + 1 for s in self.spans]
@@ -244,11 +277,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._outbox: list[tuple[Request, Update]] = []  # updates of this step, for the event loop(s)
+        # a lone request decodes in one native call per token (its cache: the model's whole context, fp32)
+        self.solo = NativeStep(model, model.config.block_size) if NativeStep.supports(model) else None
         self.pool = self._new_pool()
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0}
 
     def _new_pool(self) -> PooledCache:
-        return PooledCache(self.model.config, self.device, self.model.lm_head.weight.dtype)
+        return PooledCache(self.model.config, self.device, self.model.lm_head.weight.dtype, self.solo)
 
     # ---- the event loop side
     def start(self) -> None:
