@@ -206,6 +206,8 @@ class PooledCache(KVCache):
 
     def drop_rows(self, rows: Seq[int]) -> list[int]:
         """Free `rows` by moving the last rows into their places; return the old index of each remaining row."""
+        if self.solo_len is not None and rows:  # the lone row leaves: nothing to copy back
+            self.solo_len = None
         self._leave_solo()
         order = list(range(self.rows))
         for row in sorted(rows, reverse=True):

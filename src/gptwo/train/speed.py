@@ -101,12 +101,13 @@ def _plain_causal(args: tuple, kwargs: dict) -> bool:
     return kwargs.get("is_causal", False) and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p", 0.0) and args[0].shape[-2] == args[1].shape[-2]
 
 
+_TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
+
+
 def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU's tanh approximation written as x·σ(2u): equal to `F.gelu(x, approximate="tanh")` up to float rounding."""
     return x * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
 
-
-_TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
