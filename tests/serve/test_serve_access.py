@@ -15,11 +15,12 @@ import urllib.request
 import openai
 import pytest
 import torch
-from serve_testing import serve_in_thread
+from serve_testing import LiveServer, serve_in_thread
 from test_serve_api import PROMPT, assert_openai_error
 
 from gptwo.errors import GptwoError
 from gptwo.generate import complete
+from gptwo.infer import native
 from gptwo.serve.app import parse_origins, resolve_dtype
 from gptwo.weights import load_model
 
@@ -122,6 +123,26 @@ def test_dtype_option(model_dir):
         served = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
         model, tok = load_model(model_dir, device="cpu", dtype=torch.bfloat16)
         assert served == complete(model, tok, [PROMPT], 12, temperature=0)[0]
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine")
+def test_a_lone_streamed_request_decodes_natively_and_answers_as_the_model_does(model_dir):
+    from gptwo.serve import Engine, create_app
+    from gptwo.serve.app import load_served_model
+
+    model, tokenizer = load_served_model(model_dir, torch.device("cpu"), torch.float32, None)  # as `gptwo serve` loads it
+    engine = Engine(model, tokenizer)
+    assert engine.solo is not None
+    server = LiveServer(create_app(engine, "tiny", max_body_bytes=64 * 1024))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
+        served = "".join(chunk.choices[0].text for chunk in stream)
+        reference, tok = load_model(model_dir, device="cpu")  # plain fp32 on torch's matmuls
+        assert served == complete(reference, tok, [PROMPT], 24, temperature=0)[0]
+        assert engine.solo.length > len(tok.encode(PROMPT))  # the decode steps ran in the native step
     finally:
         server.close()
 

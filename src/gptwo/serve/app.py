@@ -359,6 +359,18 @@ def default_model_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
 
 
+def load_served_model(model: str, device: torch.device, dtype: torch.dtype, quantize: str | None):
+    """The model and tokenizer as `gptwo serve` runs them.
+
+    On a CPU, fp32/bf16 weights are prepared for inference (named as text) as int8 ones are: native
+    kernels for a few rows, and a lone request decodes in one native call per token (engine.py, PooledCache).
+    """
+    from gptwo.weights import load_model
+
+    prepared = DTYPE_NAMES[dtype] if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else dtype
+    return load_model(model, device=str(device), dtype=prepared, quantize=quantize)
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -378,7 +390,7 @@ def serve(
     """Load `model` and serve it over HTTP until interrupted."""
     import uvicorn
 
-    from gptwo.weights import load_model, resolve_device
+    from gptwo.weights import resolve_device
 
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
         if value < 1:
@@ -390,10 +402,7 @@ def serve(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
-    # on a CPU, fp32/bf16 weights are prepared for inference too (named as text): native kernels for a few rows,
-    # and a lone request decodes in one native call per token (serve/engine.py, PooledCache)
-    prepared = DTYPE_NAMES[torch_dtype] if torch_device.type == "cpu" and torch_dtype in (torch.float32, torch.bfloat16) else torch_dtype
-    net, tokenizer = load_model(model, device=str(torch_device), dtype=prepared, quantize=quantize)
+    net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
     name = served_model_name or default_model_name(model)
     app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes, api_key=api_key, allowed_origins=origins)
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
