@@ -931,13 +931,20 @@ def add_bench_commands(sub) -> None:
         add(bsub)
 
 
+def add_kernel_commands(sub) -> None:
+    """`gptwo kernels info|build` (gptwo/infer/cli.py)."""
+    from gptwo.infer.cli import add_commands
+
+    add_commands(sub)
+
+
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptwo", description="GPT-2: model, tokenizer, data, training, serving, evaluation.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for add in (add_core_commands, add_data_commands, add_train_commands, add_eval_commands, add_serve_commands, add_webtext_commands, add_select_commands,
-                add_detect_commands, add_scale_commands, add_bench_commands):
+                add_detect_commands, add_scale_commands, add_bench_commands, add_kernel_commands):
         add(sub)
     return parser
 

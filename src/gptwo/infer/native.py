@@ -1,11 +1,16 @@
-"""Native CPU kernels (kernels/gptwo_kernels.c): compiled on first use, loaded with ctypes, called on tensor pointers.
+"""Native CPU kernels (kernels/gptwo_kernels.c): built once per instruction set, loaded with ctypes, called on tensor pointers.
 
-The C source ships in the package and is built with the system compiler (`cc -O3 -march=native -fopenmp
--shared`, `$CC` overrides `cc`) into a per-user cache keyed by the source, the command and the CPU's flags,
-written atomically. It needs x86-64 with AVX-512 (f, bw, vl); without a compiler or those flags, or with
-`GPTWO_NATIVE=0`, `library()` returns None after a one-line note and gptwo keeps torch's matmul.
-`GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=w16|widen|vnni` pick the bf16 / int8 kernel, and
-`GPTWO_NATIVE_THREADS=N` the decode step's threads (default: torch's) (docs/inference.md).
+One C source serves every CPU: it is compiled for the best instruction set this CPU has (`avx512`,
+`avx2`, `neon`, else `generic`), or the one `GPTWO_KERNEL_ISA` names, with the system compiler
+(`cc -O3 -fopenmp -shared` plus the set's flags; `$CC` overrides `cc`) into a private per-user cache
+(0700, owned by the user; anything else is refused). The cache key covers the source, the command, the
+compiler's path and `--version`, the ISA and, for `-march=native` builds, the CPU's flags; a build has a
+time limit (`GPTWO_KERNEL_BUILD_TIMEOUT`, default 120 s) and is written atomically with a checksum that
+is checked before each load, and the library's ABI version and ISA are checked after it.
+Without a compiler, or with `GPTWO_NATIVE=0`, `library()` returns None after a one-line note and
+gptwo keeps torch's matmul. `GPTWO_NATIVE_BF16=dp|widen` and `GPTWO_NATIVE_INT8=w16|widen|vnni` pick
+the bf16 / int8 kernel, and `GPTWO_NATIVE_THREADS=N` the decode step's threads (default: torch's)
+(docs/inference.md). `gptwo kernels info` shows what is in use and why; `gptwo kernels build` builds ahead.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,20 +31,73 @@ import torch
 from gptwo.errors import GptwoError
 
 F32, BF16, BF16_DP, I8, I8_VNNI, I8_W16 = range(6)  # kernel kinds, as in the C source
-KIND_NAMES = {F32: "fp32", BF16: "bf16 widened to fp32", BF16_DP: "bf16 vdpbf16ps", I8: "int8 widened to fp32", I8_VNNI: "int8 vpdpbusd (activations int8 per 64)",
-              I8_W16: "int8 vpdpwssd (activations int16 per token)"}
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+KIND_NAMES = {F32: "fp32", BF16: "bf16 widened to fp32", BF16_DP: "bf16 dot (activations rounded to bf16)", I8: "int8 widened to fp32",
+              I8_VNNI: "int8 x int8 (activations int8 per 64)", I8_W16: "int8 x int16 (activations int16 per token)"}
+ABI = 2  # GPTWO_ABI in the C source: the functions' signatures, gptwo_step's pointer table and dimensions
+ISAS = ("avx512", "avx2", "neon", "generic")  # best first
+ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native"], "neon": ["-march=armv8-a"], "generic": ["-DGPTWO_GENERIC"]}
 SOURCE = "gptwo_kernels.c"
-_state: dict = {}  # "lib": the loaded library or None, "why": why not
+BUILD_TIMEOUT_S = 120.0
+_libs: dict[str, ctypes.CDLL | None] = {}  # ISA -> the loaded library, or None when it could not be had
+_why: dict[str, str] = {}  # ISA -> why not
+_compilers: dict[str, tuple[str, str]] = {}  # $CC -> (resolved path, --version's first line)
+
+
+class KernelBuildError(OSError):
+    """The compiler failed or timed out; `stderr` is its whole error output (shown with --debug)."""
+
+    def __init__(self, message: str, stderr: str = ""):
+        super().__init__(message)
+        self.stderr = stderr
 
 
 def cpu_flag_set() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty elsewhere."""
+    """The CPU's feature flags from /proc/cpuinfo (x86's `flags`, ARM's `Features`); empty elsewhere."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), []))
     except OSError:
         return set()
+
+
+def isa_support(flags: set[str] | None = None, machine: str | None = None) -> dict[str, str | None]:
+    """Per ISA: None when this CPU runs it, else why not."""
+    flags = cpu_flag_set() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    x86 = machine in ("x86_64", "amd64")
+    missing = lambda need: [f for f in need if f not in flags]  # noqa: E731
+    why: dict[str, str | None] = {}
+    lacks512, lacks2 = missing(("avx512f", "avx512bw", "avx512vl")), missing(("avx2", "fma"))
+    why["avx512"] = "not an x86-64 CPU" if not x86 else f"this CPU lacks {', '.join(lacks512)}" if lacks512 else None
+    why["avx2"] = "not an x86-64 CPU" if not x86 else f"this CPU lacks {', '.join(lacks2)}" if lacks2 else None
+    why["neon"] = None if machine in ("aarch64", "arm64") else "not an aarch64 CPU"
+    why["generic"] = None
+    return why
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): where torch's bf16 matmuls are fast."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
+
+
+def best_isa() -> str:
+    """The fastest instruction set this CPU runs."""
+    support = isa_support()
+    return next(isa for isa in ISAS if support[isa] is None)
+
+
+def chosen_isa() -> str:
+    """`GPTWO_KERNEL_ISA` when set (it must name an ISA this CPU runs), else the best one here."""
+    forced = os.environ.get("GPTWO_KERNEL_ISA", "").strip().lower()
+    if not forced or forced == "auto":
+        return best_isa()
+    if forced not in ISAS:
+        raise GptwoError(f"GPTWO_KERNEL_ISA={forced} is not an instruction set of gptwo's kernels", f"use one of {', '.join(ISAS)} or auto, or unset it")
+    why = isa_support()[forced]
+    if why is not None:
+        raise GptwoError(f"GPTWO_KERNEL_ISA={forced} cannot run here: {why}", f"use {best_isa()} (this CPU's best) or generic, or unset it")
+    return forced
 
 
 def cache_dir() -> str:
@@ -47,63 +106,160 @@ def cache_dir() -> str:
     return os.environ.get("GPTWO_KERNEL_CACHE") or os.path.join(base, "gptwo", "kernels")
 
 
-def _build(source: bytes, flags: set[str]) -> str:
-    """Path of the shared library for this source, compiler and CPU, compiling it if not cached."""
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise OSError(f"no C compiler ('{compiler}' not found)")
-    command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(source + " ".join(command).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
-    directory = cache_dir()
-    target = os.path.join(directory, f"gptwo_kernels_{key}.so")
-    if os.path.exists(target):
+def private_dir(directory: str) -> str:
+    """`directory`, made 0700 if new; refused (OSError) unless it is a folder owned by this user that nobody else can write."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"the kernel cache {directory} is not a folder — remove it or set GPTWO_KERNEL_CACHE to a private folder")
+    if info.st_uid != os.geteuid():
+        raise OSError(f"the kernel cache {directory} belongs to another user (uid {info.st_uid}) — set GPTWO_KERNEL_CACHE to a folder of your own")
+    if info.st_mode & 0o022:
+        raise OSError(f"the kernel cache {directory} is writable by others (mode {stat.S_IMODE(info.st_mode):o}) — "
+                      f"remove it (rm -r {directory}) or set GPTWO_KERNEL_CACHE to a private folder")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(directory, 0o700)  # ours and not writable by others: made private, nothing planted could be in it
+    return directory
+
+
+def compiler() -> tuple[str, str]:
+    """The C compiler ($CC, else cc): its resolved path and the first line of its --version."""
+    name = os.environ.get("CC", "cc")
+    if name not in _compilers:
+        found = shutil.which(name)
+        if found is None:
+            raise OSError(f"no C compiler ('{name}' not found) — install gcc (with OpenMP) or set CC to one")
+        path = os.path.realpath(found)
+        try:
+            done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise OSError(f"the C compiler {path} does not answer --version ({err})") from None
+        _compilers[name] = (path, (done.stdout.strip().splitlines() or ["unknown version"])[0])
+    return _compilers[name]
+
+
+def build_command(isa: str, compiler_path: str) -> list[str]:
+    return [compiler_path, "-O3", "-ffp-contract=fast", *ISA_FLAGS[isa], "-fopenmp", "-shared", "-fPIC"]  # then -o OUT SOURCE -lm
+
+
+def library_path(isa: str, source: bytes) -> str:
+    """Where the library of this source, compiler and ISA lives in the cache (built or not)."""
+    path, version = compiler()
+    key_parts = [source, " ".join(build_command(isa, path)).encode(), version.encode(), f"abi {ABI}".encode()]
+    if "-march=native" in ISA_FLAGS[isa]:
+        key_parts.append(" ".join(sorted(cpu_flag_set())).encode())
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"gptwo_kernels_{isa}_{key}.so")
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _trusted(target: str) -> bool:
+    """Whether `target` is a library this user built here: owned by them, not writable by others, its checksum as recorded."""
+    try:
+        info = os.lstat(target)
+        with open(target + ".sha256", encoding="ascii") as f:
+            recorded = f.read().strip()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022 and _digest(target) == recorded
+
+
+def _build(isa: str, source: bytes, quiet: bool = False) -> str:
+    """Path of the shared library for this source, compiler and ISA, compiling it if the cache has no trusted copy."""
+    path, _ = compiler()
+    directory = private_dir(cache_dir())
+    target = library_path(isa, source)
+    if _trusted(target):
         return target
-    os.makedirs(directory, exist_ok=True)
+    if not quiet:
+        print(f"note: compiling gptwo's native CPU kernels for {isa} (once; cached in {directory})", file=sys.stderr)
+    timeout = float(os.environ.get("GPTWO_KERNEL_BUILD_TIMEOUT") or BUILD_TIMEOUT_S)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src, out = os.path.join(tmp, SOURCE), os.path.join(tmp, "k.so")
-        with open(src, "wb") as f:
+        with open(os.path.join(tmp, SOURCE), "wb") as f:
             f.write(source)
-        done = subprocess.run([*command, "-o", out, src], capture_output=True, text=True, check=False)
+        command = [*build_command(isa, path), "-o", "k.so", SOURCE, "-lm"]  # relative names: the same bytes from every build
+        try:
+            done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise KernelBuildError(f"the compiler took over {timeout:g} s (GPTWO_KERNEL_BUILD_TIMEOUT)") from None
         if done.returncode != 0:
-            raise OSError(f"the compiler failed: {(done.stderr.strip().splitlines() or ['?'])[0]}")
-        os.replace(out, target)  # atomic: a concurrent build or reader never sees half a file
+            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.strip().splitlines() or ["?"]
+            raise KernelBuildError(f"the compiler failed: {lines[0].strip()}", done.stderr)
+        built = os.path.join(tmp, "k.so")
+        os.chmod(built, 0o600)
+        digest = _digest(built)
+        with open(os.path.join(tmp, "k.sha256"), "w", encoding="ascii") as f:
+            f.write(digest + "\n")
+        os.replace(os.path.join(tmp, "k.sha256"), target + ".sha256")
+        os.replace(built, target)  # atomic: a concurrent build or reader never sees half a file
+    if not _trusted(target):
+        raise OSError(f"{target} changed while it was being written — run again")
     return target
 
 
-def _load() -> ctypes.CDLL:
-    if os.environ.get("GPTWO_NATIVE", "1") == "0":
-        raise OSError("GPTWO_NATIVE=0")
-    flags = cpu_flag_set()
-    if platform.machine() not in ("x86_64", "AMD64") or not set(REQUIRED_FLAGS) <= flags:
-        raise OSError("this CPU lacks AVX-512 (f, bw, vl)")
-    source = resources.files("gptwo.infer").joinpath("kernels", SOURCE).read_bytes()
-    lib = ctypes.CDLL(_build(source, flags))
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
     lib.gptwo_caps.restype = i
+    lib.gptwo_isa.restype = ctypes.c_char_p
     lib.gptwo_linear.argtypes = [i, p, p, p, p, p, i, i, i, i]
-    lib.gptwo_linear.restype = None
+    lib.gptwo_linear.restype = i
     lib.gptwo_step_scratch_bytes.argtypes = [i64p, i]
     lib.gptwo_step_scratch_bytes.restype = ctypes.c_size_t
-    lib.gptwo_step.argtypes = [p, i64p, ctypes.c_float, p, i, i, p, p]
+    lib.gptwo_step.argtypes = [p, i64p, ctypes.c_float, p, i, i, p, p, ctypes.c_size_t]
     lib.gptwo_step.restype = i
     return lib
 
 
+def load(isa: str, quiet: bool = False) -> ctypes.CDLL:
+    """The kernels built for `isa` (built now if need be), checked for their ABI version and ISA; OSError if they cannot be had."""
+    source = resources.files("gptwo.infer").joinpath("kernels", SOURCE).read_bytes()
+    path = _build(isa, source, quiet)
+    lib = ctypes.CDLL(path)
+    try:
+        abi = lib.gptwo_abi()
+    except AttributeError:
+        raise OSError(f"{path} has no ABI version — remove it (rm {path}) and run again") from None
+    if abi != ABI:
+        raise OSError(f"{path} has ABI {abi}, this gptwo needs {ABI} — remove it (rm {path}) and run again")
+    lib = _bind(lib)
+    built_for = lib.gptwo_isa().decode()
+    if built_for != isa:
+        raise OSError(f"the compiler built the {isa} kernels as {built_for} (its flags {' '.join(ISA_FLAGS[isa])} were not honoured)")
+    return lib
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with a one-line note on stderr, once) when they cannot be built here."""
-    if "lib" not in _state:  # torch (imported above) has loaded its libgomp.so.1: the kernels bind to it, one runtime
+    """The compiled kernels for the chosen ISA, or None (with a one-line note on stderr, once) when they cannot be had here."""
+    if os.environ.get("GPTWO_NATIVE", "1") == "0":
+        return None
+    isa = chosen_isa()
+    if isa not in _libs:  # torch (imported above) has loaded its libgomp.so.1: the kernels bind to it, one runtime
         try:
-            _state["lib"], _state["why"] = _load(), None
+            _libs[isa] = load(isa)
         except OSError as err:
-            _state["lib"], _state["why"] = None, str(err)
-            if str(err) != "GPTWO_NATIVE=0":
-                print(f"note: gptwo's native CPU kernels are off ({err}); using torch's matmul", file=sys.stderr)
-    return _state["lib"]
+            _libs[isa], _why[isa] = None, str(err)
+            print(f"note: gptwo's native CPU kernels are off ({err}); using torch's matmul", file=sys.stderr)
+            if isinstance(err, KernelBuildError) and err.stderr and os.environ.get("GPTWO_DEBUG"):
+                print(err.stderr, file=sys.stderr)
+    return _libs[isa]
+
+
+def why_off() -> str | None:
+    """Why `library()` is None (None when the kernels are on or were not asked for yet)."""
+    if os.environ.get("GPTWO_NATIVE", "1") == "0":
+        return "GPTWO_NATIVE=0"
+    return _why.get(chosen_isa())
 
 
 def reset() -> None:
-    """Forget the loaded library (tests switch the environment and load again)."""
-    _state.clear()
+    """Forget the loaded libraries (tests switch the environment and load again)."""
+    _libs.clear()
+    _why.clear()
+    _compilers.clear()
 
 
 def kind_for(weight_dtype: str) -> int | None:
@@ -111,13 +267,17 @@ def kind_for(weight_dtype: str) -> int | None:
     lib = library()
     if lib is None:
         return None
-    caps = lib.gptwo_caps()
     if weight_dtype == "fp32":
         return F32
-    if weight_dtype == "bf16":
-        return BF16_DP if os.environ.get("GPTWO_NATIVE_BF16", "dp") == "dp" and caps & (1 << BF16_DP) else BF16
-    choice = {"vnni": I8_VNNI, "w16": I8_W16}.get(os.environ.get("GPTWO_NATIVE_INT8", "w16"), I8)
-    return choice if caps & (1 << choice) else I8
+    if weight_dtype == "bf16":  # the bf16 dot only where the CPU has it: emulated, it is the widening kernel plus rounding
+        return BF16_DP if os.environ.get("GPTWO_NATIVE_BF16", "dp") == "dp" and has_instruction(BF16_DP) else BF16
+    return {"vnni": I8_VNNI, "w16": I8_W16, "widen": I8}.get(os.environ.get("GPTWO_NATIVE_INT8", "w16"), I8_W16)
+
+
+def has_instruction(kind: int) -> bool:
+    """Whether `kind` runs on an instruction made for it with the kernels in use (every kind runs, some emulated)."""
+    lib = library()
+    return lib is not None and bool(lib.gptwo_caps() & (1 << kind))
 
 
 def ptr(t: torch.Tensor | None) -> int | None:
@@ -129,7 +289,9 @@ def linear(kind: int, weight: torch.Tensor, scale: torch.Tensor | None, bias: to
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
-    library().gptwo_linear(kind, ptr(weight), ptr(scale), ptr(bias), ptr(x), ptr(y), M, K, N, torch.get_num_threads())
+    status = library().gptwo_linear(kind, ptr(weight), ptr(scale), ptr(bias), ptr(x), ptr(y), M, K, N, torch.get_num_threads())
+    if status:
+        raise MemoryError(f"the native linear could not allocate its scratch ({M}x{K})") if status == 2 else ValueError(f"kernel kind {kind} or shape {M}x{K}x{N} is not valid")
     return y
 
 
@@ -167,7 +329,10 @@ class NativeStep:
         dims = [config.n_layer, config.n_embd, config.n_head, config.vocab_size, max_len, model.lm_head.kind, int(wte.dtype == torch.bfloat16), threads]
         self.dims = (ctypes.c_int64 * len(dims))(*dims)
         self.eps = float(config.layer_norm_eps)
-        self.scratch = torch.empty(lib.gptwo_step_scratch_bytes(self.dims, STEP_CHUNK), dtype=torch.uint8)
+        scratch_bytes = lib.gptwo_step_scratch_bytes(self.dims, STEP_CHUNK)
+        if scratch_bytes == 0:
+            raise GptwoError(f"the native step does not take this shape ({dims})", "use GPTWO_NATIVE=0 for torch's path")
+        self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
         self.logits = torch.empty(config.vocab_size)
         self.length: int | None = None  # tokens in the cache after the last call
 
@@ -187,7 +352,8 @@ class NativeStep:
         tokens = idx.reshape(-1).to(torch.int64).contiguous()
         for first in range(0, tokens.numel(), STEP_CHUNK):
             chunk = tokens[first : first + STEP_CHUNK]
-            if self.lib.gptwo_step(self.pointers, self.dims, self.eps, ptr(chunk), chunk.numel(), start + first, ptr(self.logits), ptr(self.scratch)):
+            if self.lib.gptwo_step(self.pointers, self.dims, self.eps, ptr(chunk), chunk.numel(), start + first, ptr(self.logits), ptr(self.scratch),
+                                   self.scratch.numel()):
                 raise GptwoError(f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, or an id is outside the vocabulary",
                                  "pass token ids below the vocabulary size and stay within the context")
         self.length = start + tokens.numel()

@@ -9,6 +9,8 @@ only: it cannot be trained or saved.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -57,11 +59,14 @@ def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: 
     torch_dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
     model.to(torch_dtype).eval()
     kind = _native_kind(model, torch_dtype, quantize) if native_kernels else None
+    if kind is None and model.lm_head.weight.device.type == "cpu":
+        _note_slow_precision(torch_dtype, quantize)
     for parent, name, linear in _linears(model):
         if kind is not None:
             replacement = NativeLinear(linear, kind)
-        elif quantize == "int8":
-            replacement = Int8Linear(linear)
+        elif quantize == "int8":  # torch's int8 kernel: bf16 activations only where bf16 is native (fp32 is more accurate and no slower elsewhere)
+            replacement = Int8Linear(linear, torch.bfloat16 if torch_dtype == torch.bfloat16 or linear.weight.device.type != "cpu" or native.native_bf16()
+                                     else torch.float32)
         elif transpose:
             replacement = TransposedLinear(linear)
         else:
@@ -73,6 +78,29 @@ def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: 
         p.requires_grad_(False)
     setattr(model, PREPARED, {"dtype": {v: k for k, v in DTYPES.items()}.get(torch_dtype, str(torch_dtype)), "quantize": quantize})
     return model
+
+
+_noted: set[str] = set()
+
+
+def slow_precision(dtype: torch.dtype, quantize: str | None) -> str | None:
+    """Why bf16 or int8 weights would decode slower than fp32 on this CPU without the native kernels, or None."""
+    if native.native_bf16():
+        return None
+    if quantize == "int8":
+        return "--quantize int8 runs torch's int8 kernel, which on a CPU without native bf16 can be slower than fp32"
+    if dtype == torch.bfloat16:
+        return "bf16 weights run torch's emulated bf16 matmuls on this CPU (no AVX-512 BF16 or AMX), slower than fp32"
+    return None
+
+
+def _note_slow_precision(dtype: torch.dtype, quantize: str | None) -> None:
+    """Say once per process that an asked-for precision is slower here than fp32 (it still works)."""
+    why = slow_precision(dtype, quantize)
+    if why is not None and why not in _noted:
+        _noted.add(why)
+        off = native.why_off() or "off"
+        print(f"note: {why} (gptwo's native kernels: {off}); use --dtype fp32 for speed, or see `gptwo kernels info`", file=sys.stderr)
 
 
 def _native_kind(model: GPT, dtype: torch.dtype, quantize: str | None) -> int | None:

@@ -434,7 +434,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        from gptwo.train.speed import native_bf16
+        from gptwo.infer.native import native_bf16
 
         return torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
     if name not in DTYPES:

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from gptwo.config import TrainConfig
+from gptwo.infer.native import native_bf16  # noqa: F401 - the one probe; train code and its callers use it from here
 
 # Compiling costs ~10-40 s on a CPU; below this many steps a run finishes sooner in eager mode.
 CPU_COMPILE_MIN_STEPS = 1000
@@ -139,12 +140,6 @@ def autocast(config: TrainConfig, device: torch.device):
 def use_fused_adamw(device: torch.device, parallel: str | None) -> bool:
     """Fused AdamW (one kernel over all parameters) on CUDA and CPU, except on FSDP's sharded parameters."""
     return device.type in ("cuda", "cpu") and parallel != "fsdp"
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast speeds training up."""
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in checks if check is not None)
 
 
 def onednn_available() -> bool:
