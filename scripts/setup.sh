@@ -28,9 +28,14 @@ case "$job" in
   test)
     echo "setup: installing gptwo with all extras and test dependencies" >&2
     pip_install -e ".[all,dev]"
-    if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-      echo "setup: installing Debian's chromium for the playground browser test" >&2
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
+    # Debian packages some tests use (each skips without its own): chromium for the playground browser test;
+    # an aarch64 cross compiler and qemu-user for the native kernels' C test on ARM (NEON)
+    debs=""
+    command -v chromium >/dev/null 2>&1 || debs="$debs chromium chromium-driver"
+    command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1 || debs="$debs gcc-aarch64-linux-gnu qemu-user"
+    if [ -n "$debs" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      echo "setup: installing Debian's$debs for the browser and ARM kernel tests" >&2
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $debs) >/dev/null || echo "setup: could not install$debs; those tests will skip" >&2
     fi
     exec python -m pytest -q
     ;;

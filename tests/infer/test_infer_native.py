@@ -192,3 +192,25 @@ def test_a_fresh_build_lands_in_the_cache_once(fresh_kernels, tmp_path):
     built = sorted((tmp_path / "kernels").glob("gptwo_kernels_*"))  # the library and its checksum
     native.reset()
     assert native.library() is not None and sorted((tmp_path / "kernels").glob("*")) == built  # reused, no temporary left
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"quantize": "int8"}], ids=["bf16", "int8"])
+def test_a_precision_slower_than_fp32_here_says_so_once_and_still_works(fresh_kernels, capsys, options):
+    from gptwo.infer import prepare as prepare_module
+
+    fresh_kernels.setenv("GPTWO_NATIVE", "0")
+    fresh_kernels.setattr(native, "native_bf16", lambda: False)  # a CPU without AVX-512 BF16 or AMX
+    fresh_kernels.setattr(prepare_module, "_noted", set())
+    model = odd_model()
+    idx = torch.randint(0, 101, (1, 5))
+    for _ in range(2):
+        prepared = prepare_model(copy.deepcopy(model), **options)
+    err = capsys.readouterr().err
+    assert err.count("slower than fp32") == 1 and "use --dtype fp32" in err and "GPTWO_NATIVE=0" in err
+    if "quantize" in options:  # torch's int8 kernel then multiplies fp32 activations: exact weight-only int8
+        assert prepared.lm_head.scales.dtype == torch.float32
+    assert torch.equal(Decoder(prepared, max_len=40).generate(idx, 8)[:, :5], idx)
+    fresh_kernels.setattr(native, "native_bf16", lambda: True)
+    fresh_kernels.setattr(prepare_module, "_noted", set())
+    prepare_model(copy.deepcopy(model), **options)
+    assert "slower than fp32" not in capsys.readouterr().err  # native bf16 matmuls: nothing to say

@@ -104,9 +104,9 @@ def test_origins_are_parsed_and_checked():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
-    import gptwo.train.speed
+    import gptwo.infer.native
 
-    monkeypatch.setattr(gptwo.train.speed, "native_bf16", lambda: native)
+    monkeypatch.setattr(gptwo.infer.native, "native_bf16", lambda: native)
     assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice is never overridden
 

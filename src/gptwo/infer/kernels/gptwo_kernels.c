@@ -166,7 +166,7 @@ INLINE void prefetch_ahead(const void *p, int R, int K, int elt) {
 
 /* One linear layer and one batch of activations prepared for its kind. */
 typedef struct { int kind, K, N; const void *w; const float *scale, *bias; } Lin;
-typedef struct { const float *x; uint16_t *xb; int8_t *xq; float *xs; float *corr; int M, K, Kp; } Act;
+typedef struct { const float *x; float *xp; uint16_t *xb; int8_t *xq; float *xs; float *corr; int M, K, Kp; } Act;
 
 /* ---- R (<= 4) dot products of weight rows w[r*K ...] with x, per kind; out[r] are raw sums ---- */
 INLINE void dots_f32(const float *w, int K, const float *x, int R, float *out) {
@@ -183,15 +183,24 @@ INLINE void dots_f32(const float *w, int K, const float *x, int R, float *out) {
     }
 }
 
-INLINE void dots_bf16(const uint16_t *w, int K, const float *x, int R, float *out) {
-    vf acc[4] = {{0}, {0}, {0}, {0}};
+/* bf16 weights, 2*VW at a time as VW 32-bit lanes: the low halves shifted up are the even elements as
+   fp32, the high halves masked the odd ones, multiplied by xp, x reordered per 2*VW block into its
+   even then its odd elements (prepare_row). One load, a shift and an and per 2*VW weights. */
+INLINE void dots_bf16(const uint16_t *w, int K, const float *x, const float *xp, int R, float *out) {
+    vf acc[4] = {{0}, {0}, {0}, {0}}, acc2[4] = {{0}, {0}, {0}, {0}};
     int k = 0;
-    for (; k + VW <= K; k += VW) {
-        vf xv = ld(x + k);
-        for (int r = 0; r < R; r++) { prefetch_ahead(w + (size_t)r * K + k, R, K, 2); acc[r] += ld_bf16(w + (size_t)r * K + k) * xv; }
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+        vf xe = ld(xp + k), xo = ld(xp + k + VW);
+        for (int r = 0; r < R; r++) {
+            vu u;
+            prefetch_ahead(w + (size_t)r * K + k, R, K, 2);
+            memcpy(&u, w + (size_t)r * K + k, sizeof u);
+            acc[r] += (vf)(u << 16) * xe;
+            acc2[r] += (vf)(u & 0xffff0000u) * xo;
+        }
     }
     for (int r = 0; r < R; r++) {
-        float s = hsum(acc[r]);
+        float s = hsum(acc[r] + acc2[r]);
         for (int j = k; j < K; j++) s += bf16_to_f32(w[(size_t)r * K + j]) * x[j];
         out[r] = s;
     }
@@ -311,6 +320,11 @@ INLINE void dots_i8_w16(const int8_t *w, int K, const int16_t *xq, int R, float 
 static void prepare_row(int kind, Act *a, int m) {
     const float *x = a->x + (size_t)m * a->K;
     int K = a->K;
+    if (kind == K_BF16) { /* even then odd elements of each 2*VW block (the tail is read from x) */
+        float *xp = a->xp + (size_t)m * a->Kp;
+        for (int k = 0; k + 2 * VW <= K; k += 2 * VW)
+            for (int i = 0; i < VW; i++) xp[k + i] = x[k + 2 * i], xp[k + VW + i] = x[k + 2 * i + 1];
+    }
     if (kind == K_BF16_DP) {
         uint16_t *xb = a->xb + (size_t)m * a->Kp;
         for (int k = 0; k < K; k++) {
@@ -355,7 +369,7 @@ INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *o
     size_t off = (size_t)n0 * L->K;
     switch (L->kind) {
     case K_F32: dots_f32((const float *)L->w + off, L->K, a->x + (size_t)m * L->K, R, out); break;
-    case K_BF16: dots_bf16((const uint16_t *)L->w + off, L->K, a->x + (size_t)m * L->K, R, out); break;
+    case K_BF16: dots_bf16((const uint16_t *)L->w + off, L->K, a->x + (size_t)m * L->K, a->xp + (size_t)m * a->Kp, R, out); break;
     case K_BF16_DP: dots_bf16_dp((const uint16_t *)L->w + off, L->K, a->xb + (size_t)m * a->Kp, R, out); break;
     case K_I8: dots_i8((const int8_t *)L->w + off, L->K, a->x + (size_t)m * L->K, R, out); break;
     case K_I8_VNNI: {
@@ -440,15 +454,16 @@ static void linear_team(const Lin *L, const Act *a, float *y, int ldy, int gelu,
     run_chunks(s, blocks < MAX_CHUNKS ? blocks : MAX_CHUNKS, linear_chunk, &job);
 }
 
-/* Scratch bytes an Act needs for M rows of K inputs (bf16/int16 copies, int8 blocks, scales, corrections). */
+/* Scratch bytes an Act needs for M rows of K inputs (reordered floats, bf16/int16 copies, int8 blocks, scales, corrections). */
 static size_t act_bytes(int M, int K) {
     size_t Kp = (size_t)(K + QB - 1) / QB * QB;
-    return M * Kp * 2 + M * Kp + M * (Kp / QB) * 4 + M * 4 + 256;
+    return M * Kp * 4 + M * Kp * 2 + M * Kp + M * (Kp / QB) * 4 + M * 4 + 256;
 }
 
 /* x prepared for `kind` in this thread's scratch (every thread prepares its own copy: no waiting). */
 static Act act_prepare(int kind, const float *x, int M, int K, char *scratch) {
-    Act a = {x, 0, 0, 0, 0, M, K, (K + QB - 1) / QB * QB};
+    Act a = {x, 0, 0, 0, 0, 0, M, K, (K + QB - 1) / QB * QB};
+    a.xp = (float *)scratch; scratch += (size_t)M * a.Kp * 4;
     a.xb = (uint16_t *)scratch; scratch += (size_t)M * a.Kp * 2;
     a.xq = (int8_t *)scratch; scratch += (size_t)M * a.Kp;
     scratch = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
