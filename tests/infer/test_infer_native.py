@@ -161,6 +161,8 @@ def test_int8_through_the_native_step_keeps_perplexity_and_greedy_tokens(trained
 def fresh_kernels(monkeypatch, tmp_path):
     """The kernel loader forgets what it loaded, builds into an empty cache, and forgets again afterwards."""
     monkeypatch.setenv("GPTWO_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.delenv("GPTWO_NATIVE", raising=False)  # the suite may run under GPTWO_NATIVE=0 or a forced ISA
+    monkeypatch.delenv("GPTWO_KERNEL_ISA", raising=False)
     native.reset()
     yield monkeypatch
     native.reset()

@@ -406,7 +406,10 @@ INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *o
    barrier would hold the whole team until that thread runs again (milliseconds); here the other thread
    takes its work over. Outputs go to per-layer buffers, so a late duplicate writes stale-free
    (identical) values where nobody reads anything else. */
-#define MAX_CHUNKS 16
+#define MAX_CHUNKS 64
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES (256 * 1024) /* weight bytes per chunk: few chunks (atomics) for small linears, small tails for the head */
+#endif
 #define HELP_SPINS 2000 /* ~30 us of pause before taking over a partner's unfinished chunks */
 typedef struct { int next, done; unsigned char flag[MAX_CHUNKS]; char pad[56]; } Sync;
 typedef void (*ChunkFn)(const void *ctx, int chunk, int chunks);
@@ -461,9 +464,12 @@ static void linear_chunk(const void *ctx, int c, int chunks) {
 
 /* y = x @ W.T + b (GELU'd if asked), shared by the team through `s`; `a` is this thread's copy of x. */
 static void linear_team(const Lin *L, const Act *a, float *y, int ldy, int gelu, Sync *s) {
-    int blocks = (L->N + 3) / 4;
+    int blocks = (L->N + 3) / 4, elt = L->kind == K_F32 ? 4 : L->kind <= K_BF16_DP ? 2 : 1;
+    size_t bytes = (size_t)L->N * L->K * elt;
+    int chunks = (int)(bytes / CHUNK_BYTES) > 16 ? (int)(bytes / CHUNK_BYTES) : 16; /* at least 16, as before */
+    chunks = chunks < MAX_CHUNKS ? chunks : MAX_CHUNKS;
     LinearJob job = {L, a, y, ldy, gelu};
-    run_chunks(s, blocks < MAX_CHUNKS ? blocks : MAX_CHUNKS, linear_chunk, &job);
+    run_chunks(s, blocks < chunks ? blocks : chunks, linear_chunk, &job);
 }
 
 /* Scratch bytes an Act needs for M rows of K inputs (reordered floats, bf16/int16 copies, int8 blocks, scales, corrections). */
@@ -682,7 +688,7 @@ int gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *token
             layernorm(x, xn, W[0], W[1], T, C, eps);
             Act a = act_prepare(kind, xn, T, C, act_scratch);
             linear_team(&qkv_l, &a, qkv, 3 * C, 0, s++);
-            run_chunks(s++, H < MAX_CHUNKS ? H : MAX_CHUNKS, attention_chunk, &attn);
+            run_chunks(s++, H < 16 ? H : 16, attention_chunk, &attn);
             a = act_prepare(kind, att, T, C, act_scratch);
             linear_team(&proj, &a, r1, C, 0, s++);
             add_into(x, r1, (size_t)T * C);
