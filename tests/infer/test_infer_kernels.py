@@ -141,7 +141,7 @@ def test_a_compiler_that_hangs_is_stopped(fresh, tmp_path, capsys):
 
 
 def test_the_compilers_identity_is_part_of_the_cache_key(fresh, tmp_path):
-    source = KERNELS.read_bytes()
+    source = native.source()
     paths = []
     for version in ("1.0", "2.0"):
         cc = tmp_path / f"cc{version}"

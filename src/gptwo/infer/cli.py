@@ -44,7 +44,7 @@ def kernel_info() -> dict:
     try:
         path, version = native.compiler()
         info.update(compiler=path, compiler_version=version, command=" ".join(native.build_command(info["isa"], path)))
-        info["library"] = native.library_path(info["isa"], _source())
+        info["library"] = native.library_path(info["isa"], native.source())
         info["built"] = os.path.exists(info["library"])
     except OSError as err:
         info["status"] = f"off: {err}"
@@ -97,13 +97,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
         except OSError as err:
             what, _, fix = str(err).partition(" — ")
             raise GptwoError(f"the {isa} kernels cannot be loaded: {what}", fix or "remove the kernel cache folder and run again, or set GPTWO_NATIVE=0") from None
-        print(f"{isa}: {native.library_path(isa, _source())} (abi {lib.gptwo_abi()})")
+        print(f"{isa}: {native.library_path(isa, native.source())} (abi {lib.gptwo_abi()})")
     return 0
 
-
-def _source() -> bytes:
-    from importlib import resources
-
-    from gptwo.infer import native
-
-    return resources.files("gptwo.infer").joinpath("kernels", native.SOURCE).read_bytes()

@@ -168,15 +168,14 @@ def _trusted(target: str) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022 and _digest(target) == recorded
 
 
-def _build(isa: str, source: bytes, quiet: bool = False) -> str:
+def _build(isa: str, source: bytes) -> str:
     """Path of the shared library for this source, compiler and ISA, compiling it if the cache has no trusted copy."""
     path, _ = compiler()
     directory = private_dir(cache_dir())
     target = library_path(isa, source)
     if _trusted(target):
         return target
-    if not quiet:
-        print(f"note: compiling gptwo's native CPU kernels for {isa} (once; cached in {directory})", file=sys.stderr)
+    print(f"note: compiling gptwo's native CPU kernels for {isa} (once; cached in {directory})", file=sys.stderr)
     timeout = float(os.environ.get("GPTWO_KERNEL_BUILD_TIMEOUT") or BUILD_TIMEOUT_S)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         with open(os.path.join(tmp, SOURCE), "wb") as f:
@@ -214,10 +213,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def load(isa: str, quiet: bool = False) -> ctypes.CDLL:
+def source() -> bytes:
+    """The kernels' C source as shipped in the package."""
+    return resources.files("gptwo.infer").joinpath("kernels", SOURCE).read_bytes()
+
+
+def load(isa: str) -> ctypes.CDLL:
     """The kernels built for `isa` (built now if need be), checked for their ABI version and ISA; OSError if they cannot be had."""
-    source = resources.files("gptwo.infer").joinpath("kernels", SOURCE).read_bytes()
-    path = _build(isa, source, quiet)
+    path = _build(isa, source())
     lib = ctypes.CDLL(path)
     try:
         abi = lib.gptwo_abi()
