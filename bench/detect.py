@@ -22,28 +22,46 @@ import time
 
 import torch
 
-from gptwo.detect.calibrate import auroc
-from gptwo.detect.stats import document_scores, token_stats
-from gptwo.weights import load_model
-
-from gptwo.detect.calibrate import calibrate
+from gptwo.detect.calibrate import auroc, calibrate
 from gptwo.detect.sample import sample_set
+from gptwo.detect.stats import document_scores, token_stats
 from gptwo.fileio import atomic_write
+from gptwo.weights import load_model
 
 SETTINGS = {"temperature-1.0": dict(temperature=1.0, top_k=None), "top-k-40": dict(temperature=1.0, top_k=40)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/qs", help="a run/model folder (default runs/qs, from 'gptwo quickstart --out runs/qs')")
-    parser.add_argument("--data", default=None, help="prepared data folder whose val split gives the human text (default MODEL/data)")
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt tokens taken from each human passage (default 16)")
+    parser.add_argument(
+        "--model", default="runs/qs", help="a run/model folder (default runs/qs, from 'gptwo quickstart --out runs/qs')"
+    )
+    parser.add_argument(
+        "--data", default=None, help="prepared data folder whose val split gives the human text (default MODEL/data)"
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=16, help="prompt tokens taken from each human passage (default 16)"
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens the model writes (default 128)")
-    parser.add_argument("--per-document", type=int, default=0, help="passages per validation document (default 0 = all, non-overlapping)")
+    parser.add_argument(
+        "--per-document",
+        type=int,
+        default=0,
+        help="passages per validation document (default 0 = all, non-overlapping)",
+    )
     parser.add_argument("--out", default="bench/results/detect", help="output folder")
-    parser.add_argument("--reference", default=None, help="a second model with the same tokenizer (e.g. an earlier checkpoint): adds Binoculars")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="a second model with the same tokenizer (e.g. an earlier checkpoint): adds Binoculars",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine more threads run far slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine more threads run far slower)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,16 +70,51 @@ def main() -> None:
     for name, sampling in SETTINGS.items():
         folder = os.path.join(args.out, name)
         start = time.perf_counter()
-        summary = sample_set(args.model, data, folder, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, per_document=args.per_document,
-                             seed=args.seed, device="cpu", **sampling)
-        report = calibrate(args.model, os.path.join(folder, "human"), os.path.join(folder, "generated"), reference_spec=args.reference, out=os.path.join(folder, "calibration.json"),
-                           plot=os.path.join(args.out, f"roc-{name}.png"), device="cpu")
+        summary = sample_set(
+            args.model,
+            data,
+            folder,
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            per_document=args.per_document,
+            seed=args.seed,
+            device="cpu",
+            **sampling,
+        )
+        report = calibrate(
+            args.model,
+            os.path.join(folder, "human"),
+            os.path.join(folder, "generated"),
+            reference_spec=args.reference,
+            out=os.path.join(folder, "calibration.json"),
+            plot=os.path.join(args.out, f"roc-{name}.png"),
+            device="cpu",
+        )
         oracle = oracle_auroc(args.model, folder)
-        results[name] = {"oracle_fast_detectgpt_auroc": oracle, "pairs": summary["pairs"], "dropped_short": summary["dropped_short"], "sampling": sampling, "seconds": time.perf_counter() - start,
-                         "statistics": report["statistics"], "plot": report["plot"], "classifier_evaluation": report["classifier_evaluation"],
-                         "documents": len(set(summary["documents"]))}
-    payload = {"model": args.model, "reference": args.reference, "data": data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "detector": "classifier", "settings": results}
-    atomic_write(os.path.join(os.path.dirname(args.out.rstrip("/")) or ".", "detect.json"), (json.dumps(payload, indent=2) + "\n").encode())
+        results[name] = {
+            "oracle_fast_detectgpt_auroc": oracle,
+            "pairs": summary["pairs"],
+            "dropped_short": summary["dropped_short"],
+            "sampling": sampling,
+            "seconds": time.perf_counter() - start,
+            "statistics": report["statistics"],
+            "plot": report["plot"],
+            "classifier_evaluation": report["classifier_evaluation"],
+            "documents": len(set(summary["documents"])),
+        }
+    payload = {
+        "model": args.model,
+        "reference": args.reference,
+        "data": data,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "detector": "classifier",
+        "settings": results,
+    }
+    atomic_write(
+        os.path.join(os.path.dirname(args.out.rstrip("/")) or ".", "detect.json"),
+        (json.dumps(payload, indent=2) + "\n").encode(),
+    )
     print(table(results))
 
 
@@ -70,7 +123,10 @@ def oracle_auroc(model_spec: str, folder: str) -> float:
     model, tokenizer = load_model(model_spec, device="cpu")
     with open(os.path.join(folder, "tokens.json"), encoding="utf-8") as f:
         ids = json.load(f)
-    score = {kind: [document_scores(token_stats(model, tokenizer, t, top=1))["fast_detectgpt"] for t in ids[kind]] for kind in ("human", "generated")}
+    score = {
+        kind: [document_scores(token_stats(model, tokenizer, t, top=1))["fast_detectgpt"] for t in ids[kind]]
+        for kind in ("human", "generated")
+    }
     return auroc(score["generated"], score["human"])
 
 
@@ -80,8 +136,17 @@ def table(results: dict) -> str:
     head = "| statistic | " + " | ".join(f"AUROC {n} | TPR@1%FPR {n}" for n in names) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(names))]
     for stat in results[names[0]]["statistics"]:
-        cells = [f"{results[n]['statistics'][stat]['auroc']:.3f} | {results[n]['statistics'][stat]['tpr']:.3f}" for n in names]
-        label = " (detector once calibrated; out-of-fold)" if stat == "classifier" else " (uncalibrated default)" if stat == "fast_detectgpt" else ""
+        cells = [
+            f"{results[n]['statistics'][stat]['auroc']:.3f} | {results[n]['statistics'][stat]['tpr']:.3f}"
+            for n in names
+        ]
+        label = (
+            " (detector once calibrated; out-of-fold)"
+            if stat == "classifier"
+            else " (uncalibrated default)"
+            if stat == "fast_detectgpt"
+            else ""
+        )
         lines.append(f"| {stat}{label} | " + " | ".join(cells) + " |")
     cells = [f"{results[n]['oracle_fast_detectgpt_auroc']:.3f} | –" for n in names]
     lines.append("| fast_detectgpt on the sampled token ids (oracle, not text-only) | " + " | ".join(cells) + " |")
@@ -90,8 +155,10 @@ def table(results: dict) -> str:
         folds = results[n]["classifier_evaluation"]["folds"]
         train = [f["train"]["human"] + f["train"]["generated"] for f in folds]
         test = [f["test"]["human"] + f["test"]["generated"] for f in folds]
-        counts.append(f"{n}: {results[n]['pairs']} pairs from {results[n]['documents']} documents; classifier: {len(folds)} folds by document, "
-                      f"fit on {min(train)}-{max(train)} texts, tested on {min(test)}-{max(test)} each")
+        counts.append(
+            f"{n}: {results[n]['pairs']} pairs from {results[n]['documents']} documents; classifier: {len(folds)} folds by document, "
+            f"fit on {min(train)}-{max(train)} texts, tested on {min(test)}-{max(test)} each"
+        )
     return "\n".join(lines) + "\n\n" + "\n".join(counts)
 
 

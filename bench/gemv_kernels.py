@@ -40,7 +40,10 @@ def main(rounds: int = 15) -> None:
         "torch bf16 x @ W(in,out)": (lambda: [xb[w.shape[0]] @ w for w in wbt], bf16),
         "native bf16 widen": (chain(native.BF16, bf16, none), bf16),
         "native bf16 vdpbf16ps": (chain(native.BF16_DP, bf16, none), bf16),
-        "torch int8 _weight_int8pack_mm": (lambda: [torch.ops.aten._weight_int8pack_mm(xb[w.shape[1]], w, s.bfloat16()) for w, s in zip(i8, sc)], i8),
+        "torch int8 _weight_int8pack_mm": (
+            lambda: [torch.ops.aten._weight_int8pack_mm(xb[w.shape[1]], w, s.bfloat16()) for w, s in zip(i8, sc)],
+            i8,
+        ),
         "native int8 widen": (chain(native.I8, i8, sc), i8),
         "native int8 vpdpbusd": (chain(native.I8_VNNI, i8, sc), i8),
     }
@@ -52,7 +55,9 @@ def main(rounds: int = 15) -> None:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    print(f"{torch.get_num_threads()} threads; one GPT-2 124M decode step's 49 GEMVs, median of {rounds} interleaved rounds")
+    print(
+        f"{torch.get_num_threads()} threads; one GPT-2 124M decode step's 49 GEMVs, median of {rounds} interleaved rounds"
+    )
     for name, (_, ws) in runs.items():
         t = statistics.median(times[name])
         nbytes = sum(w.numel() * w.element_size() for w in ws)

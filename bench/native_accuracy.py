@@ -19,10 +19,14 @@ from gptwo import GPT
 from gptwo.data.shards import read_shard
 from gptwo.infer import Decoder, prepare_model
 
-KINDS = {"fp32": ({"dtype": "fp32"}, {}), "bf16 widen": ({"dtype": "bf16"}, {"GPTWO_NATIVE_BF16": "widen"}),
-         "bf16 vdpbf16ps": ({"dtype": "bf16"}, {"GPTWO_NATIVE_BF16": "dp"}), "int8 widen": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "widen"}),
-         "int8 vpdpbusd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "vnni"}),
-         "int8 vpdpwssd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "w16"})}
+KINDS = {
+    "fp32": ({"dtype": "fp32"}, {}),
+    "bf16 widen": ({"dtype": "bf16"}, {"GPTWO_NATIVE_BF16": "widen"}),
+    "bf16 vdpbf16ps": ({"dtype": "bf16"}, {"GPTWO_NATIVE_BF16": "dp"}),
+    "int8 widen": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "widen"}),
+    "int8 vpdpbusd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "vnni"}),
+    "int8 vpdpwssd": ({"quantize": "int8"}, {"GPTWO_NATIVE_INT8": "w16"}),
+}
 
 
 def main(directory: str, windows: int = 8) -> None:
@@ -35,11 +39,15 @@ def main(directory: str, windows: int = 8) -> None:
         os.environ.update(env)
         decoder = Decoder(prepare_model(copy.deepcopy(model), **options), max_len=T)
         with torch.no_grad():
-            logits = torch.stack([torch.cat([decoder.forward(w[None, t : t + 1], t) for t in range(T - 1)]) for w in ids])
+            logits = torch.stack(
+                [torch.cat([decoder.forward(w[None, t : t + 1], t) for t in range(T - 1)]) for w in ids]
+            )
         nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).item()
         greedy = logits.argmax(-1)
         reference = reference or (nll, greedy)
-        print(f"{name:16s} perplexity {np.exp(nll):8.3f} ({np.exp(nll - reference[0]) - 1:+.3%} vs fp32), argmax equal to fp32's {(greedy == reference[1]).float().mean():.3f}")
+        print(
+            f"{name:16s} perplexity {np.exp(nll):8.3f} ({np.exp(nll - reference[0]) - 1:+.3%} vs fp32), argmax equal to fp32's {(greedy == reference[1]).float().mean():.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,11 @@ def main(new_tokens: int = 64, rounds: int = 5) -> None:
     base = bench_model(None, torch.device("cpu"))
     prompt = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     hf = hf_twin(base)
-    runs = {"transformers generate fp32": lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)}
+    runs = {
+        "transformers generate fp32": lambda: hf.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+    }
     nbytes = {"transformers generate fp32": streamed_bytes(base)}
     for name, (options, env) in OPTIONS.items():
         os.environ.update(env)
@@ -51,11 +55,15 @@ def main(new_tokens: int = 64, rounds: int = 5) -> None:
         seconds = interleaved(runs, rounds, torch.device("cpu"))
     bandwidth = probe.numel() * 4 / seconds["memory read (sum of 512 MiB)"]
     anchor = new_tokens / seconds["transformers generate fp32"]
-    print(f"2 threads, 16-token prompt + {new_tokens} greedy, median of {rounds} interleaved rounds; memory read {bandwidth / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"2 threads, 16-token prompt + {new_tokens} greedy, median of {rounds} interleaved rounds; memory read {bandwidth / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'option':34s} {'tok/s':>7s} {'vs tf':>6s} {'MB':>5s} {'ceiling':>7s} {'of ceiling':>10s}")
     for name, n in nbytes.items():
         rate = new_tokens / seconds[name]
-        print(f"{name:34s} {rate:7.1f} {rate / anchor:6.2f} {n / 1e6:5.0f} {bandwidth / n:7.0f} {rate / (bandwidth / n):10.0%}")
+        print(
+            f"{name:34s} {rate:7.1f} {rate / anchor:6.2f} {n / 1e6:5.0f} {bandwidth / n:7.0f} {rate / (bandwidth / n):10.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,12 +42,40 @@ from gptwo.train.metrics import read_metrics
 from gptwo.weights import load_model
 
 NOISE = ("duplicate", "shuffled", "random_tokens", "other_script")
-GREEK = str.maketrans("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
-                      "αβψδεφγηιξκλμνοπρσστθωςχυζΑΒΨΔΕΦΓΗΙΞΚΛΜΝΟΠΡΣΣΤΘΩΣΧΥΖ")
-MODEL = ["n_layer=2", "n_head=2", "n_embd=64", "block_size=64", "batch_size=16", "lr=3e-3", "sampling=random", "sample_tokens=0",
-         "eval_batches=1", "log_every=10", "threads=1", "device=cpu", "seed=0"]
-REFERENCE = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=64", "batch_size=16", "lr=3e-3", "sampling=random", "sample_tokens=0",
-             "eval_batches=1", "log_every=10", "threads=1", "device=cpu", "seed=0", "warmup_steps=20"]
+GREEK = str.maketrans(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "αβψδεφγηιξκλμνοπρσστθωςχυζΑΒΨΔΕΦΓΗΙΞΚΛΜΝΟΠΡΣΣΤΘΩΣΧΥΖ"
+)
+MODEL = [
+    "n_layer=2",
+    "n_head=2",
+    "n_embd=64",
+    "block_size=64",
+    "batch_size=16",
+    "lr=3e-3",
+    "sampling=random",
+    "sample_tokens=0",
+    "eval_batches=1",
+    "log_every=10",
+    "threads=1",
+    "device=cpu",
+    "seed=0",
+]
+REFERENCE = [
+    "n_layer=1",
+    "n_head=2",
+    "n_embd=32",
+    "block_size=64",
+    "batch_size=16",
+    "lr=3e-3",
+    "sampling=random",
+    "sample_tokens=0",
+    "eval_batches=1",
+    "log_every=10",
+    "threads=1",
+    "device=cpu",
+    "seed=0",
+    "warmup_steps=20",
+]
 
 
 # ---------------------------------------------------------------- the corpus
@@ -58,15 +86,26 @@ def build_corpus(root: str, quick: bool, noise_share: float) -> dict:
     if quick:
         docs = docs[:400]
     n = len(docs)
-    heldout, reference, sources, clean = docs[: n // 10], docs[n // 10 : n // 5], docs[n // 5 : n // 5 + n // 20], docs[n // 5 + n // 20 :]
+    heldout, reference, sources, clean = (
+        docs[: n // 10],
+        docs[n // 10 : n // 5],
+        docs[n // 5 : n // 5 + n // 20],
+        docs[n // 5 + n // 20 :],
+    )
     clean_chars = sum(map(len, clean))
     per_kind = noise_share / (1 - noise_share) * clean_chars / len(NOISE)  # characters of each noise kind
     rng = random.Random(1)
-    tok = Tokenizer.train((text for text in clean), vocab_size=1024 if quick else 2048)  # trained on clean text, as a general tokenizer is
+    tok = Tokenizer.train(
+        (text for text in clean), vocab_size=1024 if quick else 2048
+    )  # trained on clean text, as a general tokenizer is
     noise = {
-        "duplicate": _fill(per_kind, lambda: sources[rng.randrange(max(1, len(sources) // 10))]),  # a few documents, many copies
+        "duplicate": _fill(
+            per_kind, lambda: sources[rng.randrange(max(1, len(sources) // 10))]
+        ),  # a few documents, many copies
         "shuffled": _fill(per_kind, lambda: _shuffled(rng.choice(clean[: len(clean) // 4]), rng)),
-        "random_tokens": _fill(per_kind, lambda: tok.decode([rng.randrange(tok.n_vocab - 1) for _ in range(rng.randint(200, 600))])),
+        "random_tokens": _fill(
+            per_kind, lambda: tok.decode([rng.randrange(tok.n_vocab - 1) for _ in range(rng.randint(200, 600))])
+        ),
         "other_script": _fill(per_kind, lambda: rng.choice(sources).translate(GREEK)),
     }
     labelled = [(text, "clean") for text in clean] + [(text, kind) for kind, texts in noise.items() for text in texts]
@@ -80,7 +119,14 @@ def build_corpus(root: str, quick: bool, noise_share: float) -> dict:
         write_documents(os.path.join(root, f"{name}.jsonl.zst"), texts)
     for name in ("mixed", "heldout", "reference"):
         source = os.path.join(root, f"{name}.jsonl.zst")
-        prepare([source], os.path.join(root, f"data-{name}"), tokenizer=tok_path, val_fraction=0.02, progress=False, workers=1)
+        prepare(
+            [source],
+            os.path.join(root, f"data-{name}"),
+            tokenizer=tok_path,
+            val_fraction=0.02,
+            progress=False,
+            workers=1,
+        )
         data[f"data-{name}"] = os.path.join(root, f"data-{name}")
     data["kinds"], tokens = _token_kinds(labelled, tok)
     data["shares"] = {kind: tokens[kind] / sum(tokens.values()) for kind in ("clean", *NOISE)}
@@ -163,33 +209,61 @@ def heldout_curve(run: str, heldout: str, batches: int) -> list[tuple[int, float
     for step, path in list_checkpoints(run):
         model, _ = load_model(path, device="cpu")
         with torch.no_grad():
-            losses = [float(torch.nn.functional.cross_entropy(model(x).view(-1, model.config.vocab_size), y.reshape(-1)))
-                      for x, y in loader.iter_eval_batches(batches)]
+            losses = [
+                float(torch.nn.functional.cross_entropy(model(x).view(-1, model.config.vocab_size), y.reshape(-1)))
+                for x, y in loader.iter_eval_batches(batches)
+            ]
         curve.append((step, sum(losses) / len(losses)))
     return curve
 
 
 def run(name: str, data: str, out: str, steps: int, extra: list[str], kinds: dict, points: int, seed: int) -> dict:
     every = max(1, steps // points)
-    settings = MODEL + [f"seed={seed}", f"max_steps={steps}", f"checkpoint_every={every}", f"eval_every={steps}", "keep_checkpoints=1000",
-                        f"warmup_steps={max(1, steps // 20)}"] + extra
+    settings = (
+        MODEL
+        + [
+            f"seed={seed}",
+            f"max_steps={steps}",
+            f"checkpoint_every={every}",
+            f"eval_every={steps}",
+            "keep_checkpoints=1000",
+            f"warmup_steps={max(1, steps // 20)}",
+        ]
+        + extra
+    )
     start, cpu = time.perf_counter(), time.process_time()
     with Recorder(kinds) as recorder:
         run_training(data, out, overrides=settings, progress=False)
-    print(f"  {name}: {steps} steps in {time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU", file=sys.stderr)
+    print(
+        f"  {name}: {steps} steps in {time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU",
+        file=sys.stderr,
+    )
     return {"steps": steps, "shares": recorder.shares(), "flops_per_step": train_flops_per_step(out)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500, help="uniform's steps: sets the FLOPs budget of every strategy")
+    parser.add_argument(
+        "--steps", type=int, default=1500, help="uniform's steps: sets the FLOPs budget of every strategy"
+    )
     parser.add_argument("--pool", type=int, default=2, help="selection_pool of the online strategies")
     parser.add_argument("--reference-steps", type=int, default=300, help="steps of the reference model's training")
-    parser.add_argument("--keep", type=float, default=0.6, help="offline: fraction of documents kept (lowest reference loss)")
-    parser.add_argument("--noise-share", type=float, default=0.4, help="share of the training characters that is planted noise")
+    parser.add_argument(
+        "--keep", type=float, default=0.6, help="offline: fraction of documents kept (lowest reference loss)"
+    )
+    parser.add_argument(
+        "--noise-share", type=float, default=0.4, help="share of the training characters that is planted noise"
+    )
     parser.add_argument("--points", type=int, default=10, help="held-out evaluations per run")
-    parser.add_argument("--eval-batches", type=int, default=40, help="held-out batches of 16 x 64 tokens per evaluation")
-    parser.add_argument("--seed", type=int, default=0, help="training seed of every run (model init, row sampling); the corpus stays the same")
+    parser.add_argument(
+        "--eval-batches", type=int, default=40, help="held-out batches of 16 x 64 tokens per evaluation"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of every run (model init, row sampling); the corpus stays the same",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (few documents and steps)")
     parser.add_argument("--out", default="bench/results", help="folder for selection.json and selection.png")
     args = parser.parse_args()
@@ -203,11 +277,23 @@ def main() -> None:
 
     # the reference model: trained on clean documents held out from training and from evaluation
     ref = os.path.join(root, "run-reference")
-    run_training(data["data-reference"], ref, overrides=REFERENCE + [f"seed={args.seed}", f"max_steps={args.reference_steps}", f"eval_every={args.reference_steps}",
-                                                                      f"checkpoint_every={args.reference_steps}"], progress=False)
+    run_training(
+        data["data-reference"],
+        ref,
+        overrides=REFERENCE
+        + [
+            f"seed={args.seed}",
+            f"max_steps={args.reference_steps}",
+            f"eval_every={args.reference_steps}",
+            f"checkpoint_every={args.reference_steps}",
+        ],
+        progress=False,
+    )
     reference_flops = train_flops_per_step(ref) * args.reference_steps
 
-    runs["uniform"] = run("uniform", data["data-mixed"], os.path.join(root, "run-uniform"), args.steps, [], kinds, args.points, args.seed)
+    runs["uniform"] = run(
+        "uniform", data["data-mixed"], os.path.join(root, "run-uniform"), args.steps, [], kinds, args.points, args.seed
+    )
     budget = runs["uniform"]["flops_per_step"] * args.steps
 
     # offline: score every document with the reference, keep the lowest-loss band, prepare, train
@@ -218,28 +304,67 @@ def main() -> None:
     scoring_flops = scored_tokens * model_forward_flops(ref_model, ref_model.config.block_size)
     kept = os.path.join(root, "kept.jsonl.zst")
     filter_documents([data["mixed"]], scores, kept, by="loss", keep=args.keep)
-    prepare([kept], os.path.join(root, "data-kept"), tokenizer=data["tokenizer"], val_fraction=0.02, progress=False, workers=1)
+    prepare(
+        [kept],
+        os.path.join(root, "data-kept"),
+        tokenizer=data["tokenizer"],
+        val_fraction=0.02,
+        progress=False,
+        workers=1,
+    )
     fixed = {"offline": reference_flops + scoring_flops, "loss": 0.0, "reducible": reference_flops}
     per_step = runs["uniform"]["flops_per_step"]
-    runs["offline"] = run("offline", os.path.join(root, "data-kept"), os.path.join(root, "run-offline"),
-                          int((budget - fixed["offline"]) // per_step), [], kinds, args.points, args.seed)
+    runs["offline"] = run(
+        "offline",
+        os.path.join(root, "data-kept"),
+        os.path.join(root, "run-offline"),
+        int((budget - fixed["offline"]) // per_step),
+        [],
+        kinds,
+        args.points,
+        args.seed,
+    )
     for strategy in ("loss", "reducible"):
-        extra = [f"selection={strategy}", f"selection_pool={args.pool}"] + ([f"selection_reference={ref}"] if strategy == "reducible" else [])
+        extra = [f"selection={strategy}", f"selection_pool={args.pool}"] + (
+            [f"selection_reference={ref}"] if strategy == "reducible" else []
+        )
         probe = _per_step_flops(data["data-mixed"], extra, root, strategy)
-        runs[strategy] = run(strategy, data["data-mixed"], os.path.join(root, f"run-{strategy}"), int((budget - fixed[strategy]) // probe),
-                             extra, kinds, args.points, args.seed)
+        runs[strategy] = run(
+            strategy,
+            data["data-mixed"],
+            os.path.join(root, f"run-{strategy}"),
+            int((budget - fixed[strategy]) // probe),
+            extra,
+            kinds,
+            args.points,
+            args.seed,
+        )
     fixed["uniform"] = 0.0
     for name, result in runs.items():
         result["fixed_flops"] = fixed[name]
         result["step_curve"] = heldout_curve(os.path.join(root, f"run-{name}"), data["data-heldout"], args.eval_batches)
         result["curve"] = [(fixed[name] + step * result["flops_per_step"], loss) for step, loss in result["step_curve"]]
-    report(runs, budget, data["shares"], reference_flops, scoring_flops, args, time.perf_counter() - wall, time.process_time() - cpu)
+    report(
+        runs,
+        budget,
+        data["shares"],
+        reference_flops,
+        scoring_flops,
+        args,
+        time.perf_counter() - wall,
+        time.process_time() - cpu,
+    )
 
 
 def _per_step_flops(data: str, extra: list[str], root: str, strategy: str) -> float:
     """FLOPs per step of an online strategy, read from a one-step run (the same count the real run logs)."""
     probe = os.path.join(root, f"probe-{strategy}")
-    run_training(data, probe, overrides=MODEL + ["max_steps=1", "eval_every=1000", "checkpoint_every=1000"] + extra, progress=False)
+    run_training(
+        data,
+        probe,
+        overrides=MODEL + ["max_steps=1", "eval_every=1000", "checkpoint_every=1000"] + extra,
+        progress=False,
+    )
     return train_flops_per_step(probe)
 
 
@@ -266,12 +391,19 @@ def interpolate(curve: list[tuple[float, float]], x: float) -> float:
     return curve[-1][1]
 
 
-def report(runs: dict, budget: float, shares: dict, reference_flops: float, scoring_flops: float, args, wall: float, cpu: float) -> None:
+def report(
+    runs: dict, budget: float, shares: dict, reference_flops: float, scoring_flops: float, args, wall: float, cpu: float
+) -> None:
     target = runs["uniform"]["curve"][-1][1]
     print("\ncorpus shares (tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-    print(f"budget {budget:.3e} FLOPs each; reference training {reference_flops:.3e} ({reference_flops / budget:.1%}), "
-          f"offline scoring {scoring_flops:.3e} ({scoring_flops / budget:.1%}); pool {args.pool}\n")
-    header = f"{'strategy':<10} {'steps':>6} {'FLOPs/step':>11} {'final held-out':>15} {'uniform, same steps':>20} {'FLOPs to uniform final':>22}  " + " ".join(f"{k:>13}" for k in ("clean", *NOISE))
+    print(
+        f"budget {budget:.3e} FLOPs each; reference training {reference_flops:.3e} ({reference_flops / budget:.1%}), "
+        f"offline scoring {scoring_flops:.3e} ({scoring_flops / budget:.1%}); pool {args.pool}\n"
+    )
+    header = (
+        f"{'strategy':<10} {'steps':>6} {'FLOPs/step':>11} {'final held-out':>15} {'uniform, same steps':>20} {'FLOPs to uniform final':>22}  "
+        + " ".join(f"{k:>13}" for k in ("clean", *NOISE))
+    )
     print(header + "\n" + " " * 90 + "(share of the rows each trained on)")
     for name, result in runs.items():
         reach = flops_to_reach(result["curve"], target)
@@ -279,13 +411,27 @@ def report(runs: dict, budget: float, shares: dict, reference_flops: float, scor
         result["ratio_to_uniform"] = reach / budget if reach is not None else None
         reached = f"{reach / budget:.2f}x" if reach is not None else "not reached"
         result["uniform_same_steps"] = interpolate(runs["uniform"]["step_curve"], result["steps"])
-        print(f"{name:<10} {result['steps']:>6} {result['flops_per_step']:>11.3e} {result['curve'][-1][1]:>15.4f} {result['uniform_same_steps']:>20.4f} {reached:>22}  "
-              + " ".join(f"{result['shares'][k]:>13.1%}" for k in ("clean", *NOISE)))
+        print(
+            f"{name:<10} {result['steps']:>6} {result['flops_per_step']:>11.3e} {result['curve'][-1][1]:>15.4f} {result['uniform_same_steps']:>20.4f} {reached:>22}  "
+            + " ".join(f"{result['shares'][k]:>13.1%}" for k in ("clean", *NOISE))
+        )
     print(f"\nwall {wall:.0f} s, CPU {cpu:.0f} s (this process; machine shared)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "selection.json"), "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "budget_flops": budget, "reference_flops": reference_flops, "offline_scoring_flops": scoring_flops,
-                   "corpus_shares": shares, "runs": runs, "wall_s": wall, "cpu_s": cpu}, f, indent=1)
+        json.dump(
+            {
+                "args": vars(args),
+                "budget_flops": budget,
+                "reference_flops": reference_flops,
+                "offline_scoring_flops": scoring_flops,
+                "corpus_shares": shares,
+                "runs": runs,
+                "wall_s": wall,
+                "cpu_s": cpu,
+            },
+            f,
+            indent=1,
+        )
     plot(runs, target, os.path.join(args.out, "selection.png"))
 
 

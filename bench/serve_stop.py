@@ -34,7 +34,9 @@ CASES = [("3 x 300 KB", 3, 300_000), ("16 x 1024 chars", 16, 1024)]
 def post(url: str, body: dict, timeout: float = 900) -> tuple[int, float]:
     """(HTTP status, seconds) of one completions request."""
     started = time.monotonic()
-    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
@@ -56,7 +58,16 @@ def case(url: str, count: int, chars: int, heavy_tokens: int, short_tokens: int)
     heavy: dict = {}
 
     def run_heavy():
-        heavy["status"], heavy["seconds"] = post(url, {"model": "bench", "prompt": "Once upon a time", "max_tokens": heavy_tokens, "temperature": 0, "stop": stops})
+        heavy["status"], heavy["seconds"] = post(
+            url,
+            {
+                "model": "bench",
+                "prompt": "Once upon a time",
+                "max_tokens": heavy_tokens,
+                "temperature": 0,
+                "stop": stops,
+            },
+        )
 
     thread = threading.Thread(target=run_heavy)
     thread.start()
@@ -65,8 +76,13 @@ def case(url: str, count: int, chars: int, heavy_tokens: int, short_tokens: int)
     while thread.is_alive() or len(beside) < 3:
         beside.append(short(url, short_tokens)[1])
     thread.join()
-    return {"heavy_status": heavy["status"], "heavy_seconds": round(heavy["seconds"], 3), "short_requests": len(beside),
-            "short_p50_s": round(statistics.median(beside), 3), "short_max_s": round(max(beside), 3)}
+    return {
+        "heavy_status": heavy["status"],
+        "heavy_seconds": round(heavy["seconds"], 3),
+        "short_requests": len(beside),
+        "short_p50_s": round(statistics.median(beside), 3),
+        "short_max_s": round(max(beside), 3),
+    }
 
 
 def measure(model: str, src: str | None, args) -> dict:
@@ -99,13 +115,21 @@ def main() -> None:
     parser.add_argument("--before-src", default=None, help="another source tree's src/ to measure too (the 'before')")
     parser.add_argument("--n-layer", type=int, default=4, help="layers of the random model (default 4)")
     parser.add_argument("--n-embd", type=int, default=256, help="width of the random model (default 256)")
-    parser.add_argument("--heavy-tokens", type=int, default=16, help="max_tokens of the request with long stop strings (default 16)")
+    parser.add_argument(
+        "--heavy-tokens", type=int, default=16, help="max_tokens of the request with long stop strings (default 16)"
+    )
     parser.add_argument("--short-tokens", type=int, default=8, help="max_tokens of the short requests (default 8)")
     parser.add_argument("--device", default="cpu", help="server device (default cpu)")
     parser.add_argument("--dtype", default="auto", help="server --dtype (default auto)")
     parser.add_argument("--max-batch", type=int, default=32, help="server --max-batch (default 32)")
-    parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server (default: CPU count - 1)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serve_stop.json"), help="JSON output path")
+    parser.add_argument(
+        "--server-threads", type=int, default=None, help="torch threads of the server (default: CPU count - 1)"
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serve_stop.json"),
+        help="JSON output path",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,14 +139,30 @@ def main() -> None:
         if args.before_src:
             runs["before"] = measure(model, args.before_src, args)
 
-    print(f"\nrandom GPT-2 n_layer={args.n_layer} n_embd={args.n_embd}; heavy request max_tokens={args.heavy_tokens}, short requests max_tokens={args.short_tokens}")
-    print(f"{'code':<18} {'stop strings':<16} {'heavy status':>12} {'heavy s':>9} {'short alone':>11} {'short p50 beside':>16} {'short max beside':>16}")
+    print(
+        f"\nrandom GPT-2 n_layer={args.n_layer} n_embd={args.n_embd}; heavy request max_tokens={args.heavy_tokens}, short requests max_tokens={args.short_tokens}"
+    )
+    print(
+        f"{'code':<18} {'stop strings':<16} {'heavy status':>12} {'heavy s':>9} {'short alone':>11} {'short p50 beside':>16} {'short max beside':>16}"
+    )
     for label, run in runs.items():
         for name, c in run["cases"].items():
-            print(f"{label:<18} {name:<16} {c['heavy_status']:>12} {c['heavy_seconds']:>9} {run['short_alone_p50_s']:>10}s {c['short_p50_s']:>15}s {c['short_max_s']:>15}s")
+            print(
+                f"{label:<18} {name:<16} {c['heavy_status']:>12} {c['heavy_seconds']:>9} {run['short_alone_p50_s']:>10}s {c['short_p50_s']:>15}s {c['short_max_s']:>15}s"
+            )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"n_layer": args.n_layer, "n_embd": args.n_embd, "heavy_tokens": args.heavy_tokens, "short_tokens": args.short_tokens, "runs": runs}, f, indent=2)
+        json.dump(
+            {
+                "n_layer": args.n_layer,
+                "n_embd": args.n_embd,
+                "heavy_tokens": args.heavy_tokens,
+                "short_tokens": args.short_tokens,
+                "runs": runs,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

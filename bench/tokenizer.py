@@ -58,12 +58,24 @@ def routes(docs: list[str], threads: int) -> dict[str, tuple[str, callable]]:
     rust = hf.backend_tokenizer
     ours = Tokenizer.gpt2()
     return {
-        "transformers Rust backend, one doc at a time": ("transformers", lambda: [rust.encode(d, add_special_tokens=False).ids for d in docs]),
-        "transformers Rust backend, encode_batch": ("transformers", lambda: [e.ids for e in rust.encode_batch(docs, add_special_tokens=False)]),
+        "transformers Rust backend, one doc at a time": (
+            "transformers",
+            lambda: [rust.encode(d, add_special_tokens=False).ids for d in docs],
+        ),
+        "transformers Rust backend, encode_batch": (
+            "transformers",
+            lambda: [e.ids for e in rust.encode_batch(docs, add_special_tokens=False)],
+        ),
         "transformers GPT2TokenizerFast.encode, one at a time": ("transformers", lambda: [hf.encode(d) for d in docs]),
         "transformers GPT2TokenizerFast(docs), batch": ("transformers", lambda: hf(docs)["input_ids"]),
-        "gptwo Tokenizer.gpt2 encode_ordinary, one at a time": ("gptwo", lambda: [ours.encode_ordinary(d) for d in docs]),
-        f"gptwo Tokenizer.gpt2 encode_batch ({threads} threads)": ("gptwo", lambda: ours.encode_batch(docs, num_threads=threads)),
+        "gptwo Tokenizer.gpt2 encode_ordinary, one at a time": (
+            "gptwo",
+            lambda: [ours.encode_ordinary(d) for d in docs],
+        ),
+        f"gptwo Tokenizer.gpt2 encode_batch ({threads} threads)": (
+            "gptwo",
+            lambda: ours.encode_batch(docs, num_threads=threads),
+        ),
     }
 
 
@@ -90,12 +102,16 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    rows = [{"case": name, "tool": tool, "seconds": statistics.median(times[name])} for name, (tool, _) in cases.items()]
+    rows = [
+        {"case": name, "tool": tool, "seconds": statistics.median(times[name])} for name, (tool, _) in cases.items()
+    ]
     for row in rows:
         row["mb_per_s"] = megabytes / row["seconds"]
     anchor = max((r for r in rows if r["tool"] == "transformers"), key=lambda r: r["mb_per_s"])
-    print(f"GPT-2 BPE encode, {len(docs)} documents, {megabytes:.1f} MB, {threads} CPU threads, {platform.processor() or platform.machine()}; "
-          f"median of {args.rounds} interleaved rounds; ids checked equal on all documents")
+    print(
+        f"GPT-2 BPE encode, {len(docs)} documents, {megabytes:.1f} MB, {threads} CPU threads, {platform.processor() or platform.machine()}; "
+        f"median of {args.rounds} interleaved rounds; ids checked equal on all documents"
+    )
     print(f"{'case':<56} {'MB/s':>8} {'vs transformers best':>21}")
     for row in rows:
         row["ratio_vs_anchor"] = row["mb_per_s"] / anchor["mb_per_s"]
@@ -103,7 +119,18 @@ def main() -> None:
     print(f"anchor: {anchor['case']}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"megabytes": megabytes, "documents": len(docs), "threads": threads, "rounds": args.rounds, "anchor": anchor["case"], "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "megabytes": megabytes,
+                "documents": len(docs),
+                "threads": threads,
+                "rounds": args.rounds,
+                "anchor": anchor["case"],
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

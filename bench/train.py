@@ -12,10 +12,14 @@ from gptwo.bench.train import WORKLOADS, bench_train, render_train
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", choices=list(WORKLOADS), help="workload (default cpu: the quickstart's model)")
+    parser.add_argument(
+        "--preset", default="cpu", choices=list(WORKLOADS), help="workload (default cpu: the quickstart's model)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default 8 on CPU, 20 on GPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each model's median counts (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; each model's median counts (default 3)"
+    )
     parser.add_argument("--out", default="bench/results/train.json", help="JSON output path")
     args = parser.parse_args()
     report = bench_train(args.preset, args.device, steps=args.steps, rounds=args.rounds)

@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-GERMAN = ("der die und in den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an werden aus er "
-          "hat dass sie nach wird bei einer um am sind noch wie einem über einen so zum war haben nur oder aber vor "
-          "zur bis mehr durch man sein wurde sei hatte kann gegen vom können schon wenn habe seine ihre dann").split()
+GERMAN = (
+    "der die und in den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an werden aus er "
+    "hat dass sie nach wird bei einer um am sind noch wie einem über einen so zum war haben nur oder aber vor "
+    "zur bis mehr durch man sein wurde sei hatte kann gegen vom können schon wenn habe seine ihre dann"
+).split()
 
 
 def paragraphs() -> list[str]:
@@ -42,10 +44,12 @@ def paragraphs() -> list[str]:
 
 def html(title: str, body: list[str], chrome: int) -> str:
     paras = "".join(f"<p>{p}</p>" for p in body)
-    return (f"<!DOCTYPE html><html><head><title>{title}</title></head><body>"
-            f"<nav><a href='/'>Home</a> <a href='/s{chrome}'>Section {chrome}</a> <a href='/login'>Sign in</a></nav>"
-            f"<article><h1>{title}</h1>{paras}</article><aside>Related: more stories {chrome}</aside>"
-            f"<footer>Copyright {2000 + chrome % 20} Example Media. All rights reserved.</footer></body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><title>{title}</title></head><body>"
+        f"<nav><a href='/'>Home</a> <a href='/s{chrome}'>Section {chrome}</a> <a href='/login'>Sign in</a></nav>"
+        f"<article><h1>{title}</h1>{paras}</article><aside>Related: more stories {chrome}</aside>"
+        f"<footer>Copyright {2000 + chrome % 20} Example Media. All rights reserved.</footer></body></html>"
+    )
 
 
 def make_pages(n_pages: int, seed: int = 0) -> tuple[dict[str, str], dict[str, int]]:
@@ -66,7 +70,10 @@ def make_pages(n_pages: int, seed: int = 0) -> tuple[dict[str, str], dict[str, i
                     words[min(len(words) - 1, j + rng.randint(0, 39))] = "changed"
                 body.append(" ".join(words))
         elif roll < 0.17:
-            kind, body = "german", [" ".join(rng.choice(GERMAN) for _ in range(60)).capitalize() + "." for _ in range(6)]
+            kind, body = (
+                "german",
+                [" ".join(rng.choice(GERMAN) for _ in range(60)).capitalize() + "." for _ in range(6)],
+            )
         elif roll < 0.20:
             kind, body = "short", [" ".join(rng.choice(pool).split()[:40])]
         else:
@@ -87,7 +94,9 @@ def write_crawl(crawl_dir: Path, pages: dict[str, str], partitions: int) -> None
         state.db.execute("BEGIN")
     for url, page in pages.items():
         meta = {"url": url, "subreddit": "bench", "score": 3, "title": url}
-        states[partition_of(url_host(url), partitions)].record(meta, PageResult("ok", http_status=200, final_url=url, body=page.encode()))
+        states[partition_of(url_host(url), partitions)].record(
+            meta, PageResult("ok", http_status=200, final_url=url, body=page.encode())
+        )
     for state in states:
         state.db.execute("COMMIT")
         state.close()
@@ -126,7 +135,9 @@ def main() -> None:
         for workers in sorted({int(w) for w in args.workers.split(",")}):
             # Start the workers and load their models (tokenizer, language model) before timing.
             start = time.perf_counter()
-            extract_documents(warmup_crawl, Path(folder) / f"warm{workers}" / "d.jsonl.zst", engine=Engine("local", workers))
+            extract_documents(
+                warmup_crawl, Path(folder) / f"warm{workers}" / "d.jsonl.zst", engine=Engine("local", workers)
+            )
             startup = time.perf_counter() - start
             out = Path(folder) / f"w{workers}" / "documents.jsonl.zst"
             start, cpu_start = time.perf_counter(), cpu_seconds()
@@ -136,25 +147,48 @@ def main() -> None:
             start = time.perf_counter()
             deduplicate([(p, signature_path(p)) for p in parts], out.parent / "again.jsonl.zst")
             dedup_seconds = time.perf_counter() - start
-            rows.append({
-                "workers": workers, "startup_seconds": startup, "pages": args.pages, "documents": dedup.kept, "seconds": total,
-                "cpu_seconds": cpu, "cores_busy": cpu / total, "pages_per_cpu_s": args.pages / cpu,
-                "pages_per_s": args.pages / total, "documents_per_s": dedup.kept / total,
-                "dedup_seconds": dedup_seconds, "dedup_documents_per_s": extract.kept / dedup_seconds,
-                "stages": {"extract": extract.as_dict(), "dedup": dedup.as_dict()},
-            })
+            rows.append(
+                {
+                    "workers": workers,
+                    "startup_seconds": startup,
+                    "pages": args.pages,
+                    "documents": dedup.kept,
+                    "seconds": total,
+                    "cpu_seconds": cpu,
+                    "cores_busy": cpu / total,
+                    "pages_per_cpu_s": args.pages / cpu,
+                    "pages_per_s": args.pages / total,
+                    "documents_per_s": dedup.kept / total,
+                    "dedup_seconds": dedup_seconds,
+                    "dedup_documents_per_s": extract.kept / dedup_seconds,
+                    "stages": {"extract": extract.as_dict(), "dedup": dedup.as_dict()},
+                }
+            )
 
     print(f"{args.pages} pages ({megabytes:.1f} MB HTML), made as {kinds}")
-    print(f"{'workers':>7} {'startup s':>9} {'seconds':>8} {'pages/s':>8} {'docs/s':>8} {'cores busy':>10} "
-          f"{'pages/CPU-s':>11} {'dedup alone docs/s':>19}")
+    print(
+        f"{'workers':>7} {'startup s':>9} {'seconds':>8} {'pages/s':>8} {'docs/s':>8} {'cores busy':>10} "
+        f"{'pages/CPU-s':>11} {'dedup alone docs/s':>19}"
+    )
     for r in rows:
-        print(f"{r['workers']:>7} {r['startup_seconds']:>9.1f} {r['seconds']:>8.1f} {r['pages_per_s']:>8.1f} "
-              f"{r['documents_per_s']:>8.1f} {r['cores_busy']:>10.2f} {r['pages_per_cpu_s']:>11.1f} {r['dedup_documents_per_s']:>19.0f}")
+        print(
+            f"{r['workers']:>7} {r['startup_seconds']:>9.1f} {r['seconds']:>8.1f} {r['pages_per_s']:>8.1f} "
+            f"{r['documents_per_s']:>8.1f} {r['cores_busy']:>10.2f} {r['pages_per_cpu_s']:>11.1f} {r['dedup_documents_per_s']:>19.0f}"
+        )
     for stage, counts in rows[-1]["stages"].items():
         print(f"{stage}: in {counts['in']}, kept {counts['kept']}, dropped {counts['dropped']}")
-    result = {"machine": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-                          "python": platform.python_version(), "platform": platform.platform()},
-              "pages": args.pages, "html_mb": megabytes, "made": kinds, "runs": rows}
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1m": os.getloadavg()[0],
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "pages": args.pages,
+        "html_mb": megabytes,
+        "made": kinds,
+        "runs": rows,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {args.json}")

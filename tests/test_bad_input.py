@@ -33,7 +33,17 @@ SENTENCES = [
     "Rivers run to the sea, and the sea sends rain back to the hills again.",
     "In the morning the baker opens the shop and sets out bread and small cakes.",
 ]
-TRAIN = ["n_layer=1", "n_head=1", "n_embd=32", "block_size=16", "batch_size=2", "sample_tokens=0", "threads=1", "eval_every=1", "max_steps=1"]
+TRAIN = [
+    "n_layer=1",
+    "n_head=1",
+    "n_embd=32",
+    "block_size=16",
+    "batch_size=2",
+    "sample_tokens=0",
+    "threads=1",
+    "eval_every=1",
+    "max_steps=1",
+]
 
 
 def _write(path: str, data: bytes | str) -> str:
@@ -65,6 +75,7 @@ def _edit_meta(**fields):
             meta = json.load(f)
         meta.update(fields)
         _write(path, json.dumps(meta))
+
     return change
 
 
@@ -95,8 +106,19 @@ def world(tmp_path_factory) -> str:
         _write(os.path.join(root, "corpus", f"doc{i:02d}.txt"), " ".join(rng.choice(SENTENCES) for _ in range(4)))
     tok = Tokenizer.train([os.path.join(root, "corpus")], vocab_size=300)
     tok.save(os.path.join(root, "tok.json"))
-    prepare([os.path.join(root, "corpus")], os.path.join(root, "data"), tokenizer=tok, val_fraction=0.2, workers=1, progress=False)
-    save_pretrained(GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=1, n_embd=32)), os.path.join(root, "model"), tokenizer=tok)
+    prepare(
+        [os.path.join(root, "corpus")],
+        os.path.join(root, "data"),
+        tokenizer=tok,
+        val_fraction=0.2,
+        workers=1,
+        progress=False,
+    )
+    save_pretrained(
+        GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=1, n_embd=32)),
+        os.path.join(root, "model"),
+        tokenizer=tok,
+    )
     os.makedirs(os.path.join(root, "emptydir"))
     os.makedirs(os.path.join(root, "folder"))
     _write(os.path.join(root, "doc.txt"), "A short document for evaluation and encoding.\n")
@@ -145,24 +167,78 @@ def _train(data: str = "data", out: str = "new_run", *extra: str) -> list[str]:
 
 CASES = [
     # tokenizer train: paths exist, numbers in range, the output is a file
-    Case("tok-train-missing-path", ["tokenizer", "train", "no_such_dir", "--vocab-size", "300", "--out", "t.json"], ["no_such_dir"]),
-    Case("tok-train-one-typo", ["tokenizer", "train", "corpus", "typo_dir", "--vocab-size", "300", "--out", "t.json"], ["typo_dir"]),
-    Case("tok-train-negative-min-frequency", ["tokenizer", "train", "corpus", "--vocab-size", "300", "--min-frequency", "-1", "--out", "t.json"], ["--min-frequency"]),
-    Case("tok-train-vocab-too-small", ["tokenizer", "train", "corpus", "--vocab-size", "100", "--out", "t.json"], ["--vocab-size"]),
-    Case("tok-train-vocab-huge", ["tokenizer", "train", "corpus", "--vocab-size", "99999999999999", "--out", "t.json"], ["--vocab-size"]),
-    Case("tok-train-vocab-not-int", ["tokenizer", "train", "corpus", "--vocab-size", "3e2", "--out", "t.json"], ["--vocab-size"]),
-    Case("tok-train-out-is-folder", ["tokenizer", "train", "corpus", "--vocab-size", "300", "--out", "folder"], ["folder"]),
-    Case("tok-train-out-under-a-file", ["tokenizer", "train", "corpus", "--vocab-size", "300", "--out", "doc.txt/t.json"], ["doc.txt"]),
-    Case("tok-train-not-utf8", ["tokenizer", "train", "latin1.txt", "--vocab-size", "300", "--out", "t.json"], ["latin1.txt"]),
-    Case("tok-train-truncated-zst", ["tokenizer", "train", "cut", "--vocab-size", "300", "--out", "t.json"], ["cut.jsonl.zst", "truncated"]),
+    Case(
+        "tok-train-missing-path",
+        ["tokenizer", "train", "no_such_dir", "--vocab-size", "300", "--out", "t.json"],
+        ["no_such_dir"],
+    ),
+    Case(
+        "tok-train-one-typo",
+        ["tokenizer", "train", "corpus", "typo_dir", "--vocab-size", "300", "--out", "t.json"],
+        ["typo_dir"],
+    ),
+    Case(
+        "tok-train-negative-min-frequency",
+        ["tokenizer", "train", "corpus", "--vocab-size", "300", "--min-frequency", "-1", "--out", "t.json"],
+        ["--min-frequency"],
+    ),
+    Case(
+        "tok-train-vocab-too-small",
+        ["tokenizer", "train", "corpus", "--vocab-size", "100", "--out", "t.json"],
+        ["--vocab-size"],
+    ),
+    Case(
+        "tok-train-vocab-huge",
+        ["tokenizer", "train", "corpus", "--vocab-size", "99999999999999", "--out", "t.json"],
+        ["--vocab-size"],
+    ),
+    Case(
+        "tok-train-vocab-not-int",
+        ["tokenizer", "train", "corpus", "--vocab-size", "3e2", "--out", "t.json"],
+        ["--vocab-size"],
+    ),
+    Case(
+        "tok-train-out-is-folder",
+        ["tokenizer", "train", "corpus", "--vocab-size", "300", "--out", "folder"],
+        ["folder"],
+    ),
+    Case(
+        "tok-train-out-under-a-file",
+        ["tokenizer", "train", "corpus", "--vocab-size", "300", "--out", "doc.txt/t.json"],
+        ["doc.txt"],
+    ),
+    Case(
+        "tok-train-not-utf8",
+        ["tokenizer", "train", "latin1.txt", "--vocab-size", "300", "--out", "t.json"],
+        ["latin1.txt"],
+    ),
+    Case(
+        "tok-train-truncated-zst",
+        ["tokenizer", "train", "cut", "--vocab-size", "300", "--out", "t.json"],
+        ["cut.jsonl.zst", "truncated"],
+    ),
     # tokenizer encode: the tokenizer is a tokenizer, stdin is UTF-8
     Case("tok-encode-empty-folder", ["tokenizer", "encode", "--tokenizer", "emptydir", "hello"], ["emptydir"]),
     Case("tok-encode-missing-file", ["tokenizer", "encode", "--tokenizer", "nope.json", "hello"], ["nope.json"]),
     Case("tok-encode-text-as-tokenizer", ["tokenizer", "encode", "--tokenizer", "doc.txt", "hello"], ["doc.txt"]),
     Case("tok-encode-json-list", ["tokenizer", "encode", "--tokenizer", "list.json", "hello"], ["list.json"]),
-    Case("tok-encode-undecodable-argument", ["tokenizer", "encode", "--tokenizer", "tok.json", "a\udcedb"], ["TEXT", "UTF-8"]),
-    Case("tok-encode-binary-stdin", ["tokenizer", "encode", "--tokenizer", "tok.json", "-"], ["stdin"], stdin=b"\xff\xfe\x00\x01binary"),
-    Case("tok-encode-latin1-stdin", ["tokenizer", "encode", "--tokenizer", "tok.json", "-"], ["stdin"], stdin="caf\xe9".encode("latin-1")),
+    Case(
+        "tok-encode-undecodable-argument",
+        ["tokenizer", "encode", "--tokenizer", "tok.json", "a\udcedb"],
+        ["TEXT", "UTF-8"],
+    ),
+    Case(
+        "tok-encode-binary-stdin",
+        ["tokenizer", "encode", "--tokenizer", "tok.json", "-"],
+        ["stdin"],
+        stdin=b"\xff\xfe\x00\x01binary",
+    ),
+    Case(
+        "tok-encode-latin1-stdin",
+        ["tokenizer", "encode", "--tokenizer", "tok.json", "-"],
+        ["stdin"],
+        stdin="caf\xe9".encode("latin-1"),
+    ),
     # generate: sampling numbers finite and in range; the model folder's config.json typed
     Case("gen-temperature-nan", _generate("--temperature", "nan"), ["--temperature"]),
     Case("gen-temperature-inf", _generate("--temperature", "inf"), ["--temperature"]),
@@ -173,8 +249,17 @@ CASES = [
     Case("gen-max-new-tokens-negative", _generate("--max-new-tokens", "-3"), ["--max-new-tokens"]),
     Case("gen-num-samples-zero", _generate("--num-samples", "0"), ["--num-samples"]),
     Case("gen-seed-overflow", _generate("--seed", str(10**23)), ["--seed"]),
-    Case("gen-binary-stdin", ["generate", "--model", "model", "--max-new-tokens", "2", "-"], ["PROMPT", "stdin"], stdin=b"\x89PNG\r\n\x1a\n\xff\x00"),
-    Case("gen-config-not-object", ["generate", "--model", "model_config_list", "hi"], ["model_config_list", "config.json"]),
+    Case(
+        "gen-binary-stdin",
+        ["generate", "--model", "model", "--max-new-tokens", "2", "-"],
+        ["PROMPT", "stdin"],
+        stdin=b"\x89PNG\r\n\x1a\n\xff\x00",
+    ),
+    Case(
+        "gen-config-not-object",
+        ["generate", "--model", "model_config_list", "hi"],
+        ["model_config_list", "config.json"],
+    ),
     Case("gen-config-string-field", ["generate", "--model", "model_string_layers", "hi"], ["config.json", "n_layer"]),
     Case("gen-config-float-field", ["generate", "--model", "model_float_embd", "hi"], ["config.json", "n_embd"]),
     Case("gen-config-broken-json", ["generate", "--model", "model_broken_json", "hi"], ["config.json"]),
@@ -182,26 +267,68 @@ CASES = [
     # prepare: streams end cleanly, the tokenizer is one, the output is a folder
     Case("prep-truncated-zst", ["prepare", "cut", "--out", "new_data", "--quiet"], ["cut.jsonl.zst", "truncated"]),
     Case("prep-garbage-zst", ["prepare", "garbage.jsonl.zst", "--out", "new_data", "--quiet"], ["garbage.jsonl.zst"]),
-    Case("prep-tokenizer-empty-folder", ["prepare", "corpus", "--out", "new_data", "--tokenizer", "emptydir", "--quiet"], ["emptydir"]),
+    Case(
+        "prep-tokenizer-empty-folder",
+        ["prepare", "corpus", "--out", "new_data", "--tokenizer", "emptydir", "--quiet"],
+        ["emptydir"],
+    ),
     Case("prep-out-is-a-file", ["prepare", "corpus", "--out", "out.txt", "--quiet"], ["out.txt"]),
-    Case("prep-into-existing-data-fails-cleanly", ["prepare", "corpus", "cut", "--out", "data", "--tokenizer", "tok.json", "--quiet"], ["cut.jsonl.zst"]),
-    Case("prep-val-fraction-one", ["prepare", "corpus", "--out", "new_data", "--val-fraction", "1"], ["--val-fraction"]),
-    Case("prep-val-fraction-nan", ["prepare", "corpus", "--out", "new_data", "--val-fraction", "nan"], ["--val-fraction"]),
-    Case("prep-shard-tokens-zero", ["prepare", "corpus", "--out", "new_data", "--shard-tokens", "0"], ["--shard-tokens"]),
+    Case(
+        "prep-into-existing-data-fails-cleanly",
+        ["prepare", "corpus", "cut", "--out", "data", "--tokenizer", "tok.json", "--quiet"],
+        ["cut.jsonl.zst"],
+    ),
+    Case(
+        "prep-val-fraction-one", ["prepare", "corpus", "--out", "new_data", "--val-fraction", "1"], ["--val-fraction"]
+    ),
+    Case(
+        "prep-val-fraction-nan", ["prepare", "corpus", "--out", "new_data", "--val-fraction", "nan"], ["--val-fraction"]
+    ),
+    Case(
+        "prep-shard-tokens-zero", ["prepare", "corpus", "--out", "new_data", "--shard-tokens", "0"], ["--shard-tokens"]
+    ),
     Case("prep-workers-zero", ["prepare", "corpus", "--out", "new_data", "--workers", "0"], ["--workers"]),
     Case("prep-seed-negative", ["prepare", "corpus", "--out", "new_data", "--seed", "-1"], ["--seed"]),
     Case("prep-missing-input", ["prepare", "corpus", "no_such.txt", "--out", "new_data"], ["no_such.txt"]),
     Case("prep-jsonl-not-object", ["prepare", "bad.jsonl", "--out", "new_data", "--quiet"], ["bad.jsonl:1"]),
     Case("prep-not-utf8", ["prepare", "latin1.txt", "--out", "new_data", "--quiet"], ["latin1.txt"]),
     # train: config files are objects with typed fields, numbers finite, ids fit the vocabulary
-    Case("train-init-from-shape-override", ["train", "--data", "data", "--out", "new_run", "--init-from", "model", "n_embd=128"], ["n_embd", "--init-from", "its n_embd is 32"]),
-    Case("train-init-from-shape-in-config", ["train", "--data", "data", "--out", "new_run", "--init-from", "model", "--config", "shape.json"], ["n_layer", "--init-from"]),
-    Case("train-init-from-hub-shape-unknown", ["train", "--data", "data", "--out", "new_run", "--init-from", "someone/some-model", "n_head=4"], ["n_head", "not known"]),
+    Case(
+        "train-init-from-shape-override",
+        ["train", "--data", "data", "--out", "new_run", "--init-from", "model", "n_embd=128"],
+        ["n_embd", "--init-from", "its n_embd is 32"],
+    ),
+    Case(
+        "train-init-from-shape-in-config",
+        ["train", "--data", "data", "--out", "new_run", "--init-from", "model", "--config", "shape.json"],
+        ["n_layer", "--init-from"],
+    ),
+    Case(
+        "train-init-from-hub-shape-unknown",
+        ["train", "--data", "data", "--out", "new_run", "--init-from", "someone/some-model", "n_head=4"],
+        ["n_head", "not known"],
+    ),
     Case("train-config-folder", ["train", "--data", "data", "--out", "new_run", "--config", "folder"], ["folder"]),
-    Case("train-config-not-object", ["train", "--data", "data", "--out", "new_run", "--config", "list.json"], ["list.json"]),
-    Case("train-config-broken-json", ["train", "--data", "data", "--out", "new_run", "--config", "broken.json"], ["broken.json"]),
-    Case("train-config-string-field", ["train", "--data", "data", "--out", "new_run", "--config", "string_layers.json"], ["n_layer", "string_layers.json"]),
-    Case("train-config-float-field", ["train", "--data", "data", "--out", "new_run", "--config", "float_layers.json"], ["n_layer", "float_layers.json"]),
+    Case(
+        "train-config-not-object",
+        ["train", "--data", "data", "--out", "new_run", "--config", "list.json"],
+        ["list.json"],
+    ),
+    Case(
+        "train-config-broken-json",
+        ["train", "--data", "data", "--out", "new_run", "--config", "broken.json"],
+        ["broken.json"],
+    ),
+    Case(
+        "train-config-string-field",
+        ["train", "--data", "data", "--out", "new_run", "--config", "string_layers.json"],
+        ["n_layer", "string_layers.json"],
+    ),
+    Case(
+        "train-config-float-field",
+        ["train", "--data", "data", "--out", "new_run", "--config", "float_layers.json"],
+        ["n_layer", "float_layers.json"],
+    ),
     Case("train-lr-nan", _train("data", "new_run", "lr=nan"), ["lr"]),
     Case("train-weight-decay-nan", _train("data", "new_run", "weight_decay=nan"), ["weight_decay"]),
     Case("train-dropout-inf", _train("data", "new_run", "dropout=inf"), ["dropout"]),
@@ -245,7 +372,14 @@ def _run(case: Case, root: str, capsys) -> tuple[int, str]:
             code = exit.code
         return code, capsys.readouterr().err
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "gptwo.cli", *case.argv], input=case.stdin, capture_output=True, cwd=root, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "gptwo.cli", *case.argv],
+        input=case.stdin,
+        capture_output=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+    )
     return done.returncode, done.stderr.decode("utf-8", errors="replace")
 
 
@@ -283,7 +417,9 @@ def test_whole_zst_streams_read_fully_one_frame_or_many(world, tmp_path):
     from gptwo.data.sources import iter_documents
 
     assert len(list(iter_documents([os.path.join(world, "whole.jsonl.zst")]))) == 40
-    frames = b"".join(_jsonl_zst(str(tmp_path / f"part{i}.zst"), 3) for i in range(4))  # concatenated frames, as zstd -c a b writes
+    frames = b"".join(
+        _jsonl_zst(str(tmp_path / f"part{i}.zst"), 3) for i in range(4)
+    )  # concatenated frames, as zstd -c a b writes
     _write(str(tmp_path / "multi.jsonl.zst"), frames)
     assert len(list(iter_documents([str(tmp_path / "multi.jsonl.zst")]))) == 12
 
@@ -307,14 +443,33 @@ def test_short_validation_split_warns_and_progress_has_no_carriage_returns(world
 def test_init_from_accepts_the_shape_it_keeps(world):
     from gptwo.config import load_train_config
 
-    config = load_train_config(overrides=[f"init_from={os.path.join(world, 'model')}", "n_layer=1", "n_embd=32", "block_size=16"])
+    config = load_train_config(
+        overrides=[f"init_from={os.path.join(world, 'model')}", "n_layer=1", "n_embd=32", "block_size=16"]
+    )
     assert (config.n_layer, config.n_embd) == (1, 32)
     assert load_train_config(overrides=["init_from=gpt2", "n_layer=12"]).n_layer == 12
 
 
 def test_overrides_may_follow_options():
-    args = parse_args(["train", "--data", "D", "--out", "R", "lr=1e-4", "--init-from", "gpt2", "n_layer=2", "--max-steps", "3", "dropout=0.1"])
-    assert args.overrides == ["lr=1e-4", "n_layer=2", "dropout=0.1"] and args.init_from == "gpt2" and args.max_steps == 3
+    args = parse_args(
+        [
+            "train",
+            "--data",
+            "D",
+            "--out",
+            "R",
+            "lr=1e-4",
+            "--init-from",
+            "gpt2",
+            "n_layer=2",
+            "--max-steps",
+            "3",
+            "dropout=0.1",
+        ]
+    )
+    assert (
+        args.overrides == ["lr=1e-4", "n_layer=2", "dropout=0.1"] and args.init_from == "gpt2" and args.max_steps == 3
+    )
     assert parse_args(["train", "--data", "D", "--out", "R", "--init-from", "gpt2", "lr=1e-4"]).overrides == ["lr=1e-4"]
 
 
@@ -352,7 +507,13 @@ def test_library_errors_map_to_one_error_type(tmp_path):
         json.loads("{")
     with pytest.raises(UnicodeDecodeError) as unicode_error:
         b"\xff".decode("utf-8")
-    for raised, fragment in [(sqlite_error, "sqlite3"), (zstd_error, "zstandard"), (os_error, str(tmp_path)), (json_error, "JSON"), (unicode_error, "UTF-8")]:
+    for raised, fragment in [
+        (sqlite_error, "sqlite3"),
+        (zstd_error, "zstandard"),
+        (os_error, str(tmp_path)),
+        (json_error, "JSON"),
+        (unicode_error, "UTF-8"),
+    ]:
         mapped = from_library_error(raised.value)
         assert isinstance(mapped, GptwoError) and mapped.code == 2 and fragment in mapped.what and mapped.fix
     assert from_library_error(KeyError("x")) is None and from_library_error(ZeroDivisionError()) is None
@@ -361,11 +522,41 @@ def test_library_errors_map_to_one_error_type(tmp_path):
 # ---------------------------------------------------------------- optional extras (issue 9, item 4)
 EXTRAS = [
     ("serve", ["serve", "--model", "model"], "fastapi", "gptwo serve needs FastAPI and uvicorn", "gptwo[serve]"),
-    ("harness", ["eval", "harness", "run", "--tasks", "x"], "lm_eval", "gptwo eval harness needs lm-evaluation-harness", "gptwo[eval]"),
-    ("zst", ["prepare", "whole.jsonl.zst", "--out", "new_data", "--quiet"], "zstandard", "whole.jsonl.zst needs zstandard", "gptwo[data]"),
-    ("parquet", ["prepare", "x.parquet", "--out", "new_data", "--quiet"], "pyarrow", "x.parquet needs pyarrow", "gptwo[data]"),
-    ("hf", ["prepare", "hf:someone/corpus", "--out", "new_data", "--quiet"], "datasets", "needs Hugging Face datasets", "gptwo[data]"),
-    ("webtext", ["webtext", "urls", "whole.jsonl.zst", "--out", "urls.jsonl.zst", "--workers", "1"], "zstandard", "needs zstandard", "gptwo[webtext]"),
+    (
+        "harness",
+        ["eval", "harness", "run", "--tasks", "x"],
+        "lm_eval",
+        "gptwo eval harness needs lm-evaluation-harness",
+        "gptwo[eval]",
+    ),
+    (
+        "zst",
+        ["prepare", "whole.jsonl.zst", "--out", "new_data", "--quiet"],
+        "zstandard",
+        "whole.jsonl.zst needs zstandard",
+        "gptwo[data]",
+    ),
+    (
+        "parquet",
+        ["prepare", "x.parquet", "--out", "new_data", "--quiet"],
+        "pyarrow",
+        "x.parquet needs pyarrow",
+        "gptwo[data]",
+    ),
+    (
+        "hf",
+        ["prepare", "hf:someone/corpus", "--out", "new_data", "--quiet"],
+        "datasets",
+        "needs Hugging Face datasets",
+        "gptwo[data]",
+    ),
+    (
+        "webtext",
+        ["webtext", "urls", "whole.jsonl.zst", "--out", "urls.jsonl.zst", "--workers", "1"],
+        "zstandard",
+        "needs zstandard",
+        "gptwo[webtext]",
+    ),
 ]
 
 
@@ -373,7 +564,12 @@ EXTRAS = [
 def test_a_missing_extra_names_it(argv, module, what, extra, world, capsys, monkeypatch):
     monkeypatch.chdir(world)
     _write(os.path.join(world, "x.parquet"), b"PAR1")
-    users = (module, "gptwo.serve", "gptwo.eval.harness", "gptwo.webtext")  # gptwo modules that import an extra when loaded
+    users = (
+        module,
+        "gptwo.serve",
+        "gptwo.eval.harness",
+        "gptwo.webtext",
+    )  # gptwo modules that import an extra when loaded
     for name in [m for m in sys.modules if any(m == u or m.startswith(u + ".") for u in users)]:
         monkeypatch.delitem(sys.modules, name)  # so the import runs again, here, and fails
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if it were not installed

@@ -36,7 +36,9 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int):  # TypeError: loaders name the file it came from
                 raise TypeError(f"model config {name}={value!r} is not an integer")
             if value <= 0:
-                raise GptwoError(f"model config {name}={getattr(self, name)} must be positive", "set it to a positive integer")
+                raise GptwoError(
+                    f"model config {name}={getattr(self, name)} must be positive", "set it to a positive integer"
+                )
         if self.n_embd % self.n_head:
             raise GptwoError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
@@ -48,7 +50,7 @@ class GPTConfig:
             raise GptwoError(f"dropout={self.dropout} is out of range", "use a value in [0, 1)")
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
         """One of gpt2, gpt2-medium, gpt2-large, gpt2-xl (hub-style ids like openai-community/gpt2 work too)."""
         key = name.split("/")[-1]
         if key not in MODEL_PRESETS:
@@ -85,12 +87,16 @@ class TrainConfig:
     batch_tokens: int = 0  # if > 0: global tokens per step; grad_accum is derived from it
     sampling: str = "sequential"  # sequential: the loader's order; random: rows from random places (small corpora)
     # data selection (docs/selection.md): train on the top batch_size rows of selection_pool batches
-    selection: str = "uniform"  # uniform: the loader's batch; loss: highest current loss; reducible: loss minus a reference's
+    selection: str = (
+        "uniform"  # uniform: the loader's batch; loss: highest current loss; reducible: loss minus a reference's
+    )
     selection_pool: int = 4  # candidates per micro-batch = selection_pool * batch_size (loss and reducible only)
     selection_reference: str = ""  # model or run folder scoring the reference loss (selection=reducible)
     # optimizer and schedule (GPT-3 paper, section 2.3 and appendix B)
     max_steps: int = 1000
-    max_time: float = 0.0  # if > 0: seconds of training; max_steps is cut to fit, from the speed measured by warm-up's end
+    max_time: float = (
+        0.0  # if > 0: seconds of training; max_steps is cut to fit, from the speed measured by warm-up's end
+    )
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 50
@@ -119,14 +125,41 @@ class TrainConfig:
         for name, value in self.to_dict().items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise GptwoError(f"train config {name}={value} is not a finite number", f"give {name} a finite value")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "selection_pool"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_batches",
+            "selection_pool",
+        ):
             if getattr(self, name) <= 0:
-                raise GptwoError(f"train config {name}={getattr(self, name)} must be positive", f"set {name} to a positive integer")
-        for name in ("warmup_steps", "batch_tokens", "sample_tokens", "threads", "weight_decay", "grad_clip", "peak_flops", "max_time"):
+                raise GptwoError(
+                    f"train config {name}={getattr(self, name)} must be positive", f"set {name} to a positive integer"
+                )
+        for name in (
+            "warmup_steps",
+            "batch_tokens",
+            "sample_tokens",
+            "threads",
+            "weight_decay",
+            "grad_clip",
+            "peak_flops",
+            "max_time",
+        ):
             if getattr(self, name) < 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} is negative", f"set {name} to 0 or more")
         if not 0 <= self.seed < 2**63:
-            raise GptwoError(f"train config seed={self.seed} is outside [0, 2**63)", "use a non-negative seed, e.g. seed=0")
+            raise GptwoError(
+                f"train config seed={self.seed} is outside [0, 2**63)", "use a non-negative seed, e.g. seed=0"
+            )
         if not self.lr > 0:
             raise GptwoError(f"train config lr={self.lr} must be positive", "use e.g. lr=6e-4")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -138,35 +171,74 @@ class TrainConfig:
         if self.selection not in ("uniform", "loss", "reducible"):
             raise GptwoError(f"selection={self.selection!r} is unknown", "use selection=uniform, loss or reducible")
         if (self.selection == "reducible") != bool(self.selection_reference):
-            raise GptwoError("selection=reducible and selection_reference=PATH go together",
-                             "give both (the reference is a model folder), or neither")
+            raise GptwoError(
+                "selection=reducible and selection_reference=PATH go together",
+                "give both (the reference is a model folder), or neither",
+            )
         if self.compile not in ("auto", "true", "false"):
             raise GptwoError(f"compile={self.compile!r} is unknown", "use compile=auto, true or false")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise GptwoError(f"dtype={self.dtype!r} is unknown", "use dtype=auto, float32 or bfloat16")
         if self.init_from == "" and self.n_embd % self.n_head:
-            raise GptwoError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}", "choose n_embd as a multiple of n_head")
+            raise GptwoError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
+                "choose n_embd as a multiple of n_head",
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPT shape this config trains from scratch."""
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
+        return GPTConfig(
+            vocab_size=vocab_size,
+            block_size=self.block_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+        )
 
 
 def _gpt2_recipe(size: str, lr: float, batch_size: int) -> dict:
     """GPT-2 shape trained with GPT-3's recipe (Brown et al., 2020, table 2.1 and appendix B): 0.5M-token
     batches, linear warm-up over 375M tokens, cosine decay to 10%, AdamW(0.9, 0.95), wd 0.1, clip 1.0.
     Steps default to 10B tokens (19,073 steps), as in llm.c's GPT-2 reproductions."""
-    return dict(**MODEL_PRESETS[size], block_size=1024, batch_size=batch_size, batch_tokens=524288, lr=lr, warmup_steps=715,
-                max_steps=19073, eval_every=250, eval_batches=20, checkpoint_every=1000, log_every=10, sample_tokens=64)
+    return dict(
+        **MODEL_PRESETS[size],
+        block_size=1024,
+        batch_size=batch_size,
+        batch_tokens=524288,
+        lr=lr,
+        warmup_steps=715,
+        max_steps=19073,
+        eval_every=250,
+        eval_batches=20,
+        checkpoint_every=1000,
+        log_every=10,
+        sample_tokens=64,
+    )
 
 
 TRAIN_PRESETS: dict[str, dict] = {
     # A small GPT-2 that learns real English in minutes on a 2-core CPU (the quickstart's model).
-    "cpu": dict(n_layer=4, n_head=2, n_embd=128, block_size=128, batch_size=16, grad_accum=1, sampling="random", lr=3e-3, warmup_steps=100,
-                max_steps=3000, eval_every=250, eval_batches=20, checkpoint_every=500, log_every=10, device="cpu"),
+    "cpu": dict(
+        n_layer=4,
+        n_head=2,
+        n_embd=128,
+        block_size=128,
+        batch_size=16,
+        grad_accum=1,
+        sampling="random",
+        lr=3e-3,
+        warmup_steps=100,
+        max_steps=3000,
+        eval_every=250,
+        eval_batches=20,
+        checkpoint_every=500,
+        log_every=10,
+        device="cpu",
+    ),
     "gpt2": _gpt2_recipe("gpt2", 6e-4, 16),
     "gpt2-medium": _gpt2_recipe("gpt2-medium", 3e-4, 8),
     "gpt2-large": _gpt2_recipe("gpt2-large", 2.5e-4, 4),
@@ -188,7 +260,9 @@ def _parse_value(name: str, text: str, kind: type):
             return float(text)
         return text
     except ValueError:
-        raise GptwoError(f"{name}={text!r} is not {_KIND_NAMES[kind]}", f"give {name} {_KIND_NAMES[kind]} value") from None
+        raise GptwoError(
+            f"{name}={text!r} is not {_KIND_NAMES[kind]}", f"give {name} {_KIND_NAMES[kind]} value"
+        ) from None
 
 
 def _read_config_file(path: str) -> dict:
@@ -207,7 +281,10 @@ def _read_config_file(path: str) -> dict:
     except (ValueError, UnicodeDecodeError) as err:
         raise GptwoError(f"config file {path} is not valid {kind} ({err})", "fix its syntax") from None
     if not isinstance(values, dict):
-        raise GptwoError(f"config file {path} holds a {type(values).__name__}, not an object of config fields", 'write e.g. {"lr": 3e-4, "n_layer": 6}')
+        raise GptwoError(
+            f"config file {path} holds a {type(values).__name__}, not an object of config fields",
+            'write e.g. {"lr": 3e-4, "n_layer": 6}',
+        )
     return values
 
 
@@ -238,11 +315,15 @@ def _refuse_shape_with_init(values: dict, explicit: list[str]) -> None:
     for key in ("n_layer", "n_head", "n_embd"):
         if init_from and key in explicit and shape.get(key) != values[key]:
             known = f"its {key} is {shape[key]}" if key in shape else "its shape is not known before loading"
-            raise GptwoError(f"{key}={values[key]} cannot apply with --init-from {init_from} ({known}; a fine-tune keeps the pretrained shape)",
-                             f"drop {key}, or train from scratch without --init-from")
+            raise GptwoError(
+                f"{key}={values[key]} cannot apply with --init-from {init_from} ({known}; a fine-tune keeps the pretrained shape)",
+                f"drop {key}, or train from scratch without --init-from",
+            )
 
 
-def load_train_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+def load_train_config(
+    preset: str | None = None, config_file: str | None = None, overrides: list[str] | dict | None = None
+) -> TrainConfig:
     """TrainConfig from a preset and/or a JSON/TOML file, then `key=value` overrides (type-checked)."""
     fields = train_fields()
     values: dict = {}
@@ -273,7 +354,10 @@ def load_train_config(preset: str | None = None, config_file: str | None = None,
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise GptwoError(f"config key {key}={value!r}{source} is not {_KIND_NAMES[kind]}", f"give {key} {_KIND_NAMES[kind]} value")
+            raise GptwoError(
+                f"config key {key}={value!r}{source} is not {_KIND_NAMES[kind]}",
+                f"give {key} {_KIND_NAMES[kind]} value",
+            )
         values[key] = value
     _refuse_shape_with_init(values, [key for key in given if key in where])
     if "grad_accum" in given and "batch_tokens" not in given:

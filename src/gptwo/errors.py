@@ -33,13 +33,32 @@ OPTIONAL_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
     "datasets": (("data", "eval"), "Hugging Face datasets"),
     "pyarrow": (("data",), "pyarrow"),
     "zstandard": (("data", "webtext"), "zstandard"),
-    **{name: (("webtext",), f"the crawler's packages ({name} missing)")
-       for name in ("aiohttp", "trafilatura", "ftfy", "datasketch", "warcio", "py3langid", "regex", "ray", "lxml_html_clean")},
+    **{
+        name: (("webtext",), f"the crawler's packages ({name} missing)")
+        for name in (
+            "aiohttp",
+            "trafilatura",
+            "ftfy",
+            "datasketch",
+            "warcio",
+            "py3langid",
+            "regex",
+            "ray",
+            "lxml_html_clean",
+        )
+    },
     "scipy": (("scale",), "scipy"),
     "threadpoolctl": (("webtext", "scale"), "threadpoolctl"),
 }
 # The extra each command's own packages come from, when a module belongs to several.
-COMMAND_EXTRAS = {"serve": "serve", "eval": "eval", "webtext": "webtext", "prepare": "data", "tokenizer": "data", "scale": "scale"}
+COMMAND_EXTRAS = {
+    "serve": "serve",
+    "eval": "eval",
+    "webtext": "webtext",
+    "prepare": "data",
+    "tokenizer": "data",
+    "scale": "scale",
+}
 
 
 def missing_extra(module: str, purpose: str, command: str | None = None) -> GptwoError | None:
@@ -88,13 +107,24 @@ def from_library_error(err: BaseException, command: str | None = None) -> GptwoE
         where = f" {err.filename}" if err.filename is not None else ""
         return GptwoError(f"cannot use{where} ({err.strerror or err})", _OS_FIXES.get(err.errno, "check the path"))
     if module == "zstandard":
-        return GptwoError(f"a zstandard (.zst) input is corrupt or truncated ({err})", "re-download or re-compress it with zstd")
+        return GptwoError(
+            f"a zstandard (.zst) input is corrupt or truncated ({err})", "re-download or re-compress it with zstd"
+        )
     if module == "sqlite3":
-        return GptwoError(f"a database file is damaged or unusable (sqlite3: {err})", "remove the damaged folder's state and rerun, or restore it")
+        return GptwoError(
+            f"a database file is damaged or unusable (sqlite3: {err})",
+            "remove the damaged folder's state and rerun, or restore it",
+        )
     if isinstance(err, json.JSONDecodeError):
         return GptwoError(f"an input is not valid JSON ({err})", "fix the file's syntax")
     if isinstance(err, UnicodeDecodeError):
-        return GptwoError(f"an input is not UTF-8 text ({err.reason} at byte {err.start})", "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8")
+        return GptwoError(
+            f"an input is not UTF-8 text ({err.reason} at byte {err.start})",
+            "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8",
+        )
     if isinstance(err, UnicodeEncodeError):
-        return GptwoError(f"text holds characters that are not valid Unicode ({err.reason})", "give valid UTF-8 text (no lone surrogates)")
+        return GptwoError(
+            f"text holds characters that are not valid Unicode ({err.reason})",
+            "give valid UTF-8 text (no lone surrogates)",
+        )
     return None

@@ -34,7 +34,9 @@ def atomic_write(path: str, *chunks: bytes | memoryview) -> None:
     except OSError as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise GptwoError(f"could not write {path} ({err.strerror or err})", "free disk space or choose another output folder") from None
+        raise GptwoError(
+            f"could not write {path} ({err.strerror or err})", "free disk space or choose another output folder"
+        ) from None
 
 
 # Pushshift's dumps are compressed with a 2 GiB window; zstandard's default decoder refuses them.

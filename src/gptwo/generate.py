@@ -11,8 +11,8 @@ from __future__ import annotations
 import codecs
 import math
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise GptwoError(f"top_p={top_p} is outside (0, 1]", "use a probability such as 0.9, or leave it unset")
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
     """Logits (B, V) scaled by temperature with tokens outside top-k / top-p set to -inf."""
     logits = logits.float() if temperature == 1.0 else logits.float() / max(temperature, 1e-8)
     if top_k is not None and top_k < logits.shape[-1]:
@@ -48,7 +50,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token id per row of `logits` (B, V); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -59,7 +67,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def _native_step(model: GPT, idx: torch.Tensor, valid: torch.Tensor | None):
     """gptwo.infer's whole-step C kernel for one unpadded prompt on a model prepared with native linears, else None."""
-    if idx.shape[0] != 1 or not getattr(model, "inference_prepared", None) or (valid is not None and not bool(valid.all())):
+    if (
+        idx.shape[0] != 1
+        or not getattr(model, "inference_prepared", None)
+        or (valid is not None and not bool(valid.all()))
+    ):
         return None
     from gptwo.infer.native import NativeStep
 
@@ -138,7 +150,9 @@ def generate(
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     new, done = [], torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for next_ids, _ in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, valid=valid, generator=generator, use_cache=use_cache):
+    for next_ids, _ in generate_tokens(
+        model, idx, max_new_tokens, temperature, top_k, top_p, valid=valid, generator=generator, use_cache=use_cache
+    ):
         if eos_token is not None:
             next_ids = next_ids.masked_fill(done, eos_token)
             done |= next_ids == eos_token
@@ -170,7 +184,10 @@ def check_stops(stop: Sequence[str]) -> None:
         raise GptwoError(f"{len(stop)} stop strings is more than {MAX_STOPS}", f"give at most {MAX_STOPS}")
     for s in stop:
         if len(s) > MAX_STOP_CHARS:
-            raise GptwoError(f"a stop string has {len(s)} characters, more than {MAX_STOP_CHARS}", f"use stop strings of at most {MAX_STOP_CHARS} characters")
+            raise GptwoError(
+                f"a stop string has {len(s)} characters, more than {MAX_STOP_CHARS}",
+                f"use stop strings of at most {MAX_STOP_CHARS} characters",
+            )
         why = invalid_text(s)
         if why:
             raise GptwoError(f"a stop string is not valid text: {why}", "pass UTF-8 text")
@@ -244,7 +261,9 @@ class TextStream:
     pending: str = ""  # decoded text not yet handed out (it may be the start of a stop string)
     finished: bool = False
     finish_reason: str | None = None
-    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    _decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
     _matcher: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -328,7 +347,9 @@ def stream_texts(
     idx, valid = pad_left(token_lists, tokenizer.eot_token, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     streams = [TextStream(tokenizer, stop or (), stop_at_eot) for _ in token_lists]
-    for next_ids, _ in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, valid=valid, generator=generator):
+    for next_ids, _ in generate_tokens(
+        model, idx, max_new_tokens, temperature, top_k, top_p, valid=valid, generator=generator
+    ):
         yield [s.push(int(t)) for s, t in zip(streams, next_ids.tolist())]
         if all(s.finished for s in streams):
             return
@@ -343,22 +364,38 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], max_new_t
     return out
 
 
-def generate_cli_stream(model_spec: str, prompt: str, *, num_samples: int = 1, device: str = "auto", seed: int | None = None,
-                        dtype: str | None = None, quantize: str | None = None, **kwargs) -> Iterator[str]:
+def generate_cli_stream(
+    model_spec: str,
+    prompt: str,
+    *,
+    num_samples: int = 1,
+    device: str = "auto",
+    seed: int | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    **kwargs,
+) -> Iterator[str]:
     """What `gptwo generate` prints: each sample's continuation, streamed, samples separated by a rule."""
     from gptwo.weights import load_model
 
-    check_sampling(kwargs.get("max_new_tokens", 0), kwargs.get("temperature", 1.0), kwargs.get("top_k"), kwargs.get("top_p"))
+    check_sampling(
+        kwargs.get("max_new_tokens", 0), kwargs.get("temperature", 1.0), kwargs.get("top_k"), kwargs.get("top_p")
+    )
     check_stops(kwargs.get("stop") or ())
     if num_samples < 1:
         raise GptwoError(f"--num-samples {num_samples} must be at least 1", "ask for one sample or more")
     model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize)
     tokens = encode_prompt(tokenizer, prompt)
     if len(tokens) > model.config.block_size:
-        print(f"note: the prompt has {len(tokens)} tokens; the model sees the last {model.config.block_size * 3 // 4}", file=sys.stderr)
+        print(
+            f"note: the prompt has {len(tokens)} tokens; the model sees the last {model.config.block_size * 3 // 4}",
+            file=sys.stderr,
+        )
     max_new_tokens = kwargs.pop("max_new_tokens")
     for sample in range(num_samples):
         if sample:
             yield "\n" + "-" * 40 + "\n"
-        for pieces in stream_texts(model, tokenizer, [tokens], max_new_tokens, seed=None if seed is None else seed + sample, **kwargs):
+        for pieces in stream_texts(
+            model, tokenizer, [tokens], max_new_tokens, seed=None if seed is None else seed + sample, **kwargs
+        ):
             yield pieces[0]

@@ -127,7 +127,13 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T); (B, 1, vocab) for the last position with `last_only`.
 
         `valid` (B, T, bool) marks real tokens among padding; positions count real tokens only.
@@ -136,7 +142,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
-            raise GptwoError(f"{start + T} tokens exceed the model's context of {self.config.block_size}", "shorten the input")
+            raise GptwoError(
+                f"{start + T} tokens exceed the model's context of {self.config.block_size}", "shorten the input"
+            )
         mask = None
         if cache is None and valid is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
@@ -161,14 +169,22 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Continue `idx` (B, T) by `max_new_tokens` tokens; see `gptwo.generate.generate` for all options."""
         from gptwo.generate import generate
 
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, **kwargs) -> "GPT":
+    def from_pretrained(cls, path_or_id: str, **kwargs) -> GPT:
         """Load Hugging Face GPT-2 format weights from a folder or a hub id (see `gptwo.weights`)."""
         from gptwo.weights import load_pretrained
 

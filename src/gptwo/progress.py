@@ -18,15 +18,31 @@ PLAIN_EVERY_FRACTION = 0.1
 PLAIN_EVERY_SECONDS = 30.0
 
 
-def progress_bar(desc: str, total: float | None = None, initial: float = 0, unit: str = "it", enabled: bool = True,
-                 file: TextIO | None = None, **tqdm_options):
+def progress_bar(
+    desc: str,
+    total: float | None = None,
+    initial: float = 0,
+    unit: str = "it",
+    enabled: bool = True,
+    file: TextIO | None = None,
+    **tqdm_options,
+):
     """A tqdm bar on a terminal, a `PlainProgress` elsewhere; disabled (prints nothing) when not `enabled`."""
     file = file or sys.stderr
     if enabled and not _is_terminal(file):
         return PlainProgress(desc, total, initial, unit, file)
     from tqdm import tqdm
 
-    return tqdm(desc=desc, total=total, initial=initial, unit=unit, disable=not enabled, file=file, dynamic_ncols=True, **tqdm_options)
+    return tqdm(
+        desc=desc,
+        total=total,
+        initial=initial,
+        unit=unit,
+        disable=not enabled,
+        file=file,
+        dynamic_ncols=True,
+        **tqdm_options,
+    )
 
 
 def _is_terminal(file: TextIO) -> bool:
@@ -49,8 +65,16 @@ def _amount(value: float) -> str:
 class PlainProgress:
     """Progress as a plain line every `every_fraction` of `total` or `every_seconds` (for logs and CI)."""
 
-    def __init__(self, desc: str, total: float | None, initial: float = 0, unit: str = "it", file: TextIO | None = None,
-                 every_fraction: float = PLAIN_EVERY_FRACTION, every_seconds: float = PLAIN_EVERY_SECONDS):
+    def __init__(
+        self,
+        desc: str,
+        total: float | None,
+        initial: float = 0,
+        unit: str = "it",
+        file: TextIO | None = None,
+        every_fraction: float = PLAIN_EVERY_FRACTION,
+        every_seconds: float = PLAIN_EVERY_SECONDS,
+    ):
         self.desc, self.total, self.n, self.unit, self.file = desc, total, initial, unit, file or sys.stderr
         self.every_seconds, self.postfix = every_seconds, ""
         self._start_n, self._start = initial, time.monotonic()
@@ -76,7 +100,11 @@ class PlainProgress:
         elapsed = now - self._start
         rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
         label = "step" if self.unit == "step" else self.unit
-        where = f"{label} {_amount(self.n)}/{_amount(self.total)} ({self.n / self.total:.0%})" if self.total else f"{_amount(self.n)} {label}"
+        where = (
+            f"{label} {_amount(self.n)}/{_amount(self.total)} ({self.n / self.total:.0%})"
+            if self.total
+            else f"{_amount(self.n)} {label}"
+        )
         parts = [f"{self.desc}: {where}"] + ([self.postfix] if self.postfix else [])
         if self.unit != "step" and rate:
             parts.append(f"{_amount(rate)} {label}/s")
@@ -96,7 +124,7 @@ class PlainProgress:
         if self.n != self._printed_n:  # the final position, unless it was just printed
             self._print(time.monotonic())
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, *exc) -> None:

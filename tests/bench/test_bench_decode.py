@@ -6,8 +6,31 @@ import json
 
 from gptwo.cli import main
 
-ROW_FIELDS = {"tool", "dtype", "tokens_per_s", "ratio_vs_transformers", "weight_mb", "ceiling_tokens_per_s", "token_agreement"}
-TOP_FIELDS = {"bench", "device", "cpu", "cpu_flags", "threads", "gpu", "model", "batch_size", "prompt_tokens", "new_tokens", "rounds", "compile", "bandwidth_gb_s", "rows"}
+ROW_FIELDS = {
+    "tool",
+    "dtype",
+    "tokens_per_s",
+    "ratio_vs_transformers",
+    "weight_mb",
+    "ceiling_tokens_per_s",
+    "token_agreement",
+}
+TOP_FIELDS = {
+    "bench",
+    "device",
+    "cpu",
+    "cpu_flags",
+    "threads",
+    "gpu",
+    "model",
+    "batch_size",
+    "prompt_tokens",
+    "new_tokens",
+    "rounds",
+    "compile",
+    "bandwidth_gb_s",
+    "rows",
+}
 
 
 ARGS = ["--new-tokens", "4", "--prompt-tokens", "3", "--rounds", "1", "--device", "cpu"]
@@ -17,14 +40,21 @@ def test_bench_decode_json_has_the_documented_fields(tiny_model, capsys):
     assert main(["bench", "decode", "--model", tiny_model, "--json", *ARGS]) == 0
     report = json.loads(capsys.readouterr().out)
     assert TOP_FIELDS <= set(report) and report["bench"] == "decode" and report["new_tokens"] == 4
-    assert [(r["tool"], r["dtype"]) for r in report["rows"]] == [("transformers", "fp32"), ("gptwo", "fp32"), ("gptwo", "bf16"), ("gptwo", "int8")]
+    assert [(r["tool"], r["dtype"]) for r in report["rows"]] == [
+        ("transformers", "fp32"),
+        ("gptwo", "fp32"),
+        ("gptwo", "bf16"),
+        ("gptwo", "int8"),
+    ]
     for row in report["rows"]:
         assert ROW_FIELDS <= set(row)
         assert row["tokens_per_s"] > 0 and row["ceiling_tokens_per_s"] > 0 and 0 <= row["token_agreement"] <= 1
     anchor, fp32, bf16, int8 = report["rows"]
     assert anchor["ratio_vs_transformers"] == 1.0
     assert fp32["token_agreement"] == 1.0  # the same weights in fp32 decode the same greedy tokens as transformers
-    assert int8["weight_mb"] < bf16["weight_mb"] < fp32["weight_mb"]  # what each step streams shrinks with the precision
+    assert (
+        int8["weight_mb"] < bf16["weight_mb"] < fp32["weight_mb"]
+    )  # what each step streams shrinks with the precision
     assert report["bandwidth_gb_s"] > 0
 
 

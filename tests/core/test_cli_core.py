@@ -25,7 +25,13 @@ def model_dir(tmp_path_factory):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "gptwo.cli", *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "gptwo.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_one_line_error(stderr: str):
@@ -35,7 +41,9 @@ def assert_one_line_error(stderr: str):
 
 
 def test_generate_streams_the_greedy_continuation(model_dir):
-    result = run_cli("generate", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "15", "Hello, my name is")
+    result = run_cli(
+        "generate", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "15", "Hello, my name is"
+    )
     assert result.returncode == 0, result.stderr
     model, tok = load_model(str(model_dir), device="cpu")
     expected = complete(model, tok, ["Hello, my name is"], 15, temperature=0)[0]
@@ -43,7 +51,20 @@ def test_generate_streams_the_greedy_continuation(model_dir):
 
 
 def test_generate_seed_and_stop(model_dir, capsys):
-    args = ["generate", "--model", str(model_dir), "--max-new-tokens", "30", "--seed", "7", "--top-k", "50", "--top-p", "0.9", "Once upon"]
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--max-new-tokens",
+        "30",
+        "--seed",
+        "7",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "Once upon",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
@@ -125,7 +146,11 @@ def test_non_utf8_input_file(tmp_path):
 
 
 def test_bad_sampling_values_and_usage(model_dir, capsys):
-    for flags, message in ((["--temperature", "-1"], "--temperature"), (["--top-p", "1.5"], "--top-p"), (["--top-k", "0"], "--top-k")):
+    for flags, message in (
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--top-k", "0"], "--top-k"),
+    ):
         with pytest.raises(SystemExit) as exit_info:  # checked by the parser, before the model loads
             main(["generate", "--model", str(model_dir), *flags, "Hi"])
         assert exit_info.value.code == 2

@@ -15,8 +15,14 @@ CONFIGS = [
 
 def hf_config(config: GPTConfig) -> GPT2Config:
     return GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
 
 
@@ -74,7 +80,9 @@ def test_greedy_generation_equals_transformers_for_50_tokens(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = GPT.from_pretrained(str(tmp_path))
     prompt = torch.randint(0, config.vocab_size, (1, 12))
-    expected = hf.generate(prompt, max_new_tokens=50, do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=50)
+    expected = hf.generate(
+        prompt, max_new_tokens=50, do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=50
+    )
     got = ours.generate(prompt, 50, temperature=0)
     assert got.shape == (1, 62)
     assert torch.equal(got, expected)
@@ -97,9 +105,9 @@ def test_batch_of_different_lengths_equals_one_at_a_time():
     model = GPT(CONFIGS[1]).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [42], [1, 2, 3]]
     idx, valid = pad_left(prompts, pad_id=0)
-    batched = generate(model, idx, 20, temperature=0, valid=valid)[:, idx.shape[1]:]
+    batched = generate(model, idx, 20, temperature=0, valid=valid)[:, idx.shape[1] :]
     for row, prompt in enumerate(prompts):
-        alone = generate(model, torch.tensor([prompt]), 20, temperature=0)[:, len(prompt):]
+        alone = generate(model, torch.tensor([prompt]), 20, temperature=0)[:, len(prompt) :]
         assert torch.equal(batched[row], alone[0])
 
 

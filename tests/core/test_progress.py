@@ -23,7 +23,9 @@ def test_off_a_terminal_prints_plain_lines_with_step_loss_speed_and_eta():
     text = log.getvalue()
     lines = text.splitlines()
     assert "\r" not in text and len(lines) == 10  # every 10% of 200 steps
-    assert lines[0].startswith("train: step 20/200 (10%) | loss ") and lines[-1].startswith("train: step 200/200 (100%)")
+    assert lines[0].startswith("train: step 20/200 (10%) | loss ") and lines[-1].startswith(
+        "train: step 200/200 (100%)"
+    )
     assert all("tok/s" in line and "elapsed" in line and "ETA" in line for line in lines)
 
 
@@ -32,7 +34,9 @@ def test_plain_lines_also_come_by_time_and_resume_from_the_initial_step():
     bar = PlainProgress("train", total=1000, initial=500, unit="step", file=log, every_seconds=0.0)
     bar.update(1)
     bar.update(1)
-    assert log.getvalue().splitlines() == [line for line in log.getvalue().splitlines() if line.startswith("train: step 50")]
+    assert log.getvalue().splitlines() == [
+        line for line in log.getvalue().splitlines() if line.startswith("train: step 50")
+    ]
     assert len(log.getvalue().splitlines()) == 2 and "\r" not in log.getvalue()
 
 

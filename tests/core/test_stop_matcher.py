@@ -39,7 +39,10 @@ def could_still_stop(text: str, stops: list[str]) -> int:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(ALPHABET, max_size=6), min_size=1, max_size=12), st.lists(st.text(ALPHABET, max_size=5), max_size=4))
+@given(
+    st.lists(st.text(ALPHABET, max_size=6), min_size=1, max_size=12),
+    st.lists(st.text(ALPHABET, max_size=5), max_size=4),
+)
 def test_matcher_agrees_with_brute_force(pieces, stops):
     matcher, seen = StopMatcher(stops), ""
     for piece in pieces:
@@ -60,7 +63,10 @@ def tok() -> Tokenizer:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.text(ALPHABET + "é€😀", min_size=1, max_size=60), st.lists(st.text(ALPHABET + "é", min_size=1, max_size=4), max_size=3))
+@given(
+    st.text(ALPHABET + "é€😀", min_size=1, max_size=60),
+    st.lists(st.text(ALPHABET + "é", min_size=1, max_size=4), max_size=3),
+)
 def test_text_stream_shows_all_but_what_may_still_stop(tok, text, stops):
     stream, shown = TextStream(tok, stops, stop_at_eot=False), ""
     for token in tok.encode(text):
@@ -84,13 +90,17 @@ def test_text_stream_keeps_only_a_bounded_tail(tok):
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32)).save_pretrained(str(folder), tokenizer=Tokenizer.gpt2())
+    GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32)).save_pretrained(
+        str(folder), tokenizer=Tokenizer.gpt2()
+    )
     return folder
 
 
 def one_line_error(stderr: str) -> str:
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and " — " in lines[0] and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and " — " in lines[0] and "Traceback" not in stderr, (
+        stderr
+    )
     return lines[0]
 
 
@@ -104,7 +114,13 @@ def test_generate_refuses_long_or_many_stops_and_text_that_is_not_text(model_dir
     assert f"more than {MAX_STOPS}" in one_line_error(capsys.readouterr().err)
     assert main(["generate", "--model", str(model_dir), "bad \ud800 text"]) == 2
     assert "PROMPT is not valid UTF-8 text" in one_line_error(capsys.readouterr().err)
-    piped = subprocess.run([sys.executable, "-m", "gptwo.cli", "generate", "--model", str(model_dir), "-"], input=b"ok \xff\xfe", capture_output=True, timeout=120, check=False)
+    piped = subprocess.run(
+        [sys.executable, "-m", "gptwo.cli", "generate", "--model", str(model_dir), "-"],
+        input=b"ok \xff\xfe",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert piped.returncode == 2 and "(byte 0xff at offset 3)" in one_line_error(piped.stderr.decode())
     with pytest.raises(GptwoError, match="lone surrogate U\\+D800 at character 4"):  # the library says so too
         next(generate_cli_stream(str(model_dir), "bad \ud800 text", max_new_tokens=2))

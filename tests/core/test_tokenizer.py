@@ -6,7 +6,8 @@ import random
 import shutil
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import GPT2TokenizerFast
 
 from gptwo import Tokenizer
@@ -29,8 +30,17 @@ def varied_text(size: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     prose = list(pydoc_data.topics.topics.values())
     code = [inspect.getsource(m) for m in (json, random, shutil, inspect)]
-    alphabets = ["абвгдежзийклмнопрстуфхцчшщыэюя", "αβγδεζηθικλμνξοπρστυφχψω", "的一是不了人我在有他这为之大来以个中上们",
-                 "あいうえおかきくけこさしすせそ", "한국어조선말", "àéîõüçñßøåæœ", "שלוםעולם", "مرحبابالعالم", "नमस्तेदुनिया"]
+    alphabets = [
+        "абвгдежзийклмнопрстуфхцчшщыэюя",
+        "αβγδεζηθικλμνξοπρστυφχψω",
+        "的一是不了人我在有他这为之大来以个中上们",
+        "あいうえおかきくけこさしすせそ",
+        "한국어조선말",
+        "àéîõüçñßøåæœ",
+        "שלוםעולם",
+        "مرحبابالعالم",
+        "नमस्तेदुनिया",
+    ]
     emoji = "😀🎉👍🏽🇫🇷👨‍👩‍👧‍👦❤️🔥✨🤖🧪"
     docs, total = [], 0
     while total < size:
@@ -38,20 +48,49 @@ def varied_text(size: int, seed: int = 0) -> list[str]:
         if kind == 0:
             text = rng.choice(prose)
             start = rng.randrange(max(1, len(text) - 3000))
-            doc = text[start:start + rng.randrange(200, 3000)]
+            doc = text[start : start + rng.randrange(200, 3000)]
         elif kind == 1:
             text = rng.choice(code)
             start = rng.randrange(max(1, len(text) - 3000))
-            doc = text[start:start + rng.randrange(200, 3000)]
+            doc = text[start : start + rng.randrange(200, 3000)]
         elif kind == 2:
             alphabet = rng.choice(alphabets)
-            doc = " ".join("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 9))) for _ in range(rng.randrange(20, 200)))
+            doc = " ".join(
+                "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 9))) for _ in range(rng.randrange(20, 200))
+            )
         elif kind == 3:
-            doc = "".join(rng.choice([rng.choice(emoji), " ", "a", "\u200d", "\ufe0f"]) for _ in range(rng.randrange(20, 300)))
+            doc = "".join(
+                rng.choice([rng.choice(emoji), " ", "a", "\u200d", "\ufe0f"]) for _ in range(rng.randrange(20, 300))
+            )
         elif kind == 4:
-            doc = "".join(rng.choice([" " * rng.randrange(1, 12), "\t" * rng.randrange(1, 4), "\n" * rng.randrange(1, 5), "\r\n", "word", "'s", "'ll", "x'Y"]) for _ in range(rng.randrange(20, 300)))
+            doc = "".join(
+                rng.choice(
+                    [
+                        " " * rng.randrange(1, 12),
+                        "\t" * rng.randrange(1, 4),
+                        "\n" * rng.randrange(1, 5),
+                        "\r\n",
+                        "word",
+                        "'s",
+                        "'ll",
+                        "x'Y",
+                    ]
+                )
+                for _ in range(rng.randrange(20, 300))
+            )
         else:
-            doc = " ".join(rng.choice([str(rng.randrange(10 ** rng.randrange(1, 15))), f"{rng.random():.6f}", "1,000,000", "3.14e-10", "2026-11-26"]) for _ in range(rng.randrange(20, 200)))
+            doc = " ".join(
+                rng.choice(
+                    [
+                        str(rng.randrange(10 ** rng.randrange(1, 15))),
+                        f"{rng.random():.6f}",
+                        "1,000,000",
+                        "3.14e-10",
+                        "2026-11-26",
+                    ]
+                )
+                for _ in range(rng.randrange(20, 200))
+            )
         docs.append(doc)
         total += len(doc.encode())
     return docs

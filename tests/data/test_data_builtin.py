@@ -20,7 +20,7 @@ def test_builtin_corpus_is_large_english_and_deterministic(tmp_path):
     assert len(text.encode("utf-8")) > 1_500_000
     words = text.split()
     assert sum(w.lower() in {"the", "a", "of", "to", "is", "and"} for w in words) / len(words) > 0.08  # English prose
-    assert any(d.startswith("The \"if\" statement") for d in first)  # a pydoc reference topic
+    assert any(d.startswith('The "if" statement') for d in first)  # a pydoc reference topic
     assert any(d.startswith("json\n\nJSON (JavaScript Object Notation)") for d in first)  # a module's docstrings
     assert not any(d.startswith("test.") for d in first)
 

@@ -13,8 +13,22 @@ from gptwo.tokenizer import Tokenizer
 def test_prepare_command(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("Hello there. " * 30)
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "General Kenobi."}) + "\n")
-    code = main(["prepare", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "out"),
-                 "--text-field", "body", "--val-fraction", "0.5", "--seed", "4", "--quiet"])
+    code = main(
+        [
+            "prepare",
+            str(tmp_path / "a.txt"),
+            str(tmp_path / "b.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            "--text-field",
+            "body",
+            "--val-fraction",
+            "0.5",
+            "--seed",
+            "4",
+            "--quiet",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "train shard(s)" in err and "tokenizing" not in err
@@ -31,7 +45,10 @@ def test_prepare_command(tmp_path, capsys):
         (["prepare", "{tmp}/missing.txt", "--out", "{tmp}/out"], "error: input {tmp}/missing.txt does not exist — "),
         (["prepare", "{tmp}/latin.txt", "--out", "{tmp}/out"], "is not UTF-8 text"),
         (["prepare", "{tmp}/empty.txt", "--out", "{tmp}/out"], "the corpus has no documents"),
-        (["prepare", "{tmp}/nofield.jsonl", "--out", "{tmp}/out"], "nofield.jsonl:1 is not a JSON object with a 'text' field"),
+        (
+            ["prepare", "{tmp}/nofield.jsonl", "--out", "{tmp}/out"],
+            "nofield.jsonl:1 is not a JSON object with a 'text' field",
+        ),
         (["prepare", "{tmp}/empty.txt", "--out", "{tmp}/out", "--tokenizer", "{tmp}/none.json"], "tokenizer file"),
         (["prepare", "hf:", "--out", "{tmp}/out"], "names no dataset"),
         (["prepare", "{tmp}/empty.txt"], "the following arguments are required: --out"),
@@ -55,8 +72,10 @@ def test_prepare_errors_are_one_line(tmp_path, capsys, args, message):
 
 def test_error_in_a_subprocess(tmp_path):
     """A separate process prints the same single line and exits 2 (no traceback)."""
-    script = "import sys; from gptwo.cli import main\n" \
-             f"sys.exit(main(['prepare', {str(tmp_path / 'nothing')!r}, '--out', {str(tmp_path / 'o')!r}]))"
+    script = (
+        "import sys; from gptwo.cli import main\n"
+        f"sys.exit(main(['prepare', {str(tmp_path / 'nothing')!r}, '--out', {str(tmp_path / 'o')!r}]))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.startswith("error: input ") and "Traceback" not in done.stderr

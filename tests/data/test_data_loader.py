@@ -32,7 +32,12 @@ def make_data(folder, sizes=(37, 0, 50), val=(20,), identity="gpt2"):
 
 def test_batches_are_sequential_across_shards_and_wrap(tmp_path):
     loader = ShardLoader(str(make_data(tmp_path / "d")), batch_size=B, block_size=T)
-    assert (loader.tokenizer_identity, loader.n_vocab, loader.eot_token, loader.num_tokens) == ("gpt2", 50257, 50256, 87)
+    assert (loader.tokenizer_identity, loader.n_vocab, loader.eot_token, loader.num_tokens) == (
+        "gpt2",
+        50257,
+        50256,
+        87,
+    )
     x, y = loader.next_batch()
     assert x.dtype == torch.long and x.shape == (B, T)
     assert x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -106,14 +111,21 @@ def test_eval_batches_split_among_ranks(tmp_path):
     data = str(make_data(tmp_path / "d", val=(70,)))
     single = [x.tolist() for x, _ in ShardLoader(data, "val", batch_size=B, block_size=T).iter_eval_batches(6)]
     assert len(single) == 6 and single[0][0] == [1000, 1001, 1002, 1003]
-    ranks = [list(ShardLoader(data, "val", batch_size=B, block_size=T, rank=r, world_size=2).iter_eval_batches(6)) for r in range(2)]
+    ranks = [
+        list(ShardLoader(data, "val", batch_size=B, block_size=T, rank=r, world_size=2).iter_eval_batches(6))
+        for r in range(2)
+    ]
     assert [len(r) for r in ranks] == [3, 3]
     assert sorted(x.tolist() for r in ranks for x, _ in r) == sorted(single)
     assert len(list(ShardLoader(data, "val", batch_size=B, block_size=T).iter_eval_batches())) == 8  # (70-1)//8 slots
 
 
 def test_llmc_folder(tmp_path):
-    for name, tokens in (("fw_train_000000.bin", range(40)), ("fw_train_000001.bin", range(40, 60)), ("fw_val_000000.bin", range(9))):
+    for name, tokens in (
+        ("fw_train_000000.bin", range(40)),
+        ("fw_train_000001.bin", range(40, 60)),
+        ("fw_val_000000.bin", range(9)),
+    ):
         header = np.zeros(256, dtype=np.int32)
         header[:3] = [20240520, 1, len(tokens)]
         (tmp_path / name).write_bytes(header.tobytes() + np.array(tokens, dtype=np.uint16).tobytes())
@@ -121,7 +133,10 @@ def test_llmc_folder(tmp_path):
     assert (meta["format"], meta["train_tokens"], meta["val_tokens"], meta["tokenizer"]) == ("llm.c", 60, 9, "gpt2")
     loader = ShardLoader(str(tmp_path), batch_size=1, block_size=45)
     assert loader.next_batch()[0].tolist() == [list(range(45))]
-    assert ShardLoader(str(tmp_path), "val", batch_size=2, block_size=4).next_batch()[1].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert ShardLoader(str(tmp_path), "val", batch_size=2, block_size=4).next_batch()[1].tolist() == [
+        [1, 2, 3, 4],
+        [5, 6, 7, 8],
+    ]
 
 
 def test_errors(tmp_path):

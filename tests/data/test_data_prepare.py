@@ -12,7 +12,10 @@ from gptwo.data.shards import read_header, read_shard
 from gptwo.errors import GptwoError
 from gptwo.tokenizer import Tokenizer
 
-DOCS = [f"Document number {i}: the quick brown fox jumps over the lazy dog. Ünïcode — ok.\n" * (i % 3 + 1) for i in range(40)]
+DOCS = [
+    f"Document number {i}: the quick brown fox jumps over the lazy dog. Ünïcode — ok.\n" * (i % 3 + 1)
+    for i in range(40)
+]
 
 
 def split_tokens(out, split):
@@ -55,7 +58,9 @@ def test_folder_of_every_format(tmp_path):
     out = tmp_path / "out"
     meta = prepare([str(tmp_path / "in")], str(out), val_fraction=0.1, progress=False)
     tok = Tokenizer.gpt2()
-    got = documents_of(split_tokens(out, "train"), tok.eot_token) + documents_of(split_tokens(out, "val"), tok.eot_token)
+    got = documents_of(split_tokens(out, "train"), tok.eot_token) + documents_of(
+        split_tokens(out, "val"), tok.eot_token
+    )
     assert sorted(got) == sorted(tok.encode_ordinary(d) for d in DOCS)
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
     assert meta["splits"]["val"]["documents"] >= 1
@@ -73,13 +78,18 @@ def test_files_one_by_one_match_in_order(tmp_path):
     names = ["a.txt", "b.md", "c.jsonl", "d.jsonl.zst", "e.parquet"]
     meta = prepare([str(tmp_path / "in" / n) for n in names], str(tmp_path / "out"), val_fraction=0.0, progress=False)
     tok = Tokenizer.gpt2()
-    assert documents_of(split_tokens(tmp_path / "out", "train"), tok.eot_token) == [tok.encode_ordinary(d) for d in DOCS]
+    assert documents_of(split_tokens(tmp_path / "out", "train"), tok.eot_token) == [
+        tok.encode_ordinary(d) for d in DOCS
+    ]
     assert meta["val_tokens"] == 0 and meta["splits"]["val"]["shards"] == []
 
 
 def test_split_is_deterministic_and_seeded(tmp_path):
     write_inputs(tmp_path / "in")
-    runs = [prepare([str(tmp_path / "in")], str(tmp_path / f"o{i}"), val_fraction=0.3, seed=s, progress=False) for i, s in enumerate([1, 1, 2])]
+    runs = [
+        prepare([str(tmp_path / "in")], str(tmp_path / f"o{i}"), val_fraction=0.3, seed=s, progress=False)
+        for i, s in enumerate([1, 1, 2])
+    ]
     assert runs[0]["splits"] == runs[1]["splits"]
     assert (tmp_path / "o0" / "val_000000.bin").read_bytes() == (tmp_path / "o1" / "val_000000.bin").read_bytes()
     assert split_tokens(tmp_path / "o0", "val").tolist() != split_tokens(tmp_path / "o2", "val").tolist()
@@ -118,7 +128,9 @@ def test_trained_tokenizer_is_copied_and_readable_by_transformers(tmp_path):
     tok = Tokenizer.train(DOCS, vocab_size=300)
     tok.save(str(tmp_path / "tok.json"))
     (tmp_path / "d.txt").write_text(DOCS[3])
-    meta = prepare([str(tmp_path / "d.txt")], str(tmp_path / "out"), tokenizer=str(tmp_path / "tok.json"), progress=False)
+    meta = prepare(
+        [str(tmp_path / "d.txt")], str(tmp_path / "out"), tokenizer=str(tmp_path / "tok.json"), progress=False
+    )
     assert meta["tokenizer"] == tok.identity and meta["n_vocab"] == 300 and meta["eot_token"] == tok.eot_token
     oracle = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "out" / "tokenizer.json"))
     stream = split_tokens(tmp_path / "out", "train").tolist() + split_tokens(tmp_path / "out", "val").tolist()
@@ -148,8 +160,12 @@ def test_hf_dataset_from_a_local_folder(tmp_path):
     pq.write_table(pa.table({"content": DOCS[:10]}), tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")
     pq.write_table(pa.table({"content": DOCS[10:12]}), tmp_path / "ds" / "data" / "test-00000-of-00001.parquet")
     tok = Tokenizer.gpt2()
-    meta = prepare([f"hf:{tmp_path / 'ds'}@test"], str(tmp_path / "out"), text_field="content", val_fraction=0.0, progress=False)
-    assert documents_of(split_tokens(tmp_path / "out", "train"), tok.eot_token) == [tok.encode_ordinary(d) for d in DOCS[10:12]]
+    meta = prepare(
+        [f"hf:{tmp_path / 'ds'}@test"], str(tmp_path / "out"), text_field="content", val_fraction=0.0, progress=False
+    )
+    assert documents_of(split_tokens(tmp_path / "out", "train"), tok.eot_token) == [
+        tok.encode_ordinary(d) for d in DOCS[10:12]
+    ]
     assert meta["inputs"] == [f"hf:{tmp_path / 'ds'}@test"]
     with pytest.raises(GptwoError, match="no 'text' column"):
         prepare([f"hf:{tmp_path / 'ds'}"], str(tmp_path / "out2"), progress=False)

@@ -17,7 +17,12 @@ def test_round_trip_picks_the_smallest_dtype(tmp_path, top, dtype):
     assert isinstance(read, np.memmap)
     np.testing.assert_array_equal(read, tokens)
     header = read_header(path)
-    assert (header.format, header.num_tokens, header.tokenizer_identity, header.dtype) == ("gptwo", 5, "gpt2", np.dtype(dtype))
+    assert (header.format, header.num_tokens, header.tokenizer_identity, header.dtype) == (
+        "gptwo",
+        5,
+        "gpt2",
+        np.dtype(dtype),
+    )
     assert (tmp_path / "s.bin").stat().st_size == HEADER_BYTES + 5 * np.dtype(dtype).itemsize
 
 
@@ -75,7 +80,12 @@ def test_reads_llmc_shards(tmp_path):
     tokens = [50256, 15496, 995, 13]
     write_llmc(path, tokens)
     header = read_header(path)
-    assert (header.format, header.num_tokens, header.tokenizer_identity, header.data_offset) == ("llm.c", 4, "gpt2", 1024)
+    assert (header.format, header.num_tokens, header.tokenizer_identity, header.data_offset) == (
+        "llm.c",
+        4,
+        "gpt2",
+        1024,
+    )
     np.testing.assert_array_equal(read_shard(path), tokens)
 
 

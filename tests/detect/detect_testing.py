@@ -7,8 +7,10 @@ import torch
 from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.weights import save_pretrained
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Rank buckets & <tags> should survive: naïve café, 🦊 emoji!\n"
-        "A second line, with numbers 12345 and a tab\tinside.")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Rank buckets & <tags> should survive: naïve café, 🦊 emoji!\n"
+    "A second line, with numbers 12345 and a tab\tinside."
+)
 
 
 def tiny_model(seed: int = 0, block_size: int = 64, vocab_size: int = 50257, std: float = 0.5) -> GPT:

@@ -36,7 +36,9 @@ def test_auroc_matches_the_pairwise_count_with_ties():
         neg = [rng.choice([0.0, 0.5, rng.gauss(0, 1)]) for _ in range(rng.randint(1, 40))]
         assert auroc(pos, neg) == pytest.approx(direct_auroc(pos, neg), abs=1e-12)
         fpr, tpr = roc_curve(pos, neg)  # the area under the step-free ROC polyline is the same number
-        assert float(torch.trapezoid(torch.tensor(tpr), torch.tensor(fpr))) == pytest.approx(direct_auroc(pos, neg), abs=1e-9)
+        assert float(torch.trapezoid(torch.tensor(tpr), torch.tensor(fpr))) == pytest.approx(
+            direct_auroc(pos, neg), abs=1e-9
+        )
 
 
 def test_threshold_keeps_the_false_positive_budget():
@@ -57,23 +59,59 @@ def test_calibrate_saves_a_threshold_that_detect_then_uses(tmp_path, capsys):
     (tmp_path / "generated").mkdir()
     rng = random.Random(3)
     words = "the a cat dog house river stone light quick slow under over through with from green blue".split()
-    prompts = torch.tensor([tok.encode(" ".join(rng.choice(words) for _ in range(3))) for _ in range(5)])  # 3 one-token words each
+    prompts = torch.tensor(
+        [tok.encode(" ".join(rng.choice(words) for _ in range(3))) for _ in range(5)]
+    )  # 3 one-token words each
     greedy = model.generate(prompts, 24, top_k=1)  # the model's own greedy text: every token rank 1
     for i in range(5):
         (tmp_path / "human" / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(24)))
         (tmp_path / "generated" / f"{i}.txt").write_text(tok.decode(greedy[i].tolist()))
     (tmp_path / "human" / "short.txt").write_text("too short")
-    code = main(["detect", "calibrate", "--model", model_dir, "--human", str(tmp_path / "human"), "--generated", str(tmp_path / "generated"),
-                 "--min-tokens", "16", "--device", "cpu", "--detector", "fast_detectgpt", "--json"])
+    code = main(
+        [
+            "detect",
+            "calibrate",
+            "--model",
+            model_dir,
+            "--human",
+            str(tmp_path / "human"),
+            "--generated",
+            str(tmp_path / "generated"),
+            "--min-tokens",
+            "16",
+            "--device",
+            "cpu",
+            "--detector",
+            "fast_detectgpt",
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["documents"] == {"human": 5, "generated": 5}
     assert report["statistics"]["fast_detectgpt"]["auroc"] == 1.0 and report["statistics"]["log_rank"]["auroc"] == 1.0
     saved = json.loads((tmp_path / "model" / "detect-calibration.json").read_text())
-    assert saved["detector"] == "fast_detectgpt" and saved["threshold"] == report["statistics"]["fast_detectgpt"]["threshold"]
+    assert (
+        saved["detector"] == "fast_detectgpt"
+        and saved["threshold"] == report["statistics"]["fast_detectgpt"]["threshold"]
+    )
     assert (tmp_path / "model" / "detect-calibration-roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert main(["detect", "--model", model_dir, "--device", "cpu", "--json", str(tmp_path / "human" / "0.txt"), str(tmp_path / "generated" / "0.txt")]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                model_dir,
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / "human" / "0.txt"),
+                str(tmp_path / "generated" / "0.txt"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["verdict"] for r in rows] == ["human", "generated"] and all(r["calibrated"] for r in rows)
     assert rows[0]["score"] == rows[0]["scores"]["fast_detectgpt"] and rows[0]["threshold"] == saved["threshold"]

@@ -54,13 +54,17 @@ def test_cross_validation_keeps_each_document_in_one_fold():
     generated = np.c_[ids, rng.normal(size=(100, 1)) + 3.0]  # the real signal: the last feature
     names = [f"f{i}" for i in range(21)]
     oof_h, oof_g, sizes = cross_validate(human, generated, groups, groups, names, folds=5)
-    assert [f["test"] for f in sizes] == [{"human": 20, "generated": 20}] * 5 and all(f["train"] == {"human": 80, "generated": 80} for f in sizes)
+    assert [f["test"] for f in sizes] == [{"human": 20, "generated": 20}] * 5 and all(
+        f["train"] == {"human": 80, "generated": 80} for f in sizes
+    )
     assert auroc(oof_g, oof_h) > 0.95
     # labels that follow the document only: out-of-fold, memorizing documents is worth nothing
-    x = ids[:: 5]
+    x = ids[::5]
     y = labels_by_group.astype(float)
     pos, neg = x[y == 1], x[y == 0]
-    oof_neg, oof_pos, _ = cross_validate(neg, pos, list(np.flatnonzero(y == 0)), list(np.flatnonzero(y == 1)), names[:20], folds=5)
+    oof_neg, oof_pos, _ = cross_validate(
+        neg, pos, list(np.flatnonzero(y == 0)), list(np.flatnonzero(y == 1)), names[:20], folds=5
+    )
     assert auroc(oof_pos, oof_neg) <= 0.75
 
 
@@ -68,7 +72,9 @@ def test_lexicon_features_against_a_direct_count():
     lexicon = Lexicon.from_texts(["the cat sat on the mat", "The dog sat"])
     assert lexicon.words == {"the": 3, "sat": 2, "cat": 1, "on": 1, "mat": 1, "dog": 1}
     got = lexicon.features("The cat flew; the zorp sat!")  # words: the cat flew the zorp sat
-    assert got["lex_unseen"] == pytest.approx(2 / 6) and got["lex_rare"] == pytest.approx(4 / 6)  # counts 3,1,0,3,0,2: <3 are cat flew zorp sat
+    assert got["lex_unseen"] == pytest.approx(2 / 6) and got["lex_rare"] == pytest.approx(
+        4 / 6
+    )  # counts 3,1,0,3,0,2: <3 are cat flew zorp sat
     assert got["lex_unseen_pairs"] == pytest.approx(4 / 5)  # only "the cat" was seen
     assert got["lex_log_count"] == pytest.approx(np.mean(np.log1p([3, 1, 0, 3, 0, 2])))
     assert Lexicon.from_json(lexicon.to_json()) == lexicon
@@ -94,18 +100,48 @@ def test_calibrate_fits_the_classifier_and_detect_uses_it(tmp_path, capsys):
     for kind in ("human", "generated", "train"):
         (tmp_path / kind).mkdir()
     prompts = torch.tensor([tok.encode(" ".join(rng.choice(words) for _ in range(3))) for _ in range(10)])
-    sampled = model.generate(prompts, 30, generator=torch.Generator().manual_seed(0))  # the tiny model's own pure samples
+    sampled = model.generate(
+        prompts, 30, generator=torch.Generator().manual_seed(0)
+    )  # the tiny model's own pure samples
     for i in range(10):
         (tmp_path / "human" / f"{i:05d}.txt").write_text(" ".join(rng.choice(words) for _ in range(24)))
         (tmp_path / "generated" / f"{i:05d}.txt").write_text(tok.decode(sampled[i].tolist()))
     (tmp_path / "train" / "words.txt").write_text(" ".join(words * 3))
-    assert main(["detect", "calibrate", "--model", model_dir, "--human", str(tmp_path / "human"), "--generated", str(tmp_path / "generated"),
-                 "--min-tokens", "16", "--device", "cpu", "--lexicon", str(tmp_path / "train"), "--folds", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "calibrate",
+                "--model",
+                model_dir,
+                "--human",
+                str(tmp_path / "human"),
+                "--generated",
+                str(tmp_path / "generated"),
+                "--min-tokens",
+                "16",
+                "--device",
+                "cpu",
+                "--lexicon",
+                str(tmp_path / "train"),
+                "--folds",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["detector"] == "classifier" and report["lexicon"] == "detect-calibration-lexicon.json"
     folds = report["classifier_evaluation"]["folds"]
-    assert len(folds) == 5 and sum(f["test"]["human"] for f in folds) == 10 and all(f["train"]["human"] == 8 for f in folds)
-    assert report["statistics"]["classifier"]["auroc"] == 1.0  # out of fold: random words vs a random model's samples are far apart
+    assert (
+        len(folds) == 5
+        and sum(f["test"]["human"] for f in folds) == 10
+        and all(f["train"]["human"] == 8 for f in folds)
+    )
+    assert (
+        report["statistics"]["classifier"]["auroc"] == 1.0
+    )  # out of fold: random words vs a random model's samples are far apart
 
     rule = load_rule(model_dir)
     assert rule.detector == "classifier" and rule.calibrated and rule.lexicon.words["cat"] == 3
@@ -114,10 +150,26 @@ def test_calibrate_fits_the_classifier_and_detect_uses_it(tmp_path, capsys):
     expected = Classifier.from_dict(report["classifier"]).score(document_features(doc.table, text, rule.lexicon))
     assert doc.score == doc.scores["classifier"] == pytest.approx(expected, abs=1e-9)
 
-    assert main(["detect", "--model", model_dir, "--device", "cpu", "--json", str(tmp_path / "human" / "00000.txt"), str(tmp_path / "generated" / "00003.txt")]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                model_dir,
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / "human" / "00000.txt"),
+                str(tmp_path / "generated" / "00003.txt"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["detector"] for r in rows] == ["classifier", "classifier"] and all(r["calibrated"] for r in rows)
-    assert rows[1]["score"] == pytest.approx(doc.score) and rows[1]["verdict"] == ("generated" if doc.score > report["threshold"] else "human")
+    assert rows[1]["score"] == pytest.approx(doc.score) and rows[1]["verdict"] == (
+        "generated" if doc.score > report["threshold"] else "human"
+    )
     assert rows[0]["verdict"] == "human"
 
 

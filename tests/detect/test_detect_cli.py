@@ -56,13 +56,33 @@ def test_detect_json_lines_and_a_well_formed_gltr_report(model_dir, tmp_path, ca
     short = tmp_path / "short.txt"
     short.write_text("Hello there")
     html = tmp_path / "report.html"
-    assert main(["detect", "--model", model_dir, "--device", "cpu", "--json", "--tokens", "--html", str(html), str(text_file), str(short)]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                model_dir,
+                "--device",
+                "cpu",
+                "--json",
+                "--tokens",
+                "--html",
+                str(html),
+                str(text_file),
+                str(short),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["file"] for r in rows] == [str(text_file), str(short)]
     first = rows[0]
     assert {"file", "tokens", "score", "verdict", "scores"} <= first.keys() and first["calibrated"] is False
     assert first["verdict"] in ("generated", "human") and rows[1]["verdict"] == "too short"
-    assert "binoculars" not in first["scores"] and {"fast_detectgpt", "log_rank", "gltr_top10", "entropy"} <= first["scores"].keys()
+    assert (
+        "binoculars" not in first["scores"]
+        and {"fast_detectgpt", "log_rank", "gltr_top10", "entropy"} <= first["scores"].keys()
+    )
     assert "".join(t["token"] for t in first["token_stats"]) == TEXT and len(first["token_stats"]) == first["tokens"]
     assert all(len(t["top"]) == 10 and 0 < t["prob"] <= 1 and t["rank"] >= 1 for t in first["token_stats"])
 
@@ -78,7 +98,12 @@ def test_detect_text_output_names_the_rule(model_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(TEXT))
     assert main(["detect", "--model", model_dir, "--device", "cpu", "--tokens", "--reference", model_dir, "-"]) == 0
     out = capsys.readouterr().out
-    assert "uncalibrated" in out and "binoculars" in out and "top alternatives" in out and out.count("\n") > len(TEXT.split()) // 2
+    assert (
+        "uncalibrated" in out
+        and "binoculars" in out
+        and "top alternatives" in out
+        and out.count("\n") > len(TEXT.split()) // 2
+    )
 
 
 @pytest.mark.parametrize("content, message", [("", "is empty"), ("   \n", "is empty")])
@@ -104,8 +129,31 @@ def test_sample_writes_matched_pairs(model_dir, tmp_path, capsys):
     for i in range(3):
         (source / f"{i}.txt").write_text(TEXT * (i + 1))
     out = tmp_path / "set"
-    assert main(["detect", "sample", "--model", model_dir, "--source", str(source), "--out", str(out), "--prompt-tokens", "8", "--new-tokens", "16", "--min-tokens", "8",
-                 "--top-k", "40", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "sample",
+                "--model",
+                model_dir,
+                "--source",
+                str(source),
+                "--out",
+                str(out),
+                "--prompt-tokens",
+                "8",
+                "--new-tokens",
+                "16",
+                "--min-tokens",
+                "8",
+                "--top-k",
+                "40",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     humans, generated = sorted((out / "human").iterdir()), sorted((out / "generated").iterdir())
     assert len(humans) == len(generated) == json.loads((out / "sample.json").read_text())["pairs"] >= 1
     assert humans[0].read_text().startswith(tok.decode(tok.encode_ordinary(TEXT)[:8]))

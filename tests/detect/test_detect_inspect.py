@@ -27,7 +27,9 @@ def test_explicit_attention_reproduces_the_fast_path_block_by_block():
             h = block.ln_1(x)
             weights, v = attention_weights(block, h)
             assert torch.equal(weights, maps[layer])
-            assert torch.allclose(attention_output(block, weights, v), block.attn(h), atol=1e-5)  # explicit softmax == fused SDPA
+            assert torch.allclose(
+                attention_output(block, weights, v), block.attn(h), atol=1e-5
+            )  # explicit softmax == fused SDPA
             assert torch.allclose(weights.sum(-1), torch.ones(2, 2, 40), atol=1e-6) and torch.all(weights.triu(1) == 0)
             x = block(x)
 
@@ -57,7 +59,9 @@ def test_inspect_returns_tokens_scores_and_the_models_attention(served):
     assert att["tokens"][0] == "<|endoftext|>" and len(att["tokens"]) == len(ids) + 1
     oracle = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
-        expected = oracle(torch.tensor([[tok.eot_token, *ids]]), output_attentions=True).attentions  # per layer (1, heads, T, T)
+        expected = oracle(
+            torch.tensor([[tok.eot_token, *ids]]), output_attentions=True
+        ).attentions  # per layer (1, heads, T, T)
     for layer in att["layers"]:
         for head in range(att["heads"]):
             for q, row in enumerate(att["weights"][layer][head]):
@@ -65,11 +69,14 @@ def test_inspect_returns_tokens_scores_and_the_models_attention(served):
                 assert row == pytest.approx(expected[layer][0, head, q, : q + 1].tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"text": ""}, 400, "empty"),
-    ({"text": "hello", "layers": [7]}, 400, "layer 7"),
-    ({"text": "hello", "model": "other"}, 404, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"text": ""}, 400, "empty"),
+        ({"text": "hello", "layers": [7]}, 400, "layer 7"),
+        ({"text": "hello", "model": "other"}, 404, "does not exist"),
+    ],
+)
 def test_inspect_errors_are_openai_shaped(served, body, status, message):
     response = requests.post(served[0].url + "/v1/inspect", json=body, timeout=60)
     assert response.status_code == status and message in response.json()["error"]["message"]

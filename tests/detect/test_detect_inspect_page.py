@@ -32,7 +32,10 @@ def test_inspect_page_colours_tokens_and_draws_attention(tmp_path, browser):  # 
         colours = {s.value_of_css_property("background-color") for s in spans}
         assert colours - {"rgba(0, 0, 0, 0)"} and len(colours) >= 2  # coloured by rank bucket
         assert "fast_detectgpt" in browser.find_element(By.ID, "scores").text
-        assert "uncalibrated" in browser.find_element(By.ID, "verdict").text or "too short" in browser.find_element(By.ID, "verdict").text
+        assert (
+            "uncalibrated" in browser.find_element(By.ID, "verdict").text
+            or "too short" in browser.find_element(By.ID, "verdict").text
+        )
 
         canvas = browser.find_element(By.ID, "attention-map")
         assert canvas.size["width"] > 100 and browser.execute_script(INK, canvas) > 0  # a heatmap was drawn
@@ -43,6 +46,9 @@ def test_inspect_page_colours_tokens_and_draws_attention(tmp_path, browser):  # 
         assert lines and browser.find_element(By.ID, "attention-lines").is_displayed()
 
         Select(browser.find_element(By.ID, "colour-by")).select_by_value("prob")
-        assert all("hsla" in (s.get_attribute("style") or "") or "rgba" in (s.get_attribute("style") or "") for s in browser.find_elements(By.CSS_SELECTOR, "#tokens span.tok"))
+        assert all(
+            "hsla" in (s.get_attribute("style") or "") or "rgba" in (s.get_attribute("style") or "")
+            for s in browser.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
+        )
     finally:
         server.close()

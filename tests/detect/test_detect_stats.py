@@ -30,7 +30,14 @@ def direct_rows(model, tokens: list[int], prefix: int, reference=None) -> list[d
             tied = int(((logp - logp[target]).abs() < 1e-5).sum()) - 1
             mu = float((probs * logp).sum())
             var = float((probs * logp * logp).sum()) - mu * mu
-            row = {"logprob": float(logp[target]), "rank": (position + 1 - tied, position + 1 + tied), "entropy": -mu, "mu": mu, "var": var, "top": order[:5]}
+            row = {
+                "logprob": float(logp[target]),
+                "rank": (position + 1 - tied, position + 1 + tied),
+                "entropy": -mu,
+                "mu": mu,
+                "var": var,
+                "top": order[:5],
+            }
             if reference is not None:
                 ref_logits = reference(torch.tensor([seq[:i]]))[0, -1].double()
                 ref = (ref_logits - ref_logits.max()).exp()
@@ -67,7 +74,12 @@ def test_token_stats_and_scores_match_a_direct_computation():
         assert table.top_ids[i].tolist() == row["top"]
         assert table.cross_entropy[i].item() == pytest.approx(row["cross"], abs=1e-4)
     ranks = [table.rank[i].item() for i in range(len(rows))]  # within the direct ranks' tie range, checked above
-    buckets = [sum(1 for r in ranks if r <= 10), sum(1 for r in ranks if 10 < r <= 100), sum(1 for r in ranks if 100 < r <= 1000), sum(1 for r in ranks if r > 1000)]
+    buckets = [
+        sum(1 for r in ranks if r <= 10),
+        sum(1 for r in ranks if 10 < r <= 100),
+        sum(1 for r in ranks if 100 < r <= 1000),
+        sum(1 for r in ranks if r > 1000),
+    ]
     assert ranks[: len(RANKS)] == RANKS  # the ranks the text was built with
     assert buckets[:3] == [5, 4, 4] and buckets[3] >= 3
     n = len(rows)

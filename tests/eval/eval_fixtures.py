@@ -76,18 +76,45 @@ WIKI_RAW = (
     "guest @-@ starring role on the television series The Bill in 2000 . \n \n = = Career = = \n \n In 2006 , "
     "Boulter starred alongside Whishaw in the play Citizenship written by Mark Ravenhill ( 1 @,@ 000 seats ) . \n"
     " \n = Du Fu = \n \n Du Fu ( 712 – 770 ) was a prominent Chinese poet of the Tang dynasty . Along with Li Bai "
-    ", he is frequently called the greatest of the Chinese poets . It 's \" the best \" of 3 @.@ 5 works . \n \n"
+    ', he is frequently called the greatest of the Chinese poets . It \'s " the best " of 3 @.@ 5 works . \n \n'
 )
 
 
 def hellaswag_rows() -> list[dict]:
     """Two items in the published hellaswag_val.jsonl layout (label as an int and as a string)."""
     return [
-        {"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles.",
-         "ctx_b": "then", "ctx": "", "split": "val", "split_type": "indomain", "label": 3,
-         "endings": [", the man adds wax to the windshield and cuts it.", ", a person board a ski lift, while two men supporting the head of the person wearing winter clothes snow as the we girls sled.",
-                     ", the man puts on a christmas coat, knitted with netting.", ", the man continues removing the snow on his car."], "source_id": "activitynet~v_-1IBHYS3L-Y"},
-        {"ind": 100, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow tomatoes [title] Pick a sunny spot.", "ctx_b": "you", "ctx": "", "split": "val",
-         "split_type": "zeroshot", "label": "0", "endings": ["should water the plants [step] every morning.", "can paint the fence blue.", "will sing to the moon.", "drive a car to the shop."],
-         "source_id": "wikihow~1"},
+        {
+            "ind": 4,
+            "activity_label": "Removing ice from car",
+            "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles.",
+            "ctx_b": "then",
+            "ctx": "",
+            "split": "val",
+            "split_type": "indomain",
+            "label": 3,
+            "endings": [
+                ", the man adds wax to the windshield and cuts it.",
+                ", a person board a ski lift, while two men supporting the head of the person wearing winter clothes snow as the we girls sled.",
+                ", the man puts on a christmas coat, knitted with netting.",
+                ", the man continues removing the snow on his car.",
+            ],
+            "source_id": "activitynet~v_-1IBHYS3L-Y",
+        },
+        {
+            "ind": 100,
+            "activity_label": "Home and Garden",
+            "ctx_a": "[header] How to grow tomatoes [title] Pick a sunny spot.",
+            "ctx_b": "you",
+            "ctx": "",
+            "split": "val",
+            "split_type": "zeroshot",
+            "label": "0",
+            "endings": [
+                "should water the plants [step] every morning.",
+                "can paint the fence blue.",
+                "will sing to the moon.",
+                "drive a car to the shop.",
+            ],
+            "source_id": "wikihow~1",
+        },
     ]

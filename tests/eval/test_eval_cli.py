@@ -18,7 +18,9 @@ from gptwo.weights import load_model
 def models(tmp_path_factory):
     """Two tiny models: one with GPT-2's BPE, one with its own trained tokenizer.json."""
     root = tmp_path_factory.mktemp("models")
-    return save_tiny_model(str(root / "bpe"), seed=0), save_tiny_model(str(root / "own"), seed=1, tokenizer=small_tokenizer())
+    return save_tiny_model(str(root / "bpe"), seed=0), save_tiny_model(
+        str(root / "own"), seed=1, tokenizer=small_tokenizer()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def files(tmp_path_factory):
     return {
         "long": write_text(str(root / "long.txt"), long_text(200)),  # several contexts of 32 tokens
         "short": write_text(str(root / "short.txt"), "Rivers run to the sea."),
-        "lambada": write_jsonl(str(root / "lambada_test.jsonl"), [{"text": "the cat sat on the mat"}, {"text": "rivers run to the sea"}]),
+        "lambada": write_jsonl(
+            str(root / "lambada_test.jsonl"), [{"text": "the cat sat on the mat"}, {"text": "rivers run to the sea"}]
+        ),
         "hellaswag": write_jsonl(str(root / "hellaswag_val.jsonl"), hellaswag_rows()),
         "wiki": write_text(str(root / "wiki.test.raw"), WIKI_RAW),
     }
@@ -40,7 +44,19 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_ppl_json_is_one_object_with_the_numbers_of_the_library(capsys, models, files):
-    code, out, _ = run(capsys, "ppl", "--model", models[0], files["long"], files["short"], "--json", "--stride", "16", "--batch-size", "3")
+    code, out, _ = run(
+        capsys,
+        "ppl",
+        "--model",
+        models[0],
+        files["long"],
+        files["short"],
+        "--json",
+        "--stride",
+        "16",
+        "--batch-size",
+        "3",
+    )
     assert code == 0
     report = json.loads(out)
     model, tok = load_model(models[0], device="cpu")
@@ -49,7 +65,9 @@ def test_ppl_json_is_one_object_with_the_numbers_of_the_library(capsys, models, 
     assert report["tokens"] == sum(s.tokens for s in expected) > 3 * 32  # longer than the context: windows
     assert report["perplexity"] == pytest.approx(math.exp(sum(s.nll for s in expected) / report["tokens"]), rel=1e-5)
     assert [f["bits_per_byte"] for f in report["files"]] == pytest.approx([s.bits_per_byte for s in expected], rel=1e-5)
-    assert {"perplexity", "word_perplexity", "bits_per_byte", "tokens", "words", "bytes", "stride", "context"} <= set(report)
+    assert {"perplexity", "word_perplexity", "bits_per_byte", "tokens", "words", "bytes", "stride", "context"} <= set(
+        report
+    )
     assert (report["stride"], report["context"]) == (16, 32)
 
 
@@ -63,7 +81,11 @@ def test_ppl_table_lists_files_and_total(capsys, models, files):
 
 def test_task_commands_read_published_formats(capsys, models, files):
     code, out, _ = run(capsys, "lambada", "--model", models[0], "--data", files["lambada"], "--json", "--quiet")
-    assert code == 0 and set(json.loads(out)) >= {"task", "model", "acc", "perplexity", "items"} and json.loads(out)["items"] == 2
+    assert (
+        code == 0
+        and set(json.loads(out)) >= {"task", "model", "acc", "perplexity", "items"}
+        and json.loads(out)["items"] == 2
+    )
     code, out, _ = run(capsys, "hellaswag", "--model", models[0], "--data", files["hellaswag"], "--json", "--quiet")
     result = json.loads(out)
     assert code == 0 and result["items"] == 2 and 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1
@@ -72,7 +94,19 @@ def test_task_commands_read_published_formats(capsys, models, files):
 
 
 def test_compare_puts_models_in_one_table(capsys, models, files):
-    code, out, _ = run(capsys, "compare", *models, "--files", files["long"], "--tasks", "lambada", "--data", f"lambada={files['lambada']}", "--json", "--quiet")
+    code, out, _ = run(
+        capsys,
+        "compare",
+        *models,
+        "--files",
+        files["long"],
+        "--tasks",
+        "lambada",
+        "--data",
+        f"lambada={files['lambada']}",
+        "--json",
+        "--quiet",
+    )
     assert code == 0
     rows = json.loads(out)["models"]
     assert [r["model"] for r in rows] == list(models)
@@ -91,9 +125,15 @@ def test_compare_puts_models_in_one_table(capsys, models, files):
         (["ppl", "--model", "{not_model}", "{short}"], "has no config.json, so it is not a model folder"),
         (["ppl", "--model", "{short}", "{short}"], "is neither a model folder nor a hub id"),
         (["ppl", "--model", "{model}", "{short}", "--stride", "33"], "stride 33 is outside 1..32"),
-        (["lambada", "--model", "{model}", "--data", "{bad_lambada}"], "item 2 of .* has no field 'text' — each item needs the fields text"),
+        (
+            ["lambada", "--model", "{model}", "--data", "{bad_lambada}"],
+            "item 2 of .* has no field 'text' — each item needs the fields text",
+        ),
         (["hellaswag", "--model", "{model}", "--data", "{empty}"], "is empty"),
-        (["compare", "{model}", "--files", "{short}", "--data", "hellaswag=x.jsonl"], "--data names task 'hellaswag' which is not in --tasks"),
+        (
+            ["compare", "{model}", "--files", "{short}", "--data", "hellaswag=x.jsonl"],
+            "--data names task 'hellaswag' which is not in --tasks",
+        ),
         (["compare", "{model}"], "nothing to compare"),
     ],
 )

@@ -18,10 +18,19 @@ def write_tasks(directory: str) -> str:
     """Four local lm-eval tasks, one per request type, with their data files (no downloads)."""
     data = os.path.join(directory, "data")
     os.makedirs(data)
-    write_jsonl(os.path.join(data, "lambada.jsonl"), [{"text": s.rstrip(".")} for s in SENTENCES] + [{"text": long_text(60) + " end"}])
+    write_jsonl(
+        os.path.join(data, "lambada.jsonl"),
+        [{"text": s.rstrip(".")} for s in SENTENCES] + [{"text": long_text(60) + " end"}],
+    )
     choices = [hellaswag_item(r) for r in hellaswag_rows()]
-    write_jsonl(os.path.join(data, "choice.jsonl"), [{"query": c.query, "choices": list(c.choices), "gold": c.gold} for c in choices])
-    write_jsonl(os.path.join(data, "rolling.jsonl"), [{"text": long_text(90, seed=s)} for s in range(3)] + [{"text": "Short one."}])
+    write_jsonl(
+        os.path.join(data, "choice.jsonl"),
+        [{"query": c.query, "choices": list(c.choices), "gold": c.gold} for c in choices],
+    )
+    write_jsonl(
+        os.path.join(data, "rolling.jsonl"),
+        [{"text": long_text(90, seed=s)} for s in range(3)] + [{"text": "Short one."}],
+    )
     write_jsonl(os.path.join(data, "generate.jsonl"), [{"prompt": s[:30], "answer": s[30:]} for s in SENTENCES])
     common = "dataset_path: json\ntest_split: test\n"
     specs = {
@@ -84,18 +93,29 @@ def both(setup):
     import gptwo.eval.harness  # noqa: F401 - registers --model gptwo
 
     model_dir, task_dir = setup
-    task_manager = TaskManager(include_path=task_dir, include_defaults=False)  # indexing lm-eval's own tasks takes ~10 s
+    task_manager = TaskManager(
+        include_path=task_dir, include_defaults=False
+    )  # indexing lm-eval's own tasks takes ~10 s
     runs = {}
-    for name, args, batch in [("gptwo", f"pretrained={model_dir}", 3), ("hf", f"pretrained={model_dir},dtype=float32", 1)]:
+    for name, args, batch in [
+        ("gptwo", f"pretrained={model_dir}", 3),
+        ("hf", f"pretrained={model_dir},dtype=float32", 1),
+    ]:
         runs[name] = lm_eval.simple_evaluate(
-            model=name, model_args=args, tasks=TASKS, task_manager=task_manager,
-            batch_size=batch, device="cpu", log_samples=True, random_seed=0,
+            model=name,
+            model_args=args,
+            tasks=TASKS,
+            task_manager=task_manager,
+            batch_size=batch,
+            device="cpu",
+            log_samples=True,
+            random_seed=0,
         )
     return runs
 
 
 def responses(run: dict, task: str) -> list:
-    return [sample["resps"] for sample in sorted(run["samples"][task], key=lambda s: (s["doc_id"]))]
+    return [sample["resps"] for sample in sorted(run["samples"][task], key=lambda s: s["doc_id"])]
 
 
 @pytest.mark.parametrize("task", ["tiny_lambada", "tiny_choice"])
@@ -114,13 +134,20 @@ def test_rolling_loglikelihoods_equal_lm_evals_hf_model(both):
     for doc_ours, doc_theirs in zip(ours, theirs):
         assert abs(float(doc_ours[0][0]) - float(doc_theirs[0][0])) <= 1e-4
     for metric in ("word_perplexity,none", "bits_per_byte,none"):
-        assert both["gptwo"]["results"]["tiny_rolling"][metric] == pytest.approx(both["hf"]["results"]["tiny_rolling"][metric], rel=1e-5)
+        assert both["gptwo"]["results"]["tiny_rolling"][metric] == pytest.approx(
+            both["hf"]["results"]["tiny_rolling"][metric], rel=1e-5
+        )
 
 
 def test_metrics_equal_lm_evals_hf_model(both):
-    for task, metrics in {"tiny_lambada": ["acc,none", "perplexity,none"], "tiny_choice": ["acc,none", "acc_norm,none"]}.items():
+    for task, metrics in {
+        "tiny_lambada": ["acc,none", "perplexity,none"],
+        "tiny_choice": ["acc,none", "acc_norm,none"],
+    }.items():
         for metric in metrics:
-            assert both["gptwo"]["results"][task][metric] == pytest.approx(both["hf"]["results"][task][metric], rel=1e-5)
+            assert both["gptwo"]["results"][task][metric] == pytest.approx(
+                both["hf"]["results"][task][metric], rel=1e-5
+            )
 
 
 def test_generate_until_equals_hf_greedy_with_stop_sequences(both):
@@ -132,8 +159,24 @@ def test_generate_until_equals_hf_greedy_with_stop_sequences(both):
 
 def test_gptwo_eval_harness_runs_lm_evals_cli(setup, capsys):
     model_dir, task_dir = setup
-    code = main(["eval", "harness", "--model", "gptwo", "--model_args", f"pretrained={model_dir}", "--tasks", "tiny_lambada",
-                 "--include_path", task_dir, "--device", "cpu", "--batch_size", "4"])
+    code = main(
+        [
+            "eval",
+            "harness",
+            "--model",
+            "gptwo",
+            "--model_args",
+            f"pretrained={model_dir}",
+            "--tasks",
+            "tiny_lambada",
+            "--include_path",
+            task_dir,
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "tiny_lambada" in out and "perplexity" in out and "gptwo" in out

@@ -20,7 +20,9 @@ def tiny(tmp_path_factory):
     return load_model(save_tiny_model(str(tmp_path_factory.mktemp("tiny"))), device="cpu")
 
 
-@pytest.mark.parametrize("n,block,stride", [(1, 8, 8), (7, 8, 8), (8, 8, 8), (9, 8, 8), (50, 8, 8), (50, 8, 3), (50, 8, 1), (23, 16, 5)])
+@pytest.mark.parametrize(
+    "n,block,stride", [(1, 8, 8), (7, 8, 8), (8, 8, 8), (9, 8, 8), (50, 8, 8), (50, 8, 3), (50, 8, 1), (23, 16, 5)]
+)
 def test_every_token_is_scored_once_with_enough_context(n, block, stride):
     tokens = list(range(100, 100 + n))
     pairs = rolling_pairs(tokens, 0, block, stride)
@@ -39,7 +41,10 @@ def test_stride_equal_to_context_gives_lm_evals_rolling_windows(n):
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     tokens = list(range(1000, 1000 + n))
-    theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(token_list=tokens, prefix_token=7, max_seq_len=16, context_len=1)]
+    theirs = [
+        make_disjoint_window(w)
+        for w in get_rolling_token_windows(token_list=tokens, prefix_token=7, max_seq_len=16, context_len=1)
+    ]
     assert [(list(a), list(b)) for a, b in rolling_pairs(tokens, 7, 16)] == [(list(a), list(b)) for a, b in theirs]
 
 
@@ -74,7 +79,9 @@ def test_strided_perplexity_equals_direct_computation_when_stride_is_context(tin
     whole = tokens[: 4 * model.config.block_size]
     chunks = torch.tensor([tok.eot_token, *whole]).unfold(0, 33, 32)  # (4, 33): inputs and their next tokens
     plain = F.cross_entropy(model(chunks[:, :-1]).flatten(0, 1), chunks[:, 1:].flatten(), reduction="sum").item()
-    assert -sum(s.logprob for s in score_pairs(model, rolling_pairs(whole, tok.eot_token, 32))) == pytest.approx(plain, rel=1e-5)
+    assert -sum(s.logprob for s in score_pairs(model, rolling_pairs(whole, tok.eot_token, 32))) == pytest.approx(
+        plain, rel=1e-5
+    )
 
 
 def test_short_text_gives_one_forward_pass_whatever_the_stride(tiny):
@@ -96,7 +103,9 @@ def test_smaller_stride_scores_each_token_with_its_exact_window(tiny):
     for (ctx, cont), got in zip(pairs, batched):
         ids = torch.tensor([*ctx, *cont][:-1])[None]
         logprobs = model(ids)[0, -len(cont) :].log_softmax(-1)
-        assert got.logprob == pytest.approx(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item(), rel=1e-5, abs=1e-4)
+        assert got.logprob == pytest.approx(
+            logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item(), rel=1e-5, abs=1e-4
+        )
     (stats,) = score_texts(model, tok, [tok.decode(tokens)], stride=8)
     assert stats.nll == pytest.approx(-sum(s.logprob for s in batched), rel=1e-5)
 
@@ -108,8 +117,12 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary_size():
     for stride in (16, 5):
         (stats,) = score_texts(model, tok, [text], stride=stride)
         assert stats.perplexity == pytest.approx(tok.n_vocab, rel=1e-5)
-        assert stats.bits_per_byte == pytest.approx(stats.tokens * math.log2(tok.n_vocab) / len(text.encode()), rel=1e-6)
-        assert stats.word_perplexity == pytest.approx(tok.n_vocab ** (stats.tokens / 61), rel=1e-5)  # 20 words x 3, and the '' after the final space
+        assert stats.bits_per_byte == pytest.approx(
+            stats.tokens * math.log2(tok.n_vocab) / len(text.encode()), rel=1e-6
+        )
+        assert stats.word_perplexity == pytest.approx(
+            tok.n_vocab ** (stats.tokens / 61), rel=1e-5
+        )  # 20 words x 3, and the '' after the final space
 
 
 def test_context_longer_than_the_window_is_cut_from_the_left(tiny):

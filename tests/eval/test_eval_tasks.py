@@ -10,7 +10,17 @@ from eval_fixtures import WIKI_RAW, TableModel, hellaswag_rows, small_tokenizer,
 from gptwo.errors import GptwoError
 from gptwo.eval import tasks
 from gptwo.eval.scoring import encode_pair
-from gptwo.eval.tasks import ChoiceItem, hellaswag_item, load_hellaswag, load_lambada, load_wikitext, score_choices, score_lambada, split_articles, wikitext_detokenize
+from gptwo.eval.tasks import (
+    ChoiceItem,
+    hellaswag_item,
+    load_hellaswag,
+    load_lambada,
+    load_wikitext,
+    score_choices,
+    score_lambada,
+    split_articles,
+    wikitext_detokenize,
+)
 
 
 def lm_eval_task_module(name: str, filename: str):
@@ -60,14 +70,20 @@ def test_lambada_splits_the_last_word_as_the_harness_template_does():
 def test_lambada_reads_jsonl_and_txt(tmp_path):
     rows = [{"text": "one two three"}, {"text": "four five six"}]
     assert load_lambada(write_jsonl(str(tmp_path / "lambada_test.jsonl"), rows)) == ["one two three", "four five six"]
-    assert load_lambada(write_text(str(tmp_path / "l.txt"), "one two three\n\nfour five six\n")) == ["one two three", "four five six"]
+    assert load_lambada(write_text(str(tmp_path / "l.txt"), "one two three\n\nfour five six\n")) == [
+        "one two three",
+        "four five six",
+    ]
 
 
 # ---------------------------------------------------------------- HellaSwag
 def test_hellaswag_acc_and_acc_norm_from_a_uniform_model():
     """Uniform logits: a choice's log-likelihood is -tokens*log(V), so acc picks the fewest tokens, acc_norm the fewest per character."""
     tok = small_tokenizer()
-    items = [ChoiceItem("Rivers run to", ("the sea", "qqqqqqqq"), 0), ChoiceItem("A cat", ("x", "sleeps in the sun"), 1)]
+    items = [
+        ChoiceItem("Rivers run to", ("the sea", "qqqqqqqq"), 0),
+        ChoiceItem("A cat", ("x", "sleeps in the sun"), 1),
+    ]
     counts = [[len(encode_pair(tok, it.query, " " + c)[1]) for c in it.choices] for it in items]
     assert counts == [[2, 9], [2, 9]]  # tokens; characters are [7, 8] and [1, 17]
     result = score_choices(TableModel(tok.n_vocab, block_size=64), tok, items)
@@ -101,7 +117,11 @@ def test_hellaswag_file_errors_name_the_item_and_field(tmp_path):
 # ---------------------------------------------------------------- WikiText
 def test_detokenizer_matches_lm_evals():
     theirs = lm_eval_task_module("wikitext", "preprocess_wikitext.py")
-    samples = [WIKI_RAW, *split_articles(WIKI_RAW), ' He said " hello there " ( in 1990 ) ; then [ a ] { b } = = = Sub = = = 5 ° C , N times .\n ']
+    samples = [
+        WIKI_RAW,
+        *split_articles(WIKI_RAW),
+        ' He said " hello there " ( in 1990 ) ; then [ a ] { b } = = = Sub = = = 5 ° C , N times .\n ',
+    ]
     for text in samples:
         assert wikitext_detokenize(text) == theirs.wikitext_detokenizer({"page": text})
     assert "guest-starring" in wikitext_detokenize(WIKI_RAW) and "1,000" in wikitext_detokenize(WIKI_RAW)
@@ -164,7 +184,11 @@ def test_hub_download_asks_for_the_published_dataset(monkeypatch):
     assert tasks.load_items("lambada") == ["one two three"]
     assert [it.gold for it in tasks.load_items("hellaswag")] == [3, 0]
     assert len(tasks.load_items("wikitext103")) == 2
-    assert asked == [("EleutherAI/lambada_openai", "default", "test"), ("Rowan/hellaswag", None, "validation"), ("Salesforce/wikitext", "wikitext-103-raw-v1", "test")]
+    assert asked == [
+        ("EleutherAI/lambada_openai", "default", "test"),
+        ("Rowan/hellaswag", None, "validation"),
+        ("Salesforce/wikitext", "wikitext-103-raw-v1", "test"),
+    ]
 
 
 def test_failed_download_says_to_pass_a_file(monkeypatch):
@@ -174,5 +198,7 @@ def test_failed_download_says_to_pass_a_file(monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(GptwoError, match=r"could not download Salesforce/wikitext/wikitext-2-raw-v1 .*--data FILE: wiki.test.raw"):
+    with pytest.raises(
+        GptwoError, match=r"could not download Salesforce/wikitext/wikitext-2-raw-v1 .*--data FILE: wiki.test.raw"
+    ):
         tasks.load_items("wikitext2")

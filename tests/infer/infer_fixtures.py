@@ -10,9 +10,27 @@ import torch.nn.functional as F
 from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.weights import save_pretrained
 
-SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our neighbour", "a small bird", "the old man", "her brother"]
+SUBJECTS = [
+    "the cat",
+    "a dog",
+    "my friend",
+    "the teacher",
+    "our neighbour",
+    "a small bird",
+    "the old man",
+    "her brother",
+]
 VERBS = ["sees", "likes", "follows", "paints", "visits", "finds", "helps", "calls"]
-OBJECTS = ["the river", "a red house", "the garden", "a long letter", "the market", "a quiet street", "the station", "a green hill"]
+OBJECTS = [
+    "the river",
+    "a red house",
+    "the garden",
+    "a long letter",
+    "the market",
+    "a quiet street",
+    "the station",
+    "a green hill",
+]
 ENDINGS = ["every morning.", "after dinner.", "in the rain.", "on sunday.", "with a smile.", "before noon."]
 
 

@@ -34,7 +34,9 @@ def test_prefill_and_each_step_give_the_forward_logits(options):
     with torch.no_grad():
         torch.testing.assert_close(decoder.forward(seq[:, :20], 0), prepared(seq[:, :20])[:, -1], **tolerance)
         for t in range(20, 30):
-            torch.testing.assert_close(decoder.forward(seq[:, t : t + 1], t), model(seq[:, : t + 1])[:, -1], **tolerance)
+            torch.testing.assert_close(
+                decoder.forward(seq[:, t : t + 1], t), model(seq[:, : t + 1])[:, -1], **tolerance
+            )
 
 
 def test_greedy_tokens_equal_the_generate_loop():
@@ -45,7 +47,9 @@ def test_greedy_tokens_equal_the_generate_loop():
 
 @pytest.mark.parametrize("options", [{}, {"quantize": "int8"}], ids=["fp32", "int8"])
 def test_compiled_and_eager_decoding_give_the_same_tokens(options):
-    model = prepare_model(random_model(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32)), **options)
+    model = prepare_model(
+        random_model(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32)), **options
+    )
     idx = torch.randint(0, 97, (1, 5))
     eager = Decoder(model, max_len=24).generate(idx, 16)
     compiled = Decoder(model, max_len=24, compile=True).generate(idx, 16)
@@ -56,7 +60,9 @@ def test_frozen_max_autotune_int8_decoding_gives_the_eager_tokens():
     """Weights frozen into the step, the KV cache still written: same tokens as eager, twice in a row (~30 s: C++ compiles)."""
     from torch._inductor.utils import run_and_get_code
 
-    model = prepare_model(random_model(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=64)), quantize="int8")
+    model = prepare_model(
+        random_model(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=64)), quantize="int8"
+    )
     idx = torch.randint(0, 97, (1, 5))
     eager = Decoder(model, max_len=24).generate(idx, 16)
     frozen = Decoder(model, max_len=24, compile="max-autotune-frozen")
@@ -69,7 +75,10 @@ def test_frozen_max_autotune_int8_decoding_gives_the_eager_tokens():
 def test_sampling_is_reproducible_with_a_generator():
     model = random_model()
     idx = torch.randint(0, CONFIG.vocab_size, (1, 4))
-    runs = [Decoder(model).generate(idx, 12, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    runs = [
+        Decoder(model).generate(idx, 12, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 

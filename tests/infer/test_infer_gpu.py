@@ -41,5 +41,10 @@ def test_bf16_logits_on_cuda_stay_close_to_fp32():
     idx = torch.randint(0, CONFIG.vocab_size, (2, 32))
     with torch.no_grad():
         expected = model(idx)[:, -1]
-        got = Decoder(prepare_model(copy.deepcopy(model).cuda(), dtype="bf16"), batch_size=2).forward(idx.cuda(), 0).float().cpu()
+        got = (
+            Decoder(prepare_model(copy.deepcopy(model).cuda(), dtype="bf16"), batch_size=2)
+            .forward(idx.cuda(), 0)
+            .float()
+            .cpu()
+        )
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)

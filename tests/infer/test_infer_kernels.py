@@ -37,8 +37,12 @@ def fresh(monkeypatch, tmp_path):
 
 def test_isa_support_reads_the_cpu_flags():
     zen3 = {"avx", "avx2", "fma", "f16c", "sse4_2"}
-    assert native.isa_support(zen3, "x86_64") == {"avx512": "this CPU lacks avx512f, avx512bw, avx512vl", "avx2": None,
-                                                  "neon": "not an aarch64 CPU", "generic": None}
+    assert native.isa_support(zen3, "x86_64") == {
+        "avx512": "this CPU lacks avx512f, avx512bw, avx512vl",
+        "avx2": None,
+        "neon": "not an aarch64 CPU",
+        "generic": None,
+    }
     assert native.isa_support({"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}, "x86_64")["avx512"] is None
     assert native.isa_support({"sse2"}, "x86_64")["avx2"] == "this CPU lacks avx2, fma"
     arm = native.isa_support({"fp", "asimd"}, "aarch64")
@@ -103,7 +107,9 @@ def test_a_planted_or_truncated_library_is_never_loaded_but_rebuilt(fresh, capsy
         os.replace(fake, library)  # a new file: the one this process has mapped stays intact
         native.reset()
         lib = native.library()
-        assert lib is not None and lib.gptwo_abi() == native.ABI  # it was rebuilt, not loaded (a half ELF would be SIGBUS)
+        assert (
+            lib is not None and lib.gptwo_abi() == native.ABI
+        )  # it was rebuilt, not loaded (a half ELF would be SIGBUS)
         assert library.read_bytes() == good and "compiling" in capsys.readouterr().err
 
 
@@ -116,8 +122,10 @@ def test_a_library_of_another_abi_is_refused(fresh, capsys, tmp_path):
 
 def test_a_failing_compiler_shows_its_first_error_and_keeps_the_rest_for_debug(fresh, tmp_path, capsys):
     cc = tmp_path / "cc"
-    cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'fake cc 1.0'; exit 0; }\necho 'note: first' >&2\necho 'k.c:1: error: broken' >&2\n"
-                  "echo 'more detail' >&2\nexit 1\n")
+    cc.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'fake cc 1.0'; exit 0; }\necho 'note: first' >&2\necho 'k.c:1: error: broken' >&2\n"
+        "echo 'more detail' >&2\nexit 1\n"
+    )
     cc.chmod(0o755)
     fresh.setenv("CC", str(cc))
     assert native.library() is None
@@ -172,7 +180,11 @@ def test_kernels_info_and_build(fresh, capsys):
 # ---------------------------------------------------------------- the kernels' own C test
 def _run_c_test(compiler: str, flags: list[str], tmp_path: Path, runner: list[str] | None = None) -> str:
     binary = tmp_path / "kernels_test"
-    subprocess.run([compiler, "-O2", *flags, "-fopenmp", str(C_TEST), str(KERNELS), "-lm", "-o", str(binary)], check=True, timeout=300)
+    subprocess.run(
+        [compiler, "-O2", *flags, "-fopenmp", str(C_TEST), str(KERNELS), "-lm", "-o", str(binary)],
+        check=True,
+        timeout=300,
+    )
     done = subprocess.run([*(runner or []), str(binary)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     return done.stdout
@@ -188,7 +200,10 @@ def test_the_c_test_passes_on_each_isa_this_cpu_runs(isa, tmp_path):
 AARCH64_CC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
 
 
-@pytest.mark.skipif(not (AARCH64_CC and QEMU), reason="needs Debian's gcc-aarch64-linux-gnu and qemu-user (scripts/setup.sh test installs them)")
+@pytest.mark.skipif(
+    not (AARCH64_CC and QEMU),
+    reason="needs Debian's gcc-aarch64-linux-gnu and qemu-user (scripts/setup.sh test installs them)",
+)
 def test_the_c_test_passes_on_aarch64_neon_under_qemu(tmp_path):
     out = _run_c_test(AARCH64_CC, native.ISA_FLAGS["neon"], tmp_path, [QEMU, "-L", "/usr/aarch64-linux-gnu"])
     assert out.startswith(f"isa neon, abi {native.ABI}") and " 0 failed" in out.splitlines()[-1]

@@ -18,7 +18,9 @@ from gptwo.errors import GptwoError
 from gptwo.infer import Decoder, native, prepare_model
 from gptwo.infer.linear import NativeLinear, TransposedLinear, quantize_int8
 
-needs_kernels = pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine (see the note on stderr)")
+needs_kernels = pytest.mark.skipif(
+    native.library() is None, reason="the native kernels do not build on this machine (see the note on stderr)"
+)
 RUNNABLE_ISAS = [isa for isa, why in native.isa_support().items() if why is None]
 
 
@@ -28,7 +30,15 @@ def isa(request, monkeypatch):
     monkeypatch.setenv("GPTWO_KERNEL_ISA", request.param)
     assert native.library() is not None, native.why_off()
     return request.param
-SHAPES = [(1, 77, 45), (3, 200, 33), (5, 768, 130), (16, 1000, 7), (2, 64, 4)]  # (M, K, N): K, N off multiples of 16 and 64, M > 1
+
+
+SHAPES = [
+    (1, 77, 45),
+    (3, 200, 33),
+    (5, 768, 130),
+    (16, 1000, 7),
+    (2, 64, 4),
+]  # (M, K, N): K, N off multiples of 16 and 64, M > 1
 
 
 def odd_model(seed: int = 0, n_embd: int = 72, block_size: int = 96) -> GPT:
@@ -74,7 +84,9 @@ def test_int8_kernels_match_the_dequantized_weights(isa, M, K, N):
 
 
 @needs_kernels
-@pytest.mark.parametrize("options", [{"dtype": "fp32"}, {"dtype": "bf16"}, {"quantize": "int8"}], ids=["fp32", "bf16", "int8"])
+@pytest.mark.parametrize(
+    "options", [{"dtype": "fp32"}, {"dtype": "bf16"}, {"quantize": "int8"}], ids=["fp32", "bf16", "int8"]
+)
 def test_the_native_step_gives_the_forward_logits_at_prefill_and_each_step(isa, options):
     model = odd_model()
     prepared = prepare_model(copy.deepcopy(model), **options)
@@ -83,9 +95,13 @@ def test_the_native_step_gives_the_forward_logits_at_prefill_and_each_step(isa, 
     seq = torch.randint(0, 101, (1, 80))
     tolerance = {"rtol": 1e-4, "atol": 1e-4} if options == {"dtype": "fp32"} else {"rtol": 0.05, "atol": 0.05}
     with torch.no_grad():
-        torch.testing.assert_close(decoder.forward(seq[:, :70], 0), model(seq[:, :70])[:, -1], **tolerance)  # two C calls: 64 + 6
+        torch.testing.assert_close(
+            decoder.forward(seq[:, :70], 0), model(seq[:, :70])[:, -1], **tolerance
+        )  # two C calls: 64 + 6
         for t in range(70, 80):
-            torch.testing.assert_close(decoder.forward(seq[:, t : t + 1], t), model(seq[:, : t + 1])[:, -1], **tolerance)
+            torch.testing.assert_close(
+                decoder.forward(seq[:, t : t + 1], t), model(seq[:, : t + 1])[:, -1], **tolerance
+            )
 
 
 @needs_kernels
@@ -102,7 +118,9 @@ def test_a_prepared_model_generates_through_the_native_step_and_slides_past_its_
     model = odd_model(block_size=32)
     prepared = prepare_model(copy.deepcopy(model), dtype="fp32")
     idx = torch.randint(0, 101, (1, 20))
-    assert torch.equal(prepared.generate(idx, 40, temperature=0), model.generate(idx, 40, temperature=0))  # 60 > 32: the cache restarts
+    assert torch.equal(
+        prepared.generate(idx, 40, temperature=0), model.generate(idx, 40, temperature=0)
+    )  # 60 > 32: the cache restarts
 
 
 @needs_kernels
@@ -147,7 +165,10 @@ def test_int8_through_the_native_step_keeps_perplexity_and_greedy_tokens(trained
     monkeypatch.setenv("GPTWO_NATIVE_INT8", int8_kernel)
     fp32 = Decoder(prepare_model(copy.deepcopy(model), dtype="fp32"), max_len=64)
     int8 = Decoder(prepare_model(copy.deepcopy(model), quantize="int8"), max_len=64)
-    assert int8.native is not None and int8.model.lm_head.kind == {"widen": native.I8, "vnni": native.I8_VNNI, "w16": native.I8_W16}[int8_kernel]
+    assert (
+        int8.native is not None
+        and int8.model.lm_head.kind == {"widen": native.I8, "vnni": native.I8_VNNI, "w16": native.I8_W16}[int8_kernel]
+    )
     assert abs(stepwise_perplexity(int8, windows) / stepwise_perplexity(fp32, windows) - 1) < 0.01
     same = total = 0
     for sentence in held_out.split(".")[:8]:
@@ -185,7 +206,9 @@ def test_gptwo_native_0_forces_the_torch_path_quietly(fresh_kernels, capsys):
     prepared = prepare_model(odd_model(), quantize="int8")
     assert not any(isinstance(m, NativeLinear) for m in prepared.modules())
     err = capsys.readouterr().err
-    assert "kernels are off" not in err and "compiling" not in err  # only the slow-precision note, on a CPU without native bf16
+    assert (
+        "kernels are off" not in err and "compiling" not in err
+    )  # only the slow-precision note, on a CPU without native bf16
 
 
 @needs_kernels
@@ -193,7 +216,9 @@ def test_a_fresh_build_lands_in_the_cache_once(fresh_kernels, tmp_path):
     assert native.library() is not None
     built = sorted((tmp_path / "kernels").glob("gptwo_kernels_*"))  # the library and its checksum
     native.reset()
-    assert native.library() is not None and sorted((tmp_path / "kernels").glob("*")) == built  # reused, no temporary left
+    assert (
+        native.library() is not None and sorted((tmp_path / "kernels").glob("*")) == built
+    )  # reused, no temporary left
 
 
 @pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"quantize": "int8"}], ids=["bf16", "int8"])

@@ -7,15 +7,13 @@ import json
 
 import pytest
 import torch
+from infer_fixtures import perplexity, train_small_model
 
 from gptwo import GPT
 from gptwo.cli import main
 from gptwo.errors import GptwoError
-from gptwo.infer import Decoder, prepare_model
-from gptwo.infer import native
+from gptwo.infer import Decoder, native, prepare_model
 from gptwo.infer.linear import Int8Linear, NativeLinear, TransposedLinear, quantize_int8
-
-from infer_fixtures import perplexity, train_small_model
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,9 @@ def test_the_model_learned_something(trained):
     assert perplexity(model, windows) < tokenizer.n_vocab / 10  # far below uniform guessing
 
 
-@pytest.mark.parametrize("options", [{"quantize": "int8"}, {"dtype": "bf16"}, {"dtype": "fp32"}], ids=["int8", "bf16", "fp32-transposed"])
+@pytest.mark.parametrize(
+    "options", [{"quantize": "int8"}, {"dtype": "bf16"}, {"dtype": "fp32"}], ids=["int8", "bf16", "fp32-transposed"]
+)
 def test_held_out_perplexity_within_one_percent_of_fp32(trained, options):
     _, model, _, _, windows = trained
     reference = perplexity(model, windows)
@@ -63,7 +63,11 @@ def test_quantized_weights_round_trip_within_half_a_step():
 def test_from_pretrained_quantize_int8_swaps_every_linear_and_keeps_the_head_tied(trained):
     directory, model, _, _, windows = trained
     quantized = GPT.from_pretrained(directory, quantize="int8")
-    linears = [m for m in quantized.modules() if isinstance(m, Int8Linear) or (isinstance(m, NativeLinear) and m.w.dtype == torch.int8)]
+    linears = [
+        m
+        for m in quantized.modules()
+        if isinstance(m, Int8Linear) or (isinstance(m, NativeLinear) and m.w.dtype == torch.int8)
+    ]
     assert len(linears) == 4 * model.config.n_layer + 1
     assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
     assert quantized.lm_head.weight is quantized.transformer.wte.weight
@@ -101,7 +105,22 @@ def test_cli_eval_and_generate_take_quantize_and_dtype(trained, tmp_path, capsys
     assert abs(ppl["--dtype bf16"] / ppl[""] - 1) < 0.02
     outputs = []
     for flags in ([], ["--quantize", "int8"]):
-        assert main(["generate", "--model", directory, "--temperature", "0", "--max-new-tokens", "12", *flags, "the cat sees"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    directory,
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "12",
+                    *flags,
+                    "the cat sees",
+                ]
+            )
+            == 0
+        )
         outputs.append(capsys.readouterr().out)
     assert outputs[0].strip() and outputs[1].split()[:2] == outputs[0].split()[:2]
     with pytest.raises(SystemExit) as exit_info:

@@ -26,7 +26,14 @@ def tiny_data() -> str:
     for i in range(40):
         with open(os.path.join(corpus, f"doc{i:02d}.txt"), "w", encoding="utf-8") as f:
             f.write(" ".join(rng.choice(WORDS) for _ in range(150)) + ".")
-    prepare([corpus], os.path.join(root, "data"), tokenizer=Tokenizer.train([corpus], vocab_size=300), val_fraction=0.2, progress=False, workers=1)
+    prepare(
+        [corpus],
+        os.path.join(root, "data"),
+        tokenizer=Tokenizer.train([corpus], vocab_size=300),
+        val_fraction=0.2,
+        progress=False,
+        workers=1,
+    )
     return os.path.join(root, "data")
 
 
@@ -53,5 +60,13 @@ def synthetic_runs(constants: dict, noise: float = 0.005, seed: int = 0) -> list
     for budget in (1e18, 3e18, 1e19, 3e19, 1e20):
         for n in np.geomspace(math.sqrt(budget / 120) / 8, math.sqrt(budget / 120) * 8, 7):
             d = budget / (6 * n)
-            runs.append({"params": n, "tokens": d, "loss": predict(constants, n, d) * math.exp(rng.normal(0, noise)), "budget": budget, "flops": budget})
+            runs.append(
+                {
+                    "params": n,
+                    "tokens": d,
+                    "loss": predict(constants, n, d) * math.exp(rng.normal(0, noise)),
+                    "budget": budget,
+                    "flops": budget,
+                }
+            )
     return runs

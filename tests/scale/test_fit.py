@@ -5,14 +5,15 @@ import math
 
 import numpy as np
 import pytest
+from scale_fixtures import HOFFMANN, cli, synthetic_runs
 
 from gptwo.cli import main
 from gptwo.scale.fit import compute_optimal, fit_report, predict, read_points
 
-from scale_fixtures import HOFFMANN, cli, synthetic_runs
 
-
-@pytest.mark.parametrize("constants", [HOFFMANN, dict(E=1.82, A=482.0, B=2085.0, alpha=0.35, beta=0.37)], ids=["hoffmann", "besiroglu"])
+@pytest.mark.parametrize(
+    "constants", [HOFFMANN, dict(E=1.82, A=482.0, B=2085.0, alpha=0.35, beta=0.37)], ids=["hoffmann", "besiroglu"]
+)
 def test_fit_recovers_known_constants_from_noisy_losses(constants):
     report = fit_report(synthetic_runs(constants), bootstrap=0)
     assert abs(report["alpha"] - constants["alpha"]) < 0.03
@@ -42,15 +43,32 @@ def test_bootstrap_intervals_cover_the_true_exponents():
 
 def test_fit_command_reads_jsonl_and_prints_one_json_object_with_predictions(tmp_path):
     path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps({k: r[k] for k in ("params", "tokens", "loss")}) + "\n" for r in synthetic_runs(HOFFMANN)))
-    result = cli("scale", "fit", str(path), "--json", "--bootstrap", "0", "--predict", "1e9,2e10", "--predict", "7e10,1.4e12", "--plot", str(tmp_path / "fit.png"))
+    path.write_text(
+        "".join(json.dumps({k: r[k] for k in ("params", "tokens", "loss")}) + "\n" for r in synthetic_runs(HOFFMANN))
+    )
+    result = cli(
+        "scale",
+        "fit",
+        str(path),
+        "--json",
+        "--bootstrap",
+        "0",
+        "--predict",
+        "1e9,2e10",
+        "--predict",
+        "7e10,1.4e12",
+        "--plot",
+        str(tmp_path / "fit.png"),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert all(k in report for k in ("E", "A", "B", "alpha", "beta"))
     assert [(p["params"], p["tokens"]) for p in report["predictions"]] == [(1e9, 2e10), (7e10, 1.4e12)]
     for p in report["predictions"]:
         assert math.isclose(p["loss"], predict(report, p["params"], p["tokens"]), rel_tol=1e-12)
-        assert abs(p["loss"] / predict(HOFFMANN, p["params"], p["tokens"]) - 1) < 0.02  # the fit extrapolates well on clean data
+        assert (
+            abs(p["loss"] / predict(HOFFMANN, p["params"], p["tokens"]) - 1) < 0.02
+        )  # the fit extrapolates well on clean data
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -65,14 +83,21 @@ def test_bad_runs_file_is_a_one_line_error(tmp_path):
     path = tmp_path / "runs.jsonl"
     path.write_text('{"params": 1e6, "tokens": 2e7}\n')
     result = cli("scale", "fit", str(path))
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "runs.jsonl:1" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert (
+        result.returncode == 2
+        and result.stderr.startswith("error: ")
+        and "runs.jsonl:1" in result.stderr
+        and len(result.stderr.splitlines()) == 1
+    )
     result = cli("scale", "fit", str(tmp_path / "missing"))
     assert result.returncode == 2 and "neither a sweep folder" in result.stderr
 
 
 def test_fit_without_scipy_names_the_extra(tmp_path, capsys, monkeypatch):
     path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps({k: r[k] for k in ("params", "tokens", "loss")}) + "\n" for r in synthetic_runs(HOFFMANN)))
+    path.write_text(
+        "".join(json.dumps({k: r[k] for k in ("params", "tokens", "loss")}) + "\n" for r in synthetic_runs(HOFFMANN))
+    )
     monkeypatch.setitem(__import__("sys").modules, "scipy.optimize", None)  # as if scipy were not installed
     assert main(["scale", "fit", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -83,8 +108,10 @@ def test_an_isoflop_minimum_outside_the_runs_is_reported_without_its_extrapolate
     from gptwo.scale.fit import format_report, isoflop_minima
 
     # losses that still fall at the largest N: the parabola's vertex lies far beyond the runs
-    runs = [{"budget": 1e12, "flops": 1e12, "params": n, "tokens": 1e12 / (6 * n), "loss": loss}
-            for n, loss in [(1e4, 5.0), (2e4, 4.6), (4e4, 4.3)]]
+    runs = [
+        {"budget": 1e12, "flops": 1e12, "params": n, "tokens": 1e12 / (6 * n), "loss": loss}
+        for n, loss in [(1e4, 5.0), (2e4, 4.6), (4e4, 4.3)]
+    ]
     (minimum,) = isoflop_minima(runs)
     assert not minimum["inside"]
     report = fit_report(runs + synthetic_runs(HOFFMANN)[:14], bootstrap=0)

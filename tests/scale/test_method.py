@@ -4,18 +4,20 @@ import json
 import math
 
 import pytest
+from scale_fixtures import HOFFMANN, cli, synthetic_runs
 
 from gptwo.errors import GptwoError
 from gptwo.scale.fit import compute_optimal, fit_report, predict
 from gptwo.scale.method import Method, average_seeds, backtest, near_minimum, predicted_best, prepare, with_count
 from gptwo.scale.plan import make_plan, write_plan
 
-from scale_fixtures import HOFFMANN, cli, synthetic_runs
-
 
 def counted_runs() -> list[dict]:
     """Synthetic runs that state their parameters three ways, as a sweep's records do."""
-    return [{**r, "params_total": r["params"] * 1.1, "params_non_embedding": r["params"] * 0.5} for r in synthetic_runs(HOFFMANN)]
+    return [
+        {**r, "params_total": r["params"] * 1.1, "params_non_embedding": r["params"] * 0.5}
+        for r in synthetic_runs(HOFFMANN)
+    ]
 
 
 def test_count_takes_n_from_the_chosen_field_and_refuses_unknown_or_missing_ones():
@@ -30,8 +32,11 @@ def test_count_takes_n_from_the_chosen_field_and_refuses_unknown_or_missing_ones
 
 
 def test_seeds_average_to_one_point_per_shape_with_the_geometric_mean():
-    runs = [{"budget": 1e12, "params": 1e5, "tokens": 2e6, "loss": 4.0, "name": "a"}, {"budget": 1e12, "params": 1e5, "tokens": 2e6, "loss": 4.2, "name": "a-s1"},
-            {"budget": 1e12, "params": 2e5, "tokens": 1e6, "loss": 4.5, "name": "b"}]
+    runs = [
+        {"budget": 1e12, "params": 1e5, "tokens": 2e6, "loss": 4.0, "name": "a"},
+        {"budget": 1e12, "params": 1e5, "tokens": 2e6, "loss": 4.2, "name": "a-s1"},
+        {"budget": 1e12, "params": 2e5, "tokens": 1e6, "loss": 4.5, "name": "b"},
+    ]
     averaged = sorted(average_seeds(runs), key=lambda p: p["params"])
     assert len(averaged) == 2
     assert math.isclose(averaged[0]["loss"], math.sqrt(4.0 * 4.2)) and averaged[0]["seeds"] == 2
@@ -58,11 +63,19 @@ def test_predicted_best_over_shapes_is_their_lowest_and_the_optimum_is_lower_sti
         predicted_best(HOFFMANN, 1e18, shapes, "median")
 
 
-@pytest.mark.parametrize("method", [Method(), Method(best="shapes", delta=1e-2), Method(near_min=5, average_seeds=True)], ids=["default", "shapes", "near-min"])
+@pytest.mark.parametrize(
+    "method",
+    [Method(), Method(best="shapes", delta=1e-2), Method(near_min=5, average_seeds=True)],
+    ids=["default", "shapes", "near-min"],
+)
 def test_backtest_on_losses_from_known_constants_predicts_each_budget_closely(method):
     rows = backtest(synthetic_runs(HOFFMANN, noise=0.002), method)
     assert [r["budget"] for r in rows] == [1e19, 3e19, 1e20]
-    assert [r["fitted_runs"] for r in rows] == [14 if not method.near_min else 10, 21 if not method.near_min else 15, 28 if not method.near_min else 20]
+    assert [r["fitted_runs"] for r in rows] == [
+        14 if not method.near_min else 10,
+        21 if not method.near_min else 15,
+        28 if not method.near_min else 20,
+    ]
     for row in rows:
         assert abs(row["error"]) < 0.01, row
         assert math.isclose(row["error"], row["predicted"] / row["measured"] - 1)
@@ -96,12 +109,26 @@ def test_backtest_and_best_of_plan_commands(tmp_path):
 
     plan = make_plan([3e20], vocab_size=50257, shapes=[(12, 12, 768), (24, 16, 1024), (36, 20, 1280)], per_budget=3)
     write_plan(plan, str(tmp_path / "plan.json"))
-    result = cli("scale", "fit", str(runs), "--json", "--bootstrap", "5", "--best-of", str(tmp_path / "plan.json"), "--best", "shapes")
+    result = cli(
+        "scale",
+        "fit",
+        str(runs),
+        "--json",
+        "--bootstrap",
+        "5",
+        "--best-of",
+        str(tmp_path / "plan.json"),
+        "--best",
+        "shapes",
+    )
     assert result.returncode == 0, result.stderr
     best = json.loads(result.stdout)["best"]
     assert best["budget"] == 3e20 and len(best["shapes"]) == 3
     assert best["loss"] == min(s["loss"] for s in best["shapes"])
-    assert best["interval"] == min(best["shapes"], key=lambda s: s["loss"])["interval"] and best["interval"][0] < best["interval"][1]
+    assert (
+        best["interval"] == min(best["shapes"], key=lambda s: s["loss"])["interval"]
+        and best["interval"][0] < best["interval"][1]
+    )
     assert best["best_shape"][0].startswith("C3e20-")
 
     result = cli("scale", "backtest", str(runs), "--first", "5")

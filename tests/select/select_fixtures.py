@@ -10,8 +10,23 @@ import subprocess
 import sys
 import tempfile
 
-TINY = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "lr=3e-3", "warmup_steps=2", "eval_every=1000",
-        "eval_batches=2", "checkpoint_every=1000", "log_every=1", "sample_tokens=0", "keep_checkpoints=2", "threads=1", "sampling=random"]
+TINY = [
+    "n_layer=2",
+    "n_head=2",
+    "n_embd=32",
+    "block_size=32",
+    "batch_size=4",
+    "lr=3e-3",
+    "warmup_steps=2",
+    "eval_every=1000",
+    "eval_batches=2",
+    "checkpoint_every=1000",
+    "log_every=1",
+    "sample_tokens=0",
+    "keep_checkpoints=2",
+    "threads=1",
+    "sampling=random",
+]
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
@@ -82,7 +97,14 @@ def reference_run() -> str:
     rng = random.Random(1)
     root = os.path.dirname(mixed_corpus()[0])
     clean = write_jsonl(os.path.join(root, "clean.jsonl"), [clean_document(rng) for _ in range(40)])
-    prepare([clean], os.path.join(root, "data-clean"), tokenizer=tokenizer_file(), val_fraction=0.2, progress=False, workers=1)
+    prepare(
+        [clean],
+        os.path.join(root, "data-clean"),
+        tokenizer=tokenizer_file(),
+        val_fraction=0.2,
+        progress=False,
+        workers=1,
+    )
     run = os.path.join(root, "reference")
     run_training(os.path.join(root, "data-clean"), run, overrides=TINY + ["max_steps=40"], progress=False)
     return run

@@ -8,14 +8,24 @@ import random
 import pytest
 import torch
 import zstandard
+from select_fixtures import (
+    TINY,
+    clean_document,
+    cli,
+    is_noise,
+    metrics,
+    mixed_corpus,
+    noise_document,
+    reference_run,
+    tokenizer_file,
+    write_jsonl,
+)
 
 from gptwo.errors import GptwoError
 from gptwo.select.offline import dsir_resample, filter_documents, kept_ids
 from gptwo.select.scoring import score_documents
 from gptwo.train.loop import run_training
 from gptwo.weights import load_model
-
-from select_fixtures import TINY, clean_document, cli, is_noise, metrics, mixed_corpus, noise_document, reference_run, tokenizer_file, write_jsonl
 
 
 def read_zst(path: str) -> list[str]:
@@ -35,7 +45,9 @@ def hf_document_loss(theirs, tok, text: str) -> float:
     for start in range(0, len(stream) - 1, block):
         window = torch.tensor([stream[start : start + block + 1]])  # labels are shifted inside transformers
         with torch.no_grad():
-            total += float(theirs(window[:, :-1], labels=None).logits.log_softmax(-1)[0].gather(1, window[0, 1:, None]).sum())
+            total += float(
+                theirs(window[:, :-1], labels=None).logits.log_softmax(-1)[0].gather(1, window[0, 1:, None]).sum()
+            )
     return -total / (len(stream) - 1)
 
 
@@ -78,7 +90,19 @@ def test_filter_keeps_the_low_loss_band_and_its_output_prepares_and_trains(tmp_p
     assert read_zst(kept) == [texts[i] for i in sorted(r["id"] for r in lowest)]  # the lowest-loss half, in input order
     assert not any(is_noise(t) for t in read_zst(kept))  # the reference never saw the planted noise: high loss
     data, run = str(tmp_path / "data"), str(tmp_path / "run")
-    result = cli("prepare", kept, "--out", data, "--tokenizer", tokenizer_file(), "--val-fraction", "0.2", "--quiet", "--workers", "1")
+    result = cli(
+        "prepare",
+        kept,
+        "--out",
+        data,
+        "--tokenizer",
+        tokenizer_file(),
+        "--val-fraction",
+        "0.2",
+        "--quiet",
+        "--workers",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     run_training(data, run, overrides=TINY + ["max_steps=3"], progress=False)
     assert [r["step"] for r in metrics(run) if "flops" in r] == [1, 2, 3]
@@ -97,8 +121,25 @@ def test_filter_errors_are_one_line(tmp_path):
     corpus, _ = mixed_corpus()
     scores = str(tmp_path / "scores.jsonl")
     score_documents(reference_run(), [corpus], scores, progress=False)
-    result = cli("select", "filter", corpus, "--scores", scores, "--by", "reducible", "--keep", "0.5", "--out", str(tmp_path / "k.jsonl.zst"))
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "--reference" in result.stderr and "Traceback" not in result.stderr
+    result = cli(
+        "select",
+        "filter",
+        corpus,
+        "--scores",
+        scores,
+        "--by",
+        "reducible",
+        "--keep",
+        "0.5",
+        "--out",
+        str(tmp_path / "k.jsonl.zst"),
+    )
+    assert (
+        result.returncode == 2
+        and result.stderr.startswith("error: ")
+        and "--reference" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     other = write_jsonl(str(tmp_path / "other.jsonl"), ["just one document"])
     with pytest.raises(GptwoError, match="score the same inputs"):
         filter_documents([other], scores, str(tmp_path / "k.jsonl.zst"), keep=0.5)

@@ -4,6 +4,7 @@ resumed runs select exactly as uninterrupted ones, and `flops` follows the formu
 import pytest
 import torch
 import torch.nn.functional as F
+from select_fixtures import NOISE_CHARS, TINY, metrics, mixed_data, reference_run, tokenizer_file
 
 from gptwo import GPT, GPTConfig
 from gptwo.data.loader import ShardLoader
@@ -12,8 +13,6 @@ from gptwo.select.online import Selector
 from gptwo.train import checkpoint
 from gptwo.train.loop import run_training
 from gptwo.weights import load_model
-
-from select_fixtures import NOISE_CHARS, TINY, metrics, mixed_data, reference_run, tokenizer_file
 
 
 class ListLoader:
@@ -46,8 +45,12 @@ def test_selector_returns_the_highest_scoring_rows_of_its_pool(tmp_path, strateg
     x = torch.randint(0, 64, (12, 16))
     x[::3, 8:] = 7  # a few easy rows so scores spread
     y = torch.roll(x, -1, dims=1)
-    selector = Selector(ListLoader([(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]), strategy, pool=3,
-                        reference=reference if strategy == "reducible" else None)
+    selector = Selector(
+        ListLoader([(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]),
+        strategy,
+        pool=3,
+        reference=reference if strategy == "reducible" else None,
+    )
     sx, sy = selector.next_batch(model)
     scores = hf_row_losses(model, x, y, tmp_path / "m")
     if strategy == "reducible":
@@ -102,7 +105,9 @@ def test_crash_then_resume_selects_exactly_as_the_uninterrupted_run(tmp_path, mo
     assert losses(straight) == losses(crashed) and len(losses(straight)) == 8  # exact: same floats
     uniform = str(tmp_path / "uniform")
     run_training(mixed_data(), uniform, overrides=TINY + ["max_steps=8"], progress=False)
-    assert {s: l for s, (l, _) in losses(uniform).items()} != {s: l for s, (l, _) in losses(straight).items()}  # selection changed the batches
+    assert {s: l for s, (l, _) in losses(uniform).items()} != {
+        s: l for s, (l, _) in losses(straight).items()
+    }  # selection changed the batches
 
 
 def non_embedding_params(vocab: int, width: int, layers: int) -> int:
@@ -115,8 +120,14 @@ def test_flops_count_training_and_scoring_by_the_formula(tmp_path):
     uniform, selected = str(tmp_path / "uniform"), str(tmp_path / "selected")
     shape = ["n_layer=2", "n_embd=32", "block_size=32", "batch_size=4", "grad_accum=2"]
     run_training(mixed_data(), uniform, overrides=TINY + shape + ["max_steps=3"], progress=False)
-    run_training(mixed_data(), selected, overrides=TINY + shape + ["max_steps=3", "selection=reducible", "selection_pool=3",
-                                                                   f"selection_reference={reference}"], progress=False)
+    run_training(
+        mixed_data(),
+        selected,
+        overrides=TINY
+        + shape
+        + ["max_steps=3", "selection=reducible", "selection_pool=3", f"selection_reference={reference}"],
+        progress=False,
+    )
     vocab, L, C, T, B, accum, K = 300, 2, 32, 32, 4, 2, 3
     n = non_embedding_params(vocab, C, L)
     assert GPT(GPTConfig(vocab_size=vocab, block_size=T, n_layer=L, n_head=2, n_embd=C)).num_params() == n
@@ -137,4 +148,9 @@ def test_bad_selection_settings_are_one_line_errors(tmp_path):
     with pytest.raises(GptwoError, match="selection_pool=0 must be positive"):
         load_train_config(overrides=["selection=loss", "selection_pool=0"])
     with pytest.raises(GptwoError, match="/no/such/model' is neither a model folder nor a hub id"):
-        run_training(mixed_data(), str(tmp_path / "run"), overrides=TINY + ["selection=reducible", "selection_reference=/no/such/model"], progress=False)
+        run_training(
+            mixed_data(),
+            str(tmp_path / "run"),
+            overrides=TINY + ["selection=reducible", "selection_reference=/no/such/model"],
+            progress=False,
+        )

@@ -1,7 +1,6 @@
 """Fixtures shared by the serving tests."""
 
 import pytest
-
 from serve_testing import save_tiny_model
 
 

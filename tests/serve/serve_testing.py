@@ -49,11 +49,20 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def serve_in_thread(model_dir: str, name: str = "tiny", lifespan: str = "on", app_kwargs: dict | None = None, dtype=None, quantize=None,
-                    **engine_kwargs) -> tuple[LiveServer, Engine]:
+def serve_in_thread(
+    model_dir: str,
+    name: str = "tiny",
+    lifespan: str = "on",
+    app_kwargs: dict | None = None,
+    dtype=None,
+    quantize=None,
+    **engine_kwargs,
+) -> tuple[LiveServer, Engine]:
     """A live server for the model in `model_dir`; `app_kwargs` go to create_app (default body limit 64 KiB)."""
     from gptwo.weights import load_model
 
     model, tokenizer = load_model(model_dir, device="cpu", dtype=dtype, quantize=quantize)
     engine = Engine(model, tokenizer, **engine_kwargs)
-    return LiveServer(create_app(engine, name, **{"max_body_bytes": 64 * 1024, **(app_kwargs or {})}), lifespan=lifespan), engine
+    return LiveServer(
+        create_app(engine, name, **{"max_body_bytes": 64 * 1024, **(app_kwargs or {})}), lifespan=lifespan
+    ), engine

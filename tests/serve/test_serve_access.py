@@ -28,10 +28,14 @@ KEY = "sk-test-0123456789"
 GOOD, EVIL = "http://good.test:3000", "https://evil.test"
 
 
-def request(url: str, method: str = "GET", body: dict | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+def request(
+    url: str, method: str = "GET", body: dict | None = None, headers: dict | None = None
+) -> tuple[int, dict, bytes]:
     """(status, headers with lower-case names, body) of one raw HTTP request."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
@@ -43,16 +47,27 @@ def test_an_api_key_guards_every_v1_route(model_dir):
     server, _ = serve_in_thread(model_dir, app_kwargs={"api_key": KEY})
     try:
         completion = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
-            for method, route, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", completion), ("GET", "/v1/nothing", None),
-                                        ("POST", "/v1/inspect", {"text": PROMPT})):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": KEY},
+            {"Authorization": f"Basic {KEY}"},
+        ):
+            for method, route, body in (
+                ("GET", "/v1/models", None),
+                ("POST", "/v1/completions", completion),
+                ("GET", "/v1/nothing", None),
+                ("POST", "/v1/inspect", {"text": PROMPT}),
+            ):
                 status, got, raw = request(server.url + route, method, body, headers)
                 assert status == 401, (headers, route)
                 assert_openai_error(json.loads(raw))
                 assert json.loads(raw)["error"]["code"] == "invalid_api_key" and got["www-authenticate"] == "Bearer"
         status, _, raw = request(server.url + "/v1/completions", "POST", completion, {"Authorization": f"bearer {KEY}"})
         assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
-        status, _, raw = request(server.url + "/v1/inspect", "POST", {"text": PROMPT, "attention": False}, {"Authorization": f"Bearer {KEY}"})
+        status, _, raw = request(
+            server.url + "/v1/inspect", "POST", {"text": PROMPT, "attention": False}, {"Authorization": f"Bearer {KEY}"}
+        )
         assert status == 200 and json.loads(raw)["tokens"]
         for open_route in ("/health", "/", "/openapi.json"):  # the page must load to ask for the key
             assert request(server.url + open_route)[0] == 200
@@ -60,9 +75,13 @@ def test_an_api_key_guards_every_v1_route(model_dir):
         assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).usage.completion_tokens == 4
         assert [m.id for m in client.models.list().data] == ["tiny"]
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0).completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+            openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0).completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=4
+            )
         with pytest.raises(openai.AuthenticationError):  # checked before the body is read: a big body gets 401, not 413
-            openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0).completions.create(model="tiny", prompt="x" * 100_000)
+            openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0).completions.create(
+                model="tiny", prompt="x" * 100_000
+            )
     finally:
         server.close()
 
@@ -76,18 +95,30 @@ def test_cors_headers_only_for_allowed_origins(model_dir):
         assert status == 200 and headers["access-control-allow-origin"] == GOOD
         status, headers, _ = request(server.url + "/v1/models", headers={"Origin": EVIL, **auth})
         assert status == 200 and "access-control-allow-origin" not in headers
-        status, headers, _ = request(server.url + "/v1/models", headers={"Origin": GOOD})  # a refusal still carries it, so the page can read why
+        status, headers, _ = request(
+            server.url + "/v1/models", headers={"Origin": GOOD}
+        )  # a refusal still carries it, so the page can read why
         assert status == 401 and headers["access-control-allow-origin"] == GOOD
-        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
         status, headers, _ = request(server.url + "/v1/completions", "OPTIONS", headers={"Origin": GOOD, **preflight})
-        assert status == 200 and headers["access-control-allow-origin"] == GOOD  # no key needed: browsers preflight without it
-        assert "POST" in headers["access-control-allow-methods"] and "authorization" in headers["access-control-allow-headers"].lower()
+        assert (
+            status == 200 and headers["access-control-allow-origin"] == GOOD
+        )  # no key needed: browsers preflight without it
+        assert (
+            "POST" in headers["access-control-allow-methods"]
+            and "authorization" in headers["access-control-allow-headers"].lower()
+        )
         status, headers, _ = request(server.url + "/v1/completions", "OPTIONS", headers={"Origin": EVIL, **preflight})
         assert status == 400 and "access-control-allow-origin" not in headers
         for origin in (GOOD, EVIL):  # by default no origin is allowed
             status, headers, _ = request(plain.url + "/v1/models", headers={"Origin": origin})
             assert status == 200 and not any(name.startswith("access-control-") for name in headers)
-            status, headers, _ = request(plain.url + "/v1/completions", "OPTIONS", headers={"Origin": origin, **preflight})
+            status, headers, _ = request(
+                plain.url + "/v1/completions", "OPTIONS", headers={"Origin": origin, **preflight}
+            )
             assert status != 200 and "access-control-allow-origin" not in headers
     finally:
         server.close()
@@ -113,7 +144,11 @@ def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
 
 def test_dtype_option(model_dir):
     cpu = torch.device("cpu")
-    assert [resolve_dtype(name, cpu) for name in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16, torch.float16]
+    assert [resolve_dtype(name, cpu) for name in ("fp32", "bf16", "fp16")] == [
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    ]
     with pytest.raises(GptwoError, match="unknown dtype"):
         resolve_dtype("fp8", cpu)
     server, engine = serve_in_thread(model_dir, dtype=torch.bfloat16)
@@ -132,7 +167,9 @@ def test_a_lone_streamed_request_decodes_natively_and_answers_as_the_model_does(
     from gptwo.serve import Engine, create_app
     from gptwo.serve.app import load_served_model
 
-    model, tokenizer = load_served_model(model_dir, torch.device("cpu"), torch.float32, None)  # as `gptwo serve` loads it
+    model, tokenizer = load_served_model(
+        model_dir, torch.device("cpu"), torch.float32, None
+    )  # as `gptwo serve` loads it
     engine = Engine(model, tokenizer)
     assert engine.solo is not None
     server = LiveServer(create_app(engine, "tiny", max_body_bytes=64 * 1024))
@@ -154,20 +191,40 @@ def test_int8_server_answers_as_the_int8_model_does(model_dir):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         choices = client.completions.create(model="tiny", prompt=[PROMPT, "Hi"], max_tokens=12, temperature=0).choices
         model, tok = load_model(model_dir, device="cpu", quantize="int8")
-        assert [c.text for c in sorted(choices, key=lambda c: c.index)] == [complete(model, tok, [p], 12, temperature=0)[0] for p in (PROMPT, "Hi")]
+        assert [c.text for c in sorted(choices, key=lambda c: c.index)] == [
+            complete(model, tok, [p], 12, temperature=0)[0] for p in (PROMPT, "Hi")
+        ]
     finally:
         server.close()
 
 
 def test_gptwo_serve_with_key_from_env_origins_and_dtype(model_dir):
-    cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model_dir, "--port", "0", "--served-model-name", "tiny",
-           "--allowed-origins", f"{GOOD},http://other.test", "--quantize", "int8", "--dtype", "bf16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptwo.cli",
+        "serve",
+        "--model",
+        model_dir,
+        "--port",
+        "0",
+        "--served-model-name",
+        "tiny",
+        "--allowed-origins",
+        f"{GOOD},http://other.test",
+        "--quantize",
+        "int8",
+        "--dtype",
+        "bf16",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "GPTWO_API_KEY": KEY})
     try:
         url, deadline = None, time.monotonic() + 60
         while url is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
-            found = re.search(r"serving tiny at (http://127\.0\.0\.1:\d+) .*cpu, bf16, int8 weights; API key required", line)
+            found = re.search(
+                r"serving tiny at (http://127\.0\.0\.1:\d+) .*cpu, bf16, int8 weights; API key required", line
+            )
             url = found and found.group(1)
         assert url
         while request(url + "/health")[0] != 200 and time.monotonic() < deadline:
@@ -178,6 +235,13 @@ def test_gptwo_serve_with_key_from_env_origins_and_dtype(model_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
-    for flags, message in ((["--allowed-origins", "localhost:3000"], "--allowed-origins 'localhost:3000' is not an origin"), (["--api-key", ""], "--api-key is empty")):
+    for flags, message in (
+        (["--allowed-origins", "localhost:3000"], "--allowed-origins 'localhost:3000' is not an origin"),
+        (["--api-key", ""], "--api-key is empty"),
+    ):
         bad = subprocess.run([*cmd[:-4], *flags], capture_output=True, text=True, timeout=120, check=False)
-        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}") and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert (
+            bad.returncode == 2
+            and bad.stderr.startswith(f"error: {message}")
+            and len(bad.stderr.strip().splitlines()) == 1
+        ), bad.stderr

@@ -69,7 +69,11 @@ def test_models_health_and_openapi(live, client):
     assert status == 200 and health["status"] == "ok" and health["model"] == "tiny"
     assert health["dtype"] == "fp32" and health["quantize"] is None
     status, schema = get(live[0].url + "/openapi.json")
-    assert status == 200 and "/v1/completions" in schema["paths"] and "CompletionRequest" in schema["components"]["schemas"]
+    assert (
+        status == 200
+        and "/v1/completions" in schema["paths"]
+        and "CompletionRequest" in schema["components"]["schemas"]
+    )
 
 
 def test_greedy_completion_equals_offline_generate(client, offline):
@@ -86,13 +90,26 @@ def test_greedy_completion_equals_offline_generate(client, offline):
 
 def test_stream_sends_chunks_that_add_up_to_the_plain_answer(live, client):
     plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert len(texts) > 1 and "".join(texts) == plain
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     # on the wire: server-sent events ending with [DONE]
-    request = urllib.request.Request(live[0].url + "/v1/completions", data=json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "stream": True}).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        live[0].url + "/v1/completions",
+        data=json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
         events = [e for e in response.read().decode().split("\n\n") if e]
@@ -117,7 +134,9 @@ def test_prompt_as_strings_and_token_ids(client, offline):
     result = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0, n=2)
     texts = [c.text for c in result.choices]
     assert len(texts) == 4 and texts[0] == texts[1] and texts[2] == texts[3]
-    by_ids = client.completions.create(model="tiny", prompt=[tok.encode(p) for p in prompts], max_tokens=8, temperature=0)
+    by_ids = client.completions.create(
+        model="tiny", prompt=[tok.encode(p) for p in prompts], max_tokens=8, temperature=0
+    )
     one_ids = client.completions.create(model="tiny", prompt=tok.encode("The"), max_tokens=8, temperature=0)
     assert [c.text for c in by_ids.choices] == [texts[0], texts[2]] and one_ids.choices[0].text == texts[2]
 
@@ -126,9 +145,13 @@ def test_stop_strings_cut_the_text(client):
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=0).choices[0].text
     stop = full[10:14]
     expected = full[: full.find(stop)]
-    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "never-seen"])
+    result = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "never-seen"]
+    )
     assert result.choices[0].text == expected and result.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, stream=True)
+    streamed = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, stream=True
+    )
     chunks = [c.choices[0] for c in streamed]
     assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "stop"
 
@@ -152,7 +175,12 @@ def test_logprobs_are_the_models_own(client, offline):
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert 1 <= len(top) <= 4 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy picks the top one
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
-    streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, stream=True)]
+    streamed = [
+        c.choices[0].logprobs
+        for c in client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, stream=True
+        )
+    ]
     assert sum((part.tokens for part in streamed), []) == lp.tokens
     assert sum((part.text_offset for part in streamed), []) == lp.text_offset
 
@@ -162,7 +190,9 @@ def test_top_k_extension_limits_the_choice(client, offline):
     prompt = tok.encode(PROMPT)
     with torch.no_grad():
         allowed = set(model(torch.tensor([prompt]))[0, -1].topk(2).indices.tolist())
-    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=2.0, n=40, seed=1, logprobs=0, extra_body={"top_k": 2})
+    result = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=1, temperature=2.0, n=40, seed=1, logprobs=0, extra_body={"top_k": 2}
+    )
     assert {c.logprobs.tokens[0] for c in result.choices} == {tok.decode([t]) for t in allowed}
 
 
@@ -173,10 +203,14 @@ def test_echo_returns_the_prompt_and_its_logprobs(client, offline):
     choice = scored.choices[0]
     assert choice.text == PROMPT and choice.logprobs.tokens == [tok.decode([t]) for t in prompt]
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
-    assert torch.allclose(torch.tensor(choice.logprobs.token_logprobs[1:]), reference_logprobs(model, prompt), atol=1e-4)
+    assert torch.allclose(
+        torch.tensor(choice.logprobs.token_logprobs[1:]), reference_logprobs(model, prompt), atol=1e-4
+    )
     assert scored.usage.completion_tokens == 0
     plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
-    echoed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, echo=True).choices[0].text
+    echoed = (
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, echo=True).choices[0].text
+    )
     assert echoed == PROMPT + plain
 
 
@@ -187,7 +221,11 @@ def test_concurrent_requests_are_batched_and_match_unbatched(model_dir):
         prompts = [PROMPT, "The", "Once upon a time", "A long, long way from home", "1 2 3", "Why?"]
 
         def ask(i: int) -> str:
-            return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=40 + 7 * i, temperature=0).choices[0].text
+            return (
+                client.completions.create(model="tiny", prompt=prompts[i], max_tokens=40 + 7 * i, temperature=0)
+                .choices[0]
+                .text
+            )
 
         alone = [ask(i) for i in range(len(prompts))]
         assert engine.stats["peak_batch"] == 1
@@ -203,7 +241,14 @@ def test_bad_requests_get_openai_errors(live, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=600)
     assert "maximum context length is 512" in err.value.message
-    for bad in (dict(temperature=5), dict(n=0), dict(logprobs=50), dict(top_p=0), dict(presence_penalty=1.0), dict(best_of=3)):
+    for bad in (
+        dict(temperature=5),
+        dict(n=0),
+        dict(logprobs=50),
+        dict(top_p=0),
+        dict(presence_penalty=1.0),
+        dict(best_of=3),
+    ):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, **bad)
         assert_openai_error(err.value.response.json())
@@ -212,7 +257,14 @@ def test_bad_requests_get_openai_errors(live, client):
         client.completions.create(model="gpt-4", prompt=PROMPT)
     assert err.value.response.json()["error"]["code"] == "model_not_found"
     url = live[0].url + "/v1/completions"
-    for body in (b"{not json", b"[1, 2]", b'{"model": "tiny", "prompt": []}', b'{"model": "tiny", "prompt": [[]]}', b'{"model": "tiny", "prompt": [99999999]}', b'{"model": "tiny", "prompt": [true]}'):
+    for body in (
+        b"{not json",
+        b"[1, 2]",
+        b'{"model": "tiny", "prompt": []}',
+        b'{"model": "tiny", "prompt": [[]]}',
+        b'{"model": "tiny", "prompt": [99999999]}',
+        b'{"model": "tiny", "prompt": [true]}',
+    ):
         status, payload, _ = post(url, body)
         assert status == 400, body
         assert_openai_error(payload)
@@ -223,14 +275,34 @@ def test_bad_requests_get_openai_errors(live, client):
     assert_openai_error(payload)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 40) | st.floats(-3, 3) | st.text(max_size=8), lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
-FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream", "logprobs", "echo", "stream_options", "best_of"]
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 40) | st.floats(-3, 3) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = [
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "logprobs",
+    "echo",
+    "stream_options",
+    "best_of",
+]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.fixed_dictionaries({"model": st.just("tiny")}, optional={name: JSON for name in FIELDS}))
 def test_no_input_crashes_the_server(live, body):
-    request = urllib.request.Request(live[0].url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        live[0].url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             status, raw = response.status, response.read()
@@ -253,7 +325,14 @@ def test_disconnected_clients_free_their_rows(live, client):
     next(iter(stream))
     stream.close()
     with pytest.raises(OSError):  # a plain request whose client gives up (timeout)
-        urllib.request.urlopen(urllib.request.Request(server.url + "/v1/completions", data=json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 480, "n": 16}).encode(), headers={"Content-Type": "application/json"}), timeout=0.3)
+        urllib.request.urlopen(
+            urllib.request.Request(
+                server.url + "/v1/completions",
+                data=json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 480, "n": 16}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=0.3,
+        )
     deadline = time.monotonic() + 20
     while (engine.running or engine.stats["cancelled"] < cancelled + 17) and time.monotonic() < deadline:
         time.sleep(0.05)

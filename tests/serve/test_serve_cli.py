@@ -19,7 +19,9 @@ GPTWO = [sys.executable, "-m", "gptwo.cli"]
 
 def test_gptwo_serve_answers_and_stops_cleanly(tmp_path):
     save_tiny_model(str(tmp_path / "tiny"))
-    proc = subprocess.Popen([*GPTWO, "serve", "--model", str(tmp_path / "tiny"), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*GPTWO, "serve", "--model", str(tmp_path / "tiny"), "--port", "0"], stderr=subprocess.PIPE, text=True
+    )
     try:
         url, deadline, seen = None, time.monotonic() + 60, []
         while url is None and time.monotonic() < deadline:
@@ -45,10 +47,21 @@ def test_gptwo_serve_answers_and_stops_cleanly(tmp_path):
 
 
 def test_gptwo_serve_errors_are_one_line(tmp_path):
-    missing = subprocess.run([*GPTWO, "serve", "--model", str(tmp_path / "nothing-here")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [*GPTWO, "serve", "--model", str(tmp_path / "nothing-here")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = subprocess.run([*GPTWO, "serve", "--model", str(tmp_path), "--port", str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120)
-    assert busy.returncode == 2 and busy.stderr.startswith("error: cannot listen on 127.0.0.1") and len(busy.stderr.strip().splitlines()) == 1
+        busy = subprocess.run(
+            [*GPTWO, "serve", "--model", str(tmp_path), "--port", str(taken.getsockname()[1])],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert (
+        busy.returncode == 2
+        and busy.stderr.startswith("error: cannot listen on 127.0.0.1")
+        and len(busy.stderr.strip().splitlines()) == 1
+    )

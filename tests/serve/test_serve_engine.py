@@ -85,7 +85,9 @@ def test_a_lone_row_decodes_in_one_native_call_and_hands_its_cache_back(dtype):
         for row, name in enumerate(rows):
             seqs[name].append(token)
             expected = next_logits(reference, seqs[name])
-            torch.testing.assert_close(logits[row].float(), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+            torch.testing.assert_close(
+                logits[row].float(), expected, atol=tolerance * expected.abs().max().item(), rtol=0
+            )
 
     for token in (11, 12, 13):
         step(token, solo=True)
@@ -135,7 +137,9 @@ def test_rows_prefilled_together_join_at_once_and_see_only_their_own_tokens():
 
 
 def test_engine_refuses_what_it_cannot_run_and_bounds_its_queue():
-    engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=2, max_queue=3)  # never started: nothing leaves the queue
+    engine = Engine(
+        tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=2, max_queue=3
+    )  # never started: nothing leaves the queue
 
     async def submit_all():
         with pytest.raises(GptwoError, match="maximum context length is 32"):
@@ -216,7 +220,9 @@ def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
     nonzero = weights > 0
     expected = weights[nonzero].double() / weights.double().sum() * draws
     chi2, df = float(((counts[nonzero] - expected) ** 2 / expected).sum()), int(nonzero.sum()) - 1
-    assert chi2 < df + 5 * (2 * df) ** 0.5  # Pearson's test: chi2 has mean df and sd sqrt(2 df) when the draws are right
+    assert (
+        chi2 < df + 5 * (2 * df) ** 0.5
+    )  # Pearson's test: chi2 has mean df and sd sqrt(2 df) when the draws are right
     for only in (0, 255, 256, 511, 512, 599):  # one possible token, wherever it sits
         one = torch.zeros(4, vocab)
         one[:, only] = 1e-30

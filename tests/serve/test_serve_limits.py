@@ -30,7 +30,9 @@ def client(live) -> openai.OpenAI:
 
 
 def complete_raw(live, **fields) -> tuple[int, dict]:
-    status, payload, _ = post(live[0].url + "/v1/completions", json.dumps({"model": "tiny", "prompt": PROMPT, **fields}).encode())
+    status, payload, _ = post(
+        live[0].url + "/v1/completions", json.dumps({"model": "tiny", "prompt": PROMPT, **fields}).encode()
+    )
     return status, payload
 
 
@@ -45,13 +47,19 @@ def test_a_200kb_stop_string_is_a_400(live, client):
         assert status == 400
         assert_openai_error(payload)
         error = payload["error"]
-        assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "stop", "string_above_max_length")
+        assert (error["type"], error["param"], error["code"]) == (
+            "invalid_request_error",
+            "stop",
+            "string_above_max_length",
+        )
         assert f"at most {MAX_STOP_CHARS}" in error["message"] and "200000" in error["message"]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt=PROMPT, stop="y" * (MAX_STOP_CHARS + 1))
     assert err.value.response.json()["error"]["code"] == "string_above_max_length"
     status, payload = complete_raw(live, stop=["a"] * (MAX_STOPS + 1))
-    assert status == 400 and payload["error"]["param"] == "stop" and payload["error"]["code"] == "array_above_max_length"
+    assert (
+        status == 400 and payload["error"]["param"] == "stop" and payload["error"]["code"] == "array_above_max_length"
+    )
 
 
 def test_maximal_stop_strings_match_exactly_and_others_still_complete(live, client):
@@ -63,12 +71,19 @@ def test_maximal_stop_strings_match_exactly_and_others_still_complete(live, clie
     short = {"model": "tiny", "prompt": "The", "max_tokens": 8, "temperature": 0}
     alone = client.completions.create(**short).choices[0].text
     with ThreadPoolExecutor(2) as pool:
-        long_job = pool.submit(client.completions.create, model="tiny", prompt=PROMPT, max_tokens=500, temperature=0, stop=stops)
+        long_job = pool.submit(
+            client.completions.create, model="tiny", prompt=PROMPT, max_tokens=500, temperature=0, stop=stops
+        )
         short_job = pool.submit(client.completions.create, **short)
         stopped, beside = long_job.result(), short_job.result()
     assert stopped.choices[0].text == expected and stopped.choices[0].finish_reason == "stop"
     assert beside.choices[0].text == alone
-    chunks = [c.choices[0] for c in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=500, temperature=0, stop=stops, stream=True)]
+    chunks = [
+        c.choices[0]
+        for c in client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=500, temperature=0, stop=stops, stream=True
+        )
+    ]
     assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "stop"
 
 
@@ -86,20 +101,42 @@ def test_unknown_fields_are_named(live, client):
         client.completions.create(model="tiny", prompt=PROMPT, extra_body={"max_token": 3})
     # every argument the openai client knows, plus the documented top_k extension, is accepted
     everything = client.completions.create(
-        model="tiny", prompt=PROMPT, best_of=2, echo=False, frequency_penalty=0, logit_bias={}, logprobs=1, max_tokens=3, n=2,
-        presence_penalty=0, seed=1, stop=["\n\n"], suffix=None, temperature=0.5, top_p=0.9, user="u", extra_body={"top_k": 5},
+        model="tiny",
+        prompt=PROMPT,
+        best_of=2,
+        echo=False,
+        frequency_penalty=0,
+        logit_bias={},
+        logprobs=1,
+        max_tokens=3,
+        n=2,
+        presence_penalty=0,
+        seed=1,
+        stop=["\n\n"],
+        suffix=None,
+        temperature=0.5,
+        top_p=0.9,
+        user="u",
+        extra_body={"top_k": 5},
     )
     assert len(everything.choices) == 2
-    streamed = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    streamed = list(
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=3, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert streamed[-1].usage.completion_tokens == 3
 
 
-@pytest.mark.parametrize("body", [
-    '{"model": "tiny", "prompt": "\\ud800", "max_tokens": 3}',
-    '{"model": "tiny", "prompt": "ok \\udfff", "max_tokens": 3, "stream": true}',
-    '{"model": "tiny", "prompt": ["fine", "\\ud83d then"], "max_tokens": 3}',
-    '{"model": "tiny", "prompt": "fine", "stop": ["\\ud800"], "max_tokens": 3}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"model": "tiny", "prompt": "\\ud800", "max_tokens": 3}',
+        '{"model": "tiny", "prompt": "ok \\udfff", "max_tokens": 3, "stream": true}',
+        '{"model": "tiny", "prompt": ["fine", "\\ud83d then"], "max_tokens": 3}',
+        '{"model": "tiny", "prompt": "fine", "stop": ["\\ud800"], "max_tokens": 3}',
+    ],
+)
 def test_a_lone_surrogate_is_a_400(live, body):
     status, payload, _ = post(live[0].url + "/v1/completions", body.encode())
     assert status == 400, payload
@@ -110,7 +147,9 @@ def test_a_lone_surrogate_is_a_400(live, body):
     status, payload, _ = post(live[0].url + "/v1/completions", b'{"model": "\\ud800", "prompt": "fine"}')
     assert status == 404 and "\ud800" in payload["error"]["message"]
     # a surrogate pair is a real character and stays fine
-    status, _, _ = post(live[0].url + "/v1/completions", b'{"model": "tiny", "prompt": "\\ud83d\\ude00", "max_tokens": 2}')
+    status, _, _ = post(
+        live[0].url + "/v1/completions", b'{"model": "tiny", "prompt": "\\ud83d\\ude00", "max_tokens": 2}'
+    )
     assert status == 200
 
 

@@ -13,12 +13,23 @@ from selenium.webdriver.support.ui import WebDriverWait
 from serve_testing import save_tiny_model, serve_in_thread
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
 def browser(tmp_path):
-    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), "install Debian's chromium and chromium-driver packages"
+    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), (
+        "install Debian's chromium and chromium-driver packages"
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
@@ -48,7 +59,9 @@ def test_playground_streams_a_completion(tmp_path, browser):
     server, _ = serve_in_thread(str(tmp_path / "tiny"))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-        expected = client.completions.create(model="tiny", prompt="Hello there", max_tokens=30, temperature=0).choices[0].text
+        expected = (
+            client.completions.create(model="tiny", prompt="Hello there", max_tokens=30, temperature=0).choices[0].text
+        )
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 30)
         wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
@@ -59,9 +72,16 @@ def test_playground_streams_a_completion(tmp_path, browser):
 
         browser.find_element(By.ID, "colour").click()  # now each piece is coloured by its probability
         browser.find_element(By.ID, "generate").click()
-        wait.until(lambda d: "done" in d.find_element(By.ID, "status").text and "tokens" in d.find_element(By.ID, "status").text)
+        wait.until(
+            lambda d: (
+                "done" in d.find_element(By.ID, "status").text and "tokens" in d.find_element(By.ID, "status").text
+            )
+        )
         coloured = browser.find_elements(By.CSS_SELECTOR, "#output span.tok")
-        assert coloured and all("hsla" in (span.get_attribute("style") or "") or "rgba" in (span.get_attribute("style") or "") for span in coloured)
+        assert coloured and all(
+            "hsla" in (span.get_attribute("style") or "") or "rgba" in (span.get_attribute("style") or "")
+            for span in coloured
+        )
         assert "p = " in coloured[0].get_attribute("title")
         assert browser.find_element(By.ID, "output").text == "Hello there" + expected
     finally:
@@ -73,7 +93,9 @@ def test_playground_sends_the_api_key(tmp_path, browser):
     server, _ = serve_in_thread(str(tmp_path / "tiny"), app_kwargs={"api_key": "sk-play"})
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-play", max_retries=0)
-        expected = client.completions.create(model="tiny", prompt="Hello there", max_tokens=10, temperature=0).choices[0].text
+        expected = (
+            client.completions.create(model="tiny", prompt="Hello there", max_tokens=10, temperature=0).choices[0].text
+        )
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 30)
         wait.until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)

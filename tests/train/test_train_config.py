@@ -2,20 +2,28 @@
 
 import pytest
 import torch
+from train_fixtures import cli
 
 from gptwo import GPT, GPTConfig
 from gptwo.config import TRAIN_PRESETS, TrainConfig, load_train_config, train_fields
 from gptwo.errors import GptwoError
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer
 
-from train_fixtures import cli
 
-
-@pytest.mark.parametrize("preset, lr, layers", [("gpt2", 6e-4, 12), ("gpt2-medium", 3e-4, 24), ("gpt2-large", 2.5e-4, 36), ("gpt2-xl", 2e-4, 48)])
+@pytest.mark.parametrize(
+    "preset, lr, layers",
+    [("gpt2", 6e-4, 12), ("gpt2-medium", 3e-4, 24), ("gpt2-large", 2.5e-4, 36), ("gpt2-xl", 2e-4, 48)],
+)
 def test_gpt2_presets_use_gpt3_recipe(preset, lr, layers):
     config = load_train_config(preset)
     assert (config.lr, config.n_layer, config.block_size) == (lr, layers, 1024)
-    assert (config.beta1, config.beta2, config.weight_decay, config.grad_clip, config.min_lr_ratio) == (0.9, 0.95, 0.1, 1.0, 0.1)
+    assert (config.beta1, config.beta2, config.weight_decay, config.grad_clip, config.min_lr_ratio) == (
+        0.9,
+        0.95,
+        0.1,
+        1.0,
+        0.1,
+    )
     assert config.batch_tokens == 524288 and config.batch_tokens % (config.batch_size * 1024) == 0
 
 

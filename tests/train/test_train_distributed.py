@@ -5,18 +5,28 @@ import subprocess
 import sys
 
 import pytest
+from train_fixtures import TINY, cli, tiny_data, train_losses
 
 from gptwo.train.checkpoint import list_checkpoints
 from gptwo.weights import load_model
-
-from train_fixtures import TINY, cli, tiny_data, train_losses
 
 STEPS = ["max_steps=8", "eval_every=4", "checkpoint_every=4", "sample_tokens=0"]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptwo.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gptwo.cli",
+        *args,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +40,9 @@ def single_process(tmp_path_factory):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_grad_accum(tmp_path, single_process, parallel):
     run = str(tmp_path / "run")
-    result = torchrun("train", "--data", tiny_data(), "--out", run, *TINY, *STEPS, "grad_accum=1", f"parallel={parallel}")
+    result = torchrun(
+        "train", "--data", tiny_data(), "--out", run, *TINY, *STEPS, "grad_accum=1", f"parallel={parallel}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = train_losses(single_process), train_losses(run)
     assert sorted(two) == list(range(1, 9))

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from train_fixtures import TINY, cli, tiny_data, train_losses
 
 from gptwo import GPT, GPTConfig
 from gptwo.errors import GptwoError
@@ -14,10 +15,10 @@ from gptwo.train.checkpoint import list_checkpoints
 from gptwo.train.loop import run_training
 from gptwo.weights import load_model, save_pretrained
 
-from train_fixtures import TINY, cli, tiny_data, train_losses
-
 STEPS = TINY + ["sample_tokens=0"]
-FINE_TUNE = [s for s in STEPS if not s.startswith(("n_layer=", "n_head=", "n_embd="))]  # --init-from keeps the model's shape
+FINE_TUNE = [
+    s for s in STEPS if not s.startswith(("n_layer=", "n_head=", "n_embd="))
+]  # --init-from keeps the model's shape
 
 
 def one_line_error(result, *fragments):
@@ -51,7 +52,17 @@ def test_empty_corpus(tmp_path):
 def test_init_from_a_model_with_another_tokenizer(tmp_path):
     model_dir = str(tmp_path / "gpt2-tiny")  # GPT-2's vocabulary, no tokenizer.json: GPT-2's BPE
     save_pretrained(GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)), model_dir)
-    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "run"), "--init-from", model_dir, *FINE_TUNE, "max_steps=2")
+    result = cli(
+        "train",
+        "--data",
+        tiny_data(),
+        "--out",
+        str(tmp_path / "run"),
+        "--init-from",
+        model_dir,
+        *FINE_TUNE,
+        "max_steps=2",
+    )
     one_line_error(result, "tokenized with 'bpe-", "uses 'gpt2'", "--tokenizer gpt2")
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
@@ -60,14 +71,28 @@ def test_init_from_fine_tunes_and_checks_context(tmp_path):
     base = str(tmp_path / "base")
     run_training(tiny_data(), base, overrides=STEPS + ["max_steps=4"], progress=False)
     tuned = str(tmp_path / "tuned")
-    with pytest.raises(GptwoError, match="n_layer=7 cannot apply with --init-from"):  # a fine-tune keeps the pretrained shape
-        run_training(tiny_data(), tuned, overrides=FINE_TUNE + ["max_steps=4", "n_layer=7"], init_from=base, progress=False)
+    with pytest.raises(
+        GptwoError, match="n_layer=7 cannot apply with --init-from"
+    ):  # a fine-tune keeps the pretrained shape
+        run_training(
+            tiny_data(), tuned, overrides=FINE_TUNE + ["max_steps=4", "n_layer=7"], init_from=base, progress=False
+        )
     summary = run_training(tiny_data(), tuned, overrides=FINE_TUNE + ["max_steps=4"], init_from=base, progress=False)
     assert summary["step"] == 4
     assert GPT.from_pretrained(tuned).config.n_layer == 2
     first_loss = train_losses(tuned)[1]
     assert first_loss < train_losses(base)[1]  # starts from trained weights, not from scratch
-    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "long"), "--init-from", base, *FINE_TUNE, "block_size=64")
+    result = cli(
+        "train",
+        "--data",
+        tiny_data(),
+        "--out",
+        str(tmp_path / "long"),
+        "--init-from",
+        base,
+        *FINE_TUNE,
+        "block_size=64",
+    )
     one_line_error(result, "block_size=64 is longer than the model's context of 32")
 
 
@@ -75,7 +100,9 @@ def test_resume_with_different_data(tmp_path):
     run = str(tmp_path / "run")
     run_training(tiny_data(), run, overrides=STEPS + ["max_steps=4"], progress=False)
     other = tiny_data("trained", seed=1)  # another corpus, so another trained tokenizer
-    one_line_error(cli("train", "--data", other, "--out", run, "--resume", "max_steps=8"), "tokenized with", "same --data")
+    one_line_error(
+        cli("train", "--data", other, "--out", run, "--resume", "max_steps=8"), "tokenized with", "same --data"
+    )
     one_line_error(cli("train", "--data", tiny_data(), "--out", run, *STEPS), "already holds a run", "--resume")
     assert [s for s, _ in list_checkpoints(run)] == [4]
 
@@ -108,7 +135,10 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(GptwoError, match=r"could not write checkpoint step_8 \(No space left on device\); step_4 is intact.*free disk space"):
+    with pytest.raises(
+        GptwoError,
+        match=r"could not write checkpoint step_8 \(No space left on device\); step_4 is intact.*free disk space",
+    ):
         run_training(data, run, overrides=STEPS + ["max_steps=12"], progress=False)
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert calls and [s for s, _ in list_checkpoints(run)] == [4]
@@ -146,5 +176,15 @@ def test_nan_loss_after_a_checkpoint(tmp_path, monkeypatch):
 
 def test_init_from_gpt2_checks_tokenizer_before_downloading(tmp_path):
     # offline: an attempt to download would end in a different error
-    result = cli("train", "--data", tiny_data(), "--out", str(tmp_path / "run"), "--init-from", "gpt2", *FINE_TUNE, env={"HF_HUB_OFFLINE": "1"})
+    result = cli(
+        "train",
+        "--data",
+        tiny_data(),
+        "--out",
+        str(tmp_path / "run"),
+        "--init-from",
+        "gpt2",
+        *FINE_TUNE,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     one_line_error(result, "but gpt2 uses 'gpt2'", "--tokenizer gpt2")

@@ -9,20 +9,26 @@ import math
 
 import pytest
 import torch
+from train_fixtures import TINY, tiny_data, train_losses
 
 from gptwo import GPT, GPTConfig
-from gptwo.train.loop import run_training, loss_fn
+from gptwo.train.loop import loss_fn, run_training
 from gptwo.train.speed import compile_model
-
-from train_fixtures import TINY, tiny_data, train_losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def test_bf16_compiled_training_steps_learn_and_match_float32(tmp_path):
     steps = ["max_steps=12", "eval_every=12", "checkpoint_every=12", "sample_tokens=0"]
-    bf16 = run_training(tiny_data(), str(tmp_path / "bf16"), overrides=TINY + steps + ["device=cuda"], progress=False)  # auto: bf16, compiled, fused
-    fp32 = run_training(tiny_data(), str(tmp_path / "fp32"), overrides=TINY + steps + ["device=cuda", "dtype=float32", "compile=false"], progress=False)
+    bf16 = run_training(
+        tiny_data(), str(tmp_path / "bf16"), overrides=TINY + steps + ["device=cuda"], progress=False
+    )  # auto: bf16, compiled, fused
+    fp32 = run_training(
+        tiny_data(),
+        str(tmp_path / "fp32"),
+        overrides=TINY + steps + ["device=cuda", "dtype=float32", "compile=false"],
+        progress=False,
+    )
     fast, plain = train_losses(str(tmp_path / "bf16")), train_losses(str(tmp_path / "fp32"))
     assert all(math.isfinite(v) for v in fast.values())
     assert fast[12] < fast[1] - 0.5  # it learns

@@ -8,14 +8,13 @@ import time
 
 import pytest
 import torch
+from train_fixtures import TINY, cli, metrics, tiny_data, train_losses
 
 from gptwo import GPT
 from gptwo.train import checkpoint
 from gptwo.train.checkpoint import list_checkpoints, read_trainer_state
 from gptwo.train.loop import run_training
 from gptwo.weights import load_model
-
-from train_fixtures import TINY, cli, metrics, tiny_data, train_losses
 
 
 def test_train_checkpoint_round_trip(tmp_path):
@@ -80,8 +79,11 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     assert cli("train", "--data", data, "--out", straight, *settings).returncode == 0
     # kill with SIGKILL as soon as the first checkpoint exists (perhaps while it writes the next one)
-    process = subprocess.Popen([sys.executable, "-m", "gptwo.cli", "train", "--data", data, "--out", killed, *settings],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptwo.cli", "train", "--data", data, "--out", killed, *settings],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list_checkpoints(killed) and process.poll() is None:
         time.sleep(0.01)

@@ -2,9 +2,9 @@
 
 import os
 
-from gptwo.train.quickstart import PROMPTS, quickstart
-
 from train_fixtures import cli, metrics
+
+from gptwo.train.quickstart import PROMPTS, quickstart
 
 
 def test_quickstart_tiny_end_to_end(tmp_path, capsys):

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import pytest
+from test_train_errors import one_line_error
+from train_fixtures import TINY, cli, tiny_data, train_losses
 
 from gptwo.errors import GptwoError
 from gptwo.train.checkpoint import list_checkpoints, read_trainer_state
 from gptwo.train.loop import run_training
 from gptwo.train.speed import onednn_available
 
-from test_train_errors import one_line_error
-from train_fixtures import TINY, cli, tiny_data, train_losses
-
-QUIET = ["sample_tokens=0", "eval_every=1000", "checkpoint_every=1000", "compile=false"]  # compile=auto would compile runs of 1,000 steps
+QUIET = [
+    "sample_tokens=0",
+    "eval_every=1000",
+    "checkpoint_every=1000",
+    "compile=false",
+]  # compile=auto would compile runs of 1,000 steps
 
 
 def test_max_time_cuts_max_steps_once_warmup_ends_and_resume_keeps_it(tmp_path):
     run = str(tmp_path / "run")
-    summary = run_training(tiny_data(), run, overrides=TINY + QUIET + ["max_steps=1000", "warmup_steps=3", "max_time=0.001"], progress=False)
+    summary = run_training(
+        tiny_data(),
+        run,
+        overrides=TINY + QUIET + ["max_steps=1000", "warmup_steps=3", "max_time=0.001"],
+        progress=False,
+    )
     assert summary["step"] == 20  # measured over the first 20 steps, no time left: stop there
-    (step, path), = list_checkpoints(run)
+    ((step, path),) = list_checkpoints(run)
     assert step == 20
     saved = read_trainer_state(path)["config"]
     assert saved["max_steps"] == 20 and saved["max_time"] == 0.0  # the schedule it trained with, for --resume
@@ -36,8 +45,12 @@ def test_ample_max_time_changes_nothing(tmp_path):
 
 def test_compiled_cpu_training_follows_eager(tmp_path):
     steps = ["max_steps=6", "warmup_steps=2"]
-    run_training(tiny_data(), str(tmp_path / "eager"), overrides=TINY + QUIET + steps + ["compile=false"], progress=False)
-    run_training(tiny_data(), str(tmp_path / "compiled"), overrides=TINY + QUIET + steps + ["compile=true"], progress=False)
+    run_training(
+        tiny_data(), str(tmp_path / "eager"), overrides=TINY + QUIET + steps + ["compile=false"], progress=False
+    )
+    run_training(
+        tiny_data(), str(tmp_path / "compiled"), overrides=TINY + QUIET + steps + ["compile=true"], progress=False
+    )
     eager, compiled = train_losses(str(tmp_path / "eager")), train_losses(str(tmp_path / "compiled"))
     assert eager.keys() == compiled.keys()
     for step in eager:
@@ -47,7 +60,9 @@ def test_compiled_cpu_training_follows_eager(tmp_path):
 def test_bf16_autocast_on_cpu_learns_like_float32(tmp_path):
     steps = ["max_steps=16", "warmup_steps=2"]
     run_training(tiny_data(), str(tmp_path / "fp32"), overrides=TINY + QUIET + steps, progress=False)
-    run_training(tiny_data(), str(tmp_path / "bf16"), overrides=TINY + QUIET + steps + ["dtype=bfloat16"], progress=False)
+    run_training(
+        tiny_data(), str(tmp_path / "bf16"), overrides=TINY + QUIET + steps + ["dtype=bfloat16"], progress=False
+    )
     fp32, bf16 = train_losses(str(tmp_path / "fp32")), train_losses(str(tmp_path / "bf16"))
     assert bf16[1] == pytest.approx(fp32[1], abs=0.02)
     assert bf16[16] == pytest.approx(fp32[16], abs=0.1) and bf16[16] < bf16[1] - 0.5
@@ -55,7 +70,19 @@ def test_bf16_autocast_on_cpu_learns_like_float32(tmp_path):
 
 def test_divergence_between_log_steps_names_the_exact_step(tmp_path):
     run = str(tmp_path / "run")
-    result = cli("train", "--data", tiny_data(), "--out", run, *TINY, *QUIET, "max_steps=12", "log_every=5", "lr=1e30", "warmup_steps=0")
+    result = cli(
+        "train",
+        "--data",
+        tiny_data(),
+        "--out",
+        run,
+        *TINY,
+        *QUIET,
+        "max_steps=12",
+        "log_every=5",
+        "lr=1e30",
+        "warmup_steps=0",
+    )
     one_line_error(result, "diverged at step 2", "lower lr")
     assert list_checkpoints(run) == []
 
@@ -80,12 +107,16 @@ def test_onednn_linears_give_torchs_loss_and_gradients(compiled):
     plain, fast = GPT(config), GPT(config)
     fast.load_state_dict(plain.state_dict())
     assert use_onednn_linears(fast, TrainConfig(dtype="float32"), torch.device("cpu"))
-    assert not use_onednn_linears(GPT(config), TrainConfig(dtype="bfloat16"), torch.device("cpu"))  # bf16: autocast's own kernels
+    assert not use_onednn_linears(
+        GPT(config), TrainConfig(dtype="bfloat16"), torch.device("cpu")
+    )  # bf16: autocast's own kernels
     tokens = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(1))
     x, y = tokens[:, :-1], tokens[:, 1:]
     expected = loss_fn(plain, x, y)
     expected.backward()
-    got = (compiled_loss(loss_fn, TrainConfig(dtype="float32"), torch.device("cpu")) if compiled else loss_fn)(fast, x, y)
+    got = (compiled_loss(loss_fn, TrainConfig(dtype="float32"), torch.device("cpu")) if compiled else loss_fn)(
+        fast, x, y
+    )
     got.backward()
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
@@ -121,7 +152,11 @@ def test_compiled_cpu_step_gives_the_plain_models_loss_and_gradients(dtype):
     bf16 = dtype == "bfloat16"  # bf16 rounding, differently ordered
     assert got.item() == pytest.approx(expected.item(), abs=0.02 if bf16 else 1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        assert torch.allclose(q.grad, p.grad, rtol=0.1, atol=2e-3) if bf16 else torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6), name
+        assert (
+            torch.allclose(q.grad, p.grad, rtol=0.1, atol=2e-3)
+            if bf16
+            else torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+        ), name
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 
@@ -147,7 +182,11 @@ def test_cpu_step_ops_replace_only_the_plain_calls(monkeypatch):
     assert calls == ["sigmoid_gelu", "causal_attention", "embedding"]  # the erf GELU, a mask, padding_idx pass through
     assert torch.allclose(gelu, F.gelu(x, approximate="tanh"), atol=1e-6) and torch.equal(erf_gelu, F.gelu(x))
     assert torch.allclose(attention, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
-    assert torch.allclose(masked, attention, atol=1e-6) and torch.equal(rows, table.weight[idx]) and torch.equal(padded, rows)
+    assert (
+        torch.allclose(masked, attention, atol=1e-6)
+        and torch.equal(rows, table.weight[idx])
+        and torch.equal(padded, rows)
+    )
     calls.clear()
     with speed.CpuStepOps(attention=False):
         F.scaled_dot_product_attention(q, k, v, is_causal=True)

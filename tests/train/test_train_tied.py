@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import torch
+from train_fixtures import TINY, cli, metrics, tiny_data, train_losses
 
 from gptwo import GPT, GPTConfig
 from gptwo.data.prepare import prepare
@@ -14,9 +15,7 @@ from gptwo.tokenizer import Tokenizer
 from gptwo.train import loop
 from gptwo.train.checkpoint import latest_checkpoint
 from gptwo.train.loop import run_training
-from gptwo.weights import load_model, model_from_state, state_dict_from_hf, read_weights
-
-from train_fixtures import TINY, cli, metrics, tiny_data, train_losses
+from gptwo.weights import load_model, model_from_state, read_weights, state_dict_from_hf
 
 TINY_CONFIG = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16)
 
@@ -44,9 +43,13 @@ def test_tied_after_every_load_path(tmp_path):
     assert is_tied(GPT.from_pretrained(str(tmp_path)))
     assert is_tied(GPT.from_pretrained(str(tmp_path), dtype=torch.bfloat16))
     assert is_tied(load_model(str(tmp_path), device="cpu")[0])
-    assert is_tied(model_from_state(TINY_CONFIG, state_dict_from_hf(read_weights(str(tmp_path))), "test"))  # the FSDP export path
+    assert is_tied(
+        model_from_state(TINY_CONFIG, state_dict_from_hf(read_weights(str(tmp_path))), "test")
+    )  # the FSDP export path
     model = GPT.from_pretrained(str(tmp_path))
-    assert model.num_params(non_embedding=False) == GPT(TINY_CONFIG).num_params(non_embedding=False)  # the head counts once
+    assert model.num_params(non_embedding=False) == GPT(TINY_CONFIG).num_params(
+        non_embedding=False
+    )  # the head counts once
 
 
 def test_fine_tune_and_resume_train_one_tied_matrix(tmp_path, monkeypatch):

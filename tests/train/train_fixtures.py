@@ -9,8 +9,22 @@ import subprocess
 import sys
 import tempfile
 
-TINY = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "lr=3e-3", "warmup_steps=2",
-        "eval_every=4", "eval_batches=2", "checkpoint_every=4", "log_every=1", "sample_tokens=4", "keep_checkpoints=2", "threads=1"]
+TINY = [
+    "n_layer=2",
+    "n_head=2",
+    "n_embd=32",
+    "block_size=32",
+    "batch_size=4",
+    "lr=3e-3",
+    "warmup_steps=2",
+    "eval_every=4",
+    "eval_batches=2",
+    "checkpoint_every=4",
+    "log_every=1",
+    "sample_tokens=4",
+    "keep_checkpoints=2",
+    "threads=1",
+]
 
 PARAGRAPHS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the window.",
@@ -59,4 +73,10 @@ def train_losses(run_dir: str) -> dict[int, float]:
 
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `python -m gptwo.cli ARGS` and return the finished process (text output)."""
-    return subprocess.run([sys.executable, "-m", "gptwo.cli", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "gptwo.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -43,7 +43,11 @@ def loopback_only(monkeypatch):
         return real_getaddrinfo(host, *args, **kwargs)
 
     def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM and not _is_loopback(address[0]):
+        if (
+            sock.family in (socket.AF_INET, socket.AF_INET6)
+            and sock.type == socket.SOCK_STREAM
+            and not _is_loopback(address[0])
+        ):
             attempts.append(f"connected to {address[0]}")
             raise ExternalTraffic(attempts[-1])
         return real_connect(sock, address)

@@ -13,8 +13,19 @@ from gptwo.cli import main
 from gptwo.webtext.crawlstate import CrawlState, PageResult, open_crawl_dir
 from gptwo.webtext.records import read_jsonl, write_jsonl
 
-FAST_FLAGS = ["--allow-private-addresses", "--timeout", "1", "--retries", "0", "--workers", "1", "--partitions", "2",
-              "--min-tokens", "10"]
+FAST_FLAGS = [
+    "--allow-private-addresses",
+    "--timeout",
+    "1",
+    "--retries",
+    "0",
+    "--workers",
+    "1",
+    "--partitions",
+    "2",
+    "--min-tokens",
+    "10",
+]
 
 
 def one_line_error(capsys, *needles) -> str:
@@ -28,8 +39,14 @@ def one_line_error(capsys, *needles) -> str:
 
 def dump_bytes(n: int) -> bytes:
     rng = random.Random(0)
-    posts = [submission(f"https://site{i}.example.com/story/{rng.getrandbits(64):x}", 5 + i % 7,
-                        title=" ".join(rng.choice(["cats", "news", "rust", "space", "tea"]) for _ in range(12))) for i in range(n)]
+    posts = [
+        submission(
+            f"https://site{i}.example.com/story/{rng.getrandbits(64):x}",
+            5 + i % 7,
+            title=" ".join(rng.choice(["cats", "news", "rust", "space", "tea"]) for _ in range(12)),
+        )
+        for i in range(n)
+    ]
     return "".join(json.dumps(p) + "\n" for p in posts).encode()
 
 
@@ -63,9 +80,11 @@ def test_truncated_zst_dump_names_the_file_and_the_records_read_before_the_cut(t
 
 def file_of(name: str, data: bytes):
     """A maker of the bad input `name` holding `data`."""
+
     def make(folder):
         (folder / name).write_bytes(data)
         return folder / name
+
     return make
 
 
@@ -99,12 +118,25 @@ def test_bad_dumps_are_one_line_errors(tmp_path, capsys, case, command):
 def test_bad_records_in_a_dump_are_counted_and_skipped(tmp_path, site_server, capsys):
     good = [submission(site_server.url(f"/article/{i}"), 5 + i) for i in range(3)]
     good.append(submission(site_server.url("/article/3"), 9, id=10**30, title="caf\ud800e"))  # huge id, lone surrogate
-    bad = [submission(site_server.url("/dup/exact"), 20) | {field: value} for field, value in [
-        ("score", 10**40), ("score", "abc"), ("score", True), ("score", {"up": 4}), ("title", ["a", "b"]), ("subreddit", 5),
-    ]]
+    bad = [
+        submission(site_server.url("/dup/exact"), 20) | {field: value}
+        for field, value in [
+            ("score", 10**40),
+            ("score", "abc"),
+            ("score", True),
+            ("score", {"up": 4}),
+            ("title", ["a", "b"]),
+            ("subreddit", 5),
+        ]
+    ]
     lines = [json.dumps(p) for p in good + bad]
-    lines += ['{"url": "%s", "score": 1e308}' % site_server.url("/dup/near"), '{"url": "%s", "score": 1e999}' % site_server.url("/short"),
-              '{"url": "%s", "score": NaN}' % site_server.url("/empty"), '{"url": "http://a.example.com/\\udc00", "score": 7}', "[]"]
+    lines += [
+        '{"url": "%s", "score": 1e308}' % site_server.url("/dup/near"),
+        '{"url": "%s", "score": 1e999}' % site_server.url("/short"),
+        '{"url": "%s", "score": NaN}' % site_server.url("/empty"),
+        '{"url": "http://a.example.com/\\udc00", "score": 7}',
+        "[]",
+    ]
     dump = tmp_path / "RS_2019-04.jsonl"
     write_dump(dump, lines)
     out = tmp_path / "webtext"
@@ -144,7 +176,10 @@ def test_damaged_build_folder_on_rerun(tmp_path, site_server, capsys):
     assert rerun() == 2
     one_line_error(capsys, db, "damaged", "delete part-00000.sqlite")
     assert db.read_bytes() == b"this is not a database " * 200  # left for the user to restore
-    assert main(["webtext", "extract", str(out / "crawl"), "--out", str(tmp_path / "d.jsonl.zst"), "--min-tokens", "10"]) == 2
+    assert (
+        main(["webtext", "extract", str(out / "crawl"), "--out", str(tmp_path / "d.jsonl.zst"), "--min-tokens", "10"])
+        == 2
+    )
     one_line_error(capsys, db)
     assert {p: p.read_bytes() for p in written} == written and site_server.requests == served
 
@@ -186,16 +221,42 @@ def test_bad_url_files_crawl_folders_and_outputs(tmp_path, capsys):
     crawl = tmp_path / "crawl"
     cases = [
         # (argv, words the error must contain)
-        (["fetch", str(make_url_file(tmp_path / "huge.ndjson", [{"url": "http://a.example.com/", "score": 10**30}])),
-          "--out", str(crawl)], ["huge.ndjson", "record 1", "64-bit integer"]),
-        (["fetch", str(make_url_file(tmp_path / "title.ndjson", [{"url": "http://a.example.com/", "title": {"x": 1}}])),
-          "--out", str(crawl)], ["title.ndjson", "title that is not text"]),
-        (["fetch", str(tmp_path / "list.txt"), "--out", str(crawl)], ["list.txt", "line 1 is not a JSON object", "gptwo webtext urls"]),
+        (
+            [
+                "fetch",
+                str(make_url_file(tmp_path / "huge.ndjson", [{"url": "http://a.example.com/", "score": 10**30}])),
+                "--out",
+                str(crawl),
+            ],
+            ["huge.ndjson", "record 1", "64-bit integer"],
+        ),
+        (
+            [
+                "fetch",
+                str(make_url_file(tmp_path / "title.ndjson", [{"url": "http://a.example.com/", "title": {"x": 1}}])),
+                "--out",
+                str(crawl),
+            ],
+            ["title.ndjson", "title that is not text"],
+        ),
+        (
+            ["fetch", str(tmp_path / "list.txt"), "--out", str(crawl)],
+            ["list.txt", "line 1 is not a JSON object", "gptwo webtext urls"],
+        ),
         (["fetch", str(tmp_path / "cut.ndjson.zst"), "--out", str(crawl)], ["cut.ndjson.zst", "mid-frame"]),
-        (["fetch", "/proc/self/mem", "--out", str(crawl)], ["can't read /proc/self/mem"]),  # a file whose read fails (EIO)
-        (["fetch", str(make_url_file(tmp_path / "ok.ndjson", [])), "--out", str(tmp_path / "list.txt")], ["list.txt", "is a file"]),
+        (
+            ["fetch", "/proc/self/mem", "--out", str(crawl)],
+            ["can't read /proc/self/mem"],
+        ),  # a file whose read fails (EIO)
+        (
+            ["fetch", str(make_url_file(tmp_path / "ok.ndjson", [])), "--out", str(tmp_path / "list.txt")],
+            ["list.txt", "is a file"],
+        ),
         (["fetch", str(tmp_path / "ok.ndjson"), "--out", str(crawl), "--resolve", "a.example.com"], ["HOST=ADDRESS"]),
-        (["fetch", str(tmp_path / "ok.ndjson"), "--out", str(crawl), "--resolve", "a.example.com=10.0.0.999"], ["10.0.0.999"]),
+        (
+            ["fetch", str(tmp_path / "ok.ndjson"), "--out", str(crawl), "--resolve", "a.example.com=10.0.0.999"],
+            ["10.0.0.999"],
+        ),
         (["urls", str(tmp_path / "list.txt"), "--out", str(tmp_path)], ["is a folder"]),
         (["urls", "/proc/self/mem", "--out", str(tmp_path / "u.ndjson.zst")], ["can't read /proc/self/mem"]),
         (["extract", str(tmp_path / "old-crawl"), "--out", str(tmp_path)], ["is a folder"]),

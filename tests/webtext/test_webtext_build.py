@@ -8,19 +8,46 @@ import zstandard
 from webtext_site import submission, write_dump
 
 from gptwo.cli import main
-from gptwo.errors import GptwoError
 from gptwo.data.sources import iter_documents
+from gptwo.errors import GptwoError
 from gptwo.webtext import Engine, ExtractOptions, FetchOptions, build
 from gptwo.webtext.records import read_jsonl
 from gptwo.webtext.urls import UrlFilter, collect_urls
 
 # The test site is on 127.0.0.1, which the crawler refuses unless told otherwise.
-FAST_FLAGS = ["--allow-private-addresses", "--timeout", "0.5", "--retries", "1", "--backoff", "0.01", "--max-bytes", "1000000", "--partitions", "3"]
+FAST_FLAGS = [
+    "--allow-private-addresses",
+    "--timeout",
+    "0.5",
+    "--retries",
+    "1",
+    "--backoff",
+    "0.01",
+    "--max-bytes",
+    "1000000",
+    "--partitions",
+    "3",
+]
 FAST = FetchOptions(timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000, allow_private_addresses=True)
 
 # Paths linked from the dump with enough karma, and which of them end up as documents.
-LINKED = ["/article/0", "/article/1", "/article/2", "/article/3", "/dup/exact", "/dup/near", "/foreign/de",
-          "/short", "/missing", "/error", "/loop/a", "/binary", "/malformed", "/private/secret", "/moved"]
+LINKED = [
+    "/article/0",
+    "/article/1",
+    "/article/2",
+    "/article/3",
+    "/dup/exact",
+    "/dup/near",
+    "/foreign/de",
+    "/short",
+    "/missing",
+    "/error",
+    "/loop/a",
+    "/binary",
+    "/malformed",
+    "/private/secret",
+    "/moved",
+]
 DOCUMENTS = ["/article/0", "/article/1", "/article/2", "/article/3", "/malformed", "/moved"]
 
 
@@ -53,10 +80,25 @@ def test_build_cli_end_to_end_and_rerun(tmp_path, site_server, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["documents"] == len(DOCUMENTS)
     stages = report["stages"]
-    assert stages["urls"] == {"in": 22, "kept": 15, "dropped": {"blocklisted": 1, "deleted": 1, "duplicate": 1,
-                                                                "low_score": 1, "malformed": 1, "non_html": 1, "self_post": 1}}
-    assert stages["fetch"] == {"in": 15, "kept": 10, "fetched_this_run": 15, "dropped": {
-        "http_404": 1, "http_500": 1, "not_html": 1, "redirect_loop": 1, "robots_disallowed": 1}}
+    assert stages["urls"] == {
+        "in": 22,
+        "kept": 15,
+        "dropped": {
+            "blocklisted": 1,
+            "deleted": 1,
+            "duplicate": 1,
+            "low_score": 1,
+            "malformed": 1,
+            "non_html": 1,
+            "self_post": 1,
+        },
+    }
+    assert stages["fetch"] == {
+        "in": 15,
+        "kept": 10,
+        "fetched_this_run": 15,
+        "dropped": {"http_404": 1, "http_500": 1, "not_html": 1, "redirect_loop": 1, "robots_disallowed": 1},
+    }
     assert stages["extract"] == {"in": 10, "kept": 8, "dropped": {"language": 1, "too_short": 1}}
     assert stages["dedup"] == {"in": 8, "kept": 6, "dropped": {"exact_duplicate": 1, "near_duplicate": 1}}
     printed = json.loads(capsys.readouterr().out)
@@ -105,8 +147,15 @@ def test_parallel_engines_give_the_same_documents(tmp_path, site_server, engine)
         import ray
     start = time.monotonic()
     try:
-        report = build([dump], tmp_path / "out", rule=UrlFilter(), fetch_options=FAST, extract_options=ExtractOptions(),
-                       engine=engine, partitions=4)
+        report = build(
+            [dump],
+            tmp_path / "out",
+            rule=UrlFilter(),
+            fetch_options=FAST,
+            extract_options=ExtractOptions(),
+            engine=engine,
+            partitions=4,
+        )
         if engine.kind == "ray":
             assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2  # a local Ray instance ran the tasks
         # A user error inside a task reaches the caller as itself, on either engine (the CLI's one line).
@@ -118,6 +167,8 @@ def test_parallel_engines_give_the_same_documents(tmp_path, site_server, engine)
         if engine.kind == "ray":
             ray.shutdown()
     assert time.monotonic() - start < 120
-    assert sorted(d["url"] for d in read_jsonl(tmp_path / "out" / "documents.jsonl.zst")) == sorted(site_server.url(p) for p in DOCUMENTS)
+    assert sorted(d["url"] for d in read_jsonl(tmp_path / "out" / "documents.jsonl.zst")) == sorted(
+        site_server.url(p) for p in DOCUMENTS
+    )
     assert report["stages"]["fetch"]["kept"] == 10 and report["documents"] == len(DOCUMENTS)
     assert max(site_server.requests.values()) <= 2  # retries aside, each URL fetched once

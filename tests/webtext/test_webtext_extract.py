@@ -104,7 +104,9 @@ def test_extract_filters_and_deduplicates(tmp_path):
     _, dedup = extract_documents(crawl, strict, options=ExtractOptions(threshold=0.95), work_dir=tmp_path / "x")
     assert dedup.kept == 5 and f"{base}/near" in {d["url"] for d in read_jsonl(strict)}
     # ... and all languages and lengths can be let through.
-    _, dedup = extract_documents(crawl, strict, options=ExtractOptions(languages=(), min_tokens=0), work_dir=tmp_path / "y")
+    _, dedup = extract_documents(
+        crawl, strict, options=ExtractOptions(languages=(), min_tokens=0), work_dir=tmp_path / "y"
+    )
     assert dedup.kept == 7
 
 

@@ -10,15 +10,27 @@ from gptwo.webtext.fetch import FetchOptions, fetch_urls
 from gptwo.webtext.records import write_jsonl
 
 # The test site is on 127.0.0.1, which the crawler refuses unless told otherwise.
-FAST = FetchOptions(concurrency=8, per_host=2, timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000, allow_private_addresses=True)
+FAST = FetchOptions(
+    concurrency=8, per_host=2, timeout=0.5, retries=1, backoff=0.01, max_bytes=1_000_000, allow_private_addresses=True
+)
 
 EXPECTED = {
-    "/article/0": "ok", "/article/1": "ok", "/dup/exact": "ok", "/foreign/de": "ok", "/malformed": "ok",
+    "/article/0": "ok",
+    "/article/1": "ok",
+    "/dup/exact": "ok",
+    "/foreign/de": "ok",
+    "/malformed": "ok",
     "/untyped": "ok",  # no Content-Type header, but the body is HTML
     "/flaky": "ok",  # one 503, then fine on the retry
     "/moved": "ok",  # 301 to /article/5
-    "/missing": "http_404", "/error": "http_500", "/slow": "timeout", "/loop/a": "redirect_loop",
-    "/binary": "not_html", "/photo": "not_html", "/huge": "too_large", "/huge-unsized": "too_large",
+    "/missing": "http_404",
+    "/error": "http_500",
+    "/slow": "timeout",
+    "/loop/a": "redirect_loop",
+    "/binary": "not_html",
+    "/photo": "not_html",
+    "/huge": "too_large",
+    "/huge-unsized": "too_large",
     "/private/secret": "robots_disallowed",
 }
 
@@ -49,8 +61,15 @@ def test_crawl_outcomes_politeness_and_resume(tmp_path, site_server):
     assert rows[site_server.url("/moved")][2] == site_server.url("/article/5")
     assert rows[site_server.url("/error")][1] == 1 and rows[site_server.url("/missing")][1] == 0
     assert report.kept == 8 and report.seen == len(EXPECTED) and report.notes["fetched_this_run"] == len(EXPECTED)
-    assert report.dropped == {"http_404": 1, "http_500": 1, "timeout": 1, "redirect_loop": 1, "not_html": 2,
-                              "too_large": 2, "robots_disallowed": 1}
+    assert report.dropped == {
+        "http_404": 1,
+        "http_500": 1,
+        "timeout": 1,
+        "redirect_loop": 1,
+        "not_html": 2,
+        "too_large": 2,
+        "robots_disallowed": 1,
+    }
 
     requests = site_server.requests
     assert "/private/secret" not in requests  # robots.txt honoured
@@ -71,7 +90,11 @@ def test_crawl_outcomes_politeness_and_resume(tmp_path, site_server):
 
 def test_per_host_limit_holds_under_high_global_concurrency(tmp_path, site_server):
     urls = write_urls(tmp_path / "urls.jsonl.zst", site_server, [f"/article/{i}" for i in range(6)] + ["/dup/near"])
-    fetch_urls(urls, tmp_path / "crawl", options=FetchOptions(concurrency=32, per_host=1, timeout=5, allow_private_addresses=True))
+    fetch_urls(
+        urls,
+        tmp_path / "crawl",
+        options=FetchOptions(concurrency=32, per_host=1, timeout=5, allow_private_addresses=True),
+    )
     assert site_server.max_in_flight == 1
     assert all(site_server.requests[f"/article/{i}"] == 1 for i in range(6))
 
@@ -98,8 +121,11 @@ def test_warc_output_holds_every_stored_response(tmp_path, site_server):
     warcs = list((tmp_path / "crawl" / "warc").glob("*.warc.gz"))
     assert len(warcs) == 1
     with open(warcs[0], "rb") as stream:
-        records = {r.rec_headers.get_header("WARC-Target-URI"): r.content_stream().read()
-                   for r in ArchiveIterator(stream) if r.rec_type == "response"}
+        records = {
+            r.rec_headers.get_header("WARC-Target-URI"): r.content_stream().read()
+            for r in ArchiveIterator(stream)
+            if r.rec_type == "response"
+        }
     assert records == {site_server.url(p): site_server.site.pages[p][2] for p in paths[:2]}
 
 

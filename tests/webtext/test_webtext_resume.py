@@ -45,9 +45,29 @@ def test_sigkilled_crawl_resumes_without_refetching_or_losing_pages(tmp_path, si
     # The server answers SERVED_BEFORE_KILL pages, then holds every further request unanswered.
     site_server.hold_after(SERVED_BEFORE_KILL)
     crawler = subprocess.Popen(
-        [sys.executable, "-m", "gptwo.cli", "webtext", "fetch", str(urls), "--out", str(crawl), "--partitions", "1",
-         "--workers", "1", "--allow-private-addresses", "--concurrency", "4", "--per-host", "4", "--timeout", "60"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "gptwo.cli",
+            "webtext",
+            "fetch",
+            str(urls),
+            "--out",
+            str(crawl),
+            "--partitions",
+            "1",
+            "--workers",
+            "1",
+            "--allow-private-addresses",
+            "--concurrency",
+            "4",
+            "--per-host",
+            "4",
+            "--timeout",
+            "60",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_for(lambda: site_server.held > 0 and stored_pages(db_path) == SERVED_BEFORE_KILL)
@@ -58,7 +78,9 @@ def test_sigkilled_crawl_resumes_without_refetching_or_losing_pages(tmp_path, si
     assert site_server.pages_served() == SERVED_BEFORE_KILL == stored_pages(db_path)
 
     site_server.release()
-    report = fetch_urls(urls, crawl, options=FetchOptions(concurrency=4, per_host=4, timeout=10, allow_private_addresses=True))
+    report = fetch_urls(
+        urls, crawl, options=FetchOptions(concurrency=4, per_host=4, timeout=10, allow_private_addresses=True)
+    )
     assert report.notes["fetched_this_run"] == N_PAGES - SERVED_BEFORE_KILL
     assert report.kept == N_PAGES
     assert {p: site_server.served[p] for p in paths} == {p: 1 for p in paths}  # each page served exactly once

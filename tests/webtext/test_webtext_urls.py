@@ -9,12 +9,25 @@ from gptwo.webtext.urls import UrlFilter, collect_urls, dedup_key, has_non_html_
 
 
 def test_normalize_url_canonicalizes_and_rejects_non_http():
-    assert normalize_url(" HTTPS://News.Example.COM:443/a/b?utm_source=rd&id=7&fbclid=x#top ") == "https://news.example.com/a/b?id=7"
+    assert (
+        normalize_url(" HTTPS://News.Example.COM:443/a/b?utm_source=rd&id=7&fbclid=x#top ")
+        == "https://news.example.com/a/b?id=7"
+    )
     assert normalize_url("http://example.com") == "http://example.com/"
     assert normalize_url("http://example.com:8080/x") == "http://example.com:8080/x"
-    assert normalize_url("http://[::FFFF:8.8.8.8]:8080/x") == "http://[::ffff:8.8.8.8]:8080/x"  # IPv6 keeps its brackets
+    assert (
+        normalize_url("http://[::FFFF:8.8.8.8]:8080/x") == "http://[::ffff:8.8.8.8]:8080/x"
+    )  # IPv6 keeps its brackets
     assert normalize_url("http://example.com/caf\udce9") is None  # a lone surrogate is no text
-    for bad in ("ftp://example.com/file", "mailto:a@b.c", "javascript:alert(1)", "not a url", "http://", "http://localhost/x", "http://example.com:99999/"):
+    for bad in (
+        "ftp://example.com/file",
+        "mailto:a@b.c",
+        "javascript:alert(1)",
+        "not a url",
+        "http://",
+        "http://localhost/x",
+        "http://example.com:99999/",
+    ):
         assert normalize_url(bad) is None, bad
 
 
@@ -32,23 +45,26 @@ def test_non_html_extensions():
 
 def test_dump_filtering_counts_every_drop_reason(tmp_path):
     dump = tmp_path / "RS_2019-01.zst"
-    write_dump(dump, [
-        submission("https://news.example.com/a", 10, subreddit="worldnews", title="Story A"),
-        submission("https://news.example.com/b", 3),  # exactly at the threshold: kept
-        submission("https://news.example.com/c", 2),  # below: low_score
-        submission("https://www.reddit.com/r/news/comments/abc/self/", 50, is_self=True, selftext="hi"),
-        submission("https://www.reddit.com/r/pics/comments/xyz/", 50),  # reddit-internal link
-        submission("https://i.redd.it/picture.jpg", 90),
-        submission("https://en.wikipedia.org/wiki/Language_model", 40),
-        submission("https://cdn.example.com/photo.png", 40),
-        submission("[deleted]", 30, title="[deleted by user]"),
-        submission("https://news.example.com/removed", 30, removed_by_category="moderator"),
-        submission("https://www.news.example.com/a/?utm_source=reddit", 5, subreddit="news", title="Story A again"),
-        submission("ftp://files.example.com/x", 30),
-        "{this is not json",
-        "[1, 2, 3]",
-        "",
-    ])
+    write_dump(
+        dump,
+        [
+            submission("https://news.example.com/a", 10, subreddit="worldnews", title="Story A"),
+            submission("https://news.example.com/b", 3),  # exactly at the threshold: kept
+            submission("https://news.example.com/c", 2),  # below: low_score
+            submission("https://www.reddit.com/r/news/comments/abc/self/", 50, is_self=True, selftext="hi"),
+            submission("https://www.reddit.com/r/pics/comments/xyz/", 50),  # reddit-internal link
+            submission("https://i.redd.it/picture.jpg", 90),
+            submission("https://en.wikipedia.org/wiki/Language_model", 40),
+            submission("https://cdn.example.com/photo.png", 40),
+            submission("[deleted]", 30, title="[deleted by user]"),
+            submission("https://news.example.com/removed", 30, removed_by_category="moderator"),
+            submission("https://www.news.example.com/a/?utm_source=reddit", 5, subreddit="news", title="Story A again"),
+            submission("ftp://files.example.com/x", 30),
+            "{this is not json",
+            "[1, 2, 3]",
+            "",
+        ],
+    )
     out = tmp_path / "urls.jsonl.zst"
     report = collect_urls([dump], out)
     records = list(read_jsonl(out))
@@ -56,15 +72,27 @@ def test_dump_filtering_counts_every_drop_reason(tmp_path):
     story_a = next(r for r in records if r["url"].endswith("/a"))
     assert (story_a["subreddit"], story_a["score"], story_a["title"]) == ("worldnews", 10, "Story A")
     assert report.as_dict() == {
-        "in": 14, "kept": 2,
-        "dropped": {"bad_url": 1, "blocklisted": 1, "deleted": 2, "duplicate": 1, "low_score": 1,
-                    "malformed": 2, "non_html": 1, "self_post": 3},
+        "in": 14,
+        "kept": 2,
+        "dropped": {
+            "bad_url": 1,
+            "blocklisted": 1,
+            "deleted": 2,
+            "duplicate": 1,
+            "low_score": 1,
+            "malformed": 2,
+            "non_html": 1,
+            "self_post": 3,
+        },
     }
 
 
 def test_duplicates_keep_the_highest_scoring_post_and_the_score_is_configurable(tmp_path):
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    write_dump(first, [submission("https://blog.example.org/post", 4, title="low"), submission("https://blog.example.org/other", 1)])
+    write_dump(
+        first,
+        [submission("https://blog.example.org/post", 4, title="low"), submission("https://blog.example.org/other", 1)],
+    )
     write_dump(second, [submission("http://blog.example.org/post/", 120, title="high")])
     out = tmp_path / "urls.jsonl.zst"
     report = collect_urls([first, second], out, rule=UrlFilter(min_score=1))
@@ -75,7 +103,9 @@ def test_duplicates_keep_the_highest_scoring_post_and_the_score_is_configurable(
 
 def test_plain_url_list_and_custom_blocklist(tmp_path):
     url_list = tmp_path / "urls.txt"
-    url_list.write_text("# my links\nhttps://a.example.com/x\nhttps://blocked.example.net/y\nhttps://en.wikipedia.org/wiki/GPT-2\nnot-a-url\n")
+    url_list.write_text(
+        "# my links\nhttps://a.example.com/x\nhttps://blocked.example.net/y\nhttps://en.wikipedia.org/wiki/GPT-2\nnot-a-url\n"
+    )
     out = tmp_path / "urls.jsonl.zst"
     report = collect_urls([url_list], out, rule=UrlFilter(blocklist=("example.net",)))
     assert [r["url"] for r in read_jsonl(out)] == ["https://a.example.com/x", "https://en.wikipedia.org/wiki/GPT-2"]

@@ -103,14 +103,30 @@ class Site:
         self.html("/foreign/fr", article_html("Nouvelles", words_text(FRENCH, 420, seed=8)))
         self.html("/short", article_html("Brief", words_text(ENGLISH, 60, seed=11)))
         self.html("/empty", "<html><head><title>Nothing</title></head><body><nav>Home</nav></body></html>")
-        malformed = article_html("Broken", words_text(ENGLISH, 400, seed=12)).replace("</p>", "").replace("</article>", "<div><b><i>")
+        malformed = (
+            article_html("Broken", words_text(ENGLISH, 400, seed=12))
+            .replace("</p>", "")
+            .replace("</article>", "<div><b><i>")
+        )
         self.html("/malformed", malformed[: -len("</body></html>")])
         self.html("/private/secret", article_html("Secret", words_text(ENGLISH, 400, seed=13)))
-        self.pages["/binary"] = (200, {"Content-Type": "application/octet-stream"}, bytes(random.Random(1).randbytes(20000)))
+        self.pages["/binary"] = (
+            200,
+            {"Content-Type": "application/octet-stream"},
+            bytes(random.Random(1).randbytes(20000)),
+        )
         self.pages["/photo"] = (200, {"Content-Type": "image/png"}, b"\x89PNG\r\n\x1a\n" + bytes(5000))
         self.pages["/huge"] = (200, {"Content-Type": "text/html"}, article_html("Huge", ["word " * 400_000]).encode())
-        self.pages["/huge-unsized"] = (200, {"Content-Type": "text/html", "X-No-Length": "1"}, article_html("Huge", ["word " * 400_000]).encode())
-        self.pages["/untyped"] = (200, {"X-No-Type": "1"}, article_html("Untyped", words_text(ENGLISH, 400, seed=14)).encode())
+        self.pages["/huge-unsized"] = (
+            200,
+            {"Content-Type": "text/html", "X-No-Length": "1"},
+            article_html("Huge", ["word " * 400_000]).encode(),
+        )
+        self.pages["/untyped"] = (
+            200,
+            {"X-No-Type": "1"},
+            article_html("Untyped", words_text(ENGLISH, 400, seed=14)).encode(),
+        )
         self.pages["/missing"] = (404, {"Content-Type": "text/html"}, b"<html>not found</html>")
         self.pages["/error"] = (500, {"Content-Type": "text/html"}, b"<html>server error</html>")
         self.pages["/loop/a"] = (302, {"Location": "/loop/b"}, b"")
@@ -230,8 +246,16 @@ class SiteServer:
 
 
 def submission(url: str, score: int, *, subreddit: str = "news", title: str = "A link", **extra) -> dict:
-    post = {"id": f"t{abs(hash((url, score))) % 10**8}", "url": url, "score": score, "subreddit": subreddit,
-            "title": title, "is_self": False, "author": "someone", "created_utc": 1546300800}
+    post = {
+        "id": f"t{abs(hash((url, score))) % 10**8}",
+        "url": url,
+        "score": score,
+        "subreddit": subreddit,
+        "title": title,
+        "is_self": False,
+        "author": "someone",
+        "created_utc": 1546300800,
+    }
     post.update(extra)
     return post
 

@@ -9,12 +9,19 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "max-autotune-frozen", "reduce-overhead")  # `--compile`; plain data keeps --help fast
+COMPILE_MODES = (
+    "none",
+    "default",
+    "max-autotune-no-cudagraphs",
+    "max-autotune-frozen",
+    "reduce-overhead",
+)  # `--compile`; plain data keeps --help fast
 
 
 def cpu_name() -> str:
@@ -36,7 +43,9 @@ def cpu_flags() -> list[str]:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
-    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"))
+    return sorted(
+        f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    )
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -66,4 +75,6 @@ def render_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     for row in rows:
         cells.append(["-" if row.get(key) is None else format(row[key], spec) for key, _, spec in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
+    )

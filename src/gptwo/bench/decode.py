@@ -21,8 +21,15 @@ from gptwo.errors import GptwoError
 from gptwo.model import GPT
 
 VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8")}  # name -> (dtype, quantize)
-COLUMNS = [("tool", "tool", ""), ("dtype", "weights", ""), ("tokens_per_s", "tokens/s", ".1f"), ("ratio_vs_transformers", "vs transformers", ".2f"),
-           ("weight_mb", "weight MB", ".0f"), ("ceiling_tokens_per_s", "ceiling tok/s", ".0f"), ("token_agreement", "same tokens", ".2f")]
+COLUMNS = [
+    ("tool", "tool", ""),
+    ("dtype", "weights", ""),
+    ("tokens_per_s", "tokens/s", ".1f"),
+    ("ratio_vs_transformers", "vs transformers", ".2f"),
+    ("weight_mb", "weight MB", ".0f"),
+    ("ceiling_tokens_per_s", "ceiling tok/s", ".0f"),
+    ("token_agreement", "same tokens", ".2f"),
+]
 
 
 def hf_twin(model: GPT):
@@ -30,13 +37,17 @@ def hf_twin(model: GPT):
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        raise GptwoError("the decode benchmark's anchor needs transformers", "pip install transformers (or 'gptwo[dev]')") from None
+        raise GptwoError(
+            "the decode benchmark's anchor needs transformers", "pip install transformers (or 'gptwo[dev]')"
+        ) from None
     from gptwo.weights import config_to_hf, state_dict_to_hf
 
     hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config))).eval()
     missing, unexpected = hf.load_state_dict(state_dict_to_hf(model), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise GptwoError(f"transformers' GPT-2 does not take these weights ({(unexpected or missing)[0]})", "report this as a bug")
+        raise GptwoError(
+            f"transformers' GPT-2 does not take these weights ({(unexpected or missing)[0]})", "report this as a bug"
+        )
     hf.tie_weights()
     return hf.to(model.transformer.wte.weight.device)
 
@@ -59,9 +70,20 @@ def bench_model(spec: str | None, device: torch.device) -> GPT:
     return GPT(GPTConfig.from_preset("gpt2")).to(device).eval()
 
 
-def decode_report(model: str | None = None, device: str = "auto", variants: tuple[str, ...] = ("fp32", "bf16", "int8"), batch_size: int = 1,
-                  new_tokens: int = 128, prompt_tokens: int = 16, rounds: int = 5, threads: int | None = None,
-                  compile: str = "none", progress: bool = True, llama_cpp: str | None = None, gguf: str | None = None) -> dict:
+def decode_report(
+    model: str | None = None,
+    device: str = "auto",
+    variants: tuple[str, ...] = ("fp32", "bf16", "int8"),
+    batch_size: int = 1,
+    new_tokens: int = 128,
+    prompt_tokens: int = 16,
+    rounds: int = 5,
+    threads: int | None = None,
+    compile: str = "none",
+    progress: bool = True,
+    llama_cpp: str | None = None,
+    gguf: str | None = None,
+) -> dict:
     """Median tokens/s of each variant and of transformers in the same run, with the bandwidth ceiling (and llama.cpp's, given its build)."""
     from gptwo.infer import Decoder, prepare_model
     from gptwo.weights import resolve_device
@@ -76,19 +98,37 @@ def decode_report(model: str | None = None, device: str = "auto", variants: tupl
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    llama = llamacpp_anchor(llama_cpp, gguf, model, batch_size, prompt_tokens, new_tokens, progress) if llama_cpp or gguf else None
+    llama = (
+        llamacpp_anchor(llama_cpp, gguf, model, batch_size, prompt_tokens, new_tokens, progress)
+        if llama_cpp or gguf
+        else None
+    )
     base = bench_model(model, dev)
     if prompt_tokens + new_tokens > base.config.block_size:
-        raise GptwoError(f"{prompt_tokens} + {new_tokens} tokens exceed the model's context of {base.config.block_size}", "ask for fewer tokens")
-    prompt = torch.randint(0, base.config.vocab_size, (batch_size, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+        raise GptwoError(
+            f"{prompt_tokens} + {new_tokens} tokens exceed the model's context of {base.config.block_size}",
+            "ask for fewer tokens",
+        )
+    prompt = torch.randint(
+        0, base.config.vocab_size, (batch_size, prompt_tokens), generator=torch.Generator().manual_seed(0)
+    ).to(dev)
     hf = hf_twin(base)
-    runs = {("transformers", "fp32"): lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)}
+    runs = {
+        ("transformers", "fp32"): lambda: hf.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+    }
     weights = {("transformers", "fp32"): streamed_bytes(base)}
     mode = None if compile == "default" else compile
     for name in variants:
         dtype, quantize = VARIANTS[name]
         prepared = prepare_model(copy.deepcopy(base), dtype=dtype, quantize=quantize)
-        decoder = Decoder(prepared, batch_size=batch_size, max_len=prompt_tokens + new_tokens, compile=False if compile == "none" else (mode or True))
+        decoder = Decoder(
+            prepared,
+            batch_size=batch_size,
+            max_len=prompt_tokens + new_tokens,
+            compile=False if compile == "none" else (mode or True),
+        )
         runs[("gptwo", name)] = lambda decoder=decoder: decoder.generate(prompt, new_tokens)
         weights[("gptwo", name)] = streamed_bytes(prepared)
     del base
@@ -110,35 +150,68 @@ def decode_report(model: str | None = None, device: str = "auto", variants: tupl
     rows = []
     for key, nbytes in weights.items():
         rate = batch_size * new_tokens / seconds[key]
-        rows.append({"tool": key[0], "dtype": key[1], "tokens_per_s": rate, "ratio_vs_transformers": rate / anchor, "weight_mb": nbytes / 1e6,
-                     "ceiling_tokens_per_s": batch_size * bandwidth * 1e9 / nbytes,
-                     "token_agreement": (tokens[key] == tokens[("transformers", "fp32")]).float().mean().item()})
+        rows.append(
+            {
+                "tool": key[0],
+                "dtype": key[1],
+                "tokens_per_s": rate,
+                "ratio_vs_transformers": rate / anchor,
+                "weight_mb": nbytes / 1e6,
+                "ceiling_tokens_per_s": batch_size * bandwidth * 1e9 / nbytes,
+                "token_agreement": (tokens[key] == tokens[("transformers", "fp32")]).float().mean().item(),
+            }
+        )
     rows += llama.rows(bandwidth, anchor) if llama else []
-    return {"bench": "decode", "device": str(dev), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "model": model or "random GPT-2 124M shape",
-            "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "compile": compile,
-            "bandwidth_gb_s": bandwidth, "rows": rows, "llama_cpp": llama.summary() if llama else None}
+    return {
+        "bench": "decode",
+        "device": str(dev),
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "model": model or "random GPT-2 124M shape",
+        "batch_size": batch_size,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "compile": compile,
+        "bandwidth_gb_s": bandwidth,
+        "rows": rows,
+        "llama_cpp": llama.summary() if llama else None,
+    }
 
 
 def render_decode(report: dict) -> str:
     """The report as a table with a header line naming the machine and the workload."""
-    where = report["gpu"] or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
-    head = (f"decode: {where}; batch {report['batch_size']}, {report['prompt_tokens']}-token prompt + {report['new_tokens']} new tokens greedy, "
-            f"median of {report['rounds']} interleaved rounds, compile={report['compile']}; memory read {report['bandwidth_gb_s']:.1f} GB/s")
+    where = (
+        report["gpu"]
+        or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
+    )
+    head = (
+        f"decode: {where}; batch {report['batch_size']}, {report['prompt_tokens']}-token prompt + {report['new_tokens']} new tokens greedy, "
+        f"median of {report['rounds']} interleaved rounds, compile={report['compile']}; memory read {report['bandwidth_gb_s']:.1f} GB/s"
+    )
     table = head + "\n" + render_table(report["rows"], COLUMNS)
     if report.get("llama_cpp"):
         info = report["llama_cpp"]
-        table += (f"\nllama.cpp: llama-bench build {info['build_number']} ({info['build_commit']}), -pg {report['prompt_tokens']},{report['new_tokens']} "
-                  f"-t {report['threads']}, its own timing; its q8_0 also quantizes activations to 8 bits")
+        table += (
+            f"\nllama.cpp: llama-bench build {info['build_number']} ({info['build_commit']}), -pg {report['prompt_tokens']},{report['new_tokens']} "
+            f"-t {report['threads']}, its own timing; its q8_0 also quantizes activations to 8 bits"
+        )
     return table
 
 
-def llamacpp_anchor(path: str, gguf: str | None, model: str | None, batch_size: int, prompt_tokens: int, new_tokens: int, progress: bool):
+def llamacpp_anchor(
+    path: str, gguf: str | None, model: str | None, batch_size: int, prompt_tokens: int, new_tokens: int, progress: bool
+):
     """llama.cpp's llama-bench as a further anchor, on GGUF files of the same weights (converted now unless `gguf` holds them)."""
     from gptwo.bench.llamacpp import llamacpp_anchor as anchor
 
     if not path:
-        raise GptwoError("--gguf names the llama.cpp anchor's files but no llama.cpp was given", "add --llama-cpp PATH (llama-bench or its build folder)")
+        raise GptwoError(
+            "--gguf names the llama.cpp anchor's files but no llama.cpp was given",
+            "add --llama-cpp PATH (llama-bench or its build folder)",
+        )
     if batch_size != 1:
         raise GptwoError("the llama.cpp anchor times batch 1 only", "leave --batch-size at 1, or drop --llama-cpp")
     return anchor(path, gguf, model, prompt_tokens, new_tokens, torch.get_num_threads(), progress)

@@ -24,7 +24,19 @@ from gptwo.errors import GptwoError
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # convert_hf_to_gguf.py's --outtype names
 LOOKUPS = ("token_embd.weight", "position_embd.weight")  # read one row per token, not streamed
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}  # GGUF value types
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}  # GGUF value types
 _STRING, _ARRAY = 8, 9
 
 
@@ -36,10 +48,17 @@ def gguf_name(dtype: str) -> str:
 # ---------------------------------------------------------------- finding llama.cpp
 def find_llama_bench(path: str) -> str:
     """The llama-bench binary: PATH itself, PATH/bin/llama-bench (a build folder) or PATH/build/bin/llama-bench (a source tree)."""
-    for candidate in (path, os.path.join(path, "bin", "llama-bench"), os.path.join(path, "build", "bin", "llama-bench")):
+    for candidate in (
+        path,
+        os.path.join(path, "bin", "llama-bench"),
+        os.path.join(path, "build", "bin", "llama-bench"),
+    ):
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return os.path.abspath(candidate)
-    raise GptwoError(f"no llama-bench binary at {path}", "pass the llama-bench binary or llama.cpp's build folder (bench/llamacpp.sh builds one)")
+    raise GptwoError(
+        f"no llama-bench binary at {path}",
+        "pass the llama-bench binary or llama.cpp's build folder (bench/llamacpp.sh builds one)",
+    )
 
 
 def find_converter(binary: str) -> str | None:
@@ -58,7 +77,10 @@ def gguf_files(directory: str, dtypes: tuple[str, ...] = GGUF_DTYPES) -> dict[st
     files = {dtype: os.path.join(directory, gguf_name(dtype)) for dtype in dtypes}
     missing = [path for path in files.values() if not os.path.isfile(path)]
     if missing:
-        raise GptwoError(f"GGUF file {missing[0]} not found", "write the files with bench/llamacpp.sh, or leave --gguf out to convert on the fly")
+        raise GptwoError(
+            f"GGUF file {missing[0]} not found",
+            "write the files with bench/llamacpp.sh, or leave --gguf out to convert on the fly",
+        )
     return files
 
 
@@ -71,21 +93,37 @@ def save_bench_model(directory: str, model: str | None = None) -> None:
     from gptwo.tokenizer import Tokenizer
     from gptwo.weights import load_model, save_pretrained
 
-    gpt, tokenizer = load_model(model, device="cpu") if model else (bench_model(None, torch.device("cpu")), Tokenizer.gpt2())
+    gpt, tokenizer = (
+        load_model(model, device="cpu") if model else (bench_model(None, torch.device("cpu")), Tokenizer.gpt2())
+    )
     save_pretrained(gpt, directory, tokenizer)
 
 
 def convert(model_dir: str, converter: str, out_dir: str, dtypes: tuple[str, ...] = GGUF_DTYPES) -> dict[str, str]:
     """GGUF files of an HF folder at each precision, written by llama.cpp's convert_hf_to_gguf.py (its gguf-py beside it)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(os.path.dirname(converter), "gguf-py"), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [os.path.join(os.path.dirname(converter), "gguf-py"), os.environ.get("PYTHONPATH")])
+        ),
+    )
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     for dtype in dtypes:
         files[dtype] = os.path.join(out_dir, gguf_name(dtype))
-        done = subprocess.run([sys.executable, converter, model_dir, "--outtype", dtype, "--outfile", files[dtype]], env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, converter, model_dir, "--outtype", dtype, "--outfile", files[dtype]],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise GptwoError(f"llama.cpp's converter failed on {model_dir} at {dtype} ({last})", "convert with bench/llamacpp.sh and pass --gguf")
+            raise GptwoError(
+                f"llama.cpp's converter failed on {model_dir} at {dtype} ({last})",
+                "convert with bench/llamacpp.sh and pass --gguf",
+            )
     return files
 
 
@@ -111,7 +149,9 @@ def _value(f: BinaryIO, kind: int):
             for _ in range(count):
                 _value(f, elem)
         return None
-    raise GptwoError(f"GGUF file {f.name} has a metadata value of unknown type {kind}", "re-create it with bench/llamacpp.sh")
+    raise GptwoError(
+        f"GGUF file {f.name} has a metadata value of unknown type {kind}", "re-create it with bench/llamacpp.sh"
+    )
 
 
 def gguf_tensor_bytes(path: str) -> dict[str, int]:
@@ -151,37 +191,81 @@ def parse_llama_bench(text: str, prompt_tokens: int, new_tokens: int) -> tuple[f
     try:
         entries = json.loads(text)
     except json.JSONDecodeError:
-        raise GptwoError("llama-bench printed no JSON", "check that the binary is llama.cpp's llama-bench (it must take -o json)") from None
+        raise GptwoError(
+            "llama-bench printed no JSON", "check that the binary is llama.cpp's llama-bench (it must take -o json)"
+        ) from None
     for entry in entries if isinstance(entries, list) else []:
         if entry.get("n_prompt") == prompt_tokens and entry.get("n_gen") == new_tokens and entry.get("samples_ns"):
             return statistics.fmean(entry["samples_ns"]) / 1e9, entry
-    raise GptwoError(f"llama-bench's JSON has no {prompt_tokens}-token prompt + {new_tokens} token test", "check the llama-bench build (it must take -pg)")
+    raise GptwoError(
+        f"llama-bench's JSON has no {prompt_tokens}-token prompt + {new_tokens} token test",
+        "check the llama-bench build (it must take -pg)",
+    )
 
 
 class LlamaCppAnchor:
     """llama-bench on each GGUF precision, one call per round; keeps llama-bench's own seconds for the medians."""
 
-    def __init__(self, binary: str, files: dict[str, str], prompt_tokens: int, new_tokens: int, threads: int, scratch: object = None):
-        self.binary, self.files, self.prompt_tokens, self.new_tokens, self.threads = binary, files, prompt_tokens, new_tokens, threads
+    def __init__(
+        self,
+        binary: str,
+        files: dict[str, str],
+        prompt_tokens: int,
+        new_tokens: int,
+        threads: int,
+        scratch: object = None,
+    ):
+        self.binary, self.files, self.prompt_tokens, self.new_tokens, self.threads = (
+            binary,
+            files,
+            prompt_tokens,
+            new_tokens,
+            threads,
+        )
         self.scratch = scratch  # the temporary folder of converted files, removed with the anchor
         self.seconds: dict[str, list[float]] = {dtype: [] for dtype in files}
         self.build: dict = {}
 
     def time(self, dtype: str) -> float:
         """One llama-bench call on this precision's file: seconds for the prompt and the new tokens."""
-        command = [self.binary, "-m", self.files[dtype], "-p", "0", "-n", "0", "-pg", f"{self.prompt_tokens},{self.new_tokens}",
-                   "-t", str(self.threads), "-r", "1", "-o", "json"]
+        command = [
+            self.binary,
+            "-m",
+            self.files[dtype],
+            "-p",
+            "0",
+            "-n",
+            "0",
+            "-pg",
+            f"{self.prompt_tokens},{self.new_tokens}",
+            "-t",
+            str(self.threads),
+            "-r",
+            "1",
+            "-o",
+            "json",
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise GptwoError(f"llama-bench failed on {self.files[dtype]} ({last})", "check that the file is a GGUF model this llama.cpp build reads")
+            raise GptwoError(
+                f"llama-bench failed on {self.files[dtype]} ({last})",
+                "check that the file is a GGUF model this llama.cpp build reads",
+            )
         seconds, entry = parse_llama_bench(done.stdout, self.prompt_tokens, self.new_tokens)
-        self.build = {"build_commit": entry.get("build_commit"), "build_number": entry.get("build_number"), "cpu_info": entry.get("cpu_info")}
+        self.build = {
+            "build_commit": entry.get("build_commit"),
+            "build_number": entry.get("build_number"),
+            "cpu_info": entry.get("cpu_info"),
+        }
         return seconds
 
     def runs(self) -> dict[tuple[str, str], Callable[[], None]]:
         """One callable per precision for the interleaved rounds; each records llama-bench's seconds."""
-        return {("llama.cpp", dtype): (lambda dtype=dtype: self.seconds[dtype].append(self.time(dtype))) for dtype in self.files}
+        return {
+            ("llama.cpp", dtype): (lambda dtype=dtype: self.seconds[dtype].append(self.time(dtype)))
+            for dtype in self.files
+        }
 
     def rows(self, bandwidth_gb_s: float, anchor_tokens_per_s: float) -> list[dict]:
         """A decode-report row per precision: tokens/s from the median round, ratio, GGUF weight bytes, bandwidth ceiling."""
@@ -189,8 +273,17 @@ class LlamaCppAnchor:
         for dtype, path in self.files.items():
             rate = self.new_tokens / statistics.median(self.seconds[dtype])
             nbytes = streamed_bytes(path)
-            rows.append({"tool": "llama.cpp", "dtype": dtype, "tokens_per_s": rate, "ratio_vs_transformers": rate / anchor_tokens_per_s,
-                         "weight_mb": nbytes / 1e6, "ceiling_tokens_per_s": bandwidth_gb_s * 1e9 / nbytes, "token_agreement": None})
+            rows.append(
+                {
+                    "tool": "llama.cpp",
+                    "dtype": dtype,
+                    "tokens_per_s": rate,
+                    "ratio_vs_transformers": rate / anchor_tokens_per_s,
+                    "weight_mb": nbytes / 1e6,
+                    "ceiling_tokens_per_s": bandwidth_gb_s * 1e9 / nbytes,
+                    "token_agreement": None,
+                }
+            )
         return rows
 
     def summary(self) -> dict:
@@ -198,15 +291,25 @@ class LlamaCppAnchor:
         return {"binary": self.binary, **self.build, "gguf": dict(self.files)}
 
 
-def llamacpp_anchor(path: str, gguf_dir: str | None, model: str | None, prompt_tokens: int, new_tokens: int, threads: int,
-                    progress: bool = False) -> LlamaCppAnchor:
+def llamacpp_anchor(
+    path: str,
+    gguf_dir: str | None,
+    model: str | None,
+    prompt_tokens: int,
+    new_tokens: int,
+    threads: int,
+    progress: bool = False,
+) -> LlamaCppAnchor:
     """The anchor for `--llama-cpp PATH [--gguf DIR]`: DIR's GGUF files, or the bench model converted by the binary's source tree into a temporary folder."""
     binary = find_llama_bench(path)
     if gguf_dir:
         return LlamaCppAnchor(binary, gguf_files(gguf_dir), prompt_tokens, new_tokens, threads)
     converter = find_converter(binary)
     if converter is None:
-        raise GptwoError(f"no convert_hf_to_gguf.py above {binary} to convert the model with", "pass --gguf DIR written by bench/llamacpp.sh")
+        raise GptwoError(
+            f"no convert_hf_to_gguf.py above {binary} to convert the model with",
+            "pass --gguf DIR written by bench/llamacpp.sh",
+        )
     if progress:
         print(f"converting the model to GGUF with {converter}", file=sys.stderr)
     scratch = tempfile.TemporaryDirectory(prefix="gptwo-gguf-")

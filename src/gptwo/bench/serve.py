@@ -24,8 +24,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
 
 import torch
 
@@ -43,9 +43,16 @@ PROMPTS = [
     "def fibonacci(n):",
     "My favourite book is",
 ]
-COLUMNS = [("tool", "tool", ""), ("dtype", "weights", ""), ("tokens_per_s", "tokens/s", ".1f"), ("ratio", "vs anchor", ".2f"),
-           ("ttft_p50_s", "TTFT p50 s", ".2f"), ("ttft_p99_s", "TTFT p99 s", ".2f"), ("failed", "failed", "d"),
-           ("single_client_tokens_per_s", "1 client tok/s", ".1f")]
+COLUMNS = [
+    ("tool", "tool", ""),
+    ("dtype", "weights", ""),
+    ("tokens_per_s", "tokens/s", ".1f"),
+    ("ratio", "vs anchor", ".2f"),
+    ("ttft_p50_s", "TTFT p50 s", ".2f"),
+    ("ttft_p99_s", "TTFT p99 s", ".2f"),
+    ("failed", "failed", "d"),
+    ("single_client_tokens_per_s", "1 client tok/s", ".1f"),
+]
 SERVER_START_S = 300  # a server that is not healthy by then counts as broken
 
 
@@ -81,10 +88,20 @@ async def _read_body(reader: asyncio.StreamReader, chunked: bool):
 
 async def stream_completion(host: str, port: int, prompt: str, tokens: int, temperature: float = 1.0) -> Completion:
     """POST one streamed /v1/completions request; read its server-sent events to the end."""
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": temperature, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    body = json.dumps(
+        {
+            "model": "bench",
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     started, out, finished = time.perf_counter(), Completion(), False
     try:
         reader, writer = await asyncio.open_connection(host, port)
@@ -98,7 +115,9 @@ async def stream_completion(host: str, port: int, prompt: str, tokens: int, temp
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip().lower()
         if len(status) < 2 or status[1] != "200":
-            return Completion(error=f"HTTP {' '.join(status[1:]) or 'no status'}: {(await reader.read(300)).decode(errors='replace')}")
+            return Completion(
+                error=f"HTTP {' '.join(status[1:]) or 'no status'}: {(await reader.read(300)).decode(errors='replace')}"
+            )
         buffer = b""
         async for piece in _read_body(reader, headers.get("transfer-encoding") == "chunked"):
             buffer += piece
@@ -137,9 +156,14 @@ def burst(url: tuple[str, int], prompts: list[str], tokens: int) -> dict:
     results, seconds = asyncio.run(_burst(*url, prompts, tokens))
     ok = [r for r in results if r.error is None]
     ttft = sorted(r.ttft for r in ok if r.ttft is not None)
-    return {"tokens_per_s": sum(r.tokens for r in ok) / seconds, "seconds": seconds, "failed": len(results) - len(ok),
-            "ttft_p50_s": statistics.median(ttft) if ttft else None, "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None,
-            "errors": [r.error for r in results if r.error][:3]}
+    return {
+        "tokens_per_s": sum(r.tokens for r in ok) / seconds,
+        "seconds": seconds,
+        "failed": len(results) - len(ok),
+        "ttft_p50_s": statistics.median(ttft) if ttft else None,
+        "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None,
+        "errors": [r.error for r in results if r.error][:3],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the servers
@@ -177,13 +201,42 @@ class Server:
             self.proc.kill()
 
 
-def start_server(model_dir: str, variant: str, device: str, threads: int, max_batch: int, log: str, src: str | None = None, tool: str = "gptwo serve") -> Server:
+def start_server(
+    model_dir: str,
+    variant: str,
+    device: str,
+    threads: int,
+    max_batch: int,
+    log: str,
+    src: str | None = None,
+    tool: str = "gptwo serve",
+) -> Server:
     """Start `gptwo serve` (from `src`, another checkout's src folder, if given; its stderr to `log`) and wait until /health answers."""
     dtype, quantize = VARIANTS[variant]
     port = free_port()
-    cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model_dir, "--served-model-name", "bench", "--port", str(port),
-           "--device", device, "--max-batch", str(max_batch), "--log-level", "warning"]
-    package = os.path.join(os.path.abspath(src), "gptwo") if src else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptwo.cli",
+        "serve",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        "bench",
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--max-batch",
+        str(max_batch),
+        "--log-level",
+        "warning",
+    ]
+    package = (
+        os.path.join(os.path.abspath(src), "gptwo")
+        if src
+        else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
     with open(os.path.join(package, "cli.py"), encoding="utf-8") as f:
         has_dtype = '"--dtype"' in f.read()
     if dtype != "fp32" or has_dtype:  # (older trees have no --dtype: fp32 was all they did)
@@ -199,14 +252,20 @@ def start_server(model_dir: str, variant: str, device: str, threads: int, max_ba
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             with open(log, encoding="utf-8", errors="replace") as f:
-                raise GptwoError(f"the {variant} server exited with {proc.returncode}: {f.read().strip()[-300:]}", "run that `gptwo serve` by hand to see why")
+                raise GptwoError(
+                    f"the {variant} server exited with {proc.returncode}: {f.read().strip()[-300:]}",
+                    "run that `gptwo serve` by hand to see why",
+                )
         try:
             server.health()
             return server
         except OSError:
             time.sleep(0.2)
     server.stop()
-    raise GptwoError(f"the {variant} server did not answer within {SERVER_START_S} s", "check the machine's load, or pass a smaller --model")
+    raise GptwoError(
+        f"the {variant} server did not answer within {SERVER_START_S} s",
+        "check the machine's load, or pass a smaller --model",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the anchors
@@ -222,7 +281,16 @@ def hf_generate_run(hf, prompts: list[list[int]], tokens: int, pad: int):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
     def run() -> int:
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=1.0, top_k=0, pad_token_id=pad)
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            pad_token_id=pad,
+        )
         return (out.shape[1] - width) * len(prompts)
 
     return run
@@ -234,12 +302,24 @@ def hf_batch_run(hf, prompts: list[list[int]], tokens: int, page: int = 64):
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     blocks = len(prompts) * -(-(max(map(len, prompts)) + tokens) // page) + 4
-    config = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=max(sum(map(len, prompts)), len(prompts)),
-                                      max_requests_per_batch=len(prompts))
-    generation = GenerationConfig(max_new_tokens=tokens, do_sample=True, temperature=1.0, top_k=0, eos_token_id=-1, pad_token_id=0)
+    config = ContinuousBatchingConfig(
+        page_size=page,
+        num_blocks=blocks,
+        max_batch_tokens=max(sum(map(len, prompts)), len(prompts)),
+        max_requests_per_batch=len(prompts),
+    )
+    generation = GenerationConfig(
+        max_new_tokens=tokens, do_sample=True, temperature=1.0, top_k=0, eos_token_id=-1, pad_token_id=0
+    )
 
     def run() -> int:
-        out = hf.generate_batch(prompts, generation_config=generation, continuous_batching_config=config, max_new_tokens=tokens, warmup=False)
+        out = hf.generate_batch(
+            prompts,
+            generation_config=generation,
+            continuous_batching_config=config,
+            max_new_tokens=tokens,
+            warmup=False,
+        )
         if len(out) != len(prompts):
             raise RuntimeError(f"generate_batch returned {len(out)} of {len(prompts)} results")
         return sum(len(o.generated_tokens) for o in out.values())
@@ -267,7 +347,10 @@ def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress:
 
     model, tokenizer = load_model(model_dir, device=device)
     prompts = hf_prompts(tokenizer, clients)
-    plain, batching = fast_gelu(hf_twin(model)), fast_gelu(hf_twin(model))  # own copies: continuous batching switches the attention to a paged kind
+    plain, batching = (
+        fast_gelu(hf_twin(model)),
+        fast_gelu(hf_twin(model)),
+    )  # own copies: continuous batching switches the attention to a paged kind
     del model
     few, short = prompts[:4], min(tokens, 4)
     makers = {"transformers generate": lambda p, t: hf_generate_run(plain, p, t, tokenizer.eot_token)}
@@ -305,8 +388,17 @@ def bench_model_dir(spec: str | None, directory: str) -> str:
     return directory
 
 
-def serve_report(model: str | None = None, device: str = "auto", clients: int = 64, tokens: int = 32, variants: tuple[str, ...] = ("fp32", "bf16", "int8"),
-                 rounds: int = 3, threads: int | None = None, compare_src: Seq[str] = (), progress: bool = True) -> dict:
+def serve_report(
+    model: str | None = None,
+    device: str = "auto",
+    clients: int = 64,
+    tokens: int = 32,
+    variants: tuple[str, ...] = ("fp32", "bf16", "int8"),
+    rounds: int = 3,
+    threads: int | None = None,
+    compare_src: Seq[str] = (),
+    progress: bool = True,
+) -> dict:
     """Median aggregate tokens/s of each server variant and of transformers on the same prompts, interleaved rounds."""
     from gptwo.weights import resolve_device
 
@@ -319,7 +411,10 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
         raise GptwoError("clients, tokens and rounds must be at least 1", "pass positive numbers")
     for src in compare_src:
         if not os.path.isfile(os.path.join(src, "gptwo", "cli.py")):
-            raise GptwoError(f"{src} holds no gptwo package", "pass the src folder of a gptwo checkout (the one holding gptwo/cli.py)")
+            raise GptwoError(
+                f"{src} holds no gptwo package",
+                "pass the src folder of a gptwo checkout (the one holding gptwo/cli.py)",
+            )
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if threading.current_thread() is threading.main_thread():  # a SIGTERM (e.g. `timeout`) still stops the servers
@@ -334,7 +429,18 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
                 print(f"starting the {name} server", file=sys.stderr)
             servers.append(start_server(model_dir, name, str(dev), threads, clients, os.path.join(tmp, f"{name}.log")))
         for i, src in enumerate(compare_src):
-            servers.append(start_server(model_dir, "fp32", str(dev), threads, clients, os.path.join(tmp, f"compare{i}.log"), src=src, tool=f"gptwo serve ({src})"))
+            servers.append(
+                start_server(
+                    model_dir,
+                    "fp32",
+                    str(dev),
+                    threads,
+                    clients,
+                    os.path.join(tmp, f"compare{i}.log"),
+                    src=src,
+                    tool=f"gptwo serve ({src})",
+                )
+            )
         anchors, notes = hf_anchors(model_dir, clients, tokens, str(dev), progress)
         anchor_s: dict[str, list[float]] = {name: [] for name in anchors}
         prompts = client_prompts(clients)
@@ -348,7 +454,10 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
                 alone = burst(server.address, prompts[:1], tokens)
                 server.single.append(alone["tokens_per_s"] if not alone["failed"] else 0.0)
                 if progress:
-                    print(f"  {server.tool} {server.variant}: {server.samples[-1]['tokens_per_s']:.1f} tokens/s, {server.samples[-1]['failed']} failed", file=sys.stderr)
+                    print(
+                        f"  {server.tool} {server.variant}: {server.samples[-1]['tokens_per_s']:.1f} tokens/s, {server.samples[-1]['failed']} failed",
+                        file=sys.stderr,
+                    )
             for name, run in anchors.items():
                 started = time.perf_counter()
                 with torch.no_grad():
@@ -361,37 +470,103 @@ def serve_report(model: str | None = None, device: str = "auto", clients: int = 
         for server in servers:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    return _report(servers, anchor_s, notes, health, model=model, dev=dev, threads=threads, clients=clients, tokens=tokens, rounds=rounds)
+    return _report(
+        servers,
+        anchor_s,
+        notes,
+        health,
+        model=model,
+        dev=dev,
+        threads=threads,
+        clients=clients,
+        tokens=tokens,
+        rounds=rounds,
+    )
 
 
-def _report(servers: list[Server], anchor_rates: dict[str, list[float]], notes: list[str], health: dict, *, model, dev, threads, clients, tokens, rounds) -> dict:
+def _report(
+    servers: list[Server],
+    anchor_rates: dict[str, list[float]],
+    notes: list[str],
+    health: dict,
+    *,
+    model,
+    dev,
+    threads,
+    clients,
+    tokens,
+    rounds,
+) -> dict:
     """The JSON-able report: one row per server variant and per transformers run, ratios against the faster transformers run."""
-    rows = [{"tool": name, "dtype": "fp32", "tokens_per_s": statistics.median(rates), "ttft_p50_s": None, "ttft_p99_s": None, "failed": 0,
-             "single_client_tokens_per_s": None} for name, rates in anchor_rates.items()]
+    rows = [
+        {
+            "tool": name,
+            "dtype": "fp32",
+            "tokens_per_s": statistics.median(rates),
+            "ttft_p50_s": None,
+            "ttft_p99_s": None,
+            "failed": 0,
+            "single_client_tokens_per_s": None,
+        }
+        for name, rates in anchor_rates.items()
+    ]
     anchor = max(rows, key=lambda row: row["tokens_per_s"])
     for server in servers:
+
         def median(key: str, samples=server.samples):
             values = [s[key] for s in samples if s[key] is not None]
             return statistics.median(values) if values else None
 
-        rows.append({"tool": server.tool, "dtype": server.variant, "tokens_per_s": median("tokens_per_s"), "ttft_p50_s": median("ttft_p50_s"),
-                     "ttft_p99_s": median("ttft_p99_s"), "failed": sum(s["failed"] for s in server.samples),
-                     "single_client_tokens_per_s": statistics.median(server.single),
-                     "errors": [e for s in server.samples for e in s["errors"]][:3]})
+        rows.append(
+            {
+                "tool": server.tool,
+                "dtype": server.variant,
+                "tokens_per_s": median("tokens_per_s"),
+                "ttft_p50_s": median("ttft_p50_s"),
+                "ttft_p99_s": median("ttft_p99_s"),
+                "failed": sum(s["failed"] for s in server.samples),
+                "single_client_tokens_per_s": statistics.median(server.single),
+                "errors": [e for s in server.samples for e in s["errors"]][:3],
+            }
+        )
     for row in rows:
         row["ratio"] = row["tokens_per_s"] / anchor["tokens_per_s"]
-    return {"bench": "serve", "device": str(dev), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": threads,
-            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "model": model or "random GPT-2 124M shape",
-            "clients": clients, "tokens": tokens, "rounds": rounds, "anchor": anchor["tool"], "notes": notes,
-            "servers": {name: {key: h.get(key) for key in ("dtype", "quantize", "peak_batch", "failed")} for name, h in health.items()}, "rows": rows}
+    return {
+        "bench": "serve",
+        "device": str(dev),
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "threads": threads,
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "model": model or "random GPT-2 124M shape",
+        "clients": clients,
+        "tokens": tokens,
+        "rounds": rounds,
+        "anchor": anchor["tool"],
+        "notes": notes,
+        "servers": {
+            name: {key: h.get(key) for key in ("dtype", "quantize", "peak_batch", "failed")}
+            for name, h in health.items()
+        },
+        "rows": rows,
+    }
 
 
 def render_serve(report: dict) -> str:
     """The report as a table under a line naming the machine and the workload."""
-    where = report["gpu"] or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
-    head = (f"serve: {where}; {report['clients']} streaming clients x {report['tokens']} tokens (temperature 1), median of {report['rounds']} "
-            f"interleaved rounds; anchor: {report['anchor']} (fp32, same prompts)")
+    where = (
+        report["gpu"]
+        or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
+    )
+    head = (
+        f"serve: {where}; {report['clients']} streaming clients x {report['tokens']} tokens (temperature 1), median of {report['rounds']} "
+        f"interleaved rounds; anchor: {report['anchor']} (fp32, same prompts)"
+    )
     lines = [head, render_table(report["rows"], COLUMNS)]
     lines += [f"note: {note}" for note in report["notes"]]
-    lines += [f"errors ({row['tool']} {row['dtype']}): {'; '.join(row['errors'])}" for row in report["rows"] if row.get("errors")]
+    lines += [
+        f"errors ({row['tool']} {row['dtype']}): {'; '.join(row['errors'])}"
+        for row in report["rows"]
+        if row.get("errors")
+    ]
     return "\n".join(lines)

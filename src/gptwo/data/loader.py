@@ -18,7 +18,7 @@ import glob
 import json
 import os
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -42,7 +42,11 @@ def read_meta(data_dir: str) -> dict:
                 meta = json.load(f)
         except (OSError, ValueError):
             meta = None
-        if not isinstance(meta, dict) or any(key not in meta for key in _META_KEYS) or not isinstance(meta["splits"], dict):
+        if (
+            not isinstance(meta, dict)
+            or any(key not in meta for key in _META_KEYS)
+            or not isinstance(meta["splits"], dict)
+        ):
             raise GptwoError(f"{meta_path} is not a valid gptwo meta file", "re-run 'gptwo prepare' for this folder")
         _check_meta_fields(meta, meta_path)
         return meta
@@ -62,10 +66,14 @@ def _check_meta_fields(meta: dict, meta_path: str) -> None:
     if not 0 < meta["n_vocab"] <= 1 << 32:
         raise GptwoError(f"{meta_path}: n_vocab={meta['n_vocab']} is not a vocabulary size", fix)
     if meta["eot_token"] >= meta["n_vocab"]:
-        raise GptwoError(f"{meta_path}: eot_token={meta['eot_token']} is outside the vocabulary of n_vocab={meta['n_vocab']}", fix)
+        raise GptwoError(
+            f"{meta_path}: eot_token={meta['eot_token']} is outside the vocabulary of n_vocab={meta['n_vocab']}", fix
+        )
     for split, entry in meta["splits"].items():
         shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int) for s in shards):
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int) for s in shards
+        ):
             raise GptwoError(f"{meta_path}: split '{split}' does not list its shards as {{file, tokens}}", fix)
         if any(os.path.basename(s["file"]) != s["file"] for s in shards):
             raise GptwoError(f"{meta_path}: split '{split}' names a shard outside the folder", fix)
@@ -75,8 +83,10 @@ def check_token_ids(tokens: np.ndarray, n_vocab: int, where: str) -> None:
     """Every id in `tokens` is inside the vocabulary (before it reaches an embedding)."""
     if tokens.size and int(tokens.max()) >= n_vocab:
         bad = int(tokens.max())
-        raise GptwoError(f"{where} holds token id {bad}, outside the data's vocabulary of {n_vocab} (meta.json n_vocab)",
-                         "the shards or meta.json are corrupt or mismatched: re-run 'gptwo prepare' for this folder")
+        raise GptwoError(
+            f"{where} holds token id {bad}, outside the data's vocabulary of {n_vocab} (meta.json n_vocab)",
+            "the shards or meta.json are corrupt or mismatched: re-run 'gptwo prepare' for this folder",
+        )
 
 
 def _llmc_meta(data_dir: str) -> dict | None:
@@ -115,9 +125,14 @@ class ShardLoader:
         seed: int = 0,
     ):
         if batch_size < 1 or block_size < 1:
-            raise GptwoError(f"batch_size {batch_size} and block_size {block_size} must be positive", "set both to 1 or more")
+            raise GptwoError(
+                f"batch_size {batch_size} and block_size {block_size} must be positive", "set both to 1 or more"
+            )
         if not 0 <= rank < world_size:
-            raise GptwoError(f"rank {rank} is outside world size {world_size}", "launch with torchrun, which sets RANK and WORLD_SIZE")
+            raise GptwoError(
+                f"rank {rank} is outside world size {world_size}",
+                "launch with torchrun, which sets RANK and WORLD_SIZE",
+            )
         self.data_dir, self.split, self.seed = data_dir, split, seed
         self.batch_size, self.block_size, self.rank, self.world_size = batch_size, block_size, rank, world_size
         self.meta = read_meta(data_dir)
@@ -136,15 +151,23 @@ class ShardLoader:
     def _open_shards(self) -> list[np.ndarray]:
         splits = self.meta["splits"]
         if self.split not in splits:
-            raise GptwoError(f"{self.data_dir} has no '{self.split}' split (it has {', '.join(splits)})", "use split 'train' or 'val'")
+            raise GptwoError(
+                f"{self.data_dir} has no '{self.split}' split (it has {', '.join(splits)})",
+                "use split 'train' or 'val'",
+            )
         shards = []
         self.shard_files = [os.path.join(self.data_dir, entry["file"]) for entry in splits[self.split]["shards"]]
         for entry, path in zip(splits[self.split]["shards"], self.shard_files):
             if not os.path.isfile(path):
-                raise GptwoError(f"shard {path} listed in meta.json is missing", "re-run 'gptwo prepare' for this folder")
+                raise GptwoError(
+                    f"shard {path} listed in meta.json is missing", "re-run 'gptwo prepare' for this folder"
+                )
             header = read_header(path)
             if header.num_tokens != entry["tokens"] or header.tokenizer_identity != self.tokenizer_identity:
-                raise GptwoError(f"shard {path} does not match meta.json (tokens or tokenizer differ)", "re-run 'gptwo prepare' for this folder")
+                raise GptwoError(
+                    f"shard {path} does not match meta.json (tokens or tokenizer differ)",
+                    "re-run 'gptwo prepare' for this folder",
+                )
             shards.append(read_shard(path))
         return shards
 
@@ -155,7 +178,11 @@ class ShardLoader:
     def _check_size(self) -> None:
         need = self.batch_size * self.block_size + 1
         if self.num_tokens == 0:
-            fix = "prepare it with a larger --val-fraction or more documents" if self.split == "val" else "prepare more text"
+            fix = (
+                "prepare it with a larger --val-fraction or more documents"
+                if self.split == "val"
+                else "prepare more text"
+            )
             raise GptwoError(f"the '{self.split}' split of {self.data_dir} is empty", fix)
         if self.num_tokens < need:
             raise GptwoError(
@@ -232,13 +259,19 @@ class ShardLoader:
         """Continue from `state_dict()` output (also from a run with another world size that divides it)."""
         consumed, slot_tokens = int(state["slots_consumed"]), int(state["slot_tokens"])
         if state.get("split", self.split) != self.split:
-            raise GptwoError(f"loader state is for split '{state['split']}', not '{self.split}'", "resume each split's loader from its own state")
+            raise GptwoError(
+                f"loader state is for split '{state['split']}', not '{self.split}'",
+                "resume each split's loader from its own state",
+            )
         if slot_tokens != self.slot_tokens:
             raise GptwoError(
                 f"loader state was saved with batch_size*block_size = {slot_tokens}, now {self.slot_tokens}",
                 "resume with the same batch_size and block_size",
             )
         if consumed % self.world_size:
-            raise GptwoError(f"loader state ({consumed} batches read) cannot be split over {self.world_size} ranks", "resume with the original number of processes")
+            raise GptwoError(
+                f"loader state ({consumed} batches read) cannot be split over {self.world_size} ranks",
+                "resume with the original number of processes",
+            )
         self.calls = consumed // self.world_size
         self.seed = int(state.get("seed", self.seed))

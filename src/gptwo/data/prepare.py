@@ -19,8 +19,8 @@ import random
 import shutil
 import tempfile
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -81,11 +81,15 @@ def prepare(
     return meta
 
 
-def _check_arguments(inputs: Sequence[str], out_dir: str, val_fraction: float, shard_tokens: int, workers: int | None) -> None:
+def _check_arguments(
+    inputs: Sequence[str], out_dir: str, val_fraction: float, shard_tokens: int, workers: int | None
+) -> None:
     if not inputs:
         raise GptwoError("no inputs given", "pass text files, folders, 'builtin' or hf:NAME")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise GptwoError(f"output {out_dir} is a file, not a folder", "choose a folder for --out (it is created if missing)")
+        raise GptwoError(
+            f"output {out_dir} is a file, not a folder", "choose a folder for --out (it is created if missing)"
+        )
     if not 0 <= val_fraction < 1:
         raise GptwoError(f"val fraction {val_fraction} is not in [0, 1)", "use e.g. --val-fraction 0.01")
     if shard_tokens < 1:
@@ -151,7 +155,11 @@ def _worker_recipe(tok: Tokenizer) -> Tokenizer | str | None:
 
 def _rebuilt(recipe: Tokenizer | str) -> Tokenizer | None:
     try:
-        return pickle.loads(pickle.dumps(recipe)) if isinstance(recipe, Tokenizer) else Tokenizer.from_file_contents(recipe)
+        return (
+            pickle.loads(pickle.dumps(recipe))
+            if isinstance(recipe, Tokenizer)
+            else Tokenizer.from_file_contents(recipe)
+        )
     except Exception:  # noqa: BLE001 - not transferable this way; try the next one
         return None
 
@@ -190,7 +198,9 @@ def _documents(encoded: Iterable[Encoded], dtype: np.dtype) -> Iterator[tuple[np
 
 
 # ------------------------------------------------------------------ splitting and writing
-def _split_documents(documents: Iterable[tuple[np.ndarray, int]], writers: dict, tok: Tokenizer, val_fraction: float, seed: int) -> None:
+def _split_documents(
+    documents: Iterable[tuple[np.ndarray, int]], writers: dict, tok: Tokenizer, val_fraction: float, seed: int
+) -> None:
     """Send each document to train or val by a seeded draw; with 2+ documents neither split stays empty."""
     rng = random.Random(seed)
     held = None  # (split, document) of the latest document, held back in case a split would stay empty
@@ -214,7 +224,9 @@ def _split_documents(documents: Iterable[tuple[np.ndarray, int]], writers: dict,
     writers[split].add(*document)
 
 
-def _split_single_document(document: tuple[np.ndarray, int], writers: dict, tok: Tokenizer, val_fraction: float) -> bool:
+def _split_single_document(
+    document: tuple[np.ndarray, int], writers: dict, tok: Tokenizer, val_fraction: float
+) -> bool:
     """Give the last `val_fraction` of a lone document's tokens to val (cut at a token); False if too short."""
     tokens = document[0][:-1]  # without its end-of-text
     if len(tokens) < 2:
@@ -230,7 +242,13 @@ class _SplitWriter:
     """Collects one split's tokens and writes them as shards of `shard_tokens` tokens (the last one shorter)."""
 
     def __init__(self, folder: str, split: str, dtype: np.dtype, identity: str, shard_tokens: int):
-        self.folder, self.split, self.dtype, self.identity, self.shard_tokens = folder, split, dtype, identity, shard_tokens
+        self.folder, self.split, self.dtype, self.identity, self.shard_tokens = (
+            folder,
+            split,
+            dtype,
+            identity,
+            shard_tokens,
+        )
         self.parts: list[np.ndarray] = []
         self.buffered = self.tokens = self.documents = self.bytes = 0
         self.shards: list[dict] = []
@@ -259,7 +277,8 @@ class _SplitWriter:
 
 def _meta(tok: Tokenizer, dtype: np.dtype, writers: dict, inputs, val_fraction, seed, shard_tokens, text_field) -> dict:
     splits = {
-        split: {"documents": w.documents, "tokens": w.tokens, "bytes": w.bytes, "shards": w.shards} for split, w in writers.items()
+        split: {"documents": w.documents, "tokens": w.tokens, "bytes": w.bytes, "shards": w.shards}
+        for split, w in writers.items()
     }
     return {
         "format": META_FORMAT,

@@ -59,7 +59,10 @@ def encode_header(num_tokens: int, dtype: np.dtype, tokenizer_identity: str) -> 
     """The HEADER_BYTES-long header of a gptwo shard."""
     identity = tokenizer_identity.encode("utf-8")
     if len(identity) > HEADER_BYTES - _FIXED.size:
-        raise GptwoError(f"tokenizer identity '{tokenizer_identity[:40]}...' is too long for a shard header", "use a shorter tokenizer name")
+        raise GptwoError(
+            f"tokenizer identity '{tokenizer_identity[:40]}...' is too long for a shard header",
+            "use a shorter tokenizer name",
+        )
     fixed = _FIXED.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, num_tokens, len(identity))
     return (fixed + identity).ljust(HEADER_BYTES, b"\0")
 
@@ -73,8 +76,14 @@ def write_shard(path: str, tokens: np.ndarray, tokenizer_identity: str, dtype: n
     if dtype.itemsize not in _DTYPES or dtype.kind != "u":
         raise GptwoError(f"shard dtype {dtype} is not supported", "use uint16 or uint32")
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > np.iinfo(dtype).max):
-        raise GptwoError(f"token ids in {path} do not fit {dtype.name}", "use uint32 shards for vocabularies over 65,535 tokens")
-    atomic_write(path, encode_header(tokens.size, dtype, tokenizer_identity), memoryview(np.ascontiguousarray(tokens, dtype=dtype)).cast("B"))
+        raise GptwoError(
+            f"token ids in {path} do not fit {dtype.name}", "use uint32 shards for vocabularies over 65,535 tokens"
+        )
+    atomic_write(
+        path,
+        encode_header(tokens.size, dtype, tokenizer_identity),
+        memoryview(np.ascontiguousarray(tokens, dtype=dtype)).cast("B"),
+    )
 
 
 def read_header(path: str) -> ShardHeader:
@@ -114,10 +123,16 @@ def _parse_gptwo(path: str, head: bytes) -> ShardHeader:
 
 def _parse_llmc(path: str, head: bytes) -> ShardHeader:
     if len(head) < LLMC_HEADER_BYTES:
-        raise GptwoError(f"llm.c shard {path} is truncated inside its header", "re-create it with llm.c's data scripts or use 'gptwo prepare'")
+        raise GptwoError(
+            f"llm.c shard {path} is truncated inside its header",
+            "re-create it with llm.c's data scripts or use 'gptwo prepare'",
+        )
     _, version, count = struct.unpack_from("<iii", head)
     if version != LLMC_VERSION or count < 0:
-        raise GptwoError(f"llm.c shard {path} has version {version}; gptwo reads version 1 (GPT-2, uint16)", "use GPT-2 shards or 'gptwo prepare'")
+        raise GptwoError(
+            f"llm.c shard {path} has version {version}; gptwo reads version 1 (GPT-2, uint16)",
+            "use GPT-2 shards or 'gptwo prepare'",
+        )
     return ShardHeader("llm.c", version, count, _DTYPES[2], LLMC_IDENTITY, LLMC_HEADER_BYTES)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from gptwo.errors import GptwoError, require
 from gptwo.fileio import DamagedStream, open_zstd_text
@@ -60,7 +60,9 @@ def _field(record, text_field: str, where: str) -> str:
     except (KeyError, TypeError, IndexError):
         value = None
     if not isinstance(value, str):
-        raise GptwoError(f"{where} is not a JSON object with a '{text_field}' field", "fix or remove that line, or pass --text-field") from None
+        raise GptwoError(
+            f"{where} is not a JSON object with a '{text_field}' field", "fix or remove that line, or pass --text-field"
+        ) from None
     return value
 
 
@@ -82,7 +84,9 @@ def _iter_jsonl_zst(path: str, text_field: str) -> Iterator[str]:
     except UnicodeDecodeError:
         raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
     except DamagedStream as err:
-        raise GptwoError(f"{path} is damaged: {err}", "re-download or re-compress the file; a cut file would silently lose documents") from None
+        raise GptwoError(
+            f"{path} is damaged: {err}", "re-download or re-compress the file; a cut file would silently lose documents"
+        ) from None
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
@@ -90,13 +94,21 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
     try:
         table = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a bad file
-        raise GptwoError(f"{path} is not a readable parquet file ({err})", "re-write it, e.g. with pandas.DataFrame.to_parquet") from None
+        raise GptwoError(
+            f"{path} is not a readable parquet file ({err})", "re-write it, e.g. with pandas.DataFrame.to_parquet"
+        ) from None
     if text_field not in table.schema_arrow.names:
-        raise GptwoError(f"{path} has no '{text_field}' column (it has {', '.join(table.schema_arrow.names)})", "pass --text-field COLUMN")
+        raise GptwoError(
+            f"{path} has no '{text_field}' column (it has {', '.join(table.schema_arrow.names)})",
+            "pass --text-field COLUMN",
+        )
     for batch in table.iter_batches(columns=[text_field], batch_size=1024):
         for number, value in enumerate(batch.column(0).to_pylist()):
             if value is not None and not isinstance(value, str):
-                raise GptwoError(f"{path}: column '{text_field}' holds {type(value).__name__}, not text", "pass --text-field with a string column")
+                raise GptwoError(
+                    f"{path}: column '{text_field}' holds {type(value).__name__}, not text",
+                    "pass --text-field with a string column",
+                )
             yield value or ""
 
 
@@ -106,7 +118,10 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     body, _, split = body.partition("@")
     name, _, config = body.partition(":")
     if not name:
-        raise GptwoError(f"'{spec}' names no dataset", "write hf:NAME[:CONFIG][@SPLIT], e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1")
+        raise GptwoError(
+            f"'{spec}' names no dataset",
+            "write hf:NAME[:CONFIG][@SPLIT], e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1",
+        )
     return name, config or None, split or "train"
 
 
@@ -118,9 +133,14 @@ def iter_hf_dataset(spec: str, text_field: str = "text") -> Iterator[str]:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
         features = stream.features
     except Exception as err:  # network, unknown dataset, unknown config or split
-        raise GptwoError(f"cannot open dataset {spec} ({type(err).__name__}: {err})", "check the name, config and split and your network") from None
+        raise GptwoError(
+            f"cannot open dataset {spec} ({type(err).__name__}: {err})",
+            "check the name, config and split and your network",
+        ) from None
     if features is not None and text_field not in features:
-        raise GptwoError(f"dataset {spec} has no '{text_field}' column (it has {', '.join(features)})", "pass --text-field COLUMN")
+        raise GptwoError(
+            f"dataset {spec} has no '{text_field}' column (it has {', '.join(features)})", "pass --text-field COLUMN"
+        )
     for number, record in enumerate(stream):
         yield _field(record, text_field, f"{spec} row {number}")
 
@@ -130,7 +150,9 @@ def check_inputs(paths: Iterable[str]) -> None:
     for path in paths:
         special = path == BUILTIN or path.startswith(HF_PREFIX)
         if not special and not os.path.exists(path):
-            raise GptwoError(f"input {path} does not exist", "check the path, or use 'builtin' or hf:NAME[:CONFIG][@SPLIT]")
+            raise GptwoError(
+                f"input {path} does not exist", "check the path, or use 'builtin' or hf:NAME[:CONFIG][@SPLIT]"
+            )
 
 
 def iter_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
@@ -156,4 +178,3 @@ def _iter_file_documents(path: str, text_field: str) -> Iterator[str]:
             yield from _iter_jsonl(read_text(file).split("\n"), file, text_field)
         else:
             yield read_text(file)
-

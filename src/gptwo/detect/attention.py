@@ -39,7 +39,9 @@ def forward_with_attention(model: torch.nn.Module, idx: torch.Tensor) -> tuple[t
     """Logits (B, T, vocab) and attention weights (n_layer, B, n_head, T, T) of token ids `idx` (B, T)."""
     B, T = idx.shape
     if T > model.config.block_size:
-        raise GptwoError(f"{T} tokens exceed the model's context of {model.config.block_size}", "inspect a shorter text")
+        raise GptwoError(
+            f"{T} tokens exceed the model's context of {model.config.block_size}", "inspect a shorter text"
+        )
     transformer = model.transformer
     x = transformer.drop(transformer.wte(idx) + transformer.wpe(torch.arange(T, device=idx.device)))
     maps = []

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -71,7 +71,9 @@ def roc_curve(positive: Sequence[float], negative: Sequence[float]) -> tuple[np.
     return fpr, tpr
 
 
-def evaluate(generated: list[dict[str, float]], human: list[dict[str, float]], max_fpr: float = 0.01) -> dict[str, dict]:
+def evaluate(
+    generated: list[dict[str, float]], human: list[dict[str, float]], max_fpr: float = 0.01
+) -> dict[str, dict]:
     """Per statistic: AUROC, the threshold at `max_fpr`, TPR and FPR there — on signed scores (larger = generated)."""
     report = {}
     for name in DIRECTION:
@@ -80,7 +82,12 @@ def evaluate(generated: list[dict[str, float]], human: list[dict[str, float]], m
         pos = [DIRECTION[name] * s[name] for s in generated]
         neg = [DIRECTION[name] * s[name] for s in human]
         threshold = threshold_at_fpr(neg, max_fpr)
-        report[name] = {"auroc": auroc(pos, neg), "tpr": tpr_at(pos, threshold), "fpr": tpr_at(neg, threshold), "threshold": threshold}
+        report[name] = {
+            "auroc": auroc(pos, neg),
+            "tpr": tpr_at(pos, threshold),
+            "fpr": tpr_at(neg, threshold),
+            "threshold": threshold,
+        }
     return report
 
 
@@ -115,15 +122,19 @@ def read_folder(folder: str) -> list[tuple[str, str]]:
     from gptwo.eval.perplexity import read_text_file
 
     if not os.path.isdir(folder):
-        raise GptwoError(f"folder {folder} not found", "pass a folder of .txt files (one document each), e.g. from 'gptwo detect sample'")
+        raise GptwoError(
+            f"folder {folder} not found",
+            "pass a folder of .txt files (one document each), e.g. from 'gptwo detect sample'",
+        )
     paths = sorted(glob.glob(os.path.join(folder, "*.txt")))
     if not paths:
         raise GptwoError(f"{folder} holds no .txt files", "put one document per .txt file there")
     return [(path, read_text_file(path)) for path in paths]
 
 
-def score_folder(model, tokenizer, folder: str, rule: Rule, reference=None, stride: int | None = None,
-                 lexicon: Lexicon | None = None) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]]]:
+def score_folder(
+    model, tokenizer, folder: str, rule: Rule, reference=None, stride: int | None = None, lexicon: Lexicon | None = None
+) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]]]:
     """(file names, statistics, classifier features) of each long-enough document in `folder`; shorter ones are left out with a note."""
     names, scores, features, short = [], [], [], 0
     for path, text in read_folder(folder):
@@ -135,9 +146,15 @@ def score_folder(model, tokenizer, folder: str, rule: Rule, reference=None, stri
         scores.append(doc.scores)
         features.append(document_features(doc.table, text, lexicon))
     if short:
-        print(f"note: {short} document(s) in {folder} have fewer than {rule.min_tokens} tokens and were left out", file=sys.stderr)
+        print(
+            f"note: {short} document(s) in {folder} have fewer than {rule.min_tokens} tokens and were left out",
+            file=sys.stderr,
+        )
     if len(scores) < 2:
-        raise GptwoError(f"{folder} has {len(scores)} document(s) of at least {rule.min_tokens} tokens", "give at least two (ideally hundreds) per kind")
+        raise GptwoError(
+            f"{folder} has {len(scores)} document(s) of at least {rule.min_tokens} tokens",
+            "give at least two (ideally hundreds) per kind",
+        )
     return names, scores, features
 
 
@@ -167,7 +184,9 @@ def fit_classifier(human_dir: str, generated_dir: str, human: tuple, generated: 
     """Out-of-fold classifier logits (added to each document's statistics), the fold sizes, and the classifier fit on everything."""
     names = list(human[2][0])
     xh, xg = feature_matrix(human[2], names), feature_matrix(generated[2], names)
-    oof_h, oof_g, sizes = cross_validate(xh, xg, source_groups(human_dir, human[0]), source_groups(generated_dir, generated[0]), names, folds, l2)
+    oof_h, oof_g, sizes = cross_validate(
+        xh, xg, source_groups(human_dir, human[0]), source_groups(generated_dir, generated[0]), names, folds, l2
+    )
     for row, value in zip(human[1], oof_h):
         row["classifier"] = float(value)
     for row, value in zip(generated[1], oof_g):
@@ -176,9 +195,23 @@ def fit_classifier(human_dir: str, generated_dir: str, human: tuple, generated: 
     return sizes, final
 
 
-def calibrate(model_spec: str, human_dir: str, generated_dir: str, *, reference_spec: str | None = None, detector: str = "classifier",
-              max_fpr: float = 0.01, min_tokens: int = DEFAULT_MIN_TOKENS, out: str | None = None, plot: str | None = None,
-              stride: int | None = None, device: str = "auto", lexicon: str | None = "auto", folds: int = 5, l2: float = 1e-3) -> dict:
+def calibrate(
+    model_spec: str,
+    human_dir: str,
+    generated_dir: str,
+    *,
+    reference_spec: str | None = None,
+    detector: str = "classifier",
+    max_fpr: float = 0.01,
+    min_tokens: int = DEFAULT_MIN_TOKENS,
+    out: str | None = None,
+    plot: str | None = None,
+    stride: int | None = None,
+    device: str = "auto",
+    lexicon: str | None = "auto",
+    folds: int = 5,
+    l2: float = 1e-3,
+) -> dict:
     """Score both folders, report every statistic and the cross-validated classifier, save the detector (JSON) and a ROC plot (PNG)."""
     if detector not in DIRECTION:
         raise GptwoError(f"unknown detector '{detector}'", f"use one of: {', '.join(DIRECTION)}")
@@ -190,24 +223,44 @@ def calibrate(model_spec: str, human_dir: str, generated_dir: str, *, reference_
         raise GptwoError(f"--folds {folds} must be at least 2", "use e.g. 5")
     if out is None:
         if not os.path.isdir(model_spec):
-            raise GptwoError(f"'{model_spec}' is not a local model folder, so the calibration cannot go beside it", "pass --out FILE")
+            raise GptwoError(
+                f"'{model_spec}' is not a local model folder, so the calibration cannot go beside it", "pass --out FILE"
+            )
         out = os.path.join(model_spec, CALIBRATION_FILE)
     plot = plot or os.path.splitext(out)[0] + "-roc.png"
     model, tokenizer, reference = load_models(model_spec, reference_spec, device)
     if lexicon == "auto":  # the model's own prepared data, when it is a gptwo run folder
-        lexicon = os.path.join(model_spec, "data") if os.path.isfile(os.path.join(model_spec, "data", "meta.json")) else None
+        lexicon = (
+            os.path.join(model_spec, "data") if os.path.isfile(os.path.join(model_spec, "data", "meta.json")) else None
+        )
     words = load_lexicon(lexicon, tokenizer)
     rule = Rule(min_tokens=min_tokens)
     human = score_folder(model, tokenizer, human_dir, rule, reference, stride, words)
     generated = score_folder(model, tokenizer, generated_dir, rule, reference, stride, words)
     sizes, classifier = fit_classifier(human_dir, generated_dir, human, generated, folds, l2)
     stats = evaluate(generated[1], human[1], max_fpr)
-    lexicon_file = os.path.splitext(out)[0] + "-lexicon.json" if words is not None and detector == "classifier" else None
-    saved = {"detector": detector, "threshold": stats[detector]["threshold"], "direction": DIRECTION[detector], "min_tokens": min_tokens, "max_fpr": max_fpr,
-             "model": model_spec, "reference": reference_spec, "human": human_dir, "generated": generated_dir,
-             "documents": {"human": len(human[1]), "generated": len(generated[1])}, "statistics": stats,
-             "classifier_evaluation": {"method": f"{len(sizes)}-fold cross-validation, split by source document", "lexicon": lexicon, "folds": sizes},
-             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    lexicon_file = (
+        os.path.splitext(out)[0] + "-lexicon.json" if words is not None and detector == "classifier" else None
+    )
+    saved = {
+        "detector": detector,
+        "threshold": stats[detector]["threshold"],
+        "direction": DIRECTION[detector],
+        "min_tokens": min_tokens,
+        "max_fpr": max_fpr,
+        "model": model_spec,
+        "reference": reference_spec,
+        "human": human_dir,
+        "generated": generated_dir,
+        "documents": {"human": len(human[1]), "generated": len(generated[1])},
+        "statistics": stats,
+        "classifier_evaluation": {
+            "method": f"{len(sizes)}-fold cross-validation, split by source document",
+            "lexicon": lexicon,
+            "folds": sizes,
+        },
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
     if detector == "classifier":
         saved.update(classifier=classifier.to_dict(), lexicon=lexicon_file and os.path.basename(lexicon_file))
         if lexicon_file:
@@ -217,7 +270,11 @@ def calibrate(model_spec: str, human_dir: str, generated_dir: str, *, reference_
     for name in stats:
         pos, neg = [DIRECTION[name] * s[name] for s in generated[1]], [DIRECTION[name] * s[name] for s in human[1]]
         curves[name] = (*roc_curve(pos, neg), stats[name]["auroc"])
-    plot_roc(curves, plot, f"{os.path.basename(os.path.normpath(model_spec))}: {len(human[1])} human vs {len(generated[1])} generated")
+    plot_roc(
+        curves,
+        plot,
+        f"{os.path.basename(os.path.normpath(model_spec))}: {len(human[1])} human vs {len(generated[1])} generated",
+    )
     return {**saved, "calibration": out, "plot": plot}
 
 
@@ -227,11 +284,20 @@ def render_calibration(report: dict) -> str:
     evaluation = report["classifier_evaluation"]
     test = sum(f["test"]["human"] + f["test"]["generated"] for f in evaluation["folds"])
     train = [f["train"]["human"] + f["train"]["generated"] for f in evaluation["folds"]]
-    lines = [f"{report['documents']['human']} human, {report['documents']['generated']} generated documents", "",
-             f"{'statistic':<16} {'AUROC':>7} {f'TPR@{fpr:.0%}FPR':>12} {'threshold':>10}"]
+    lines = [
+        f"{report['documents']['human']} human, {report['documents']['generated']} generated documents",
+        "",
+        f"{'statistic':<16} {'AUROC':>7} {f'TPR@{fpr:.0%}FPR':>12} {'threshold':>10}",
+    ]
     for name, row in report["statistics"].items():
-        mark = "  <- detector" if name == report["detector"] else ("  (inverted: below 0.5)" if row["auroc"] < 0.5 else "")
+        mark = (
+            "  <- detector" if name == report["detector"] else ("  (inverted: below 0.5)" if row["auroc"] < 0.5 else "")
+        )
         lines.append(f"{name:<16} {row['auroc']:>7.4f} {row['tpr']:>12.3f} {row['threshold']:>10.4g}{mark}")
-    lines += ["", f"classifier: {evaluation['method']} ({test} documents scored out of fold, each fold fit on {min(train)}-{max(train)}); "
-              f"lexicon: {evaluation['lexicon'] or 'none'}", f"detector saved to {report['calibration']}; ROC plot: {report['plot']}"]
+    lines += [
+        "",
+        f"classifier: {evaluation['method']} ({test} documents scored out of fold, each fold fit on {min(train)}-{max(train)}); "
+        f"lexicon: {evaluation['lexicon'] or 'none'}",
+        f"detector saved to {report['calibration']}; ROC plot: {report['plot']}",
+    ]
     return "\n".join(lines)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import collections
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -63,8 +63,12 @@ class Lexicon:
             return {"lex_unseen": 0.0, "lex_rare": 0.0, "lex_unseen_pairs": 0.0, "lex_log_count": 0.0}
         counts = np.array([self.words.get(w, 0) for w in ws], dtype=float)
         pairs = [self.pairs.get(f"{a} {b}", 0) == 0 for a, b in zip(ws, ws[1:])]
-        return {"lex_unseen": float((counts == 0).mean()), "lex_rare": float((counts < 3).mean()),
-                "lex_unseen_pairs": float(np.mean(pairs)) if pairs else 0.0, "lex_log_count": float(np.log1p(counts).mean())}
+        return {
+            "lex_unseen": float((counts == 0).mean()),
+            "lex_rare": float((counts < 3).mean()),
+            "lex_unseen_pairs": float(np.mean(pairs)) if pairs else 0.0,
+            "lex_log_count": float(np.log1p(counts).mean()),
+        }
 
     def to_json(self) -> str:
         return json.dumps({"format": "gptwo-detect-lexicon", "words": self.words, "pairs": self.pairs})
@@ -89,9 +93,19 @@ def document_features(table: TokenTable, text: str, lexicon: Lexicon | None = No
         part = slice(q * n // 4, max((q + 1) * n // 4, q * n // 4 + 1))
         features[f"log_likelihood_q{q + 1}"] = float(logprob[part].mean())
         features[f"gap_q{q + 1}"] = float(gap[part].mean())
-    features.update({"z_mean": float(z.mean()), "z_std": _std(z), "log_likelihood_std": _std(logprob), "entropy_std": _std(entropy), "gap_std": _std(gap),
-                     "log_likelihood_min": float(logprob.min()), "log_likelihood_p10": float(torch.quantile(logprob, 0.1)),
-                     "log_likelihood_p90": float(torch.quantile(logprob, 0.9)), "chars_per_token": len(text) / n})
+    features.update(
+        {
+            "z_mean": float(z.mean()),
+            "z_std": _std(z),
+            "log_likelihood_std": _std(logprob),
+            "entropy_std": _std(entropy),
+            "gap_std": _std(gap),
+            "log_likelihood_min": float(logprob.min()),
+            "log_likelihood_p10": float(torch.quantile(logprob, 0.1)),
+            "log_likelihood_p90": float(torch.quantile(logprob, 0.9)),
+            "chars_per_token": len(text) / n,
+        }
+    )
     if lexicon is not None:
         features.update(lexicon.features(text))
     return features
@@ -121,12 +135,25 @@ class Classifier:
         return ((x - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.weights) + self.bias
 
     def to_dict(self) -> dict:
-        return {"names": self.names, "mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias, "l2": self.l2}
+        return {
+            "names": self.names,
+            "mean": self.mean,
+            "scale": self.scale,
+            "weights": self.weights,
+            "bias": self.bias,
+            "l2": self.l2,
+        }
 
     @classmethod
     def from_dict(cls, saved: dict) -> Classifier:
-        return cls(list(saved["names"]), [float(v) for v in saved["mean"]], [float(v) for v in saved["scale"]], [float(v) for v in saved["weights"]],
-                   float(saved["bias"]), float(saved["l2"]))
+        return cls(
+            list(saved["names"]),
+            [float(v) for v in saved["mean"]],
+            [float(v) for v in saved["scale"]],
+            [float(v) for v in saved["weights"]],
+            float(saved["bias"]),
+            float(saved["l2"]),
+        )
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, names: list[str], l2: float = 1e-3) -> Classifier:
@@ -138,7 +165,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, names: list[str], l2: float = 1e-
     xs, ys = torch.tensor((x - mean) / scale), torch.tensor(y, dtype=torch.float64)
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -164,8 +193,15 @@ def _balanced_folds(members: list, groups: list, folds: int) -> dict:
     return fold_of
 
 
-def cross_validate(human: np.ndarray, generated: np.ndarray, human_groups: list, generated_groups: list, names: list[str],
-                   folds: int = 5, l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def cross_validate(
+    human: np.ndarray,
+    generated: np.ndarray,
+    human_groups: list,
+    generated_groups: list,
+    names: list[str],
+    folds: int = 5,
+    l2: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Out-of-fold logits of every document: groups (source documents) are split into `folds`, each fold scored by a
     classifier fit on the others only. Returns (human scores, generated scores, per-fold train/test sizes)."""
     groups = sorted(set(human_groups) | set(generated_groups), key=str)
@@ -180,6 +216,10 @@ def cross_validate(human: np.ndarray, generated: np.ndarray, human_groups: list,
         y = np.r_[np.zeros((hf != k).sum()), np.ones((gf != k).sum())]
         model = fit_logistic(x, y, names, l2)
         out_h[hf == k], out_g[gf == k] = model.scores(human[hf == k]), model.scores(generated[gf == k])
-        sizes.append({"train": {"human": int((hf != k).sum()), "generated": int((gf != k).sum())},
-                      "test": {"human": int((hf == k).sum()), "generated": int((gf == k).sum())}})
+        sizes.append(
+            {
+                "train": {"human": int((hf != k).sum()), "generated": int((gf != k).sum())},
+                "test": {"human": int((hf == k).sum()), "generated": int((gf == k).sum())},
+            }
+        )
     return out_h, out_g, sizes

@@ -17,11 +17,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from gptwo.detect.classifier import Classifier, Lexicon, document_features
-
 import torch
 
 from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS
+from gptwo.detect.classifier import Classifier, Lexicon, document_features
 from gptwo.detect.stats import DIRECTION, TokenTable, document_scores, token_stats
 from gptwo.errors import GptwoError
 from gptwo.tokenizer import Tokenizer
@@ -43,7 +42,9 @@ class Rule:
     calibrated: bool = False
     source: str | None = None  # the calibration file, when calibrated
     classifier: Classifier | None = field(default=None, compare=False)  # detector "classifier": the fitted model
-    lexicon: Lexicon | None = field(default=None, compare=False, repr=False)  # the classifier's word counts, when it uses them
+    lexicon: Lexicon | None = field(
+        default=None, compare=False, repr=False
+    )  # the classifier's word counts, when it uses them
 
     def score(self, scores: dict[str, float]) -> float:
         return DIRECTION[self.detector] * scores[self.detector]
@@ -75,9 +76,19 @@ def load_rule(model_spec: str, calibration: str | None = None, min_tokens: int |
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         classifier, lexicon = _load_classifier(saved, path) if saved["detector"] == "classifier" else (None, None)
-        rule = Rule(saved["detector"], float(saved["threshold"]), int(saved["min_tokens"] if min_tokens is None else min_tokens), True, path, classifier, lexicon)
+        rule = Rule(
+            saved["detector"],
+            float(saved["threshold"]),
+            int(saved["min_tokens"] if min_tokens is None else min_tokens),
+            True,
+            path,
+            classifier,
+            lexicon,
+        )
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise GptwoError(f"{path} is not a valid calibration ({type(err).__name__}: {err})", "run 'gptwo detect calibrate' again") from None
+        raise GptwoError(
+            f"{path} is not a valid calibration ({type(err).__name__}: {err})", "run 'gptwo detect calibrate' again"
+        ) from None
     if rule.detector not in DIRECTION:
         raise GptwoError(f"{path} names an unknown detector '{rule.detector}'", "run 'gptwo detect calibrate' again")
     return rule
@@ -111,8 +122,16 @@ class Document:
     pieces: list[str] = field(default_factory=list)  # each token's text
 
     def to_dict(self, tokenizer: Tokenizer, with_tokens: bool = False) -> dict:
-        out = {"file": self.name, "tokens": len(self.table), "score": self.score, "verdict": self.verdict, "detector": self.rule.detector,
-               "threshold": self.rule.threshold, "calibrated": self.rule.calibrated, "scores": self.scores}
+        out = {
+            "file": self.name,
+            "tokens": len(self.table),
+            "score": self.score,
+            "verdict": self.verdict,
+            "detector": self.rule.detector,
+            "threshold": self.rule.threshold,
+            "calibrated": self.rule.calibrated,
+            "scores": self.scores,
+        }
         if with_tokens:
             out["token_stats"] = token_rows(self, tokenizer)
         return out
@@ -124,28 +143,54 @@ def token_rows(doc: Document, tokenizer: Tokenizer) -> list[dict]:
     rows = []
     for i, piece in enumerate(doc.pieces):
         top = [[tokenizer.decode([int(t)]), float(lp.exp())] for t, lp in zip(table.top_ids[i], table.top_logprobs[i])]
-        rows.append({"token": piece, "id": table.tokens[i], "prob": float(table.logprob[i].exp()), "logprob": float(table.logprob[i]),
-                     "rank": int(table.rank[i]), "entropy": float(table.entropy[i]), "top": top})
+        rows.append(
+            {
+                "token": piece,
+                "id": table.tokens[i],
+                "prob": float(table.logprob[i].exp()),
+                "logprob": float(table.logprob[i]),
+                "rank": int(table.rank[i]),
+                "entropy": float(table.entropy[i]),
+                "top": top,
+            }
+        )
     return rows
 
 
 def check_same_tokenizer(tokenizer: Tokenizer, reference_tokenizer: Tokenizer) -> None:
     """Binoculars compares two models' predictions token by token: they must share one tokenizer."""
     if tokenizer.identity != reference_tokenizer.identity:
-        raise GptwoError("the reference model uses another tokenizer than the model", "pass a --reference trained with the same tokenizer (e.g. on the same prepared data)")
+        raise GptwoError(
+            "the reference model uses another tokenizer than the model",
+            "pass a --reference trained with the same tokenizer (e.g. on the same prepared data)",
+        )
 
 
-def judge_tokens(model: torch.nn.Module, tokenizer: Tokenizer, tokens: list[int], name: str, rule: Rule, *,
-                 reference: torch.nn.Module | None = None, stride: int | None = None, top: int = 10) -> Document:
+def judge_tokens(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    tokens: list[int],
+    name: str,
+    rule: Rule,
+    *,
+    reference: torch.nn.Module | None = None,
+    stride: int | None = None,
+    top: int = 10,
+) -> Document:
     """Score a tokenized text and give its verdict."""
     if rule.detector == "binoculars" and reference is None:
-        raise GptwoError("the calibrated detector is binoculars, which needs a second model", "pass --reference (the model used when calibrating)")
+        raise GptwoError(
+            "the calibrated detector is binoculars, which needs a second model",
+            "pass --reference (the model used when calibrating)",
+        )
     table = token_stats(model, tokenizer, tokens, reference=reference, stride=stride, top=top)
     scores = document_scores(table)
     if rule.classifier is not None:
         scores["classifier"] = rule.classifier.score(document_features(table, tokenizer.decode(tokens), rule.lexicon))
     score = rule.score(scores)
-    return Document(name, table, scores, score, rule.verdict(score, len(table)), rule, token_texts(tokenizer, table.tokens))
+    return Document(
+        name, table, scores, score, rule.verdict(score, len(table)), rule, token_texts(tokenizer, table.tokens)
+    )
 
 
 def judge_text(model: torch.nn.Module, tokenizer: Tokenizer, text: str, name: str, rule: Rule, **kwargs) -> Document:
@@ -186,13 +231,25 @@ def read_inputs(files: list[str]) -> list[tuple[str, str]]:
     return inputs
 
 
-def detect_files(model_spec: str, files: list[str], *, reference_spec: str | None = None, calibration: str | None = None,
-                 min_tokens: int | None = None, stride: int | None = None, top: int = 10, device: str = "auto") -> tuple[list[Document], Tokenizer]:
+def detect_files(
+    model_spec: str,
+    files: list[str],
+    *,
+    reference_spec: str | None = None,
+    calibration: str | None = None,
+    min_tokens: int | None = None,
+    stride: int | None = None,
+    top: int = 10,
+    device: str = "auto",
+) -> tuple[list[Document], Tokenizer]:
     """What `gptwo detect` reports: one judged Document per input, and the tokenizer to show tokens with."""
     inputs = read_inputs(files)
     rule = load_rule(model_spec, calibration, min_tokens)
     model, tokenizer, reference = load_models(model_spec, reference_spec, device)
-    docs = [judge_text(model, tokenizer, text, name, rule, reference=reference, stride=stride, top=top) for name, text in inputs]
+    docs = [
+        judge_text(model, tokenizer, text, name, rule, reference=reference, stride=stride, top=top)
+        for name, text in inputs
+    ]
     return docs, tokenizer
 
 
@@ -203,8 +260,12 @@ def render_document(doc: Document, tokenizer: Tokenizer, with_tokens: bool = Fal
         lines.append(f"{'token':<18} {'prob':>8} {'rank':>6} {'entropy':>8}  top alternatives")
         for row in token_rows(doc, tokenizer):
             alternatives = ", ".join(f"{text!r} {p:.1%}" for text, p in row["top"][:5])
-            lines.append(f"{row['token']!r:<18} {row['prob']:>8.2%} {row['rank']:>6} {row['entropy']:>8.3f}  {alternatives}")
-    verdict = f"too short to judge (fewer than {doc.rule.min_tokens} tokens)" if doc.verdict == "too short" else doc.verdict
+            lines.append(
+                f"{row['token']!r:<18} {row['prob']:>8.2%} {row['rank']:>6} {row['entropy']:>8.3f}  {alternatives}"
+            )
+    verdict = (
+        f"too short to judge (fewer than {doc.rule.min_tokens} tokens)" if doc.verdict == "too short" else doc.verdict
+    )
     lines.append(f"{doc.name}: {len(doc.table)} tokens · score {doc.score:.4f} · verdict: {verdict}")
     lines.append(f"  rule: {doc.rule.describe()}")
     lines.append("  " + "  ".join(f"{name} {value:.4g}" for name, value in doc.scores.items()))

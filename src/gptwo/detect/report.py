@@ -32,7 +32,10 @@ table { border-collapse: collapse; margin: .6rem 0; } td, th { padding: .1rem .6
 
 def _tooltip(doc: Document, i: int, tokenizer: Tokenizer) -> str:
     table = doc.table
-    alternatives = "\n".join(f"{tokenizer.decode([int(t)])!r} {float(lp.exp()):.1%}" for t, lp in zip(table.top_ids[i], table.top_logprobs[i]))
+    alternatives = "\n".join(
+        f"{tokenizer.decode([int(t)])!r} {float(lp.exp()):.1%}"
+        for t, lp in zip(table.top_ids[i], table.top_logprobs[i])
+    )
     return f"p = {float(table.logprob[i].exp()):.2%}, rank {int(table.rank[i])}, entropy {float(table.entropy[i]):.2f}\n{alternatives}"
 
 
@@ -51,19 +54,31 @@ def _histogram(title: str, counts: list[float], labels: list[str], colours: list
 
 def _document_html(doc: Document, tokenizer: Tokenizer) -> str:
     buckets = bucket_of(doc.table.rank).tolist()
-    spans = "".join(f'<span class="t b{b}" title="{escape(_tooltip(doc, i, tokenizer))}">{escape(piece)}</span>' for i, (b, piece) in enumerate(zip(buckets, doc.pieces)))
+    spans = "".join(
+        f'<span class="t b{b}" title="{escape(_tooltip(doc, i, tokenizer))}">{escape(piece)}</span>'
+        for i, (b, piece) in enumerate(zip(buckets, doc.pieces))
+    )
     rows = "".join(f"<tr><td>{escape(name)}</td><td>{value:.4g}</td></tr>" for name, value in doc.scores.items())
     bucket_counts = torch.bincount(torch.tensor(buckets, dtype=torch.long), minlength=4).tolist()
     probs = torch.histc(doc.table.logprob.exp(), bins=10, min=0, max=1).tolist()
     entropy = torch.histc(doc.table.entropy, bins=10, min=0, max=max(1e-6, float(doc.table.entropy.max()))).tolist()
-    charts = (_histogram("tokens per rank bucket", bucket_counts, list(LABELS), list(COLOURS))
-              + _histogram("probability of each token (0 to 1)", probs, ["0", *[""] * 8, "1"], ["#7aa6d6"])
-              + _histogram(f"entropy at each position (0 to {float(doc.table.entropy.max()):.1f} nats)", entropy, ["0", *[""] * 8, "max"], ["#9b8bd6"]))
-    return (f"<section><h2>{escape(doc.name)}</h2>"
-            f'<p>{len(doc.table)} tokens · score {doc.score:.4g} ({escape(doc.rule.detector)}) · verdict <span class="verdict">{escape(doc.verdict)}</span>'
-            f" · {escape(doc.rule.describe())}</p>"
-            f'<div class="text">{spans}</div><div class="charts">{charts}</div>'
-            f"<table><tr><th>statistic</th><th>value</th></tr>{rows}</table></section>")
+    charts = (
+        _histogram("tokens per rank bucket", bucket_counts, list(LABELS), list(COLOURS))
+        + _histogram("probability of each token (0 to 1)", probs, ["0", *[""] * 8, "1"], ["#7aa6d6"])
+        + _histogram(
+            f"entropy at each position (0 to {float(doc.table.entropy.max()):.1f} nats)",
+            entropy,
+            ["0", *[""] * 8, "max"],
+            ["#9b8bd6"],
+        )
+    )
+    return (
+        f"<section><h2>{escape(doc.name)}</h2>"
+        f'<p>{len(doc.table)} tokens · score {doc.score:.4g} ({escape(doc.rule.detector)}) · verdict <span class="verdict">{escape(doc.verdict)}</span>'
+        f" · {escape(doc.rule.describe())}</p>"
+        f'<div class="text">{spans}</div><div class="charts">{charts}</div>'
+        f"<table><tr><th>statistic</th><th>value</th></tr>{rows}</table></section>"
+    )
 
 
 def render_html(docs: list[Document], tokenizer: Tokenizer, model_name: str) -> str:
@@ -71,9 +86,11 @@ def render_html(docs: list[Document], tokenizer: Tokenizer, model_name: str) -> 
     legend = " ".join(f'<span class="t b{i}">{label}</span>' for i, label in enumerate(LABELS))
     body = "".join(_document_html(doc, tokenizer) for doc in docs)
     names = ", ".join(BUCKET_NAMES)
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>gptwo detect: {escape(model_name)}</title><style>{STYLE}</style></head>'
-            f"<body><h1>gptwo detect · {escape(model_name)}</h1><p>Tokens by rank under the model: {legend}. Hover a token for its top alternatives. "
-            f"Bucket fractions are {escape(names)}.</p>{body}</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>gptwo detect: {escape(model_name)}</title><style>{STYLE}</style></head>'
+        f"<body><h1>gptwo detect · {escape(model_name)}</h1><p>Tokens by rank under the model: {legend}. Hover a token for its top alternatives. "
+        f"Bucket fractions are {escape(names)}.</p>{body}</body></html>\n"
+    )
 
 
 def write_html(path: str, docs: list[Document], tokenizer: Tokenizer, model_name: str) -> None:

@@ -28,8 +28,14 @@ def split_documents(data_dir: str, tokenizer: Tokenizer, split: str = "val") -> 
 
     meta = read_meta(data_dir)
     if meta.get("tokenizer") != tokenizer.identity:
-        raise GptwoError(f"{data_dir} was prepared with another tokenizer than the model's", "sample from the data the model was trained on, or pass .txt files")
-    shards = [read_shard(os.path.join(data_dir, shard["file"] if isinstance(shard, dict) else shard)) for shard in meta["splits"][split]["shards"]]
+        raise GptwoError(
+            f"{data_dir} was prepared with another tokenizer than the model's",
+            "sample from the data the model was trained on, or pass .txt files",
+        )
+    shards = [
+        read_shard(os.path.join(data_dir, shard["file"] if isinstance(shard, dict) else shard))
+        for shard in meta["splits"][split]["shards"]
+    ]
     tokens = np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
     documents, start = [], 0
     for end in np.flatnonzero(tokens == tokenizer.eot_token).tolist() + [len(tokens)]:
@@ -58,8 +64,18 @@ def passages(documents: list[list[int]], length: int, per_document: int = 1) -> 
 
 
 @torch.no_grad()
-def continue_passages(model: torch.nn.Module, tokenizer: Tokenizer, human: list[list[int]], prompt_tokens: int, *, temperature: float = 1.0,
-                      top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 16) -> list[tuple[list[int], list[int]]]:
+def continue_passages(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    human: list[list[int]],
+    prompt_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[tuple[list[int], list[int]]]:
     """(human, generated) token pairs of equal length: each passage's first `prompt_tokens` continued by the model."""
     from gptwo.generate import generate
 
@@ -70,7 +86,9 @@ def continue_passages(model: torch.nn.Module, tokenizer: Tokenizer, human: list[
         batch = human[first : first + batch_size]
         idx = torch.tensor([p[:prompt_tokens] for p in batch], dtype=torch.long, device=device)
         new = len(batch[0]) - prompt_tokens
-        out = generate(model, idx, new, temperature, top_k, top_p, eos_token=tokenizer.eot_token, generator=generator).tolist()
+        out = generate(
+            model, idx, new, temperature, top_k, top_p, eos_token=tokenizer.eot_token, generator=generator
+        ).tolist()
         for passage, row in zip(batch, out):
             continuation = row[prompt_tokens:]
             if tokenizer.eot_token in continuation:
@@ -80,9 +98,22 @@ def continue_passages(model: torch.nn.Module, tokenizer: Tokenizer, human: list[
     return pairs
 
 
-def sample_set(model_spec: str, source: str, out_dir: str, *, prompt_tokens: int = 16, new_tokens: int = 128, per_document: int = 1,
-               limit: int | None = None, min_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int = 0, device: str = "auto") -> dict:
+def sample_set(
+    model_spec: str,
+    source: str,
+    out_dir: str,
+    *,
+    prompt_tokens: int = 16,
+    new_tokens: int = 128,
+    per_document: int = 1,
+    limit: int | None = None,
+    min_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
     """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the ids); return the summary."""
     from gptwo.generate import check_sampling
     from gptwo.weights import load_model
@@ -93,19 +124,47 @@ def sample_set(model_spec: str, source: str, out_dir: str, *, prompt_tokens: int
     model, tokenizer = load_model(model_spec, device=device)
     chosen = passages(source_documents(source, tokenizer), prompt_tokens + new_tokens, per_document)[:limit]
     if not chosen:
-        raise GptwoError(f"no document in {source} has {prompt_tokens + new_tokens} tokens", "use shorter --prompt-tokens/--new-tokens or longer documents")
-    continued = continue_passages(model, tokenizer, [p for _, p in chosen], prompt_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        raise GptwoError(
+            f"no document in {source} has {prompt_tokens + new_tokens} tokens",
+            "use shorter --prompt-tokens/--new-tokens or longer documents",
+        )
+    continued = continue_passages(
+        model,
+        tokenizer,
+        [p for _, p in chosen],
+        prompt_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+    )
     kept = [(d, pair) for (d, _), pair in zip(chosen, continued) if len(pair[0]) >= min_tokens]
     pairs = [pair for _, pair in kept]
     for i, (human, generated) in enumerate(pairs):
         atomic_write(os.path.join(out_dir, "human", f"{i:05d}.txt"), tokenizer.decode(human).encode())
         atomic_write(os.path.join(out_dir, "generated", f"{i:05d}.txt"), tokenizer.decode(generated).encode())
-    summary = {"model": model_spec, "source": source, "pairs": len(pairs), "dropped_short": len(chosen) - len(pairs), "prompt_tokens": prompt_tokens,
-               "new_tokens": new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-               "documents": [d for d, _ in kept]}  # the source document of pair i: calibration's cross-validation keeps each document in one fold
+    summary = {
+        "model": model_spec,
+        "source": source,
+        "pairs": len(pairs),
+        "dropped_short": len(chosen) - len(pairs),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "documents": [d for d, _ in kept],
+    }  # the source document of pair i: calibration's cross-validation keeps each document in one fold
     atomic_write(os.path.join(out_dir, "sample.json"), (json.dumps(summary, indent=2) + "\n").encode())
     # the token ids as sampled: a sampled text often re-encodes to other tokens (non-canonical splits); for oracle comparisons only
-    atomic_write(os.path.join(out_dir, "tokens.json"), (json.dumps({"human": [h for h, _ in pairs], "generated": [g for _, g in pairs]}) + "\n").encode())
+    atomic_write(
+        os.path.join(out_dir, "tokens.json"),
+        (json.dumps({"human": [h for h, _ in pairs], "generated": [g for _, g in pairs]}) + "\n").encode(),
+    )
     if summary["dropped_short"]:
-        print(f"note: {summary['dropped_short']} continuation(s) ended before {min_tokens} tokens and were left out", file=sys.stderr)
+        print(
+            f"note: {summary['dropped_short']} continuation(s) ended before {min_tokens} tokens and were left out",
+            file=sys.stderr,
+        )
     return summary

@@ -56,7 +56,9 @@ class TokenTable:
         return len(self.tokens)
 
 
-def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, top: int = 10, reference_logits: torch.Tensor | None = None) -> TokenTable:
+def token_stats_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, top: int = 10, reference_logits: torch.Tensor | None = None
+) -> TokenTable:
     """Statistics of `targets` (T,) under `logits` (T, V); the logits cover exactly the real vocabulary."""
     logp = F.log_softmax(logits.double(), dim=-1)
     probs = logp.exp()
@@ -69,7 +71,16 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, top: in
     if reference_logits is not None:
         ref_probs = F.softmax(reference_logits.double(), dim=-1)
         cross = -(ref_probs * logp).sum(-1)
-    return TokenTable(targets.tolist(), target_logp.float(), rank, (-mean).float(), variance.float(), top_ids, top_logprobs.float(), None if cross is None else cross.float())
+    return TokenTable(
+        targets.tolist(),
+        target_logp.float(),
+        rank,
+        (-mean).float(),
+        variance.float(),
+        top_ids,
+        top_logprobs.float(),
+        None if cross is None else cross.float(),
+    )
 
 
 def _window_logits(model: torch.nn.Module, ids: list[int], scored: int, n_vocab: int) -> torch.Tensor:
@@ -110,7 +121,9 @@ def _concat(parts: list[TokenTable]) -> TokenTable:
 
     cross = cat("cross_entropy") if parts[0].cross_entropy is not None else None
     tokens = [t for p in parts for t in p.tokens]
-    return TokenTable(tokens, cat("logprob"), cat("rank"), cat("entropy"), cat("variance"), cat("top_ids"), cat("top_logprobs"), cross)
+    return TokenTable(
+        tokens, cat("logprob"), cat("rank"), cat("entropy"), cat("variance"), cat("top_ids"), cat("top_logprobs"), cross
+    )
 
 
 def bucket_of(rank: torch.Tensor) -> torch.Tensor:

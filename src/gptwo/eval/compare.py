@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from gptwo.errors import GptwoError
 from gptwo.eval.perplexity import read_text_file, score_texts, total
@@ -40,11 +40,15 @@ def compare_report(
     if not models:
         raise GptwoError("no models to compare", "pass two or more model folders or hub ids")
     if not files and not tasks:
-        raise GptwoError("nothing to compare the models on", "pass --files FILE... and/or --tasks lambada,hellaswag,...")
+        raise GptwoError(
+            "nothing to compare the models on", "pass --files FILE... and/or --tasks lambada,hellaswag,..."
+        )
     data = dict(data or {})
     unknown = sorted(set(data) - set(tasks))
     if unknown:
-        raise GptwoError(f"--data names task '{unknown[0]}' which is not in --tasks", "add it to --tasks or drop its --data")
+        raise GptwoError(
+            f"--data names task '{unknown[0]}' which is not in --tasks", "add it to --tasks or drop its --data"
+        )
     texts = [read_text_file(path) for path in files]
     items = {name: load_items(get_task(name).name, data.get(name), limit) for name in tasks}
     rows = []
@@ -52,10 +56,24 @@ def compare_report(
         model, tokenizer = load_model(spec, device=device, dtype=dtype, quantize=quantize)
         row: dict = {"model": spec}
         if texts:
-            stats = total(score_texts(model, tokenizer, texts, names=list(files), stride=stride, batch_size=batch_size, progress=f"{spec}: files" if progress else None))
-            row.update(perplexity=stats.perplexity, word_perplexity=stats.word_perplexity, bits_per_byte=stats.bits_per_byte)
+            stats = total(
+                score_texts(
+                    model,
+                    tokenizer,
+                    texts,
+                    names=list(files),
+                    stride=stride,
+                    batch_size=batch_size,
+                    progress=f"{spec}: files" if progress else None,
+                )
+            )
+            row.update(
+                perplexity=stats.perplexity, word_perplexity=stats.word_perplexity, bits_per_byte=stats.bits_per_byte
+            )
         for name, task_items in items.items():
-            metrics = evaluate_task(model, tokenizer, name, task_items, batch_size=batch_size, stride=stride, progress=progress)
+            metrics = evaluate_task(
+                model, tokenizer, name, task_items, batch_size=batch_size, stride=stride, progress=progress
+            )
             row.update({f"{name}.{key}": metrics[key] for key in TASK_COLUMNS[name]})
         rows.append(row)
         del model

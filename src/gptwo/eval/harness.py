@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -82,7 +82,12 @@ class GptwoLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Each request is ((context, continuation), context tokens, continuation tokens)."""
-        scores = score_pairs(self.model, [(ctx, cont) for _, ctx, cont in requests], self.batch_size, None if disable_tqdm else "loglikelihood")
+        scores = score_pairs(
+            self.model,
+            [(ctx, cont) for _, ctx, cont in requests],
+            self.batch_size,
+            None if disable_tqdm else "loglikelihood",
+        )
         answers = [(s.logprob, s.greedy) for s in scores]
         for (strings, _, _), answer in zip(requests, answers):
             self.cache_hook.add_partial("loglikelihood", strings, answer)
@@ -96,7 +101,9 @@ class GptwoLM(TemplateLM):
             pairs += windows
             owner += [index] * len(windows)
         totals = [0.0] * len(requests)
-        for index, score in zip(owner, score_pairs(self.model, pairs, self.batch_size, None if disable_tqdm else "loglikelihood_rolling")):
+        for index, score in zip(
+            owner, score_pairs(self.model, pairs, self.batch_size, None if disable_tqdm else "loglikelihood_rolling")
+        ):
             totals[index] += score.logprob
         for req, value in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, value)
@@ -112,7 +119,10 @@ class GptwoLM(TemplateLM):
             settings = _sampling(requests[indices[0]].args[1], self.max_gen_toks)
             room = self.max_length - settings["max_new_tokens"]
             if room < 1:
-                raise GptwoError(f"max_gen_toks={settings['max_new_tokens']} leaves no room in the context of {self.max_length}", "ask for fewer tokens")
+                raise GptwoError(
+                    f"max_gen_toks={settings['max_new_tokens']} leaves no room in the context of {self.max_length}",
+                    "ask for fewer tokens",
+                )
             contexts = {i: (self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-room:] for i in indices}
             ordered = sorted(indices, key=lambda i: -len(contexts[i]))
             for first in range(0, len(ordered), self.batch_size):
@@ -129,7 +139,10 @@ class GptwoLM(TemplateLM):
         return texts
 
     def get_model_info(self) -> dict:
-        return {"model_num_parameters": self.model.num_params(non_embedding=False), "model_dtype": str(self.model.lm_head.weight.dtype)}
+        return {
+            "model_num_parameters": self.model.num_params(non_embedding=False),
+            "model_dtype": str(self.model.lm_head.weight.dtype),
+        }
 
 
 def _batch_size(value: int | str | None, max_batch_size: int | None) -> int:
@@ -145,7 +158,10 @@ def _sampling(gen_kwargs: dict, default_max_gen_toks: int) -> dict:
     """lm-eval's generation settings as `stream_texts` keywords; greedy unless do_sample."""
     unknown = sorted(set(gen_kwargs) - _SAMPLING_KEYS - {"max_new_tokens", "max_tokens", "max_completion_tokens"})
     if unknown:
-        raise GptwoError(f"generation setting '{unknown[0]}' is not supported by the gptwo model", f"use only: {', '.join(sorted(_SAMPLING_KEYS))}")
+        raise GptwoError(
+            f"generation setting '{unknown[0]}' is not supported by the gptwo model",
+            f"use only: {', '.join(sorted(_SAMPLING_KEYS))}",
+        )
     kwargs = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks)
     return {
         "max_new_tokens": kwargs["max_gen_toks"],

@@ -13,8 +13,8 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -73,7 +73,13 @@ class TextStats:
 
 def total(stats: Sequence[TextStats], name: str = "all") -> TextStats:
     """All texts as one: sums of log-likelihoods and of counts (not a mean of perplexities)."""
-    return TextStats(name, sum(s.nll for s in stats), sum(s.tokens for s in stats), sum(s.words for s in stats), sum(s.bytes for s in stats))
+    return TextStats(
+        name,
+        sum(s.nll for s in stats),
+        sum(s.tokens for s in stats),
+        sum(s.words for s in stats),
+        sum(s.bytes for s in stats),
+    )
 
 
 def score_texts(
@@ -107,7 +113,10 @@ def score_texts(
     nll = [0.0] * len(texts)
     for i, score in zip(owner, score_pairs(model, pairs, batch_size, progress)):
         nll[i] -= score.logprob
-    return [TextStats(names[i], nll[i], counts[i], count_words(originals[i]), count_bytes(originals[i])) for i in range(len(texts))]
+    return [
+        TextStats(names[i], nll[i], counts[i], count_words(originals[i]), count_bytes(originals[i]))
+        for i in range(len(texts))
+    ]
 
 
 def text_files(paths: Sequence[str]) -> list[str]:
@@ -162,8 +171,22 @@ def perplexity_report(
     files = text_files(files)
     texts = [read_text_file(path) for path in files]
     model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize)
-    per_file = score_texts(model, tokenizer, texts, names=list(files), stride=stride, batch_size=batch_size, progress="perplexity" if progress else None)
+    per_file = score_texts(
+        model,
+        tokenizer,
+        texts,
+        names=list(files),
+        stride=stride,
+        batch_size=batch_size,
+        progress="perplexity" if progress else None,
+    )
     summary = total(per_file).to_dict()
     del summary["name"]
     block = model.config.block_size
-    return {"model": model_spec, "context": block, "stride": stride or block, **summary, "files": [s.to_dict() for s in per_file]}
+    return {
+        "model": model_spec,
+        "context": block,
+        "stride": stride or block,
+        **summary,
+        "files": [s.to_dict() for s in per_file],
+    }

@@ -9,8 +9,8 @@ numbers agree with the harness's `hf` model. Long texts become such pairs throug
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,10 @@ def rolling_pairs(tokens: Sequence[int], prefix_token: int, block: int, stride: 
     """
     stride = block if stride is None else stride
     if not 1 <= stride <= block:
-        raise GptwoError(f"stride {stride} is outside 1..{block} (the model's context)", f"use a stride between 1 and {block}, e.g. {block // 2}")
+        raise GptwoError(
+            f"stride {stride} is outside 1..{block} (the model's context)",
+            f"use a stride between 1 and {block}, e.g. {block // 2}",
+        )
     seq = [prefix_token, *tokens]
     pairs: list[Pair] = []
     start, end = 1, min(block, len(tokens)) + 1  # targets are seq[start:end]
@@ -76,7 +79,9 @@ def rolling_pairs(tokens: Sequence[int], prefix_token: int, block: int, stride: 
 
 
 @torch.no_grad()
-def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], batch_size: int = 8, progress: str | None = None) -> list[Score]:
+def score_pairs(
+    model: torch.nn.Module, pairs: Sequence[Pair], batch_size: int = 8, progress: str | None = None
+) -> list[Score]:
     """Score each (context, continuation) pair; batches are right-padded, longest first.
 
     `progress` is a label for a progress bar on stderr (none when it is None).
@@ -88,11 +93,15 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], batch_size: int =
         if not context or not continuation:
             raise GptwoError("a request has an empty context or continuation", "give both some text")
         if len(continuation) > block:
-            raise GptwoError(f"a continuation of {len(continuation)} tokens is longer than the context of {block}", "shorten it")
+            raise GptwoError(
+                f"a continuation of {len(continuation)} tokens is longer than the context of {block}", "shorten it"
+            )
     device = model_device(model)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results: list[Score | None] = [None] * len(pairs)
-    with progress_bar(progress or "", total=len(pairs), unit="window", enabled=progress is not None, leave=False) as bar:
+    with progress_bar(
+        progress or "", total=len(pairs), unit="window", enabled=progress is not None, leave=False
+    ) as bar:
         for first in range(0, len(order), batch_size):
             rows = order[first : first + batch_size]
             inputs = [([*pairs[i][0], *pairs[i][1]])[-(block + 1) :][:-1] for i in rows]

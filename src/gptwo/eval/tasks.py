@@ -18,8 +18,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -53,7 +53,9 @@ def _parse_json_rows(text: str, path: str) -> list[dict]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise GptwoError(f"{path} is not valid JSON ({err})", "give one JSON object per line, or a JSON array") from None
+            raise GptwoError(
+                f"{path} is not valid JSON ({err})", "give one JSON object per line, or a JSON array"
+            ) from None
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -61,7 +63,9 @@ def _parse_json_rows(text: str, path: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise GptwoError(f"line {number} of {path} is not valid JSON ({err.msg})", "give one JSON object per line") from None
+                    raise GptwoError(
+                        f"line {number} of {path} is not valid JSON ({err.msg})", "give one JSON object per line"
+                    ) from None
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise GptwoError(f"item {number} of {path} is not a JSON object", "give one JSON object per line")
@@ -85,7 +89,9 @@ def download_rows(info: TaskInfo) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise GptwoError("downloading task data needs the 'datasets' package", "pip install 'gptwo[eval]', or pass --data FILE") from None
+        raise GptwoError(
+            "downloading task data needs the 'datasets' package", "pip install 'gptwo[eval]', or pass --data FILE"
+        ) from None
     try:
         dataset = datasets.load_dataset(path, name, split=split)
     except Exception as err:  # network, hub and format errors all mean the same to the user
@@ -101,7 +107,9 @@ def lambada_split(passage: str) -> tuple[str, str]:
     """(context, continuation): the last space-separated word, with its space, follows the rest."""
     head, _, last = passage.rpartition(" ")
     if not head or not last:
-        raise GptwoError(f"LAMBADA passage {passage[:40]!r} has no last word after a space", "each passage needs several words")
+        raise GptwoError(
+            f"LAMBADA passage {passage[:40]!r} has no last word after a space", "each passage needs several words"
+        )
     return head, " " + last
 
 
@@ -120,7 +128,15 @@ def load_lambada(data: str | None) -> list[str]:
     return [str(row["text"]) for row in rows]
 
 
-def score_lambada(model: torch.nn.Module, tokenizer: Tokenizer, passages: Sequence[str], *, batch_size: int = 8, progress: str | None = None, **_) -> dict:
+def score_lambada(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    passages: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: str | None = None,
+    **_,
+) -> dict:
     """Accuracy (greedy last word) and perplexity of the last word."""
     scores = score_pairs(model, [encode_pair(tokenizer, *lambada_split(p)) for p in passages], batch_size, progress)
     return {
@@ -157,11 +173,18 @@ def hellaswag_item(row: dict, number: int = 0) -> ChoiceItem:
     try:
         gold = int(row["label"])
     except (TypeError, ValueError):
-        raise GptwoError(f"HellaSwag item {number} has label {row['label']!r}", "the label must be the index of the right ending (0-3)") from None
+        raise GptwoError(
+            f"HellaSwag item {number} has label {row['label']!r}",
+            "the label must be the index of the right ending (0-3)",
+        ) from None
     if not 0 <= gold < len(endings):
-        raise GptwoError(f"HellaSwag item {number} has label {gold} but {len(endings)} endings", "the label must index an ending")
+        raise GptwoError(
+            f"HellaSwag item {number} has label {gold} but {len(endings)} endings", "the label must index an ending"
+        )
     context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-    return ChoiceItem(_hellaswag_clean(row["activity_label"] + ": " + context), tuple(_hellaswag_clean(e) for e in endings), gold)
+    return ChoiceItem(
+        _hellaswag_clean(row["activity_label"] + ": " + context), tuple(_hellaswag_clean(e) for e in endings), gold
+    )
 
 
 def load_hellaswag(data: str | None) -> list[ChoiceItem]:
@@ -171,7 +194,15 @@ def load_hellaswag(data: str | None) -> list[ChoiceItem]:
     return [hellaswag_item(row, number) for number, row in enumerate(rows, 1)]
 
 
-def score_choices(model: torch.nn.Module, tokenizer: Tokenizer, items: Sequence[ChoiceItem], *, batch_size: int = 8, progress: str | None = None, **_) -> dict:
+def score_choices(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    items: Sequence[ChoiceItem],
+    *,
+    batch_size: int = 8,
+    progress: str | None = None,
+    **_,
+) -> dict:
     """acc: the most likely choice is right; acc_norm: the most likely per character is right."""
     pairs = [encode_pair(tokenizer, item.query, " " + choice) for item in items for choice in item.choices]
     scores = iter(score_pairs(model, pairs, batch_size, progress))
@@ -199,7 +230,16 @@ _WIKITEXT_SPACING = [
     *((f" {p} ", f"{p} ") for p in ":;.!?,"),
 ]
 _WIKITEXT_PAIRS = ["()", "[]", "{}", '""', "''"]
-_WIKITEXT_AFTER = [("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]
+_WIKITEXT_AFTER = [
+    ("= = = =", "===="),
+    ("= = =", "==="),
+    ("= =", "=="),
+    (" \u00b0 ", "\u00b0"),
+    (" \n", "\n"),
+    ("\n ", "\n"),
+    (" N ", " 1 "),
+    (" 's", "'s"),
+]
 
 
 def wikitext_detokenize(text: str) -> str:
@@ -257,9 +297,28 @@ def _as_line(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def score_wikitext(model: torch.nn.Module, tokenizer: Tokenizer, articles: Sequence[str], *, batch_size: int = 8, progress: str | None = None, stride: int | None = None, **_) -> dict:
+def score_wikitext(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    articles: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: str | None = None,
+    stride: int | None = None,
+    **_,
+) -> dict:
     """Word perplexity, byte perplexity and bits per byte over all articles (sums, then ratios)."""
-    stats = total(score_texts(model, tokenizer, [wikitext_detokenize(a) for a in articles], originals=articles, stride=stride, batch_size=batch_size, progress=progress))
+    stats = total(
+        score_texts(
+            model,
+            tokenizer,
+            [wikitext_detokenize(a) for a in articles],
+            originals=articles,
+            stride=stride,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    )
     return {
         "word_perplexity": stats.word_perplexity,
         "byte_perplexity": stats.byte_perplexity,
@@ -288,7 +347,9 @@ TASKS: dict[str, Task] = {
     "lambada": Task(TASK_INFO["lambada"], load_lambada, score_lambada),
     "hellaswag": Task(TASK_INFO["hellaswag"], load_hellaswag, score_choices),
     "wikitext2": Task(TASK_INFO["wikitext2"], lambda data: load_wikitext(data, TASK_INFO["wikitext2"]), score_wikitext),
-    "wikitext103": Task(TASK_INFO["wikitext103"], lambda data: load_wikitext(data, TASK_INFO["wikitext103"]), score_wikitext),
+    "wikitext103": Task(
+        TASK_INFO["wikitext103"], lambda data: load_wikitext(data, TASK_INFO["wikitext103"]), score_wikitext
+    ),
 }
 
 
@@ -306,14 +367,34 @@ def load_items(name: str, data: str | None = None, limit: int | None = None) -> 
     return task.load(data)[:limit]
 
 
-def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, name: str, items: Sequence, *, batch_size: int = 8, stride: int | None = None, progress: bool = True) -> dict:
+def evaluate_task(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    name: str,
+    items: Sequence,
+    *,
+    batch_size: int = 8,
+    stride: int | None = None,
+    progress: bool = True,
+) -> dict:
     """A task's metrics for a loaded model on loaded items."""
-    metrics = get_task(name).score(model, tokenizer, items, batch_size=batch_size, stride=stride, progress=name if progress else None)
+    metrics = get_task(name).score(
+        model, tokenizer, items, batch_size=batch_size, stride=stride, progress=name if progress else None
+    )
     return {"task": name, **metrics}
 
 
-def task_report(name: str, model_spec: str, *, data: str | None = None, limit: int | None = None, device: str = "auto",
-                dtype: str | None = None, quantize: str | None = None, **options) -> dict:
+def task_report(
+    name: str,
+    model_spec: str,
+    *,
+    data: str | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    quantize: str | None = None,
+    **options,
+) -> dict:
     """What `gptwo eval TASK` prints: the task's metrics for one model (data are read before the model loads)."""
     from gptwo.weights import load_model
 

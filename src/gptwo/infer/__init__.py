@@ -5,7 +5,14 @@ weight-only); `Decoder` runs the decode step over a static KV cache, optionally 
 See docs/inference.md for what each choice measured.
 """
 
-from gptwo.infer.decode import Decoder
-from gptwo.infer.prepare import DTYPES, QUANTIZATIONS, parse_dtype, prepare_model
+from gptwo.lazy import lazy_names
 
-__all__ = ["DTYPES", "QUANTIZATIONS", "Decoder", "parse_dtype", "prepare_model"]
+_WHERE = {
+    "DTYPES": "gptwo.infer.prepare",
+    "Decoder": "gptwo.infer.decode",
+    "QUANTIZATIONS": "gptwo.infer.prepare",
+    "parse_dtype": "gptwo.infer.prepare",
+    "prepare_model": "gptwo.infer.prepare",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -12,17 +12,26 @@ from gptwo.errors import GptwoError
 
 def add_commands(sub) -> None:
     """Register `gptwo kernels` and its subcommands on the root parser's subparsers."""
-    kernels = sub.add_parser("kernels", help="gptwo's native CPU kernels: what runs here, and building them ahead.",
-                             description="gptwo's native CPU kernels (one C source, built per instruction set): what this machine runs, "
-                                         "and building them ahead of first use. GPTWO_KERNEL_ISA=avx512|avx2|neon|generic forces an ISA.")
+    kernels = sub.add_parser(
+        "kernels",
+        help="gptwo's native CPU kernels: what runs here, and building them ahead.",
+        description="gptwo's native CPU kernels (one C source, built per instruction set): what this machine runs, "
+        "and building them ahead of first use. GPTWO_KERNEL_ISA=avx512|avx2|neon|generic forces an ISA.",
+    )
     ksub = kernels.add_subparsers(dest="kernels_command", required=True, parser_class=type(kernels), metavar="ACTION")
-    info = ksub.add_parser("info", help="print the ISA in use, why others are off, the compiler, the cache and the kernel per precision",
-                           description="Print the ISA in use, why the others are off, the compiler, the cache folder and the kernel each precision runs. "
-                                       "Builds nothing.")
+    info = ksub.add_parser(
+        "info",
+        help="print the ISA in use, why others are off, the compiler, the cache and the kernel per precision",
+        description="Print the ISA in use, why the others are off, the compiler, the cache folder and the kernel each precision runs. "
+        "Builds nothing.",
+    )
     info.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     info.set_defaults(func=_cmd_info)
-    build = ksub.add_parser("build", help="compile the kernels now (as the first decode would), so later starts do not wait",
-                            description="Compile the kernels now into the private cache, for the ISA in use or for every ISA this CPU runs.")
+    build = ksub.add_parser(
+        "build",
+        help="compile the kernels now (as the first decode would), so later starts do not wait",
+        description="Compile the kernels now into the private cache, for the ISA in use or for every ISA this CPU runs.",
+    )
     build.add_argument("--all", action="store_true", help="build for every ISA this CPU runs, not only the one in use")
     build.set_defaults(func=_cmd_build)
 
@@ -32,10 +41,22 @@ def kernel_info() -> dict:
     from gptwo.infer import native
 
     support = native.isa_support()
-    info: dict = {"isa": None, "forced": bool(os.environ.get("GPTWO_KERNEL_ISA", "").strip() not in ("", "auto")), "best": native.best_isa(),
-                  "isas": {isa: "runs here" if why is None else f"off: {why}" for isa, why in support.items()},
-                  "native": os.environ.get("GPTWO_NATIVE", "1") != "0", "cache": native.cache_dir(), "compiler": None, "compiler_version": None,
-                  "command": None, "library": None, "built": False, "status": None, "kernels": {}, "torch_native_bf16": native.native_bf16()}
+    info: dict = {
+        "isa": None,
+        "forced": bool(os.environ.get("GPTWO_KERNEL_ISA", "").strip() not in ("", "auto")),
+        "best": native.best_isa(),
+        "isas": {isa: "runs here" if why is None else f"off: {why}" for isa, why in support.items()},
+        "native": os.environ.get("GPTWO_NATIVE", "1") != "0",
+        "cache": native.cache_dir(),
+        "compiler": None,
+        "compiler_version": None,
+        "command": None,
+        "library": None,
+        "built": False,
+        "status": None,
+        "kernels": {},
+        "torch_native_bf16": native.native_bf16(),
+    }
     try:
         info["isa"] = native.chosen_isa()
     except GptwoError as err:
@@ -59,7 +80,10 @@ def kernel_info() -> dict:
         if lib is not None:
             for precision in ("fp32", "bf16", "int8"):
                 kind = native.kind_for(precision)
-                info["kernels"][precision] = {"kernel": native.KIND_NAMES[kind], "own_instruction": native.has_instruction(kind)}
+                info["kernels"][precision] = {
+                    "kernel": native.KIND_NAMES[kind],
+                    "own_instruction": native.has_instruction(kind),
+                }
     return info
 
 
@@ -70,12 +94,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     isa = info["isa"] or "none"
     how = "forced by GPTWO_KERNEL_ISA" if info["forced"] else "this CPU's best"
-    lines = [f"isa       {isa} ({how})", *(f"  {name:<8}{state}" for name, state in info["isas"].items()),
-             f"status    {info['status']}", f"compiler  {info['compiler'] or '-'} ({info['compiler_version'] or 'not found'})",
-             f"command   {info['command'] or '-'}", f"cache     {info['cache']}", f"library   {info['library'] or '-'}"]
+    lines = [
+        f"isa       {isa} ({how})",
+        *(f"  {name:<8}{state}" for name, state in info["isas"].items()),
+        f"status    {info['status']}",
+        f"compiler  {info['compiler'] or '-'} ({info['compiler_version'] or 'not found'})",
+        f"command   {info['command'] or '-'}",
+        f"cache     {info['cache']}",
+        f"library   {info['library'] or '-'}",
+    ]
     for precision, kernel in info["kernels"].items():
         lines.append(f"{precision:<10}{kernel['kernel']}{'' if kernel['own_instruction'] else ' (emulated)'}")
-    lines.append(f"torch     native bf16 matmuls: {'yes' if info['torch_native_bf16'] else 'no (bf16 without these kernels is slower than fp32)'}")
+    lines.append(
+        f"torch     native bf16 matmuls: {'yes' if info['torch_native_bf16'] else 'no (bf16 without these kernels is slower than fp32)'}"
+    )
     print("\n".join(lines))
     return 0
 
@@ -92,11 +124,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
         except native.KernelBuildError as err:
             if err.stderr and args.debug:
                 print(err.stderr, file=sys.stderr)
-            raise GptwoError(f"the {isa} kernels did not build: {err}", "install a C compiler with OpenMP (gcc), set CC, or rerun with --debug for "
-                                                                        "the compiler's whole output") from None
+            raise GptwoError(
+                f"the {isa} kernels did not build: {err}",
+                "install a C compiler with OpenMP (gcc), set CC, or rerun with --debug for the compiler's whole output",
+            ) from None
         except OSError as err:
             what, _, fix = str(err).partition(" — ")
-            raise GptwoError(f"the {isa} kernels cannot be loaded: {what}", fix or "remove the kernel cache folder and run again, or set GPTWO_NATIVE=0") from None
+            raise GptwoError(
+                f"the {isa} kernels cannot be loaded: {what}",
+                fix or "remove the kernel cache folder and run again, or set GPTWO_NATIVE=0",
+            ) from None
         print(f"{isa}: {native.library_path(isa, native.source())} (abi {lib.gptwo_abi()})")
     return 0
-

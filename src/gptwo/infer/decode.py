@@ -36,7 +36,9 @@ class Decoder(torch.nn.Module):
         self.model, self.batch_size = model, batch_size
         self.max_len = min(max_len or config.block_size, config.block_size)
         dtype, device = model.transformer.wte.weight.dtype, model.transformer.wte.weight.device
-        self.native = NativeStep(model, self.max_len) if batch_size == 1 and not compile and NativeStep.supports(model) else None
+        self.native = (
+            NativeStep(model, self.max_len) if batch_size == 1 and not compile and NativeStep.supports(model) else None
+        )
         shape = (config.n_layer, batch_size, config.n_head, 0 if self.native else self.max_len, config.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -44,7 +46,11 @@ class Decoder(torch.nn.Module):
         self.compiled, self.frozen = bool(compile), compile == FROZEN
         mode = compile if isinstance(compile, str) and not self.frozen else None
         options = FROZEN_OPTIONS if self.frozen else None
-        self._step = torch.compile(self._static_step, mode=mode, options=options, fullgraph=True, dynamic=False) if compile else self._static_step
+        self._step = (
+            torch.compile(self._static_step, mode=mode, options=options, fullgraph=True, dynamic=False)
+            if compile
+            else self._static_step
+        )
 
     def forward(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Last-position logits (B, vocab) for `idx` (B, T) continuing `start` cached tokens; writes the cache."""
@@ -57,10 +63,17 @@ class Decoder(torch.nn.Module):
         return self._run(token, pos, static=True)
 
     def _run(self, idx: torch.Tensor, pos: torch.Tensor, static: bool) -> torch.Tensor:
-        tf, (B, T), n_head, n_embd = self.model.transformer, idx.shape, self.model.config.n_head, self.model.config.n_embd
+        tf, (B, T), n_head, n_embd = (
+            self.model.transformer,
+            idx.shape,
+            self.model.config.n_head,
+            self.model.config.n_embd,
+        )
         x = tf.wte(idx) + tf.wpe(pos)
         end = None if static else int(pos[-1]) + 1  # eager: attend over the written slots only
-        mask = self.slots[None, :end] <= pos[:, None] if (static or T > 1) else None  # (T, slots); one new token sees all
+        mask = (
+            self.slots[None, :end] <= pos[:, None] if (static or T > 1) else None
+        )  # (T, slots); one new token sees all
         for layer, block in enumerate(tf.h):
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).split(n_embd, dim=2)
@@ -80,21 +93,38 @@ class Decoder(torch.nn.Module):
             return self._step(token, pos)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """`idx` (B, T) followed by `max_new_tokens` tokens; temperature 0 (the default) is greedy."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         B, T = idx.shape
         if B != self.batch_size:
-            raise GptwoError(f"a batch of {B} prompts was given to a decoder built for {self.batch_size}", f"build Decoder(model, batch_size={B})")
+            raise GptwoError(
+                f"a batch of {B} prompts was given to a decoder built for {self.batch_size}",
+                f"build Decoder(model, batch_size={B})",
+            )
         if T + max_new_tokens > self.max_len:
-            raise GptwoError(f"{T} prompt tokens + {max_new_tokens} new ones exceed the decoder's {self.max_len} slots", "ask for fewer tokens or a larger max_len")
+            raise GptwoError(
+                f"{T} prompt tokens + {max_new_tokens} new ones exceed the decoder's {self.max_len} slots",
+                "ask for fewer tokens or a larger max_len",
+            )
         if max_new_tokens == 0:
             return idx
         logits = self.forward(idx, 0)
         out = [sample_next(logits, temperature, top_k, top_p, generator)]
         for step in range(1, max_new_tokens):
             pos = torch.tensor([T + step - 1], device=idx.device)
-            logits = self._compiled_step(out[-1][:, None], pos) if self.compiled else self.forward(out[-1][:, None], T + step - 1)
+            logits = (
+                self._compiled_step(out[-1][:, None], pos)
+                if self.compiled
+                else self.forward(out[-1][:, None], T + step - 1)
+            )
             out.append(sample_next(logits, temperature, top_k, top_p, generator))
         return torch.cat([idx, torch.stack(out, dim=1)], dim=1)

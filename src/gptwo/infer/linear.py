@@ -81,7 +81,9 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and not torch.compiler.is_compiling():  # Dynamo cannot trace ctypes
+        if (
+            flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and not torch.compiler.is_compiling()
+        ):  # Dynamo cannot trace ctypes
             y = native.linear(self.kind, self.w, self.scales, self.bias, flat.float().contiguous())
         elif self.scales is not None:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.w, self.scales_bf16).float()

@@ -31,11 +31,22 @@ import torch
 from gptwo.errors import GptwoError
 
 F32, BF16, BF16_DP, I8, I8_VNNI, I8_W16 = range(6)  # kernel kinds, as in the C source
-KIND_NAMES = {F32: "fp32", BF16: "bf16 widened to fp32", BF16_DP: "bf16 dot (activations rounded to bf16)", I8: "int8 widened to fp32",
-              I8_VNNI: "int8 x int8 (activations int8 per 64)", I8_W16: "int8 x int16 (activations int16 per token)"}
+KIND_NAMES = {
+    F32: "fp32",
+    BF16: "bf16 widened to fp32",
+    BF16_DP: "bf16 dot (activations rounded to bf16)",
+    I8: "int8 widened to fp32",
+    I8_VNNI: "int8 x int8 (activations int8 per 64)",
+    I8_W16: "int8 x int16 (activations int16 per token)",
+}
 ABI = 2  # GPTWO_ABI in the C source: the functions' signatures, gptwo_step's pointer table and dimensions
 ISAS = ("avx512", "avx2", "neon", "generic")  # best first
-ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native"], "neon": ["-march=armv8-a"], "generic": ["-DGPTWO_GENERIC"]}
+ISA_FLAGS = {
+    "avx512": ["-march=native"],
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],
+    "neon": ["-march=armv8-a"],
+    "generic": ["-DGPTWO_GENERIC"],
+}
 SOURCE = "gptwo_kernels.c"
 BUILD_TIMEOUT_S = 120.0
 _libs: dict[str, ctypes.CDLL | None] = {}  # ISA -> the loaded library, or None when it could not be had
@@ -55,7 +66,9 @@ def cpu_flag_set() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (x86's `flags`, ARM's `Features`); empty elsewhere."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), []))
+            return set(
+                next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+            )
     except OSError:
         return set()
 
@@ -93,10 +106,16 @@ def chosen_isa() -> str:
     if not forced or forced == "auto":
         return best_isa()
     if forced not in ISAS:
-        raise GptwoError(f"GPTWO_KERNEL_ISA={forced} is not an instruction set of gptwo's kernels", f"use one of {', '.join(ISAS)} or auto, or unset it")
+        raise GptwoError(
+            f"GPTWO_KERNEL_ISA={forced} is not an instruction set of gptwo's kernels",
+            f"use one of {', '.join(ISAS)} or auto, or unset it",
+        )
     why = isa_support()[forced]
     if why is not None:
-        raise GptwoError(f"GPTWO_KERNEL_ISA={forced} cannot run here: {why}", f"use {best_isa()} (this CPU's best) or generic, or unset it")
+        raise GptwoError(
+            f"GPTWO_KERNEL_ISA={forced} cannot run here: {why}",
+            f"use {best_isa()} (this CPU's best) or generic, or unset it",
+        )
     return forced
 
 
@@ -111,12 +130,18 @@ def private_dir(directory: str) -> str:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     info = os.stat(directory)
     if not stat.S_ISDIR(info.st_mode):
-        raise OSError(f"the kernel cache {directory} is not a folder — remove it or set GPTWO_KERNEL_CACHE to a private folder")
+        raise OSError(
+            f"the kernel cache {directory} is not a folder — remove it or set GPTWO_KERNEL_CACHE to a private folder"
+        )
     if info.st_uid != os.geteuid():
-        raise OSError(f"the kernel cache {directory} belongs to another user (uid {info.st_uid}) — set GPTWO_KERNEL_CACHE to a folder of your own")
+        raise OSError(
+            f"the kernel cache {directory} belongs to another user (uid {info.st_uid}) — set GPTWO_KERNEL_CACHE to a folder of your own"
+        )
     if info.st_mode & 0o022:
-        raise OSError(f"the kernel cache {directory} is writable by others (mode {stat.S_IMODE(info.st_mode):o}) — "
-                      f"remove it (rm -r {directory}) or set GPTWO_KERNEL_CACHE to a private folder")
+        raise OSError(
+            f"the kernel cache {directory} is writable by others (mode {stat.S_IMODE(info.st_mode):o}) — "
+            f"remove it (rm -r {directory}) or set GPTWO_KERNEL_CACHE to a private folder"
+        )
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(directory, 0o700)  # ours and not writable by others: made private, nothing planted could be in it
     return directory
@@ -139,7 +164,15 @@ def compiler() -> tuple[str, str]:
 
 
 def build_command(isa: str, compiler_path: str) -> list[str]:
-    return [compiler_path, "-O3", "-ffp-contract=fast", *ISA_FLAGS[isa], "-fopenmp", "-shared", "-fPIC"]  # then -o OUT SOURCE -lm
+    return [
+        compiler_path,
+        "-O3",
+        "-ffp-contract=fast",
+        *ISA_FLAGS[isa],
+        "-fopenmp",
+        "-shared",
+        "-fPIC",
+    ]  # then -o OUT SOURCE -lm
 
 
 def library_path(isa: str, source: bytes) -> str:
@@ -165,7 +198,12 @@ def _trusted(target: str) -> bool:
             recorded = f.read().strip()
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022 and _digest(target) == recorded
+    return (
+        stat.S_ISREG(info.st_mode)
+        and info.st_uid == os.geteuid()
+        and not info.st_mode & 0o022
+        and _digest(target) == recorded
+    )
 
 
 def _build(isa: str, source: bytes) -> str:
@@ -180,13 +218,23 @@ def _build(isa: str, source: bytes) -> str:
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         with open(os.path.join(tmp, SOURCE), "wb") as f:
             f.write(source)
-        command = [*build_command(isa, path), "-o", "k.so", SOURCE, "-lm"]  # relative names: the same bytes from every build
+        command = [
+            *build_command(isa, path),
+            "-o",
+            "k.so",
+            SOURCE,
+            "-lm",
+        ]  # relative names: the same bytes from every build
         try:
             done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise KernelBuildError(f"the compiler took over {timeout:g} s (GPTWO_KERNEL_BUILD_TIMEOUT)") from None
         if done.returncode != 0:
-            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.strip().splitlines() or ["?"]
+            lines = (
+                [line for line in done.stderr.splitlines() if "error" in line]
+                or done.stderr.strip().splitlines()
+                or ["?"]
+            )
             raise KernelBuildError(f"the compiler failed: {lines[0].strip()}", done.stderr)
         built = os.path.join(tmp, "k.so")
         os.chmod(built, 0o600)
@@ -231,7 +279,9 @@ def load(isa: str) -> ctypes.CDLL:
     lib = _bind(lib)
     built_for = lib.gptwo_isa().decode()
     if built_for != isa:
-        raise OSError(f"the compiler built the {isa} kernels as {built_for} (its flags {' '.join(ISA_FLAGS[isa])} were not honoured)")
+        raise OSError(
+            f"the compiler built the {isa} kernels as {built_for} (its flags {' '.join(ISA_FLAGS[isa])} were not honoured)"
+        )
     return lib
 
 
@@ -272,7 +322,9 @@ def kind_for(weight_dtype: str) -> int | None:
         return None
     if weight_dtype == "fp32":
         return F32
-    if weight_dtype == "bf16":  # the bf16 dot only where the CPU has it: emulated, it is the widening kernel plus rounding
+    if (
+        weight_dtype == "bf16"
+    ):  # the bf16 dot only where the CPU has it: emulated, it is the widening kernel plus rounding
         return BF16_DP if os.environ.get("GPTWO_NATIVE_BF16", "dp") == "dp" and has_instruction(BF16_DP) else BF16
     return {"vnni": I8_VNNI, "w16": I8_W16, "widen": I8}.get(os.environ.get("GPTWO_NATIVE_INT8", "w16"), I8_W16)
 
@@ -287,14 +339,22 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def linear(kind: int, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def linear(
+    kind: int, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
     """`x (M, K) fp32 @ weight.T * scale + bias` on the native kernel: weight (N, K) contiguous, scale/bias fp32 (N,)."""
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
-    status = library().gptwo_linear(kind, ptr(weight), ptr(scale), ptr(bias), ptr(x), ptr(y), M, K, N, torch.get_num_threads())
+    status = library().gptwo_linear(
+        kind, ptr(weight), ptr(scale), ptr(bias), ptr(x), ptr(y), M, K, N, torch.get_num_threads()
+    )
     if status:
-        raise MemoryError(f"the native linear could not allocate its scratch ({M}x{K})") if status == 2 else ValueError(f"kernel kind {kind} or shape {M}x{K}x{N} is not valid")
+        raise (
+            MemoryError(f"the native linear could not allocate its scratch ({M}x{K})")
+            if status == 2
+            else ValueError(f"kernel kind {kind} or shape {M}x{K}x{N} is not valid")
+        )
     return y
 
 
@@ -316,8 +376,16 @@ class NativeStep:
         self.keep: list[torch.Tensor] = []
         pointers: list[int | None] = []
         for block in tf.h:
-            parts = [f32(block.ln_1.weight), f32(block.ln_1.bias), *_linear_parts(block.attn.c_attn), *_linear_parts(block.attn.c_proj),
-                     f32(block.ln_2.weight), f32(block.ln_2.bias), *_linear_parts(block.mlp.c_fc), *_linear_parts(block.mlp.c_proj)]
+            parts = [
+                f32(block.ln_1.weight),
+                f32(block.ln_1.bias),
+                *_linear_parts(block.attn.c_attn),
+                *_linear_parts(block.attn.c_proj),
+                f32(block.ln_2.weight),
+                f32(block.ln_2.bias),
+                *_linear_parts(block.mlp.c_fc),
+                *_linear_parts(block.mlp.c_proj),
+            ]
             self.keep += [t for t in parts if t is not None]
             pointers += [ptr(t) for t in parts]
         shape = (config.n_layer, config.n_head, max_len, config.head_dim)
@@ -329,12 +397,23 @@ class NativeStep:
         pointers += [ptr(t) for t in tail]
         self.pointers = (ctypes.c_void_p * len(pointers))(*pointers)
         threads = int(os.environ.get("GPTWO_NATIVE_THREADS") or torch.get_num_threads())
-        dims = [config.n_layer, config.n_embd, config.n_head, config.vocab_size, max_len, model.lm_head.kind, int(wte.dtype == torch.bfloat16), threads]
+        dims = [
+            config.n_layer,
+            config.n_embd,
+            config.n_head,
+            config.vocab_size,
+            max_len,
+            model.lm_head.kind,
+            int(wte.dtype == torch.bfloat16),
+            threads,
+        ]
         self.dims = (ctypes.c_int64 * len(dims))(*dims)
         self.eps = float(config.layer_norm_eps)
         scratch_bytes = lib.gptwo_step_scratch_bytes(self.dims, STEP_CHUNK)
         if scratch_bytes == 0:
-            raise GptwoError(f"the native step does not take this shape ({dims})", "use GPTWO_NATIVE=0 for torch's path")
+            raise GptwoError(
+                f"the native step does not take this shape ({dims})", "use GPTWO_NATIVE=0 for torch's path"
+            )
         self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
         self.logits = torch.empty(config.vocab_size)
         self.length: int | None = None  # tokens in the cache after the last call
@@ -346,19 +425,35 @@ class NativeStep:
 
         tf = model.transformer
         linears = [m for b in tf.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]
-        return (all(isinstance(m, NativeLinear) for m in linears) and len({m.kind for m in linears}) == 1
-                and tf.wte.weight.device.type == "cpu" and tf.wte.weight.dtype in (torch.float32, torch.bfloat16)
-                and model.config.n_embd % model.config.n_head == 0 and library() is not None)
+        return (
+            all(isinstance(m, NativeLinear) for m in linears)
+            and len({m.kind for m in linears}) == 1
+            and tf.wte.weight.device.type == "cpu"
+            and tf.wte.weight.dtype in (torch.float32, torch.bfloat16)
+            and model.config.n_embd % model.config.n_head == 0
+            and library() is not None
+        )
 
     def __call__(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (1, vocab) after tokens `idx` (1, T) at positions start..start+T-1; their keys/values enter the cache."""
         tokens = idx.reshape(-1).to(torch.int64).contiguous()
         for first in range(0, tokens.numel(), STEP_CHUNK):
             chunk = tokens[first : first + STEP_CHUNK]
-            if self.lib.gptwo_step(self.pointers, self.dims, self.eps, ptr(chunk), chunk.numel(), start + first, ptr(self.logits), ptr(self.scratch),
-                                   self.scratch.numel()):
-                raise GptwoError(f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, or an id is outside the vocabulary",
-                                 "pass token ids below the vocabulary size and stay within the context")
+            if self.lib.gptwo_step(
+                self.pointers,
+                self.dims,
+                self.eps,
+                ptr(chunk),
+                chunk.numel(),
+                start + first,
+                ptr(self.logits),
+                ptr(self.scratch),
+                self.scratch.numel(),
+            ):
+                raise GptwoError(
+                    f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, or an id is outside the vocabulary",
+                    "pass token ids below the vocabulary size and stay within the context",
+                )
         self.length = start + tokens.numel()
         return self.logits.clone()[None]
 

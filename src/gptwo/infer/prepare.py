@@ -35,18 +35,30 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def check_quantize(quantize: str | None) -> None:
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise GptwoError(f"quantization '{quantize}' is not supported", f"use one of {', '.join(QUANTIZATIONS)}, or leave it out")
+        raise GptwoError(
+            f"quantization '{quantize}' is not supported", f"use one of {', '.join(QUANTIZATIONS)}, or leave it out"
+        )
 
 
 def _linears(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) for every linear layer of the blocks and the head."""
-    found = [(parent, name, child) for parent in model.transformer.h.modules() for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    found = [
+        (parent, name, child)
+        for parent in model.transformer.h.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     return found + [(model, "lm_head", model.lm_head)]
 
 
 @torch.no_grad()
-def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: str | None = None, transpose: bool = True,
-                  native_kernels: bool = True) -> GPT:
+def prepare_model(
+    model: GPT,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    transpose: bool = True,
+    native_kernels: bool = True,
+) -> GPT:
     """`model` (changed in place, eval mode) with its weights in `dtype` and its linears re-laid for decoding.
 
     `quantize="int8"`: weight-only int8 with per-output-channel scales (activations stay in `dtype`).
@@ -64,9 +76,15 @@ def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: 
     for parent, name, linear in _linears(model):
         if kind is not None:
             replacement = NativeLinear(linear, kind)
-        elif quantize == "int8":  # torch's int8 kernel: bf16 activations only where bf16 is native (fp32 is more accurate and no slower elsewhere)
-            replacement = Int8Linear(linear, torch.bfloat16 if torch_dtype == torch.bfloat16 or linear.weight.device.type != "cpu" or native.native_bf16()
-                                     else torch.float32)
+        elif (
+            quantize == "int8"
+        ):  # torch's int8 kernel: bf16 activations only where bf16 is native (fp32 is more accurate and no slower elsewhere)
+            replacement = Int8Linear(
+                linear,
+                torch.bfloat16
+                if torch_dtype == torch.bfloat16 or linear.weight.device.type != "cpu" or native.native_bf16()
+                else torch.float32,
+            )
         elif transpose:
             replacement = TransposedLinear(linear)
         else:
@@ -76,7 +94,11 @@ def prepare_model(model: GPT, dtype: str | torch.dtype | None = None, quantize: 
         model.lm_head.weight = model.transformer.wte.weight  # still tied: dtype/device readers and save paths see wte
     for p in model.parameters():
         p.requires_grad_(False)
-    setattr(model, PREPARED, {"dtype": {v: k for k, v in DTYPES.items()}.get(torch_dtype, str(torch_dtype)), "quantize": quantize})
+    setattr(
+        model,
+        PREPARED,
+        {"dtype": {v: k for k, v in DTYPES.items()}.get(torch_dtype, str(torch_dtype)), "quantize": quantize},
+    )
     return model
 
 
@@ -100,7 +122,10 @@ def _note_slow_precision(dtype: torch.dtype, quantize: str | None) -> None:
     if why is not None and why not in _noted:
         _noted.add(why)
         off = native.why_off() or "off"
-        print(f"note: {why} (gptwo's native kernels: {off}); use --dtype fp32 for speed, or see `gptwo kernels info`", file=sys.stderr)
+        print(
+            f"note: {why} (gptwo's native kernels: {off}); use --dtype fp32 for speed, or see `gptwo kernels info`",
+            file=sys.stderr,
+        )
 
 
 def _native_kind(model: GPT, dtype: torch.dtype, quantize: str | None) -> int | None:

@@ -22,8 +22,13 @@ from gptwo.errors import GptwoError
 
 DELTA = 1e-3
 # Hoffmann et al.'s grid of starts: α, β, e, a, b. Every point is scored; L-BFGS runs from the best few.
-GRID = dict(alpha=(0.0, 0.5, 1.0, 1.5, 2.0), beta=(0.0, 0.5, 1.0, 1.5, 2.0), e=(-1.0, -0.5, 0.0, 0.5, 1.0),
-            a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0))
+GRID = dict(
+    alpha=(0.0, 0.5, 1.0, 1.5, 2.0),
+    beta=(0.0, 0.5, 1.0, 1.5, 2.0),
+    e=(-1.0, -0.5, 0.0, 0.5, 1.0),
+    a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    b=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+)
 BOUNDS = [(None, None)] * 3 + [(0.0, 5.0)] * 2  # exponents kept non-negative and finite
 STARTS = 8  # L-BFGS runs from this many of the grid's best points
 
@@ -35,7 +40,10 @@ def read_points(paths: list[str], exclude_budgets: list[float] | None = None) ->
     for path in paths:
         source = os.path.join(path, "results.jsonl") if os.path.isdir(path) else path
         if not os.path.isfile(source):
-            raise GptwoError(f"{path} is neither a sweep folder with results.jsonl nor a JSONL file", "pass the --out folder of 'gptwo scale run', or a JSONL file")
+            raise GptwoError(
+                f"{path} is neither a sweep folder with results.jsonl nor a JSONL file",
+                "pass the --out folder of 'gptwo scale run', or a JSONL file",
+            )
         with open(source, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
@@ -49,8 +57,10 @@ def _point(line: str, where: str) -> dict:
         row = json.loads(line)
         point = {**row, "params": float(row["params"]), "tokens": float(row["tokens"]), "loss": float(row["loss"])}
     except (ValueError, TypeError, KeyError) as err:
-        raise GptwoError(f"{where} is not a JSON object with numbers params, tokens and loss ({err})",
-                         'write one {"params": N, "tokens": D, "loss": L} per line') from None
+        raise GptwoError(
+            f"{where} is not a JSON object with numbers params, tokens and loss ({err})",
+            'write one {"params": N, "tokens": D, "loss": L} per line',
+        ) from None
     if not all(math.isfinite(point[k]) and point[k] > 0 for k in ("params", "tokens", "loss")):
         raise GptwoError(f"{where}: params, tokens and loss must be positive and finite", "drop or fix that run")
     point.setdefault("flops", 6.0 * point["params"] * point["tokens"])
@@ -66,9 +76,13 @@ def parse_point(text: str) -> tuple[float, float]:
     try:
         n, d = (float(v) for v in text.split(","))
     except ValueError:
-        raise GptwoError(f"--predict '{text}' is not N,D", "write parameters and tokens like --predict 1e6,2e7") from None
+        raise GptwoError(
+            f"--predict '{text}' is not N,D", "write parameters and tokens like --predict 1e6,2e7"
+        ) from None
     if n <= 0 or d <= 0:
-        raise GptwoError(f"--predict '{text}' needs positive N and D", "write parameters and tokens like --predict 1e6,2e7")
+        raise GptwoError(
+            f"--predict '{text}' needs positive N and D", "write parameters and tokens like --predict 1e6,2e7"
+        )
     return n, d
 
 
@@ -88,13 +102,22 @@ def _log_model(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> tuple
     return top + np.log(total), weights / total
 
 
-def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray, delta: float = DELTA) -> tuple[float, np.ndarray]:
+def _objective(
+    theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray, delta: float = DELTA
+) -> tuple[float, np.ndarray]:
     """Summed Huber loss of log-space residuals and its gradient in (a, b, e, α, β)."""
     model, weights = _log_model(theta, log_n, log_d)
     residual = model - log_loss
     slope = np.where(np.abs(residual) <= delta, residual, delta * np.sign(residual))
-    grad = np.array([(slope * weights[0]).sum(), (slope * weights[1]).sum(), (slope * weights[2]).sum(),
-                     -(slope * weights[0] * log_n).sum(), -(slope * weights[1] * log_d).sum()])
+    grad = np.array(
+        [
+            (slope * weights[0]).sum(),
+            (slope * weights[1]).sum(),
+            (slope * weights[2]).sum(),
+            -(slope * weights[0] * log_n).sum(),
+            -(slope * weights[1] * log_d).sum(),
+        ]
+    )
     return float(_huber(residual, delta).sum()), grad
 
 
@@ -106,7 +129,9 @@ def grid_starts(data: tuple[np.ndarray, ...], count: int = STARTS, delta: float 
     return list(grid[np.argsort(values)[:count]])
 
 
-def _minimise(starts: list[np.ndarray], data: tuple[np.ndarray, ...], delta: float = DELTA) -> tuple[np.ndarray, list[tuple[float, np.ndarray]]]:
+def _minimise(
+    starts: list[np.ndarray], data: tuple[np.ndarray, ...], delta: float = DELTA
+) -> tuple[np.ndarray, list[tuple[float, np.ndarray]]]:
     """L-BFGS from each start; the best optimum and all (value, θ) found, best first.
 
     BLAS runs on one thread: L-BFGS-B's small matrix steps are 20x slower with threads waiting on busy cores.
@@ -118,20 +143,37 @@ def _minimise(starts: list[np.ndarray], data: tuple[np.ndarray, ...], delta: flo
     found = []
     with threadpool_limits(1):
         for start in starts:
-            result = minimize(_objective, start, args=(*data, delta), jac=True, method="L-BFGS-B", bounds=BOUNDS, options={"maxiter": 500, "gtol": 1e-10, "ftol": 1e-13})
+            result = minimize(
+                _objective,
+                start,
+                args=(*data, delta),
+                jac=True,
+                method="L-BFGS-B",
+                bounds=BOUNDS,
+                options={"maxiter": 500, "gtol": 1e-10, "ftol": 1e-13},
+            )
             if np.all(np.isfinite(result.x)):
                 found.append((float(result.fun), result.x))
     if not found:
-        raise GptwoError("the fit did not converge from any start", "check the runs' losses (positive, finite, decreasing with N and D)")
+        raise GptwoError(
+            "the fit did not converge from any start",
+            "check the runs' losses (positive, finite, decreasing with N and D)",
+        )
     found.sort(key=lambda item: item[0])
     return found[0][1], found
 
 
 def _arrays(points: list[dict]) -> tuple[np.ndarray, ...]:
-    return (np.log([p["params"] for p in points]), np.log([p["tokens"] for p in points]), np.log([p["loss"] for p in points]))
+    return (
+        np.log([p["params"] for p in points]),
+        np.log([p["tokens"] for p in points]),
+        np.log([p["loss"] for p in points]),
+    )
 
 
-def fit_constants(points: list[dict], starts: list[np.ndarray] | None = None, delta: float = DELTA, count: int = STARTS) -> dict:
+def fit_constants(
+    points: list[dict], starts: list[np.ndarray] | None = None, delta: float = DELTA, count: int = STARTS
+) -> dict:
     """E, A, B, alpha, beta fitted to runs (Huber δ on log loss, L-BFGS from the grid's `count` best points or the given starts)."""
     data = _arrays(points)
     best, found = _minimise(starts or grid_starts(data, count, delta), data, delta)
@@ -164,7 +206,13 @@ def compute_optimal(constants: dict, budget: float, corpus: tuple[float, float] 
     g = (alpha * constants["A"] / (beta * constants["B"])) ** (1 / (alpha + beta))
     params = g * (budget / 6) ** (beta / (alpha + beta))
     tokens = (budget / 6) ** (alpha / (alpha + beta)) / g
-    return {"flops": budget, "params": params, "tokens": tokens, "tokens_per_param": tokens / params, "loss": predict(constants, params, tokens)}
+    return {
+        "flops": budget,
+        "params": params,
+        "tokens": tokens,
+        "tokens_per_param": tokens / params,
+        "loss": predict(constants, params, tokens),
+    }
 
 
 def optimal_exponents(constants: dict) -> dict:
@@ -188,8 +236,15 @@ def isoflop_minima(points: list[dict]) -> list[dict]:
         log_n = -c1 / (2 * c2)
         params = math.exp(log_n)
         flops = float(np.mean([p["flops"] for p in group]))
-        minima.append({"budget": budget, "params": params, "tokens": flops / (6 * params), "loss": float(c0 + c1 * log_n + c2 * log_n**2),
-                       "inside": bool(x.min() <= log_n <= x.max())})
+        minima.append(
+            {
+                "budget": budget,
+                "params": params,
+                "tokens": flops / (6 * params),
+                "loss": float(c0 + c1 * log_n + c2 * log_n**2),
+                "inside": bool(x.min() <= log_n <= x.max()),
+            }
+        )
     return minima
 
 
@@ -204,14 +259,24 @@ def isoflop_exponents(minima: list[dict]) -> dict | None:
 
 
 # ---------------------------------------------------------------- the report
-def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budgets: list[float] = (), bootstrap: int = 200, seed: int = 0,
-               delta: float = DELTA, corpus: tuple[float, float] | None = None) -> dict:
+def fit_report(
+    points: list[dict],
+    queries: list[tuple[float, float]] = (),
+    budgets: list[float] = (),
+    bootstrap: int = 200,
+    seed: int = 0,
+    delta: float = DELTA,
+    corpus: tuple[float, float] | None = None,
+) -> dict:
     """Constants, bootstrap intervals, compute-optimal allocations, IsoFLOP minima and predictions (one JSON-able dict).
 
     With `corpus` = (U, R*) the points' tokens are already the effective D′, and queries and budgets count tokens read.
     """
     if len(points) < 5:
-        raise GptwoError(f"{len(points)} runs to fit; L(N, D) has five constants", "train at least 5 runs (better 12 or more, over 3 budgets or more)")
+        raise GptwoError(
+            f"{len(points)} runs to fit; L(N, D) has five constants",
+            "train at least 5 runs (better 12 or more, over 3 budgets or more)",
+        )
     if not delta > 0:
         raise GptwoError(f"Huber delta {delta} must be positive", "use e.g. --delta 1e-3 (the papers') or 1e-2")
     fit = fit_constants(points, delta=delta)
@@ -219,15 +284,29 @@ def fit_report(points: list[dict], queries: list[tuple[float, float]] = (), budg
     samples = _bootstrap(points, fit, bootstrap, seed, delta)
     minima = isoflop_minima(points)
     budgets = list(budgets) or sorted({p["budget"] for p in points if p.get("budget")})[-1:]
-    report = {**constants, "objective": fit["objective"], "runs": len(points), "delta": delta,
-              "formula": "L(N, D) = E + A/N^alpha + B/D^beta; C = 6*N*D", **optimal_exponents(constants),
-              "intervals": _intervals(samples, budgets, corpus), "bootstrap": len(samples),
-              "optimal": [compute_optimal(constants, c, corpus) for c in budgets],
-              "isoflop": minima, "isoflop_exponents": isoflop_exponents(minima),
-              "residuals": {"rms_log": float(np.sqrt(np.mean([math.log(_predicted(constants, p) / p["loss"]) ** 2 for p in points])))},
-              "predictions": [_prediction(constants, samples, n, d, corpus) for n, d in queries]}
+    report = {
+        **constants,
+        "objective": fit["objective"],
+        "runs": len(points),
+        "delta": delta,
+        "formula": "L(N, D) = E + A/N^alpha + B/D^beta; C = 6*N*D",
+        **optimal_exponents(constants),
+        "intervals": _intervals(samples, budgets, corpus),
+        "bootstrap": len(samples),
+        "optimal": [compute_optimal(constants, c, corpus) for c in budgets],
+        "isoflop": minima,
+        "isoflop_exponents": isoflop_exponents(minima),
+        "residuals": {
+            "rms_log": float(np.sqrt(np.mean([math.log(_predicted(constants, p) / p["loss"]) ** 2 for p in points])))
+        },
+        "predictions": [_prediction(constants, samples, n, d, corpus) for n, d in queries],
+    }
     if corpus is not None:
-        report["repeats"] = {"unique_tokens": corpus[0], "rstar": corpus[1], "formula": "D' = U + U*R*(1 - exp(-R/R*)), R = D/U - 1 (Muennighoff et al. 2023)"}
+        report["repeats"] = {
+            "unique_tokens": corpus[0],
+            "rstar": corpus[1],
+            "formula": "D' = U + U*R*(1 - exp(-R/R*)), R = D/U - 1 (Muennighoff et al. 2023)",
+        }
         report["formula"] = "L(N, D') = E + A/N^alpha + B/D'^beta; C = 6*N*D, D tokens read"
     return report
 
@@ -262,7 +341,9 @@ def _intervals(samples: list[dict], budgets: list[float], corpus: tuple[float, f
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in series.items()}
 
 
-def _prediction(constants: dict, samples: list[dict], params: float, tokens: float, corpus: tuple[float, float] | None = None) -> dict:
+def _prediction(
+    constants: dict, samples: list[dict], params: float, tokens: float, corpus: tuple[float, float] | None = None
+) -> dict:
     fitted = tokens
     if corpus is not None:
         from gptwo.scale.repeats import effective_tokens
@@ -285,27 +366,41 @@ def format_report(report: dict) -> str:
         span = f" [{format(iv[key][0], fmt)}, {format(iv[key][1], fmt)}]" if key in iv else ""
         return f"{key} = {format(report[key], fmt)}{span}"
 
-    lines = [f"L(N, D) = E + A/N^alpha + B/D^beta fitted to {report['runs']} runs (Huber delta={report['delta']} on log loss; "
-             f"95% bootstrap intervals over {report['bootstrap']} resamples; rms log residual {report['residuals']['rms_log']:.4f})",
-             "  " + ", ".join(show(k, ".4g") for k in ("E", "A", "B", "alpha", "beta")),
-             f"  compute-optimal: N_opt ~ C^{report['a']:.3f}, D_opt ~ C^{report['b']:.3f}"
-             + (" (without repeats; with them the optimum is found numerically below)" if "repeats" in report else "")]
+    lines = [
+        f"L(N, D) = E + A/N^alpha + B/D^beta fitted to {report['runs']} runs (Huber delta={report['delta']} on log loss; "
+        f"95% bootstrap intervals over {report['bootstrap']} resamples; rms log residual {report['residuals']['rms_log']:.4f})",
+        "  " + ", ".join(show(k, ".4g") for k in ("E", "A", "B", "alpha", "beta")),
+        f"  compute-optimal: N_opt ~ C^{report['a']:.3f}, D_opt ~ C^{report['b']:.3f}"
+        + (" (without repeats; with them the optimum is found numerically below)" if "repeats" in report else ""),
+    ]
     if "repeats" in report:
-        lines.insert(1, f"  D is effective data D' = U + U*R*(1 - exp(-R/R*)), U = {report['repeats']['unique_tokens']:.0f} unique tokens, "
-                        f"R* = {report['repeats']['rstar']:g} (Muennighoff et al. 2023); D below counts tokens read")
+        lines.insert(
+            1,
+            f"  D is effective data D' = U + U*R*(1 - exp(-R/R*)), U = {report['repeats']['unique_tokens']:.0f} unique tokens, "
+            f"R* = {report['repeats']['rstar']:g} (Muennighoff et al. 2023); D below counts tokens read",
+        )
     for o in report["optimal"]:
         n_span, d_span = (iv.get(f"{k}_opt@{o['flops']:g}") for k in ("params", "tokens"))
-        lines.append(f"  at C={o['flops']:.3g}: N_opt={o['params']:.3g}" + (f" [{n_span[0]:.3g}, {n_span[1]:.3g}]" if n_span else "")
-                     + f", D_opt={o['tokens']:.3g}" + (f" [{d_span[0]:.3g}, {d_span[1]:.3g}]" if d_span else "")
-                     + f" ({o['tokens_per_param']:.1f} tokens/param), loss {o['loss']:.4f}")
+        lines.append(
+            f"  at C={o['flops']:.3g}: N_opt={o['params']:.3g}"
+            + (f" [{n_span[0]:.3g}, {n_span[1]:.3g}]" if n_span else "")
+            + f", D_opt={o['tokens']:.3g}"
+            + (f" [{d_span[0]:.3g}, {d_span[1]:.3g}]" if d_span else "")
+            + f" ({o['tokens_per_param']:.1f} tokens/param), loss {o['loss']:.4f}"
+        )
     if "best" in report:
         best = report["best"]
         span = f" [{best['interval'][0]:.4f}, {best['interval'][1]:.4f}]" if best.get("interval") else ""
-        lines.append(f"  predicted best run at C={best['budget']:.3g}: loss {best['loss']:.4f}{span} ({best['method'].split('best=')[-1]}); "
-                     f"lowest predicted shape {', '.join(best['best_shape'])}")
-    lines += [f"  IsoFLOP minimum at C={m['budget']:.3g}: N={m['params']:.3g}, D={m['tokens']:.3g}, loss {m['loss']:.4f}" if m["inside"]
-              else f"  IsoFLOP minimum at C={m['budget']:.3g}: outside the runs' N (their shapes do not bracket it; not used)"
-              for m in report["isoflop"]]
+        lines.append(
+            f"  predicted best run at C={best['budget']:.3g}: loss {best['loss']:.4f}{span} ({best['method'].split('best=')[-1]}); "
+            f"lowest predicted shape {', '.join(best['best_shape'])}"
+        )
+    lines += [
+        f"  IsoFLOP minimum at C={m['budget']:.3g}: N={m['params']:.3g}, D={m['tokens']:.3g}, loss {m['loss']:.4f}"
+        if m["inside"]
+        else f"  IsoFLOP minimum at C={m['budget']:.3g}: outside the runs' N (their shapes do not bracket it; not used)"
+        for m in report["isoflop"]
+    ]
     if report["isoflop_exponents"]:
         lines.append(f"  IsoFLOP minima: N_opt ~ C^{report['isoflop_exponents']['a']:.3f}")
     for p in report["predictions"]:

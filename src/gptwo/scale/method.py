@@ -39,8 +39,10 @@ class Method:
     def label(self) -> str:
         """A short name for tables."""
         repeats = f", repeats=muennighoff R*={self.repeats.rstar:g}" if self.repeats else ""
-        return (f"N={self.count}, {'seed-mean' if self.average_seeds else 'each seed'}, "
-                f"{f'{self.near_min} nearest min' if self.near_min else 'all runs'}, delta={self.delta:g}, starts={self.starts}{repeats}, best={self.best}")
+        return (
+            f"N={self.count}, {'seed-mean' if self.average_seeds else 'each seed'}, "
+            f"{f'{self.near_min} nearest min' if self.near_min else 'all runs'}, delta={self.delta:g}, starts={self.starts}{repeats}, best={self.best}"
+        )
 
     def corpus(self, points: list[dict]) -> tuple[float, float] | None:
         """(U, R*) for predictions under this method, U taken from --unique-tokens or the runs (which must agree); None without repeats."""
@@ -48,11 +50,13 @@ class Method:
             return None
         uniques = {unique_of(p, self.repeats) for p in points}
         if len(uniques) != 1:
-            raise GptwoError(f"the runs record {len(uniques)} different unique_tokens ({', '.join(f'{u:g}' for u in sorted(uniques))}); one corpus size predicts",
-                             "fit runs of one data folder, or pass --unique-tokens U")
+            raise GptwoError(
+                f"the runs record {len(uniques)} different unique_tokens ({', '.join(f'{u:g}' for u in sorted(uniques))}); one corpus size predicts",
+                "fit runs of one data folder, or pass --unique-tokens U",
+            )
         return uniques.pop(), self.repeats.rstar
 
-    def with_(self, **changes) -> "Method":
+    def with_(self, **changes) -> Method:
         """A copy with some choices changed."""
         return replace(self, **changes)
 
@@ -60,13 +64,18 @@ class Method:
 def with_count(points: list[dict], count: str) -> list[dict]:
     """The runs with N taken from the chosen count (each run states all three)."""
     if count not in COUNTS:
-        raise GptwoError(f"parameter count '{count}' is not one of {', '.join(COUNTS)}", "use --count params, total or non_embedding")
+        raise GptwoError(
+            f"parameter count '{count}' is not one of {', '.join(COUNTS)}", "use --count params, total or non_embedding"
+        )
     key = COUNTS[count]
     if key == "params":
         return list(points)
     missing = [p for p in points if key not in p]
     if missing:
-        raise GptwoError(f"a run states no {key} (only sweeps from 'gptwo scale run' record it)", "fit with --count params, or add the field to the JSONL")
+        raise GptwoError(
+            f"a run states no {key} (only sweeps from 'gptwo scale run' record it)",
+            "fit with --count params, or add the field to the JSONL",
+        )
     return [{**p, "params": float(p[key])} for p in points]
 
 
@@ -75,7 +84,10 @@ def average_seeds(points: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p.get("budget"), p["params"], p["tokens"]), []).append(p)
-    return [{**group[0], "loss": math.exp(float(np.mean([math.log(p["loss"]) for p in group]))), "seeds": len(group)} for group in groups.values()]
+    return [
+        {**group[0], "loss": math.exp(float(np.mean([math.log(p["loss"]) for p in group]))), "seeds": len(group)}
+        for group in groups.values()
+    ]
 
 
 def near_minimum(points: list[dict], keep: int) -> list[dict]:
@@ -96,8 +108,13 @@ def prepare(points: list[dict], method: Method) -> list[dict]:
     return with_effective_tokens(near_minimum(points, method.near_min), method.repeats)
 
 
-def predicted_best(constants: dict, budget: float, shapes: list[tuple[float, float]], how: str = "shapes",
-                   corpus: tuple[float, float] | None = None) -> dict:
+def predicted_best(
+    constants: dict,
+    budget: float,
+    shapes: list[tuple[float, float]],
+    how: str = "shapes",
+    corpus: tuple[float, float] | None = None,
+) -> dict:
     """A budget's predicted best loss: the lowest over its (N, D) shapes, or at the compute-optimal N, D (D tokens read; `corpus` = (U, R*) for repeats)."""
     if how == "optimum":
         optimum = compute_optimal(constants, budget, corpus)
@@ -115,17 +132,31 @@ def backtest(points: list[dict], method: Method, first: int = 2) -> list[dict]:
         raise GptwoError(f"Huber delta {method.delta} must be positive", "use e.g. --delta 1e-3 (the papers') or 3e-3")
     budgets = sorted({p["budget"] for p in points if p.get("budget")})
     if len(budgets) <= first:
-        raise GptwoError(f"{len(budgets)} budgets: a backtest fits on {first} or more and predicts a larger one", "run a sweep with more budgets")
+        raise GptwoError(
+            f"{len(budgets)} budgets: a backtest fits on {first} or more and predicts a larger one",
+            "run a sweep with more budgets",
+        )
     rows = []
     for budget in budgets[first:]:
         train = prepare([p for p in points if p.get("budget") and p["budget"] < budget], method)
-        counted = average_seeds(with_count([p for p in points if p.get("budget") == budget], method.count))  # the target: seed-mean losses
+        counted = average_seeds(
+            with_count([p for p in points if p.get("budget") == budget], method.count)
+        )  # the target: seed-mean losses
         constants = fit_constants(train, delta=method.delta, count=method.starts)
         shapes = sorted({(p["params"], p["tokens"]) for p in counted})
         guess = predicted_best(constants, budget, shapes, method.best, method.corpus(train))
         best = min(counted, key=lambda p: p["loss"])
-        rows.append({"budget": budget, "fitted_runs": len(train), "predicted": guess["loss"], "predicted_params": guess["params"],
-                     "measured": best["loss"], "measured_params": best["params"], "error": guess["loss"] / best["loss"] - 1})
+        rows.append(
+            {
+                "budget": budget,
+                "fitted_runs": len(train),
+                "predicted": guess["loss"],
+                "predicted_params": guess["params"],
+                "measured": best["loss"],
+                "measured_params": best["params"],
+                "error": guess["loss"] / best["loss"] - 1,
+            }
+        )
     return rows
 
 
@@ -148,18 +179,38 @@ def best_of_plan(report: dict, plan_path: str, method: Method) -> dict:
     """
     budget, shapes, names = plan_largest(plan_path, method)
     constants = {k: report[k] for k in ("E", "A", "B", "alpha", "beta")}
-    guess = predicted_best(constants, budget, shapes, method.best, (report["repeats"]["unique_tokens"], report["repeats"]["rstar"]) if "repeats" in report else None)
-    per_shape = [{**p, "names": n} for p, n in zip((p for p in report["predictions"] if (p["params"], p["tokens"]) in shapes), names)]
+    guess = predicted_best(
+        constants,
+        budget,
+        shapes,
+        method.best,
+        (report["repeats"]["unique_tokens"], report["repeats"]["rstar"]) if "repeats" in report else None,
+    )
+    per_shape = [
+        {**p, "names": n}
+        for p, n in zip((p for p in report["predictions"] if (p["params"], p["tokens"]) in shapes), names)
+    ]
     lowest = min(per_shape, key=lambda s: s["loss"])
     interval = report["intervals"].get(f"loss_opt@{budget:g}") if method.best == "optimum" else lowest.get("interval")
-    return {"budget": budget, "method": method.label(), "loss": guess["loss"], "interval": interval, "params": guess["params"],
-            "tokens": guess["tokens"], "best_shape": lowest["names"], "shapes": per_shape}
+    return {
+        "budget": budget,
+        "method": method.label(),
+        "loss": guess["loss"],
+        "interval": interval,
+        "params": guess["params"],
+        "tokens": guess["tokens"],
+        "best_shape": lowest["names"],
+        "shapes": per_shape,
+    }
 
 
 def format_backtest(rows: list[dict], method: Method) -> str:
     """The backtest as a small table."""
     lines = [f"backtest, {method.label()}", "  budget   fitted runs   predicted best   measured best   error"]
-    lines += [f"  {r['budget']:<8.3g} {r['fitted_runs']:>11}   {r['predicted']:>14.4f}   {r['measured']:>13.4f}   {100 * r['error']:+.2f}%" for r in rows]
+    lines += [
+        f"  {r['budget']:<8.3g} {r['fitted_runs']:>11}   {r['predicted']:>14.4f}   {r['measured']:>13.4f}   {100 * r['error']:+.2f}%"
+        for r in rows
+    ]
     errors = [abs(r["error"]) for r in rows]
     lines.append(f"  mean |error| {100 * sum(errors) / len(errors):.2f}%, largest {100 * max(errors):.2f}%")
     return "\n".join(lines)

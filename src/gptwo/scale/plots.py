@@ -36,10 +36,14 @@ def plot_fit(points: list[dict], report: dict, png_path: str, extra: list[dict] 
     budgets = sorted({p.get("budget") or p["flops"] for p in everything})
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(budgets))))
     for budget, color in zip(budgets, colors):
-        group = sorted((p for p in everything if np.isclose(p.get("budget") or p["flops"], budget)), key=lambda p: p["params"])
+        group = sorted(
+            (p for p in everything if np.isclose(p.get("budget") or p["flops"], budget)), key=lambda p: p["params"]
+        )
         _isoflop(ax_iso, group, report, budget, color, held_out)
         for p in group:
-            ax_front.scatter(p["flops"], p["loss"], color=color, facecolors="none" if p in held_out else color, zorder=3)
+            ax_front.scatter(
+                p["flops"], p["loss"], color=color, facecolors="none" if p in held_out else color, zorder=3
+            )
     _frontier(ax_front, everything, report)
     _fitted_vs_measured(ax_fit, points, held_out, report)
     fig.tight_layout()
@@ -55,24 +59,52 @@ def _isoflop(ax, group: list[dict], report: dict, budget: float, color, held_out
 
     ns = np.geomspace(group[0]["params"] / 1.5, group[-1]["params"] * 1.5, 60)
     ax.plot(ns, [_loss_read(report, n, budget / (6 * n)) for n in ns], color=color, lw=1)
-    ax.scatter([p["params"] for p in group], [p["loss"] for p in group], color=color, zorder=3,
-               facecolors=["none" if p in held_out else color for p in group], label=f"C = {budget:.2g}" + (" (held out)" if group[0] in held_out else ""))
-    ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss (nats/token)", title="IsoFLOP curves: measured (dots), fitted (lines)")
+    ax.scatter(
+        [p["params"] for p in group],
+        [p["loss"] for p in group],
+        color=color,
+        zorder=3,
+        facecolors=["none" if p in held_out else color for p in group],
+        label=f"C = {budget:.2g}" + (" (held out)" if group[0] in held_out else ""),
+    )
+    ax.set(
+        xscale="log",
+        xlabel="parameters N",
+        ylabel="held-out loss (nats/token)",
+        title="IsoFLOP curves: measured (dots), fitted (lines)",
+    )
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
 
 
 def _frontier(ax, points: list[dict], report: dict) -> None:
     flops = np.geomspace(min(p["flops"] for p in points) / 2, max(p["flops"] for p in points) * 3, 60)
-    ax.plot(flops, [compute_optimal(report, c, _corpus(report))["loss"] for c in flops], color="black", lw=1.2, label="fitted compute-optimal frontier")
-    ax.set(xscale="log", xlabel="training FLOPs C = 6ND", ylabel="held-out loss (nats/token)", title="loss against compute")
+    ax.plot(
+        flops,
+        [compute_optimal(report, c, _corpus(report))["loss"] for c in flops],
+        color="black",
+        lw=1.2,
+        label="fitted compute-optimal frontier",
+    )
+    ax.set(
+        xscale="log", xlabel="training FLOPs C = 6ND", ylabel="held-out loss (nats/token)", title="loss against compute"
+    )
     ax.legend(fontsize=7)
 
 
 def _fitted_vs_measured(ax, points: list[dict], held_out: list[dict], report: dict) -> None:
-    for group, style, label in ((points, dict(color="C0"), "fitted runs"), (held_out, dict(color="C3", facecolors="none"), "held out (predicted)")):
+    for group, style, label in (
+        (points, dict(color="C0"), "fitted runs"),
+        (held_out, dict(color="C3", facecolors="none"), "held out (predicted)"),
+    ):
         if group:
-            ax.scatter([p["loss"] for p in group], [predict(report, p["params"], p["tokens"]) for p in group], label=label, zorder=3, **style)
+            ax.scatter(
+                [p["loss"] for p in group],
+                [predict(report, p["params"], p["tokens"]) for p in group],
+                label=label,
+                zorder=3,
+                **style,
+            )
     losses = [p["loss"] for p in points + held_out]
     span = [min(losses) * 0.98, max(losses) * 1.02]
     ax.plot(span, span, color="grey", lw=0.8, ls="--")

@@ -39,7 +39,9 @@ def parse_repeats(text: str | None, unique_tokens: float | None = None) -> Repea
     """'none' → None; 'muennighoff' or 'muennighoff:RSTAR' → Repeats (R* = 15.4 unless given)."""
     if text in (None, "", "none"):
         if unique_tokens is not None:
-            raise GptwoError("--unique-tokens is only used with --repeats", "add --repeats muennighoff (or drop --unique-tokens)")
+            raise GptwoError(
+                "--unique-tokens is only used with --repeats", "add --repeats muennighoff (or drop --unique-tokens)"
+            )
         return None
     name, _, value = text.partition(":")
     try:
@@ -47,10 +49,15 @@ def parse_repeats(text: str | None, unique_tokens: float | None = None) -> Repea
     except ValueError:
         rstar = float("nan")
     if name != "muennighoff" or not (math.isfinite(rstar) and rstar > 0):
-        raise GptwoError(f"--repeats '{text}' is not none, muennighoff or muennighoff:RSTAR with a positive R*",
-                         "use e.g. --repeats muennighoff (R* = 15.4, Muennighoff et al. 2023) or --repeats muennighoff:5")
+        raise GptwoError(
+            f"--repeats '{text}' is not none, muennighoff or muennighoff:RSTAR with a positive R*",
+            "use e.g. --repeats muennighoff (R* = 15.4, Muennighoff et al. 2023) or --repeats muennighoff:5",
+        )
     if unique_tokens is not None and not (math.isfinite(unique_tokens) and unique_tokens > 0):
-        raise GptwoError(f"--unique-tokens {unique_tokens:g} is not a positive number", "give the training split's token count (the data folder's meta.json train_tokens)")
+        raise GptwoError(
+            f"--unique-tokens {unique_tokens:g} is not a positive number",
+            "give the training split's token count (the data folder's meta.json train_tokens)",
+        )
     return Repeats(rstar, unique_tokens)
 
 
@@ -58,8 +65,10 @@ def unique_of(point: dict, repeats: Repeats) -> float:
     """A run's unique training tokens: --unique-tokens if given, else the run's recorded `unique_tokens`."""
     unique = repeats.unique_tokens or point.get("unique_tokens")
     if not unique:
-        raise GptwoError(f"run {point.get('name', point)} records no unique_tokens, which --repeats needs",
-                         "pass --unique-tokens U (the training split's tokens, meta.json train_tokens of its data folder)")
+        raise GptwoError(
+            f"run {point.get('name', point)} records no unique_tokens, which --repeats needs",
+            "pass --unique-tokens U (the training split's tokens, meta.json train_tokens of its data folder)",
+        )
     return float(unique)
 
 
@@ -67,8 +76,15 @@ def with_effective_tokens(points: list[dict], repeats: Repeats | None) -> list[d
     """The runs with `tokens` replaced by the effective D′ (the tokens read kept as `tokens_read`); unchanged without repeats."""
     if repeats is None:
         return list(points)
-    return [{**p, "tokens_read": p["tokens"], "unique_tokens": unique_of(p, repeats),
-             "tokens": effective_tokens(p["tokens"], unique_of(p, repeats), repeats.rstar)} for p in points]
+    return [
+        {
+            **p,
+            "tokens_read": p["tokens"],
+            "unique_tokens": unique_of(p, repeats),
+            "tokens": effective_tokens(p["tokens"], unique_of(p, repeats), repeats.rstar),
+        }
+        for p in points
+    ]
 
 
 def predict_read(constants: dict, params: float, tokens: float, unique: float, rstar: float) -> float:
@@ -92,5 +108,12 @@ def compute_optimal_repeated(constants: dict, budget: float, unique: float, rsta
     log_n = float(minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6}).x)
     params = math.exp(log_n)
     tokens = budget / (6 * params)
-    return {"flops": budget, "params": params, "tokens": tokens, "tokens_per_param": tokens / params, "loss": loss(log_n),
-            "effective_tokens": effective_tokens(tokens, unique, rstar), "epochs": tokens / unique}
+    return {
+        "flops": budget,
+        "params": params,
+        "tokens": tokens,
+        "tokens_per_param": tokens / params,
+        "loss": loss(log_n),
+        "effective_tokens": effective_tokens(tokens, unique, rstar),
+        "epochs": tokens / unique,
+    }

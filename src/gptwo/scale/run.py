@@ -25,8 +25,10 @@ def run_sweep(plan_path: str, data_dir: str, out_dir: str, parallel: int = 1, th
     plan = read_plan(plan_path)
     vocab = vocab_size_of(data_dir)
     if plan.get("vocab_size", vocab) != vocab:
-        raise GptwoError(f"the plan counts parameters for a {plan['vocab_size']}-token vocabulary but {data_dir} has {vocab}",
-                         f"make the plan with --data {data_dir} (or --vocab-size {vocab})")
+        raise GptwoError(
+            f"the plan counts parameters for a {plan['vocab_size']}-token vocabulary but {data_dir} has {vocab}",
+            f"make the plan with --data {data_dir} (or --vocab-size {vocab})",
+        )
     if parallel < 1:
         raise GptwoError(f"--parallel {parallel} must be at least 1", "use --parallel 1 or more")
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
@@ -34,12 +36,18 @@ def run_sweep(plan_path: str, data_dir: str, out_dir: str, parallel: int = 1, th
     _check_held_out(data_dir, jobs)
     records = {job["name"]: rec for job in jobs if (rec := finished_record(job)) is not None}
     pending = [job for job in jobs if job["name"] not in records]
-    print(f"{len(records)} of {len(jobs)} runs already finished; training {len(pending)} ({parallel} at a time, {threads} thread(s) each)", file=sys.stderr)
+    print(
+        f"{len(records)} of {len(jobs)} runs already finished; training {len(pending)} ({parallel} at a time, {threads} thread(s) each)",
+        file=sys.stderr,
+    )
     for record in _train_all(pending, parallel):
         records[record["name"]] = record
         _write_results(out_dir, [records[job["name"]] for job in jobs if job["name"] in records])
-        print(f"[{len(records)}/{len(jobs)}] {record['name']}: held-out loss {record['loss']:.4f} (N={record['params']:,}, D={record['tokens']:,}, "
-              f"C={record['flops']:.3g}, {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU)", file=sys.stderr)
+        print(
+            f"[{len(records)}/{len(jobs)}] {record['name']}: held-out loss {record['loss']:.4f} (N={record['params']:,}, D={record['tokens']:,}, "
+            f"C={record['flops']:.3g}, {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU)",
+            file=sys.stderr,
+        )
     return [records[job["name"]] for job in jobs]
 
 
@@ -55,12 +63,30 @@ def _job(plan: dict, run: dict, data_dir: str, out_dir: str, threads: int, vocab
     config = load_train_config(overrides=settings)  # checks every value now, before any run starts
     counts = count_params(config.n_layer, config.n_head, config.n_embd, vocab, config.block_size)
     tokens = config.max_steps * config.batch_size * config.block_size * config.grad_accum
-    record = {"name": run["name"], "budget": run.get("budget"), "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
-              "params": counts.params, "params_total": counts.total, "params_non_embedding": counts.non_embedding, "tokens": tokens,
-              "flops": run_flops(counts.params, tokens), "flops_attention": 12.0 * config.n_layer * config.n_embd * config.block_size * tokens,
-              "steps": config.max_steps, "seed": config.seed, "unique_tokens": _train_tokens(data_dir)}
-    return {"name": run["name"], "data_dir": data_dir, "run_dir": os.path.join(out_dir, "runs", run["name"]), "batch_tokens": config.batch_size * config.block_size,
-            "overrides": [f"{k}={v}" for k, v in settings.items()], "record": record}
+    record = {
+        "name": run["name"],
+        "budget": run.get("budget"),
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_embd": config.n_embd,
+        "params": counts.params,
+        "params_total": counts.total,
+        "params_non_embedding": counts.non_embedding,
+        "tokens": tokens,
+        "flops": run_flops(counts.params, tokens),
+        "flops_attention": 12.0 * config.n_layer * config.n_embd * config.block_size * tokens,
+        "steps": config.max_steps,
+        "seed": config.seed,
+        "unique_tokens": _train_tokens(data_dir),
+    }
+    return {
+        "name": run["name"],
+        "data_dir": data_dir,
+        "run_dir": os.path.join(out_dir, "runs", run["name"]),
+        "batch_tokens": config.batch_size * config.block_size,
+        "overrides": [f"{k}={v}" for k, v in settings.items()],
+        "record": record,
+    }
 
 
 def _train_tokens(data_dir: str) -> int:
@@ -77,8 +103,10 @@ def _check_held_out(data_dir: str, jobs: list[dict]) -> None:
     val_tokens = read_meta(data_dir).get("val_tokens", 0)
     batch = max(job["batch_tokens"] for job in jobs)
     if val_tokens <= batch:
-        raise GptwoError(f"{data_dir} holds {val_tokens} held-out tokens, not more than one batch of {batch}; the sweep measures held-out loss",
-                         "prepare the data with a larger --val-fraction, or lower batch_size/block_size in the plan")
+        raise GptwoError(
+            f"{data_dir} holds {val_tokens} held-out tokens, not more than one batch of {batch}; the sweep measures held-out loss",
+            "prepare the data with a larger --val-fraction, or lower batch_size/block_size in the plan",
+        )
 
 
 def finished_record(job: dict) -> dict | None:
@@ -90,8 +118,10 @@ def finished_record(job: dict) -> dict | None:
         record = json.load(f)
     changed = [k for k in ("n_layer", "n_head", "n_embd", "steps", "tokens") if record.get(k) != job["record"][k]]
     if changed:
-        raise GptwoError(f"{job['run_dir']} was trained with {changed[0]}={record.get(changed[0])}, the plan now says {job['record'][changed[0]]}",
-                         "delete that run folder to retrain it, or rename the run in the plan")
+        raise GptwoError(
+            f"{job['run_dir']} was trained with {changed[0]}={record.get(changed[0])}, the plan now says {job['record'][changed[0]]}",
+            "delete that run folder to retrain it, or rename the run in the plan",
+        )
     return record
 
 
@@ -125,8 +155,16 @@ def train_job(job: dict) -> dict:
         summary = run_training(job["data_dir"], job["run_dir"], overrides=job["overrides"], resume=True, progress=False)
     loss = summary.get("val_loss", _final_val_loss(job))
     if loss is None:
-        raise GptwoError(f"run {job['name']} has no held-out loss", "prepare the data with a validation split larger than one batch")
-    record = {**job["record"], "loss": loss, "train_loss": summary.get("loss"), "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        raise GptwoError(
+            f"run {job['name']} has no held-out loss", "prepare the data with a validation split larger than one batch"
+        )
+    record = {
+        **job["record"],
+        "loss": loss,
+        "train_loss": summary.get("loss"),
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+    }
     atomic_write(os.path.join(job["run_dir"], MARKER), (json.dumps(record) + "\n").encode())
     return record
 
@@ -136,7 +174,9 @@ def _final_val_loss(job: dict) -> float | None:
     from gptwo.train.metrics import read_metrics
 
     rows = read_metrics(os.path.join(job["run_dir"], "metrics.jsonl"))
-    return next((row["val_loss"] for row in reversed(rows) if "val_loss" in row and row["step"] == job["record"]["steps"]), None)
+    return next(
+        (row["val_loss"] for row in reversed(rows) if "val_loss" in row and row["step"] == job["record"]["steps"]), None
+    )
 
 
 def _write_results(out_dir: str, records: list[dict]) -> None:

@@ -12,14 +12,17 @@ import os
 import re
 import tempfile
 import zlib
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from gptwo.errors import GptwoError
 
 BANDS = ("low", "middle", "high")
-DEFAULT_BAND = {"loss": "low", "reducible": "high"}  # low loss: drop what the model finds noisy; high reducible: RHO-LOSS
+DEFAULT_BAND = {
+    "loss": "low",
+    "reducible": "high",
+}  # low loss: drop what the model finds noisy; high reducible: RHO-LOSS
 
 
 def read_scores(path: str, by: str) -> dict[int, float]:
@@ -36,7 +39,11 @@ def read_scores(path: str, by: str) -> dict[int, float]:
                     row = json.loads(line)
                     scores[int(row["id"])] = float(row[by])
                 except (ValueError, KeyError, TypeError):
-                    hint = "score with --reference R to get 'reducible'" if by == "reducible" else "re-run 'gptwo select score'"
+                    hint = (
+                        "score with --reference R to get 'reducible'"
+                        if by == "reducible"
+                        else "re-run 'gptwo select score'"
+                    )
                     raise GptwoError(f"{path}:{number} has no numeric '{by}' with an 'id'", hint) from None
     except FileNotFoundError:
         raise GptwoError(f"scores file {path} not found", "run 'gptwo select score' first") from None
@@ -66,8 +73,15 @@ def _nonempty_documents(inputs: Sequence[str], text_field: str) -> Iterator[tupl
             yield doc_id, text
 
 
-def filter_documents(inputs: Sequence[str], scores_path: str, out: str, by: str = "loss", keep: float = 0.5, band: str | None = None,
-                     text_field: str = "text") -> dict:
+def filter_documents(
+    inputs: Sequence[str],
+    scores_path: str,
+    out: str,
+    by: str = "loss",
+    keep: float = 0.5,
+    band: str | None = None,
+    text_field: str = "text",
+) -> dict:
     """Write the documents of `inputs` whose score falls in the kept band to `out`; returns counts."""
     check_output_name(out)
     scores = read_scores(scores_path, by)
@@ -78,13 +92,17 @@ def filter_documents(inputs: Sequence[str], scores_path: str, out: str, by: str 
     def kept() -> Iterator[str]:
         for doc_id, text in _nonempty_documents(inputs, text_field):
             if doc_id not in scores:
-                raise GptwoError(f"document {doc_id} of the inputs has no score in {scores_path}",
-                                 "score the same inputs (rerun 'gptwo select score' to finish an interrupted run)")
+                raise GptwoError(
+                    f"document {doc_id} of the inputs has no score in {scores_path}",
+                    "score the same inputs (rerun 'gptwo select score' to finish an interrupted run)",
+                )
             seen.append(doc_id)
             if doc_id in keep_set:
                 yield text
         if len(seen) != len(scores):  # raised inside the writer, so no output file is left behind
-            raise GptwoError(f"{scores_path} scores {len(scores)} documents but the inputs hold {len(seen)}", "score the same inputs")
+            raise GptwoError(
+                f"{scores_path} scores {len(scores)} documents but the inputs hold {len(seen)}", "score the same inputs"
+            )
 
     written = write_documents(out, kept())
     return {"documents": len(seen), "kept": written, "band": band, "by": by}
@@ -145,20 +163,33 @@ def _log_distribution(counts: np.ndarray) -> np.ndarray:
     return np.log(smoothed / smoothed.sum())
 
 
-def dsir_weights(inputs: Sequence[str], target: Sequence[str], buckets: int = 10000, text_field: str = "text") -> dict[int, float]:
+def dsir_weights(
+    inputs: Sequence[str], target: Sequence[str], buckets: int = 10000, text_field: str = "text"
+) -> dict[int, float]:
     """id → log importance weight log p_target(x) − log p_raw(x) of every non-empty input document."""
     from gptwo.data.sources import iter_documents
 
-    target_counts = sum((hashed_ngrams(t, buckets) for t in iter_documents(target, text_field) if t.strip()), np.zeros(buckets))
+    target_counts = sum(
+        (hashed_ngrams(t, buckets) for t in iter_documents(target, text_field) if t.strip()), np.zeros(buckets)
+    )
     raw_counts = sum((hashed_ngrams(t, buckets) for _, t in _nonempty_documents(inputs, text_field)), np.zeros(buckets))
     if not target_counts.any():
         raise GptwoError("the --target sample holds no words", "give target documents with text")
     ratio = _log_distribution(target_counts) - _log_distribution(raw_counts)
-    return {doc_id: float(hashed_ngrams(text, buckets) @ ratio) for doc_id, text in _nonempty_documents(inputs, text_field)}
+    return {
+        doc_id: float(hashed_ngrams(text, buckets) @ ratio) for doc_id, text in _nonempty_documents(inputs, text_field)
+    }
 
 
-def dsir_resample(inputs: Sequence[str], target: Sequence[str], out: str, keep: float = 0.5, buckets: int = 10000, seed: int = 0,
-                  text_field: str = "text") -> dict:
+def dsir_resample(
+    inputs: Sequence[str],
+    target: Sequence[str],
+    out: str,
+    keep: float = 0.5,
+    buckets: int = 10000,
+    seed: int = 0,
+    text_field: str = "text",
+) -> dict:
     """Keep `keep` of the documents, drawn without replacement in proportion to their importance weights
     (Gumbel top-k, as DSIR does), and write them to `out`; returns counts."""
     check_output_name(out)
@@ -174,5 +205,11 @@ def dsir_resample(inputs: Sequence[str], target: Sequence[str], out: str, keep: 
     keys = np.array([weights[i] for i in ids]) + gumbel
     count = max(1, round(keep * len(ids)))
     chosen = {ids[i] for i in np.argsort(-keys, kind="stable")[:count]}
-    written = write_documents(out, (text for doc_id, text in _nonempty_documents(inputs, text_field) if doc_id in chosen))
-    return {"documents": len(ids), "kept": written, "mean_log_weight_kept": float(np.mean([weights[i] for i in chosen]))}
+    written = write_documents(
+        out, (text for doc_id, text in _nonempty_documents(inputs, text_field) if doc_id in chosen)
+    )
+    return {
+        "documents": len(ids),
+        "kept": written,
+        "mean_log_weight_kept": float(np.mean([weights[i] for i in chosen])),
+    }

@@ -12,7 +12,7 @@ draws no random numbers.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -25,13 +25,28 @@ SELECTIONS = ("uniform", "loss", "reducible")
 class Selector:
     """Picks each training micro-batch: the loader's own (uniform) or the top-scoring rows of a pool."""
 
-    def __init__(self, loader, strategy: str = "uniform", pool: int = 1, reference: torch.nn.Module | None = None,
-                 device: torch.device | str = "cpu", autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+    def __init__(
+        self,
+        loader,
+        strategy: str = "uniform",
+        pool: int = 1,
+        reference: torch.nn.Module | None = None,
+        device: torch.device | str = "cpu",
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         if strategy not in SELECTIONS:
             raise GptwoError(f"selection={strategy!r} is unknown", f"use selection={' or selection='.join(SELECTIONS)}")
         if strategy == "reducible" and reference is None:
-            raise GptwoError("selection=reducible needs a reference model", "set selection_reference=PATH (a model or run folder)")
-        self.loader, self.strategy, self.reference, self.device, self.autocast = loader, strategy, reference, torch.device(device), autocast
+            raise GptwoError(
+                "selection=reducible needs a reference model", "set selection_reference=PATH (a model or run folder)"
+            )
+        self.loader, self.strategy, self.reference, self.device, self.autocast = (
+            loader,
+            strategy,
+            reference,
+            torch.device(device),
+            autocast,
+        )
         self.pool = 1 if strategy == "uniform" else pool
 
     def next_batch(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +77,9 @@ class Selector:
         model.eval()
         try:
             with self.autocast():
-                return torch.cat([sequence_losses(model, x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)])
+                return torch.cat(
+                    [sequence_losses(model, x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)]
+                )
         finally:
             model.train(was_training)
 
@@ -88,17 +105,23 @@ def load_reference(path: str, tokenizer_identity: str, block_size: int, device: 
 
     model, tokenizer = load_model(path, device=str(device))
     if tokenizer.identity != tokenizer_identity:
-        raise GptwoError(f"selection_reference {path} uses tokenizer '{tokenizer.identity}' but the data uses '{tokenizer_identity}'",
-                         "train the reference model on data prepared with the same tokenizer")
+        raise GptwoError(
+            f"selection_reference {path} uses tokenizer '{tokenizer.identity}' but the data uses '{tokenizer_identity}'",
+            "train the reference model on data prepared with the same tokenizer",
+        )
     if model.config.block_size < block_size:
-        raise GptwoError(f"selection_reference {path} has a context of {model.config.block_size}, shorter than block_size={block_size}",
-                         f"use block_size={model.config.block_size} or a reference with a longer context")
+        raise GptwoError(
+            f"selection_reference {path} has a context of {model.config.block_size}, shorter than block_size={block_size}",
+            f"use block_size={model.config.block_size} or a reference with a longer context",
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
 
 
-def make_selector(config, loader, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]) -> Selector:
+def make_selector(
+    config, loader, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]
+) -> Selector:
     """The selector a TrainConfig asks for (uniform unless `selection` says otherwise)."""
     reference = None
     if config.selection == "reducible":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,9 @@ def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def token_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of every target token, (B, T), 0 where the target is -100."""
     logits = model(x).float()
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE, reduction="none").view(y.shape)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE, reduction="none").view(
+        y.shape
+    )
 
 
 def document_windows(tokens: Sequence[int], eot: int, block_size: int) -> list[tuple[list[int], list[int]]]:
@@ -66,8 +68,14 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def document_nll(models: Sequence[torch.nn.Module], documents: Sequence[list[int]], eot: int, block_size: int,
-                 device: torch.device, rows_per_forward: int = 8) -> list[list[float]]:
+def document_nll(
+    models: Sequence[torch.nn.Module],
+    documents: Sequence[list[int]],
+    eot: int,
+    block_size: int,
+    device: torch.device,
+    rows_per_forward: int = 8,
+) -> list[list[float]]:
     """Total NLL (nats) of each document under each model, result[m][d]; at most `rows_per_forward` windows per forward pass."""
     windows, owner = [], []
     for index, tokens in enumerate(documents):
@@ -97,7 +105,10 @@ def _scored_so_far(out: str) -> tuple[int, int | None]:
         try:
             last_id = int(json.loads(line)["id"])
         except (ValueError, KeyError, TypeError):
-            raise GptwoError(f"{out} holds a line that is not a score row", "delete it (or choose another --out) to score from the start") from None
+            raise GptwoError(
+                f"{out} holds a line that is not a score row",
+                "delete it (or choose another --out) to score from the start",
+            ) from None
         rows += 1
     if len(keep) != len(data):
         with open(out, "r+b") as f:
@@ -105,8 +116,9 @@ def _scored_so_far(out: str) -> tuple[int, int | None]:
     return rows, last_id
 
 
-def _batches(inputs: Sequence[str], text_field: str, tokenizer, done: tuple[int, int | None], out: str,
-             batch_tokens: int) -> Iterator[list[tuple[int, list[int]]]]:
+def _batches(
+    inputs: Sequence[str], text_field: str, tokenizer, done: tuple[int, int | None], out: str, batch_tokens: int
+) -> Iterator[list[tuple[int, list[int]]]]:
     """(id, tokens) of the non-empty documents after the `done` ones already in `out`, in batches of about `batch_tokens`."""
     from gptwo.data.sources import iter_documents
 
@@ -117,8 +129,10 @@ def _batches(inputs: Sequence[str], text_field: str, tokenizer, done: tuple[int,
             continue
         seen += 1
         if seen == skip and doc_id != last_id:
-            raise GptwoError(f"{out} was written for other inputs (its row {skip} is document {last_id}, here it is {doc_id})",
-                             "score these inputs into a new --out")
+            raise GptwoError(
+                f"{out} was written for other inputs (its row {skip} is document {last_id}, here it is {doc_id})",
+                "score these inputs into a new --out",
+            )
         if seen <= skip:
             continue
         tokens = tokenizer.encode(text)
@@ -128,13 +142,23 @@ def _batches(inputs: Sequence[str], text_field: str, tokenizer, done: tuple[int,
             yield batch
             batch, size = [], 0
     if seen < skip:
-        raise GptwoError(f"{out} holds {skip} rows but these inputs only {seen} documents", "score these inputs into a new --out")
+        raise GptwoError(
+            f"{out} holds {skip} rows but these inputs only {seen} documents", "score these inputs into a new --out"
+        )
     if batch:
         yield batch
 
 
-def score_documents(model_path: str, inputs: Sequence[str], out: str, reference: str | None = None, batch_tokens: int = 4096,
-                    device: str = "auto", text_field: str = "text", progress: bool = True) -> int:
+def score_documents(
+    model_path: str,
+    inputs: Sequence[str],
+    out: str,
+    reference: str | None = None,
+    batch_tokens: int = 4096,
+    device: str = "auto",
+    text_field: str = "text",
+    progress: bool = True,
+) -> int:
     """Write `{id, tokens, loss[, reference_loss, reducible]}` per non-empty document of `inputs` to `out`
     (JSON lines), continuing after the rows already there; returns the number of rows written now."""
     from tqdm import tqdm
@@ -148,16 +172,28 @@ def score_documents(model_path: str, inputs: Sequence[str], out: str, reference:
     if reference:
         ref_model, ref_tok = load_model(reference, device=device)
         if ref_tok.identity != tokenizer.identity:
-            raise GptwoError(f"{reference} uses tokenizer '{ref_tok.identity}' but {model_path} uses '{tokenizer.identity}'",
-                             "score with a reference model trained with the same tokenizer")
+            raise GptwoError(
+                f"{reference} uses tokenizer '{ref_tok.identity}' but {model_path} uses '{tokenizer.identity}'",
+                "score with a reference model trained with the same tokenizer",
+            )
         models.append(ref_model)
     block = min(m.config.block_size for m in models)
     device_t = next(model.parameters()).device
     done = _scored_so_far(out)
     written = 0
-    with open(out, "a", encoding="utf-8") as f, tqdm(desc="scoring", unit="doc", initial=done[0], file=sys.stderr, disable=not progress, delay=0.5) as bar:
+    with (
+        open(out, "a", encoding="utf-8") as f,
+        tqdm(desc="scoring", unit="doc", initial=done[0], file=sys.stderr, disable=not progress, delay=0.5) as bar,
+    ):
         for batch in _batches(inputs, text_field, tokenizer, done, out, batch_tokens):
-            totals = document_nll(models, [tokens for _, tokens in batch], tokenizer.eot_token, block, device_t, max(1, batch_tokens // block))
+            totals = document_nll(
+                models,
+                [tokens for _, tokens in batch],
+                tokenizer.eot_token,
+                block,
+                device_t,
+                max(1, batch_tokens // block),
+            )
             for row, (doc_id, tokens) in enumerate(batch):
                 f.write(json.dumps(_score_row(doc_id, len(tokens), [t[row] for t in totals])) + "\n")
             f.flush()

@@ -1,6 +1,12 @@
 """Serving: an OpenAI-compatible completions API with continuous batching, and a playground page."""
 
-from gptwo.serve.app import create_app, serve
-from gptwo.serve.engine import Engine, SamplingParams
+from gptwo.lazy import lazy_names
 
-__all__ = ["Engine", "SamplingParams", "create_app", "serve"]
+_WHERE = {
+    "Engine": "gptwo.serve.engine",
+    "SamplingParams": "gptwo.serve.engine",
+    "create_app": "gptwo.serve.app",
+    "serve": "gptwo.serve.app",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -22,8 +22,8 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
-from typing import AsyncIterator, Sequence
 
 import torch
 from fastapi import FastAPI, Request
@@ -45,7 +45,14 @@ log = logging.getLogger("gptwo.serve")
 class ApiError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -57,8 +64,17 @@ class EscapedJSONResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return EscapedJSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status, headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    return EscapedJSONResponse(
+        {"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status, headers=headers
+    )
 
 
 class BodyLimit:
@@ -81,7 +97,9 @@ class BodyLimit:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
         if len(body) > self.max_bytes or (declared.isdigit() and int(declared) > self.max_bytes):
-            response = error_response(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
+            response = error_response(
+                413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large"
+            )
             return await response(scope, receive, send)
         replayed = False
 
@@ -109,7 +127,11 @@ class ApiKeyAuth:
         if scope["type"] == "http" and scope["method"] != "OPTIONS" and (scope["path"] + "/").startswith("/v1/"):
             scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
-                message = "Incorrect API key provided" if given else "You didn't provide an API key: send it in an Authorization header (Authorization: Bearer YOUR_KEY)"
+                message = (
+                    "Incorrect API key provided"
+                    if given
+                    else "You didn't provide an API key: send it in an Authorization header (Authorization: Bearer YOUR_KEY)"
+                )
                 response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
@@ -120,7 +142,10 @@ def parse_origins(values: Sequence[str]) -> list[str]:
     origins = [o.strip() for value in values for o in value.split(",") if o.strip()]
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise GptwoError(f"--allowed-origins '{origin}' is not an origin", "write scheme://host[:port] with no path or trailing slash, e.g. http://localhost:3000 (or * for any)")
+            raise GptwoError(
+                f"--allowed-origins '{origin}' is not an origin",
+                "write scheme://host[:port] with no path or trailing slash, e.g. http://localhost:3000 (or * for any)",
+            )
     return origins
 
 
@@ -175,7 +200,9 @@ def _merge_logprobs(total: dict | None, part: dict | None) -> dict | None:
 
 def validation_error(errors: list[dict]) -> dict:
     """OpenAI's message / param / code for pydantic's errors: unknown fields first (naming a close known one)."""
-    errors = sorted(errors, key=lambda e: e.get("type") != "extra_forbidden") or [{"loc": (), "msg": "invalid request", "type": ""}]
+    errors = sorted(errors, key=lambda e: e.get("type") != "extra_forbidden") or [
+        {"loc": (), "msg": "invalid request", "type": ""}
+    ]
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     if first["type"] == "extra_forbidden":
@@ -184,7 +211,11 @@ def validation_error(errors: list[dict]) -> dict:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return {"message": f"Unknown parameter: '{where}'{hint}", "param": where, "code": "unknown_parameter"}
     message = f"{where}: {first['msg']}" if where else first["msg"]
-    return {"message": message, "param": where or None, "code": first["type"] if first["type"] in protocol.CODES else None}
+    return {
+        "message": message,
+        "param": where or None,
+        "code": first["type"] if first["type"] in protocol.CODES else None,
+    }
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -209,14 +240,33 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list) -> list[list[int]]:
 class CompletionJob:
     """An accepted completions request: the engine's updates turned into a response or a stream of chunks."""
 
-    def __init__(self, engine: Engine, job: EngineRequest, tokenizer: Tokenizer, prompts: list[list[int]], n: int, echo: bool, logprobs: bool, model_name: str):
+    def __init__(
+        self,
+        engine: Engine,
+        job: EngineRequest,
+        tokenizer: Tokenizer,
+        prompts: list[list[int]],
+        n: int,
+        echo: bool,
+        logprobs: bool,
+        model_name: str,
+    ):
         self.engine, self.job, self.prompts = engine, job, prompts
         self.choices = [ChoiceText(tokenizer, prompts[i // n], echo, logprobs) for i in range(len(prompts) * n)]
-        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
+        self.head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+        }
 
     def usage(self) -> dict:
         prompt_tokens, completion_tokens = sum(map(len, self.prompts)), sum(c.completion_tokens for c in self.choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     async def updates(self) -> AsyncIterator[tuple[Update, str, dict | None]]:
         """Each update with the text and logprobs it adds to its choice, until every choice has finished."""
@@ -233,7 +283,12 @@ class CompletionJob:
         try:
             async for update, text, logprobs in self.updates():
                 if text or logprobs or update.finish_reason:
-                    choice = {"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}
+                    choice = {
+                        "index": update.index,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": update.finish_reason,
+                    }
                     yield f"data: {json.dumps({**self.head, 'choices': [choice]})}\n\n"
             if include_usage:
                 yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
@@ -249,7 +304,10 @@ class CompletionJob:
         async for update, text, part in self.updates():
             texts[update.index] += text
             logprobs[update.index] = _merge_logprobs(logprobs[update.index], part)
-        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason} for i, (t, lp, c) in enumerate(zip(texts, logprobs, self.choices))]
+        choices = [
+            {"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason}
+            for i, (t, lp, c) in enumerate(zip(texts, logprobs, self.choices))
+        ]
         return {**self.head, "choices": choices, "usage": self.usage()}
 
     async def response(self, request: Request) -> JSONResponse:
@@ -267,7 +325,14 @@ class CompletionJob:
         return JSONResponse(work.result())
 
 
-def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *, api_key: str | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
+def create_app(
+    engine: Engine,
+    model_name: str,
+    max_body_bytes: int = 1 << 20,
+    *,
+    api_key: str | None = None,
+    allowed_origins: Sequence[str] = (),
+) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine.
 
     With `api_key`, every /v1/* request needs it as a bearer token; `allowed_origins` are the web
@@ -280,12 +345,20 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *
         yield
         engine.stop()
 
-    app = FastAPI(title="gptwo", summary="OpenAI-compatible completions for GPT-2 models", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="gptwo", summary="OpenAI-compatible completions for GPT-2 models", version="1", lifespan=lifespan
+    )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:  # added later = runs earlier: a request without the key is refused before its body is read
         app.add_middleware(ApiKeyAuth, key=api_key)
     if allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     tokenizer, context = engine.tokenizer, engine.model.config.block_size
     created = int(time.time())
 
@@ -307,7 +380,9 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *
         log.exception("request failed")
         return error_response(500, f"internal error ({type(err).__name__})", type="server_error")
 
-    app.include_router(inspect_router(engine, model_name))  # POST /v1/inspect and the Inspect page (gptwo.serve.inspect)
+    app.include_router(
+        inspect_router(engine, model_name)
+    )  # POST /v1/inspect and the Inspect page (gptwo.serve.inspect)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -315,8 +390,15 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *
 
     @app.get("/health", summary="Whether the engine runs, and how busy it is")
     async def health() -> JSONResponse:
-        status = {"status": "ok" if engine.alive else "down", "model": model_name, "dtype": DTYPE_NAMES.get(engine.pool.dtype, str(engine.pool.dtype)),
-                  "quantize": getattr(engine.model, "inference_prepared", {}).get("quantize"), "running": engine.running, "waiting": engine.waiting, **engine.stats}
+        status = {
+            "status": "ok" if engine.alive else "down",
+            "model": model_name,
+            "dtype": DTYPE_NAMES.get(engine.pool.dtype, str(engine.pool.dtype)),
+            "quantize": getattr(engine.model, "inference_prepared", {}).get("quantize"),
+            "running": engine.running,
+            "waiting": engine.waiting,
+            **engine.stats,
+        }
         return JSONResponse(status, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
@@ -331,7 +413,12 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *
     )
     async def completions(body: protocol.CompletionRequest, request: Request):
         if body.model != model_name:
-            raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
+                param="model",
+                code="model_not_found",
+            )
         unsupported = body.unsupported()
         if unsupported:
             raise ApiError(400, f"{unsupported} is not supported by gptwo", param=unsupported)
@@ -344,11 +431,19 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = 1 << 20, *
         except RequestRejected as err:
             raise ApiError(400, str(err), param=err.param, code=err.code) from None
         except Overloaded as err:
-            raise ApiError(429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full") from None
-        completion = CompletionJob(engine, job, tokenizer, prompts, n, bool(body.echo), body.logprobs is not None, model_name)
+            raise ApiError(
+                429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
+            ) from None
+        completion = CompletionJob(
+            engine, job, tokenizer, prompts, n, bool(body.echo), body.logprobs is not None, model_name
+        )
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(completion.events(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                completion.events(include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await completion.response(request)
 
     return app
@@ -404,7 +499,13 @@ def serve(
     sock = bind_socket(host, port)
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
     name = served_model_name or default_model_name(model)
-    app = create_app(Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue), name, max_body_bytes, api_key=api_key, allowed_origins=origins)
+    app = create_app(
+        Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue),
+        name,
+        max_body_bytes,
+        api_key=api_key,
+        allowed_origins=origins,
+    )
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)  # also sets up uvicorn's loggers
     shown = f"[{host}]" if ":" in host else host
@@ -412,7 +513,9 @@ def serve(
     logger = logging.getLogger("uvicorn.error")
     auth = "API key required" if api_key else "no API key"
     weights = DTYPE_NAMES[torch_dtype] + (f", {quantize} weights" if quantize else "")
-    logger.info("serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, weights, auth)
+    logger.info(
+        "serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, weights, auth
+    )
     if not api_key and not _is_loopback(sock.getsockname()[0]):
         logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     try:
@@ -459,6 +562,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as err:
-        raise GptwoError(f"cannot listen on {host}:{port} ({err.strerror or err})", "pick another --port or --host") from None
+        raise GptwoError(
+            f"cannot listen on {host}:{port} ({err.strerror or err})", "pick another --port or --host"
+        ) from None
     sock.listen(2048)
     return sock

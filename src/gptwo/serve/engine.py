@@ -18,8 +18,8 @@ import asyncio
 import collections
 import logging
 import threading
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
 
 import torch
 
@@ -82,7 +82,16 @@ class Update:
 class Sequence:
     """One choice being generated; the worker thread fills it, the event loop reads its request's queue."""
 
-    def __init__(self, request: "Request", index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, device: torch.device, seed_offset: int = 0):
+    def __init__(
+        self,
+        request: Request,
+        index: int,
+        prompt: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        seed_offset: int = 0,
+    ):
         self.request, self.index, self.prompt, self.params = request, index, prompt, params
         self.stream = TextStream(tokenizer, params.stop)
         self.generator = None  # seeded requests: choice j samples with its own generator seeded with seed + j
@@ -144,7 +153,10 @@ class PooledCache(KVCache):
         self.config, self.device, self.dtype = config, device, dtype
         self._k, self._v, self._valid = self.k, self.v, self.valid
         self.rows, self.spans = 0, []
-        self.solo, self.solo_len = solo, None  # solo_len: the lone row's tokens held in solo's cache (the pool's copy is stale)
+        self.solo, self.solo_len = (
+            solo,
+            None,
+        )  # solo_len: the lone row's tokens held in solo's cache (the pool's copy is stale)
         self._expose()
 
     def _expose(self) -> None:
@@ -259,7 +271,9 @@ class PooledCache(KVCache):
             return logits
         self._leave_solo()
         self._make_room()
-        logits = model(tokens[:, None], cache=self, valid=torch.ones(self.rows, 1, dtype=torch.bool, device=self.device))
+        logits = model(
+            tokens[:, None], cache=self, valid=torch.ones(self.rows, 1, dtype=torch.bool, device=self.device)
+        )
         self.spans = [s + 1 for s in self.spans]
         return logits[:, -1]
 
@@ -267,7 +281,14 @@ class PooledCache(KVCache):
 class Engine:
     """Runs `model` for all submitted requests in one background thread, batching them step by step."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, max_queue: int = 256, max_prefill_tokens: int = 4096):
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        max_prefill_tokens: int = 4096,
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.device = model.lm_head.weight.device
@@ -322,10 +343,16 @@ class Engine:
         context, vocab = self.model.config.block_size, self.tokenizer.n_vocab
         for prompt in prompts:
             if not prompt:
-                raise RequestRejected("a prompt has no tokens", "give at least one token (the empty string means <|endoftext|>)", "prompt")
+                raise RequestRejected(
+                    "a prompt has no tokens", "give at least one token (the empty string means <|endoftext|>)", "prompt"
+                )
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
-                raise RequestRejected(f"token id {bad[0]} is outside the vocabulary of {vocab}", "use ids from this model's tokenizer", "prompt")
+                raise RequestRejected(
+                    f"token id {bad[0]} is outside the vocabulary of {vocab}",
+                    "use ids from this model's tokenizer",
+                    "prompt",
+                )
             if len(prompt) + params.max_tokens > context:
                 raise RequestRejected(
                     f"This model's maximum context length is {context} tokens, however you requested "
@@ -338,13 +365,21 @@ class Engine:
     def check_count(self, prompts: int, n: int) -> None:
         """Reject more sequences (prompts x n) than the queue holds, before any prompt is encoded."""
         if prompts * n > self.max_queue:
-            raise RequestRejected(f"{prompts} prompts x n={n} is more than the queue holds ({self.max_queue})", "send fewer prompts or a smaller n", "n")
+            raise RequestRejected(
+                f"{prompts} prompts x n={n} is more than the queue holds ({self.max_queue})",
+                "send fewer prompts or a smaller n",
+                "n",
+            )
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Request:
         """Queue `n` choices for each prompt (choice index = prompt * n + j); raise Overloaded if the queue is full."""
         self.check(prompts, params, n)
         request = Request(asyncio.get_running_loop(), self._outbox)
-        seqs = [Sequence(request, i * n + j, p, params, self.tokenizer, self.device, seed_offset=j) for i, p in enumerate(prompts) for j in range(n)]
+        seqs = [
+            Sequence(request, i * n + j, p, params, self.tokenizer, self.device, seed_offset=j)
+            for i, p in enumerate(prompts)
+            for j in range(n)
+        ]
         with self._cond:
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} sequences are waiting (the limit is {self.max_queue})")
@@ -439,7 +474,9 @@ class Engine:
                 prompt_info = scored[key]
             if seq.params.max_tokens == 0:
                 seq.done = True
-                seq.request.emit(Update(seq.index, seq.stream.close("length"), prompt=prompt_info, finish_reason="length"))
+                seq.request.emit(
+                    Update(seq.index, seq.stream.close("length"), prompt=prompt_info, finish_reason="length")
+                )
                 self.stats["finished"] += 1
                 continue
             if prompt_info is not None:
@@ -447,7 +484,9 @@ class Engine:
         new = [(s, r) for s, r in zip(joining, rows) if not s.done]
         if new:
             index = torch.tensor([r for _, r in new], device=self.device)
-            self.pool.add_rows(cache.k.index_select(1, index), cache.v.index_select(1, index), [len(s.prompt) for s, _ in new])
+            self.pool.add_rows(
+                cache.k.index_select(1, index), cache.v.index_select(1, index), [len(s.prompt) for s, _ in new]
+            )
             self._active.extend(s for s, _ in new)
             self._advance([s for s, _ in new], logits[[r for _, r in new], -1])
 
@@ -486,7 +525,9 @@ class Engine:
             else:
                 groups[(p.temperature, p.top_k, p.top_p)].append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            probs = torch.softmax(filter_logits(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p), dim=-1)
+            probs = torch.softmax(
+                filter_logits(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p), dim=-1
+            )
             tokens[rows] = _sample_by_cdf(probs, self.generator)
         return tokens.tolist()
 
@@ -544,5 +585,7 @@ def _sample_by_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.T
     u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
     index = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
     inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0).cumsum(-1)
-    u = torch.minimum(u.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(u)))  # rounding: stay inside the block
+    u = torch.minimum(
+        u.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(u))
+    )  # rounding: stay inside the block
     return (index.gather(1, torch.searchsorted(inside, u, right=True)))[:, 0]

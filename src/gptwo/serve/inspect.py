@@ -11,7 +11,6 @@ weights on positions 0..i and sums to 1.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Optional
 
 import torch
 from fastapi import APIRouter, Request
@@ -33,11 +32,11 @@ class InspectRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Optional[str] = Field(default=None, description="the served model's id; optional")
+    model: str | None = Field(default=None, description="the served model's id; optional")
     text: StrictStr = Field(description="the text to inspect")
     top_logprobs: int = Field(default=10, ge=0, le=20, description="alternatives per token (default 10)")
     attention: bool = Field(default=True, description="include attention weights")
-    layers: Optional[list[int]] = Field(default=None, description="layers whose attention to return (default all)")
+    layers: list[int] | None = Field(default=None, description="layers whose attention to return (default all)")
 
 
 def _attention(model: torch.nn.Module, ids: list[int], layers: list[int] | None) -> dict:
@@ -48,11 +47,17 @@ def _attention(model: torch.nn.Module, ids: list[int], layers: list[int] | None)
     if bad:
         raise HTTPException(400, f"layer {bad[0]} does not exist; the model has layers 0..{n_layer - 1}")
     if len(layers) * n_head * len(ids) * (len(ids) + 1) // 2 > MAX_ATTENTION_WEIGHTS:
-        raise HTTPException(400, f"attention for {len(ids)} tokens, {len(layers)} layers and {n_head} heads is too large; ask for fewer layers or a shorter text")
+        raise HTTPException(
+            400,
+            f"attention for {len(ids)} tokens, {len(layers)} layers and {n_head} heads is too large; ask for fewer layers or a shorter text",
+        )
     device = next(model.parameters()).device
     _, maps = forward_with_attention(model, torch.tensor([ids], device=device))
     weights = maps[layers, 0].float().cpu()  # (layers, heads, T, T)
-    rows = [[[weights[li, h, q, : q + 1].tolist() for q in range(len(ids))] for h in range(n_head)] for li in range(len(layers))]
+    rows = [
+        [[weights[li, h, q, : q + 1].tolist() for q in range(len(ids))] for h in range(n_head)]
+        for li in range(len(layers))
+    ]
     return {"layers": layers, "heads": n_head, "weights": rows}
 
 
@@ -66,13 +71,26 @@ def inspect_text(model: torch.nn.Module, tokenizer, body: InspectRequest, rule: 
     for row, bucket in zip(rows, bucket_of(doc.table.rank).tolist()):
         row["bucket"] = bucket
         row["top"] = [{"text": text, "prob": prob} for text, prob in row["top"][: body.top_logprobs]]
-    out = {"object": "inspection", "tokens": rows, "scores": doc.scores, "score": doc.score, "verdict": doc.verdict, "detector": rule.detector,
-           "threshold": rule.threshold, "calibrated": rule.calibrated, "min_tokens": rule.min_tokens, "rule": rule.describe()}
+    out = {
+        "object": "inspection",
+        "tokens": rows,
+        "scores": doc.scores,
+        "score": doc.score,
+        "verdict": doc.verdict,
+        "detector": rule.detector,
+        "threshold": rule.threshold,
+        "calibrated": rule.calibrated,
+        "min_tokens": rule.min_tokens,
+        "rule": rule.describe(),
+    }
     if doc.verdict == "too short":
         out["note"] = f"too short to judge: {len(tokens)} tokens, at least {rule.min_tokens} needed"
     if body.attention:
         ids = [tokenizer.eot_token, *tokens][: model.config.block_size]
-        out["attention"] = {"tokens": ["<|endoftext|>", *doc.pieces[: len(ids) - 1]], **_attention(model, ids, body.layers)}
+        out["attention"] = {
+            "tokens": ["<|endoftext|>", *doc.pieces[: len(ids) - 1]],
+            **_attention(model, ids, body.layers),
+        }
         if len(ids) <= len(tokens):
             out["attention"]["note"] = f"attention covers the first {len(ids) - 1} tokens (the model's context)"
     return out
@@ -86,7 +104,10 @@ def inspect_router(engine, model_name: str) -> APIRouter:
     async def inspect_page() -> HTMLResponse:
         return HTMLResponse((resources.files("gptwo.serve") / "static" / "inspect.html").read_text(encoding="utf-8"))
 
-    @router.post("/v1/inspect", summary="gptwo extension: per-token probabilities, ranks and alternatives, detection scores, attention weights")
+    @router.post(
+        "/v1/inspect",
+        summary="gptwo extension: per-token probabilities, ranks and alternatives, detection scores, attention weights",
+    )
     async def inspect(body: InspectRequest, request: Request) -> dict:
         if body.model is not None and body.model != model_name:
             raise HTTPException(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`")

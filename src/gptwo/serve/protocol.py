@@ -6,7 +6,7 @@ gptwo cannot honour (penalties, logit_bias, suffix, best_of > n) are rejected, n
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
@@ -15,7 +15,11 @@ from gptwo.generate import MAX_STOP_CHARS, MAX_STOPS, invalid_text
 from gptwo.serve.engine import SamplingParams
 
 MAX_LOGPROBS = 20
-CODES = ("string_above_max_length", "array_above_max_length", "invalid_text")  # our validators' error types = OpenAI codes
+CODES = (
+    "string_above_max_length",
+    "array_above_max_length",
+    "invalid_text",
+)  # our validators' error types = OpenAI codes
 
 
 class StreamOptions(BaseModel):
@@ -30,28 +34,33 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="the served model's id (see GET /v1/models)")
-    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
         default="", description="text, texts, token ids, or lists of token ids; empty text means <|endoftext|>"
     )
-    max_tokens: Optional[int] = Field(default=16, ge=0, description="tokens to generate per choice (default 16)")
-    temperature: Optional[float] = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: Optional[float] = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    top_k: Optional[int] = Field(default=None, ge=-1, description="sample from the k most likely tokens; -1, 0 or null: all")
-    n: Optional[int] = Field(default=1, ge=1, le=128, description="choices per prompt")
-    best_of: Optional[int] = Field(default=None, ge=1, description="accepted only when equal to n")
-    stop: Union[StrictStr, list[StrictStr], None] = Field(
-        default=None, description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters that end a choice (not returned)"
+    max_tokens: int | None = Field(default=16, ge=0, description="tokens to generate per choice (default 16)")
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int | None = Field(
+        default=None, ge=-1, description="sample from the k most likely tokens; -1, 0 or null: all"
     )
-    seed: Optional[int] = Field(default=None, ge=-(2**63), lt=2**64, description="makes sampling reproducible")
-    stream: Optional[bool] = Field(default=False, description="send server-sent events, ending with data: [DONE]")
-    stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (raw model log-probabilities)")
-    echo: Optional[bool] = Field(default=False, description="return the prompt before the completion")
-    presence_penalty: Optional[float] = Field(default=0.0, description="not supported: must be 0")
-    frequency_penalty: Optional[float] = Field(default=0.0, description="not supported: must be 0")
-    logit_bias: Optional[dict[str, float]] = Field(default=None, description="not supported: must be empty")
-    suffix: Optional[str] = Field(default=None, description="not supported")
-    user: Optional[str] = None
+    n: int | None = Field(default=1, ge=1, le=128, description="choices per prompt")
+    best_of: int | None = Field(default=None, ge=1, description="accepted only when equal to n")
+    stop: StrictStr | list[StrictStr] | None = Field(
+        default=None,
+        description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters that end a choice (not returned)",
+    )
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="makes sampling reproducible")
+    stream: bool | None = Field(default=False, description="send server-sent events, ending with data: [DONE]")
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (raw model log-probabilities)"
+    )
+    echo: bool | None = Field(default=False, description="return the prompt before the completion")
+    presence_penalty: float | None = Field(default=0.0, description="not supported: must be 0")
+    frequency_penalty: float | None = Field(default=0.0, description="not supported: must be 0")
+    logit_bias: dict[str, float] | None = Field(default=None, description="not supported: must be empty")
+    suffix: str | None = Field(default=None, description="not supported")
+    user: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -67,11 +76,17 @@ class CompletionRequest(BaseModel):
     def _few_short_stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > MAX_STOPS:
-            raise PydanticCustomError("array_above_max_length", "array too long: {n} stop strings, at most {limit} are allowed", {"n": len(stops), "limit": MAX_STOPS})
+            raise PydanticCustomError(
+                "array_above_max_length",
+                "array too long: {n} stop strings, at most {limit} are allowed",
+                {"n": len(stops), "limit": MAX_STOPS},
+            )
         for text in stops:
             if len(text) > MAX_STOP_CHARS:
                 raise PydanticCustomError(
-                    "string_above_max_length", "string too long: a stop string has {n} characters, at most {limit} are allowed", {"n": len(text), "limit": MAX_STOP_CHARS}
+                    "string_above_max_length",
+                    "string too long: a stop string has {n} characters, at most {limit} are allowed",
+                    {"n": len(text), "limit": MAX_STOP_CHARS},
                 )
             why = invalid_text(text)
             if why:
@@ -91,7 +106,7 @@ class CompletionRequest(BaseModel):
             prompt_logprobs=bool(self.echo) and self.logprobs is not None,
         )
 
-    def unsupported(self) -> Optional[str]:
+    def unsupported(self) -> str | None:
         """The name of a parameter set to something gptwo does not do, if any."""
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty" if self.presence_penalty else "frequency_penalty"
@@ -106,16 +121,16 @@ class CompletionRequest(BaseModel):
 
 class Logprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: list[Optional[dict[str, float]]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
 class Choice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[Logprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class Usage(BaseModel):
@@ -132,7 +147,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[Choice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -151,8 +166,8 @@ class ModelList(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -25,14 +25,19 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gptwo.errors import GptwoError
+from gptwo.fileio import atomic_write
 from gptwo.model import GPT
 from gptwo.tokenizer import Tokenizer
 from gptwo.train.distributed import Dist, barrier, gather_objects, unwrap
-from gptwo.fileio import atomic_write
 from gptwo.weights import model_from_state, read_weights, save_pretrained, state_dict_from_hf
 
 CHECKPOINTS = "checkpoints"
-MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json")  # copied to RUN in this order, config last
+MODEL_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+    "config.json",
+)  # copied to RUN in this order, config last
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -111,21 +116,40 @@ def _export_model(model: torch.nn.Module, model_state: dict) -> GPT:
     return model_from_state(inner.config, model_state, "the training model")
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
-                    trainer: dict, info: Dist, loader_state: dict, keep: int) -> str | None:
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Tokenizer,
+    trainer: dict,
+    info: Dist,
+    loader_state: dict,
+    keep: int,
+) -> str | None:
     """Write RUN/checkpoints/step_N atomically (all ranks call this; rank 0 writes); returns its path on rank 0."""
-    model_state, optim_state = get_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_state, optim_state = get_state_dict(
+        unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     per_rank = gather_objects({"loader": loader_state, "rng": rng_state()}, info)
     path = None
     if info.is_main:
-        path = _write_checkpoint(run_dir, step, _export_model(model, model_state), optim_state, tokenizer,
-                                 {**trainer, "step": step, "world_size": info.world_size, "ranks": per_rank})
+        path = _write_checkpoint(
+            run_dir,
+            step,
+            _export_model(model, model_state),
+            optim_state,
+            tokenizer,
+            {**trainer, "step": step, "world_size": info.world_size, "ranks": per_rank},
+        )
         _prune(run_dir, keep)
     barrier(info)
     return path
 
 
-def _write_checkpoint(run_dir: str, step: int, model: GPT, optim_state: dict, tokenizer: Tokenizer, trainer: dict) -> str:
+def _write_checkpoint(
+    run_dir: str, step: int, model: GPT, optim_state: dict, tokenizer: Tokenizer, trainer: dict
+) -> str:
     root = os.path.join(run_dir, CHECKPOINTS)
     final = os.path.join(root, f"step_{step}")
     os.makedirs(root, exist_ok=True)
@@ -149,7 +173,11 @@ def _write_checkpoint(run_dir: str, step: int, model: GPT, optim_state: dict, to
         reason = _reason(err)
         last = latest_checkpoint(run_dir)
         kept = f"; {os.path.basename(last)} is intact, continue from it with --resume" if last else ""
-        fix = "free disk space" if isinstance(err, OSError) and err.errno == errno.ENOSPC or "space" in reason else "check the output folder"
+        fix = (
+            "free disk space"
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC or "space" in reason
+            else "check the output folder"
+        )
         raise GptwoError(f"{what} ({reason}){kept}", fix) from None
     return final
 
@@ -188,7 +216,10 @@ def read_trainer_state(checkpoint_dir: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise GptwoError(f"checkpoint file {path} is unreadable ({err})", "delete that checkpoint folder to resume from the one before") from None
+        raise GptwoError(
+            f"checkpoint file {path} is unreadable ({err})",
+            "delete that checkpoint folder to resume from the one before",
+        ) from None
 
 
 def load_checkpoint(checkpoint_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Dist) -> dict:
@@ -201,13 +232,24 @@ def load_checkpoint(checkpoint_dir: str, model: torch.nn.Module, optimizer: torc
     try:
         tensors = load_file(os.path.join(checkpoint_dir, "optimizer.safetensors"))
     except Exception as err:
-        raise GptwoError(f"optimizer state in {checkpoint_dir} is unreadable ({err})", "delete that checkpoint folder to resume from the one before") from None
+        raise GptwoError(
+            f"optimizer state in {checkpoint_dir} is unreadable ({err})",
+            "delete that checkpoint folder to resume from the one before",
+        ) from None
     state: dict = {}
     for key, value in {**tensors, **trainer["optimizer"]["scalars"]}.items():
         param, name = key.split("::")
         state.setdefault(param, {})[name] = value
-    optim_state = _without_untied_head({"state": state, "param_groups": trainer["optimizer"]["param_groups"]}, checkpoint_dir, info)
-    set_state_dict(unwrap(model), optimizer, model_state_dict=weights, optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
+    optim_state = _without_untied_head(
+        {"state": state, "param_groups": trainer["optimizer"]["param_groups"]}, checkpoint_dir, info
+    )
+    set_state_dict(
+        unwrap(model),
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict=optim_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
     ranks = trainer["ranks"]
     set_rng_state(ranks[info.rank if info.rank < len(ranks) else 0]["rng"])  # a resume may use another world size
     return trainer
@@ -224,7 +266,10 @@ def _without_untied_head(optim_state: dict, checkpoint_dir: str, info: Dist) -> 
     if not any(head in group["params"] for group in optim_state["param_groups"]):
         return optim_state
     if info.is_main:
-        print(f"note: {checkpoint_dir} was written with an untied output layer (a bug since fixed); its separately trained head was not saved, "
-              "so training resumes with the head tied to the saved embedding again", file=sys.stderr)
+        print(
+            f"note: {checkpoint_dir} was written with an untied output layer (a bug since fixed); its separately trained head was not saved, "
+            "so training resumes with the head tied to the saved embedding again",
+            file=sys.stderr,
+        )
     groups = [{**group, "params": [p for p in group["params"] if p != head]} for group in optim_state["param_groups"]]
     return {"state": {k: v for k, v in optim_state["state"].items() if k != head}, "param_groups": groups}

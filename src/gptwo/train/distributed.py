@@ -38,13 +38,20 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group torchrun set up (if any); returns this rank's Dist and device."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(), device
-    info = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    info = Dist(
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+        )
     return info, device
 
 

@@ -24,10 +24,27 @@ from gptwo.model import GPT
 from gptwo.select.online import make_selector
 from gptwo.tokenizer import Tokenizer
 from gptwo.train import checkpoint as ckpt
-from gptwo.train.distributed import Dist, close_distributed, gather_objects, grad_sync, init_distributed, mean_across, parallelize, unwrap
+from gptwo.train.distributed import (
+    Dist,
+    close_distributed,
+    gather_objects,
+    grad_sync,
+    init_distributed,
+    mean_across,
+    parallelize,
+    unwrap,
+)
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
-from gptwo.train.speed import autocast, compile_enabled, compile_model, compiled_loss, keep_freed_memory, use_fused_adamw, use_onednn_linears
+from gptwo.train.speed import (
+    autocast,
+    compile_enabled,
+    compile_model,
+    compiled_loss,
+    keep_freed_memory,
+    use_fused_adamw,
+    use_onednn_linears,
+)
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
 
@@ -43,11 +60,24 @@ class Data:
 
     @property
     def identity(self) -> dict:
-        return {"tokenizer": self.train.tokenizer_identity, "train_tokens": self.meta.get("train_tokens"), "val_tokens": self.meta.get("val_tokens")}
+        return {
+            "tokenizer": self.train.tokenizer_identity,
+            "train_tokens": self.meta.get("train_tokens"),
+            "val_tokens": self.meta.get("val_tokens"),
+        }
 
 
-def run_training(data_dir: str, out_dir: str, preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
-                 max_steps: int | None = None, resume: bool = False, init_from: str | None = None, progress: bool = True) -> dict:
+def run_training(
+    data_dir: str,
+    out_dir: str,
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    max_steps: int | None = None,
+    resume: bool = False,
+    init_from: str | None = None,
+    progress: bool = True,
+) -> dict:
     """What `gptwo train` does: resolve the config (a resumed run starts from its saved one) and train."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise GptwoError(f"run folder {out_dir} is a file", "choose a new folder for --out")
@@ -62,8 +92,10 @@ def run_training(data_dir: str, out_dir: str, preset: str | None = None, config_
         config = load_train_config(overrides={**saved, **_parsed(overrides)})
         changed = [k for k in SHAPE_KEYS if getattr(config, k) != saved.get(k)]
         if changed:
-            raise GptwoError(f"--resume cannot change {changed[0]} (the run was started with {changed[0]}={saved.get(changed[0])!r})",
-                             "drop that override, or start a new run with --init-from RUN")
+            raise GptwoError(
+                f"--resume cannot change {changed[0]} (the run was started with {changed[0]}={saved.get(changed[0])!r})",
+                "drop that override, or start a new run with --init-from RUN",
+            )
     else:
         config = load_train_config(preset, config_file, overrides)
     return train(data_dir, out_dir, config, resume=resume, progress=progress)
@@ -94,7 +126,16 @@ def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 class _Trainer:
-    def __init__(self, data_dir: str, out_dir: str, config: TrainConfig, info: Dist, device: torch.device, resume: bool, progress: bool):
+    def __init__(
+        self,
+        data_dir: str,
+        out_dir: str,
+        config: TrainConfig,
+        info: Dist,
+        device: torch.device,
+        resume: bool,
+        progress: bool,
+    ):
         self.config, self.info, self.device, self.out_dir = config, info, device, out_dir
         self.progress = progress and info.is_main
         set_threads(config, info, device)
@@ -115,9 +156,13 @@ class _Trainer:
         per_block = info.enabled and config.parallel == "fsdp"
         if self.compiled and per_block:
             compile_model(model, per_block=True)
-        self.train_loss = compiled_loss(self.loss_fn, config, device) if self.compiled and not per_block else self.loss_fn
+        self.train_loss = (
+            compiled_loss(self.loss_fn, config, device) if self.compiled and not per_block else self.loss_fn
+        )
         self.model = parallelize(model, info, config.parallel, device)
-        self.optimizer = make_optimizer(self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None))
+        self.optimizer = make_optimizer(
+            self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None)
+        )
         self.selector = make_selector(config, self.data.train, device, lambda: autocast(config, device))
         self.step = 0
         torch.manual_seed(config.seed + info.rank)  # dropout masks differ between ranks
@@ -131,7 +176,10 @@ class _Trainer:
     def _check_run_dir(self, resume: bool) -> str | None:
         last = ckpt.latest_checkpoint(self.out_dir)
         if last and not resume:
-            raise GptwoError(f"{self.out_dir} already holds a run ({os.path.basename(last)})", "pass --resume to continue it, or choose a new --out")
+            raise GptwoError(
+                f"{self.out_dir} already holds a run ({os.path.basename(last)})",
+                "pass --resume to continue it, or choose a new --out",
+            )
         if resume and last is None and self.info.is_main:
             print(f"note: no checkpoint in {self.out_dir} yet; starting a new run", file=sys.stderr)
         return last
@@ -157,22 +205,30 @@ class _Trainer:
         else:
             model = GPT(config.model_config(data.train.n_vocab))
         if config.block_size > model.config.block_size:
-            raise GptwoError(f"block_size={config.block_size} is longer than the model's context of {model.config.block_size}",
-                             f"use block_size={model.config.block_size} or less")
+            raise GptwoError(
+                f"block_size={config.block_size} is longer than the model's context of {model.config.block_size}",
+                f"use block_size={model.config.block_size} or less",
+            )
         if data.train.n_vocab > model.config.vocab_size:
-            raise GptwoError(f"the data's tokenizer has {data.train.n_vocab} tokens but the model only {model.config.vocab_size}",
-                             "prepare the data with the model's tokenizer")
+            raise GptwoError(
+                f"the data's tokenizer has {data.train.n_vocab} tokens but the model only {model.config.vocab_size}",
+                "prepare the data with the model's tokenizer",
+            )
         return model
 
     def _load(self, path: str) -> None:
         trainer = ckpt.read_trainer_state(path)
         saved, now = trainer["data"], self.data.identity
         if saved["tokenizer"] != now["tokenizer"]:
-            raise GptwoError(f"the run was trained on data tokenized with '{saved['tokenizer']}', but --data uses '{now['tokenizer']}'",
-                             "resume with the same --data, or start a new run with --init-from RUN")
+            raise GptwoError(
+                f"the run was trained on data tokenized with '{saved['tokenizer']}', but --data uses '{now['tokenizer']}'",
+                "resume with the same --data, or start a new run with --init-from RUN",
+            )
         if saved != now:
-            raise GptwoError(f"--data differs from the data this run was trained on ({saved['train_tokens']} vs {now['train_tokens']} training tokens)",
-                             "resume with the same --data, or start a new run with --init-from RUN")
+            raise GptwoError(
+                f"--data differs from the data this run was trained on ({saved['train_tokens']} vs {now['train_tokens']} training tokens)",
+                "resume with the same --data, or start a new run with --init-from RUN",
+            )
         trainer = ckpt.load_checkpoint(path, self.model, self.optimizer, self.info)
         self.step = trainer["step"]
         self.data.train.load_state_dict(trainer["ranks"][0]["loader"])  # slots consumed by all ranks together
@@ -184,13 +240,22 @@ class _Trainer:
         config, info = self.config, self.info
         tokens_per_step = config.batch_size * config.block_size * self.grad_accum * info.world_size
         flops = flops_per_token(self.model_config, self.n_params, config.block_size) * tokens_per_step
-        scoring = self.selector.scoring_flops(unwrap(self.model), config.batch_size, config.block_size) * self.grad_accum * info.world_size
-        flops_per_step = flops + scoring  # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
+        scoring = (
+            self.selector.scoring_flops(unwrap(self.model), config.batch_size, config.block_size)
+            * self.grad_accum
+            * info.world_size
+        )
+        flops_per_step = (
+            flops + scoring
+        )  # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
-            print(f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
-                  f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}"
-                  + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""), file=sys.stderr)
+            print(
+                f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
+                f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}"
+                + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""),
+                file=sys.stderr,
+            )
         bar = _progress_bar(self.step, config.max_steps, self.progress)
         summary: dict = {"run_dir": self.out_dir, "rank": info.rank}
         clock, window_steps = time.perf_counter(), 0
@@ -215,12 +280,20 @@ class _Trainer:
                 pending.clear()
                 if logged:
                     elapsed = time.perf_counter() - clock
-                    row = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, config), "tokens_per_s": tokens_per_step * window_steps / elapsed,
-                           "flops": self.step * flops_per_step}
+                    row = {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": lr_at(self.step - 1, config),
+                        "tokens_per_s": tokens_per_step * window_steps / elapsed,
+                        "flops": self.step * flops_per_step,
+                    }
                     if peak:
                         row["mfu"] = flops * window_steps / elapsed / peak
                     self.log.write(row)
-                    bar.set_postfix_str(f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | {row['flops']:.2e} FLOPs" + (f" | mfu {row['mfu']:.1%}" if peak else ""))
+                    bar.set_postfix_str(
+                        f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | {row['flops']:.2e} FLOPs"
+                        + (f" | mfu {row['mfu']:.1%}" if peak else "")
+                    )
                     clock, window_steps = time.perf_counter(), 0
                 if evaluated:
                     summary.update(self.evaluate(bar))
@@ -230,17 +303,27 @@ class _Trainer:
                     clock, window_steps = time.perf_counter(), 0
         finally:
             bar.close()
-        summary.update(step=self.step, elapsed_s=time.perf_counter() - start_time, tokens=self.step * tokens_per_step, flops=self.step * flops_per_step)
+        summary.update(
+            step=self.step,
+            elapsed_s=time.perf_counter() - start_time,
+            tokens=self.step * tokens_per_step,
+            flops=self.step * flops_per_step,
+        )
         return summary
 
-    def _fit_time_budget(self, budget: "_TimeBudget", bar) -> TrainConfig:
+    def _fit_time_budget(self, budget: _TimeBudget, bar) -> TrainConfig:
         """The config with max_steps cut so training ends within max_time (rank 0's measurement, on every rank)."""
         steps = gather_objects(budget.steps_that_fit(self.step), self.info)[0]
         bar.total = steps
         if self.info.is_main and steps < self.config.max_steps:
-            bar.write(f"max_time={self.config.max_time:g}s: training {steps} steps instead of {self.config.max_steps} "
-                      f"({budget.rate:.1f} steps/s measured)", file=sys.stderr)
-        return dataclasses.replace(self.config, max_steps=steps, max_time=0.0)  # saved so, a resumed run keeps this schedule
+            bar.write(
+                f"max_time={self.config.max_time:g}s: training {steps} steps instead of {self.config.max_steps} "
+                f"({budget.rate:.1f} steps/s measured)",
+                file=sys.stderr,
+            )
+        return dataclasses.replace(
+            self.config, max_steps=steps, max_time=0.0
+        )  # saved so, a resumed run keeps this schedule
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches: this rank's mean loss and the gradient norm, as tensors.
@@ -260,7 +343,9 @@ class _Trainer:
                     loss = self.train_loss(model, x, y)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), config.grad_clip if config.grad_clip else float("inf")
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / self.grad_accum, norm
@@ -275,7 +360,10 @@ class _Trainer:
                 last = ckpt.latest_checkpoint(self.out_dir)
                 what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {norm_value}"
                 kept = f"; the last good checkpoint is {last}" if last else ""
-                raise GptwoError(f"training diverged at step {first + offset}: {what}{kept}", "lower lr (or raise warmup_steps) and resume or restart")
+                raise GptwoError(
+                    f"training diverged at step {first + offset}: {what}{kept}",
+                    "lower lr (or raise warmup_steps) and resume or restart",
+                )
         return loss_value
 
     loss_fn = staticmethod(loss_fn)  # a class attribute, so tests can poison it
@@ -302,7 +390,11 @@ class _Trainer:
         if self.info.is_main and result:
             self.log.write({"step": self.step, **result})
             text = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "sample")
-            bar.write(f"step {self.step}: {text}" + (f"\n  sample: {config.sample_prompt + result['sample']!r}" if "sample" in result else ""), file=sys.stderr)
+            bar.write(
+                f"step {self.step}: {text}"
+                + (f"\n  sample: {config.sample_prompt + result['sample']!r}" if "sample" in result else ""),
+                file=sys.stderr,
+            )
             try:
                 plot_losses(self.log.path, os.path.join(self.out_dir, "loss.png"))
             except GptwoError as err:  # the plot is a convenience: a full disk is reported by the next checkpoint
@@ -316,14 +408,31 @@ class _Trainer:
         model = unwrap(self.model)
         model.eval()
         with torch.compiler.set_stance("force_eager"), torch.no_grad():
-            text = complete(model, self.data.tokenizer, [prompt], max_new_tokens, temperature=0.8, top_k=50, seed=self.config.seed if seed is None else seed)[0]
+            text = complete(
+                model,
+                self.data.tokenizer,
+                [prompt],
+                max_new_tokens,
+                temperature=0.8,
+                top_k=50,
+                seed=self.config.seed if seed is None else seed,
+            )[0]
         model.train()
         return text
 
     def save(self) -> None:
         trainer = {"config": self.config.to_dict(), "data": self.data.identity}
-        ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.data.tokenizer, trainer, self.info,
-                             self.data.train.state_dict(), self.config.keep_checkpoints)
+        ckpt.save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.data.tokenizer,
+            trainer,
+            self.info,
+            self.data.train.state_dict(),
+            self.config.keep_checkpoints,
+        )
 
 
 # ---------------------------------------------------------------- helpers
@@ -362,11 +471,24 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
 
     meta = read_meta(data_dir)
     if not meta.get("train_tokens"):
-        raise GptwoError(f"the data in {data_dir} has no training tokens (empty corpus)", "prepare it from non-empty text with 'gptwo prepare'")
+        raise GptwoError(
+            f"the data in {data_dir} has no training tokens (empty corpus)",
+            "prepare it from non-empty text with 'gptwo prepare'",
+        )
     if meta["train_tokens"] <= config.block_size:
-        raise GptwoError(f"the data in {data_dir} has {meta['train_tokens']} training tokens, fewer than one block of {config.block_size + 1}",
-                         "use more text or a smaller block_size")
-    loader = ShardLoader(data_dir, split="train", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
+        raise GptwoError(
+            f"the data in {data_dir} has {meta['train_tokens']} training tokens, fewer than one block of {config.block_size + 1}",
+            "use more text or a smaller block_size",
+        )
+    loader = ShardLoader(
+        data_dir,
+        split="train",
+        batch_size=config.batch_size,
+        block_size=config.block_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=config.seed,
+    )
     if config.sampling == "random":
         from gptwo.train.sampling import RandomWindows
 
@@ -374,17 +496,32 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
     val = None
     need = config.batch_size * config.block_size * info.world_size + 1  # one batch per rank
     if meta.get("val_tokens", 0) >= need:
-        val = ShardLoader(data_dir, split="val", batch_size=config.batch_size, block_size=config.block_size, rank=info.rank, world_size=info.world_size, seed=config.seed)
+        val = ShardLoader(
+            data_dir,
+            split="val",
+            batch_size=config.batch_size,
+            block_size=config.block_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=config.seed,
+        )
     elif info.is_main:
-        print(f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, fewer than one batch per process (batch_size*block_size*processes+1 = {need}); "
-              "training runs without validation loss — prepare with a larger --val-fraction, or lower batch_size or block_size", file=sys.stderr)
+        print(
+            f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, fewer than one batch per process (batch_size*block_size*processes+1 = {need}); "
+            "training runs without validation loss — prepare with a larger --val-fraction, or lower batch_size or block_size",
+            file=sys.stderr,
+        )
     tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
     if tokenizer.n_vocab != loader.n_vocab:
-        raise GptwoError(f"{data_dir}/meta.json says n_vocab={loader.n_vocab} but its tokenizer.json has {tokenizer.n_vocab} tokens",
-                         "re-create the data with 'gptwo prepare'")
+        raise GptwoError(
+            f"{data_dir}/meta.json says n_vocab={loader.n_vocab} but its tokenizer.json has {tokenizer.n_vocab} tokens",
+            "re-create the data with 'gptwo prepare'",
+        )
     if tokenizer.identity != loader.tokenizer_identity:
-        raise GptwoError(f"{data_dir}/tokenizer.json ('{tokenizer.identity}') is not the tokenizer its shards were made with ('{loader.tokenizer_identity}')",
-                         "re-create the data with 'gptwo prepare'")
+        raise GptwoError(
+            f"{data_dir}/tokenizer.json ('{tokenizer.identity}') is not the tokenizer its shards were made with ('{loader.tokenizer_identity}')",
+            "re-create the data with 'gptwo prepare'",
+        )
     return Data(loader, val, tokenizer, meta)
 
 
@@ -401,8 +538,10 @@ def grad_accum_for(config: TrainConfig, world_size: int) -> int:
         return config.grad_accum
     per_micro = config.batch_size * config.block_size * world_size
     if config.batch_tokens % per_micro:
-        raise GptwoError(f"batch_tokens={config.batch_tokens} is not a multiple of batch_size·block_size·world_size = {per_micro}",
-                         "change batch_size or batch_tokens, or set grad_accum=N (which turns batch_tokens off)")
+        raise GptwoError(
+            f"batch_tokens={config.batch_tokens} is not a multiple of batch_size·block_size·world_size = {per_micro}",
+            "change batch_size or batch_tokens, or set grad_accum=N (which turns batch_tokens off)",
+        )
     return config.batch_tokens // per_micro
 
 
@@ -421,6 +560,7 @@ def set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
 
 def _idle_fraction(seconds: float = 0.25) -> float:
     """Share of CPU time idle right now (Linux /proc/stat over a short window; 1.0 elsewhere)."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat", encoding="ascii") as f:
             values = [int(v) for v in f.readline().split()[1:]]

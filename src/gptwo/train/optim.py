@@ -9,7 +9,16 @@ import torch
 from gptwo.config import GPTConfig, TrainConfig
 
 # Dense bf16 peak FLOP/s by GPU name (vendor data sheets), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362.05e12, "A10G": 70e12, "L4": 121e12, "4090": 165.2e12, "3090": 71e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989.5e12,
+    "H100": 989.5e12,
+    "A100": 312e12,
+    "L40S": 362.05e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "4090": 165.2e12,
+    "3090": 71e12,
+}
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:

@@ -19,9 +19,25 @@ VOCAB_SIZE = 4096
 VAL_FRACTION = 0.05
 PROMPTS = ("The", "To open a file,", "A list is")
 # The tiny variant checks the same pipeline in seconds (CI): small vocab, model and step count.
-TINY = dict(vocab_size=512, overrides=["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_steps=20",
-                                       "eval_every=10", "checkpoint_every=10", "eval_batches=4", "log_every=5", "sample_tokens=8"])
-FULL = dict(vocab_size=VOCAB_SIZE, overrides=["eval_batches=1000", "eval_every=500"])  # the last evaluation covers the whole val split
+TINY = dict(
+    vocab_size=512,
+    overrides=[
+        "n_layer=2",
+        "n_head=2",
+        "n_embd=32",
+        "block_size=32",
+        "batch_size=8",
+        "max_steps=20",
+        "eval_every=10",
+        "checkpoint_every=10",
+        "eval_batches=4",
+        "log_every=5",
+        "sample_tokens=8",
+    ],
+)
+FULL = dict(
+    vocab_size=VOCAB_SIZE, overrides=["eval_batches=1000", "eval_every=500"]
+)  # the last evaluation covers the whole val split
 # The whole command aims at 5 minutes: training gets what preparing the data left, less the samples at the end.
 TOTAL_SECONDS, SAMPLES_SECONDS = 300.0, 15.0
 
@@ -34,7 +50,9 @@ def quickstart(out_dir: str = "runs/quickstart", tiny: bool = False, progress: b
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         _prepare_builtin(data_dir, recipe["vocab_size"], progress)
     overrides = list(recipe["overrides"])
-    if not tiny and not latest_checkpoint(out_dir):  # a fresh run fits its steps into the time left; a resumed one keeps its schedule
+    if not tiny and not latest_checkpoint(
+        out_dir
+    ):  # a fresh run fits its steps into the time left; a resumed one keeps its schedule
         overrides.append(f"max_time={max(60.0, TOTAL_SECONDS - SAMPLES_SECONDS - (time.perf_counter() - start)):.0f}")
     if not tiny and native_bf16():
         overrides.append("dtype=bfloat16")
@@ -42,7 +60,15 @@ def quickstart(out_dir: str = "runs/quickstart", tiny: bool = False, progress: b
     if "val_bpb" not in summary:  # the run was already finished: report its last evaluation
         from gptwo.train.metrics import read_metrics
 
-        summary.update({k: v for row in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if "val_bpb" in row for k, v in row.items() if k != "step"})
+        summary.update(
+            {
+                k: v
+                for row in read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+                if "val_bpb" in row
+                for k, v in row.items()
+                if k != "step"
+            }
+        )
     samples = _samples(out_dir, max_new_tokens=12 if tiny else 60)
     summary.update(samples=samples, wall_s=time.perf_counter() - start)
     _report(summary, out_dir)
@@ -60,8 +86,8 @@ def _prepare_builtin(data_dir: str, vocab_size: int, progress: bool) -> None:
 
     from gptwo.data.builtin import builtin_documents
     from gptwo.data.prepare import prepare
-    from gptwo.tokenizer import Tokenizer
     from gptwo.fileio import atomic_write
+    from gptwo.tokenizer import Tokenizer
 
     documents = builtin_documents()
     random.Random(0).shuffle(documents)
@@ -83,7 +109,9 @@ def _samples(run_dir: str, max_new_tokens: int) -> dict[str, str]:
 
 def _report(summary: dict, out_dir: str) -> None:
     bpb = f"{summary['val_bpb']:.3f} bits per byte" if "val_bpb" in summary else "n/a"
-    print(f"\nheld-out loss: {summary.get('val_loss', float('nan')):.4f} nats/token = {bpb} ({summary['wall_s']:.0f} s in all)")
+    print(
+        f"\nheld-out loss: {summary.get('val_loss', float('nan')):.4f} nats/token = {bpb} ({summary['wall_s']:.0f} s in all)"
+    )
     for prompt, text in summary["samples"].items():
         print(f"\n--- {prompt}{text}")
-    print(f"\nthe model is in {out_dir}; try: gptwo generate --model {out_dir} \"The\"")
+    print(f'\nthe model is in {out_dir}; try: gptwo generate --model {out_dir} "The"')

@@ -24,7 +24,11 @@ class RandomWindows:
         self.loader = loader
         self.batch_size, self.block_size = loader.batch_size, loader.block_size
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
-        self.tokenizer_identity, self.n_vocab, self.eot_token = loader.tokenizer_identity, loader.n_vocab, loader.eot_token
+        self.tokenizer_identity, self.n_vocab, self.eot_token = (
+            loader.tokenizer_identity,
+            loader.n_vocab,
+            loader.eot_token,
+        )
         self._starts = np.cumsum([0] + [len(s) for s in loader.shards]).tolist()
         self.calls = 0
 

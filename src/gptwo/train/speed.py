@@ -15,7 +15,7 @@ import functools
 import math
 import shutil
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,15 +91,25 @@ class CpuStepOps(TorchFunctionMode):
 def _plain_embedding(args: tuple, kwargs: dict) -> bool:
     """`F.embedding(idx, weight)` with none of its options (as nn.Embedding passes them, positionally)."""
     options = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:]), **kwargs)
-    return (len(args) >= 2 and options.get("padding_idx") is None and options.get("max_norm") is None
-            and not options.get("scale_grad_by_freq") and not options.get("sparse"))
+    return (
+        len(args) >= 2
+        and options.get("padding_idx") is None
+        and options.get("max_norm") is None
+        and not options.get("scale_grad_by_freq")
+        and not options.get("sparse")
+    )
 
 
 def _plain_causal(args: tuple, kwargs: dict) -> bool:
     """`F.scaled_dot_product_attention(q, k, v, is_causal=True)` over equally many queries and keys, without a mask or dropout."""
     if len(args) != 3 or set(kwargs) - {"attn_mask", "dropout_p", "is_causal"}:
         return False
-    return kwargs.get("is_causal", False) and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p", 0.0) and args[0].shape[-2] == args[1].shape[-2]
+    return (
+        kwargs.get("is_causal", False)
+        and kwargs.get("attn_mask") is None
+        and not kwargs.get("dropout_p", 0.0)
+        and args[0].shape[-2] == args[1].shape[-2]
+    )
 
 
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
@@ -108,7 +118,6 @@ _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU's tanh approximation written as x·σ(2u): equal to `F.gelu(x, approximate="tanh")` up to float rounding."""
     return x * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
-
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -199,7 +208,9 @@ def _onednn_linear_backward(ctx, grad: torch.Tensor):
     grad_w = None
     if ctx.needs_input_grad[1]:
         narrow_x = x.shape[1] < grad.shape[1]
-        grad_w = onednn_linear(x.t(), grad.t(), None).t().contiguous() if narrow_x else onednn_linear(grad.t(), x.t(), None)
+        grad_w = (
+            onednn_linear(x.t(), grad.t(), None).t().contiguous() if narrow_x else onednn_linear(grad.t(), x.t(), None)
+        )
     grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_x, grad_w, grad_b
 

@@ -5,15 +5,20 @@ Stages (each runs alone and resumes): `collect_urls` → `fetch_urls` → `extra
 (extract + dedup); `build` runs them all. Tasks run in local processes or on Ray (`Engine`).
 """
 
-from gptwo.webtext.build import build
-from gptwo.webtext.engine import Engine
-from gptwo.webtext.extract import ExtractOptions, extract_documents
-from gptwo.webtext.fetch import FetchOptions, fetch_urls
-from gptwo.webtext.filters import count_tokens
-from gptwo.webtext.records import StageReport
-from gptwo.webtext.urls import UrlFilter, collect_urls, normalize_url
+from gptwo.lazy import lazy_names
 
-__all__ = [
-    "Engine", "ExtractOptions", "FetchOptions", "StageReport", "UrlFilter",
-    "build", "collect_urls", "count_tokens", "extract_documents", "fetch_urls", "normalize_url",
-]
+_WHERE = {
+    "Engine": "gptwo.webtext.engine",
+    "ExtractOptions": "gptwo.webtext.extract",
+    "FetchOptions": "gptwo.webtext.fetch",
+    "StageReport": "gptwo.webtext.records",
+    "UrlFilter": "gptwo.webtext.urls",
+    "build": "gptwo.webtext.build",
+    "collect_urls": "gptwo.webtext.urls",
+    "count_tokens": "gptwo.webtext.filters",
+    "extract_documents": "gptwo.webtext.extract",
+    "fetch_urls": "gptwo.webtext.fetch",
+    "normalize_url": "gptwo.webtext.urls",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Not globally routable, though Python 3.11's `is_global` says they are.
 _EXTRA_NON_GLOBAL = (
@@ -36,7 +37,11 @@ class BlockedAddress(OSError):
 
 
 def _routable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return ip.is_global and not ip.is_multicast and not any(ip in net for net in _EXTRA_NON_GLOBAL if ip.version == net.version)
+    return (
+        ip.is_global
+        and not ip.is_multicast
+        and not any(ip in net for net in _EXTRA_NON_GLOBAL if ip.version == net.version)
+    )
 
 
 def is_public_address(address: str) -> bool:
@@ -86,8 +91,16 @@ class GuardedResolver:
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
         pinned = self.pinned.get(host.rstrip(".").lower())
         if pinned is not None:
-            return [{"hostname": host, "host": pinned, "port": port, "proto": 0, "flags": socket.AI_NUMERICHOST,
-                     "family": socket.AF_INET6 if ":" in pinned else socket.AF_INET}]
+            return [
+                {
+                    "hostname": host,
+                    "host": pinned,
+                    "port": port,
+                    "proto": 0,
+                    "flags": socket.AI_NUMERICHOST,
+                    "family": socket.AF_INET6 if ":" in pinned else socket.AF_INET,
+                }
+            ]
         answers = await self.inner.resolve(host, port, family)
         if self.allow_private:
             return answers

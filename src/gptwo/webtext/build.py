@@ -11,9 +11,10 @@ fetched again, and unchanged partitions are not extracted again.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from gptwo.errors import GptwoError
 from gptwo.webtext.engine import Engine
@@ -57,17 +58,24 @@ def build(
     engine = engine or Engine()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise GptwoError(f"--out {out_dir} is a file, not a folder", "choose a folder for the build (it is created if missing)")
+        raise GptwoError(
+            f"--out {out_dir} is a file, not a folder", "choose a folder for the build (it is created if missing)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = [str(p) for p in inputs]
     fetch_options.check()
     extract_options.check()
     urls_report = _url_stage(inputs, out_dir, rule, engine)
-    fetch_report = fetch_urls(out_dir / URLS_FILE, out_dir / "crawl", options=fetch_options,
-                              partitions=partitions, engine=engine)
-    extract_report, dedup_report = extract_documents(out_dir / "crawl", out_dir / DOCUMENTS_FILE,
-                                                     options=extract_options, engine=engine,
-                                                     work_dir=out_dir / "extract")
+    fetch_report = fetch_urls(
+        out_dir / URLS_FILE, out_dir / "crawl", options=fetch_options, partitions=partitions, engine=engine
+    )
+    extract_report, dedup_report = extract_documents(
+        out_dir / "crawl",
+        out_dir / DOCUMENTS_FILE,
+        options=extract_options,
+        engine=engine,
+        work_dir=out_dir / "extract",
+    )
     report = {
         "documents": dedup_report.kept,
         "output": str(out_dir / DOCUMENTS_FILE),

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import zstandard
 
@@ -71,7 +72,7 @@ def _partitions(meta: Path) -> int:
         found = len(list(meta.parent.glob("part-*.sqlite")))
         raise GptwoError(
             f"{meta} is damaged: it should hold the crawl's partition count",
-            f"restore it from a backup, or write {{\"format\": \"{CRAWL_FORMAT}\", \"version\": 1, \"partitions\": N}} "
+            f'restore it from a backup, or write {{"format": "{CRAWL_FORMAT}", "version": 1, "partitions": N}} '
             f"into it with N the --partitions of the first run ({found} part-*.sqlite files are there), "
             f"or delete {meta.parent} to crawl again",
         )
@@ -125,21 +126,27 @@ class CrawlState:
         except sqlite3.OperationalError as err:
             if "locked" not in str(err):
                 raise self._damaged(err) from None
-            raise GptwoError(f"crawl database {self.path} is locked ({err})",
-                             "another crawl is writing this folder: wait for it to finish or stop it") from None
+            raise GptwoError(
+                f"crawl database {self.path} is locked ({err})",
+                "another crawl is writing this folder: wait for it to finish or stop it",
+            ) from None
         except (sqlite3.Error, zstandard.ZstdError) as err:
             raise self._damaged(err) from None
 
     def _damaged(self, err: Exception) -> GptwoError:
         self.db.close()
-        return GptwoError(f"crawl database {self.path} is damaged ({err})",
-                          f"restore it from a backup, or delete {self.path.name} and its -wal/-shm files "
-                          "(the next fetch downloads that partition's pages again)")
+        return GptwoError(
+            f"crawl database {self.path} is damaged ({err})",
+            f"restore it from a backup, or delete {self.path.name} and its -wal/-shm files "
+            "(the next fetch downloads that partition's pages again)",
+        )
 
     def finished_urls(self, retry_transient: bool = False, retry_blocked: bool = False) -> set[str]:
         """URLs that need no fetch: every finished one, less the transient failures with
         `retry_transient` and the refused private addresses with `retry_blocked` (the guard is off)."""
-        conditions = (["transient = 0"] if retry_transient else []) + (["status != 'blocked_address'"] if retry_blocked else [])
+        conditions = (["transient = 0"] if retry_transient else []) + (
+            ["status != 'blocked_address'"] if retry_blocked else []
+        )
         query = "SELECT url FROM pages" + (" WHERE " + " AND ".join(conditions) if conditions else "")
         with self._named_errors():
             return {row[0] for row in self.db.execute(query)}
@@ -151,8 +158,17 @@ class CrawlState:
             self.db.execute(
                 "INSERT OR REPLACE INTO pages VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    meta["url"], result.status, int(result.transient), result.http_status, result.final_url,
-                    result.content_type, body, meta.get("subreddit"), meta.get("score"), meta.get("title"), time.time(),
+                    meta["url"],
+                    result.status,
+                    int(result.transient),
+                    result.http_status,
+                    result.final_url,
+                    result.content_type,
+                    body,
+                    meta.get("subreddit"),
+                    meta.get("score"),
+                    meta.get("title"),
+                    time.time(),
                 ),
             )
 
@@ -178,8 +194,13 @@ class CrawlState:
             )
             for url, final_url, content_type, body, subreddit, score, title in rows:
                 yield {
-                    "url": url, "final_url": final_url, "content_type": content_type, "body": decompress.decompress(body),
-                    "subreddit": subreddit, "score": score, "title": title,
+                    "url": url,
+                    "final_url": final_url,
+                    "content_type": content_type,
+                    "body": decompress.decompress(body),
+                    "subreddit": subreddit,
+                    "score": score,
+                    "title": title,
                 }
 
     def count_ok(self) -> int:

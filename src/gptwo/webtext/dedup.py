@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import regex
@@ -44,8 +44,13 @@ def _permutations(num_perm: int):
 def _minhash(num_perm: int, hashvalues=None):
     from datasketch import MinHash
 
-    return MinHash(num_perm=num_perm, seed=MINHASH_SEED, hashvalues=hashvalues,
-                   permutations=_permutations(num_perm), scheme=MINHASH_SCHEME)
+    return MinHash(
+        num_perm=num_perm,
+        seed=MINHASH_SEED,
+        hashvalues=hashvalues,
+        permutations=_permutations(num_perm),
+        scheme=MINHASH_SCHEME,
+    )
 
 
 def signature(text: str, shingle_size: int = 5, num_perm: int = 128) -> np.ndarray:
@@ -81,7 +86,9 @@ def deduplicate(
             fix = f"delete {docs_path} and rerun: it is extracted again from the crawl"
             for row, doc in enumerate(read_jsonl(docs_path, fix=fix)):
                 if row >= len(signatures) or not isinstance(doc.get("text"), str):
-                    raise GptwoError(f"{docs_path} does not match its signatures {signatures_path} at line {row + 1}", fix)
+                    raise GptwoError(
+                        f"{docs_path} does not match its signatures {signatures_path} at line {row + 1}", fix
+                    )
                 report.seen += 1
                 key = exact_key(doc["text"])
                 if key in seen_exact:
@@ -111,7 +118,10 @@ def _load_signatures(path: str | os.PathLike, num_perm: int) -> np.ndarray:
     else:
         problem = f"shape {signatures.shape}, expected (rows, {num_perm})"
     if signatures is None or signatures.ndim != 2 or signatures.shape[1] != num_perm:
-        raise GptwoError(f"signature file {path} is damaged ({problem})", f"delete {path} and rerun: it is computed again from the crawl")
+        raise GptwoError(
+            f"signature file {path} is damaged ({problem})",
+            f"delete {path} and rerun: it is computed again from the crawl",
+        )
     return signatures
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from gptwo.errors import GptwoError
 
@@ -60,8 +61,9 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     """A process pool kept for the life of this process, so the stages of a build share workers
     (and the models they loaded). spawn: workers start clean, whatever threads the parent holds."""
     if workers not in _pools:
-        _pools[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_one_thread_per_worker)
+        _pools[workers] = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_per_worker
+        )
         atexit.register(_pools[workers].shutdown, cancel_futures=True)
     return _pools[workers]
 
@@ -83,7 +85,9 @@ def _ray_map(func: Callable[..., Any], tasks: Sequence[tuple], workers: int, add
     try:
         import ray
     except ImportError as err:
-        raise GptwoError("the Ray engine needs the 'ray' package", "pip install 'gptwo[webtext]' or pass --engine local") from err
+        raise GptwoError(
+            "the Ray engine needs the 'ray' package", "pip install 'gptwo[webtext]' or pass --engine local"
+        ) from err
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)

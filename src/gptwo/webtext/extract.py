@@ -39,7 +39,9 @@ class ExtractOptions:
         if not 0 < self.threshold <= 1:
             raise GptwoError(f"--dedup-threshold must be in (0, 1] (got {self.threshold})", "use e.g. 0.5")
         if self.shingle_size < 1 or self.num_perm < 2 or self.min_tokens < 0:
-            raise GptwoError("--shingle-size must be >= 1, --num-perm >= 2, --min-tokens >= 0", "check the extract options")
+            raise GptwoError(
+                "--shingle-size must be >= 1, --num-perm >= 2, --min-tokens >= 0", "check the extract options"
+            )
         if not 0 <= self.min_language_prob <= 1:
             raise GptwoError(f"--min-language-prob must be in [0, 1] (got {self.min_language_prob})", "use e.g. 0.5")
 
@@ -69,8 +71,8 @@ def page_text(body: bytes, url: str | None = None, content_type: str | None = No
 def _charset(content_type: str | None) -> str | None:
     for param in (content_type or "").split(";")[1:]:
         key, _, value = param.partition("=")
-        if key.strip().lower() == "charset" and value.strip(' "\''):
-            return value.strip(' "\'')
+        if key.strip().lower() == "charset" and value.strip(" \"'"):
+            return value.strip(" \"'")
     return None
 
 
@@ -88,7 +90,13 @@ def page_document(page: dict[str, Any], options: ExtractOptions, report: StageRe
         if lang not in options.languages or prob < options.min_language_prob:
             report.drop("language")
             return None
-    return {"url": page["url"], "subreddit": page["subreddit"], "score": page["score"], "title": page["title"], "text": text}
+    return {
+        "url": page["url"],
+        "subreddit": page["subreddit"],
+        "score": page["score"],
+        "title": page["title"],
+        "text": text,
+    }
 
 
 def extract_partition(db_path: str, docs_path: str, options: ExtractOptions) -> dict[str, Any]:
@@ -99,9 +107,15 @@ def extract_partition(db_path: str, docs_path: str, options: ExtractOptions) -> 
     try:
         pages = state.count_ok()
         previous = read_cache(report_path, "pages", "options", "report")
-        if (previous is not None and previous["pages"] == pages and previous["options"] == json.loads(json.dumps(asdict(options)))
-                and isinstance(previous["report"], dict) and {"in", "kept", "dropped"} <= previous["report"].keys()
-                and Path(docs_path).is_file() and signature_path(docs_path).is_file()):
+        if (
+            previous is not None
+            and previous["pages"] == pages
+            and previous["options"] == json.loads(json.dumps(asdict(options)))
+            and isinstance(previous["report"], dict)
+            and {"in", "kept", "dropped"} <= previous["report"].keys()
+            and Path(docs_path).is_file()
+            and signature_path(docs_path).is_file()
+        ):
             return previous["report"]
         report = StageReport("extract")
         signatures = []
@@ -143,6 +157,9 @@ def extract_documents(
     for part in engine.map(extract_partition, [(str(db), docs, options) for db, docs in zip(dbs, docs_paths)]):
         extract_report.merge(StageReport.from_dict("extract", part))
     dedup_report = deduplicate(
-        [(docs, signature_path(docs)) for docs in docs_paths], out, threshold=options.threshold, num_perm=options.num_perm
+        [(docs, signature_path(docs)) for docs in docs_paths],
+        out,
+        threshold=options.threshold,
+        num_perm=options.num_perm,
     )
     return extract_report, dedup_report

@@ -64,7 +64,9 @@ class FetchOptions:
             if getattr(self, name) < 1:
                 raise GptwoError(f"--{name.replace('_', '-')} must be at least 1", "pass a positive number")
         if self.timeout <= 0 or self.retries < 0 or self.backoff < 0 or self.max_redirects < 0:
-            raise GptwoError("timeouts, retries, backoff and redirect limits can't be negative", "check the fetch options")
+            raise GptwoError(
+                "timeouts, retries, backoff and redirect limits can't be negative", "check the fetch options"
+            )
 
 
 class _Response:
@@ -92,13 +94,17 @@ class Crawler:
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self.options.timeout)
-        resolver = GuardedResolver(pinned=dict(self.options.resolve), allow_private=self.options.allow_private_addresses)
+        resolver = GuardedResolver(
+            pinned=dict(self.options.resolve), allow_private=self.options.allow_private_addresses
+        )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, resolver=resolver)
         headers = {"User-Agent": self.options.user_agent, "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"}
         queue = deque(_interleave_hosts(records))
         try:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as self.session:
-                workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(len(queue), 2 * self.concurrency))]
+                workers = [
+                    asyncio.create_task(self._worker(queue)) for _ in range(min(len(queue), 2 * self.concurrency))
+                ]
                 await asyncio.gather(*workers)
         finally:
             if self.warc_writer is not None:
@@ -134,12 +140,20 @@ class Crawler:
                 continue
             content_type = response.headers.get("Content-Type")
             if not 200 <= response.status < 300:
-                return PageResult(f"http_{response.status}", transient=response.status in RETRY_CODES,
-                                  http_status=response.status, final_url=current)
+                return PageResult(
+                    f"http_{response.status}",
+                    transient=response.status in RETRY_CODES,
+                    http_status=response.status,
+                    final_url=current,
+                )
             if response.problem:
-                return PageResult(response.problem, http_status=response.status, final_url=current, content_type=content_type)
+                return PageResult(
+                    response.problem, http_status=response.status, final_url=current, content_type=content_type
+                )
             self._write_warc(current, response)
-            return PageResult("ok", http_status=response.status, final_url=current, content_type=content_type, body=response.body)
+            return PageResult(
+                "ok", http_status=response.status, final_url=current, content_type=content_type, body=response.body
+            )
         return PageResult("too_many_redirects", final_url=current)
 
     async def request(self, url: str, page: bool = True) -> _Response:
@@ -158,7 +172,7 @@ class Crawler:
                             problem = "retry"
                         else:
                             return await (self._read(resp) if page else self._read_any(resp))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 problem = "timeout"
             except aiohttp.ClientConnectorError as err:
                 if isinstance(err.os_error, BlockedAddress):  # the resolver refused every answer
@@ -244,8 +258,12 @@ class Crawler:
         if self.warc_writer is None:
             self.warc_path.parent.mkdir(parents=True, exist_ok=True)
             self.warc_writer = WARCWriter(open(self.warc_path, "ab"), gzip=True)
-        headers = StatusAndHeaders(f"{response.status} {response.reason}", list(response.headers.items()), protocol="HTTP/1.1")
-        record = self.warc_writer.create_warc_record(url, "response", payload=io.BytesIO(response.body), http_headers=headers)
+        headers = StatusAndHeaders(
+            f"{response.status} {response.reason}", list(response.headers.items()), protocol="HTTP/1.1"
+        )
+        record = self.warc_writer.create_warc_record(
+            url, "response", payload=io.BytesIO(response.body), http_headers=headers
+        )
         self.warc_writer.write_record(record)
 
 
@@ -293,7 +311,12 @@ def _read_url_file(path: str | os.PathLike) -> list[dict[str, Any]]:
 def _url_record_problem(record: dict[str, Any]) -> str | None:
     """What is wrong with one record of a URL file (None if nothing): the fields are stored in SQLite."""
     url = record.get("url")
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not url_host(url) or LONE_SURROGATE.search(url):
+    if (
+        not isinstance(url, str)
+        or urlsplit(url).scheme not in ("http", "https")
+        or not url_host(url)
+        or LONE_SURROGATE.search(url)
+    ):
         return "has no http(s) URL"
     score = record.get("score")
     if score is not None and (type(score) is not int or not -SQLITE_INT_LIMIT <= score < SQLITE_INT_LIMIT):
@@ -305,7 +328,9 @@ def _url_record_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
-def crawl_partition(db_path: str, urls_path: str, options: FetchOptions, concurrency: int, warc_path: str | None) -> int:
+def crawl_partition(
+    db_path: str, urls_path: str, options: FetchOptions, concurrency: int, warc_path: str | None
+) -> int:
     """Fetch the not-yet-finished URLs of one partition (runs in a worker); returns how many were fetched."""
     state = CrawlState(db_path)
     try:

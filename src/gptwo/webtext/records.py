@@ -8,15 +8,15 @@ import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 import zstandard
 
 from gptwo.errors import GptwoError
 from gptwo.fileio import ZSTD_MAGIC, DamagedStream, open_zstd_text
-
 
 
 @dataclass
@@ -32,7 +32,7 @@ class StageReport:
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
 
-    def merge(self, other: "StageReport") -> "StageReport":
+    def merge(self, other: StageReport) -> StageReport:
         self.seen += other.seen
         self.kept += other.kept
         self.dropped.update(other.dropped)
@@ -45,7 +45,7 @@ class StageReport:
         return data | self.notes
 
     @classmethod
-    def from_dict(cls, stage: str, data: dict[str, Any]) -> "StageReport":
+    def from_dict(cls, stage: str, data: dict[str, Any]) -> StageReport:
         notes = {k: v for k, v in data.items() if k not in ("in", "kept", "dropped")}
         return cls(stage, data["in"], data["kept"], Counter(data["dropped"]), notes)
 
@@ -70,7 +70,9 @@ def open_text(path: str | os.PathLike) -> IO[str]:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
-def read_jsonl(path: str | os.PathLike, fix: str = "delete it and rerun the command that wrote it") -> Iterator[dict[str, Any]]:
+def read_jsonl(
+    path: str | os.PathLike, fix: str = "delete it and rerun the command that wrote it"
+) -> Iterator[dict[str, Any]]:
     """Yield the JSON objects of a JSON-lines file (`.zst` compressed or not) written by this
     package; a damaged file (cut short, not JSON objects, unreadable) is a `GptwoError` with `fix`."""
     line_number = 0
@@ -87,7 +89,11 @@ def read_jsonl(path: str | os.PathLike, fix: str = "delete it and rerun the comm
     except ValueError as err:
         raise GptwoError(f"{path} line {line_number} is not a JSON object ({err})", fix) from None
     except OSError as err:
-        raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
+        raise GptwoError(
+            f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk"
+        ) from None
+
+
 class AtomicFile:
     """A file written under a temporary name and renamed into place only on success."""
 
@@ -124,7 +130,7 @@ class JsonlWriter:
         self._stream.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         self.count += 1
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

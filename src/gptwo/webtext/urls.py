@@ -13,9 +13,10 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gptwo.errors import GptwoError
@@ -145,10 +146,14 @@ def _raw_records(path: Path, rule: UrlFilter, report: StageReport) -> Iterator[d
         yield from _parse_lines(path, rule, report)
     except DamagedStream as err:
         read = f"; {report.seen} records were read before the damage" if report.seen else ""
-        raise GptwoError(f"{path} is damaged: {err}{read}",
-                         "download the file again (or recompress it), then rerun; nothing was written") from None
+        raise GptwoError(
+            f"{path} is damaged: {err}{read}",
+            "download the file again (or recompress it), then rerun; nothing was written",
+        ) from None
     except OSError as err:
-        raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
+        raise GptwoError(
+            f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk"
+        ) from None
 
 
 def _parse_lines(path: Path, rule: UrlFilter, report: StageReport) -> Iterator[dict[str, Any]]:
@@ -161,8 +166,10 @@ def _parse_lines(path: Path, rule: UrlFilter, report: StageReport) -> Iterator[d
             if is_dump is None:
                 is_dump = line.startswith("{")
                 if not is_dump and ("\x00" in line or "\ufffd" in line):
-                    raise GptwoError(f"{path} is neither a submission dump nor a URL list (it holds binary data)",
-                                     "pass Pushshift submission dumps (NDJSON, optionally .zst) or text files of URLs")
+                    raise GptwoError(
+                        f"{path} is neither a submission dump nor a URL list (it holds binary data)",
+                        "pass Pushshift submission dumps (NDJSON, optionally .zst) or text files of URLs",
+                    )
             report.seen += 1
             if not is_dump:
                 yield {"url": line, "subreddit": None, "score": None, "title": None}
@@ -204,14 +211,18 @@ def _scan_file(path: str, rule: UrlFilter) -> tuple[list[dict[str, Any]], StageR
 def _check_input(path: Path) -> None:
     """An input must be a file with something in it: a folder or an empty file is named as such."""
     if path.is_dir():
-        raise GptwoError(f"{path} is a folder, not a dump file", f"pass the files inside it, e.g. {str(path).rstrip('/')}/*.zst")
+        raise GptwoError(
+            f"{path} is a folder, not a dump file", f"pass the files inside it, e.g. {str(path).rstrip('/')}/*.zst"
+        )
     if not path.is_file():
         raise GptwoError(f"input file not found: {path}", "check the path")
     try:
         with open(path, "rb") as f:
             empty = not f.read(1)
     except OSError as err:
-        raise GptwoError(f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk") from None
+        raise GptwoError(
+            f"can't read {path} ({err.strerror or err})", "check the file's permissions and the disk"
+        ) from None
     if empty:
         raise GptwoError(f"input file {path} is empty", "download it again, or leave it out")
 

@@ -1,0 +1,109 @@
+"""What every part's command line shares: the parser class, argument types and report printing.
+
+Each part registers its commands in `gptwo/<part>/cli.py:add_commands(sub)`; one option is validated
+once, by the type it is declared with here or in its part. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+
+from gptwo.errors import GptwoError
+
+MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one `error: … — …` line (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} — see '{self.prog} --help'\n")
+        raise SystemExit(2)
+
+
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (and <= `high`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high:,}")
+        return value
+
+    return parse
+
+
+seed_type = int_at_least(0, MAX_SEED)
+
+
+def float_in(
+    low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = True
+) -> Callable[[str], float]:
+    """An argparse type: a finite float in the range from `low` to `high` (open or closed ends)."""
+    shown = f"{'(' if low_open else '['}{low:g}, {'inf' if high == float('inf') else f'{high:g}'}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number in {shown}")
+        return value
+
+    return parse
+
+
+def text_argument(value: str, what: str) -> str:
+    """A text argument, or stdin for '-', as valid UTF-8 text (undecodable bytes are an input error)."""
+    if value != "-":
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GptwoError(f"{what} is not valid UTF-8 text", "pass the text in UTF-8") from None
+        return value
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GptwoError(
+            f"{what} from stdin is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
+            "pipe UTF-8 text, e.g. through iconv -f latin1 -t utf-8",
+        ) from None
+
+
+def command(sub, name: str, func: Callable[[argparse.Namespace], int | None], help: str, **kw):
+    parser = sub.add_parser(name, help=help, description=help, **kw)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def add_inference_options(p) -> None:
+    """`--dtype` and `--quantize`, shared by the commands that run a finished model."""
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="weights and activations in this precision, re-laid for fast decoding (default: as stored, unchanged)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="int8 weight-only quantization (per-channel scales): ~4x smaller weights, faster CPU decoding (docs/inference.md)",
+    )
+
+
+def print_report(report: dict, as_json: bool, render) -> None:
+    import json
+
+    print(json.dumps(report) if as_json else render(report))

@@ -1,0 +1,181 @@
+"""`gptwo bench decode|train|serve`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from gptwo.argtypes import Parser, command, print_report
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from gptwo.bench.decode import decode_report, render_decode
+
+    variants = tuple(v for v in args.variants.split(",") if v)
+    report = decode_report(
+        args.model,
+        device=args.device,
+        variants=variants,
+        batch_size=args.batch_size,
+        new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens,
+        rounds=args.rounds,
+        threads=args.threads,
+        compile=args.compile,
+        progress=not args.json,
+        llama_cpp=args.llama_cpp,
+        gguf=args.gguf,
+    )
+    print_report(report, args.json, render_decode)
+    return 0
+
+
+def _bench_options(p) -> None:
+    """Options every `gptwo bench` workload takes."""
+    p.add_argument(
+        "--model", default=None, help="model folder or hub id to time (default: GPT-2 124M's shape with random weights)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout instead of a table (fields: docs/inference.md)",
+    )
+
+
+def _add_bench_decode(bsub) -> None:
+    from gptwo.bench import COMPILE_MODES  # plain data: keeps --help fast
+
+    p = command(
+        bsub,
+        "decode",
+        _cmd_bench_decode,
+        "Decoding tokens/s per precision (fp32, bf16, int8) vs transformers' generate, with the memory-bandwidth ceiling.",
+    )
+    _bench_options(p)
+    p.add_argument(
+        "--variants",
+        default="fp32,bf16,int8",
+        help="comma-separated precisions to time: fp32, bf16, int8 (default all three)",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt, greedy (default 128)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="tokens in each (random) prompt (default 16)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median counts (default 5)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch and llama-bench (default: torch's choice)"
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+        help="torch.compile the decode step with this mode (reduce-overhead = CUDA graphs; max-autotune-frozen = frozen weights + Inductor's C++ GEMM template, faster for int8 on CPU); default none (eager)",
+    )
+    p.add_argument(
+        "--llama-cpp",
+        default=None,
+        metavar="PATH",
+        help="also time llama.cpp in the same rounds: its llama-bench binary or build folder (bench/llamacpp.sh builds one); rows f32, f16, bf16, q8_0",
+    )
+    p.add_argument(
+        "--gguf",
+        default=None,
+        metavar="DIR",
+        help="with --llama-cpp: folder of model-{f32,f16,bf16,q8_0}.gguf for the same model (bench/llamacpp.sh); default: convert now with the converter of the binary's source tree",
+    )
+
+
+def _add_bench_train(bsub) -> None:
+    from gptwo.bench.train import add_bench_train_command
+
+    add_bench_train_command(bsub, command)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from gptwo.bench.serve import render_serve, serve_report
+
+    variants = (
+        ("int8",) if args.quantize else (args.dtype,) if args.dtype else tuple(v for v in args.variants.split(",") if v)
+    )
+    report = serve_report(
+        args.model,
+        device=args.device,
+        clients=args.clients,
+        tokens=args.tokens,
+        variants=variants,
+        rounds=args.rounds,
+        threads=args.threads,
+        compare_src=args.compare_src,
+        progress=not args.json,
+    )
+    print_report(report, args.json, render_serve)
+    return 0
+
+
+def _add_bench_serve(bsub) -> None:
+    p = command(
+        bsub,
+        "serve",
+        _cmd_bench_serve,
+        "Aggregate tokens/s of `gptwo serve` under concurrent streaming clients vs transformers' batched generate on the same prompts.",
+    )
+    _bench_options(p)
+    p.add_argument(
+        "--clients", type=int, default=64, help="concurrent streaming clients, one request each per round (default 64)"
+    )
+    p.add_argument("--tokens", type=int, default=32, help="tokens each request generates, temperature 1 (default 32)")
+    p.add_argument(
+        "--variants",
+        default="fp32,bf16,int8",
+        help="comma-separated server weights to time: fp32, bf16, int8 (default all three)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="time only the server with these weights (shorthand for --variants)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="time only the int8 weight-only server (shorthand for --variants int8)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median counts (default 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of each server and of transformers (default: torch's choice here)",
+    )
+    p.add_argument(
+        "--compare-src",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same rounds (repeatable)",
+    )
+
+
+# Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
+BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train, _add_bench_serve]
+
+
+def add_commands(sub) -> None:
+    """`gptwo bench decode|train|serve`: speed on this machine, transformers as the same-run anchor."""
+    bench = sub.add_parser(
+        "bench",
+        help="Measure speed on this machine against transformers in the same run.",
+        description="Measure speed on this machine: each workload runs through transformers in the same process as the anchor "
+        "(interleaved rounds, medians) and reports ratios.",
+    )
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser, metavar="WORKLOAD")
+    for add in BENCH_COMMANDS:
+        add(bsub)
+
+
+def add_kernel_commands(sub) -> None:
+    """`gptwo kernels info|build` (gptwo/infer/cli.py)."""
+    from gptwo.infer.cli import add_commands
+
+    add_commands(sub)

@@ -1,0 +1,240 @@
+"""`gptwo detect`, `detect calibrate`, `detect sample`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptwo.argtypes import Parser, command
+
+
+class _RoutingParser(Parser):
+    """A command that takes files and also has subcommands: `gptwo detect FILE...` and `gptwo detect calibrate|sample ...`."""
+
+    routes: dict[str, argparse.ArgumentParser] = {}  # set per instance
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in self.routes:
+            return self.routes[args[0]].parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.detect.detector import detect_files
+
+    docs, tokenizer = detect_files(
+        args.model,
+        args.files,
+        reference_spec=args.reference,
+        calibration=args.calibration,
+        min_tokens=args.min_tokens,
+        stride=args.stride,
+        top=args.top,
+        device=args.device,
+    )
+    if args.html:
+        from gptwo.detect.report import write_html
+
+        write_html(args.html, docs, tokenizer, args.model)
+        print(f"GLTR report -> {args.html}", file=sys.stderr)
+    for doc in docs:
+        if args.json:
+            print(json.dumps(doc.to_dict(tokenizer, with_tokens=args.tokens)))
+        else:
+            from gptwo.detect.detector import render_document
+
+            print(render_document(doc, tokenizer, with_tokens=args.tokens))
+    return 0
+
+
+def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from gptwo.detect.calibrate import calibrate, render_calibration
+
+    report = calibrate(
+        args.model,
+        args.human,
+        args.generated,
+        reference_spec=args.reference,
+        detector=args.detector,
+        max_fpr=args.max_fpr,
+        min_tokens=args.min_tokens,
+        out=args.out,
+        plot=args.plot,
+        stride=args.stride,
+        device=args.device,
+        lexicon=None if args.lexicon == "none" else args.lexicon,
+        folds=args.folds,
+    )
+    print(json.dumps(report) if args.json else render_calibration(report))
+    return 0
+
+
+def _cmd_detect_sample(args: argparse.Namespace) -> int:
+    from gptwo.detect.sample import sample_set
+
+    summary = sample_set(
+        args.model,
+        args.source,
+        args.out,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        per_document=args.per_document,
+        limit=args.limit,
+        min_tokens=args.min_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(
+        f"{summary['pairs']} matched pairs -> {args.out}/human and {args.out}/generated "
+        f"(try: gptwo detect calibrate --model {args.model} --human {args.out}/human --generated {args.out}/generated)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_commands(sub) -> None:
+    """`gptwo detect FILE...`, `gptwo detect calibrate`, `gptwo detect sample` (detection issue)."""
+    from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS  # plain constants: keeps --help fast
+
+    def common(p, reference: bool = True, min_tokens: int | None = DEFAULT_MIN_TOKENS) -> None:
+        p.add_argument(
+            "--model",
+            required=True,
+            help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2",
+        )
+        if reference:
+            p.add_argument(
+                "--reference", default=None, help="a second model with the same tokenizer: adds the Binoculars score"
+            )
+            p.add_argument(
+                "--stride",
+                type=int,
+                default=None,
+                help="texts longer than the context are scored in windows advancing by this many tokens (default: half the context)",
+            )
+        p.add_argument(
+            "--min-tokens",
+            type=int,
+            default=min_tokens,
+            help=f"texts with fewer tokens are 'too short' to judge (default {DEFAULT_MIN_TOKENS}"
+            + (", or the calibration's)" if min_tokens is None else ")"),
+        )
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+
+    epilog = (
+        "subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the detector (see 'gptwo detect calibrate --help')\n"
+        "  gptwo detect sample --model M --source DATA --out DIR          write a matched human/generated set\n\n"
+        "The detector is the calibrated classifier saved beside the model by 'gptwo detect calibrate' when there is one,\n"
+        "else Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md."
+    )
+    sub._parser_class = (
+        _RoutingParser  # argparse makes subcommand parsers of this class; no public way to pick it per command
+    )
+    p = command(
+        sub,
+        "detect",
+        _cmd_detect,
+        "Was this text written by the model? Per-token probability, rank, entropy; detection scores and a verdict.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub._parser_class = Parser
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files, one document each, or '-' for stdin")
+    common(p, min_tokens=None)
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="calibration JSON (default: detect-calibration.json in the model folder; without one the verdict is uncalibrated)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per input per line: file, tokens, score, verdict, scores"
+    )
+    p.add_argument(
+        "--tokens",
+        action="store_true",
+        help="also show each token's probability, rank, entropy and top alternatives (in JSON: token_stats)",
+    )
+    p.add_argument("--top", type=int, default=10, help="alternatives kept per token (default 10)")
+    p.add_argument(
+        "--html",
+        default=None,
+        metavar="OUT",
+        help="write a GLTR-style HTML report: tokens coloured by rank, alternatives on hover, histograms",
+    )
+
+    c = Parser(
+        prog="gptwo detect calibrate",
+        description="AUROC and TPR at a false-positive budget for every statistic and for a supervised classifier "
+        "(cross-validated by source document); saves the detector and its threshold beside the model, and a ROC plot.",
+    )
+    c.set_defaults(func=_cmd_detect_calibrate)
+    common(c)
+    c.add_argument("--human", required=True, help="folder of human-written .txt files (one document each)")
+    c.add_argument("--generated", required=True, help="folder of generated .txt files, e.g. from 'gptwo detect sample'")
+    c.add_argument(
+        "--detector",
+        default="classifier",
+        help="detector saved: classifier (default: logistic regression on the statistics and a lexicon) "
+        f"or one statistic, e.g. {DEFAULT_DETECTOR} (binoculars needs --reference)",
+    )
+    c.add_argument(
+        "--lexicon",
+        default="auto",
+        help="training text whose word counts the classifier uses: a prepared data folder (train split) or a folder "
+        "of .txt files; auto (default) = MODEL/data when present; none = no lexicon features",
+    )
+    c.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="cross-validation folds, split by source document, for the classifier's AUROC (default 5)",
+    )
+    c.add_argument(
+        "--max-fpr", type=float, default=0.01, help="share of human texts allowed above the threshold (default 0.01)"
+    )
+    c.add_argument(
+        "--out",
+        default=None,
+        help="calibration JSON to write (default: MODEL/detect-calibration.json, which 'gptwo detect' reads)",
+    )
+    c.add_argument("--plot", default=None, help="ROC plot PNG (default: beside the calibration JSON, *-roc.png)")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    s = Parser(
+        prog="gptwo detect sample",
+        description="Write a matched evaluation set: each human passage's first tokens continued by the model, to the same length.",
+    )
+    s.set_defaults(func=_cmd_detect_sample)
+    common(s, reference=False)
+    s.add_argument(
+        "--source",
+        required=True,
+        help="a prepared data folder (its val split: documents the model did not train on) or a folder of .txt files",
+    )
+    s.add_argument("--out", required=True, help="output folder: human/*.txt, generated/*.txt, sample.json")
+    s.add_argument(
+        "--prompt-tokens", type=int, default=16, help="tokens of each human passage given as the prompt (default 16)"
+    )
+    s.add_argument("--new-tokens", type=int, default=128, help="tokens the model writes after the prompt (default 128)")
+    s.add_argument(
+        "--per-document",
+        type=int,
+        default=1,
+        help="passages taken from each document, non-overlapping (default 1; 0 = all)",
+    )
+    s.add_argument("--limit", type=int, default=None, help="at most this many passages")
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    s.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    s.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with total probability >= P"
+    )
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.routes = {"calibrate": c, "sample": s}
