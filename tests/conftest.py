@@ -1,4 +1,9 @@
-"""Suite-wide: tests marked `gpu` run only where CUDA is available (`pytest -m gpu` on a GPU machine)."""
+"""Suite-wide: tests marked `gpu` run only where CUDA is available (`pytest -m gpu` on a GPU machine).
+
+This file also puts tests/ on sys.path (pytest's default prepend import mode), so any test module can
+import the shared helpers at the tests root: serve_testing (a tiny saved model, a live server) and
+browser_testing (headless Chromium).
+"""
 
 import pytest
 import torch

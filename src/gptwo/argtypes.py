@@ -48,7 +48,8 @@ def float_in(
     low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = True
 ) -> Callable[[str], float]:
     """An argparse type: a finite float in the range from `low` to `high` (open or closed ends)."""
-    shown = f"{'(' if low_open else '['}{low:g}, {'inf' if high == float('inf') else f'{high:g}'}{')' if high_open else ']'}"
+    high_shown = "inf" if high == float("inf") else f"{high:g}"
+    shown = f"{'(' if low_open else '['}{low:g}, {high_shown}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
         try:
@@ -99,7 +100,8 @@ def add_inference_options(p) -> None:
         "--quantize",
         choices=("int8",),
         default=None,
-        help="int8 weight-only quantization (per-channel scales): ~4x smaller weights, faster CPU decoding (docs/inference.md)",
+        help="int8 weight-only quantization (per-channel scales): ~4x smaller weights, "
+        "faster CPU decoding (docs/inference.md)",
     )
 
 
@@ -107,3 +109,31 @@ def print_report(report: dict, as_json: bool, render) -> None:
     import json
 
     print(json.dumps(report) if as_json else render(report))
+
+
+def choice_list(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of some of `choices` (at least one; repeats dropped, order kept)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+        if not names:
+            raise argparse.ArgumentTypeError(f"{text!r} names none of {', '.join(choices)}")
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown '{unknown[0]}': use some of {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: auto, cpu, mps, cuda or cuda:N (cpu and mps take no index); whether the device
+    exists is checked where it is opened."""
+    kind, colon, index = text.strip().lower().partition(":")
+    if kind in ("auto", "cpu", "mps", "cuda") and not colon:
+        return kind
+    if kind == "cuda" and index.isdigit():
+        return f"cuda:{int(index)}"
+    if kind in ("auto", "cpu", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: {kind} takes no index; use {kind}")
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, mps, cuda or cuda:N")

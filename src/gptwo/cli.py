@@ -106,7 +106,8 @@ def add_core_commands(sub) -> None:
         "--stop",
         action="append",
         default=[],
-        help="stop when this string appears (repeatable, at most 16 of at most 1024 characters each); it is not printed",
+        help="stop when this string appears (repeatable, at most 16 of at most 1024 characters each); "
+        "it is not printed",
     )
     p.add_argument(
         "--num-samples",
@@ -127,7 +128,8 @@ def add_core_commands(sub) -> None:
     p.add_argument(
         "inputs",
         nargs="+",
-        help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet with a 'text' field), 'builtin' or hf:NAME; each must exist",
+        help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet with a 'text' field), 'builtin' or "
+        "hf:NAME; each must exist",
     )
     p.add_argument(
         "--vocab-size",

@@ -18,6 +18,24 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+# Sane maxima of a model's shape, far above any GPT-2 (XL: 48 layers, 1600 wide, 1024 context, 50,257
+# tokens) and GPT-3 (96 layers, 12288 wide): past them a config is a typo or a hostile file, and a
+# model of that shape would take minutes to build or more memory than a machine has.
+MAX_SHAPE = {"vocab_size": 1 << 22, "block_size": 1 << 20, "n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16}
+MAX_SELECTION_POOL = 64  # a pool of K batches is scored (K forward passes) for every micro-batch
+
+
+def check_shape_bounds(values: dict, what: str = "model config") -> None:
+    """Refuse a shape field beyond MAX_SHAPE, naming it and the limit."""
+    for name, limit in MAX_SHAPE.items():
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise GptwoError(
+                f"{what} {name}={value:,} is more than {limit:,}",
+                f"use a smaller {name} (GPT-2 XL has n_layer=48, n_embd=1600, block_size=1024, vocab_size=50257)",
+            )
+
+
 @dataclass
 class GPTConfig:
     """The shape of a GPT-2 model. Defaults are GPT-2 small (124M)."""
@@ -39,6 +57,7 @@ class GPTConfig:
                 raise GptwoError(
                     f"model config {name}={getattr(self, name)} must be positive", "set it to a positive integer"
                 )
+        check_shape_bounds(self.to_dict())
         if self.n_embd % self.n_head:
             raise GptwoError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
@@ -156,6 +175,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} is negative", f"set {name} to 0 or more")
+        check_shape_bounds(self.to_dict(), "train config")
+        if self.selection_pool > MAX_SELECTION_POOL:
+            raise GptwoError(
+                f"train config selection_pool={self.selection_pool:,} is more than {MAX_SELECTION_POOL}: every "
+                f"micro-batch would score {self.selection_pool:,} x batch_size rows before one training step",
+                f"use selection_pool=2 to {MAX_SELECTION_POOL} (docs/selection.md uses 4)",
+            )
         if not 0 <= self.seed < 2**63:
             raise GptwoError(
                 f"train config seed={self.seed} is outside [0, 2**63)", "use a non-negative seed, e.g. seed=0"
@@ -295,7 +321,8 @@ def train_fields() -> dict[str, type]:
 
 
 def _pretrained_shape(spec: str) -> dict:
-    """n_layer/n_head/n_embd of a pretrained model without loading it (a folder's config.json, or a GPT-2 preset); {} if unknown."""
+    """n_layer/n_head/n_embd of a pretrained model without loading it (a folder's config.json, or a GPT-2
+    preset); {} if unknown."""
     import json
 
     if os.path.isdir(spec):
@@ -316,7 +343,8 @@ def _refuse_shape_with_init(values: dict, explicit: list[str]) -> None:
         if init_from and key in explicit and shape.get(key) != values[key]:
             known = f"its {key} is {shape[key]}" if key in shape else "its shape is not known before loading"
             raise GptwoError(
-                f"{key}={values[key]} cannot apply with --init-from {init_from} ({known}; a fine-tune keeps the pretrained shape)",
+                f"{key}={values[key]} cannot apply with --init-from {init_from} "
+                f"({known}; a fine-tune keeps the pretrained shape)",
                 f"drop {key}, or train from scratch without --init-from",
             )
 

@@ -105,3 +105,51 @@ class ZstdReader(io.RawIOBase):
 def open_zstd_text(raw: IO[bytes], errors: str = "strict") -> IO[str]:
     """UTF-8 text of an open zstd file, streamed (see `ZstdReader`)."""
     return io.TextIOWrapper(io.BufferedReader(ZstdReader(raw), READ_CHUNK), encoding="utf-8", errors=errors, newline="")
+
+
+def read_json_file(path: str, what: str, fix: str):
+    """The JSON document in the file at `path` (`what` names it in errors, e.g. "plan file x.json"); a missing,
+    unreadable, non-UTF-8 or invalid file is a `GptwoError` ending in `fix`. Callers check the document's shape."""
+    import json
+
+    if os.path.isdir(path):
+        raise GptwoError(f"{what} is a folder, not a file", fix)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise GptwoError(f"{what} not found", fix) from None
+    except UnicodeDecodeError as err:
+        raise GptwoError(f"{what} is not UTF-8 text (byte {err.start})", fix) from None
+    except ValueError as err:
+        raise GptwoError(f"{what} is not valid JSON ({err})", fix) from None
+    except OSError as err:
+        raise GptwoError(f"cannot read {what} ({err.strerror or err})", "check the file's permissions") from None
+
+
+def read_json_lines(path: str, fix: str):
+    """Yield (line number, object) for each non-blank line of a JSON-lines file; a line that is not a JSON object,
+    a missing, unreadable or non-UTF-8 file is a `GptwoError` naming `path:line` and ending in `fix`."""
+    import json
+
+    if os.path.isdir(path):
+        raise GptwoError(f"{path} is a folder, not a JSON-lines file", fix)
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as err:
+                    raise GptwoError(f"{path}:{number} is not valid JSON ({err})", fix) from None
+                if not isinstance(row, dict):
+                    raise GptwoError(f"{path}:{number} is a JSON {type(row).__name__}, not an object", fix)
+                yield number, row
+    except FileNotFoundError:
+        raise GptwoError(f"{path} not found", fix) from None
+    except UnicodeDecodeError as err:
+        raise GptwoError(f"{path} is not UTF-8 text (after line {number}, byte {err.start})", fix) from None
+    except OSError as err:
+        raise GptwoError(f"cannot read {path} ({err.strerror or err})", "check the file's permissions") from None

@@ -46,6 +46,7 @@ def filter_logits(
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32 keeps just it)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -306,7 +307,8 @@ class TextStream:
 
 
 def invalid_text(text: str) -> str | None:
-    """Why `text` is not Unicode text that UTF-8 can encode (a lone surrogate, or a byte that was not UTF-8), or None."""
+    """Why `text` is not Unicode text that UTF-8 can encode (a lone surrogate, or a byte that was not UTF-8),
+    or None."""
     try:
         text.encode("utf-8")
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 
 
@@ -11,7 +12,11 @@ def lazy_names(package: str, where: dict[str, str]) -> tuple[Callable[[str], obj
 
     def __getattr__(name: str) -> object:
         if name in where:
-            return getattr(importlib.import_module(where[name]), name)
+            value = getattr(importlib.import_module(where[name]), name)
+            # Bound on the package: later reads skip this function, and a submodule of the same name,
+            # which the import just bound there, no longer hides the exported object.
+            setattr(sys.modules[package], name, value)
+            return value
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:

@@ -9,6 +9,7 @@ files or parallelism: those are applied from outside (weights.py, train/, serve/
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,108 @@ import torch.nn.functional as F
 
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
+
+
+# ---------------------------------------------------------------- sizes and memory, before anything is allocated
+def param_count(config: GPTConfig) -> int:
+    """Parameters of a GPT of `config`, counted from its shape (the tied head once), without building it."""
+    e = config.n_embd
+    per_layer = 12 * e * e + 13 * e  # ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj (weights and biases)
+    return (config.vocab_size + config.block_size) * e + config.n_layer * per_layer + 2 * e
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor in a GPT's state dict (our names and layout; lm_head left out, it is wte)."""
+    e = config.n_embd
+    layer = {
+        "ln_1.weight": (e,),
+        "ln_1.bias": (e,),
+        "attn.c_attn.weight": (3 * e, e),
+        "attn.c_attn.bias": (3 * e,),
+        "attn.c_proj.weight": (e, e),
+        "attn.c_proj.bias": (e,),
+        "ln_2.weight": (e,),
+        "ln_2.bias": (e,),
+        "mlp.c_fc.weight": (4 * e, e),
+        "mlp.c_fc.bias": (4 * e,),
+        "mlp.c_proj.weight": (e, 4 * e),
+        "mlp.c_proj.bias": (e,),
+    }
+    shapes = {"transformer.wte.weight": (config.vocab_size, e), "transformer.wpe.weight": (config.block_size, e)}
+    for i in range(config.n_layer):
+        shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in layer.items()})
+    shapes.update({"transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,)})
+    return shapes
+
+
+def _read_number(path: str, key: str | None = None) -> int | None:
+    """An integer from a /proc or cgroup file: the whole file, or the value on the line starting with `key`."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                parts = line.split()
+                if key is None:
+                    return int(parts[0]) if parts and parts[0].isdigit() else None
+                if parts and parts[0].rstrip(":") == key:
+                    return int(parts[1]) * (1024 if parts[-1] == "kB" else 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory(device: torch.device | str | None = None) -> int | None:
+    """Bytes that can still be allocated on `device` (host memory by default), or None when it cannot be told.
+
+    Host: the kernel's MemAvailable, lowered to what a cgroup (v2) memory limit leaves; elsewhere the
+    free physical pages. CUDA: the device's free memory.
+    """
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    found = []
+    meminfo = _read_number("/proc/meminfo", "MemAvailable")
+    if meminfo is None:
+        try:
+            meminfo = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            meminfo = None
+    if meminfo is not None:
+        found.append(meminfo)
+    limit = _read_number("/sys/fs/cgroup/memory.max")  # "max" (no limit) reads as None
+    if limit is not None:
+        used = _read_number("/sys/fs/cgroup/memory.stat", "anon")  # page cache can be reclaimed, so only anon counts
+        found.append(max(0, limit - (used or 0)))
+    return min(found) if found else None
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.0f} MiB"
+
+
+def check_memory(nbytes: int, what: str, fix: str, device: torch.device | str | None = None) -> None:
+    """Refuse, with one line naming `what`, to allocate `nbytes` when `device` has less memory available."""
+    if nbytes < 2**28:  # a quarter GiB: not worth probing
+        return
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        where = "" if torch.device(device or "cpu").type == "cpu" else f" on {device}"
+        raise GptwoError(f"{what} needs about {_gib(nbytes)} of memory but {_gib(free)} is available{where}", fix)
+
+
+SHAPE_FIX = "choose a smaller n_layer, n_embd, vocabulary or context (block_size), or free memory"
+
+
+def describe(config: GPTConfig) -> str:
+    """'a GPT-2 of N parameters (LxE, vocabulary V, context T)' for messages."""
+    return (
+        f"a GPT-2 of {param_count(config):,} parameters ({config.n_layer} layers x {config.n_embd} wide, "
+        f"vocabulary {config.vocab_size:,}, context {config.block_size:,})"
+    )
 
 
 class KVCache:
@@ -27,6 +130,13 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
+        check_memory(
+            2 * math.prod(shape) * itemsize,
+            f"a key/value cache of {batch_size} x {max_len:,} positions for {describe(config)}",
+            "use fewer prompts at once or a model with a shorter context",
+            device,
+        )
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -91,6 +201,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        device = torch.get_default_device()
+        if device.type != "meta":  # the meta device allocates nothing
+            check_memory(param_count(config) * torch.get_default_dtype().itemsize, describe(config), SHAPE_FIX, device)
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(

@@ -79,7 +79,10 @@ def gpt2_files() -> tuple[str, str]:
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer. Build with `Tokenizer.gpt2()`, `Tokenizer.train(...)` or `Tokenizer.from_file(path)`."""
+    """A byte-level BPE tokenizer.
+
+    Build with `Tokenizer.gpt2()`, `Tokenizer.train(...)` or `Tokenizer.from_file(path)`.
+    """
 
     def __init__(self, *, tiktoken_encoding=None, hf_tokenizer=None, name: str = "bpe", json_source=None):
         self._tt, self._hf, self.name = tiktoken_encoding, hf_tokenizer, name

@@ -16,7 +16,7 @@ import torch
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write
-from gptwo.model import GPT
+from gptwo.model import GPT, SHAPE_FIX, check_memory, describe, expected_shapes, param_count
 from gptwo.tokenizer import EOT, Tokenizer, load_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -88,9 +88,9 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """HF GPT2LMHeadModel/GPT2Model names and layouts → ours."""
     ours = {}
     for name, tensor in hf_state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+        key = _our_name(name)
+        if key is None:
             continue  # causal-mask buffers; the head is tied to wte
-        key = name if name.startswith("transformer.") else "transformer." + name
         ours[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
     return ours
 
@@ -106,23 +106,77 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."""
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _our_name(name: str) -> str | None:
+    """An HF tensor name as ours, or None for the causal-mask buffers and the (tied) head."""
+    if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+        return None
+    return name if name.startswith("transformer.") else "transformer." + name
+
+
+def shapes_from_hf(hf_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """HF tensor shapes (e.g. a safetensors header's) under our names and layouts, as `state_dict_from_hf` maps them."""
+    ours = {}
+    for name, shape in hf_shapes.items():
+        key = _our_name(name)
+        if key is not None:
+            ours[key] = tuple(reversed(shape)) if key.endswith(CONV1D_WEIGHTS) else tuple(shape)
+    return ours
+
+
+def check_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """The tensors' shapes (our names) must be those of a GPT of `config`; one line names the first that is not.
+
+    Runs before a model is built, so a config.json that claims more than the weights hold (100,000
+    layers over weights for 2) is refused at once instead of being allocated.
+    """
+    layers = {int(k.split(".")[2]) for k in shapes if k.startswith("transformer.h.") and k.split(".")[2].isdigit()}
+    if layers and len(layers) != config.n_layer:
+        raise GptwoError(
+            f"the config of {source} says n_layer={config.n_layer:,} but its weights are for "
+            f"{len(layers)} layer{'s' if len(layers) != 1 else ''}",
+            "check that config.json matches the weights (or re-save the model)",
+        )
+    for name, dims in (
+        ("transformer.wte.weight", "vocab_size, n_embd"),
+        ("transformer.wpe.weight", "n_positions, n_embd"),
+    ):
+        want = (config.vocab_size, config.n_embd) if "wte" in name else (config.block_size, config.n_embd)
+        if name in shapes and tuple(shapes[name]) != want:
+            raise GptwoError(
+                f"the config of {source} says ({dims}) = {want} but {name} has shape {tuple(shapes[name])}",
+                "check that config.json matches the weights (or re-save the model)",
+            )
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise GptwoError(
             f"weights in {source} do not fit a GPT-2 of this config ({what})",
             "use weights saved from the same model shape",
         )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, shape in shapes.items():
+        if tuple(shape) != expected[name]:
             raise GptwoError(
-                f"{name} in {source} has shape {tuple(tensor.shape)} but the config needs {tuple(expected[name].shape)}",
+                f"{name} in {source} has shape {tuple(shape)} but the config needs {expected[name]}",
                 "check that config.json matches the weights",
             )
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity: such a model samples garbage (or fails) at every step."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise GptwoError(
+                f"weights in {source} are damaged: {name} holds {bad:,} NaN or infinite values (of {tensor.numel():,})",
+                "re-save the model from a good checkpoint, or re-download it",
+            )
+
+
+def load_state_dict_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."""
+    check_shapes(model.config, {k: tuple(v.shape) for k, v in state.items() if k != "lm_head.weight"}, source)
     model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True)
 
 
@@ -133,12 +187,30 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: 
     given real tensors; `to_empty` replaces each parameter, which unties the head from the embedding,
     so the tie is restored before the weights are copied in.
     """
+    check_shapes(config, {k: tuple(v.shape) for k, v in state.items() if k != "lm_head.weight"}, source)
+    check_memory(param_count(config) * torch.get_default_dtype().itemsize, describe(config), SHAPE_FIX)
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device="cpu")
     model.tie_weights()
     load_state_dict_into(model, {k: v for k, v in state.items() if k != "lm_head.weight"}, source)
     return model
+
+
+def stored_shapes(directory: str) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes in `model.safetensors` (HF names), read from its header without loading; None for other formats."""
+    st_path = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(st_path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(st_path, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as err:
+        raise GptwoError(
+            f"weight file {st_path} is corrupt or truncated ({err})", "re-save or re-download the model"
+        ) from None
 
 
 def read_weights(directory: str) -> dict[str, torch.Tensor]:
@@ -167,6 +239,14 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
     )
 
 
+def _weights_bytes(directory: str) -> int:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return os.path.getsize(path)
+    return 0
+
+
 # ---------------------------------------------------------------- folders and hub ids
 def resolve_model_dir(path_or_id: str) -> str:
     """A local folder with config.json: `path_or_id` itself, or a hub snapshot downloaded on demand."""
@@ -193,6 +273,21 @@ def resolve_model_dir(path_or_id: str) -> str:
         ) from None
 
 
+def read_config(directory: str) -> GPTConfig:
+    """The GPTConfig of a model folder's config.json, or one line naming the file and what is wrong."""
+    config_path = os.path.join(directory, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf_config = json.load(f)
+        return config_from_hf(hf_config)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise GptwoError(
+            f"{config_path} is not a valid GPT-2 config ({type(err).__name__}: {err})", "re-save the model"
+        ) from None
+    except GptwoError as err:
+        raise GptwoError(f"{config_path}: {err.what}", err.fix) from None
+
+
 def load_pretrained(
     path_or_id: str,
     device: str | torch.device | None = None,
@@ -204,16 +299,18 @@ def load_pretrained(
     A dtype named as text ('fp32', 'bf16') or `quantize="int8"` also prepares it for inference (gptwo.infer).
     """
     directory = resolve_model_dir(path_or_id)
-    config_path = os.path.join(directory, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            hf_config = json.load(f)
-        config = config_from_hf(hf_config)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise GptwoError(
-            f"{config_path} is not a valid GPT-2 config ({type(err).__name__}: {err})", "re-save the model"
-        ) from None
-    model = model_from_state(config, state_dict_from_hf(read_weights(directory)), directory)
+    config = read_config(directory)
+    shapes = stored_shapes(directory)
+    if shapes is not None:  # before reading the weights or building the model
+        check_shapes(config, shapes_from_hf(shapes), directory)
+    check_memory(
+        _weights_bytes(directory) + param_count(config) * torch.get_default_dtype().itemsize,
+        f"loading {directory} ({describe(config)})",
+        "load it on a machine with more memory",
+    )
+    state = state_dict_from_hf(read_weights(directory))
+    check_finite(state, directory)
+    model = model_from_state(config, state, directory)
     if quantize is not None or isinstance(dtype, str):
         from gptwo.infer import prepare_model
 
@@ -261,13 +358,23 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise GptwoError(f"unknown device '{device}'", "use cpu, cuda, cuda:N, mps or auto") from None
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
+        raise GptwoError(f"unknown device '{device}'", "use cpu, cuda, cuda:N, mps or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GptwoError(
             "CUDA was asked for but is not available", "use --device cpu, or install a CUDA build of torch"
         )
-    return dev
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise GptwoError(
+            f"device {device} does not exist (this machine has {count} CUDA device{'s' if count != 1 else ''})",
+            f"use cuda:0 to cuda:{count - 1}, or cuda",
+        )
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GptwoError("MPS (Apple GPU) was asked for but is not available", "use --device cpu or auto")
+    return torch.device("cpu") if dev.type == "cpu" else dev
 
 
 def load_model(
@@ -285,15 +392,25 @@ def load_model(
         )
     else:
         tokenizer = Tokenizer.gpt2()
+    check_vocab(read_config(directory), tokenizer)  # before the weights are read
     model = load_pretrained(directory, device=resolve_device(device), dtype=dtype, quantize=quantize)
-    check_vocab(model.config, tokenizer)
     return model, tokenizer
 
 
 def check_vocab(config: GPTConfig, tokenizer: Tokenizer) -> None:
-    """The model must have an output for every token id the tokenizer can produce."""
+    """The model and its tokenizer must agree on the vocabulary.
+
+    A model needs an output for every token id the tokenizer can produce, and the tokenizer text for
+    every id the model can sample (an id past the tokenizer's last one would fail when sampled).
+    """
     if tokenizer.n_vocab > config.vocab_size:
         raise GptwoError(
             f"the tokenizer has {tokenizer.n_vocab} tokens but the model's vocabulary is {config.vocab_size}",
             "use the tokenizer the model was trained with (the tokenizer.json in its folder)",
+        )
+    if tokenizer.n_vocab < config.vocab_size:
+        raise GptwoError(
+            f"the model's vocabulary is {config.vocab_size} but its tokenizer has only {tokenizer.n_vocab} tokens, "
+            f"so sampled ids {tokenizer.n_vocab} and above would have no text",
+            "put the tokenizer the model was trained with (its tokenizer.json) in the model folder",
         )

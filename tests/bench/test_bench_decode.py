@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gptwo.cli import main
 
 ROW_FIELDS = {
@@ -65,6 +67,8 @@ def test_bench_decode_prints_a_table(tiny_model, capsys):
 
 
 def test_bench_decode_refuses_unknown_variants_in_one_line(tiny_model, capsys):
-    assert main(["bench", "decode", "--model", tiny_model, "--variants", "fp8", *ARGS]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "decode", "--model", tiny_model, "--variants", "fp8", *ARGS])
+    assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown variant 'fp8'") and err.count("\n") == 1
+    assert err.startswith("error: argument --variants: unknown 'fp8'") and err.count("\n") == 1

@@ -38,11 +38,13 @@ ns = 10_000_000 * (1 + (7 * calls) % 5)  # varies from call to call, so the medi
 with open(log, "a") as f:
     f.write(json.dumps({{"argv": sys.argv[1:], "ns": ns}}) + "\n")
 entry = {{"build_commit": "c392e509", "build_number": 4748, "cpu_info": "Fake CPU", "gpu_info": "", "backends": "CPU",
-         "model_filename": args["-m"], "model_type": "gpt2 0.1B all F32", "model_size": 1000, "model_n_params": 250, "n_batch": 2048,
-         "n_ubatch": 512, "n_threads": int(args["-t"]), "cpu_mask": "0x0", "cpu_strict": False, "poll": 50, "type_k": "f16", "type_v": "f16",
-         "n_gpu_layers": 99, "split_mode": "layer", "main_gpu": 0, "no_kv_offload": False, "flash_attn": False, "tensor_split": "0.00",
-         "use_mmap": True, "embeddings": False, "n_prompt": prompt, "n_gen": gen, "test_time": "2026-11-26T17:00:00Z", "avg_ns": ns,
-         "stddev_ns": 0, "avg_ts": (prompt + gen) / ns * 1e9, "stddev_ts": 0.0, "samples_ns": [ns], "samples_ts": [(prompt + gen) / ns * 1e9]}}
+         "model_filename": args["-m"], "model_type": "gpt2 0.1B all F32", "model_size": 1000, "model_n_params": 250,
+         "n_batch": 2048, "n_ubatch": 512, "n_threads": int(args["-t"]), "cpu_mask": "0x0", "cpu_strict": False,
+         "poll": 50, "type_k": "f16", "type_v": "f16", "n_gpu_layers": 99, "split_mode": "layer", "main_gpu": 0,
+         "no_kv_offload": False, "flash_attn": False, "tensor_split": "0.00", "use_mmap": True, "embeddings": False,
+         "n_prompt": prompt, "n_gen": gen, "test_time": "2026-11-26T17:00:00Z", "avg_ns": ns, "stddev_ns": 0,
+         "avg_ts": (prompt + gen) / ns * 1e9, "stddev_ts": 0.0, "samples_ns": [ns],
+         "samples_ts": [(prompt + gen) / ns * 1e9]}}
 print(json.dumps([entry], indent=2))
 """
 
@@ -234,9 +236,11 @@ def test_llama_bench_failures_name_the_cause(fake_llama, gguf_dir, tmp_path):
 
 FAKE_CONVERTER = r"""import json, os, shutil, sys
 import gguf  # from the gguf-py folder beside this script, as llama.cpp's converter imports it
-model, outtype, outfile = sys.argv[1], sys.argv[sys.argv.index("--outtype") + 1], sys.argv[sys.argv.index("--outfile") + 1]
+model = sys.argv[1]
+outtype, outfile = sys.argv[sys.argv.index("--outtype") + 1], sys.argv[sys.argv.index("--outfile") + 1]
 config = json.load(open(os.path.join(model, "config.json")))
-assert os.path.isfile(os.path.join(model, "model.safetensors")) and os.path.isfile(os.path.join(model, "tokenizer.json"))
+assert os.path.isfile(os.path.join(model, "model.safetensors"))
+assert os.path.isfile(os.path.join(model, "tokenizer.json"))
 with open(os.path.join(os.path.dirname(__file__), "calls.txt"), "a") as f:
     f.write(f"{{outtype}} {{config['n_layer']}} {{config['vocab_size']}} {{gguf.NAME}}\n")
 shutil.copy({template!r}, outfile)

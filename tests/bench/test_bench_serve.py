@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from serve_testing import save_tiny_model
 
 from gptwo.bench.serve import client_prompts, render_serve, stream_completion
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "serve"))
-from serve_testing import save_tiny_model  # noqa: E402
 
 ROW_FIELDS = {
     "tool",

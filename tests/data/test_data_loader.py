@@ -102,7 +102,9 @@ def test_state_moves_between_world_sizes(tmp_path):
 def test_same_seed_same_batches_other_seed_other_epoch_offsets(tmp_path):
     data = str(make_data(tmp_path / "d", sizes=(203,)))
     runs = {seed: [ShardLoader(data, batch_size=1, block_size=10, seed=seed) for _ in range(2)] for seed in (0, 1)}
-    stream = {seed: [[l.next_batch()[0].tolist() for _ in range(200)] for l in pair] for seed, pair in runs.items()}
+    stream = {
+        seed: [[loader.next_batch()[0].tolist() for _ in range(200)] for loader in pair] for seed, pair in runs.items()
+    }
     assert stream[0][0] == stream[0][1]
     assert stream[0][0] != stream[1][0]
 

@@ -1,4 +1,5 @@
-"""The supervised detector: logistic regression, cross-validation by document, the lexicon, save/load, and `detect` using it."""
+"""The supervised detector: logistic regression, cross-validation by document, the lexicon, save/load, and `detect`
+using it."""
 
 from __future__ import annotations
 

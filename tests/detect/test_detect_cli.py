@@ -95,7 +95,7 @@ def test_detect_json_lines_and_a_well_formed_gltr_report(model_dir, tmp_path, ca
 
 
 def test_detect_text_output_names_the_rule(model_dir, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO(TEXT))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode())))  # stdin is read as bytes
     assert main(["detect", "--model", model_dir, "--device", "cpu", "--tokens", "--reference", model_dir, "-"]) == 0
     out = capsys.readouterr().out
     assert (

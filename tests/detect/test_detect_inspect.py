@@ -1,19 +1,15 @@
-"""The explicit attention path against the fast path and transformers; POST /v1/inspect; the Inspect page in headless Chromium."""
+"""The explicit attention path against the fast path and transformers; POST /v1/inspect; the Inspect page in headless
+Chromium."""
 
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 import requests
 import torch
 from detect_testing import TEXT, save_tiny, tiny_model
+from serve_testing import serve_in_thread
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serve"))
-from serve_testing import serve_in_thread  # noqa: E402
-
-from gptwo.detect.attention import attention_output, attention_weights, forward_with_attention  # noqa: E402
+from gptwo.detect.attention import attention_output, attention_weights, forward_with_attention
 
 
 def test_explicit_attention_reproduces_the_fast_path_block_by_block():

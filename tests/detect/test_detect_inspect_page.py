@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
+from browser_testing import browser, set_field  # noqa: F401  (the headless Chromium fixture)
 from detect_testing import TEXT, save_tiny
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
+from serve_testing import serve_in_thread
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serve"))
-from serve_testing import serve_in_thread  # noqa: E402
-from test_serve_playground import browser, set_field  # noqa: E402,F401  (the headless Chromium fixture)
-
-INK = "return Array.from(arguments[0].getContext('2d').getImageData(0, 0, arguments[0].width, arguments[0].height).data).filter((v, i) => i % 4 === 2 && v > 0 && v < 255).length;"
+INK = (
+    "return Array.from(arguments[0].getContext('2d').getImageData(0, 0, arguments[0].width, arguments[0].height)"
+    ".data).filter((v, i) => i % 4 === 2 && v > 0 && v < 255).length;"
+)
 
 
 def test_inspect_page_colours_tokens_and_draws_attention(tmp_path, browser):  # noqa: F811

@@ -1,4 +1,5 @@
-"""Per-token statistics and document scores against a direct computation: one prefix at a time, full softmax, explicit loops."""
+"""Per-token statistics and document scores against a direct computation: one prefix at a time, full softmax, explicit
+loops."""
 
 from __future__ import annotations
 

@@ -86,7 +86,8 @@ def hellaswag_rows() -> list[dict]:
         {
             "ind": 4,
             "activity_label": "Removing ice from car",
-            "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles.",
+            "ctx_a": "Then, the man writes over the snow covering the window of a car, "
+            "and a woman wearing winter clothes smiles.",
             "ctx_b": "then",
             "ctx": "",
             "split": "val",
@@ -94,7 +95,8 @@ def hellaswag_rows() -> list[dict]:
             "label": 3,
             "endings": [
                 ", the man adds wax to the windshield and cuts it.",
-                ", a person board a ski lift, while two men supporting the head of the person wearing winter clothes snow as the we girls sled.",
+                ", a person board a ski lift, while two men supporting the head of the person wearing winter clothes "
+                "snow as the we girls sled.",
                 ", the man puts on a christmas coat, knitted with netting.",
                 ", the man continues removing the snow on his car.",
             ],

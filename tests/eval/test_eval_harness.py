@@ -1,4 +1,5 @@
-"""The lm-eval plug-in against lm-eval's own `hf` model: same requests, same numbers (<= 1e-4), through simple_evaluate."""
+"""The lm-eval plug-in against lm-eval's own `hf` model: same requests, same numbers (<= 1e-4), through
+simple_evaluate."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def write_tasks(directory: str) -> str:
     }
     files = {"tiny_lambada": "lambada", "tiny_choice": "choice", "tiny_rolling": "rolling", "tiny_generate": "generate"}
     for name, spec in specs.items():
-        head = f"task: {name}\n{common}dataset_kwargs:\n  data_files:\n    test: {os.path.join(data, files[name] + '.jsonl')}\n"
+        test_file = os.path.join(data, files[name] + ".jsonl")
+        head = f"task: {name}\n{common}dataset_kwargs:\n  data_files:\n    test: {test_file}\n"
         with open(os.path.join(directory, f"{name}.yaml"), "w") as f:
             f.write(head + textwrap.dedent(spec).strip() + "\n")
     return directory

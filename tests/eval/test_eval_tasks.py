@@ -78,7 +78,8 @@ def test_lambada_reads_jsonl_and_txt(tmp_path):
 
 # ---------------------------------------------------------------- HellaSwag
 def test_hellaswag_acc_and_acc_norm_from_a_uniform_model():
-    """Uniform logits: a choice's log-likelihood is -tokens*log(V), so acc picks the fewest tokens, acc_norm the fewest per character."""
+    """Uniform logits: a choice's log-likelihood is -tokens*log(V), so acc picks the fewest tokens, acc_norm the fewest
+    per character."""
     tok = small_tokenizer()
     items = [
         ChoiceItem("Rivers run to", ("the sea", "qqqqqqqq"), 0),
@@ -87,7 +88,8 @@ def test_hellaswag_acc_and_acc_norm_from_a_uniform_model():
     counts = [[len(encode_pair(tok, it.query, " " + c)[1]) for c in it.choices] for it in items]
     assert counts == [[2, 9], [2, 9]]  # tokens; characters are [7, 8] and [1, 17]
     result = score_choices(TableModel(tok.n_vocab, block_size=64), tok, items)
-    # item 1: both metrics pick 'the sea' (right); item 2: acc picks 'x' (wrong), acc_norm 9/17 < 2/1 picks the right one
+    # item 1: both metrics pick 'the sea' (right); item 2: acc picks 'x' (wrong), acc_norm 9/17 < 2/1 picks the right
+    # one
     assert (result["acc"], result["acc_norm"], result["items"]) == (0.5, 1.0, 2)
 
 

@@ -52,7 +52,8 @@ def sentences(count: int, seed: int) -> str:
 def train_small_model(directory: str, steps: int = 200) -> tuple[GPT, Tokenizer, str]:
     """Train a 2-layer GPT on generated text and save it with its tokenizer; returns (model, tokenizer, held-out text).
 
-    One thread: tiny matrices gain nothing from more, and on a busy machine spinning threads cost much.
+    One thread: 64-wide matrices gain nothing from more threads, and when other processes hold
+    the cores the extra threads only spin-wait and slow every step.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -57,7 +57,8 @@ def test_compiled_and_eager_decoding_give_the_same_tokens(options):
 
 
 def test_frozen_max_autotune_int8_decoding_gives_the_eager_tokens():
-    """Weights frozen into the step, the KV cache still written: same tokens as eager, twice in a row (~30 s: C++ compiles)."""
+    """Weights frozen into the step, the KV cache still written: same tokens as eager, twice in a row
+    (~30 s: C++ compiles)."""
     from torch._inductor.utils import run_and_get_code
 
     model = prepare_model(

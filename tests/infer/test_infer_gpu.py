@@ -1,4 +1,5 @@
-"""Decoding on CUDA (run by bench/gpu.sh): bf16 and fp32 match the eager CPU reference, CUDA graphs match eager."""
+"""Decoding on CUDA (run by experiments/gpu.sh): bf16 and fp32 match the eager CPU reference,
+CUDA graphs match eager."""
 
 from __future__ import annotations
 

@@ -36,8 +36,8 @@ def fresh(monkeypatch, tmp_path):
 
 
 def test_isa_support_reads_the_cpu_flags():
-    zen3 = {"avx", "avx2", "fma", "f16c", "sse4_2"}
-    assert native.isa_support(zen3, "x86_64") == {
+    avx2_only = {"avx", "avx2", "fma", "f16c", "sse4_2"}
+    assert native.isa_support(avx2_only, "x86_64") == {
         "avx512": "this CPU lacks avx512f, avx512bw, avx512vl",
         "avx2": None,
         "neon": "not an aarch64 CPU",
@@ -123,8 +123,12 @@ def test_a_library_of_another_abi_is_refused(fresh, capsys, tmp_path):
 def test_a_failing_compiler_shows_its_first_error_and_keeps_the_rest_for_debug(fresh, tmp_path, capsys):
     cc = tmp_path / "cc"
     cc.write_text(
-        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'fake cc 1.0'; exit 0; }\necho 'note: first' >&2\necho 'k.c:1: error: broken' >&2\n"
-        "echo 'more detail' >&2\nexit 1\n"
+        "#!/bin/sh\n"
+        "[ \"$1\" = --version ] && { echo 'fake cc 1.0'; exit 0; }\n"
+        "echo 'note: first' >&2\n"
+        "echo 'k.c:1: error: broken' >&2\n"
+        "echo 'more detail' >&2\n"
+        "exit 1\n"
     )
     cc.chmod(0o755)
     fresh.setenv("CC", str(cc))

@@ -105,6 +105,21 @@ def test_the_native_step_gives_the_forward_logits_at_prefill_and_each_step(isa, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("n_embd", [20, 44])
+def test_int8_on_a_width_off_multiples_of_8_decodes_finite_logits_near_the_forward(isa, n_embd):
+    """Widths that are not multiples of 8 or 16 (heads of 5 and 11): the kernels' tails, not NaN or a crash."""
+    model = odd_model(n_embd=n_embd)
+    decoder = Decoder(prepare_model(copy.deepcopy(model), quantize="int8"), max_len=96)
+    assert decoder.native is not None
+    seq = torch.randint(0, 101, (1, 40))
+    with torch.no_grad():
+        for t in range(30, 40):
+            got = decoder.forward(seq[:, : t + 1], 0) if t == 30 else decoder.forward(seq[:, t : t + 1], t)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, model(seq[:, : t + 1])[:, -1], rtol=0.02, atol=0.02)
+
+
+@needs_kernels
 def test_native_greedy_tokens_equal_the_generate_loop(isa):
     model = odd_model()
     idx = torch.randint(0, 101, (1, 7))

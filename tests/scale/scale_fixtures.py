@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tempfile
 
-WORDS = "the a model reads text one token at time and learns to predict next from ones before it rivers run sea rain hills".split()
+WORDS = (
+    "the a model reads text one token at time and learns to predict next from ones before it rivers run sea rain hills"
+).split()
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Fit-method choices (parameter count, seed-averaging, runs near the minimum, Huber delta, best-run rule) and the backtest."""
+"""Fit-method choices (parameter count, seed-averaging, runs near the minimum, Huber delta, best-run rule)
+and the backtest."""
 
 import json
 import math

@@ -21,7 +21,8 @@ from gptwo.scale.repeats import (
 
 
 def test_effective_tokens_match_a_hand_computation_of_muennighoff_eq_5():
-    # U = 1e6, D = 5e6: R = 4 repetitions; 4/15.4 = 0.259740, exp(-0.259740) = 0.778801 * 0.990307 = 0.771252, 15.4 * 0.228748 = 3.52272
+    # U = 1e6, D = 5e6: R = 4 repetitions; 4/15.4 = 0.259740,
+    # exp(-0.259740) = 0.778801 * 0.990307 = 0.771252, 15.4 * 0.228748 = 3.52272
     assert effective_tokens(5e6, 1e6, 15.4) == pytest.approx(4.52272e6, rel=1e-5)
     assert effective_tokens(3e5, 1e6) == 3e5  # fewer tokens read than the corpus holds: no repetition
     assert effective_tokens(1e6, 1e6) == 1e6
@@ -50,7 +51,8 @@ def test_an_unbounded_corpus_gives_the_plain_fit():
 
 
 def repeated_runs(unique: float, rstar: float, noise: float = 0.002) -> list[dict]:
-    """Synthetic IsoFLOP sweeps whose losses follow L(N, D') with a corpus of `unique` tokens (the top budgets read it many times)."""
+    """Synthetic IsoFLOP sweeps whose losses follow L(N, D') with a corpus of `unique` tokens
+    (the top budgets read it many times)."""
     runs = synthetic_runs(HOFFMANN, noise=0.0)
     rng = np.random.default_rng(1)
     return [

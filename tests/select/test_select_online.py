@@ -105,8 +105,8 @@ def test_crash_then_resume_selects_exactly_as_the_uninterrupted_run(tmp_path, mo
     assert losses(straight) == losses(crashed) and len(losses(straight)) == 8  # exact: same floats
     uniform = str(tmp_path / "uniform")
     run_training(mixed_data(), uniform, overrides=TINY + ["max_steps=8"], progress=False)
-    assert {s: l for s, (l, _) in losses(uniform).items()} != {
-        s: l for s, (l, _) in losses(straight).items()
+    assert {s: loss for s, (loss, _) in losses(uniform).items()} != {
+        s: loss for s, (loss, _) in losses(straight).items()
     }  # selection changed the batches
 
 

@@ -73,8 +73,8 @@ def test_a_lone_row_decodes_in_one_native_call_and_hands_its_cache_back(dtype):
     engine = Engine(model, Tokenizer.gpt2())
     pool = engine.pool
     assert isinstance(engine.solo, NativeStep) and pool.solo is engine.solo
-    # of the largest logit; in bf16 the pool's rows and prefills run torch's bf16 activations (up to 3.4% off here, native steps
-    # included, as they read those keys/values), while a stale or misplaced cache is off by far more
+    # of the largest logit; in bf16 the pool's rows and prefills run torch's bf16 activations (up to 3.4% off
+    # here, native steps included, as they read those keys/values), while a stale or misplaced cache is off by more
     tolerance = 1e-4 if dtype == "fp32" else 0.06
     seqs, rows = {"a": [5, 6, 7, 8, 9]}, ["a"]
     prefill(model, pool, seqs["a"])

@@ -2,47 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import openai
-import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from browser_testing import browser, set_field  # noqa: F401  (the headless Chromium fixture)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from serve_testing import save_tiny_model, serve_in_thread
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture
-def browser(tmp_path):
-    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), (
-        "install Debian's chromium and chromium-driver packages"
-    )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
-def set_field(driver, element_id: str, value: str) -> None:
-    field = driver.find_element(By.ID, element_id)
-    field.clear()
-    field.send_keys(value)
 
 
 def generate_greedy(driver, wait, prompt: str, max_tokens: int) -> None:
@@ -54,7 +18,7 @@ def generate_greedy(driver, wait, prompt: str, max_tokens: int) -> None:
     wait.until(lambda d: "done" in d.find_element(By.ID, "status").text)
 
 
-def test_playground_streams_a_completion(tmp_path, browser):
+def test_playground_streams_a_completion(tmp_path, browser):  # noqa: F811
     save_tiny_model(str(tmp_path / "tiny"))
     server, _ = serve_in_thread(str(tmp_path / "tiny"))
     try:
@@ -88,7 +52,7 @@ def test_playground_streams_a_completion(tmp_path, browser):
         server.close()
 
 
-def test_playground_sends_the_api_key(tmp_path, browser):
+def test_playground_sends_the_api_key(tmp_path, browser):  # noqa: F811
     save_tiny_model(str(tmp_path / "tiny"))
     server, _ = serve_in_thread(str(tmp_path / "tiny"), app_kwargs={"api_key": "sk-play"})
     try:

@@ -1,6 +1,6 @@
 """Training on CUDA: bf16 autocast steps with the compiled model and fused AdamW, and compiled vs eager logits.
 
-Marked `gpu` and skipped without CUDA (`pytest -m gpu`; bench/gpu.sh runs them).
+Marked `gpu` and skipped without CUDA (`pytest -m gpu`; experiments/gpu.sh runs them).
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ def test_onednn_linears_give_torchs_loss_and_gradients(compiled):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compiled_cpu_step_gives_the_plain_models_loss_and_gradients(dtype):
-    """The compiled CPU step (CpuStepOps: sigmoid-form GELU, gptwo::embedding, bf16 matmul attention) against the eager model."""
+    """The compiled CPU step (CpuStepOps: sigmoid-form GELU, gptwo::embedding, bf16 matmul attention) against
+    the eager model."""
     import torch
 
     from gptwo.config import GPTConfig, TrainConfig

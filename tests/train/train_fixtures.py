@@ -29,7 +29,8 @@ TINY = [
 PARAGRAPHS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the window.",
     "A model reads text one token at a time and learns to predict the next token from the ones before it.",
-    "Checkpoints hold the weights, the optimizer state and the position of the data loader, so training resumes exactly.",
+    "Checkpoints hold the weights, the optimizer state and the position of the data loader, "
+    "so training resumes exactly.",
     "Rivers run to the sea, and the sea sends rain back to the hills, where the rivers begin again.",
     "In the morning the baker opens the shop, lights the oven and sets out bread, rolls and small cakes.",
     "Numbers such as 1, 2, 3 and 42 appear in text too, as do names like Alice, Bob and Carol.",

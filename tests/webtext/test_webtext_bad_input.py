@@ -131,9 +131,9 @@ def test_bad_records_in_a_dump_are_counted_and_skipped(tmp_path, site_server, ca
     ]
     lines = [json.dumps(p) for p in good + bad]
     lines += [
-        '{"url": "%s", "score": 1e308}' % site_server.url("/dup/near"),
-        '{"url": "%s", "score": 1e999}' % site_server.url("/short"),
-        '{"url": "%s", "score": NaN}' % site_server.url("/empty"),
+        f'{{"url": "{site_server.url("/dup/near")}", "score": 1e308}}',
+        f'{{"url": "{site_server.url("/short")}", "score": 1e999}}',
+        f'{{"url": "{site_server.url("/empty")}", "score": NaN}}',
         '{"url": "http://a.example.com/\\udc00", "score": 7}',
         "[]",
     ]

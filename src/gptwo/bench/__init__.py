@@ -6,11 +6,17 @@ table. A benchmark (decode.py, train.py) returns a JSON-able report that cli.py 
 
 from __future__ import annotations
 
+import math
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from gptwo.errors import GptwoError
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +28,9 @@ COMPILE_MODES = (
     "max-autotune-frozen",
     "reduce-overhead",
 )  # `--compile`; plain data keeps --help fast
+TIMEOUT_ENV = "GPTWO_BENCH_TIMEOUT"  # seconds an outside tool (llama-bench, the GGUF converter, a server) may take
+DEFAULT_TIMEOUT_S = 600.0
+MAX_THREADS = 4096  # `--threads` above this is a typo, not a machine
 
 
 def cpu_name() -> str:
@@ -78,3 +87,67 @@ def render_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
     )
+
+
+def tool_timeout(seconds: float | None = None) -> float:
+    """Seconds one call of an outside tool may take: `seconds`, else $GPTWO_BENCH_TIMEOUT, else 600."""
+    source = "--timeout"
+    if seconds is None:
+        text = os.environ.get(TIMEOUT_ENV)
+        if not text:
+            return DEFAULT_TIMEOUT_S
+        source = f"${TIMEOUT_ENV}"
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise GptwoError(
+                f"{source}={text!r} is not a number of seconds", "set it to e.g. 600, or unset it"
+            ) from None
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not (math.isfinite(seconds) and seconds > 0)
+    ):
+        raise GptwoError(f"{source} {seconds!r} is not a positive number of seconds", "use e.g. 600")
+    return float(seconds)
+
+
+def run_tool(command: list[str], timeout: float, what: str, fix: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run an outside tool to the end, its output captured (text, undecodable bytes replaced); past `timeout`
+    seconds it is killed, with everything it started, and that is a one-line error naming `what` and `fix`."""
+    try:
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group: a timeout kills its children too
+            **kwargs,
+        )
+    except OSError as err:
+        raise GptwoError(f"cannot run {what} ({err.strerror or err})", fix) from None
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise GptwoError(
+            f"{what} did not finish within {timeout:g} s and was stopped",
+            f"{fix}; or allow it longer with --timeout or ${TIMEOUT_ENV}",
+        ) from None
+    except BaseException:  # Ctrl-C: leave nothing running
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        proc.kill()
+    try:
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # a descendant that left the group still holds the pipes
+        pass

@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from gptwo.argtypes import Parser, command, print_report
+from gptwo.argtypes import Parser, choice_list, command, float_in, int_at_least, print_report
+from gptwo.bench import MAX_THREADS
+
+VARIANT_NAMES = ("fp32", "bf16", "int8")  # bench decode/serve --variants (decode.VARIANTS, serve.VARIANTS)
+MAX_ROUNDS = 1000
+MAX_BATCH = 4096  # bench decode --batch-size
+MAX_CLIENTS = 1024  # bench serve --clients: each is an open connection and a row of the server's batch
+MAX_TOKENS = 1_000_000
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     from gptwo.bench.decode import decode_report, render_decode
 
-    variants = tuple(v for v in args.variants.split(",") if v)
     report = decode_report(
         args.model,
         device=args.device,
-        variants=variants,
+        variants=args.variants,
         batch_size=args.batch_size,
         new_tokens=args.new_tokens,
         prompt_tokens=args.prompt_tokens,
@@ -25,6 +31,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         progress=not args.json,
         llama_cpp=args.llama_cpp,
         gguf=args.gguf,
+        timeout=args.timeout,
     )
     print_report(report, args.json, render_decode)
     return 0
@@ -43,6 +50,18 @@ def _bench_options(p) -> None:
     )
 
 
+def _timeout_option(p, what: str) -> None:
+    from gptwo.bench import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
+
+    p.add_argument(
+        "--timeout",
+        type=float_in(0, low_open=True),
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds {what} may take before it is stopped (default: ${TIMEOUT_ENV}, else {DEFAULT_TIMEOUT_S:g})",
+    )
+
+
 def _add_bench_decode(bsub) -> None:
     from gptwo.bench import COMPILE_MODES  # plain data: keeps --help fast
 
@@ -50,39 +69,65 @@ def _add_bench_decode(bsub) -> None:
         bsub,
         "decode",
         _cmd_bench_decode,
-        "Decoding tokens/s per precision (fp32, bf16, int8) vs transformers' generate, with the memory-bandwidth ceiling.",
+        "Decoding tokens/s per precision (fp32, bf16, int8) vs transformers' generate, with the memory-bandwidth "
+        "ceiling.",
     )
     _bench_options(p)
     p.add_argument(
         "--variants",
+        type=choice_list(VARIANT_NAMES),
         default="fp32,bf16,int8",
         help="comma-separated precisions to time: fp32, bf16, int8 (default all three)",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt, greedy (default 128)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="tokens in each (random) prompt (default 16)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median counts (default 5)")
     p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch and llama-bench (default: torch's choice)"
+        "--batch-size", type=int_at_least(1, MAX_BATCH), default=1, help="prompts decoded together (default 1)"
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int_at_least(1, MAX_TOKENS),
+        default=128,
+        help="tokens generated per prompt, greedy (default 128)",
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=int_at_least(1, MAX_TOKENS),
+        default=16,
+        help="tokens in each (random) prompt (default 16)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int_at_least(1, MAX_ROUNDS),
+        default=5,
+        help="interleaved timing rounds; the median counts (default 5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int_at_least(1, MAX_THREADS),
+        default=None,
+        help="CPU threads for torch and llama-bench (default: torch's choice)",
     )
     p.add_argument(
         "--compile",
         choices=COMPILE_MODES,
         default="none",
-        help="torch.compile the decode step with this mode (reduce-overhead = CUDA graphs; max-autotune-frozen = frozen weights + Inductor's C++ GEMM template, faster for int8 on CPU); default none (eager)",
+        help="torch.compile the decode step with this mode (reduce-overhead = CUDA graphs; max-autotune-frozen = "
+        "frozen weights + Inductor's C++ GEMM template, faster for int8 on CPU); default none (eager)",
     )
     p.add_argument(
         "--llama-cpp",
         default=None,
         metavar="PATH",
-        help="also time llama.cpp in the same rounds: its llama-bench binary or build folder (bench/llamacpp.sh builds one); rows f32, f16, bf16, q8_0",
+        help="also time llama.cpp in the same rounds: its llama-bench binary or build folder (bench/llamacpp.sh "
+        "builds one); rows f32, f16, bf16, q8_0",
     )
     p.add_argument(
         "--gguf",
         default=None,
         metavar="DIR",
-        help="with --llama-cpp: folder of model-{f32,f16,bf16,q8_0}.gguf for the same model (bench/llamacpp.sh); default: convert now with the converter of the binary's source tree",
+        help="with --llama-cpp: folder of model-{f32,f16,bf16,q8_0}.gguf for the same model (bench/llamacpp.sh); "
+        "default: convert now with the converter of the binary's source tree",
     )
+    _timeout_option(p, "one call of llama-bench or of llama.cpp's GGUF converter")
 
 
 def _add_bench_train(bsub) -> None:
@@ -94,9 +139,7 @@ def _add_bench_train(bsub) -> None:
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from gptwo.bench.serve import render_serve, serve_report
 
-    variants = (
-        ("int8",) if args.quantize else (args.dtype,) if args.dtype else tuple(v for v in args.variants.split(",") if v)
-    )
+    variants = ("int8",) if args.quantize else (args.dtype,) if args.dtype else args.variants
     report = serve_report(
         args.model,
         device=args.device,
@@ -107,6 +150,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         compare_src=args.compare_src,
         progress=not args.json,
+        timeout=args.timeout,
     )
     print_report(report, args.json, render_serve)
     return 0
@@ -117,15 +161,25 @@ def _add_bench_serve(bsub) -> None:
         bsub,
         "serve",
         _cmd_bench_serve,
-        "Aggregate tokens/s of `gptwo serve` under concurrent streaming clients vs transformers' batched generate on the same prompts.",
+        "Aggregate tokens/s of `gptwo serve` under concurrent streaming clients vs transformers' batched generate "
+        "on the same prompts.",
     )
     _bench_options(p)
     p.add_argument(
-        "--clients", type=int, default=64, help="concurrent streaming clients, one request each per round (default 64)"
+        "--clients",
+        type=int_at_least(1, MAX_CLIENTS),
+        default=64,
+        help="concurrent streaming clients, one request each per round (default 64)",
     )
-    p.add_argument("--tokens", type=int, default=32, help="tokens each request generates, temperature 1 (default 32)")
+    p.add_argument(
+        "--tokens",
+        type=int_at_least(1, MAX_TOKENS),
+        default=32,
+        help="tokens each request generates, temperature 1 (default 32)",
+    )
     p.add_argument(
         "--variants",
+        type=choice_list(VARIANT_NAMES),
         default="fp32,bf16,int8",
         help="comma-separated server weights to time: fp32, bf16, int8 (default all three)",
     )
@@ -141,10 +195,15 @@ def _add_bench_serve(bsub) -> None:
         default=None,
         help="time only the int8 weight-only server (shorthand for --variants int8)",
     )
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median counts (default 3)")
+    p.add_argument(
+        "--rounds",
+        type=int_at_least(1, MAX_ROUNDS),
+        default=3,
+        help="interleaved timing rounds; the median counts (default 3)",
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(1, MAX_THREADS),
         default=None,
         help="torch threads of each server and of transformers (default: torch's choice here)",
     )
@@ -153,8 +212,10 @@ def _add_bench_serve(bsub) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same rounds (repeatable)",
+        help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same "
+        "rounds (repeatable)",
     )
+    _timeout_option(p, "a server's start, or one round of requests to it,")
 
 
 # Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
@@ -162,12 +223,12 @@ BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train, _add_benc
 
 
 def add_commands(sub) -> None:
-    """`gptwo bench decode|train|serve`: speed on this machine, transformers as the same-run anchor."""
+    """`gptwo bench decode|train|serve`: speed on the user's hardware, transformers as the same-run anchor."""
     bench = sub.add_parser(
         "bench",
-        help="Measure speed on this machine against transformers in the same run.",
-        description="Measure speed on this machine: each workload runs through transformers in the same process as the anchor "
-        "(interleaved rounds, medians) and reports ratios.",
+        help="Measure speed on the machine it runs on against transformers in the same run.",
+        description="Measure speed on the machine it runs on: each workload runs through transformers in the same "
+        "process as the anchor (interleaved rounds, medians) and reports ratios.",
     )
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser, metavar="WORKLOAD")
     for add in BENCH_COMMANDS:

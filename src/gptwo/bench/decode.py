@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from gptwo.bench import COMPILE_MODES, cpu_flags, cpu_name, interleaved, render_table
+from gptwo.bench import COMPILE_MODES, MAX_THREADS, cpu_flags, cpu_name, interleaved, render_table, tool_timeout
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.model import GPT
@@ -53,7 +53,8 @@ def hf_twin(model: GPT):
 
 
 def streamed_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads: every block, the final LayerNorm and the head's weights (not the embedding lookups)."""
+    """Bytes one decode step reads: every block, the final LayerNorm and the head's weights (not the embedding
+    lookups)."""
     tf = model.transformer
     tensors = [*tf.h.parameters(), *tf.h.buffers(), *tf.ln_f.parameters()]
     head = list(model.lm_head.buffers()) or [model.lm_head.weight]
@@ -83,23 +84,30 @@ def decode_report(
     progress: bool = True,
     llama_cpp: str | None = None,
     gguf: str | None = None,
+    timeout: float | None = None,
 ) -> dict:
-    """Median tokens/s of each variant and of transformers in the same run, with the bandwidth ceiling (and llama.cpp's, given its build)."""
+    """Median tokens/s of each variant and of transformers in the same run, with the bandwidth ceiling (and llama.cpp's,
+    given its build)."""
     from gptwo.infer import Decoder, prepare_model
     from gptwo.weights import resolve_device
 
     for name in variants:
         if name not in VARIANTS:
             raise GptwoError(f"unknown variant '{name}'", f"use some of {', '.join(VARIANTS)}")
+    if not variants:
+        raise GptwoError("no variants to time", f"pass --variants with some of {', '.join(VARIANTS)}")
     if compile not in COMPILE_MODES:
         raise GptwoError(f"unknown compile mode '{compile}'", f"use one of {', '.join(COMPILE_MODES)}")
     if min(batch_size, new_tokens, prompt_tokens, rounds) < 1:
         raise GptwoError("batch size, token counts and rounds must be at least 1", "pass positive numbers")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise GptwoError(f"--threads {threads} is not in 1..{MAX_THREADS}", "use e.g. the number of cores")
+    timeout = tool_timeout(timeout)
+    dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device)
     llama = (
-        llamacpp_anchor(llama_cpp, gguf, model, batch_size, prompt_tokens, new_tokens, progress)
+        llamacpp_anchor(llama_cpp, gguf, model, batch_size, prompt_tokens, new_tokens, progress, timeout)
         if llama_cpp or gguf
         else None
     )
@@ -188,23 +196,34 @@ def render_decode(report: dict) -> str:
         or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
     )
     head = (
-        f"decode: {where}; batch {report['batch_size']}, {report['prompt_tokens']}-token prompt + {report['new_tokens']} new tokens greedy, "
-        f"median of {report['rounds']} interleaved rounds, compile={report['compile']}; memory read {report['bandwidth_gb_s']:.1f} GB/s"
+        f"decode: {where}; batch {report['batch_size']}, {report['prompt_tokens']}-token prompt + "
+        f"{report['new_tokens']} new tokens greedy, "
+        f"median of {report['rounds']} interleaved rounds, compile={report['compile']}; memory read "
+        f"{report['bandwidth_gb_s']:.1f} GB/s"
     )
     table = head + "\n" + render_table(report["rows"], COLUMNS)
     if report.get("llama_cpp"):
         info = report["llama_cpp"]
         table += (
-            f"\nllama.cpp: llama-bench build {info['build_number']} ({info['build_commit']}), -pg {report['prompt_tokens']},{report['new_tokens']} "
+            f"\nllama.cpp: llama-bench build {info['build_number']} ({info['build_commit']}), -pg "
+            f"{report['prompt_tokens']},{report['new_tokens']} "
             f"-t {report['threads']}, its own timing; its q8_0 also quantizes activations to 8 bits"
         )
     return table
 
 
 def llamacpp_anchor(
-    path: str, gguf: str | None, model: str | None, batch_size: int, prompt_tokens: int, new_tokens: int, progress: bool
+    path: str,
+    gguf: str | None,
+    model: str | None,
+    batch_size: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    progress: bool,
+    timeout: float,
 ):
-    """llama.cpp's llama-bench as a further anchor, on GGUF files of the same weights (converted now unless `gguf` holds them)."""
+    """llama.cpp's llama-bench as a further anchor, on GGUF files of the same weights (converted now unless `gguf`
+    holds them); each call of an outside tool may take `timeout` seconds."""
     from gptwo.bench.llamacpp import llamacpp_anchor as anchor
 
     if not path:
@@ -214,11 +233,12 @@ def llamacpp_anchor(
         )
     if batch_size != 1:
         raise GptwoError("the llama.cpp anchor times batch 1 only", "leave --batch-size at 1, or drop --llama-cpp")
-    return anchor(path, gguf, model, prompt_tokens, new_tokens, torch.get_num_threads(), progress)
+    return anchor(path, gguf, model, prompt_tokens, new_tokens, torch.get_num_threads(), progress, timeout)
 
 
 def warm_llamacpp(llama, progress: bool) -> dict:
-    """One llama-bench call per precision before the rounds (page cache; errors surface early), then its runs for the rounds."""
+    """One llama-bench call per precision before the rounds (page cache; errors surface early), then its runs for the
+    rounds."""
     for dtype in llama.files:
         if progress:
             print(f"warming up llama.cpp {dtype}", file=sys.stderr)

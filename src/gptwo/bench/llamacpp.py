@@ -11,15 +11,16 @@ the GGUF file's tensor table: every tensor but the token and position embeddings
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
+from gptwo.bench import DEFAULT_TIMEOUT_S, run_tool
 from gptwo.errors import GptwoError
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # convert_hf_to_gguf.py's --outtype names
@@ -47,7 +48,8 @@ def gguf_name(dtype: str) -> str:
 
 # ---------------------------------------------------------------- finding llama.cpp
 def find_llama_bench(path: str) -> str:
-    """The llama-bench binary: PATH itself, PATH/bin/llama-bench (a build folder) or PATH/build/bin/llama-bench (a source tree)."""
+    """The llama-bench binary: PATH itself, PATH/bin/llama-bench (a build folder) or PATH/build/bin/llama-bench (a
+    source tree)."""
     for candidate in (
         path,
         os.path.join(path, "bin", "llama-bench"),
@@ -62,7 +64,8 @@ def find_llama_bench(path: str) -> str:
 
 
 def find_converter(binary: str) -> str | None:
-    """llama.cpp's convert_hf_to_gguf.py in a folder above the binary (the source tree it was built in), if there is one."""
+    """llama.cpp's convert_hf_to_gguf.py in a folder above the binary (the source tree it was built in), if there is
+    one."""
     folder = os.path.dirname(binary)
     while os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
@@ -86,7 +89,8 @@ def gguf_files(directory: str, dtypes: tuple[str, ...] = GGUF_DTYPES) -> dict[st
 
 # ---------------------------------------------------------------- GGUF files of the bench model
 def save_bench_model(directory: str, model: str | None = None) -> None:
-    """Write the decode benchmark's model as an HF folder with its tokenizer, for the converter (default: GPT-2 124M's shape, seed 0, GPT-2's BPE)."""
+    """Write the decode benchmark's model as an HF folder with its tokenizer, for the converter (default: GPT-2 124M's
+    shape, seed 0, GPT-2's BPE)."""
     import torch
 
     from gptwo.bench.decode import bench_model
@@ -99,8 +103,15 @@ def save_bench_model(directory: str, model: str | None = None) -> None:
     save_pretrained(gpt, directory, tokenizer)
 
 
-def convert(model_dir: str, converter: str, out_dir: str, dtypes: tuple[str, ...] = GGUF_DTYPES) -> dict[str, str]:
-    """GGUF files of an HF folder at each precision, written by llama.cpp's convert_hf_to_gguf.py (its gguf-py beside it)."""
+def convert(
+    model_dir: str,
+    converter: str,
+    out_dir: str,
+    dtypes: tuple[str, ...] = GGUF_DTYPES,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, str]:
+    """GGUF files of an HF folder at each precision, written by llama.cpp's convert_hf_to_gguf.py (its gguf-py
+    beside it); each conversion may take `timeout` seconds."""
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(
@@ -111,12 +122,12 @@ def convert(model_dir: str, converter: str, out_dir: str, dtypes: tuple[str, ...
     files = {}
     for dtype in dtypes:
         files[dtype] = os.path.join(out_dir, gguf_name(dtype))
-        done = subprocess.run(
+        done = run_tool(
             [sys.executable, converter, model_dir, "--outtype", dtype, "--outfile", files[dtype]],
+            timeout,
+            f"llama.cpp's converter ({dtype})",
+            "convert with bench/llamacpp.sh and pass --gguf",
             env=env,
-            capture_output=True,
-            text=True,
-            check=False,
         )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
@@ -155,7 +166,8 @@ def _value(f: BinaryIO, kind: int):
 
 
 def gguf_tensor_bytes(path: str) -> dict[str, int]:
-    """Bytes of each tensor in a GGUF file, from its tensor table's offsets (whatever the quantization; alignment padding included)."""
+    """Bytes of each tensor in a GGUF file, from its tensor table's offsets (whatever the quantization; alignment
+    padding included)."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise GptwoError(f"{path} is not a GGUF file", "re-create it with bench/llamacpp.sh")
@@ -194,9 +206,23 @@ def parse_llama_bench(text: str, prompt_tokens: int, new_tokens: int) -> tuple[f
         raise GptwoError(
             "llama-bench printed no JSON", "check that the binary is llama.cpp's llama-bench (it must take -o json)"
         ) from None
-    for entry in entries if isinstance(entries, list) else []:
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise GptwoError(
+            f"llama-bench printed JSON of another shape (not a list of test objects: {text.strip()[:60]})",
+            "check that the binary is llama.cpp's llama-bench (its -o json prints a list of tests)",
+        )
+    for entry in entries:
         if entry.get("n_prompt") == prompt_tokens and entry.get("n_gen") == new_tokens and entry.get("samples_ns"):
-            return statistics.fmean(entry["samples_ns"]) / 1e9, entry
+            samples = entry["samples_ns"]
+            if not isinstance(samples, list) or not all(
+                isinstance(ns, (int, float)) and not isinstance(ns, bool) and math.isfinite(ns) and ns > 0
+                for ns in samples
+            ):
+                raise GptwoError(
+                    f"llama-bench's samples_ns is not a list of positive times ({str(samples)[:80]})",
+                    "check the llama-bench build",
+                )
+            return statistics.fmean(samples) / 1e9, entry
     raise GptwoError(
         f"llama-bench's JSON has no {prompt_tokens}-token prompt + {new_tokens} token test",
         "check the llama-bench build (it must take -pg)",
@@ -214,6 +240,7 @@ class LlamaCppAnchor:
         new_tokens: int,
         threads: int,
         scratch: object = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ):
         self.binary, self.files, self.prompt_tokens, self.new_tokens, self.threads = (
             binary,
@@ -223,6 +250,7 @@ class LlamaCppAnchor:
             threads,
         )
         self.scratch = scratch  # the temporary folder of converted files, removed with the anchor
+        self.timeout = timeout  # seconds one llama-bench call may take
         self.seconds: dict[str, list[float]] = {dtype: [] for dtype in files}
         self.build: dict = {}
 
@@ -245,7 +273,12 @@ class LlamaCppAnchor:
             "-o",
             "json",
         ]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done = run_tool(
+            command,
+            self.timeout,
+            f"llama-bench on {self.files[dtype]}",
+            "check that the binary is llama.cpp's llama-bench and the file a GGUF model it reads",
+        )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise GptwoError(
@@ -268,7 +301,8 @@ class LlamaCppAnchor:
         }
 
     def rows(self, bandwidth_gb_s: float, anchor_tokens_per_s: float) -> list[dict]:
-        """A decode-report row per precision: tokens/s from the median round, ratio, GGUF weight bytes, bandwidth ceiling."""
+        """A decode-report row per precision: tokens/s from the median round, ratio, GGUF weight bytes, bandwidth
+        ceiling."""
         rows = []
         for dtype, path in self.files.items():
             rate = self.new_tokens / statistics.median(self.seconds[dtype])
@@ -299,11 +333,13 @@ def llamacpp_anchor(
     new_tokens: int,
     threads: int,
     progress: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> LlamaCppAnchor:
-    """The anchor for `--llama-cpp PATH [--gguf DIR]`: DIR's GGUF files, or the bench model converted by the binary's source tree into a temporary folder."""
+    """The anchor for `--llama-cpp PATH [--gguf DIR]`: DIR's GGUF files, or the bench model converted by the binary's
+    source tree into a temporary folder."""
     binary = find_llama_bench(path)
     if gguf_dir:
-        return LlamaCppAnchor(binary, gguf_files(gguf_dir), prompt_tokens, new_tokens, threads)
+        return LlamaCppAnchor(binary, gguf_files(gguf_dir), prompt_tokens, new_tokens, threads, timeout=timeout)
     converter = find_converter(binary)
     if converter is None:
         raise GptwoError(
@@ -314,5 +350,5 @@ def llamacpp_anchor(
         print(f"converting the model to GGUF with {converter}", file=sys.stderr)
     scratch = tempfile.TemporaryDirectory(prefix="gptwo-gguf-")
     save_bench_model(os.path.join(scratch.name, "hf"), model)
-    files = convert(os.path.join(scratch.name, "hf"), converter, scratch.name)
-    return LlamaCppAnchor(binary, files, prompt_tokens, new_tokens, threads, scratch)
+    files = convert(os.path.join(scratch.name, "hf"), converter, scratch.name, timeout=timeout)
+    return LlamaCppAnchor(binary, files, prompt_tokens, new_tokens, threads, scratch, timeout)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptwo.bench import cpu_flags, cpu_name, render_table
+from gptwo.bench import DEFAULT_TIMEOUT_S, MAX_THREADS, cpu_flags, cpu_name, render_table, tool_timeout
 from gptwo.errors import GptwoError
 
 VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8")}  # name -> (--dtype, --quantize)
@@ -53,11 +53,11 @@ COLUMNS = [
     ("failed", "failed", "d"),
     ("single_client_tokens_per_s", "1 client tok/s", ".1f"),
 ]
-SERVER_START_S = 300  # a server that is not healthy by then counts as broken
 
 
 def client_prompts(clients: int) -> list[str]:
-    """Each client's prompt: the list above in turn, numbered so that no two are equal (the server runs equal prompts once)."""
+    """Each client's prompt: the list above in turn, numbered so that no two are equal (the server runs equal prompts
+    once)."""
     return [f"{i + 1}. {PROMPTS[i % len(PROMPTS)]}" for i in range(clients)]
 
 
@@ -145,15 +145,25 @@ async def stream_completion(host: str, port: int, prompt: str, tokens: int, temp
     return out
 
 
-async def _burst(host: str, port: int, prompts: list[str], tokens: int) -> tuple[list[Completion], float]:
+async def _bounded(request, timeout: float) -> Completion:
+    try:
+        return await asyncio.wait_for(request, timeout)
+    except TimeoutError:
+        return Completion(error=f"no complete answer within {timeout:g} s (--timeout)")
+
+
+async def _burst(
+    host: str, port: int, prompts: list[str], tokens: int, timeout: float
+) -> tuple[list[Completion], float]:
     started = time.perf_counter()
-    results = await asyncio.gather(*(stream_completion(host, port, p, tokens) for p in prompts))
+    results = await asyncio.gather(*(_bounded(stream_completion(host, port, p, tokens), timeout) for p in prompts))
     return list(results), time.perf_counter() - started
 
 
-def burst(url: tuple[str, int], prompts: list[str], tokens: int) -> dict:
-    """All `prompts` streamed at once: tokens/s in all (wall clock from first send to last byte), TTFT, failures."""
-    results, seconds = asyncio.run(_burst(*url, prompts, tokens))
+def burst(url: tuple[str, int], prompts: list[str], tokens: int, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
+    """All `prompts` streamed at once: tokens/s in all (wall clock from first send to last byte), TTFT, failures.
+    A request without its whole answer after `timeout` seconds counts as failed."""
+    results, seconds = asyncio.run(_burst(*url, prompts, tokens, timeout))
     ok = [r for r in results if r.error is None]
     ttft = sorted(r.ttft for r in ok if r.ttft is not None)
     return {
@@ -210,8 +220,10 @@ def start_server(
     log: str,
     src: str | None = None,
     tool: str = "gptwo serve",
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Server:
-    """Start `gptwo serve` (from `src`, another checkout's src folder, if given; its stderr to `log`) and wait until /health answers."""
+    """Start `gptwo serve` (from `src`, another checkout's src folder, if given; its stderr to `log`) and wait until
+    /health answers."""
     dtype, quantize = VARIANTS[variant]
     port = free_port()
     cmd = [
@@ -237,8 +249,11 @@ def start_server(
         if src
         else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     )
-    with open(os.path.join(package, "cli.py"), encoding="utf-8") as f:
-        has_dtype = '"--dtype"' in f.read()
+    has_dtype = False  # the serve command's options live in serve/cli.py (older trees: cli.py)
+    for where in (os.path.join(package, "serve", "cli.py"), os.path.join(package, "cli.py")):
+        if os.path.exists(where):
+            with open(where, encoding="utf-8") as f:
+                has_dtype = has_dtype or '"--dtype"' in f.read()
     if dtype != "fp32" or has_dtype:  # (older trees have no --dtype: fp32 was all they did)
         cmd += ["--dtype", dtype]
     cmd += ["--quantize", quantize] if quantize else []
@@ -248,7 +263,7 @@ def start_server(
     with open(log, "w", encoding="utf-8") as err:  # a file, not a pipe: a pipe nobody reads would stall a chatty server
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     server = Server(tool, variant, proc, port)
-    deadline = time.monotonic() + SERVER_START_S
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             with open(log, encoding="utf-8", errors="replace") as f:
@@ -263,8 +278,8 @@ def start_server(
             time.sleep(0.2)
     server.stop()
     raise GptwoError(
-        f"the {variant} server did not answer within {SERVER_START_S} s",
-        "check the machine's load, or pass a smaller --model",
+        f"the {variant} server did not answer within {timeout:g} s",
+        "check the machine's load, pass a smaller --model, or allow longer with --timeout",
     )
 
 
@@ -297,7 +312,8 @@ def hf_generate_run(hf, prompts: list[list[int]], tokens: int, pad: int):
 
 
 def hf_batch_run(hf, prompts: list[list[int]], tokens: int, page: int = 64):
-    """transformers' continuous batching (`generate_batch`), its paged cache sized for this workload (auto-sizing is slow on CPU)."""
+    """transformers' continuous batching (`generate_batch`), its paged cache sized for this workload (auto-sizing is
+    slow on CPU)."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -328,7 +344,8 @@ def hf_batch_run(hf, prompts: list[list[int]], tokens: int, page: int = 64):
 
 
 def fast_gelu(hf):
-    """transformers at its best: GPT-2's tanh GELU as torch's fused kernel (`gelu_pytorch_tanh`), not the default `gelu_new` in Python ops."""
+    """transformers at its best: GPT-2's tanh GELU as torch's fused kernel (`gelu_pytorch_tanh`), not the default
+    `gelu_new` in Python ops."""
     from transformers.activations import ACT2FN
 
     for block in hf.transformer.h:
@@ -366,7 +383,7 @@ def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress:
             if made < len(few) * short:
                 raise RuntimeError(f"made {made} of {len(few) * short} tokens")
             runs[name] = make(prompts, tokens)
-        except Exception as err:  # noqa: BLE001 - an anchor that does not work on this machine is reported, not fatal
+        except Exception as err:  # noqa: BLE001 - an anchor that does not run on this device is reported, not fatal
             notes.append(f"{name} left out: {type(err).__name__}: {str(err)[:200]}")
     if not runs:
         raise GptwoError("no transformers anchor ran", "; ".join(notes))
@@ -375,7 +392,8 @@ def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress:
 
 # ---------------------------------------------------------------------------------------------- the benchmark
 def bench_model_dir(spec: str | None, directory: str) -> str:
-    """The model the servers load: `spec`, or GPT-2 124M's shape with random weights and GPT-2's tokenizer saved in `directory`."""
+    """The model the servers load: `spec`, or GPT-2 124M's shape with random weights and GPT-2's tokenizer saved in
+    `directory`."""
     if spec:
         from gptwo.weights import resolve_model_dir
 
@@ -398,6 +416,7 @@ def serve_report(
     threads: int | None = None,
     compare_src: Seq[str] = (),
     progress: bool = True,
+    timeout: float | None = None,
 ) -> dict:
     """Median aggregate tokens/s of each server variant and of transformers on the same prompts, interleaved rounds."""
     from gptwo.weights import resolve_device
@@ -409,17 +428,20 @@ def serve_report(
         raise GptwoError("no variants to time", f"pass --variants with some of {', '.join(VARIANTS)}")
     if min(clients, tokens, rounds) < 1:
         raise GptwoError("clients, tokens and rounds must be at least 1", "pass positive numbers")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise GptwoError(f"--threads {threads} is not in 1..{MAX_THREADS}", "use e.g. the number of cores")
+    timeout = tool_timeout(timeout)
     for src in compare_src:
         if not os.path.isfile(os.path.join(src, "gptwo", "cli.py")):
             raise GptwoError(
                 f"{src} holds no gptwo package",
                 "pass the src folder of a gptwo checkout (the one holding gptwo/cli.py)",
             )
+    dev = resolve_device(device)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if threading.current_thread() is threading.main_thread():  # a SIGTERM (e.g. `timeout`) still stops the servers
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    dev = resolve_device(device)
     tmp = tempfile.mkdtemp(prefix="gptwo-bench-serve-")
     servers: list[Server] = []
     try:
@@ -427,7 +449,8 @@ def serve_report(
         for name in variants:
             if progress:
                 print(f"starting the {name} server", file=sys.stderr)
-            servers.append(start_server(model_dir, name, str(dev), threads, clients, os.path.join(tmp, f"{name}.log")))
+            log = os.path.join(tmp, f"{name}.log")
+            servers.append(start_server(model_dir, name, str(dev), threads, clients, log, timeout=timeout))
         for i, src in enumerate(compare_src):
             servers.append(
                 start_server(
@@ -439,23 +462,25 @@ def serve_report(
                     os.path.join(tmp, f"compare{i}.log"),
                     src=src,
                     tool=f"gptwo serve ({src})",
+                    timeout=timeout,
                 )
             )
         anchors, notes = hf_anchors(model_dir, clients, tokens, str(dev), progress)
         anchor_s: dict[str, list[float]] = {name: [] for name in anchors}
         prompts = client_prompts(clients)
         for server in servers:  # warm-up: the first requests pay for lazy set-up
-            burst(server.address, prompts[: min(4, clients)], min(tokens, 4))
+            burst(server.address, prompts[: min(4, clients)], min(tokens, 4), timeout)
         for r in range(rounds):
             if progress:
                 print(f"round {r + 1} of {rounds}", file=sys.stderr)
             for server in servers:
-                server.samples.append(burst(server.address, prompts, tokens))
-                alone = burst(server.address, prompts[:1], tokens)
+                server.samples.append(burst(server.address, prompts, tokens, timeout))
+                alone = burst(server.address, prompts[:1], tokens, timeout)
                 server.single.append(alone["tokens_per_s"] if not alone["failed"] else 0.0)
                 if progress:
                     print(
-                        f"  {server.tool} {server.variant}: {server.samples[-1]['tokens_per_s']:.1f} tokens/s, {server.samples[-1]['failed']} failed",
+                        f"  {server.tool} {server.variant}: {server.samples[-1]['tokens_per_s']:.1f} tokens/s, "
+                        f"{server.samples[-1]['failed']} failed",
                         file=sys.stderr,
                     )
             for name, run in anchors.items():
@@ -497,7 +522,8 @@ def _report(
     tokens,
     rounds,
 ) -> dict:
-    """The JSON-able report: one row per server variant and per transformers run, ratios against the faster transformers run."""
+    """The JSON-able report: one row per server variant and per transformers run, ratios against the faster transformers
+    run."""
     rows = [
         {
             "tool": name,
@@ -559,7 +585,8 @@ def render_serve(report: dict) -> str:
         or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
     )
     head = (
-        f"serve: {where}; {report['clients']} streaming clients x {report['tokens']} tokens (temperature 1), median of {report['rounds']} "
+        f"serve: {where}; {report['clients']} streaming clients x {report['tokens']} tokens (temperature 1), median of "
+        f"{report['rounds']} "
         f"interleaved rounds; anchor: {report['anchor']} (fp32, same prompts)"
     )
     lines = [head, render_table(report["rows"], COLUMNS)]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import platform
 import statistics
 import time
@@ -82,11 +84,21 @@ def bench_train(
         raise GptwoError(f"unknown bench preset '{preset}'", f"use one of: {', '.join(WORKLOADS)}")
     if rounds < 1 or (steps is not None and steps < 1) or warmup < 0:
         raise GptwoError("--rounds and --steps must be at least 1 and --warmup 0 or more", "pass positive counts")
+    if batch_size is not None and batch_size < 1:
+        raise GptwoError(f"--batch-size {batch_size} must be at least 1", "pass a positive count, or leave it out")
+    if not (isinstance(peak_flops, (int, float)) and math.isfinite(peak_flops) and peak_flops >= 0):
+        raise GptwoError(
+            f"--peak-flops {peak_flops} is not a finite number >= 0",
+            "give the device's peak FLOP/s, e.g. 9.89e14, or 0 to look it up",
+        )
+    if threads < 0:
+        raise GptwoError(f"--threads {threads} is negative", "pass 0 (the idle cores) or a positive count")
     dev = resolve_device(device)
     workload = WORKLOADS[preset]
     model_config = GPTConfig(**{**workload["shape"], **(shape or {})})
-    batch = batch_size or workload["batch_size"]
-    steps = steps or (20 if dev.type == "cuda" else 8)
+    batch = workload["batch_size"] if batch_size is None else batch_size
+    steps = (20 if dev.type == "cuda" else 8) if steps is None else steps
+    check_memory(model_config, batch, dev)
     train_config = TrainConfig(
         n_layer=model_config.n_layer,
         n_head=model_config.n_head,
@@ -145,6 +157,31 @@ def bench_train(
         "anchor": {key: anchor[key] for key in ("name", "dtype", "compiled")},
         "ratio_float32": ours_fp32["tokens_per_s"] / theirs_fp32 if ours_fp32 and theirs_fp32 else None,
     }
+
+
+def check_memory(config: GPTConfig, batch: int, device: torch.device) -> None:
+    """Refuse a workload that cannot fit before allocating it. A lower bound: two models (gptwo's and
+    transformers') of 4-byte weights, gradients and two AdamW moments; a step's activations at 16 bits
+    (34 bytes per layer, token and channel; Korthikanti et al., 2022) and its float32 logits and their gradient."""
+    import torch
+
+    c, t = config.n_embd, config.block_size
+    params = config.n_layer * 12 * c * c + (config.vocab_size + t) * c
+    activations = batch * t * (config.n_layer * 34 * c + 8 * config.vocab_size)
+    need = 2 * params * 16 + activations
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > have:
+        raise GptwoError(
+            f"this workload needs at least {need / 2**30:,.1f} GiB ({params / 1e6:,.0f}M parameters, batch {batch} x "
+            f"{t} tokens, twice: gptwo and transformers) but the {device.type} has {have / 2**30:,.1f} GiB",
+            "pass a smaller shape (--n-embd, --n-layer, --vocab-size, --block-size) or --batch-size",
+        )
 
 
 def bench_dtypes(dtype: str, device: torch.device) -> list[str]:
@@ -352,15 +389,18 @@ def render_train(report: dict) -> str:
     lines = [
         f"training speed on {report['device']}"
         + (f" ({report['threads']} threads)" if report["threads"] else "")
-        + f": {shape['n_layer']}L {shape['n_head']}H {shape['n_embd']}d vocab {shape['vocab_size']}, batch {report['batch_size']} x {shape['block_size']},"
+        + f": {shape['n_layer']}L {shape['n_head']}H {shape['n_embd']}d vocab {shape['vocab_size']}, "
+        f"batch {report['batch_size']} x {shape['block_size']},"
         f" AdamW; median of {report['rounds']} interleaved rounds x {report['steps']} steps",
         f"FLOPs/token {report['flops_per_token']:,.0f} = {report['flop_formula']}",
-        f"{'model':14} {'dtype':9} {'compiled':>8} {'tokens/s':>12} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>7} {'vs anchor':>10}",
+        f"{'model':14} {'dtype':9} {'compiled':>8} {'tokens/s':>12} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>7} "
+        f"{'vs anchor':>10}",
     ]
     for row in report["rows"]:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
         lines.append(
-            f"{row['name']:14} {row['dtype']:9} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} {row['s_per_step']:9.4f}"
+            f"{row['name']:14} {row['dtype']:9} {'yes' if row['compiled'] else 'no':>8} {row['tokens_per_s']:12,.0f} "
+            f"{row['s_per_step']:9.4f}"
             f" {row['tflops']:8.3g} {mfu:>7} {row['vs_transformers']:9.2f}x" + ("  (anchor)" if row["anchor"] else "")
         )
     lines.append(
@@ -404,6 +444,9 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
 def add_bench_train_command(bench_sub, command) -> None:
     """Register `gptwo bench train` under the `bench` group (`command` is cli.py's `_command`)."""
+    from gptwo.argtypes import float_in, int_at_least
+    from gptwo.bench import MAX_THREADS
+
     p = command(
         bench_sub,
         "train",
@@ -419,28 +462,56 @@ def add_bench_train_command(bench_sub, command) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument(
-        "--batch-size", type=int, default=None, help="sequences per step (default: 16 for cpu and gpt2, 4 for gpt2-xl)"
+        "--batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="sequences per step (default: 16 for cpu and gpt2, 4 for gpt2-xl)",
     )
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 8 on CPU, 20 on GPU)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each model's median counts (default 3)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    p.add_argument(
+        "--steps",
+        type=int_at_least(1, 100_000),
+        default=None,
+        help="timed steps per round (default 8 on CPU, 20 on GPU)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int_at_least(1, 1000),
+        default=3,
+        help="interleaved rounds; each model's median counts (default 3)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int_at_least(0, 100_000),
+        default=3,
+        help="untimed steps first, compilation included (default 3)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
-        help="auto: bf16 autocast on CUDA; on a CPU bf16 (where it has native bf16 matmuls, as the quickstart trains) and float32",
+        help="auto: bf16 autocast on CUDA; on a CPU bf16 (where it has native bf16 matmuls, as the quickstart "
+        "trains) and float32",
     )
     p.add_argument(
         "--compile",
         default="auto",
         choices=["auto", "true", "false"],
-        help="auto: as 'gptwo train' does for a long run; transformers runs eager and compiled on a CPU, compiled on CUDA; false: nothing compiles",
+        help="auto: as 'gptwo train' does for a long run; transformers runs eager and compiled on a CPU, compiled "
+        "on CUDA; false: nothing compiles",
     )
     p.add_argument(
-        "--threads", type=int, default=0, help="CPU threads (default 0: the idle cores, as 'gptwo train' takes them)"
+        "--threads",
+        type=int_at_least(0, MAX_THREADS),
+        default=0,
+        help="CPU threads (default 0: the idle cores, as 'gptwo train' takes them)",
     )
     p.add_argument(
-        "--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (default: looked up for known GPUs)"
+        "--peak-flops",
+        type=float_in(0),
+        default=0.0,
+        help="device peak FLOP/s for MFU (default 0: looked up for known GPUs)",
     )
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
+        p.add_argument(
+            f"--{key.replace('_', '-')}", type=int_at_least(1), default=None, help=f"override the preset's {key}"
+        )

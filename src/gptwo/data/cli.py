@@ -21,11 +21,13 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         text_field=args.text_field,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     print(
         f"{train['documents']} documents, {meta['train_tokens']:,} tokens in {len(train['shards'])} train shard(s); "
-        f"{val['documents']} documents, {meta['val_tokens']:,} tokens in {len(val['shards'])} val shard(s) -> {args.out}",
+        f"{val['documents']} documents, {meta['val_tokens']:,} tokens in {len(val['shards'])} val shard(s) "
+        f"-> {args.out}",
         file=sys.stderr,
     )
     return 0
@@ -42,13 +44,20 @@ def add_commands(sub) -> None:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet), 'builtin' (Python's own docs, no download) "
+        help="text files or folders (.txt, .md, .jsonl, .jsonl.zst, .parquet), 'builtin' (Python's own docs, "
+        "no download) "
         "or hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1)",
     )
     p.add_argument(
         "--out",
         required=True,
-        help="output folder: shards, tokenizer.json, meta.json (a previous preparation there is replaced only once the new one is complete)",
+        help="output folder: shards, tokenizer.json, meta.json; new, empty, or an earlier preparation (replaced only "
+        "once the new one is complete)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="prepare into an existing --out that holds other files (its tokenizer.json and meta.json are replaced)",
     )
     p.add_argument(
         "--tokenizer", default="gpt2", help="'gpt2' (default), a tokenizer.json file, or a model folder holding one"

@@ -186,7 +186,8 @@ class ShardLoader:
             raise GptwoError(f"the '{self.split}' split of {self.data_dir} is empty", fix)
         if self.num_tokens < need:
             raise GptwoError(
-                f"the '{self.split}' split of {self.data_dir} has {self.num_tokens} tokens, fewer than batch_size*block_size+1 = {need}",
+                f"the '{self.split}' split of {self.data_dir} has {self.num_tokens} tokens, "
+                f"fewer than batch_size*block_size+1 = {need}",
                 "lower batch_size or block_size, or prepare more text",
             )
 
@@ -232,7 +233,8 @@ class ShardLoader:
         total = self.slots_per_epoch if max_batches is None else min(self.slots_per_epoch, max_batches)
         if self.slots_per_epoch < self.world_size:
             raise GptwoError(
-                f"the '{self.split}' split has {self.num_tokens} tokens, too few for one batch on each of {self.world_size} ranks",
+                f"the '{self.split}' split has {self.num_tokens} tokens, "
+                f"too few for one batch on each of {self.world_size} ranks",
                 "lower batch_size or block_size, or prepare with a larger --val-fraction",
             )
         per_rank = max(1, total // self.world_size)

@@ -52,9 +52,15 @@ def prepare(
     seed: int = 0,
     text_field: str = "text",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize `inputs` into train/val shards under `out_dir`; returns the meta written to meta.json."""
+    """Tokenize `inputs` into train/val shards under `out_dir`; returns the meta written to meta.json.
+
+    `out_dir` must be new, empty or a folder of shards prepared before (which the new ones replace);
+    `overwrite` allows any other folder (its tokenizer.json and meta.json are then replaced).
+    """
     _check_arguments(inputs, out_dir, val_fraction, shard_tokens, workers)
+    check_output_folder(out_dir, inputs, overwrite)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     dtype = token_dtype(tok.n_vocab)
     created = not os.path.exists(out_dir)
@@ -97,6 +103,38 @@ def _check_arguments(
     if workers is not None and workers < 1:
         raise GptwoError(f"{workers} workers is not positive", "use --workers 1 or more")
     check_inputs(inputs)
+
+
+def is_shard_folder(path: str) -> bool:
+    """A folder `gptwo prepare` wrote: its meta.json says format gptwo-shards (or it holds only leftovers)."""
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if isinstance(meta, dict) and meta.get("format") == META_FORMAT:
+            return True
+    except (OSError, ValueError):
+        pass
+    return all(name.startswith(".tmp-") for name in os.listdir(path))  # empty, or an interrupted first run
+
+
+def check_output_folder(out_dir: str, inputs: Sequence[str], overwrite: bool = False) -> None:
+    """Refuse an --out that is one of the inputs, or an existing folder that is not prepared shards."""
+    real = os.path.realpath(out_dir)
+    for given in inputs:
+        if os.path.exists(given) and os.path.realpath(given) == real:
+            raise GptwoError(
+                f"--out {out_dir} is also an input ({given})", "choose an output folder apart from the inputs"
+            )
+    if not os.path.isdir(out_dir) or overwrite or is_shard_folder(out_dir):
+        return
+    names = sorted(os.listdir(out_dir))
+    what = "a saved model" if os.path.isfile(os.path.join(out_dir, "config.json")) else "files"
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise GptwoError(
+        f"--out {out_dir} already holds {what} that 'gptwo prepare' did not write ({shown}); preparing would "
+        "replace its tokenizer.json and meta.json",
+        "choose a new or empty folder for --out, or pass --overwrite to prepare into it anyway",
+    )
 
 
 # ------------------------------------------------------------------ reading and encoding

@@ -103,7 +103,8 @@ def read_header(path: str) -> ShardHeader:
     expected = header.data_offset + header.num_tokens * header.dtype.itemsize
     if size != expected:
         raise GptwoError(
-            f"shard {path} is {size} bytes but its header promises {header.num_tokens} tokens ({expected} bytes): it is truncated or corrupt",
+            f"shard {path} is {size} bytes but its header promises {header.num_tokens} tokens "
+            f"({expected} bytes): it is truncated or corrupt",
             _FIX,
         )
     return header

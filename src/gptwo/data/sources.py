@@ -103,7 +103,7 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
             "pass --text-field COLUMN",
         )
     for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-        for number, value in enumerate(batch.column(0).to_pylist()):
+        for value in batch.column(0).to_pylist():
             if value is not None and not isinstance(value, str):
                 raise GptwoError(
                     f"{path}: column '{text_field}' holds {type(value).__name__}, not text",

@@ -132,16 +132,52 @@ def read_folder(folder: str) -> list[tuple[str, str]]:
     return [(path, read_text_file(path)) for path in paths]
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_outputs(out: str, plot: str, lexicon: str | None) -> None:
+    """Refuse to write over a file that is not an earlier output of the same kind (a calibration JSON,
+    its lexicon, a PNG plot) or over a folder, and three outputs that are one file."""
+    paths = {"--out": out, "--plot": plot, **({"the lexicon": lexicon} if lexicon else {})}
+    if len({os.path.realpath(p) for p in paths.values()}) < len(paths):
+        raise GptwoError(f"--out {out} and --plot {plot} are the same file", "give the plot another name (a .png)")
+    for what, path in paths.items():
+        if os.path.isdir(path):
+            raise GptwoError(f"{what} {path} is a folder", "give a file name")
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+        except OSError as err:
+            raise GptwoError(f"cannot read {path} ({err.strerror})", "check the file's permissions") from None
+        if what == "--plot":
+            ours = head.startswith(PNG_MAGIC)
+        else:
+            key = b'"detector"' if what == "--out" else b'"gptwo-detect-lexicon"'
+            ours = head.lstrip().startswith(b"{") and key in head
+        if not ours:
+            kind = "a PNG image" if what == "--plot" else "an earlier output of 'gptwo detect calibrate'"
+            raise GptwoError(f"{what} {path} exists and is not {kind}", "choose another path, or remove that file")
+
+
 def score_folder(
     model, tokenizer, folder: str, rule: Rule, reference=None, stride: int | None = None, lexicon: Lexicon | None = None
 ) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]]]:
-    """(file names, statistics, classifier features) of each long-enough document in `folder`; shorter ones are left out with a note."""
+    """(file names, statistics, classifier features) of each long-enough document in `folder`; shorter ones are left out
+    with a note."""
     names, scores, features, short = [], [], [], 0
     for path, text in read_folder(folder):
         doc = judge_text(model, tokenizer, text, path, rule, reference=reference, stride=stride, top=1)
         if doc.verdict == "too short":
             short += 1
             continue
+        bad = [name for name, value in doc.scores.items() if not math.isfinite(value)]
+        if bad:
+            raise GptwoError(
+                f"the model gives {path} a non-finite {bad[0]} ({doc.scores[bad[0]]})",
+                "check the model's weights (NaN or inf) and its --reference",
+            )
         names.append(os.path.basename(path))
         scores.append(doc.scores)
         features.append(document_features(doc.table, text, lexicon))
@@ -159,7 +195,8 @@ def score_folder(
 
 
 def source_groups(folder: str, names: list[str]) -> list:
-    """The source document of each file, from the set's sample.json (written by 'gptwo detect sample'), else the file name itself."""
+    """The source document of each file, from the set's sample.json (written by 'gptwo detect sample'), else the file
+    name itself."""
     path = os.path.join(os.path.dirname(os.path.normpath(folder)), "sample.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -170,7 +207,8 @@ def source_groups(folder: str, names: list[str]) -> list:
 
 
 def load_lexicon(source: str | None, tokenizer) -> Lexicon | None:
-    """Word counts of training text: a prepared data folder's train split, or a folder of .txt files (None: no lexicon)."""
+    """Word counts of training text: a prepared data folder's train split, or a folder of .txt files (None: no
+    lexicon)."""
     if source is None:
         return None
     if os.path.isfile(os.path.join(source, "meta.json")):
@@ -181,7 +219,8 @@ def load_lexicon(source: str | None, tokenizer) -> Lexicon | None:
 
 
 def fit_classifier(human_dir: str, generated_dir: str, human: tuple, generated: tuple, folds: int, l2: float) -> tuple:
-    """Out-of-fold classifier logits (added to each document's statistics), the fold sizes, and the classifier fit on everything."""
+    """Out-of-fold classifier logits (added to each document's statistics), the fold sizes, and the classifier fit on
+    everything."""
     names = list(human[2][0])
     xh, xg = feature_matrix(human[2], names), feature_matrix(generated[2], names)
     oof_h, oof_g, sizes = cross_validate(
@@ -212,15 +251,23 @@ def calibrate(
     folds: int = 5,
     l2: float = 1e-3,
 ) -> dict:
-    """Score both folders, report every statistic and the cross-validated classifier, save the detector (JSON) and a ROC plot (PNG)."""
+    """Score both folders, report every statistic and the cross-validated classifier, save the detector (JSON) and a ROC
+    plot (PNG)."""
     if detector not in DIRECTION:
         raise GptwoError(f"unknown detector '{detector}'", f"use one of: {', '.join(DIRECTION)}")
     if detector == "binoculars" and not reference_spec:
         raise GptwoError("the binoculars detector needs a second model", "pass --reference")
-    if not 0 <= max_fpr < 1:
+    if not (isinstance(max_fpr, (int, float)) and 0 <= max_fpr < 1):  # NaN fails the comparison too
         raise GptwoError(f"--max-fpr {max_fpr} is not in [0, 1)", "use e.g. 0.01")
-    if folds < 2:
-        raise GptwoError(f"--folds {folds} must be at least 2", "use e.g. 5")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise GptwoError(f"--folds {folds!r} must be a whole number of at least 2", "use e.g. 5")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+        raise GptwoError(f"--min-tokens {min_tokens!r} must be a whole number of at least 1", "use e.g. 32")
+    if os.path.isdir(human_dir) and os.path.isdir(generated_dir) and os.path.samefile(human_dir, generated_dir):
+        raise GptwoError(
+            f"--human and --generated are the same folder ({human_dir})",
+            "give the human-written texts and the generated ones in two folders (e.g. from 'gptwo detect sample')",
+        )
     if out is None:
         if not os.path.isdir(model_spec):
             raise GptwoError(
@@ -228,6 +275,8 @@ def calibrate(
             )
         out = os.path.join(model_spec, CALIBRATION_FILE)
     plot = plot or os.path.splitext(out)[0] + "-roc.png"
+    lexicon_out = os.path.splitext(out)[0] + "-lexicon.json"
+    check_outputs(out, plot, lexicon_out if lexicon is not None and detector == "classifier" else None)
     model, tokenizer, reference = load_models(model_spec, reference_spec, device)
     if lexicon == "auto":  # the model's own prepared data, when it is a gptwo run folder
         lexicon = (
@@ -237,11 +286,16 @@ def calibrate(
     rule = Rule(min_tokens=min_tokens)
     human = score_folder(model, tokenizer, human_dir, rule, reference, stride, words)
     generated = score_folder(model, tokenizer, generated_dir, rule, reference, stride, words)
+    sources = len(set(source_groups(human_dir, human[0])) | set(source_groups(generated_dir, generated[0])))
+    if sources < folds:
+        print(
+            f"warning: --folds {folds} but the texts come from only {sources} source document(s): "
+            f"cross-validating with {sources} folds; give at least {folds} documents for {folds}",
+            file=sys.stderr,
+        )
     sizes, classifier = fit_classifier(human_dir, generated_dir, human, generated, folds, l2)
     stats = evaluate(generated[1], human[1], max_fpr)
-    lexicon_file = (
-        os.path.splitext(out)[0] + "-lexicon.json" if words is not None and detector == "classifier" else None
-    )
+    lexicon_file = lexicon_out if words is not None and detector == "classifier" else None
     saved = {
         "detector": detector,
         "threshold": stats[detector]["threshold"],
@@ -296,7 +350,8 @@ def render_calibration(report: dict) -> str:
         lines.append(f"{name:<16} {row['auroc']:>7.4f} {row['tpr']:>12.3f} {row['threshold']:>10.4g}{mark}")
     lines += [
         "",
-        f"classifier: {evaluation['method']} ({test} documents scored out of fold, each fold fit on {min(train)}-{max(train)}); "
+        f"classifier: {evaluation['method']} ({test} documents scored out of fold, each fold fit on "
+        f"{min(train)}-{max(train)}); "
         f"lexicon: {evaluation['lexicon'] or 'none'}",
         f"detector saved to {report['calibration']}; ROC plot: {report['plot']}",
     ]

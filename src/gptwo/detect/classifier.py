@@ -184,7 +184,8 @@ def feature_matrix(rows: list[dict[str, float]], names: list[str]) -> np.ndarray
 
 
 def _balanced_folds(members: list, groups: list, folds: int) -> dict:
-    """Each group's fold: the largest groups first, each to the fold with the fewest documents so far (deterministic)."""
+    """Each group's fold: the largest groups first, each to the fold with the fewest documents so far
+    (deterministic)."""
     size = collections.Counter(members)
     load, fold_of = [0] * folds, {}
     for g in sorted(groups, key=lambda g: (-size[g], str(g))):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptwo.argtypes import Parser, command
+from gptwo.argtypes import Parser, command, float_in, int_at_least, seed_type
 
 
 class _RoutingParser(Parser):
-    """A command that takes files and also has subcommands: `gptwo detect FILE...` and `gptwo detect calibrate|sample ...`."""
+    """A command taking files and subcommands: `gptwo detect FILE...` and `gptwo detect calibrate|sample ...`."""
 
     routes: dict[str, argparse.ArgumentParser] = {}  # set per instance
 
@@ -25,6 +25,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     from gptwo.detect.detector import detect_files
 
+    if args.html:
+        from gptwo.detect.report import check_html_out
+
+        check_html_out(args.html, args.files)
     docs, tokenizer = detect_files(
         args.model,
         args.files,
@@ -102,7 +106,13 @@ def _cmd_detect_sample(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     """`gptwo detect FILE...`, `gptwo detect calibrate`, `gptwo detect sample` (detection issue)."""
-    from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS  # plain constants: keeps --help fast
+    from gptwo.detect import (  # plain constants: keeps --help fast
+        DEFAULT_DETECTOR,
+        DEFAULT_MIN_TOKENS,
+        MAX_FOLDS,
+        MAX_PASSAGES,
+        MAX_TOP,
+    )
 
     def common(p, reference: bool = True, min_tokens: int | None = DEFAULT_MIN_TOKENS) -> None:
         p.add_argument(
@@ -116,13 +126,14 @@ def add_commands(sub) -> None:
             )
             p.add_argument(
                 "--stride",
-                type=int,
+                type=int_at_least(1),
                 default=None,
-                help="texts longer than the context are scored in windows advancing by this many tokens (default: half the context)",
+                help="texts longer than the context are scored in windows advancing by this many tokens "
+                "(default: half the context)",
             )
         p.add_argument(
             "--min-tokens",
-            type=int,
+            type=int_at_least(1),
             default=min_tokens,
             help=f"texts with fewer tokens are 'too short' to judge (default {DEFAULT_MIN_TOKENS}"
             + (", or the calibration's)" if min_tokens is None else ")"),
@@ -130,14 +141,16 @@ def add_commands(sub) -> None:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
 
     epilog = (
-        "subcommands:\n  gptwo detect calibrate --model M --human DIR --generated DIR   fit the detector (see 'gptwo detect calibrate --help')\n"
+        "subcommands:\n"
+        "  gptwo detect calibrate --model M --human DIR --generated DIR   fit the detector "
+        "(see 'gptwo detect calibrate --help')\n"
         "  gptwo detect sample --model M --source DATA --out DIR          write a matched human/generated set\n\n"
-        "The detector is the calibrated classifier saved beside the model by 'gptwo detect calibrate' when there is one,\n"
+        "The detector is the calibrated classifier saved beside the model by 'gptwo detect calibrate' "
+        "when there is one,\n"
         "else Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md."
     )
-    sub._parser_class = (
-        _RoutingParser  # argparse makes subcommand parsers of this class; no public way to pick it per command
-    )
+    # argparse makes subcommand parsers of this class; no public way to pick it per command
+    sub._parser_class = _RoutingParser
     p = command(
         sub,
         "detect",
@@ -152,7 +165,8 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--calibration",
         default=None,
-        help="calibration JSON (default: detect-calibration.json in the model folder; without one the verdict is uncalibrated)",
+        help="calibration JSON (default: detect-calibration.json in the model folder; "
+        "without one the verdict is uncalibrated)",
     )
     p.add_argument(
         "--json", action="store_true", help="one JSON object per input per line: file, tokens, score, verdict, scores"
@@ -162,7 +176,12 @@ def add_commands(sub) -> None:
         action="store_true",
         help="also show each token's probability, rank, entropy and top alternatives (in JSON: token_stats)",
     )
-    p.add_argument("--top", type=int, default=10, help="alternatives kept per token (default 10)")
+    p.add_argument(
+        "--top",
+        type=int_at_least(0, MAX_TOP),
+        default=10,
+        help=f"alternatives kept per token, 0-{MAX_TOP} (default 10)",
+    )
     p.add_argument(
         "--html",
         default=None,
@@ -193,12 +212,15 @@ def add_commands(sub) -> None:
     )
     c.add_argument(
         "--folds",
-        type=int,
+        type=int_at_least(2, MAX_FOLDS),
         default=5,
         help="cross-validation folds, split by source document, for the classifier's AUROC (default 5)",
     )
     c.add_argument(
-        "--max-fpr", type=float, default=0.01, help="share of human texts allowed above the threshold (default 0.01)"
+        "--max-fpr",
+        type=float_in(0, 1),
+        default=0.01,
+        help="share of human texts allowed above the threshold, in [0, 1) (default 0.01)",
     )
     c.add_argument(
         "--out",
@@ -210,7 +232,8 @@ def add_commands(sub) -> None:
 
     s = Parser(
         prog="gptwo detect sample",
-        description="Write a matched evaluation set: each human passage's first tokens continued by the model, to the same length.",
+        description="Write a matched evaluation set: each human passage's first tokens continued by the model, "
+        "to the same length.",
     )
     s.set_defaults(func=_cmd_detect_sample)
     common(s, reference=False)
@@ -221,20 +244,36 @@ def add_commands(sub) -> None:
     )
     s.add_argument("--out", required=True, help="output folder: human/*.txt, generated/*.txt, sample.json")
     s.add_argument(
-        "--prompt-tokens", type=int, default=16, help="tokens of each human passage given as the prompt (default 16)"
+        "--prompt-tokens",
+        type=int_at_least(1),
+        default=16,
+        help="tokens of each human passage given as the prompt (default 16)",
     )
-    s.add_argument("--new-tokens", type=int, default=128, help="tokens the model writes after the prompt (default 128)")
+    s.add_argument(
+        "--new-tokens",
+        type=int_at_least(1),
+        default=128,
+        help="tokens the model writes after the prompt; prompt + new tokens must fit the model's context (default 128)",
+    )
     s.add_argument(
         "--per-document",
-        type=int,
+        type=int_at_least(0),
         default=1,
         help="passages taken from each document, non-overlapping (default 1; 0 = all)",
     )
-    s.add_argument("--limit", type=int, default=None, help="at most this many passages")
-    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    s.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
     s.add_argument(
-        "--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with total probability >= P"
+        "--limit",
+        type=int_at_least(1, MAX_PASSAGES),
+        default=None,
+        help=f"at most this many passages (up to {MAX_PASSAGES:,})",
     )
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--temperature", type=float_in(0), default=1.0, help="sampling temperature (default 1.0)")
+    s.add_argument("--top-k", type=int_at_least(1), default=None, help="sample only from the K most likely tokens")
+    s.add_argument(
+        "--top-p",
+        type=float_in(0, 1, low_open=True, high_open=False),
+        default=None,
+        help="nucleus sampling: smallest set of tokens with total probability >= P",
+    )
+    s.add_argument("--seed", type=seed_type, default=0, help="random seed (default 0)")
     p.routes = {"calibrate": c, "sample": s}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -57,7 +58,10 @@ class Rule:
     def describe(self) -> str:
         if self.calibrated:
             return f"{self.detector} > {self.threshold:.4g} (calibrated: {self.source})"
-        return f"{self.detector} > {self.threshold:.4g} (uncalibrated default; run 'gptwo detect calibrate' for a threshold fitted to your text)"
+        return (
+            f"{self.detector} > {self.threshold:.4g} (uncalibrated default; run 'gptwo detect calibrate' "
+            "for a threshold fitted to your text)"
+        )
 
 
 def calibration_path(model_spec: str) -> str | None:
@@ -67,31 +71,78 @@ def calibration_path(model_spec: str) -> str | None:
 
 def load_rule(model_spec: str, calibration: str | None = None, min_tokens: int | None = None) -> Rule:
     """The rule from `calibration` (or the model folder's calibration file), else the uncalibrated default."""
+    if min_tokens is not None and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1):
+        raise GptwoError(f"--min-tokens {min_tokens!r} must be a whole number of at least 1", "use e.g. 32")
     path = calibration or calibration_path(model_spec)
     if calibration and not os.path.isfile(calibration):
         raise GptwoError(f"calibration file {calibration} not found", "run 'gptwo detect calibrate' or check the path")
     if not path or not os.path.isfile(path):
         return Rule(min_tokens=DEFAULT_MIN_TOKENS if min_tokens is None else min_tokens)
+    saved = read_calibration(path)
+    classifier, lexicon = _load_classifier(saved, path) if saved["detector"] == "classifier" else (None, None)
+    return Rule(
+        saved["detector"],
+        float(saved["threshold"]),
+        saved["min_tokens"] if min_tokens is None else min_tokens,
+        True,
+        path,
+        classifier,
+        lexicon,
+    )
+
+
+def _invalid(path: str, why: str) -> GptwoError:
+    return GptwoError(f"{path} is not a valid calibration ({why})", "run 'gptwo detect calibrate' again")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_calibration(path: str) -> dict:
+    """A calibration file as 'gptwo detect calibrate' writes it, checked field by field (one line per problem)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        classifier, lexicon = _load_classifier(saved, path) if saved["detector"] == "classifier" else (None, None)
-        rule = Rule(
-            saved["detector"],
-            float(saved["threshold"]),
-            int(saved["min_tokens"] if min_tokens is None else min_tokens),
-            True,
-            path,
-            classifier,
-            lexicon,
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise GptwoError(
-            f"{path} is not a valid calibration ({type(err).__name__}: {err})", "run 'gptwo detect calibrate' again"
-        ) from None
-    if rule.detector not in DIRECTION:
-        raise GptwoError(f"{path} names an unknown detector '{rule.detector}'", "run 'gptwo detect calibrate' again")
-    return rule
+        with open(path, "rb") as f:
+            saved = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _invalid(path, "it is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise _invalid(path, f"it is cut short or not JSON: {err.msg}, line {err.lineno}") from None
+    if not isinstance(saved, dict):
+        raise _invalid(path, f"it holds a JSON {type(saved).__name__}, not an object")
+    detector = saved.get("detector")
+    if not isinstance(detector, str) or detector not in DIRECTION:
+        raise GptwoError(f"{path} names an unknown detector {detector!r}", "run 'gptwo detect calibrate' again")
+    if not _finite(saved.get("threshold")):
+        raise _invalid(path, f"its threshold {saved.get('threshold')!r} is not a finite number")
+    min_tokens = saved.get("min_tokens")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+        raise _invalid(path, f"its min_tokens {min_tokens!r} is not a whole number of at least 1")
+    if detector == "classifier":
+        classifier = saved.get("classifier")
+        if not isinstance(classifier, dict):
+            raise _invalid(path, "the classifier detector has no 'classifier' object")
+        names = classifier.get("names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise _invalid(path, "the classifier's 'names' is not a list of feature names")
+        for key in ("mean", "scale", "weights"):
+            values = classifier.get(key)
+            if not isinstance(values, list) or len(values) != len(names) or not all(map(_finite, values)):
+                raise _invalid(path, f"the classifier's '{key}' is not {len(names)} finite numbers")
+        if not all(v > 0 for v in classifier["scale"]):
+            raise _invalid(path, "the classifier's 'scale' holds a value that is not positive")
+        for key in ("bias", "l2"):
+            if not _finite(classifier.get(key)):
+                raise _invalid(path, f"the classifier's '{key}' is not a finite number")
+        lexicon = saved.get("lexicon")
+        if lexicon is not None and (
+            not isinstance(lexicon, str)
+            or not lexicon
+            or os.path.basename(lexicon) != lexicon
+            or lexicon in (".", "..")
+        ):
+            raise _invalid(path, f"its lexicon {lexicon!r} is not a file name beside it")
+    return saved
 
 
 def _load_classifier(saved: dict, path: str) -> tuple[Classifier, Lexicon | None]:
@@ -99,8 +150,21 @@ def _load_classifier(saved: dict, path: str) -> tuple[Classifier, Lexicon | None
     classifier = Classifier.from_dict(saved["classifier"])
     if not saved.get("lexicon"):
         return classifier, None
-    with open(os.path.join(os.path.dirname(path), saved["lexicon"]), encoding="utf-8") as f:
-        return classifier, Lexicon.from_json(f.read())
+    lexicon_path = os.path.join(os.path.dirname(path), saved["lexicon"])
+    if not os.path.isfile(lexicon_path):
+        raise GptwoError(
+            f"the lexicon {lexicon_path} that {path} needs is missing",
+            "keep it beside the calibration, or run 'gptwo detect calibrate' again",
+        )
+    try:
+        with open(lexicon_path, "rb") as f:
+            lexicon = Lexicon.from_json(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise GptwoError(
+            f"{lexicon_path} is not a valid lexicon ({type(err).__name__}: {str(err)[:120]})",
+            "run 'gptwo detect calibrate' again",
+        ) from None
+    return classifier, lexicon
 
 
 def token_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
@@ -215,17 +279,16 @@ def load_models(model_spec: str, reference_spec: str | None, device: str = "auto
 
 def read_inputs(files: list[str]) -> list[tuple[str, str]]:
     """(name, text) of each input file; '-' reads stdin. Empty inputs are errors."""
-    from gptwo.eval.perplexity import read_text_file
+    from gptwo.eval.perplexity import read_text_file, text_of_bytes
 
     if not files:
         raise GptwoError("no input files", "pass one or more text files, or '-' for stdin")
+    if files.count("-") > 1:
+        raise GptwoError("'-' (stdin) is given more than once", "pass '-' once")
     inputs = []
     for path in files:
         if path == "-":
-            text = sys.stdin.read()
-            if not text.strip():
-                raise GptwoError("stdin is empty", "pipe some text in, or pass a file")
-            inputs.append(("-", text))
+            inputs.append(("-", text_of_bytes(sys.stdin.buffer.read(), "stdin", "pipe some text in, or pass a file")))
         else:
             inputs.append((path, read_text_file(path)))
     return inputs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -55,7 +56,8 @@ def source_documents(source: str, tokenizer: Tokenizer) -> list[list[int]]:
 
 
 def passages(documents: list[list[int]], length: int, per_document: int = 1) -> list[tuple[int, list[int]]]:
-    """(document index, passage): non-overlapping passages of `length` tokens from each document (up to `per_document`; 0 = all)."""
+    """(document index, passage): non-overlapping passages of `length` tokens from each document (up to `per_document`;
+    0 = all)."""
     out = []
     for d, tokens in enumerate(documents):
         count = len(tokens) // length if per_document == 0 else min(per_document, len(tokens) // length)
@@ -98,6 +100,47 @@ def continue_passages(
     return pairs
 
 
+SAMPLE_FILES = ("sample.json", "tokens.json")
+_PAIR_FILE = re.compile(r"\d{5,}\.txt")
+
+
+def check_sample_out(out_dir: str) -> None:
+    """`--out` must be new, empty, or an earlier set of 'gptwo detect sample' (which is then replaced)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GptwoError(f"--out {out_dir} is a file", "give a folder for the set (new or empty)")
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    ours = True
+    try:
+        with open(os.path.join(out_dir, "sample.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+        ours = isinstance(summary, dict) and {"pairs", "documents", "prompt_tokens"} <= summary.keys()
+    except (OSError, ValueError):
+        ours = False
+    for name in os.listdir(out_dir):
+        if name in SAMPLE_FILES:
+            continue
+        folder = os.path.join(out_dir, name)
+        if name not in ("human", "generated") or not os.path.isdir(folder):
+            ours = False
+        elif not all(_PAIR_FILE.fullmatch(f) for f in os.listdir(folder)):
+            ours = False
+    if not ours:
+        raise GptwoError(
+            f"--out {out_dir} holds files that are not a 'gptwo detect sample' set",
+            "choose a new or empty folder",
+        )
+
+
+def _remove_stale_pairs(out_dir: str, count: int) -> None:
+    """Pair files of an earlier, larger set in `out_dir` (numbered `count` and up): they would pair with nothing."""
+    for kind in ("human", "generated"):
+        folder = os.path.join(out_dir, kind)
+        for name in os.listdir(folder):
+            if _PAIR_FILE.fullmatch(name) and int(name[:-4]) >= count:
+                os.remove(os.path.join(folder, name))
+
+
 def sample_set(
     model_spec: str,
     source: str,
@@ -114,18 +157,46 @@ def sample_set(
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the ids); return the summary."""
+    """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the
+    ids); return the summary."""
+    from gptwo.argtypes import MAX_SEED
     from gptwo.generate import check_sampling
     from gptwo.weights import load_model
 
     check_sampling(new_tokens, temperature, top_k, top_p)
-    if prompt_tokens < 1:
-        raise GptwoError(f"--prompt-tokens {prompt_tokens} must be at least 1", "use e.g. 16")
+    for name, value, low in (
+        ("--prompt-tokens", prompt_tokens, 1),
+        ("--new-tokens", new_tokens, 1),
+        ("--per-document", per_document, 0),
+        ("--min-tokens", min_tokens, 1),
+        ("--limit", 1 if limit is None else limit, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise GptwoError(
+                f"{name} {value!r} must be a whole number of at least {low}", "see 'gptwo detect sample --help'"
+            )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise GptwoError(f"--seed {seed!r} is not a whole number in 0..{MAX_SEED}", "use e.g. 0")
+    length = prompt_tokens + new_tokens
+    if length < min_tokens:
+        raise GptwoError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {length} tokens is fewer than "
+            f"--min-tokens {min_tokens}, so every pair would be left out",
+            f"ask for at least {min_tokens - prompt_tokens} new tokens, or lower --min-tokens",
+        )
+    check_sample_out(out_dir)
     model, tokenizer = load_model(model_spec, device=device)
-    chosen = passages(source_documents(source, tokenizer), prompt_tokens + new_tokens, per_document)[:limit]
+    block = model.config.block_size
+    if length > block:
+        raise GptwoError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {length} tokens exceed the model's "
+            f"context of {block}",
+            f"keep prompt + new tokens within {block}, e.g. --new-tokens {max(1, block - prompt_tokens)}",
+        )
+    chosen = passages(source_documents(source, tokenizer), length, per_document)[:limit]
     if not chosen:
         raise GptwoError(
-            f"no document in {source} has {prompt_tokens + new_tokens} tokens",
+            f"no document in {source} has {length} tokens",
             "use shorter --prompt-tokens/--new-tokens or longer documents",
         )
     continued = continue_passages(
@@ -140,9 +211,16 @@ def sample_set(
     )
     kept = [(d, pair) for (d, _), pair in zip(chosen, continued) if len(pair[0]) >= min_tokens]
     pairs = [pair for _, pair in kept]
+    if not pairs:
+        raise GptwoError(
+            f"all {len(chosen)} continuation(s) ended (<|endoftext|>) before --min-tokens {min_tokens}; nothing "
+            "written",
+            "lower --min-tokens, or sample with --top-k/--temperature that end texts less early",
+        )
     for i, (human, generated) in enumerate(pairs):
         atomic_write(os.path.join(out_dir, "human", f"{i:05d}.txt"), tokenizer.decode(human).encode())
         atomic_write(os.path.join(out_dir, "generated", f"{i:05d}.txt"), tokenizer.decode(generated).encode())
+    _remove_stale_pairs(out_dir, len(pairs))
     summary = {
         "model": model_spec,
         "source": source,
@@ -157,7 +235,8 @@ def sample_set(
         "documents": [d for d, _ in kept],
     }  # the source document of pair i: calibration's cross-validation keeps each document in one fold
     atomic_write(os.path.join(out_dir, "sample.json"), (json.dumps(summary, indent=2) + "\n").encode())
-    # the token ids as sampled: a sampled text often re-encodes to other tokens (non-canonical splits); for oracle comparisons only
+    # the token ids as sampled: a sampled text often re-encodes to other tokens (non-canonical splits); for oracle
+    # comparisons only
     atomic_write(
         os.path.join(out_dir, "tokens.json"),
         (json.dumps({"human": [h for h, _ in pairs], "generated": [g for _, g in pairs]}) + "\n").encode(),

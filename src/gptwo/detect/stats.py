@@ -102,8 +102,10 @@ def token_stats(
     """Per-token statistics of `tokens`, read after an <|endoftext|> prefix, in windows when longer than the context."""
     if not tokens:
         raise GptwoError("the text is empty", "give some text to score")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise GptwoError(f"top={top!r} alternatives per token is not a whole number >= 0", "use e.g. 10")
     block = model.config.block_size if reference is None else min(model.config.block_size, reference.config.block_size)
-    stride = stride or max(1, block // 2)
+    stride = max(1, block // 2) if stride is None else stride  # rolling_pairs checks it is in 1..block
     parts = []
     for context, continuation in rolling_pairs(tokens, tokenizer.eot_token, block, stride):
         ids = [*context, *continuation][-(block + 1) :][:-1]

@@ -88,7 +88,8 @@ def _eval_options(p, tasks: bool = False) -> None:
         "--stride",
         type=int_at_least(1),
         default=None,
-        help="tokens each sliding window advances; less than the context gives every token more context (default: the model's context)",
+        help="tokens each sliding window advances; less than the context gives every token more context "
+        "(default: the model's context)",
     )
     p.add_argument(
         "--batch-size", type=int_at_least(1), default=8, help="windows or requests per forward pass (default 8)"
@@ -127,7 +128,8 @@ def add_commands(sub) -> None:
         "files",
         nargs="+",
         metavar="FILE",
-        help="UTF-8 text files, each one document scored from an <|endoftext|> prefix; a folder means its .txt and .md files (recursively)",
+        help="UTF-8 text files, each one document scored from an <|endoftext|> prefix; a folder means its .txt and "
+        ".md files (recursively)",
     )
     p.add_argument(
         "--model",

@@ -32,6 +32,7 @@ model_registry.register("gptwo", target="gptwo.eval.harness:GptwoLM")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": None}
 _SAMPLING_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+EXAMPLE = "gptwo eval harness --model gptwo --model_args pretrained=PATH --tasks lambada_openai"
 
 
 class GptwoLM(TemplateLM):
@@ -39,7 +40,7 @@ class GptwoLM(TemplateLM):
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None = None,
         device: str | None = "auto",
         batch_size: int | str | None = 8,
         max_batch_size: int | None = None,
@@ -48,6 +49,12 @@ class GptwoLM(TemplateLM):
     ) -> None:
         super().__init__()
         from gptwo.weights import load_model, resolve_device
+
+        if not pretrained:
+            raise GptwoError(
+                "--model gptwo has no model to load (no pretrained= in --model_args)",
+                "pass --model_args pretrained=PATH (a model folder, run folder or hub id)",
+            )
 
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line asks for cuda:0 unless told otherwise; its hf model falls back too
@@ -176,8 +183,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run lm-eval's own command line (`lm-eval ARGS...`) with the `gptwo` model registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        raise GptwoError(
+            "gptwo eval harness needs lm-eval's arguments",
+            f"e.g. {EXAMPLE}; lm-eval's own help: gptwo eval harness --help",
+        )
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    except ValueError as err:  # lm-eval's word for a task it does not know
+        if not str(err).startswith("Tasks not found:"):
+            raise
+        missing = str(err).removeprefix("Tasks not found:").strip()
+        raise GptwoError(
+            f"lm-eval has no task {missing}",
+            "list its tasks with 'gptwo eval harness ls tasks', or pass --include_path DIR for your own",
+        ) from None
     return 0
 
 

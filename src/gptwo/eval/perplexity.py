@@ -140,15 +140,20 @@ def read_text_file(path: str) -> str:
     if not os.path.isfile(path):
         raise GptwoError(f"file {path} not found", "check the path")
     with open(path, "rb") as f:
-        raw = f.read()
+        return text_of_bytes(f.read(), path)
+
+
+def text_of_bytes(raw: bytes, name: str, empty_fix: str = "give a file with text in it") -> str:
+    """Bytes read from a file or stdin as text: empty or binary (NUL bytes) input is an error naming `name`;
+    invalid UTF-8 sequences are read as U+FFFD, with a note."""
     if not raw.strip():
-        raise GptwoError(f"{path} is empty", "give a file with text in it")
+        raise GptwoError(f"{name} is empty", empty_fix)
     if b"\x00" in raw[:4096]:
-        raise GptwoError(f"{path} looks binary (it has NUL bytes)", "give a UTF-8 text file")
+        raise GptwoError(f"{name} looks binary (it has NUL bytes)", "give UTF-8 text")
     text = raw.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
     if bad:
-        print(f"note: {path}: {bad} invalid UTF-8 sequence(s) read as U+FFFD", file=sys.stderr)
+        print(f"note: {name}: {bad} invalid UTF-8 sequence(s) read as U+FFFD", file=sys.stderr)
     return text
 
 

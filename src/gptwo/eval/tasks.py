@@ -96,7 +96,8 @@ def download_rows(info: TaskInfo) -> list[dict]:
         dataset = datasets.load_dataset(path, name, split=split)
     except Exception as err:  # network, hub and format errors all mean the same to the user
         raise GptwoError(
-            f"could not download {path}{'/' + name if name else ''} ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+            f"could not download {path}{'/' + name if name else ''} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]})",
             f"check the network, or pass --data FILE: {info.data_help}",
         ) from None
     return [dict(row) for row in dataset]
@@ -114,7 +115,8 @@ def lambada_split(passage: str) -> tuple[str, str]:
 
 
 def load_lambada(data: str | None) -> list[str]:
-    """Passages: a JSON-lines/Parquet file with 'text' (OpenAI's lambada_test.jsonl), a .txt file with one per line, or the hub."""
+    """Passages: a JSON-lines/Parquet file with 'text' (OpenAI's lambada_test.jsonl), a .txt file with one per line, or
+    the hub."""
     if data is None:
         rows = download_rows(TASK_INFO["lambada"])
     elif data.endswith(".txt"):
@@ -261,17 +263,18 @@ def split_articles(raw: str) -> list[str]:
     """The articles of a WikiText file (wiki.test.raw): each starts at a top-level heading ' = Title = '."""
     articles, current = [], []
     for line in raw.splitlines(keepends=True):
-        if _TOP_HEADING.match(line.rstrip("\n")) and any(l.strip() for l in current):
+        if _TOP_HEADING.match(line.rstrip("\n")) and any(text.strip() for text in current):
             articles.append("".join(current))
             current = []
         current.append(line)
-    if any(l.strip() for l in current):
+    if any(text.strip() for text in current):
         articles.append("".join(current))
     return articles
 
 
 def load_wikitext(data: str | None, info: TaskInfo = TASK_INFO["wikitext2"]) -> list[str]:
-    """Articles (not yet detokenized): wiki.test.raw, rows with 'page' (one article each) or 'text' (lines), or the hub."""
+    """Articles (not yet detokenized): wiki.test.raw, rows with 'page' (one article each) or 'text' (lines), or the
+    hub."""
     if data is None:
         rows = download_rows(info)
     elif data.endswith((".raw", ".txt", ".tokens")):

@@ -8,7 +8,7 @@ See docs/inference.md for what each choice measured.
 from gptwo.lazy import lazy_names
 
 _WHERE = {
-    "DTYPES": "gptwo.infer.prepare",
+    "PREPARE_DTYPES": "gptwo.infer.prepare",
     "Decoder": "gptwo.infer.decode",
     "QUANTIZATIONS": "gptwo.infer.prepare",
     "parse_dtype": "gptwo.infer.prepare",

@@ -22,15 +22,16 @@ def add_commands(sub) -> None:
     info = ksub.add_parser(
         "info",
         help="print the ISA in use, why others are off, the compiler, the cache and the kernel per precision",
-        description="Print the ISA in use, why the others are off, the compiler, the cache folder and the kernel each precision runs. "
-        "Builds nothing.",
+        description="Print the ISA in use, why the others are off, the compiler, the cache folder "
+        "and the kernel each precision runs. Builds nothing.",
     )
     info.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     info.set_defaults(func=_cmd_info)
     build = ksub.add_parser(
         "build",
         help="compile the kernels now (as the first decode would), so later starts do not wait",
-        description="Compile the kernels now into the private cache, for the ISA in use or for every ISA this CPU runs.",
+        description="Compile the kernels now into the private cache, "
+        "for the ISA in use or for every ISA this CPU runs.",
     )
     build.add_argument("--all", action="store_true", help="build for every ISA this CPU runs, not only the one in use")
     build.set_defaults(func=_cmd_build)
@@ -105,9 +106,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     ]
     for precision, kernel in info["kernels"].items():
         lines.append(f"{precision:<10}{kernel['kernel']}{'' if kernel['own_instruction'] else ' (emulated)'}")
-    lines.append(
-        f"torch     native bf16 matmuls: {'yes' if info['torch_native_bf16'] else 'no (bf16 without these kernels is slower than fp32)'}"
-    )
+    bf16 = "yes" if info["torch_native_bf16"] else "no (bf16 without these kernels is slower than fp32)"
+    lines.append(f"torch     native bf16 matmuls: {bf16}")
     print("\n".join(lines))
     return 0
 

@@ -86,7 +86,8 @@ class Decoder(torch.nn.Module):
         return self.model.lm_head(tf.ln_f(x[:, -1:]))[:, -1]
 
     def _compiled_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The compiled step; in FROZEN mode Dynamo must see `freezing` set while tracing to fold the weights in as constants."""
+        """The compiled step; in FROZEN mode Dynamo must see `freezing` set while tracing,
+        to fold the weights in as constants."""
         if not self.frozen:
             return self._step(token, pos)
         with torch._inductor.config.patch(freezing=True):

@@ -12,7 +12,8 @@ NATIVE_MAX_ROWS = 16  # up to this many rows the native GEMV runs; beyond, torch
 
 
 class TransposedLinear(nn.Module):
-    """`y = x @ W + b` with W stored (in, out): a batch-1 matvec streams W row by row (measured faster than F.linear)."""
+    """`y = x @ W + b` with W stored (in, out): a batch-1 matvec streams W row by row
+    (measured faster than F.linear)."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Native CPU kernels (kernels/gptwo_kernels.c): built once per instruction set, loaded with ctypes, called on tensor pointers.
+"""Native CPU kernels (kernels/gptwo_kernels.c): built once per instruction set, loaded with ctypes,
+called on tensor pointers.
 
 One C source serves every CPU: it is compiled for the best instruction set this CPU has (`avx512`,
 `avx2`, `neon`, else `generic`), or the one `GPTWO_KERNEL_ISA` names, with the system compiler
@@ -29,6 +30,7 @@ from importlib import resources
 import torch
 
 from gptwo.errors import GptwoError
+from gptwo.runtime import cpu_flag_set
 
 F32, BF16, BF16_DP, I8, I8_VNNI, I8_W16 = range(6)  # kernel kinds, as in the C source
 KIND_NAMES = {
@@ -62,18 +64,7 @@ class KernelBuildError(OSError):
         self.stderr = stderr
 
 
-def cpu_flag_set() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86's `flags`, ARM's `Features`); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return set(
-                next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
-            )
-    except OSError:
-        return set()
-
-
-def isa_support(flags: set[str] | None = None, machine: str | None = None) -> dict[str, str | None]:
+def isa_support(flags: set[str] | frozenset[str] | None = None, machine: str | None = None) -> dict[str, str | None]:
     """Per ISA: None when this CPU runs it, else why not."""
     flags = cpu_flag_set() if flags is None else flags
     machine = (machine or platform.machine()).lower()
@@ -126,7 +117,8 @@ def cache_dir() -> str:
 
 
 def private_dir(directory: str) -> str:
-    """`directory`, made 0700 if new; refused (OSError) unless it is a folder owned by this user that nobody else can write."""
+    """`directory`, made 0700 if new; refused (OSError) unless it is a folder owned by this user
+    that nobody else can write."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     info = os.stat(directory)
     if not stat.S_ISDIR(info.st_mode):
@@ -135,7 +127,8 @@ def private_dir(directory: str) -> str:
         )
     if info.st_uid != os.geteuid():
         raise OSError(
-            f"the kernel cache {directory} belongs to another user (uid {info.st_uid}) — set GPTWO_KERNEL_CACHE to a folder of your own"
+            f"the kernel cache {directory} belongs to another user (uid {info.st_uid}) — "
+            "set GPTWO_KERNEL_CACHE to a folder of your own"
         )
     if info.st_mode & 0o022:
         raise OSError(
@@ -191,7 +184,8 @@ def _digest(path: str) -> str:
 
 
 def _trusted(target: str) -> bool:
-    """Whether `target` is a library this user built here: owned by them, not writable by others, its checksum as recorded."""
+    """Whether `target` is a library this user built here: owned by them, not writable by others,
+    its checksum as recorded."""
     try:
         info = os.lstat(target)
         with open(target + ".sha256", encoding="ascii") as f:
@@ -267,7 +261,8 @@ def source() -> bytes:
 
 
 def load(isa: str) -> ctypes.CDLL:
-    """The kernels built for `isa` (built now if need be), checked for their ABI version and ISA; OSError if they cannot be had."""
+    """The kernels built for `isa` (built now if need be), checked for their ABI version and ISA;
+    OSError if they cannot be had."""
     path = _build(isa, source())
     lib = ctypes.CDLL(path)
     try:
@@ -280,13 +275,15 @@ def load(isa: str) -> ctypes.CDLL:
     built_for = lib.gptwo_isa().decode()
     if built_for != isa:
         raise OSError(
-            f"the compiler built the {isa} kernels as {built_for} (its flags {' '.join(ISA_FLAGS[isa])} were not honoured)"
+            f"the compiler built the {isa} kernels as {built_for} "
+            f"(its flags {' '.join(ISA_FLAGS[isa])} were not honoured)"
         )
     return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels for the chosen ISA, or None (with a one-line note on stderr, once) when they cannot be had here."""
+    """The compiled kernels for the chosen ISA, or None (with a one-line note on stderr, once)
+    when they cannot be had here."""
     if os.environ.get("GPTWO_NATIVE", "1") == "0":
         return None
     isa = chosen_isa()
@@ -342,7 +339,8 @@ def ptr(t: torch.Tensor | None) -> int | None:
 def linear(
     kind: int, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, x: torch.Tensor
 ) -> torch.Tensor:
-    """`x (M, K) fp32 @ weight.T * scale + bias` on the native kernel: weight (N, K) contiguous, scale/bias fp32 (N,)."""
+    """`x (M, K) fp32 @ weight.T * scale + bias` on the native kernel:
+    weight (N, K) contiguous, scale/bias fp32 (N,)."""
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
@@ -435,7 +433,8 @@ class NativeStep:
         )
 
     def __call__(self, idx: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits (1, vocab) after tokens `idx` (1, T) at positions start..start+T-1; their keys/values enter the cache."""
+        """Logits (1, vocab) after tokens `idx` (1, T) at positions start..start+T-1;
+        their keys/values enter the cache."""
         tokens = idx.reshape(-1).to(torch.int64).contiguous()
         for first in range(0, tokens.numel(), STEP_CHUNK):
             chunk = tokens[first : first + STEP_CHUNK]
@@ -451,7 +450,8 @@ class NativeStep:
                 self.scratch.numel(),
             ):
                 raise GptwoError(
-                    f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, or an id is outside the vocabulary",
+                    f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, "
+                    "or an id is outside the vocabulary",
                     "pass token ids below the vocabulary size and stay within the context",
                 )
         self.length = start + tokens.numel()

@@ -16,10 +16,12 @@ import torch.nn as nn
 
 from gptwo.errors import GptwoError
 from gptwo.infer import native
+from gptwo.infer.arena import into_arena
 from gptwo.infer.linear import Int8Linear, NativeLinear, TransposedLinear
 from gptwo.model import GPT
+from gptwo.runtime import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PREPARE_DTYPES = ("fp32", "bf16")  # what prepare_model re-lays weights in (gptwo.runtime.DTYPES names)
 QUANTIZATIONS = ("int8",)
 PREPARED = "inference_prepared"  # attribute set on a prepared model: {"dtype": ..., "quantize": ...}
 
@@ -28,8 +30,8 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """torch dtype for 'fp32' / 'bf16' (None stays None)."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise GptwoError(f"dtype '{name}' is not supported", f"use one of {', '.join(DTYPES)}")
+    if name not in PREPARE_DTYPES:
+        raise GptwoError(f"dtype '{name}' is not supported", f"use one of {', '.join(PREPARE_DTYPES)}")
     return DTYPES[name]
 
 
@@ -76,9 +78,9 @@ def prepare_model(
     for parent, name, linear in _linears(model):
         if kind is not None:
             replacement = NativeLinear(linear, kind)
-        elif (
-            quantize == "int8"
-        ):  # torch's int8 kernel: bf16 activations only where bf16 is native (fp32 is more accurate and no slower elsewhere)
+        elif quantize == "int8":
+            # torch's int8 kernel: bf16 activations only where bf16 is native
+            # (fp32 is more accurate and no slower elsewhere)
             replacement = Int8Linear(
                 linear,
                 torch.bfloat16
@@ -92,6 +94,8 @@ def prepare_model(
         setattr(parent, name, replacement)
     if isinstance(model.lm_head, (Int8Linear, NativeLinear, TransposedLinear)):
         model.lm_head.weight = model.transformer.wte.weight  # still tied: dtype/device readers and save paths see wte
+    if kind is not None:
+        _weights_into_arena(model)
     for p in model.parameters():
         p.requires_grad_(False)
     setattr(
@@ -100,6 +104,24 @@ def prepare_model(
         {"dtype": {v: k for k, v in DTYPES.items()}.get(torch_dtype, str(torch_dtype)), "quantize": quantize},
     )
     return model
+
+
+def _weights_into_arena(model: GPT) -> None:
+    """The native linears' weights and the embeddings moved into one huge-page arena (infer/arena.py), ties kept."""
+    wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+    natives = [m for m in model.modules() if isinstance(m, NativeLinear)]
+    unique: dict[int, torch.Tensor] = {}
+    for t in [wte.data, wpe.data, *(m.w for m in natives)]:
+        if t.is_contiguous():
+            unique.setdefault(t.data_ptr(), t)
+    moved = into_arena(list(unique.values()))
+    if moved is None:
+        return
+    where = {ptr: new for ptr, new in zip(unique, moved, strict=True)}
+    for m in natives:  # first the linears (the head's w may be the embedding's storage), then the parameters
+        m.w = where.get(m.w.data_ptr(), m.w)
+    for p in (wte, wpe):
+        p.data = where.get(p.data_ptr(), p.data)
 
 
 _noted: set[str] = set()

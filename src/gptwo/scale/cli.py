@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptwo.argtypes import Parser, command
+from gptwo.argtypes import Parser, command, float_in, int_at_least, seed_type
 from gptwo.errors import GptwoError
 
 
@@ -16,7 +16,7 @@ def _cmd_scale_plan(args: argparse.Namespace) -> int:
         raise GptwoError(
             "give the vocabulary as --data DIR or --vocab-size N (one of them)", "e.g. --data data/builtin"
         )
-    vocab = args.vocab_size or vocab_size_of(args.data)
+    vocab = args.vocab_size if args.vocab_size is not None else vocab_size_of(args.data)
     plan = make_plan(
         parse_budgets(args.budgets),
         vocab,
@@ -27,10 +27,12 @@ def _cmd_scale_plan(args: argparse.Namespace) -> int:
     write_plan(plan, args.out)
     for run in plan["runs"]:
         print(
-            f"{run['name']:>22}  N={run['params']:>10,} (non-embedding {run['params_non_embedding']:,})  D={run['tokens']:>11,}  C={run['flops']:.3g}"
+            f"{run['name']:>22}  N={run['params']:>10,} (non-embedding {run['params_non_embedding']:,})  "
+            f"D={run['tokens']:>11,}  C={run['flops']:.3g}"
         )
     print(
-        f"{len(plan['runs'])} runs, {sum(r['flops'] for r in plan['runs']):.3g} FLOPs in all -> {args.out}  ({plan['formula']})",
+        f"{len(plan['runs'])} runs, {sum(r['flops'] for r in plan['runs']):.3g} FLOPs in all -> {args.out}  "
+        f"({plan['formula']})",
         file=sys.stderr,
     )
     return 0
@@ -81,6 +83,8 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
         from gptwo.scale.plots import plot_fit
 
         plot_fit(points, report, args.plot, extra=every)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
@@ -117,7 +121,8 @@ def _scale_method_options(p) -> None:
         "--count",
         default="params",
         choices=("params", "total", "non_embedding"),
-        help="which parameter count is N: params (default; all but position embeddings), total, or non_embedding (Kaplan's)",
+        help="which parameter count is N: params (default; all but position embeddings), total, "
+        "or non_embedding (Kaplan's)",
     )
     p.add_argument(
         "--average-seeds",
@@ -126,14 +131,14 @@ def _scale_method_options(p) -> None:
     )
     p.add_argument(
         "--near-min",
-        type=int,
+        type=int_at_least(0),
         default=0,
         metavar="K",
         help="fit only each budget's K lowest-loss runs (default 0: all runs)",
     )
     p.add_argument(
         "--delta",
-        type=float,
+        type=float_in(0, low_open=True),
         default=1e-3,
         help="the Huber loss's delta on log-loss residuals (default 1e-3, the papers')",
     )
@@ -141,20 +146,23 @@ def _scale_method_options(p) -> None:
         "--best",
         default="optimum",
         choices=("optimum", "shapes"),
-        help="a budget's predicted best loss: at the fitted compute-optimal N, D (optimum, default) or the lowest over its planned shapes (shapes)",
+        help="a budget's predicted best loss: at the fitted compute-optimal N, D (optimum, default) "
+        "or the lowest over its planned shapes (shapes)",
     )
     p.add_argument(
         "--repeats",
         default="none",
         metavar="none|muennighoff[:RSTAR]",
-        help="repeated tokens: none (default; counted as fresh) or Muennighoff et al. 2023's effective data D' = U + U*R*(1 - exp(-R/R*)), R* 15.4 unless given",
+        help="repeated tokens: none (default; counted as fresh) or Muennighoff et al. 2023's effective data "
+        "D' = U + U*R*(1 - exp(-R/R*)), R* 15.4 unless given",
     )
     p.add_argument(
         "--unique-tokens",
-        type=float,
+        type=float_in(0, low_open=True),
         default=None,
         metavar="U",
-        help="unique training tokens U for --repeats (default: each run's recorded unique_tokens; the data folder's meta.json train_tokens)",
+        help="unique training tokens U for --repeats (default: each run's recorded unique_tokens; "
+        "the data folder's meta.json train_tokens)",
     )
 
 
@@ -178,21 +186,27 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--shapes",
         default=None,
-        help="model shapes n_layer x n_head x n_embd, comma-separated (e.g. 2x2x64,4x4x128; default: a built-in ladder of ten)",
+        help="model shapes n_layer x n_head x n_embd, comma-separated "
+        "(e.g. 2x2x64,4x4x128; default: a built-in ladder of ten)",
     )
     p.add_argument(
-        "--per-budget", type=int, default=5, help="runs per budget: the shapes nearest the guessed optimum (default 5)"
+        "--per-budget",
+        type=int_at_least(1, 100),
+        default=5,
+        help="runs per budget: the shapes nearest the guessed optimum (default 5)",
     )
     p.add_argument(
         "--tokens-per-param",
-        type=float,
+        type=float_in(0, low_open=True),
         default=20.0,
         help="tokens per parameter that centres each budget's shapes (default 20, Chinchilla's)",
     )
     p.add_argument(
         "--data", default=None, help="a prepared data folder, to read the vocabulary size from its tokenizer"
     )
-    p.add_argument("--vocab-size", type=int, default=None, help="the vocabulary size, instead of --data")
+    p.add_argument(
+        "--vocab-size", type=int_at_least(1, 1_000_000), default=None, help="the vocabulary size, instead of --data"
+    )
     p.add_argument("--out", required=True, help="the plan file to write (JSON, editable)")
     p = command(
         ssub,
@@ -205,13 +219,24 @@ def add_commands(sub) -> None:
         "--data", required=True, help="prepared data folder (from 'gptwo prepare'), the same vocabulary as the plan"
     )
     p.add_argument("--out", required=True, help="sweep folder: runs/NAME run folders and results.jsonl")
-    p.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: CPU cores / --parallel)")
+    p.add_argument(
+        "--parallel",
+        type=int_at_least(1, 1024),
+        default=1,
+        help="runs trained at once, each in its own process (default 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int_at_least(0, 4096),
+        default=0,
+        help="torch threads per run (default: CPU cores / --parallel)",
+    )
     p = command(
         ssub,
         "fit",
         _cmd_scale_fit,
-        "Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs (Huber on log loss, L-BFGS), with bootstrap intervals.",
+        "Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs (Huber on log loss, L-BFGS), "
+        "with bootstrap intervals.",
     )
     p.add_argument(
         "runs",
@@ -227,7 +252,8 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--plot",
         default=None,
-        help="write the plots to this PNG: IsoFLOP curves, loss vs FLOPs with the fitted frontier, fitted vs measured (left-out runs hollow)",
+        help="write the plots to this PNG: IsoFLOP curves, loss vs FLOPs with the fitted frontier, "
+        "fitted vs measured (left-out runs hollow)",
     )
     p.add_argument(
         "--predict",
@@ -239,7 +265,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--budget",
         action="append",
-        type=float,
+        type=float_in(0, low_open=True),
         default=[],
         metavar="C",
         help="report the compute-optimal N and D for C FLOPs (repeatable; default: the largest budget fitted)",
@@ -247,33 +273,41 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--exclude-budget",
         action="append",
-        type=float,
+        type=float_in(0, low_open=True),
         default=[],
         metavar="C",
         help="leave a sweep's runs of this budget out of the fit (to predict them; repeatable)",
     )
     p.add_argument(
-        "--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200; 0: none)"
+        "--bootstrap",
+        type=int_at_least(0, 100_000),
+        default=200,
+        help="bootstrap resamples for the intervals (default 200; 0: none)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument(
         "--best-of",
         default=None,
         metavar="PLAN",
-        help="predict the best run of this plan's largest budget: each shape's loss and the predicted best (see --best)",
+        help="predict the best run of this plan's largest budget: each shape's loss and the predicted best "
+        "(see --best)",
     )
     _scale_method_options(p)
     p = command(
         ssub,
         "backtest",
         _cmd_scale_backtest,
-        "Choose a fit method on runs in hand: fit on the budgets below each budget, predict its best run, report the errors.",
+        "Choose a fit method on runs in hand: fit on the budgets below each budget, predict its best run, "
+        "report the errors.",
     )
     p.add_argument(
         "runs", nargs="+", metavar="RUNS", help="sweep folders or JSONL files of runs with budgets (as for fit)"
     )
     p.add_argument(
-        "--first", type=int, default=2, help="the smallest budgets only ever fitted, never predicted (default 2)"
+        "--first",
+        type=int_at_least(1),
+        default=2,
+        help="the smallest budgets only ever fitted, never predicted (default 2)",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object: the method and one row per predicted budget"

@@ -12,7 +12,6 @@ parabola in log N (Chinchilla's approach 2), and the minima a power law in C.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 
@@ -36,6 +35,10 @@ STARTS = 8  # L-BFGS runs from this many of the grid's best points
 # ---------------------------------------------------------------- reading runs
 def read_points(paths: list[str], exclude_budgets: list[float] | None = None) -> list[dict]:
     """Runs as dicts with params, tokens, loss (and budget, flops where known) from sweep folders or JSONL files."""
+    from gptwo.fileio import read_json_lines
+
+    for budget in exclude_budgets or []:
+        _check_positive(budget, "--exclude-budget", "e.g. --exclude-budget 1e18")
     points = []
     for path in paths:
         source = os.path.join(path, "results.jsonl") if os.path.isdir(path) else path
@@ -44,27 +47,42 @@ def read_points(paths: list[str], exclude_budgets: list[float] | None = None) ->
                 f"{path} is neither a sweep folder with results.jsonl nor a JSONL file",
                 "pass the --out folder of 'gptwo scale run', or a JSONL file",
             )
-        with open(source, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    points.append(_point(line, f"{source}:{number}"))
+        for number, row in read_json_lines(source, _ROW_FIX):
+            points.append(_point(row, f"{source}:{number}"))
     excluded = [p for p in points if any(_same(p.get("budget"), b) for b in exclude_budgets or [])]
     return [p for p in points if p not in excluded]
 
 
-def _point(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-        point = {**row, "params": float(row["params"]), "tokens": float(row["tokens"]), "loss": float(row["loss"])}
-    except (ValueError, TypeError, KeyError) as err:
-        raise GptwoError(
-            f"{where} is not a JSON object with numbers params, tokens and loss ({err})",
-            'write one {"params": N, "tokens": D, "loss": L} per line',
-        ) from None
-    if not all(math.isfinite(point[k]) and point[k] > 0 for k in ("params", "tokens", "loss")):
-        raise GptwoError(f"{where}: params, tokens and loss must be positive and finite", "drop or fix that run")
-    point.setdefault("flops", 6.0 * point["params"] * point["tokens"])
+_ROW_FIX = 'write one {"params": N, "tokens": D, "loss": L} per line (numbers; budget and flops optional)'
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _point(row: dict, where: str) -> dict:
+    """One run's row: params, tokens and loss positive finite numbers (not strings or booleans); budget and flops,
+    where given, too."""
+    for key in ("params", "tokens", "loss"):
+        if key not in row:
+            raise GptwoError(f"{where} has no '{key}'", _ROW_FIX)
+    for key in ("params", "tokens", "loss", "budget", "flops"):
+        value = row.get(key)
+        if key in ("budget", "flops") and value is None:
+            continue
+        if not _is_number(value):
+            raise GptwoError(f"{where}: {key} {value!r} is a {type(value).__name__}, not a number", _ROW_FIX)
+        if not (math.isfinite(value) and value > 0):
+            raise GptwoError(f"{where}: {key} {value!r} is not positive and finite", "drop or fix that run")
+    point = {**row, "params": float(row["params"]), "tokens": float(row["tokens"]), "loss": float(row["loss"])}
+    if point.get("flops") is None:
+        point["flops"] = 6.0 * point["params"] * point["tokens"]
     return point
+
+
+def _check_positive(value, what: str, fix: str) -> None:
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        raise GptwoError(f"{what} {value!r} is not a positive, finite number", fix)
 
 
 def _same(x: float | None, y: float) -> bool:
@@ -72,17 +90,14 @@ def _same(x: float | None, y: float) -> bool:
 
 
 def parse_point(text: str) -> tuple[float, float]:
-    """'N,D' → (params, tokens)."""
+    """'N,D' → (params, tokens), both positive and finite."""
+    fix = "write parameters and tokens like --predict 1e6,2e7"
     try:
         n, d = (float(v) for v in text.split(","))
     except ValueError:
-        raise GptwoError(
-            f"--predict '{text}' is not N,D", "write parameters and tokens like --predict 1e6,2e7"
-        ) from None
-    if n <= 0 or d <= 0:
-        raise GptwoError(
-            f"--predict '{text}' needs positive N and D", "write parameters and tokens like --predict 1e6,2e7"
-        )
+        raise GptwoError(f"--predict '{text}' is not N,D", fix) from None
+    if not all(math.isfinite(v) and v > 0 for v in (n, d)):
+        raise GptwoError(f"--predict '{text}' needs positive, finite N and D", fix)
     return n, d
 
 
@@ -93,7 +108,8 @@ def _huber(residual: np.ndarray, delta: float = DELTA) -> np.ndarray:
 
 
 def _log_model(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log L̂ = LSE(a − α·log N, b − β·log D, e) for θ of shape (5,) or (G, 5), and the softmax weights of its three terms."""
+    """log L̂ = LSE(a − α·log N, b − β·log D, e) for θ of shape (5,) or (G, 5), and the softmax weights of its
+    three terms."""
     a, b, e, alpha, beta = (np.asarray(theta)[..., i, None] for i in range(5))
     terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e + 0 * log_n))
     top = terms.max(axis=0)
@@ -174,7 +190,8 @@ def _arrays(points: list[dict]) -> tuple[np.ndarray, ...]:
 def fit_constants(
     points: list[dict], starts: list[np.ndarray] | None = None, delta: float = DELTA, count: int = STARTS
 ) -> dict:
-    """E, A, B, alpha, beta fitted to runs (Huber δ on log loss, L-BFGS from the grid's `count` best points or the given starts)."""
+    """E, A, B, alpha, beta fitted to runs (Huber δ on log loss, L-BFGS from the grid's `count` best points or
+    the given starts)."""
     data = _arrays(points)
     best, found = _minimise(starts or grid_starts(data, count, delta), data, delta)
     return {**_constants(best), "objective": found[0][0], "_theta": best, "_found": found}
@@ -193,7 +210,8 @@ def predict(constants: dict, params: float, tokens: float) -> float:
 def compute_optimal(constants: dict, budget: float, corpus: tuple[float, float] | None = None) -> dict:
     """The N and D that minimise the fitted loss at C = 6·N·D FLOPs (Hoffmann et al. 2022, eq. 4), and that loss.
 
-    With `corpus` = (U unique tokens, R*), D is tokens read and the loss is L(N, D′) of repeated data (scale/repeats.py).
+    With `corpus` = (U unique tokens, R*), D is tokens read and the loss is L(N, D′) of repeated data
+    (scale/repeats.py).
     """
     alpha, beta = constants["alpha"], constants["beta"]
     if min(alpha, beta, constants["A"], constants["B"]) <= 0:
@@ -218,6 +236,8 @@ def compute_optimal(constants: dict, budget: float, corpus: tuple[float, float] 
 def optimal_exponents(constants: dict) -> dict:
     """N_opt ∝ C^a and D_opt ∝ C^b with a = β/(α+β), b = α/(α+β)."""
     total = constants["alpha"] + constants["beta"]
+    if not total > 0:
+        return {"a": float("nan"), "b": float("nan")}  # neither exponent: no allocation follows
     return {"a": constants["beta"] / total, "b": constants["alpha"] / total}
 
 
@@ -249,7 +269,8 @@ def isoflop_minima(points: list[dict]) -> list[dict]:
 
 
 def isoflop_exponents(minima: list[dict]) -> dict | None:
-    """a and b of N_opt ∝ C^a, D_opt ∝ C^b fitted (least squares in log-log) to the IsoFLOP minima inside their runs' N; None with fewer than 2."""
+    """a and b of N_opt ∝ C^a, D_opt ∝ C^b fitted (least squares in log-log) to the IsoFLOP minima inside
+    their runs' N; None with fewer than 2."""
     minima = [m for m in minima if m["inside"]]
     if len(minima) < 2:
         return None
@@ -277,8 +298,23 @@ def fit_report(
             f"{len(points)} runs to fit; L(N, D) has five constants",
             "train at least 5 runs (better 12 or more, over 3 budgets or more)",
         )
-    if not delta > 0:
+    if not (_is_number(delta) and math.isfinite(delta) and delta > 0):
         raise GptwoError(f"Huber delta {delta} must be positive", "use e.g. --delta 1e-3 (the papers') or 1e-2")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise GptwoError(f"--bootstrap {bootstrap!r} is not a whole number of resamples", "use e.g. --bootstrap 200")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise GptwoError(f"--seed {seed!r} is not a non-negative integer", "use e.g. --seed 0")
+    for budget in budgets:
+        _check_positive(budget, "--budget", "give FLOPs like --budget 1e21")
+    for n, d in queries:
+        for value in (n, d):
+            _check_positive(value, "a --predict value", "write parameters and tokens like --predict 1e6,2e7")
+    distinct = {(p["params"], p["tokens"]) for p in points}
+    if len(distinct) < 5:
+        raise GptwoError(
+            f"{len(points)} runs but only {len(distinct)} distinct (N, D); L(N, D) has five constants",
+            "train runs of at least 5 different shapes or lengths (better 12 or more, over 3 budgets or more)",
+        )
     fit = fit_constants(points, delta=delta)
     constants = {k: fit[k] for k in ("E", "A", "B", "alpha", "beta")}
     samples = _bootstrap(points, fit, bootstrap, seed, delta)
@@ -301,6 +337,7 @@ def fit_report(
         },
         "predictions": [_prediction(constants, samples, n, d, corpus) for n, d in queries],
     }
+    report["warnings"] = fit_warnings(points, report)
     if corpus is not None:
         report["repeats"] = {
             "unique_tokens": corpus[0],
@@ -311,12 +348,58 @@ def fit_report(
     return report
 
 
+# A fit is flagged when: an exponent sits at its bound, a constant ran off (|log| beyond this), a 95% interval spans
+# this many orders of magnitude or more, fewer than this many distinct N or D, or this rms log residual.
+LOG_RUNAWAY = 50.0
+WIDE_DECADES = 1.0
+FEW_DISTINCT = 3
+RMS_LOG_MISFIT = 0.1
+
+
+def fit_warnings(points: list[dict], report: dict) -> list[str]:
+    """Why a fit's constants or allocations cannot be trusted, one sentence each (empty when nothing is amiss)."""
+    warnings = []
+    for key, name in (("params", "N"), ("tokens", "D")):
+        values = {p[key] for p in points}
+        if len(values) < FEW_DISTINCT:
+            warnings.append(
+                f"the runs hold only {len(values)} distinct {name}: the {'alpha' if name == 'N' else 'beta'} term "
+                f"is not determined by them (train runs of {FEW_DISTINCT} or more {name})"
+            )
+    low, high = BOUNDS[3]
+    for key in ("alpha", "beta"):
+        if report[key] <= low + 1e-6 or report[key] >= high - 1e-6:
+            warnings.append(f"{key} = {report[key]:.3g} sits at its bound [{low:g}, {high:g}]: the fit is degenerate")
+    for key in ("E", "A", "B"):
+        if not 0 < report[key] < math.inf or abs(math.log(report[key])) > LOG_RUNAWAY:
+            warnings.append(f"{key} = {report[key]:.3g} ran off to an extreme: the fit is degenerate")
+    for key, span in report["intervals"].items():
+        if key in ("alpha", "beta", "a", "b") or key.startswith("loss_opt@"):
+            continue  # exponents and losses: spans of their own scale, judged through the constants and optima
+        lo, hi = span
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo > 0 and hi > 0):
+            warnings.append(f"the 95% interval of {key} is [{lo:.3g}, {hi:.3g}]: not a usable estimate")
+        elif math.log10(hi / lo) >= WIDE_DECADES:
+            warnings.append(
+                f"the 95% interval of {key}, [{lo:.3g}, {hi:.3g}], spans {math.log10(hi / lo):.1f} orders of magnitude"
+            )
+    if any(not math.isfinite(o["params"]) for o in report["optimal"]):
+        warnings.append("the fit has no finite compute-optimal N and D (the loss does not fall with both)")
+    if report["residuals"]["rms_log"] > RMS_LOG_MISFIT:
+        warnings.append(
+            f"the fit misses the runs by {report['residuals']['rms_log']:.3f} rms in log loss: "
+            "they may not follow L(N, D) (check the runs' losses)"
+        )
+    return warnings
+
+
 def _predicted(constants: dict, point: dict) -> float:
     return predict(constants, point["params"], point["tokens"])
 
 
 def _bootstrap(points: list[dict], fit: dict, rounds: int, seed: int, delta: float = DELTA) -> list[dict]:
-    """Refits on runs resampled with replacement, each from the full fit's optimum and the grid's best point (not the whole grid: time)."""
+    """Refits on runs resampled with replacement, each from the full fit's optimum and the grid's best point
+    (not the whole grid: time)."""
     rng = np.random.default_rng(seed)
     starts = [fit["_theta"]]
     samples = []
@@ -367,8 +450,10 @@ def format_report(report: dict) -> str:
         return f"{key} = {format(report[key], fmt)}{span}"
 
     lines = [
-        f"L(N, D) = E + A/N^alpha + B/D^beta fitted to {report['runs']} runs (Huber delta={report['delta']} on log loss; "
-        f"95% bootstrap intervals over {report['bootstrap']} resamples; rms log residual {report['residuals']['rms_log']:.4f})",
+        f"L(N, D) = E + A/N^alpha + B/D^beta fitted to {report['runs']} runs "
+        f"(Huber delta={report['delta']} on log loss; "
+        f"95% bootstrap intervals over {report['bootstrap']} resamples; "
+        f"rms log residual {report['residuals']['rms_log']:.4f})",
         "  " + ", ".join(show(k, ".4g") for k in ("E", "A", "B", "alpha", "beta")),
         f"  compute-optimal: N_opt ~ C^{report['a']:.3f}, D_opt ~ C^{report['b']:.3f}"
         + (" (without repeats; with them the optimum is found numerically below)" if "repeats" in report else ""),
@@ -376,7 +461,8 @@ def format_report(report: dict) -> str:
     if "repeats" in report:
         lines.insert(
             1,
-            f"  D is effective data D' = U + U*R*(1 - exp(-R/R*)), U = {report['repeats']['unique_tokens']:.0f} unique tokens, "
+            "  D is effective data D' = U + U*R*(1 - exp(-R/R*)), "
+            f"U = {report['repeats']['unique_tokens']:.0f} unique tokens, "
             f"R* = {report['repeats']['rstar']:g} (Muennighoff et al. 2023); D below counts tokens read",
         )
     for o in report["optimal"]:
@@ -392,7 +478,8 @@ def format_report(report: dict) -> str:
         best = report["best"]
         span = f" [{best['interval'][0]:.4f}, {best['interval'][1]:.4f}]" if best.get("interval") else ""
         lines.append(
-            f"  predicted best run at C={best['budget']:.3g}: loss {best['loss']:.4f}{span} ({best['method'].split('best=')[-1]}); "
+            f"  predicted best run at C={best['budget']:.3g}: loss {best['loss']:.4f}{span} "
+            f"({best['method'].split('best=')[-1]}); "
             f"lowest predicted shape {', '.join(best['best_shape'])}"
         )
     lines += [

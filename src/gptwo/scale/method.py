@@ -7,7 +7,8 @@ valley, where the prediction is wanted), the Huber δ and the number of L-BFGS s
 best loss is predicted: the lowest predicted loss over the shapes it trains (`shapes`) or the loss at the
 fitted compute-optimal N and D (`optimum`); and whether repeated tokens count as fresh or as Muennighoff et al.'s
 (2023) effective data (`repeats`, scale/repeats.py). The backtest fits on the budgets below each budget in turn
-and predicts that budget's best run (the seed-mean of its runs, whatever the method) — the same test as the pre-registered prediction, on data in hand.
+and predicts that budget's best run (the seed-mean of its runs, whatever the method) — the same test as the
+pre-registered prediction, on data in hand.
 """
 
 from __future__ import annotations
@@ -41,17 +42,20 @@ class Method:
         repeats = f", repeats=muennighoff R*={self.repeats.rstar:g}" if self.repeats else ""
         return (
             f"N={self.count}, {'seed-mean' if self.average_seeds else 'each seed'}, "
-            f"{f'{self.near_min} nearest min' if self.near_min else 'all runs'}, delta={self.delta:g}, starts={self.starts}{repeats}, best={self.best}"
+            f"{f'{self.near_min} nearest min' if self.near_min else 'all runs'}, delta={self.delta:g}, "
+            f"starts={self.starts}{repeats}, best={self.best}"
         )
 
     def corpus(self, points: list[dict]) -> tuple[float, float] | None:
-        """(U, R*) for predictions under this method, U taken from --unique-tokens or the runs (which must agree); None without repeats."""
+        """(U, R*) for predictions under this method, U taken from --unique-tokens or the runs (which must agree);
+        None without repeats."""
         if self.repeats is None:
             return None
         uniques = {unique_of(p, self.repeats) for p in points}
         if len(uniques) != 1:
             raise GptwoError(
-                f"the runs record {len(uniques)} different unique_tokens ({', '.join(f'{u:g}' for u in sorted(uniques))}); one corpus size predicts",
+                f"the runs record {len(uniques)} different unique_tokens "
+                f"({', '.join(f'{u:g}' for u in sorted(uniques))}); one corpus size predicts",
                 "fit runs of one data folder, or pass --unique-tokens U",
             )
         return uniques.pop(), self.repeats.rstar
@@ -92,7 +96,9 @@ def average_seeds(points: list[dict]) -> list[dict]:
 
 def near_minimum(points: list[dict], keep: int) -> list[dict]:
     """Per budget, the `keep` runs of lowest loss (runs without a budget all stay); keep=0 keeps everything."""
-    if keep <= 0:
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise GptwoError(f"--near-min {keep!r} is not a whole number of runs", "use --near-min 0 (all runs) or more")
+    if keep == 0:
         return list(points)
     chosen = [p for p in points if not p.get("budget")]
     for budget in sorted({p["budget"] for p in points if p.get("budget")}):
@@ -101,7 +107,8 @@ def near_minimum(points: list[dict], keep: int) -> list[dict]:
 
 
 def prepare(points: list[dict], method: Method) -> list[dict]:
-    """The fit's points under a method: count, then seed-averaging, then the runs near each budget's minimum, then effective tokens."""
+    """The fit's points under a method: count, then seed-averaging, then the runs near each budget's minimum,
+    then effective tokens."""
     points = with_count(points, method.count)
     if method.average_seeds:
         points = average_seeds(points)
@@ -115,7 +122,8 @@ def predicted_best(
     how: str = "shapes",
     corpus: tuple[float, float] | None = None,
 ) -> dict:
-    """A budget's predicted best loss: the lowest over its (N, D) shapes, or at the compute-optimal N, D (D tokens read; `corpus` = (U, R*) for repeats)."""
+    """A budget's predicted best loss: the lowest over its (N, D) shapes, or at the compute-optimal N, D
+    (D tokens read; `corpus` = (U, R*) for repeats)."""
     if how == "optimum":
         optimum = compute_optimal(constants, budget, corpus)
         return {"loss": optimum["loss"], "params": optimum["params"], "tokens": optimum["tokens"]}
@@ -127,9 +135,12 @@ def predicted_best(
 
 
 def backtest(points: list[dict], method: Method, first: int = 2) -> list[dict]:
-    """For each budget after the `first` smallest: fit on the budgets below it, predict its best run; one row per budget."""
+    """For each budget after the `first` smallest: fit on the budgets below it, predict its best run;
+    one row per budget."""
     if not method.delta > 0:
         raise GptwoError(f"Huber delta {method.delta} must be positive", "use e.g. --delta 1e-3 (the papers') or 3e-3")
+    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+        raise GptwoError(f"--first {first!r} is not a positive whole number of budgets", "use e.g. --first 2")
     budgets = sorted({p["budget"] for p in points if p.get("budget")})
     if len(budgets) <= first:
         raise GptwoError(
@@ -165,15 +176,25 @@ def plan_largest(plan_path: str, method: Method) -> tuple[float, list[tuple[floa
     from gptwo.scale.plan import read_plan
 
     runs = read_plan(plan_path)["runs"]
+    key = COUNTS[method.count]
+    for run in runs:
+        missing = [k for k in (key, "tokens") if run.get(k) is None] + ["budget"] * (
+            run.get("budget") is None and run.get("flops") is None
+        )
+        if missing:
+            raise GptwoError(
+                f"run {run['name']} of {plan_path} states no {', '.join(missing)}, which --best-of needs",
+                "pass a plan written by 'gptwo scale plan' (it states every count)",
+            )
     budget = max(float(r.get("budget") or r["flops"]) for r in runs)
     runs = [r for r in runs if math.isclose(float(r.get("budget") or r["flops"]), budget, rel_tol=1e-6)]
-    key = COUNTS[method.count]
     shapes = sorted({(float(r[key]), float(r["tokens"])) for r in runs})
     return budget, shapes, [sorted(r["name"] for r in runs if (float(r[key]), float(r["tokens"])) == s) for s in shapes]
 
 
 def best_of_plan(report: dict, plan_path: str, method: Method) -> dict:
-    """The predicted best run of a plan's largest budget (the method's pick, with its interval) and each shape's predicted loss.
+    """The predicted best run of a plan's largest budget (the method's pick, with its interval) and each shape's
+    predicted loss.
 
     The report must hold predictions for the plan's shapes and the optimum at its budget (the CLI asks for both).
     """
@@ -208,7 +229,8 @@ def format_backtest(rows: list[dict], method: Method) -> str:
     """The backtest as a small table."""
     lines = [f"backtest, {method.label()}", "  budget   fitted runs   predicted best   measured best   error"]
     lines += [
-        f"  {r['budget']:<8.3g} {r['fitted_runs']:>11}   {r['predicted']:>14.4f}   {r['measured']:>13.4f}   {100 * r['error']:+.2f}%"
+        f"  {r['budget']:<8.3g} {r['fitted_runs']:>11}   {r['predicted']:>14.4f}   {r['measured']:>13.4f}   "
+        f"{100 * r['error']:+.2f}%"
         for r in rows
     ]
     errors = [abs(r["error"]) for r in rows]

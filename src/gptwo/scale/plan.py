@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import astuple, dataclass
 
 from gptwo.errors import GptwoError
+from gptwo.tokenizer import MAX_VOCAB
 
 # A ladder of small GPT-2 shapes (n_layer, n_head, n_embd) for CPU-sized sweeps, ~10x apart end to end.
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = (
@@ -30,6 +32,12 @@ DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = (
     (6, 6, 192),
     (8, 8, 256),
 )
+# Bounds on what a plan may ask for: beyond them a plan is a typo, not a sweep (200,000 layers, a million budgets).
+MAX_LAYERS = 1024
+MAX_EMBD = 65536
+MAX_SHAPES = 100
+MAX_BUDGETS = 100
+MAX_RUNS = 10000
 # Settings every run of a plan shares (TrainConfig keys); the plan file holds them and can be edited.
 DEFAULT_TRAIN = dict(
     block_size=64,
@@ -46,7 +54,8 @@ DEFAULT_TRAIN = dict(
 )
 FORMULA = (
     "C = 6*N*D, N = params (all weights but the position embeddings; the tied token embedding counted once), "
-    "D = tokens = max_steps*batch_size*block_size*grad_accum; attention FLOPs (12*n_layer*n_embd*block_size per token) not in C"
+    "D = tokens = max_steps*batch_size*block_size*grad_accum; "
+    "attention FLOPs (12*n_layer*n_embd*block_size per token) not in C"
 )
 
 
@@ -60,7 +69,20 @@ class ParamCounts:
 
 
 def count_params(n_layer: int, n_head: int, n_embd: int, vocab_size: int, block_size: int) -> ParamCounts:
-    """Parameters of a GPT of this shape, counted on the model itself (built on the meta device: no memory, no time)."""
+    """Parameters of a GPT of this shape, counted on the model itself (built on the meta device: no memory).
+
+    Blocks are alike, so one- and two-block models are counted and the difference scaled to `n_layer`
+    (building every block of a deep model on the meta device takes ~13 ms a block).
+    """
+    check_shape(n_layer, n_head, n_embd, f"{n_layer}x{n_head}x{n_embd}")
+    one = _counted(1, n_head, n_embd, vocab_size, block_size)
+    if n_layer == 1:
+        return one
+    two = _counted(2, n_head, n_embd, vocab_size, block_size)
+    return ParamCounts(*(a + (b - a) * (n_layer - 1) for a, b in zip(astuple(one), astuple(two))))
+
+
+def _counted(n_layer: int, n_head: int, n_embd: int, vocab_size: int, block_size: int) -> ParamCounts:
     import torch
 
     from gptwo.config import GPTConfig
@@ -71,9 +93,22 @@ def count_params(n_layer: int, n_head: int, n_embd: int, vocab_size: int, block_
             GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         )
     total = model.num_params(non_embedding=False)
-    return ParamCounts(
-        model.num_params(), total, total - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
-    )
+    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    return ParamCounts(model.num_params(), total, total - embeddings)
+
+
+def check_shape(n_layer, n_head, n_embd, where: str) -> None:
+    """A model shape a plan may hold: positive integers within MAX_LAYERS / MAX_EMBD, n_embd a multiple of n_head."""
+    values = (n_layer, n_head, n_embd)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise GptwoError(f"shape {where} is not three integers n_layer, n_head, n_embd", "e.g. 4x4x128")
+    if min(values) <= 0 or n_embd % n_head:
+        raise GptwoError(f"shape {where} is invalid (all positive, n_embd a multiple of n_head)", "e.g. 4x4x128")
+    if n_layer > MAX_LAYERS or n_embd > MAX_EMBD:
+        raise GptwoError(
+            f"shape {where} is beyond this planner's range (n_layer at most {MAX_LAYERS}, n_embd at most {MAX_EMBD:,})",
+            "plan smaller shapes (a sweep trains every one of them)",
+        )
 
 
 def run_flops(params: int, tokens: int) -> float:
@@ -91,23 +126,33 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
             raise GptwoError(
                 f"shape '{item}' is not n_layer x n_head x n_embd", "write shapes like 2x2x64,4x4x128"
             ) from None
-        if min(layer, head, embd) <= 0 or embd % head:
-            raise GptwoError(f"shape '{item}' is invalid (all positive, n_embd a multiple of n_head)", "e.g. 4x4x128")
+        check_shape(layer, head, embd, f"'{item}'")
         shapes.append((layer, head, embd))
+        if len(shapes) > MAX_SHAPES:
+            raise GptwoError(f"--shapes lists more than {MAX_SHAPES} shapes", "give fewer shapes")
     if not shapes:
         raise GptwoError("no shapes given", "write shapes like 2x2x64,4x4x128")
     return shapes
 
 
 def parse_budgets(text: str) -> list[float]:
-    """'1e11,3e11,...' → sorted compute budgets in FLOPs."""
+    """'1e11,3e11,...' → sorted compute budgets in FLOPs (positive and finite, at most MAX_BUDGETS)."""
     try:
         budgets = sorted(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise GptwoError(f"--budgets '{text}' is not a list of numbers", "write FLOPs like 2e11,6e11,2e12") from None
-    if not budgets or min(budgets) <= 0:
-        raise GptwoError("--budgets needs positive FLOP counts", "write FLOPs like 2e11,6e11,2e12")
+    check_budgets(budgets, "--budgets")
     return budgets
+
+
+def check_budgets(budgets: list[float], what: str = "budgets") -> None:
+    if not budgets:
+        raise GptwoError(f"{what} holds no budgets", "write FLOPs like 2e11,6e11,2e12")
+    bad = [b for b in budgets if not (math.isfinite(b) and b > 0)]
+    if bad:
+        raise GptwoError(f"{what} {bad[0]:g} is not a positive, finite FLOP count", "write FLOPs like 2e11,6e11,2e12")
+    if len(budgets) > MAX_BUDGETS:
+        raise GptwoError(f"{what} lists {len(budgets)} budgets, more than {MAX_BUDGETS}", "give fewer budgets")
 
 
 def make_plan(
@@ -118,10 +163,20 @@ def make_plan(
     tokens_per_param: float = 20.0,
     train: dict | None = None,
 ) -> dict:
-    """An IsoFLOP plan: per budget, the `per_budget` shapes nearest (in log N) to its guessed optimum N = sqrt(C / (6·r)).
+    """An IsoFLOP plan: per budget, the `per_budget` shapes nearest (in log N) to its guessed optimum
+    N = sqrt(C / (6·r)).
 
     r = `tokens_per_param` (Chinchilla's ~20) only centres the window; the sweep measures where the optimum lies.
     """
+    check_budgets(list(budgets))
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= MAX_VOCAB:
+        raise GptwoError(
+            f"vocabulary size {vocab_size!r} is not an integer in [1, {MAX_VOCAB:,}]", "e.g. --vocab-size 50257"
+        )
+    if not (isinstance(tokens_per_param, (int, float)) and math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise GptwoError(
+            f"--tokens-per-param {tokens_per_param} is not a positive, finite number", "e.g. 20 (Chinchilla's)"
+        )
     settings = {**DEFAULT_TRAIN, **(train or {})}
     tokens_per_step = settings["batch_size"] * settings["block_size"] * settings["grad_accum"]
     ladder = sorted(
@@ -181,36 +236,90 @@ def vocab_size_of(data_dir: str) -> int:
 
 
 def write_plan(plan: dict, path: str) -> None:
-    """Save a plan as indented JSON (atomically), for a person to read and edit."""
+    """Save a plan as indented JSON (atomically), for a person to read and edit; an existing file is replaced
+    only when it is a plan itself (anything else might be the user's)."""
     from gptwo.fileio import atomic_write
 
+    if os.path.isfile(path) and not _is_plan(path):
+        raise GptwoError(
+            f"--out {path} exists and is not a plan file", "choose another --out, or delete that file first"
+        )
     atomic_write(path, (json.dumps(plan, indent=2) + "\n").encode())
 
 
-def read_plan(path: str) -> dict:
-    """Load a plan file, checking the fields a sweep needs."""
+def _is_plan(path: str) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             plan = json.load(f)
-    except FileNotFoundError:
+    except (OSError, ValueError):
+        return False
+    return isinstance(plan, dict) and isinstance(plan.get("runs"), list) and "formula" in plan
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
+_MAKE = "make one with 'gptwo scale plan --budgets ... --out PLAN'"
+
+
+def check_run_name(name, where: str) -> str:
+    """A run name is one plain folder name (letters, digits, `_.+=@,-`, not starting with a dot or dash)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 200:
         raise GptwoError(
-            f"plan file {path} not found", "make one with 'gptwo scale plan --budgets ... --out PLAN'"
-        ) from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise GptwoError(
-            f"plan file {path} is not valid JSON ({err})", "fix it, or make a new one with 'gptwo scale plan'"
-        ) from None
-    runs = plan.get("runs") if isinstance(plan, dict) else None
+            f"{where} has run name {name!r}, which is not a plain folder name",
+            "name runs with letters, digits and _.+=@,- only (no '/', no '..', not empty), e.g. C1e12-2x2x64",
+        )
+    return name
+
+
+def _positive(value, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return math.isfinite(value) and value > 0
+
+
+def read_plan(path: str) -> dict:
+    """Load a plan file, checking the fields a sweep needs: an object with `runs` (objects with a plain name,
+    a shape in range and max_steps) and, if given, `train` (an object of settings)."""
+    from gptwo.fileio import read_json_file
+
+    plan = read_json_file(path, f"plan file {path}", f"fix it, or {_MAKE}")
+    if not isinstance(plan, dict):
+        raise GptwoError(f"plan file {path} holds a JSON {type(plan).__name__}, not a plan object", _MAKE)
+    runs = plan.get("runs")
     if not isinstance(runs, list) or not runs:
-        raise GptwoError(f"plan file {path} has no runs", "make one with 'gptwo scale plan --budgets ... --out PLAN'")
+        raise GptwoError(f"plan file {path} has no runs", _MAKE)
+    if len(runs) > MAX_RUNS:
+        raise GptwoError(
+            f"plan file {path} holds {len(runs)} runs, more than {MAX_RUNS}", "split it into several plans"
+        )
+    if not isinstance(plan.get("train", {}), dict):
+        raise GptwoError(
+            f"plan file {path}: 'train' is a {type(plan['train']).__name__}, not an object of settings",
+            'write it like "train": {"block_size": 64, "batch_size": 16}',
+        )
+    if "vocab_size" in plan and not _positive(plan["vocab_size"], integer=True):
+        raise GptwoError(f"plan file {path}: vocab_size {plan['vocab_size']!r} is not a positive integer", _MAKE)
     needed = ("name", "n_layer", "n_head", "n_embd", "max_steps")
-    for run in runs:
+    for number, run in enumerate(runs, 1):
+        where = f"run {number} of {path}"
+        if not isinstance(run, dict):
+            raise GptwoError(
+                f"{where} is a JSON {type(run).__name__}, not an object",
+                f"each run is an object like those of a plan: {_MAKE}",
+            )
         missing = [k for k in needed if k not in run]
         if missing:
             raise GptwoError(
-                f"a run in {path} lacks {', '.join(missing)}",
-                "each run needs name, n_layer, n_head, n_embd and max_steps",
+                f"{where} lacks {', '.join(missing)}", "each run needs name, n_layer, n_head, n_embd and max_steps"
             )
+        check_run_name(run["name"], where)
+        check_shape(run["n_layer"], run["n_head"], run["n_embd"], f"of {where} ({run['name']})")
+        if not _positive(run["max_steps"], integer=True):
+            raise GptwoError(f"{where}: max_steps {run['max_steps']!r} is not a positive integer", "fix that run")
+        for key in ("budget", "flops", "params", "params_total", "params_non_embedding", "tokens"):
+            if run.get(key) is not None and not _positive(run[key], integer=False):
+                raise GptwoError(
+                    f"{where}: {key} {run[key]!r} is not a positive number", "fix that run, or drop the field"
+                )
     names = [run["name"] for run in runs]
     if len(set(names)) != len(names):
         raise GptwoError(f"plan file {path} names two runs alike", "give each run its own name")

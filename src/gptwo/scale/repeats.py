@@ -1,4 +1,5 @@
-"""Repeated data in L(N, D): Muennighoff et al.'s (2023) effective data, so a run that reads its corpus many times is not fitted as fresh tokens.
+"""Repeated data in L(N, D): Muennighoff et al.'s (2023) effective data, so a run that reads its corpus many
+times is not fitted as fresh tokens.
 
 Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", arXiv:2305.16264, eq. 5): with U unique
 training tokens read for D tokens in all, the repetitions beyond the first pass are R = D/U − 1 and the data
@@ -22,7 +23,8 @@ RSTAR_D = 15.4  # Muennighoff et al. 2023, the fitted R*_D of their eq. 5
 
 @dataclass(frozen=True)
 class Repeats:
-    """How repeated tokens count: R* (decay of a repetition's value) and the unique tokens U (None: each run's recorded `unique_tokens`)."""
+    """How repeated tokens count: R* (decay of a repetition's value) and the unique tokens U
+    (None: each run's recorded `unique_tokens`)."""
 
     rstar: float = RSTAR_D
     unique_tokens: float | None = None
@@ -73,7 +75,8 @@ def unique_of(point: dict, repeats: Repeats) -> float:
 
 
 def with_effective_tokens(points: list[dict], repeats: Repeats | None) -> list[dict]:
-    """The runs with `tokens` replaced by the effective D′ (the tokens read kept as `tokens_read`); unchanged without repeats."""
+    """The runs with `tokens` replaced by the effective D′ (the tokens read kept as `tokens_read`);
+    unchanged without repeats."""
     if repeats is None:
         return list(points)
     return [
@@ -94,7 +97,8 @@ def predict_read(constants: dict, params: float, tokens: float, unique: float, r
 
 
 def compute_optimal_repeated(constants: dict, budget: float, unique: float, rstar: float) -> dict:
-    """The N, D (tokens read, C = 6·N·D) that minimise L(N, D′) at a budget: a grid over log N refined by bounded Brent."""
+    """The N, D (tokens read, C = 6·N·D) that minimise L(N, D′) at a budget: a grid over log N refined by
+    bounded Brent."""
     from scipy.optimize import minimize_scalar
 
     def loss(log_n: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptwo.argtypes import Parser, command
+from gptwo.argtypes import Parser, command, float_in, int_at_least, seed_type
 
 
 def _cmd_select_score(args: argparse.Namespace) -> int:
@@ -20,6 +20,7 @@ def _cmd_select_score(args: argparse.Namespace) -> int:
         device=args.device,
         text_field=args.text_field,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(f"scored {written} document(s) -> {args.out}", file=sys.stderr)
     return 0
@@ -31,8 +32,15 @@ def _cmd_select_filter(args: argparse.Namespace) -> int:
     result = filter_documents(
         args.inputs, args.scores, args.out, by=args.by, keep=args.keep, band=args.band, text_field=args.text_field
     )
+    if result["not_finite"]:
+        print(
+            f"warning: {result['not_finite']} of {result['documents']} documents have a NaN or infinite "
+            f"{result['by']} in {args.scores}; they were left out (never kept)",
+            file=sys.stderr,
+        )
     print(
-        f"kept {result['kept']} of {result['documents']} documents ({result['band']} {result['by']} band) -> {args.out}",
+        f"kept {result['kept']} of {result['documents']} documents ({result['band']} {result['by']} band) "
+        f"-> {args.out}",
         file=sys.stderr,
     )
     return 0
@@ -51,10 +59,14 @@ def _cmd_select_dsir(args: argparse.Namespace) -> int:
         text_field=args.text_field,
     )
     print(
-        f"kept {result['kept']} of {result['documents']} documents (importance resampling toward --target) -> {args.out}",
+        f"kept {result['kept']} of {result['documents']} documents (importance resampling toward --target) "
+        f"-> {args.out}",
         file=sys.stderr,
     )
     return 0
+
+
+_keep = float_in(0.0, 1.0, low_open=True, high_open=False)
 
 
 def add_commands(sub) -> None:
@@ -62,7 +74,8 @@ def add_commands(sub) -> None:
     sel = sub.add_parser(
         "select",
         help="Choose training data with a model: score, filter, importance-resample.",
-        description="Choose training data with a model: score documents, keep a band of them, or resample toward a target. "
+        description="Choose training data with a model: score documents, keep a band of them, "
+        "or resample toward a target. "
         "Online selection during training: gptwo train ... selection=loss|reducible. See docs/selection.md.",
     )
     ssub = sel.add_subparsers(dest="select_command", required=True, parser_class=Parser, metavar="SELECT_COMMAND")
@@ -86,11 +99,16 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="output JSON lines (id, tokens, loss[, reference_loss, reducible]); an existing file is continued",
+        help="output JSON lines (id, tokens, loss[, reference_loss, reducible]); an existing score file is continued",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over, replacing an existing --out (default: continue a score file, refuse any other file)",
     )
     p.add_argument(
         "--batch-tokens",
-        type=int,
+        type=int_at_least(1),
         default=4096,
         help="about this many tokens per forward pass and per flushed batch of rows (default 4096)",
     )
@@ -107,7 +125,7 @@ def add_commands(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help + "; the same inputs that were scored")
     p.add_argument("--scores", required=True, help="output of 'gptwo select score' for these inputs")
     p.add_argument("--by", choices=["loss", "reducible"], default="loss", help="score to rank by (default loss)")
-    p.add_argument("--keep", type=float, required=True, help="fraction of documents to keep, in (0, 1]")
+    p.add_argument("--keep", type=_keep, required=True, help="fraction of documents to keep, in (0, 1]")
     p.add_argument(
         "--band",
         choices=["low", "middle", "high"],
@@ -124,10 +142,13 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--target", nargs="+", required=True, help="documents that look like what you want (same input forms)"
     )
-    p.add_argument("--keep", type=float, required=True, help="fraction of documents to keep, in (0, 1]")
+    p.add_argument("--keep", type=_keep, required=True, help="fraction of documents to keep, in (0, 1]")
     p.add_argument(
-        "--buckets", type=int, default=10000, help="hash buckets for word unigrams and bigrams (default 10000)"
+        "--buckets",
+        type=int_at_least(1),
+        default=10000,
+        help="hash buckets for word unigrams and bigrams (default 10000)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the resampling draw (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the resampling draw (default 0)")
     p.add_argument("--out", required=True, help="output documents (.jsonl.zst), written atomically")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")

@@ -8,6 +8,7 @@ Both write the kept documents, in input order, as `{"text": ...}` lines in a .js
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -26,30 +27,39 @@ DEFAULT_BAND = {
 
 
 def read_scores(path: str, by: str) -> dict[int, float]:
-    """id → score (`loss` or `reducible`) from a `gptwo select score` output file."""
+    """id → score (`loss` or `reducible`) from a `gptwo select score` output file. A NaN or infinite score
+    (a model that overflowed) is kept as NaN here: `finite_scores` drops those, and callers say how many."""
+    from gptwo.fileio import read_json_lines
+
     if by not in DEFAULT_BAND:
         raise GptwoError(f"--by {by!r} is unknown", "use --by loss or --by reducible")
+    hint = "score with --reference R to get 'reducible'" if by == "reducible" else "re-run 'gptwo select score'"
     scores: dict[int, float] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    scores[int(row["id"])] = float(row[by])
-                except (ValueError, KeyError, TypeError):
-                    hint = (
-                        "score with --reference R to get 'reducible'"
-                        if by == "reducible"
-                        else "re-run 'gptwo select score'"
-                    )
-                    raise GptwoError(f"{path}:{number} has no numeric '{by}' with an 'id'", hint) from None
-    except FileNotFoundError:
-        raise GptwoError(f"scores file {path} not found", "run 'gptwo select score' first") from None
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise GptwoError(f"scores file {path} not found", "run 'gptwo select score' first")
+    for number, row in read_json_lines(path, hint):
+        doc_id, score = row.get("id"), row.get(by)
+        numeric = isinstance(score, (int, float)) and not isinstance(score, bool)
+        if isinstance(doc_id, bool) or not isinstance(doc_id, int) or doc_id < 0 or not numeric:
+            raise GptwoError(f"{path}:{number} has no numeric '{by}' with an 'id'", hint)
+        if doc_id in scores:
+            raise GptwoError(f"{path}:{number} scores document {doc_id} a second time", "re-run 'gptwo select score'")
+        scores[doc_id] = float(score) if math.isfinite(score) else math.nan
     if not scores:
         raise GptwoError(f"scores file {path} is empty", "run 'gptwo select score' on the same inputs first")
     return scores
+
+
+def finite_scores(scores: dict[int, float], path: str, by: str) -> dict[int, float]:
+    """The scores that are numbers (NaN and infinities left out: such documents are never kept); all of them
+    non-finite is an error (nothing to rank)."""
+    finite = {i: v for i, v in scores.items() if math.isfinite(v)}
+    if not finite:
+        raise GptwoError(
+            f"every {by} in {path} is NaN or infinite, so there is nothing to rank",
+            "score with a model whose losses are finite (check it with 'gptwo eval ppl')",
+        )
+    return finite
 
 
 def kept_ids(scores: dict[int, float], keep: float, band: str) -> set[int]:
@@ -84,9 +94,11 @@ def filter_documents(
 ) -> dict:
     """Write the documents of `inputs` whose score falls in the kept band to `out`; returns counts."""
     check_output_name(out)
+    check_not_an_input(out, [*inputs, scores_path])
     scores = read_scores(scores_path, by)
+    finite = finite_scores(scores, scores_path, by)
     band = band or DEFAULT_BAND[by]
-    keep_set = kept_ids(scores, keep, band)
+    keep_set = kept_ids(finite, keep, band)
     seen: list[int] = []
 
     def kept() -> Iterator[str]:
@@ -105,7 +117,21 @@ def filter_documents(
             )
 
     written = write_documents(out, kept())
-    return {"documents": len(seen), "kept": written, "band": band, "by": by}
+    return {"documents": len(seen), "kept": written, "band": band, "by": by, "not_finite": len(scores) - len(finite)}
+
+
+def check_not_an_input(out: str, inputs: Sequence[str]) -> None:
+    """Refuse an output that is one of the inputs (by resolved path or same file) or lies inside an input folder:
+    writing it would replace an input, or feed the output back in as one."""
+    target = os.path.realpath(out)
+    for path in inputs:
+        if not os.path.exists(path):
+            continue  # builtin, hf:NAME
+        source = os.path.realpath(path)
+        same = target == source or (os.path.exists(out) and os.path.samefile(out, path))
+        if same or (os.path.isdir(source) and os.path.commonpath([source, target]) == source):
+            where = "is" if same else "lies inside"
+            raise GptwoError(f"--out {out} {where} the input {path}", "write the output somewhere outside the inputs")
 
 
 def check_output_name(out: str) -> None:
@@ -115,7 +141,8 @@ def check_output_name(out: str) -> None:
 
 
 def write_documents(out: str, texts: Iterable[str]) -> int:
-    """Stream `{"text": ...}` lines into a zstandard file, atomically (temporary file, then rename); returns the count."""
+    """Stream `{"text": ...}` lines into a zstandard file, atomically (temporary file, then rename);
+    returns the count."""
     try:
         import zstandard
     except ModuleNotFoundError:
@@ -147,14 +174,35 @@ _WORD = re.compile(r"\w+|[^\w\s]+")  # words, and runs of other symbols
 SMOOTHING = 0.01  # pseudo-count per bucket: small, so a small target sample is not flattened toward uniform
 
 
-def hashed_ngrams(text: str, buckets: int) -> np.ndarray:
-    """Counts of the text's lower-cased word (and symbol-run) unigrams and bigrams, hashed into `buckets` bins (DSIR's features)."""
+# Each bucket costs three float64 arrays (target counts, raw counts, log ratio); beyond this a count is a typo.
+MAX_BUCKETS = 1 << 24
+BUCKET_ARRAYS = 3
+
+
+def check_buckets(buckets: int) -> None:
+    """A bucket count that is a positive integer within MAX_BUCKETS (its memory estimated in the error)."""
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+        raise GptwoError(f"--buckets {buckets!r} must be a positive integer", "use e.g. --buckets 10000")
+    if buckets > MAX_BUCKETS:
+        need = buckets * 8 * BUCKET_ARRAYS / 2**30
+        raise GptwoError(
+            f"--buckets {buckets:,} would need about {need:,.1f} GiB of memory "
+            f"({BUCKET_ARRAYS} arrays of 8 bytes a bucket)",
+            f"use at most {MAX_BUCKETS:,} buckets (DSIR uses 10,000)",
+        )
+
+
+def bucket_ids(text: str, buckets: int) -> np.ndarray:
+    """The buckets of the text's lower-cased word (and symbol-run) unigrams and bigrams, one per n-gram
+    (DSIR's features)."""
     words = _WORD.findall(text.lower())
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
-    counts = np.zeros(buckets, dtype=np.float64)
-    if grams:
-        np.add.at(counts, [zlib.crc32(g.encode()) % buckets for g in grams], 1.0)
-    return counts
+    return np.fromiter((zlib.crc32(g.encode()) % buckets for g in grams), dtype=np.int64, count=len(grams))
+
+
+def hashed_ngrams(text: str, buckets: int) -> np.ndarray:
+    """Counts of the text's n-grams hashed into `buckets` bins (see `bucket_ids`)."""
+    return np.bincount(bucket_ids(text, buckets), minlength=buckets).astype(np.float64)
 
 
 def _log_distribution(counts: np.ndarray) -> np.ndarray:
@@ -163,21 +211,29 @@ def _log_distribution(counts: np.ndarray) -> np.ndarray:
     return np.log(smoothed / smoothed.sum())
 
 
+def _bucket_counts(texts: Iterable[str], buckets: int) -> np.ndarray:
+    counts = np.zeros(buckets, dtype=np.float64)
+    for text in texts:
+        np.add.at(counts, bucket_ids(text, buckets), 1.0)
+    return counts
+
+
 def dsir_weights(
     inputs: Sequence[str], target: Sequence[str], buckets: int = 10000, text_field: str = "text"
 ) -> dict[int, float]:
     """id → log importance weight log p_target(x) − log p_raw(x) of every non-empty input document."""
     from gptwo.data.sources import iter_documents
 
-    target_counts = sum(
-        (hashed_ngrams(t, buckets) for t in iter_documents(target, text_field) if t.strip()), np.zeros(buckets)
-    )
-    raw_counts = sum((hashed_ngrams(t, buckets) for _, t in _nonempty_documents(inputs, text_field)), np.zeros(buckets))
+    check_buckets(buckets)
+    target_counts = _bucket_counts((t for t in iter_documents(target, text_field) if t.strip()), buckets)
     if not target_counts.any():
         raise GptwoError("the --target sample holds no words", "give target documents with text")
+    raw_counts = _bucket_counts((t for _, t in _nonempty_documents(inputs, text_field)), buckets)
     ratio = _log_distribution(target_counts) - _log_distribution(raw_counts)
+    del target_counts, raw_counts
     return {
-        doc_id: float(hashed_ngrams(text, buckets) @ ratio) for doc_id, text in _nonempty_documents(inputs, text_field)
+        doc_id: float(ratio[bucket_ids(text, buckets)].sum())
+        for doc_id, text in _nonempty_documents(inputs, text_field)
     }
 
 
@@ -193,10 +249,12 @@ def dsir_resample(
     """Keep `keep` of the documents, drawn without replacement in proportion to their importance weights
     (Gumbel top-k, as DSIR does), and write them to `out`; returns counts."""
     check_output_name(out)
+    check_not_an_input(out, [*inputs, *target])
     if not 0.0 < keep <= 1.0:
         raise GptwoError(f"--keep {keep} is outside (0, 1]", "give the fraction of documents to keep, e.g. --keep 0.5")
-    if buckets < 1:
-        raise GptwoError(f"--buckets {buckets} must be positive", "use e.g. --buckets 10000")
+    check_buckets(buckets)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise GptwoError(f"--seed {seed!r} is not a non-negative integer", "use e.g. --seed 0")
     weights = dsir_weights(inputs, target, buckets, text_field)
     if not weights:
         raise GptwoError("the inputs hold no documents", "check the input paths")

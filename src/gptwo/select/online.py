@@ -106,12 +106,14 @@ def load_reference(path: str, tokenizer_identity: str, block_size: int, device: 
     model, tokenizer = load_model(path, device=str(device))
     if tokenizer.identity != tokenizer_identity:
         raise GptwoError(
-            f"selection_reference {path} uses tokenizer '{tokenizer.identity}' but the data uses '{tokenizer_identity}'",
+            f"selection_reference {path} uses tokenizer '{tokenizer.identity}' "
+            f"but the data uses '{tokenizer_identity}'",
             "train the reference model on data prepared with the same tokenizer",
         )
     if model.config.block_size < block_size:
         raise GptwoError(
-            f"selection_reference {path} has a context of {model.config.block_size}, shorter than block_size={block_size}",
+            f"selection_reference {path} has a context of {model.config.block_size}, "
+            f"shorter than block_size={block_size}",
             f"use block_size={model.config.block_size} or a reference with a longer context",
         )
     for p in model.parameters():

@@ -9,6 +9,7 @@ after a kill keeps the complete lines and continues after the last scored docume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ def forward_flops_per_token(n_layer: int, n_embd: int, n_params: int, seq_len: i
 
 
 def model_forward_flops(model: torch.nn.Module, seq_len: int) -> float:
-    """`forward_flops_per_token` for a GPT; N counts the output matrix once, whether or not it is tied to the embedding."""
+    """`forward_flops_per_token` for a GPT; N counts the output matrix once, whether or not it is tied to
+    the embedding."""
     n_params = model.num_params()
     if model.lm_head.weight is not model.transformer.wte.weight:
         n_params -= model.transformer.wte.weight.numel()  # the embedding lookup itself costs no FLOPs
@@ -76,7 +78,8 @@ def document_nll(
     device: torch.device,
     rows_per_forward: int = 8,
 ) -> list[list[float]]:
-    """Total NLL (nats) of each document under each model, result[m][d]; at most `rows_per_forward` windows per forward pass."""
+    """Total NLL (nats) of each document under each model, result[m][d]; at most `rows_per_forward` windows
+    per forward pass."""
     windows, owner = [], []
     for index, tokens in enumerate(documents):
         for window in document_windows(tokens, eot, block_size):
@@ -93,33 +96,58 @@ def document_nll(
 
 
 # ---------------------------------------------------------------- gptwo select score
-def _scored_so_far(out: str) -> tuple[int, int | None]:
-    """How many complete rows `out` holds and the last one's id; a line cut short by a kill is removed."""
-    if not os.path.isfile(out):
+_ROW_START = b'{"id": '  # how every row this command writes begins (json.dumps of a dict with "id" first)
+
+
+def _is_score_row(line: bytes) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return (
+        isinstance(row, dict)
+        and all(isinstance(row.get(k), int) and not isinstance(row.get(k), bool) for k in ("id", "tokens"))
+        and isinstance(row.get("loss"), (int, float))
+        and not isinstance(row.get("loss"), bool)
+    )
+
+
+def _scored_so_far(out: str, overwrite: bool = False) -> tuple[int, int | None]:
+    """How many complete rows `out` holds and the last one's id; a score row cut short by a kill is removed.
+
+    A file that is not this command's output (a line that is no score row) is refused, never truncated or
+    appended to; with `overwrite` it counts as empty (the caller replaces it).
+    """
+    if not os.path.lexists(out):
         return 0, None
+    if not os.path.isfile(out):
+        raise GptwoError(f"--out {out} is not a file", "give a file name for the scores, e.g. scores.jsonl")
     with open(out, "rb") as f:
         data = f.read()
     keep = data[: data.rfind(b"\n") + 1]
-    rows, last_id = 0, None
-    for line in keep.splitlines():
-        try:
-            last_id = int(json.loads(line)["id"])
-        except (ValueError, KeyError, TypeError):
-            raise GptwoError(
-                f"{out} holds a line that is not a score row",
-                "delete it (or choose another --out) to score from the start",
-            ) from None
-        rows += 1
-    if len(keep) != len(data):
+    tail = data[len(keep) :]
+    lines = keep.splitlines()
+    ours = all(_is_score_row(line) for line in lines) and (not tail or tail.startswith(_ROW_START))
+    if not ours:
+        if overwrite:
+            return 0, None
+        raise GptwoError(
+            f"--out {out} exists and is not a score file of 'gptwo select score'",
+            "choose another --out, or pass --overwrite to replace it",
+        )
+    if overwrite:
+        return 0, None
+    if tail:
         with open(out, "r+b") as f:
             f.truncate(len(keep))
-    return rows, last_id
+    return len(lines), (int(json.loads(lines[-1])["id"]) if lines else None)
 
 
 def _batches(
     inputs: Sequence[str], text_field: str, tokenizer, done: tuple[int, int | None], out: str, batch_tokens: int
 ) -> Iterator[list[tuple[int, list[int]]]]:
-    """(id, tokens) of the non-empty documents after the `done` ones already in `out`, in batches of about `batch_tokens`."""
+    """(id, tokens) of the non-empty documents after the `done` ones already in `out`, in batches of about
+    `batch_tokens`."""
     from gptwo.data.sources import iter_documents
 
     skip, last_id = done
@@ -141,6 +169,8 @@ def _batches(
         if size >= batch_tokens:
             yield batch
             batch, size = [], 0
+    if seen == 0:
+        raise GptwoError("the inputs hold no documents with text", "check the input paths (and --text-field)")
     if seen < skip:
         raise GptwoError(
             f"{out} holds {skip} rows but these inputs only {seen} documents", "score these inputs into a new --out"
@@ -158,15 +188,19 @@ def score_documents(
     device: str = "auto",
     text_field: str = "text",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> int:
     """Write `{id, tokens, loss[, reference_loss, reducible]}` per non-empty document of `inputs` to `out`
     (JSON lines), continuing after the rows already there; returns the number of rows written now."""
     from tqdm import tqdm
 
+    from gptwo.select.offline import check_not_an_input
     from gptwo.weights import load_model
 
-    if batch_tokens < 1:
-        raise GptwoError(f"--batch-tokens {batch_tokens} must be positive", "use e.g. --batch-tokens 4096")
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise GptwoError(f"--batch-tokens {batch_tokens} must be a positive integer", "use e.g. --batch-tokens 4096")
+    check_not_an_input(out, inputs)
+    done = _scored_so_far(out, overwrite)  # checked before the models load: a wrong --out fails fast
     model, tokenizer = load_model(model_path, device=device)
     models = [model]
     if reference:
@@ -179,13 +213,15 @@ def score_documents(
         models.append(ref_model)
     block = min(m.config.block_size for m in models)
     device_t = next(model.parameters()).device
-    done = _scored_so_far(out)
     written = 0
     with (
-        open(out, "a", encoding="utf-8") as f,
+        contextlib.ExitStack() as stack,
         tqdm(desc="scoring", unit="doc", initial=done[0], file=sys.stderr, disable=not progress, delay=0.5) as bar,
     ):
+        f = None
         for batch in _batches(inputs, text_field, tokenizer, done, out, batch_tokens):
+            if f is None:  # opened at the first batch: inputs with no documents leave no file behind
+                f = stack.enter_context(open(out, "a" if done[0] else "w", encoding="utf-8"))
             totals = document_nll(
                 models,
                 [tokens for _, tokens in batch],

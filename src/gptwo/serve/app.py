@@ -2,9 +2,11 @@
 
 Routes: `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /` (playground), and the
 OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
-`{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413, a full
-queue gets 429, a missing or wrong API key (when one is set) 401, and a client that goes away
-cancels its sequences.
+`{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413 (with a
+Content-Length or chunked), a body that does not arrive within `body_timeout` seconds 408, a body
+that is not UTF-8 400, a full queue or a client over its share 429, a missing or wrong API key
+(when one is set) 401, and a client that goes away cancels its sequences. Header limits and
+timeouts are the connection's (gptwo.serve.connection).
 """
 
 from __future__ import annotations
@@ -34,9 +36,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptwo.errors import GptwoError
 from gptwo.serve import protocol
-from gptwo.serve.engine import Engine, Overloaded, RequestRejected, TokenLogprob, Update
+from gptwo.serve.connection import uvicorn_config
+from gptwo.serve.engine import ClientBusy, Engine, Overloaded, RequestRejected, TokenLogprob, Update
 from gptwo.serve.engine import Request as EngineRequest
 from gptwo.serve.inspect import inspect_router
+from gptwo.serve.limits import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_CLIENT_CHOICES,
+    MAX_INSPECT_TOKENS,
+    MAX_REQUEST_CHOICES,
+)
 from gptwo.tokenizer import Tokenizer
 
 log = logging.getLogger("gptwo.serve")
@@ -58,7 +68,7 @@ class ApiError(Exception):
 
 
 class EscapedJSONResponse(JSONResponse):
-    """JSON with non-ASCII escaped: an error that quotes the request (say a lone surrogate in `model`) always renders."""
+    """JSON with non-ASCII escaped: an error that quotes the request (a lone surrogate in `model`) always renders."""
 
     def render(self, content) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode("ascii")
@@ -77,30 +87,61 @@ def error_response(
     )
 
 
-class BodyLimit:
-    """ASGI middleware: read a request body up to `max_bytes` (else answer 413), then hand it on whole."""
+def not_utf8(body: bytes) -> str | None:
+    """Why `body` is not UTF-8 text (JSON's encoding on the wire), or None."""
+    if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "it starts with a UTF-16 byte order mark"
+    if b"\x00" in body:
+        return "it holds NUL bytes, as UTF-16 or UTF-32 text does"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"byte 0x{body[err.start]:02x} at offset {err.start} is not UTF-8"
+    return None
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class BodyLimit:
+    """ASGI middleware: read a request body whole, then hand it on; or refuse it.
+
+    413 when it is larger than `max_bytes` (declared in Content-Length or not), 408 when it does not
+    arrive within `timeout` seconds, 400 when it is not UTF-8. Refusals close the connection (the
+    connection drops what the client still sends, see gptwo.serve.connection).
+    """
+
+    def __init__(self, app, max_bytes: int, timeout: float = BODY_TIMEOUT_S):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         body = bytearray()
-        if not (declared.isdigit() and int(declared) > self.max_bytes):
-            more = True
-            while more and len(body) <= self.max_bytes:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-        if len(body) > self.max_bytes or (declared.isdigit() and int(declared) > self.max_bytes):
-            response = error_response(
-                413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large"
-            )
-            return await response(scope, receive, send)
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        more = not too_large
+        while more and len(body) <= self.max_bytes:
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                return await self._refuse(
+                    scope,
+                    receive,
+                    send,
+                    408,
+                    f"the request body did not arrive within {self.timeout:g} seconds",
+                    "request_timeout",
+                )
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if too_large or len(body) > self.max_bytes:
+            message = f"the request body is larger than {self.max_bytes} bytes, the server's limit"
+            return await self._refuse(scope, receive, send, 413, message, "request_too_large")
+        why = not_utf8(bytes(body))
+        if why:
+            message = f"the request body is not UTF-8 ({why}); send JSON encoded as UTF-8"
+            return await self._refuse(scope, receive, send, 400, message, "invalid_encoding")
         replayed = False
 
         async def replay():
@@ -111,6 +152,11 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope, receive, send, status: int, message: str, code: str) -> None:
+        response = error_response(status, message, code=code, headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class ApiKeyAuth:
@@ -130,7 +176,8 @@ class ApiKeyAuth:
                 message = (
                     "Incorrect API key provided"
                     if given
-                    else "You didn't provide an API key: send it in an Authorization header (Authorization: Bearer YOUR_KEY)"
+                    else "You didn't provide an API key: send it in an Authorization header "
+                    "(Authorization: Bearer YOUR_KEY)"
                 )
                 response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
@@ -293,7 +340,8 @@ class CompletionJob:
             if include_usage:
                 yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
         except ApiError as err:
-            yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': None}})}\n\n"
+            error = {"message": err.message, "type": err.type, "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             self.engine.cancel(self.job)  # frees the rows if the client went away mid-stream
         yield "data: [DONE]\n\n"
@@ -317,7 +365,7 @@ class CompletionJob:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not work.done():
+            if not work.done() or work.exception() is not None:  # a failed choice ends its request's others
                 self.engine.cancel(self.job)
                 work.cancel()
         if work.cancelled():
@@ -332,11 +380,14 @@ def create_app(
     *,
     api_key: str | None = None,
     allowed_origins: Sequence[str] = (),
+    body_timeout: float = BODY_TIMEOUT_S,
+    max_inspect_tokens: int = MAX_INSPECT_TOKENS,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine.
 
     With `api_key`, every /v1/* request needs it as a bearer token; `allowed_origins` are the web
-    origins whose pages may call the API from a browser (CORS; none by default).
+    origins whose pages may call the API from a browser (CORS; none by default); a request body
+    must arrive within `body_timeout` seconds; /v1/inspect takes texts of up to `max_inspect_tokens`.
     """
 
     @contextlib.asynccontextmanager
@@ -346,9 +397,13 @@ def create_app(
         engine.stop()
 
     app = FastAPI(
-        title="gptwo", summary="OpenAI-compatible completions for GPT-2 models", version="1", lifespan=lifespan
+        title="gptwo",
+        summary="OpenAI-compatible completions for GPT-2 models",
+        version="1",
+        lifespan=lifespan,
+        redirect_slashes=False,  # /v1/completions/ is a 404 in OpenAI's shape, not a redirect
     )
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout)
     if api_key:  # added later = runs earlier: a request without the key is refused before its body is read
         app.add_middleware(ApiKeyAuth, key=api_key)
     if allowed_origins:
@@ -373,6 +428,13 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
+        where = f"{request.method} {request.url.path}"
+        if err.status_code == 404 and err.detail == "Not Found":  # no such route (not a handler's own 404)
+            message = f"there is no {where} on this server; the API is POST /v1/completions and GET /v1/models"
+            return error_response(404, message, code="not_found")
+        if err.status_code == 405:
+            message = f"{where} is not allowed; see /openapi.json"
+            return error_response(405, message, code="method_not_allowed", headers=err.headers)
         return error_response(err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None)
 
     @app.exception_handler(Exception)
@@ -380,9 +442,8 @@ def create_app(
         log.exception("request failed")
         return error_response(500, f"internal error ({type(err).__name__})", type="server_error")
 
-    app.include_router(
-        inspect_router(engine, model_name)
-    )  # POST /v1/inspect and the Inspect page (gptwo.serve.inspect)
+    # POST /v1/inspect and the Inspect page (gptwo.serve.inspect)
+    app.include_router(inspect_router(engine, model_name, max_inspect_tokens))
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -408,7 +469,7 @@ def create_app(
     @app.post(
         "/v1/completions",
         response_model=protocol.Completion,
-        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 413, 429, 500)},
+        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 408, 413, 429, 500)},
         summary="Complete prompts (OpenAI completions API; stream=true sends server-sent events)",
     )
     async def completions(body: protocol.CompletionRequest, request: Request):
@@ -427,9 +488,13 @@ def create_app(
             texts = prompt_list(body.prompt)
             engine.check_count(len(texts), n)  # before encoding: the work stays bounded by the queue
             prompts = encode_prompts(tokenizer, texts)
-            job = engine.submit(prompts, body.sampling_params(), n)
+            job = engine.submit(prompts, body.sampling_params(), n, client=client_of(request))
         except RequestRejected as err:
             raise ApiError(400, str(err), param=err.param, code=err.code) from None
+        except ClientBusy as err:
+            raise ApiError(
+                429, f"{err}; wait for your other requests to finish", type="rate_limit_error", code="too_many_choices"
+            ) from None
         except Overloaded as err:
             raise ApiError(
                 429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
@@ -447,6 +512,11 @@ def create_app(
         return await completion.response(request)
 
     return app
+
+
+def client_of(request: Request) -> str:
+    """Who sent `request`, for the per-client limits: its remote address."""
+    return request.client.host if request.client else ""
 
 
 def default_model_name(model: str) -> str:
@@ -481,33 +551,68 @@ def serve(
     allowed_origins: Sequence[str] = (),
     quantize: str | None = None,
     dtype: str = "auto",
+    max_request_choices: int = MAX_REQUEST_CHOICES,
+    max_client_choices: int = MAX_CLIENT_CHOICES,
+    max_inspect_tokens: int = MAX_INSPECT_TOKENS,
+    header_timeout: float = HEADER_TIMEOUT_S,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted."""
     import uvicorn
 
     from gptwo.weights import resolve_device
 
-    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
-        if value < 1:
-            raise GptwoError(f"{name}={value} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+    for name, value, low in (
+        ("max_batch", max_batch, 1),
+        ("max_queue", max_queue, 1),
+        ("max_body_bytes", max_body_bytes, 1),
+        ("max_request_choices", max_request_choices, 1),
+        ("max_client_choices", max_client_choices, 0),
+        ("max_inspect_tokens", max_inspect_tokens, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise GptwoError(
+                f"{name}={value!r} is not an integer of at least {low}", f"pass --{name.replace('_', '-')} >= {low}"
+            )
+    for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout)):
+        if not (isinstance(value, int | float) and 0 < value < float("inf")):
+            raise GptwoError(f"{name}={value!r} is not a positive number of seconds", f"pass a positive --{name}")
     if api_key is not None and not api_key.strip():  # e.g. --api-key "$UNSET_VARIABLE": never serve openly by mistake
         raise GptwoError("--api-key is empty", "pass a non-empty key, or leave the option out to serve without one")
     api_key = api_key.strip() if api_key else None
     origins = parse_origins(allowed_origins)
     torch_device = resolve_device(device)
+    if torch_device.type == "cpu" and torch_device.index is not None:
+        raise GptwoError(f"--device {device}: cpu takes no index", "use --device cpu")
+    if torch_device.type == "cuda" and (torch_device.index or 0) >= torch.cuda.device_count():
+        raise GptwoError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}",
+        )
     torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
     name = served_model_name or default_model_name(model)
+    engine = Engine(
+        net,
+        tokenizer,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_request_choices=max_request_choices,
+        max_client_choices=max_client_choices,
+    )
     app = create_app(
-        Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue),
+        engine,
         name,
         max_body_bytes,
         api_key=api_key,
         allowed_origins=origins,
+        body_timeout=body_timeout,
+        max_inspect_tokens=max_inspect_tokens,
     )
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)  # also sets up uvicorn's loggers
+    # (the config also sets up uvicorn's loggers)
+    config = uvicorn_config(app, header_timeout=header_timeout, log_level=log_level, timeout_graceful_shutdown=5)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     logger = logging.getLogger("uvicorn.error")
@@ -529,7 +634,8 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The weights' dtype for `--dtype`: auto is bf16 where the hardware multiplies bf16 natively, else fp16 on CUDA, fp32 on CPU.
+    """The weights' dtype for `--dtype`: auto is bf16 where the hardware multiplies bf16 natively, else fp16
+    on CUDA and fp32 on CPU.
 
     On a CPU with AVX-512 BF16 or AMX a batched decode step in bf16 takes about a third of fp32's
     time (docs/serve.md); without them bf16 is emulated and slower than fp32.

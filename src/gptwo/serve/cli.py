@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from gptwo.argtypes import command
+from gptwo.argtypes import command, device_name, float_in, int_at_least
+from gptwo.serve.limits import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_CLIENT_CHOICES,
+    MAX_INSPECT_TOKENS,
+    MAX_REQUEST_CHOICES,
+)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -25,6 +32,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allowed_origins=args.allowed_origins,
         dtype=args.dtype,
         quantize=args.quantize,
+        max_request_choices=args.max_request_choices,
+        max_client_choices=args.max_client_choices,
+        max_inspect_tokens=args.max_inspect_tokens,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     )
     return 0
 
@@ -44,28 +56,66 @@ def add_commands(sub) -> None:
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)",
     )
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument(
+        "--port",
+        type=int_at_least(0, 65535),
+        default=8000,
+        help="port to listen on (default 8000; 0 picks a free one)",
+    )
+    p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: the folder's name or the hub id)"
     )
     p.add_argument(
         "--max-batch",
-        type=int,
+        type=int_at_least(1, 4096),
         default=32,
         help="most sequences decoded together (default 32); each holds a KV cache row",
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=int_at_least(1, 1_000_000),
         default=256,
         help="most sequences waiting for a row; beyond it requests get 429 (default 256)",
     )
     p.add_argument(
+        "--max-request-choices",
+        type=int_at_least(1, 1_000_000),
+        default=MAX_REQUEST_CHOICES,
+        help=f"most choices (prompts x n) in one request; more get 400 (default {MAX_REQUEST_CHOICES})",
+    )
+    p.add_argument(
+        "--max-client-choices",
+        type=int_at_least(0, 1_000_000),
+        default=MAX_CLIENT_CHOICES,
+        help="most choices one client (remote address) may have running or waiting at once; beyond it its "
+        f"requests get 429, so one client cannot hold the queue (default {MAX_CLIENT_CHOICES}; 0: no limit; "
+        "behind a proxy every client shares its address)",
+    )
+    p.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=int_at_least(1, 1 << 30),
         default=1 << 20,
-        help="largest request body accepted; larger ones get 413 (default 1 MiB)",
+        help="largest request body accepted; larger ones get 413, however they are sent (default 1 MiB)",
+    )
+    p.add_argument(
+        "--max-inspect-tokens",
+        type=int_at_least(1, 1_000_000),
+        default=MAX_INSPECT_TOKENS,
+        help=f"longest text /v1/inspect takes, in tokens; longer ones get 413 (default {MAX_INSPECT_TOKENS})",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float_in(0.0, 3600.0, low_open=True, high_open=False),
+        default=HEADER_TIMEOUT_S,
+        help="seconds a connection has to send a request's headers, else 408 and closed "
+        f"(default {HEADER_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float_in(0.0, 3600.0, low_open=True, high_open=False),
+        default=BODY_TIMEOUT_S,
+        help=f"seconds a request has to send its whole body, else 408 (default {BODY_TIMEOUT_S:g})",
     )
     p.add_argument(
         "--log-level",
@@ -76,24 +126,28 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 (default: env GPTWO_API_KEY, else none)",
+        help="require 'Authorization: Bearer KEY' on every /v1 request, else 401 "
+        "(default: env GPTWO_API_KEY, else none)",
     )
     p.add_argument(
         "--allowed-origins",
         action="append",
         default=[],
         metavar="ORIGINS",
-        help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call the API from a browser (CORS; default none)",
+        help="web origins (scheme://host[:port], comma-separated or repeated; * for any) whose pages may call "
+        "the API from a browser (CORS; default none)",
     )
     p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="weights' dtype (default auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), else fp16 on CUDA, fp32 on CPU)",
+        help="weights' dtype (default auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), "
+        "else fp16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
         "--quantize",
         choices=["int8"],
         default=None,
-        help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of fp32's weight memory (docs/inference.md)",
+        help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of "
+        "fp32's weight memory (docs/inference.md)",
     )

@@ -7,9 +7,15 @@ running batch at the next step instead of waiting for it to drain. Rows share sl
 `gptwo.model.KVCache`); a joining prompt is right-aligned with the newest slot and the slots before
 it are marked invalid, so every row sees only its own tokens at its own positions.
 
-Sampling is per row: greedy rows take the argmax, seeded rows use their own generator (so a seed
-gives the same text however the request was batched), the rest are sampled in groups that share
-temperature / top-k / top-p. Log-probabilities are those of the raw model (before temperature).
+Sampling is per row, in float32: greedy rows take the argmax, seeded rows use their own generator
+(so a seed gives the same text however the request was batched), the rest are sampled in groups
+that share temperature / top-k / top-p. Log-probabilities are those of the raw model (before
+temperature). A failure that belongs to one row (logits that are NaN or inf, a sampling or text
+error) ends only that row, with an error in its own request's response; the rest of the batch goes on.
+
+Waiting sequences are admitted fairly: the next free row goes to the client (a remote address) that
+holds the fewest rows, so one client's big request does not hold everyone else back; a client may
+hold at most `max_client_choices` unfinished sequences, and one request at most `max_request_choices`.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from gptwo.errors import GptwoError
-from gptwo.generate import TextStream, filter_logits, pad_left, sample_next
+from gptwo.generate import TextStream, filter_logits, pad_left
 from gptwo.infer.native import NativeStep
 from gptwo.model import GPT, KVCache
+from gptwo.serve.limits import MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
 from gptwo.tokenizer import Tokenizer
 
 log = logging.getLogger("gptwo.serve")
@@ -34,6 +41,10 @@ log = logging.getLogger("gptwo.serve")
 
 class Overloaded(Exception):
     """The waiting queue is full; the client should retry later."""
+
+
+class ClientBusy(Overloaded):
+    """This client already holds as many unfinished sequences as one client may; it should retry later."""
 
 
 class RequestRejected(GptwoError):
@@ -100,6 +111,8 @@ class Sequence:
         self.generated = 0
         self.next_input = -1  # the sampled token to feed at the next decode step
         self.done = False
+        self.failed = False  # ended by an error (counted in stats["failed"])
+        self.left = False  # no longer counted against its client's limit
 
     @property
     def cancelled(self) -> bool:
@@ -120,8 +133,8 @@ class Sequence:
 class Request:
     """One API call: several sequences (prompts x n) whose updates arrive on one asyncio queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: list):
-        self.loop, self._outbox = loop, outbox
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: list, client: str = ""):
+        self.loop, self._outbox, self.client = loop, outbox, client
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
         self.cancelled = False
 
@@ -153,10 +166,8 @@ class PooledCache(KVCache):
         self.config, self.device, self.dtype = config, device, dtype
         self._k, self._v, self._valid = self.k, self.v, self.valid
         self.rows, self.spans = 0, []
-        self.solo, self.solo_len = (
-            solo,
-            None,
-        )  # solo_len: the lone row's tokens held in solo's cache (the pool's copy is stale)
+        self.solo = solo
+        self.solo_len = None  # the lone row's tokens held in solo's cache (the pool's copy is stale)
         self._expose()
 
     def _expose(self) -> None:
@@ -195,10 +206,10 @@ class PooledCache(KVCache):
         self.add_rows(k[:, None], v[:, None], [k.shape[2]])
 
     def add_rows(self, k: torch.Tensor, v: torch.Tensor, spans: Seq[int]) -> None:
-        """Append rows at once: `k`, `v` (n_layer, rows, n_head, W, head_dim) end at the newest slot, row j's tokens are its last `spans[j]` slots.
+        """Append rows at once: `k`, `v` (n_layer, rows, n_head, W, head_dim) end at the newest slot.
 
-        One copy for all joining rows (a copy per row, each a small strided OpenMP loop, cost ~2 s
-        for 64 rows of GPT-2 small on a busy 2-core machine).
+        Row j's tokens are its last `spans[j]` slots. One copy for all joining rows: a copy per row
+        (each a small strided OpenMP loop) measured ~2 s for 64 rows of GPT-2 small on 2 loaded cores.
         """
         self._leave_solo()
         count, width = k.shape[1], max(spans)
@@ -288,9 +299,15 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 256,
         max_prefill_tokens: int = 4096,
+        max_request_choices: int = MAX_REQUEST_CHOICES,
+        max_client_choices: int = MAX_CLIENT_CHOICES,
     ):
+        """`max_request_choices`: most sequences (prompts x n) in one request; `max_client_choices`: most
+        unfinished sequences one client holds at once (0: no limit)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        self.max_request_choices, self.max_client_choices = max_request_choices, max_client_choices
+        self._held: collections.Counter[str] = collections.Counter()  # unfinished sequences per client
         self.device = model.lm_head.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
@@ -356,36 +373,60 @@ class Engine:
             if len(prompt) + params.max_tokens > context:
                 raise RequestRejected(
                     f"This model's maximum context length is {context} tokens, however you requested "
-                    f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in your prompt; {params.max_tokens} for the completion)",
+                    f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in your prompt; "
+                    f"{params.max_tokens} for the completion)",
                     "reduce the prompt or max_tokens",
                     "max_tokens",
                     "context_length_exceeded",
                 )
 
     def check_count(self, prompts: int, n: int) -> None:
-        """Reject more sequences (prompts x n) than the queue holds, before any prompt is encoded."""
+        """Reject more sequences (prompts x n) than one request may hold, before any prompt is encoded."""
         if prompts * n > self.max_queue:
             raise RequestRejected(
                 f"{prompts} prompts x n={n} is more than the queue holds ({self.max_queue})",
                 "send fewer prompts or a smaller n",
                 "n",
             )
+        if prompts * n > self.max_request_choices:
+            raise RequestRejected(
+                f"{prompts} prompts x n={n} is {prompts * n} choices, more than this server takes in one request "
+                f"({self.max_request_choices}, its --max-request-choices)",
+                "send fewer prompts or a smaller n, or split the request",
+                "n",
+            )
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Request:
-        """Queue `n` choices for each prompt (choice index = prompt * n + j); raise Overloaded if the queue is full."""
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, client: str = "") -> Request:
+        """Queue `n` choices for each prompt (choice index = prompt * n + j).
+
+        Raise Overloaded if the queue is full, ClientBusy if `client` would hold more unfinished
+        sequences than `max_client_choices`.
+        """
         self.check(prompts, params, n)
-        request = Request(asyncio.get_running_loop(), self._outbox)
+        request = Request(asyncio.get_running_loop(), self._outbox, client)
         seqs = [
             Sequence(request, i * n + j, p, params, self.tokenizer, self.device, seed_offset=j)
             for i, p in enumerate(prompts)
             for j in range(n)
         ]
         with self._cond:
+            held = self._held[client]
+            if self.max_client_choices and held + len(seqs) > self.max_client_choices:
+                raise ClientBusy(
+                    f"this client already has {held} choices running or waiting and asks for {len(seqs)} more; "
+                    f"one client may hold at most {self.max_client_choices} (the server's --max-client-choices)"
+                )
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} sequences are waiting (the limit is {self.max_queue})")
+            self._held[client] += len(seqs)
             self._waiting.extend(seqs)
             self._cond.notify()
         return request
+
+    def held(self, client: str) -> int:
+        """How many unfinished sequences `client` holds (waiting or running)."""
+        with self._cond:
+            return self._held[client]
 
     def cancel(self, request: Request) -> None:
         """Stop generating for `request` (its client went away); its rows are freed at the next step."""
@@ -408,11 +449,26 @@ class Engine:
             except Exception as err:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("engine step failed")
                 self._fail([*self._active, *joining], f"{type(err).__name__}: {err}")
+                self._leave(self._active)
                 self._active, self.pool = [], self._new_pool()
+            self._leave([s for s in joining if s.done])  # those that never got (or already left) a row
             self._flush()
         self._fail([*self._active, *self._waiting], "the server is shutting down")
+        self._leave([*self._active, *self._waiting])
         self._flush()
         self._active, self._waiting = [], collections.deque()
+
+    def _leave(self, seqs) -> None:
+        """Stop counting `seqs` against their clients' limits (once each)."""
+        gone = [s for s in seqs if not s.left]
+        if not gone:
+            return
+        with self._cond:
+            for seq in gone:
+                seq.left = True
+                self._held[seq.request.client] -= 1
+                if self._held[seq.request.client] <= 0:
+                    del self._held[seq.request.client]
 
     def _flush(self) -> None:
         """Hand this step's updates to their event loops: one wake-up per loop, not one per token."""
@@ -428,25 +484,39 @@ class Engine:
                     request.cancelled = True
 
     def _admit(self) -> list[Sequence]:
-        """Take waiting sequences that fit the free rows and the prefill budget (called under the lock)."""
+        """Take waiting sequences that fit the free rows and the prefill budget (called under the lock).
+
+        Each free row goes to the oldest waiting sequence of the client holding the fewest rows, so
+        a client's big request cannot keep another client's requests waiting behind it.
+        """
         joining: list[Sequence] = []
         width = 0
+        rows = collections.Counter(s.request.client for s in self._active)
         while self._waiting and len(self._active) + len(joining) < self.max_batch:
-            seq = self._waiting[0]
+            seq = min(self._waiting, key=lambda s: rows[s.request.client])  # the first of the least served
+            if seq.cancelled:
+                self._waiting.remove(seq)
+                self.stats["cancelled"] += 1
+                self._leave([seq])  # the lock is re-entrant
+                continue
             width = max(width, len(seq.prompt))
             if joining and width * (len(joining) + 1) > self.max_prefill_tokens:
                 break
-            self._waiting.popleft()
-            if seq.cancelled:
-                self.stats["cancelled"] += 1
-            else:
-                joining.append(seq)
+            self._waiting.remove(seq)
+            rows[seq.request.client] += 1
+            joining.append(seq)
         return joining
 
     def _step(self, joining: list[Sequence]) -> None:
         self._retire()
         if joining:
-            self._prefill(joining)
+            try:
+                prefilled = self._prefill_forward(joining)
+            except Exception as err:  # noqa: BLE001 - the joining prompts fail; the running rows go on
+                log.exception("prefill failed")
+                self._fail(joining, f"{type(err).__name__}: {err}")
+            else:
+                self._prefill(joining, *prefilled)
             self._retire()
             self._flush()  # first tokens go out now, not after the decode step below (time to first token)
         if self._active:
@@ -456,21 +526,33 @@ class Engine:
             self._advance(self._active, self.pool.decode(self.model, tokens))
             self._retire()
 
-    def _prefill(self, joining: list[Sequence]) -> None:
-        """Run the joining prompts (each distinct prompt once), sample their first tokens, give them rows."""
+    def _prefill_forward(self, joining: list[Sequence]) -> tuple[KVCache, torch.Tensor, list[int]]:
+        """Run the joining prompts (each distinct prompt once): their cache, logits, and each sequence's row."""
         prompts = list(dict.fromkeys(tuple(s.prompt) for s in joining))
         ids, valid = pad_left(prompts, self.tokenizer.eot_token, self.device)
         cache = KVCache(self.model.config, len(prompts), ids.shape[1], device=self.device, dtype=self.pool.dtype)
         every_position = any(s.params.prompt_logprobs for s in joining)  # echo with logprobs scores the prompt
         logits = self.model(ids, cache=cache, valid=valid, last_only=not every_position)
-        rows = [prompts.index(tuple(s.prompt)) for s in joining]
-        scored: dict[tuple[int, int], list[TokenLogprob]] = {}  # (row, logprobs): n choices of a prompt score it once
+        return cache, logits, [prompts.index(tuple(s.prompt)) for s in joining]
+
+    def _prefill(self, joining: list[Sequence], cache: KVCache, logits: torch.Tensor, rows: list[int]) -> None:
+        """Give the prefilled sequences rows in the pool and sample their first tokens."""
+        width = logits.shape[1]
+        # (row, logprobs) -> the prompt's logprobs (or why they failed): n choices of a prompt score it once
+        scored: dict[tuple[int, int], list[TokenLogprob] | Exception] = {}
         for seq, row in zip(joining, rows):
             prompt_info = None
             if seq.params.prompt_logprobs:
                 key = (row, seq.params.logprobs or 0)
                 if key not in scored:
-                    scored[key] = self._prompt_logprobs(seq, logits[row, ids.shape[1] - len(seq.prompt) :])
+                    try:
+                        scored[key] = self._prompt_logprobs(seq, logits[row, width - len(seq.prompt) :])
+                    except Exception as err:  # noqa: BLE001 - this prompt's choices fail, no one else's
+                        log.exception("scoring a prompt failed")
+                        scored[key] = err
+                if isinstance(scored[key], Exception):
+                    self._fail([seq], _describe(scored[key]))
+                    continue
                 prompt_info = scored[key]
             if seq.params.max_tokens == 0:
                 seq.done = True
@@ -497,8 +579,49 @@ class Engine:
         return [TokenLogprob(seq.prompt[0], None, None), *infos]
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample the next token of each sequence from its row of `logits` (B, V) and push it."""
+        """Sample the next token of each sequence from its row of `logits` (B, V) and push it.
+
+        A row whose logits are not finite, or whose sampling or text fails, ends with an error; the
+        others go on. When the batched sampling fails, each row is sampled again alone (seeded rows
+        from their generator's state before the failed attempt) to find the rows at fault.
+        """
         logits = logits[:, : self.tokenizer.n_vocab]
+        usable = ((logits < float("inf")).all(-1) & (logits > float("-inf")).any(-1)).tolist()
+        if not all(usable):
+            self._fail(
+                [s for s, ok in zip(seqs, usable) if not ok],
+                "the model's next-token scores for this sequence are not finite numbers (NaN or inf)",
+            )
+            keep = [i for i, ok in enumerate(usable) if ok]
+            seqs, logits = [seqs[i] for i in keep], logits[keep]
+        if not seqs:
+            return
+        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        try:
+            picked = self._pick(seqs, logits)
+        except Exception:  # noqa: BLE001 - find the rows at fault
+            log.exception("sampling a batch failed; sampling its rows one by one")
+            picked = []
+            for i, (seq, state) in enumerate(zip(seqs, states)):
+                if state is not None:
+                    seq.generator.set_state(state)
+                try:
+                    picked.extend(self._pick([seq], logits[i : i + 1]))
+                except Exception as err:  # noqa: BLE001 - this row alone fails
+                    log.exception("sampling a row failed")
+                    self._fail([seq], _describe(err))
+                    picked.append(None)
+        for seq, info in zip(seqs, picked):
+            if info is None:
+                continue
+            try:
+                seq.push(info)
+            except Exception as err:  # noqa: BLE001 - this row alone fails
+                log.exception("emitting a token failed")
+                self._fail([seq], _describe(err))
+
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenLogprob]:
+        """The sampled token of each row of `logits` (B, V), with its logprobs when asked for."""
         tokens = self._sample(seqs, logits)
         infos: dict[int, TokenLogprob] = {}
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
@@ -506,8 +629,7 @@ class Engine:
             logprobs = torch.log_softmax(logits[want].float(), dim=-1)
             found = _logprob_infos(logprobs, [tokens[i] for i in want], [seqs[i].params.logprobs for i in want])
             infos = dict(zip(want, found))
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.push(infos.get(i) or TokenLogprob(token, None, None))
+        return [infos.get(i) or TokenLogprob(token, None, None) for i, token in enumerate(tokens)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token per row: argmax for greedy rows, own generator for seeded rows, shared groups otherwise."""
@@ -520,14 +642,13 @@ class Engine:
             p = seq.params
             if p.temperature == 0:
                 continue
-            if seq.generator is not None:
-                tokens[i] = sample_next(logits[i : i + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0]
+            if seq.generator is not None:  # as gptwo.generate.sample_next draws, so a seed gives the same text
+                probs = sampling_weights(logits[i : i + 1], p.temperature, p.top_k, p.top_p)
+                tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0, 0]
             else:
                 groups[(p.temperature, p.top_k, p.top_p)].append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            probs = torch.softmax(
-                filter_logits(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p), dim=-1
-            )
+            probs = sampling_weights(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p)
             tokens[rows] = _sample_by_cdf(probs, self.generator)
         return tokens.tolist()
 
@@ -537,16 +658,37 @@ class Engine:
         if not gone:
             return
         for i in gone:
-            self.stats["cancelled" if not self._active[i].done else "finished"] += 1
+            if not self._active[i].failed:
+                self.stats["cancelled" if not self._active[i].done else "finished"] += 1
+        self._leave([self._active[i] for i in gone])
         order = self.pool.drop_rows(gone)
         self._active = [self._active[i] for i in order]
 
     def _fail(self, seqs: list[Sequence], message: str) -> None:
         """End unfinished sequences with an error update."""
         for seq in (s for s in seqs if not s.done):
-            seq.done = True
+            seq.done = seq.failed = True
             self.stats["failed"] += 1
             seq.request.emit(Update(seq.index, finish_reason="error", error=message))
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def sampling_weights(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Float32 probabilities (B, V) to sample from: `logits` (finite rows) scaled, top-k / top-p filtered.
+
+    A row that filtering leaves empty or not finite (a top_p too small for float32, such as 1e-46,
+    or a tiny temperature that overflows) keeps only its most likely token, as any top_p that small means.
+    """
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    broken = ~(probs.sum(-1) > 0.5)  # NaN or 0: the sum is 1 for every row filtering left intact
+    if bool(broken.any()):
+        rows = broken.nonzero()[:, 0]
+        probs[rows] = 0.0
+        probs[rows, logits[rows].argmax(-1)] = 1.0
+    return probs
 
 
 def _logprob_infos(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
@@ -585,7 +727,5 @@ def _sample_by_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.T
     u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
     index = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
     inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0).cumsum(-1)
-    u = torch.minimum(
-        u.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(u))
-    )  # rounding: stay inside the block
+    u = torch.minimum(u.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(u)))  # stay inside the block
     return (index.gather(1, torch.searchsorted(inside, u, right=True)))[:, 0]

@@ -23,6 +23,8 @@ from gptwo.detect.attention import forward_with_attention
 from gptwo.detect.detector import Rule, judge_tokens, load_rule, token_rows
 from gptwo.detect.stats import bucket_of
 from gptwo.errors import GptwoError
+from gptwo.generate import invalid_text
+from gptwo.serve.limits import MAX_INSPECT_TOKENS
 
 MAX_ATTENTION_WEIGHTS = 4_000_000  # floats in one response (about 40 MB of JSON); ask for fewer layers beyond it
 
@@ -30,7 +32,7 @@ MAX_ATTENTION_WEIGHTS = 4_000_000  # floats in one response (about 40 MB of JSON
 class InspectRequest(BaseModel):
     """POST /v1/inspect."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "4" is not 4, true is not 1
 
     model: str | None = Field(default=None, description="the served model's id; optional")
     text: StrictStr = Field(description="the text to inspect")
@@ -49,7 +51,8 @@ def _attention(model: torch.nn.Module, ids: list[int], layers: list[int] | None)
     if len(layers) * n_head * len(ids) * (len(ids) + 1) // 2 > MAX_ATTENTION_WEIGHTS:
         raise HTTPException(
             400,
-            f"attention for {len(ids)} tokens, {len(layers)} layers and {n_head} heads is too large; ask for fewer layers or a shorter text",
+            f"attention for {len(ids)} tokens, {len(layers)} layers and {n_head} heads is too large; "
+            "ask for fewer layers or a shorter text",
         )
     device = next(model.parameters()).device
     _, maps = forward_with_attention(model, torch.tensor([ids], device=device))
@@ -61,11 +64,39 @@ def _attention(model: torch.nn.Module, ids: list[int], layers: list[int] | None)
     return {"layers": layers, "heads": n_head, "weights": rows}
 
 
-def inspect_text(model: torch.nn.Module, tokenizer, body: InspectRequest, rule: Rule) -> dict:
-    """The whole /v1/inspect answer for one text (runs the model; call it off the event loop)."""
+def check_text(text: str, max_chars: int) -> None:
+    """Refuse a text that is not text (a NUL, a lone surrogate) or longer than `max_chars` characters."""
+    why = invalid_text(text)
+    if why is None and "\x00" in text:
+        why = f"it holds a NUL character (U+0000) at character {text.index(chr(0))}"
+    if why:
+        raise HTTPException(400, f"text is not valid text: {why}; send UTF-8 text without NUL characters")
+    if len(text) > max_chars:
+        raise HTTPException(
+            413,
+            f"text has {len(text)} characters, more than /v1/inspect takes ({max_chars}: "
+            f"{CHARS_PER_TOKEN} per token of the server's --max-inspect-tokens); send a shorter text",
+        )
+
+
+CHARS_PER_TOKEN = 16  # a text longer than this many characters per allowed token is refused before it is encoded
+
+
+def inspect_text(
+    model: torch.nn.Module, tokenizer, body: InspectRequest, rule: Rule, max_tokens: int = MAX_INSPECT_TOKENS
+) -> dict:
+    """The whole /v1/inspect answer for one text of at most `max_tokens` tokens (runs the model; call it off
+    the event loop)."""
+    check_text(body.text, CHARS_PER_TOKEN * max_tokens)
     tokens = tokenizer.encode_ordinary(body.text)
     if not tokens:
         raise HTTPException(400, "text is empty: give some text to inspect")
+    if len(tokens) > max_tokens:
+        raise HTTPException(
+            413,
+            f"text has {len(tokens)} tokens, more than /v1/inspect takes ({max_tokens}, the server's "
+            "--max-inspect-tokens); send a shorter text",
+        )
     doc = judge_tokens(model, tokenizer, tokens, "text", rule, top=max(1, body.top_logprobs))
     rows = token_rows(doc, tokenizer)
     for row, bucket in zip(rows, bucket_of(doc.table.rank).tolist()):
@@ -96,8 +127,11 @@ def inspect_text(model: torch.nn.Module, tokenizer, body: InspectRequest, rule: 
     return out
 
 
-def inspect_router(engine, model_name: str) -> APIRouter:
-    """The Inspect routes for the model `engine` serves; the calibration is read from `app.state.model_dir` when set."""
+def inspect_router(engine, model_name: str, max_tokens: int = MAX_INSPECT_TOKENS) -> APIRouter:
+    """The Inspect routes for the model `engine` serves, for texts of up to `max_tokens` tokens.
+
+    The detector's calibration is read from `app.state.model_dir` when set.
+    """
     router = APIRouter()
 
     @router.get("/inspect", include_in_schema=False)
@@ -114,7 +148,7 @@ def inspect_router(engine, model_name: str) -> APIRouter:
         model_dir = getattr(request.app.state, "model_dir", None)
         try:
             rule = load_rule(model_dir) if model_dir else Rule()
-            result = await run_in_threadpool(inspect_text, engine.model, engine.tokenizer, body, rule)
+            result = await run_in_threadpool(inspect_text, engine.model, engine.tokenizer, body, rule, max_tokens)
         except GptwoError as err:
             raise HTTPException(400, str(err)) from None
         return {"model": model_name, **result}

@@ -23,15 +23,18 @@ CODES = (
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. `top_k` is an extension (as in vLLM); -1 or null means off. Unknown fields are errors."""
+    """POST /v1/completions. `top_k` is an extension (as in vLLM); -1 or null means off. Unknown fields are errors.
 
-    model_config = ConfigDict(extra="forbid")
+    Types are strict, as JSON has them: "4" and true are not integers, "0.5" is not a number.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(description="the served model's id (see GET /v1/models)")
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
@@ -47,7 +50,8 @@ class CompletionRequest(BaseModel):
     best_of: int | None = Field(default=None, ge=1, description="accepted only when equal to n")
     stop: StrictStr | list[StrictStr] | None = Field(
         default=None,
-        description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters that end a choice (not returned)",
+        description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters that end a choice "
+        "(not returned)",
     )
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="makes sampling reproducible")
     stream: bool | None = Field(default=False, description="send server-sent events, ending with data: [DONE]")

@@ -29,7 +29,7 @@ from gptwo.fileio import atomic_write
 from gptwo.model import GPT
 from gptwo.tokenizer import Tokenizer
 from gptwo.train.distributed import Dist, barrier, gather_objects, unwrap
-from gptwo.weights import model_from_state, read_weights, save_pretrained, state_dict_from_hf
+from gptwo.weights import check_finite, model_from_state, read_weights, save_pretrained, state_dict_from_hf
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILES = (
@@ -228,6 +228,7 @@ def load_checkpoint(checkpoint_dir: str, model: torch.nn.Module, optimizer: torc
 
     trainer = read_trainer_state(checkpoint_dir)
     weights = state_dict_from_hf(read_weights(checkpoint_dir))
+    check_finite(weights, checkpoint_dir)
     weights["lm_head.weight"] = weights["transformer.wte.weight"]
     try:
         tensors = load_file(os.path.join(checkpoint_dir, "optimizer.safetensors"))
@@ -267,7 +268,8 @@ def _without_untied_head(optim_state: dict, checkpoint_dir: str, info: Dist) -> 
         return optim_state
     if info.is_main:
         print(
-            f"note: {checkpoint_dir} was written with an untied output layer (a bug since fixed); its separately trained head was not saved, "
+            f"note: {checkpoint_dir} was written with an untied output layer (a bug since fixed); "
+            "its separately trained head was not saved, "
             "so training resumes with the head tied to the saved embedding again",
             file=sys.stderr,
         )

@@ -20,6 +20,7 @@ def _cmd_train_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         resume=args.resume,
         init_from=args.init_from,
+        overwrite=args.overwrite,
     )
     if summary["rank"]:
         return 0  # under torchrun only rank 0 reports
@@ -68,7 +69,18 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--data", required=True, help="folder written by 'gptwo prepare' (shards, tokenizer.json, meta.json)"
     )
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png and the latest model")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run folder: checkpoints, metrics.jsonl, loss.png and the latest model; new, empty, or an earlier run's "
+        "(locked while training)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into an existing --out that is not a run folder (its config.json, model.safetensors and "
+        "tokenizer.json are replaced)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--preset",

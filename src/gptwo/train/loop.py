@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from gptwo.config import GPTConfig, TrainConfig, load_train_config
 from gptwo.errors import GptwoError
-from gptwo.model import GPT
+from gptwo.model import GPT, check_memory, describe, param_count
 from gptwo.select.online import make_selector
 from gptwo.tokenizer import Tokenizer
 from gptwo.train import checkpoint as ckpt
@@ -36,6 +35,7 @@ from gptwo.train.distributed import (
 )
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
+from gptwo.train.runfolder import check_run_folder, run_lock
 from gptwo.train.speed import (
     autocast,
     compile_enabled,
@@ -77,10 +77,13 @@ def run_training(
     resume: bool = False,
     init_from: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """What `gptwo train` does: resolve the config (a resumed run starts from its saved one) and train."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise GptwoError(f"run folder {out_dir} is a file", "choose a new folder for --out")
+    """What `gptwo train` does: resolve the config (a resumed run starts from its saved one) and train.
+
+    `out_dir` must be new, empty or a run folder (see gptwo.train.runfolder), unless `overwrite`.
+    """
+    check_run_folder(out_dir, (data_dir, init_from or ""), overwrite)
     overrides = list(overrides or [])
     if max_steps is not None:
         overrides.append(f"max_steps={max_steps}")
@@ -93,12 +96,13 @@ def run_training(
         changed = [k for k in SHAPE_KEYS if getattr(config, k) != saved.get(k)]
         if changed:
             raise GptwoError(
-                f"--resume cannot change {changed[0]} (the run was started with {changed[0]}={saved.get(changed[0])!r})",
+                f"--resume cannot change {changed[0]} "
+                f"(the run was started with {changed[0]}={saved.get(changed[0])!r})",
                 "drop that override, or start a new run with --init-from RUN",
             )
     else:
         config = load_train_config(preset, config_file, overrides)
-    return train(data_dir, out_dir, config, resume=resume, progress=progress)
+    return train(data_dir, out_dir, config, resume=resume, progress=progress, overwrite=overwrite)
 
 
 def _parsed(overrides: list[str]) -> dict:
@@ -108,15 +112,30 @@ def _parsed(overrides: list[str]) -> dict:
     return {k: full[k] for k in keys if k in full}
 
 
-def train(data_dir: str, out_dir: str, config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or, with `resume`, continue) a GPT on prepared data; return a summary of the run."""
+def train(
+    data_dir: str,
+    out_dir: str,
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Train (or, with `resume`, continue) a GPT on prepared data; return a summary of the run.
+
+    The run folder is checked (new, empty or a run's own, unless `overwrite`) and locked for the
+    run: a second process training into it stops with an error naming the first.
+    """
     from gptwo.weights import resolve_device
 
-    info, device = init_distributed(resolve_device(config.device))
-    try:
-        return _Trainer(data_dir, out_dir, config, info, device, resume, progress).run()
-    finally:
-        close_distributed()
+    inputs = (data_dir, config.init_from, config.selection_reference)
+    check_run_folder(out_dir, inputs, overwrite)
+    device = resolve_device(config.device)
+    with run_lock(out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # torchrun: rank 0 holds it
+        info, device = init_distributed(device)
+        try:
+            return _Trainer(data_dir, out_dir, config, info, device, resume, progress).run()
+        finally:
+            close_distributed()
 
 
 def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -190,20 +209,27 @@ class _Trainer:
     def _build_model(self) -> GPT:
         config, data = self.config, self.data
         if self.resume_from:
-            from gptwo.weights import config_from_hf
+            from gptwo.weights import check_shapes, read_config, shapes_from_hf, stored_shapes
 
-            with open(os.path.join(self.resume_from, "config.json"), encoding="utf-8") as f:
-                model = GPT(dataclasses.replace(config_from_hf(json.load(f)), dropout=config.dropout))
+            shape = dataclasses.replace(read_config(self.resume_from), dropout=config.dropout)
+            stored = stored_shapes(self.resume_from)
+            if stored is not None:  # the checkpoint's config against its weights, before building the model
+                check_shapes(shape, shapes_from_hf(stored), self.resume_from)
+            self._check_memory(shape)
+            model = GPT(shape)
         elif config.init_from:
             from gptwo.weights import load_model
 
             _check_tokenizer(config.init_from, _known_tokenizer(config.init_from), data)  # before any download
             model, model_tok = load_model(config.init_from, device="cpu")
             _check_tokenizer(config.init_from, model_tok.identity, data)
+            self._check_memory(model.config)  # loading was checked against host memory; training needs more
             _set_dropout(model, config.dropout)
             model.train()
         else:
-            model = GPT(config.model_config(data.train.n_vocab))
+            shape = config.model_config(data.train.n_vocab)
+            self._check_memory(shape)
+            model = GPT(shape)
         if config.block_size > model.config.block_size:
             raise GptwoError(
                 f"block_size={config.block_size} is longer than the model's context of {model.config.block_size}",
@@ -216,17 +242,30 @@ class _Trainer:
             )
         return model
 
+    def _check_memory(self, shape: GPTConfig) -> None:
+        """Refuse a run whose model, gradients, AdamW state and activations cannot fit the device, before any
+        allocation."""
+        need = training_bytes(shape, self.config.batch_size, self.config.block_size)
+        check_memory(
+            need,
+            f"training {describe(shape)} on batch_size={self.config.batch_size} x block_size={self.config.block_size}",
+            "choose a smaller model or batch_size, or free memory",
+            self.device,
+        )
+
     def _load(self, path: str) -> None:
         trainer = ckpt.read_trainer_state(path)
         saved, now = trainer["data"], self.data.identity
         if saved["tokenizer"] != now["tokenizer"]:
             raise GptwoError(
-                f"the run was trained on data tokenized with '{saved['tokenizer']}', but --data uses '{now['tokenizer']}'",
+                f"the run was trained on data tokenized with '{saved['tokenizer']}', "
+                f"but --data uses '{now['tokenizer']}'",
                 "resume with the same --data, or start a new run with --init-from RUN",
             )
         if saved != now:
             raise GptwoError(
-                f"--data differs from the data this run was trained on ({saved['train_tokens']} vs {now['train_tokens']} training tokens)",
+                f"--data differs from the data this run was trained on "
+                f"({saved['train_tokens']} vs {now['train_tokens']} training tokens)",
                 "resume with the same --data, or start a new run with --init-from RUN",
             )
         trainer = ckpt.load_checkpoint(path, self.model, self.optimizer, self.info)
@@ -251,7 +290,8 @@ class _Trainer:
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
             print(
-                f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = {config.batch_size} seq x {config.block_size} tokens "
+                f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = "
+                f"{config.batch_size} seq x {config.block_size} tokens "
                 f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}"
                 + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""),
                 file=sys.stderr,
@@ -351,7 +391,8 @@ class _Trainer:
         return total / self.grad_accum, norm
 
     def _check_finite(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """The last pending step's loss (mean over ranks); stops at the first pending step whose loss or norm is not finite."""
+        """The last pending step's loss (mean over ranks); stops at the first pending step whose loss or norm
+        is not finite."""
         first = self.step - len(pending) + 1
         for offset, (loss, norm) in enumerate(pending):
             loss_value = mean_across(float(loss), self.info, self.device)
@@ -477,7 +518,8 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
         )
     if meta["train_tokens"] <= config.block_size:
         raise GptwoError(
-            f"the data in {data_dir} has {meta['train_tokens']} training tokens, fewer than one block of {config.block_size + 1}",
+            f"the data in {data_dir} has {meta['train_tokens']} training tokens, "
+            f"fewer than one block of {config.block_size + 1}",
             "use more text or a smaller block_size",
         )
     loader = ShardLoader(
@@ -507,8 +549,10 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
         )
     elif info.is_main:
         print(
-            f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, fewer than one batch per process (batch_size*block_size*processes+1 = {need}); "
-            "training runs without validation loss — prepare with a larger --val-fraction, or lower batch_size or block_size",
+            f"warning: the validation split of {data_dir} has {meta.get('val_tokens', 0)} tokens, "
+            f"fewer than one batch per process (batch_size*block_size*processes+1 = {need}); "
+            "training runs without validation loss — prepare with a larger --val-fraction, "
+            "or lower batch_size or block_size",
             file=sys.stderr,
         )
     tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
@@ -519,7 +563,8 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
         )
     if tokenizer.identity != loader.tokenizer_identity:
         raise GptwoError(
-            f"{data_dir}/tokenizer.json ('{tokenizer.identity}') is not the tokenizer its shards were made with ('{loader.tokenizer_identity}')",
+            f"{data_dir}/tokenizer.json ('{tokenizer.identity}') is not the tokenizer its shards were made with "
+            f"('{loader.tokenizer_identity}')",
             "re-create the data with 'gptwo prepare'",
         )
     return Data(loader, val, tokenizer, meta)
@@ -530,6 +575,16 @@ def bits_per_byte(loss_nats: float, meta: dict) -> float | None:
     if not meta.get("val_bytes") or not meta.get("val_tokens"):
         return None
     return loss_nats / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+
+
+def training_bytes(shape: GPTConfig, batch_size: int, block_size: int) -> int:
+    """A lower estimate of a training step's memory in float32: weights, gradients and AdamW's two moments
+    (16 bytes a parameter), plus the activations kept for the backward pass: per token and layer at least
+    the attention's q, k, v and output and the MLP's 4-wide hidden layer before and after GELU (12 x n_embd
+    values), and the logits (with their softmax and gradient, 3 x vocabulary)."""
+    tokens = batch_size * block_size
+    activations = tokens * (shape.n_layer * 12 * shape.n_embd + 3 * shape.vocab_size)
+    return 16 * param_count(shape) + 4 * activations
 
 
 def grad_accum_for(config: TrainConfig, world_size: int) -> int:
@@ -546,33 +601,23 @@ def grad_accum_for(config: TrainConfig, world_size: int) -> int:
 
 
 def set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
-    """On CPU, split the idle cores between this machine's processes (`threads=N` decides instead).
+    """On CPU, one torch thread per core this process may run on, split between this machine's processes.
 
-    Busy cores are left out: a torch thread that must share its core makes every other thread wait
-    for it at each operation, which on a loaded 2-core machine is several times slower than 1 thread.
+    Deterministic: the same command on the same machine always picks the same count (`threads=N` decides
+    instead). The cores are those the process is allowed to use (its CPU affinity, e.g. under `taskset`
+    or a container's cpuset), else all the machine's cores.
     """
     if device.type != "cpu":
         return
-    cores = os.cpu_count() or 1
-    idle = round(cores * _idle_fraction()) if info.local_world_size == 1 else cores  # torchrun: ranks share evenly
-    torch.set_num_threads(config.threads or max(1, min(cores, idle) // info.local_world_size))
+    torch.set_num_threads(config.threads or max(1, cpu_cores() // info.local_world_size))
 
 
-def _idle_fraction(seconds: float = 0.25) -> float:
-    """Share of CPU time idle right now (Linux /proc/stat over a short window; 1.0 elsewhere)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, total
-
+def cpu_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS has one, else os.cpu_count()."""
     try:
-        idle0, total0 = sample()
-        time.sleep(seconds)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return 1.0
-    return (idle1 - idle0) / max(1, total1 - total0)
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _known_tokenizer(spec: str) -> str | None:
@@ -589,7 +634,8 @@ def _check_tokenizer(spec: str, identity: str | None, data: Data) -> None:
     if identity is not None and identity != data.train.tokenizer_identity:
         raise GptwoError(
             f"the data was tokenized with '{data.train.tokenizer_identity}' but {spec} uses '{identity}'",
-            f"prepare the data with the model's tokenizer: gptwo prepare ... --tokenizer {'gpt2' if identity == 'gpt2' else spec}",
+            "prepare the data with the model's tokenizer: "
+            f"gptwo prepare ... --tokenizer {'gpt2' if identity == 'gpt2' else spec}",
         )
 
 

@@ -13,6 +13,7 @@ import time
 
 from gptwo.train.checkpoint import latest_checkpoint
 from gptwo.train.loop import run_training
+from gptwo.train.runfolder import check_run_folder, run_lock
 from gptwo.train.speed import native_bf16
 
 VOCAB_SIZE = 4096
@@ -44,6 +45,12 @@ TOTAL_SECONDS, SAMPLES_SECONDS = 300.0, 15.0
 
 def quickstart(out_dir: str = "runs/quickstart", tiny: bool = False, progress: bool = True) -> dict:
     """Prepare the built-in corpus (once), train (or finish) the cpu preset, report bits per byte, print samples."""
+    check_run_folder(out_dir, also=("data", "corpus"))  # before anything is written there
+    with run_lock(out_dir):  # marks the folder as a run's, so training accepts data/ and corpus/ beside it
+        return _quickstart(out_dir, tiny, progress)
+
+
+def _quickstart(out_dir: str, tiny: bool, progress: bool) -> dict:
     recipe = TINY if tiny else FULL
     start = time.perf_counter()
     data_dir = os.path.join(out_dir, "data")
@@ -110,7 +117,8 @@ def _samples(run_dir: str, max_new_tokens: int) -> dict[str, str]:
 def _report(summary: dict, out_dir: str) -> None:
     bpb = f"{summary['val_bpb']:.3f} bits per byte" if "val_bpb" in summary else "n/a"
     print(
-        f"\nheld-out loss: {summary.get('val_loss', float('nan')):.4f} nats/token = {bpb} ({summary['wall_s']:.0f} s in all)"
+        f"\nheld-out loss: {summary.get('val_loss', float('nan')):.4f} nats/token = {bpb} "
+        f"({summary['wall_s']:.0f} s in all)"
     )
     for prompt, text in summary["samples"].items():
         print(f"\n--- {prompt}{text}")

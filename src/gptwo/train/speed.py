@@ -39,7 +39,8 @@ def compile_enabled(config: TrainConfig, device: torch.device, steps: int) -> bo
 
 
 def compiled_loss(loss: Callable, config: TrainConfig, device: torch.device) -> Callable:
-    """`loss(model, x, y)` compiled whole: the logits' float cast and the cross-entropy fuse with the model's last matmul.
+    """`loss(model, x, y)` compiled whole: the logits' float cast and the cross-entropy fuse with the model's
+    last matmul.
 
     On a CPU the step is traced under `CpuStepOps` (GELU, embeddings and, in bf16, attention in
     the forms Inductor's CPU code runs fastest; the model file keeps the plain calls).
@@ -101,7 +102,8 @@ def _plain_embedding(args: tuple, kwargs: dict) -> bool:
 
 
 def _plain_causal(args: tuple, kwargs: dict) -> bool:
-    """`F.scaled_dot_product_attention(q, k, v, is_causal=True)` over equally many queries and keys, without a mask or dropout."""
+    """`F.scaled_dot_product_attention(q, k, v, is_causal=True)` over equally many queries and keys, without a
+    mask or dropout."""
     if len(args) != 3 or set(kwargs) - {"attn_mask", "dropout_p", "is_causal"}:
         return False
     return (
@@ -121,7 +123,8 @@ def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ/√d + causal mask) v for as many queries as keys with the matmuls in the autocast dtype and the softmax in float32."""
+    """softmax(q kᵀ/√d + causal mask) v for as many queries as keys, with the matmuls in the autocast dtype
+    and the softmax in float32."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
     scores = ((q * (1.0 / math.sqrt(q.shape[-1]))).to(dtype) @ k.to(dtype).transpose(-2, -1)).float()
     i = torch.arange(q.shape[-2], device=q.device)
@@ -159,8 +162,9 @@ def onednn_available() -> bool:
 def use_onednn_linears(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> bool:
     """On a CPU in float32, run every `nn.Linear` of `model` through oneDNN, forward and backward; True if applied.
 
-    torch sends float32 matmuls to MKL, which on AMD CPUs runs its AVX2 code: 82-95 GFLOP/s per core
-    on this project's Zen 5, where oneDNN's AVX-512 kernel reaches 234 (docs/training.md, *Speed*).
+    torch sends float32 matmuls to MKL, which on AMD CPUs runs its AVX2 code: measured at the training
+    shapes on an AVX-512 AMD core, 82-95 GFLOP/s against 234 for oneDNN's AVX-512 kernel
+    (docs/training.md, *Speed*).
     The weights and the state_dict stay as they are; under bf16 autocast nothing changes.
     """
     if device.type != "cpu" or use_bf16(config, device) or not onednn_available():

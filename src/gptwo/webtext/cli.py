@@ -51,17 +51,17 @@ def _webtext_pin(text: str) -> tuple[str, str]:
 
 
 def _cmd_webtext_urls(args: argparse.Namespace) -> int:
-    from gptwo.webtext.engine import Engine
+    from gptwo.webtext.pipeline import CrawlPipeline
     from gptwo.webtext.settings import pick
     from gptwo.webtext.urls import collect_urls
 
-    report = collect_urls(args.inputs, args.out, rule=_cmd_webtext_url_filter(args), engine=pick(Engine, args))
+    report = collect_urls(args.inputs, args.out, rule=_cmd_webtext_url_filter(args), engine=pick(CrawlPipeline, args))
     return _cmd_webtext_report({"urls": report.as_dict()})
 
 
 def _cmd_webtext_fetch(args: argparse.Namespace) -> int:
-    from gptwo.webtext.engine import Engine
     from gptwo.webtext.fetch import fetch_urls
+    from gptwo.webtext.pipeline import CrawlPipeline
     from gptwo.webtext.settings import pick
 
     report = fetch_urls(
@@ -69,25 +69,25 @@ def _cmd_webtext_fetch(args: argparse.Namespace) -> int:
         args.out,
         options=_cmd_webtext_fetch_options(args),
         partitions=args.partitions,
-        engine=pick(Engine, args),
+        engine=pick(CrawlPipeline, args),
     )
     return _cmd_webtext_report({"fetch": report.as_dict()})
 
 
 def _cmd_webtext_extract(args: argparse.Namespace) -> int:
-    from gptwo.webtext.engine import Engine
     from gptwo.webtext.extract import extract_documents
+    from gptwo.webtext.pipeline import CrawlPipeline
     from gptwo.webtext.settings import pick
 
     extracted, deduped = extract_documents(
-        args.crawl, args.out, options=_cmd_webtext_extract_options(args), engine=pick(Engine, args)
+        args.crawl, args.out, options=_cmd_webtext_extract_options(args), engine=pick(CrawlPipeline, args)
     )
     return _cmd_webtext_report({"extract": extracted.as_dict(), "dedup": deduped.as_dict()})
 
 
 def _cmd_webtext_build(args: argparse.Namespace) -> int:
-    from gptwo.webtext.build import build
-    from gptwo.webtext.engine import Engine
+    from gptwo.webtext.corpus import build
+    from gptwo.webtext.pipeline import CrawlPipeline
     from gptwo.webtext.settings import pick
 
     report = build(
@@ -96,7 +96,7 @@ def _cmd_webtext_build(args: argparse.Namespace) -> int:
         rule=_cmd_webtext_url_filter(args),
         fetch_options=_cmd_webtext_fetch_options(args),
         extract_options=_cmd_webtext_extract_options(args),
-        engine=pick(Engine, args),
+        engine=pick(CrawlPipeline, args),
         partitions=args.partitions,
     )
     _cmd_webtext_report(report["stages"])
@@ -109,7 +109,8 @@ def add_commands(sub) -> None:
     web = sub.add_parser(
         "webtext",
         help="Build a WebText-style corpus from Reddit submission dumps.",
-        description="Build a WebText-style corpus: Reddit links with >= 3 karma, fetched, extracted, filtered, deduplicated.",
+        description="Build a WebText-style corpus: Reddit links with >= 3 karma, "
+        "fetched, extracted, filtered, deduplicated.",
     )
     wsub = web.add_subparsers(dest="webtext_command", required=True, parser_class=Parser)
 
@@ -125,7 +126,8 @@ def add_commands(sub) -> None:
             dest="kind",
             choices=("local", "ray"),
             default="local",
-            help="'local' process pool (default) or 'ray' (a Ray cluster, or a single-machine Ray started for this run)",
+            help="'local' process pool (default) or 'ray' "
+            "(a Ray cluster, or a single-machine Ray started for this run)",
         )
         p.add_argument(
             "--ray-address",
@@ -186,7 +188,8 @@ def add_commands(sub) -> None:
             default=[],
             type=_webtext_pin,
             metavar="HOST=ADDRESS",
-            help="connect to ADDRESS for HOST instead of asking DNS, even a private address (as curl --resolve; repeatable)",
+            help="connect to ADDRESS for HOST instead of asking DNS, even a private address "
+            "(as curl --resolve; repeatable)",
         )
         p.add_argument(
             "--partitions", type=int, default=8, help="crawl partitions (by host), fixed by the first run (default 8)"

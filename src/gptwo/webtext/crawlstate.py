@@ -190,7 +190,8 @@ class CrawlState:
         decompress = zstandard.ZstdDecompressor()
         with self._named_errors():
             rows = self.db.execute(
-                "SELECT url, final_url, content_type, body, subreddit, score, title FROM pages WHERE status = 'ok' ORDER BY url"
+                "SELECT url, final_url, content_type, body, subreddit, score, title "
+                "FROM pages WHERE status = 'ok' ORDER BY url"
             )
             for url, final_url, content_type, body, subreddit, score, title in rows:
                 yield {

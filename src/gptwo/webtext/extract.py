@@ -2,8 +2,9 @@
 
 Per page: main text with trafilatura (boilerplate, menus and comments removed), mojibake repaired
 with ftfy, kept only in the wanted languages (py3langid) and with at least `min_tokens` GPT-2
-tokens (length is checked first: it is the cheaper test). Each crawl partition is one task; a task writes its documents, their MinHash signatures
-(for the dedup stage) and its counts, and is skipped on a rerun if its partition hasn't changed.
+tokens (length is checked first: it is the cheaper test). Each crawl partition is one task; a task
+writes its documents, their MinHash signatures (for the dedup stage) and its counts, and is skipped
+on a rerun if its partition hasn't changed.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import numpy as np
 from gptwo.errors import GptwoError
 from gptwo.webtext.crawlstate import CrawlState, partition_paths
 from gptwo.webtext.dedup import deduplicate, sidecar_path, signature, signature_path
-from gptwo.webtext.engine import Engine
 from gptwo.webtext.filters import detect_language, has_min_tokens
+from gptwo.webtext.pipeline import CrawlPipeline
 from gptwo.webtext.records import AtomicFile, JsonlWriter, StageReport, check_output_file, read_cache, write_json
 
 
@@ -140,7 +141,7 @@ def extract_documents(
     out: str | os.PathLike,
     *,
     options: ExtractOptions = ExtractOptions(),
-    engine: Engine | None = None,
+    engine: CrawlPipeline | None = None,
     work_dir: str | os.PathLike | None = None,
 ) -> tuple[StageReport, StageReport]:
     """Stages 3 and 4: every stored page of `crawl_dir` → filtered, deduplicated documents in `out`
@@ -148,7 +149,7 @@ def extract_documents(
     (default: `extract/` beside `out`). Returns the extract and dedup counts."""
     options.check()
     check_output_file(out)
-    engine = engine or Engine()
+    engine = engine or CrawlPipeline()
     dbs = [p for p in partition_paths(crawl_dir) if p.exists()]
     work_dir = Path(work_dir) if work_dir else Path(out).parent / "extract"
     work_dir.mkdir(parents=True, exist_ok=True)

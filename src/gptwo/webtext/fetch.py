@@ -8,7 +8,7 @@ refused URLs are `blocked_address`, never retried). Outcomes go to
 `CrawlState` (SQLite) as they finish, so an interrupted crawl resumes where it stopped. Optionally
 every stored response is also written to WARC files (warcio).
 
-The URLs are split into partitions by host; each partition is one task for the engine.
+The URLs are split into partitions by host; each partition is one task of the `CrawlPipeline`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from urllib.parse import urljoin, urlsplit
 from gptwo.errors import GptwoError
 from gptwo.webtext.addresses import BlockedAddress, GuardedResolver, literal_host_allowed
 from gptwo.webtext.crawlstate import CrawlState, PageResult, open_crawl_dir, partition_of
-from gptwo.webtext.engine import Engine
+from gptwo.webtext.pipeline import CrawlPipeline
 from gptwo.webtext.records import StageReport, read_jsonl, write_jsonl
 from gptwo.webtext.urls import LONE_SURROGATE, SQLITE_INT_LIMIT, normalize_url, url_host
 
@@ -350,7 +350,7 @@ def fetch_urls(
     *,
     options: FetchOptions = FetchOptions(),
     partitions: int = 8,
-    engine: Engine | None = None,
+    engine: CrawlPipeline | None = None,
 ) -> StageReport:
     """Stage 2: fetch every URL of `urls_file` into `crawl_dir`, resuming a previous run there.
 
@@ -359,7 +359,7 @@ def fetch_urls(
     options.check()
     if not Path(urls_file).is_file():
         raise GptwoError(f"URL file not found: {urls_file}", "run 'gptwo webtext urls' first, or check the path")
-    engine = engine or Engine()
+    engine = engine or CrawlPipeline()
     records = _read_url_file(urls_file)
     crawl_dir = Path(crawl_dir)
     partitions = open_crawl_dir(crawl_dir, partitions)

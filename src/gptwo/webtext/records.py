@@ -78,7 +78,8 @@ def read_jsonl(
     line_number = 0
     try:
         with open_text(path) as lines:
-            for line_number, line in enumerate(lines, 1):
+            for line in lines:
+                line_number += 1
                 if line.strip():
                     record = json.loads(line)
                     if not isinstance(record, dict):

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gptwo.errors import GptwoError
-from gptwo.webtext.engine import Engine
+from gptwo.webtext.pipeline import CrawlPipeline
 from gptwo.webtext.records import DamagedStream, StageReport, check_output_file, open_text, write_jsonl
 
 DEFAULT_BLOCKLIST = ("wikipedia.org",)
@@ -232,7 +232,7 @@ def collect_urls(
     out: str | os.PathLike,
     *,
     rule: UrlFilter = UrlFilter(),
-    engine: Engine | None = None,
+    engine: CrawlPipeline | None = None,
 ) -> StageReport:
     """Stage 1: write the unique outbound URLs of `inputs` to `out` (`.jsonl.zst`).
 
@@ -245,7 +245,7 @@ def collect_urls(
     for p in paths:
         _check_input(Path(p))
     check_output_file(out)
-    engine = engine or Engine()
+    engine = engine or CrawlPipeline()
     report = StageReport("urls")
     best: dict[str, dict[str, Any]] = {}
     for records, file_report in engine.map(_scan_file, [(p, rule) for p in paths]):

@@ -2,11 +2,13 @@
 
 Developer experiment behind docs/inference.md's kernel table: each option runs the same chain of
 (out, in) weights (4 per layer x 12 layers + the head), interleaved rounds, median; GB/s is weight
-bytes / time. Run under the shared lock: `flock /tmp/gptwo-heavy.lock python bench/gemv_kernels.py`.
+bytes / time. Run it on an otherwise idle machine: `python experiments/gemv_kernels.py [--rounds N]`
+(needs gptwo's native kernels: `gptwo kernels info`; a kind whose instruction this CPU lacks runs emulated).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -24,6 +26,8 @@ def chain(kind: int, weights: list, scales: list):
 
 
 def main(rounds: int = 15) -> None:
+    if native.library() is None:
+        raise SystemExit("error: gptwo's native kernels did not build — run `gptwo kernels info` to see why")
     torch.manual_seed(0)
     fp32 = [torch.randn(n, k) * 0.02 for n, k in SHAPES]
     bf16 = [w.bfloat16() for w in fp32]
@@ -56,7 +60,8 @@ def main(rounds: int = 15) -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     print(
-        f"{torch.get_num_threads()} threads; one GPT-2 124M decode step's 49 GEMVs, median of {rounds} interleaved rounds"
+        f"{torch.get_num_threads()} threads; one GPT-2 124M decode step's 49 GEMVs, "
+        f"median of {rounds} interleaved rounds"
     )
     for name, (_, ws) in runs.items():
         t = statistics.median(times[name])
@@ -65,4 +70,8 @@ def main(rounds: int = 15) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="interleaved rounds; each row's median counts (default 15)"
+    )
+    main(parser.parse_args().rounds)

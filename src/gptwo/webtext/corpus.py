@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from gptwo.errors import GptwoError
-from gptwo.webtext.engine import Engine
 from gptwo.webtext.extract import ExtractOptions, extract_documents
 from gptwo.webtext.fetch import FetchOptions, fetch_urls
+from gptwo.webtext.pipeline import CrawlPipeline
 from gptwo.webtext.records import StageReport, read_cache, write_json
 from gptwo.webtext.urls import UrlFilter, collect_urls
 
@@ -33,7 +33,7 @@ def _inputs_fingerprint(inputs: list[str], rule: UrlFilter) -> dict[str, Any]:
     return {"inputs": files, "filter": asdict(rule)}
 
 
-def _url_stage(inputs: list[str], out_dir: Path, rule: UrlFilter, engine: Engine) -> StageReport:
+def _url_stage(inputs: list[str], out_dir: Path, rule: UrlFilter, engine: CrawlPipeline) -> StageReport:
     urls_path, meta_path = out_dir / URLS_FILE, out_dir / "urls.report.json"
     fingerprint = _inputs_fingerprint(inputs, rule) if all(os.path.isfile(p) for p in inputs) else None
     previous = read_cache(meta_path, "fingerprint", "report") if fingerprint and urls_path.is_file() else None
@@ -51,11 +51,11 @@ def build(
     rule: UrlFilter = UrlFilter(),
     fetch_options: FetchOptions = FetchOptions(),
     extract_options: ExtractOptions = ExtractOptions(),
-    engine: Engine | None = None,
+    engine: CrawlPipeline | None = None,
     partitions: int = 8,
 ) -> dict[str, Any]:
     """Run every stage into `out_dir`; returns the report also written to `out_dir/report.json`."""
-    engine = engine or Engine()
+    engine = engine or CrawlPipeline()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise GptwoError(

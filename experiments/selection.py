@@ -10,10 +10,10 @@ into Greek letters (another script). Then trains the same tiny GPT with
   reducible     online: top batch by current loss minus the reference's loss (RHO-LOSS);
 each given the same total FLOPs: training + scoring + the reference model's training (the reference
 counts for offline and reducible). Held-out loss is measured on clean documents none of them trains on.
-Prints a table, writes bench/results/selection.json and bench/results/selection.png.
+Prints a table, writes experiments/results/selection.json and experiments/results/selection.png.
 
-    nice -n 10 python bench/selection.py            # 4 min of CPU; 10-30 min wall on 2 shared cores
-    python bench/selection.py --quick               # a minute-long smoke run of the same pipeline
+    python experiments/selection.py            # about 4 min of CPU time
+    python experiments/selection.py --quick    # a minute-long smoke run of the same pipeline
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 from gptwo.data.builtin import builtin_documents
 from gptwo.data.loader import ShardLoader
 from gptwo.data.prepare import prepare
+from gptwo.fileio import atomic_write
 from gptwo.select import online
 from gptwo.select.offline import filter_documents, write_documents
 from gptwo.select.scoring import model_forward_flops, score_documents
@@ -265,7 +266,11 @@ def main() -> None:
         help="training seed of every run (model init, row sampling); the corpus stays the same",
     )
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (few documents and steps)")
-    parser.add_argument("--out", default="bench/results", help="folder for selection.json and selection.png")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="folder for selection.json and selection.png (default experiments/results)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.reference_steps, args.points, args.eval_batches = 200, 30, 3, 4
@@ -401,7 +406,8 @@ def report(
         f"offline scoring {scoring_flops:.3e} ({scoring_flops / budget:.1%}); pool {args.pool}\n"
     )
     header = (
-        f"{'strategy':<10} {'steps':>6} {'FLOPs/step':>11} {'final held-out':>15} {'uniform, same steps':>20} {'FLOPs to uniform final':>22}  "
+        f"{'strategy':<10} {'steps':>6} {'FLOPs/step':>11} {'final held-out':>15} "
+        f"{'uniform, same steps':>20} {'FLOPs to uniform final':>22}  "
         + " ".join(f"{k:>13}" for k in ("clean", *NOISE))
     )
     print(header + "\n" + " " * 90 + "(share of the rows each trained on)")
@@ -412,13 +418,14 @@ def report(
         reached = f"{reach / budget:.2f}x" if reach is not None else "not reached"
         result["uniform_same_steps"] = interpolate(runs["uniform"]["step_curve"], result["steps"])
         print(
-            f"{name:<10} {result['steps']:>6} {result['flops_per_step']:>11.3e} {result['curve'][-1][1]:>15.4f} {result['uniform_same_steps']:>20.4f} {reached:>22}  "
+            f"{name:<10} {result['steps']:>6} {result['flops_per_step']:>11.3e} {result['curve'][-1][1]:>15.4f} "
+            f"{result['uniform_same_steps']:>20.4f} {reached:>22}  "
             + " ".join(f"{result['shares'][k]:>13.1%}" for k in ("clean", *NOISE))
         )
-    print(f"\nwall {wall:.0f} s, CPU {cpu:.0f} s (this process; machine shared)")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "selection.json"), "w", encoding="utf-8") as f:
-        json.dump(
+    print(f"\nwall {wall:.0f} s, CPU {cpu:.0f} s (this process)")
+    atomic_write(
+        os.path.join(args.out, "selection.json"),
+        json.dumps(
             {
                 "args": vars(args),
                 "budget_flops": budget,
@@ -429,9 +436,9 @@ def report(
                 "wall_s": wall,
                 "cpu_s": cpu,
             },
-            f,
             indent=1,
-        )
+        ).encode(),
+    )
     plot(runs, target, os.path.join(args.out, "selection.png"))
 
 

@@ -3,10 +3,10 @@
 A random GPT-2-shaped model scores the same token stream four ways: the anchor (batch 1, stride =
 context: one window per forward pass), batched windows (--batch-size), and batched with half and a
 quarter of the context as stride (each token gets more context, at more compute). Prints a table,
-writes bench/results/eval.json, and checks that batching leaves the total log-likelihood unchanged.
+writes experiments/results/eval.json, and checks that batching leaves the total log-likelihood unchanged.
 
-    python bench/eval.py                                  # ~1 min on a 2-core CPU
-    python bench/eval.py --preset gpt2 --tokens 200000 --device cuda
+    python experiments/eval.py                            # ~1 min on 2 CPU cores
+    python experiments/eval.py --preset gpt2 --tokens 200000 --device cuda
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import torch
 
 from gptwo import GPT, GPTConfig
 from gptwo.eval.scoring import rolling_pairs, score_pairs
+from gptwo.fileio import atomic_write
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def main() -> None:
@@ -30,6 +33,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="length of the random token stream")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass in the batched runs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(RESULTS, "eval.json"),
+        help="JSON output path (default experiments/results/eval.json)",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -73,15 +81,12 @@ def main() -> None:
     print(f"{'run':<34} {'windows':>8} {'seconds':>8} {'tok/s':>9} {'vs anchor':>9}")
     for row in rows:
         print(
-            f"{row['run']:<34} {row['windows']:>8} {row['seconds']:>8.2f} {row['tokens_per_s']:>9.0f} {row['speed_vs_anchor']:>8.2f}x"
+            f"{row['run']:<34} {row['windows']:>8} {row['seconds']:>8.2f} {row['tokens_per_s']:>9.0f} "
+            f"{row['speed_vs_anchor']:>8.2f}x"
         )
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/eval.json", "w") as f:
-        json.dump(
-            {"preset": args.preset, "context": block, "tokens": len(tokens), "device": args.device, "runs": rows},
-            f,
-            indent=2,
-        )
+    report = {"preset": args.preset, "context": block, "tokens": len(tokens), "device": args.device, "runs": rows}
+    atomic_write(args.out, (json.dumps(report, indent=2) + "\n").encode())
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Throughput of the WebText extract + dedup stages on one machine, with the stage counts.
 
-    python bench/webtext.py [--pages 3000] [--workers 1,2] [--partitions 8]
+    python experiments/webtext.py [--pages 3000] [--workers 1,2] [--partitions 8]
 
 Pages: HTML articles assembled from paragraphs of CPython's own documentation (real English, no
 download), wrapped in navigation and footer boilerplate, stored in a crawl folder as the fetch
 stage would. The mix: unique English articles plus exact duplicates (same article, other page
 chrome), near duplicates (about one word in 40 changed), German pages and short pages. Workers are
 started (and their models loaded) before the clock starts; that startup is reported on its own.
-Prints a table and writes bench/results/webtext.json.
+Prints a table and writes experiments/results/webtext.json.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import random
 import tempfile
 import time
 from pathlib import Path
+
+from gptwo.fileio import atomic_write
 
 GERMAN = (
     "der die und in den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an werden aus er "
@@ -118,10 +120,14 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=3000, help="pages in the synthetic crawl")
     parser.add_argument("--workers", default=f"1,{os.cpu_count() or 1}", help="comma-separated worker counts to time")
     parser.add_argument("--partitions", type=int, default=8, help="crawl partitions (tasks for the workers)")
-    parser.add_argument("--json", default="bench/results/webtext.json", help="where to write the results")
+    parser.add_argument(
+        "--json",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "webtext.json"),
+        help="where to write the results",
+    )
     args = parser.parse_args()
 
-    from gptwo.webtext import Engine, ExtractOptions
+    from gptwo.webtext import CrawlPipeline, ExtractOptions
     from gptwo.webtext.dedup import deduplicate, signature_path
     from gptwo.webtext.extract import extract_documents
 
@@ -136,12 +142,14 @@ def main() -> None:
             # Start the workers and load their models (tokenizer, language model) before timing.
             start = time.perf_counter()
             extract_documents(
-                warmup_crawl, Path(folder) / f"warm{workers}" / "d.jsonl.zst", engine=Engine("local", workers)
+                warmup_crawl, Path(folder) / f"warm{workers}" / "d.jsonl.zst", engine=CrawlPipeline("local", workers)
             )
             startup = time.perf_counter() - start
             out = Path(folder) / f"w{workers}" / "documents.jsonl.zst"
             start, cpu_start = time.perf_counter(), cpu_seconds()
-            extract, dedup = extract_documents(crawl, out, options=ExtractOptions(), engine=Engine("local", workers))
+            extract, dedup = extract_documents(
+                crawl, out, options=ExtractOptions(), engine=CrawlPipeline("local", workers)
+            )
             total, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
             parts = sorted((out.parent / "extract").glob("*.ndjson.zst"))
             start = time.perf_counter()
@@ -173,7 +181,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['workers']:>7} {r['startup_seconds']:>9.1f} {r['seconds']:>8.1f} {r['pages_per_s']:>8.1f} "
-            f"{r['documents_per_s']:>8.1f} {r['cores_busy']:>10.2f} {r['pages_per_cpu_s']:>11.1f} {r['dedup_documents_per_s']:>19.0f}"
+            f"{r['documents_per_s']:>8.1f} {r['cores_busy']:>10.2f} {r['pages_per_cpu_s']:>11.1f} "
+            f"{r['dedup_documents_per_s']:>19.0f}"
         )
     for stage, counts in rows[-1]["stages"].items():
         print(f"{stage}: in {counts['in']}, kept {counts['kept']}, dropped {counts['dropped']}")
@@ -189,8 +198,7 @@ def main() -> None:
         "made": kinds,
         "runs": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
     print(f"-> {args.json}")
 
 

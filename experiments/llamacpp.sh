@@ -3,7 +3,7 @@
 # (CPU, -march=native) from a llama.cpp source tree, and write GGUF files of the decode bench's model
 # at f32, f16, bf16 and q8_0 with llama.cpp's own convert_hf_to_gguf.py. Then time them:
 #
-#   bash bench/llamacpp.sh SRC OUT [MODEL]
+#   bash experiments/llamacpp.sh SRC OUT [MODEL]
 #   gptwo bench decode --threads 2 --llama-cpp SRC/build --gguf OUT
 #
 #   SRC    a llama.cpp source tree; built into SRC/build (LLAMA_BUILD=DIR: use or make that build folder instead)

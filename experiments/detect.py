@@ -8,9 +8,10 @@ Each set goes through `gptwo detect calibrate`: AUROC and TPR at 1% FPR of every
 (no fitting) and of the supervised classifier, whose figures are out of fold (5-fold cross-validation
 split by source document: no passage of a test document, human or its continuation, is used to fit),
 and a ROC plot per setting. The classifier's lexicon is the model's training split (MODEL/data).
-Prints a table and writes bench/results/detect/{SETTING}/… and bench/results/detect.json.
+Prints a table and writes experiments/results/detect/{SETTING}/… and experiments/results/detect.json.
 
-    gptwo quickstart --out runs/qs && python bench/detect.py --model runs/qs --reference runs/qs/checkpoints/step_500
+    gptwo quickstart --out runs/qs
+    python experiments/detect.py --model runs/qs --reference runs/qs/checkpoints/step_500
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gptwo.detect.stats import document_scores, token_stats
 from gptwo.fileio import atomic_write
 from gptwo.weights import load_model
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SETTINGS = {"temperature-1.0": dict(temperature=1.0, top_k=None), "top-k-40": dict(temperature=1.0, top_k=40)}
 
 
@@ -49,7 +51,9 @@ def main() -> None:
         default=0,
         help="passages per validation document (default 0 = all, non-overlapping)",
     )
-    parser.add_argument("--out", default="bench/results/detect", help="output folder")
+    parser.add_argument(
+        "--out", default=os.path.join(RESULTS, "detect"), help="output folder (default experiments/results/detect)"
+    )
     parser.add_argument(
         "--reference",
         default=None,
@@ -119,7 +123,7 @@ def main() -> None:
 
 
 def oracle_auroc(model_spec: str, folder: str) -> float:
-    """Fast-DetectGPT's AUROC when each text is scored on the token ids it was sampled/stored as — not text-only: an oracle."""
+    """Fast-DetectGPT's AUROC on the token ids each text was sampled or stored as (not text-only: an oracle)."""
     model, tokenizer = load_model(model_spec, device="cpu")
     with open(os.path.join(folder, "tokens.json"), encoding="utf-8") as f:
         ids = json.load(f)
@@ -156,7 +160,8 @@ def table(results: dict) -> str:
         train = [f["train"]["human"] + f["train"]["generated"] for f in folds]
         test = [f["test"]["human"] + f["test"]["generated"] for f in folds]
         counts.append(
-            f"{n}: {results[n]['pairs']} pairs from {results[n]['documents']} documents; classifier: {len(folds)} folds by document, "
+            f"{n}: {results[n]['pairs']} pairs from {results[n]['documents']} documents; "
+            f"classifier: {len(folds)} folds by document, "
             f"fit on {min(train)}-{max(train)} texts, tested on {min(test)}-{max(test)} each"
         )
     return "\n".join(lines) + "\n\n" + "\n".join(counts)

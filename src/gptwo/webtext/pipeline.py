@@ -1,7 +1,7 @@
 """Where a stage's tasks run: in this process, in local worker processes, or on a Ray cluster.
 
 Every stage splits its work into independent tasks (one input file, one crawl partition) and
-hands them to `Engine.map`. Locally that is a process pool; for web scale the same tasks go to
+hands them to `CrawlPipeline.map`. Locally that is a process pool; for web scale the same tasks go to
 Ray (`engine="ray"`), which runs them on every machine of a cluster or, without an address, on a
 single-machine Ray instance it starts itself.
 """
@@ -22,8 +22,9 @@ ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
-class Engine:
-    """How to run tasks: `workers` parallel processes, with `kind` 'local' or 'ray'."""
+class CrawlPipeline:
+    """How the crawl stages run their tasks: `workers` parallel processes, with `kind` 'local' or 'ray'
+    (the `--engine` option)."""
 
     kind: str = "local"
     workers: int = 1

@@ -1,13 +1,13 @@
 """Stop-string cost: can one request with long stop strings stall everyone else?
 
-Starts `gptwo serve` on a small random GPT-2 (as bench/serve.py does), measures a short greedy
+Starts `gptwo serve` on a small random GPT-2 (as `gptwo bench serve` does), measures a short greedy
 request alone, then sends one "heavy" request with long stop strings that never match and, while
 it runs, short requests one after another. Reports the heavy request's status and time and the
 short requests' latency during it. `--before-src DIR` also runs the same against another source
 tree (e.g. `git archive <commit> src | tar -x -C /tmp/before`) in the same run, for a before/after
-table. Writes bench/results/serve_stop.json.
+table. Writes experiments/results/serve_stop.json.
 
-    python bench/serve_stop.py --before-src /tmp/before/src
+    python experiments/serve_stop.py --before-src /tmp/before/src
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import random
 import statistics
 import string
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,10 +26,43 @@ import time
 import urllib.error
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve import free_port, small_model, start_server  # bench/serve.py
+from gptwo.bench.serve import free_port
+from gptwo.fileio import atomic_write
 
 CASES = [("3 x 300 KB", 3, 300_000), ("16 x 1024 chars", 16, 1024)]
+
+
+def small_model(directory: str, n_layer: int, n_embd: int) -> None:
+    """A random GPT-2-shaped model with GPT-2's tokenizer: the cost measured does not depend on the weights."""
+    import torch
+
+    from gptwo import GPT, GPTConfig, Tokenizer
+    from gptwo.weights import save_pretrained
+
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd)
+    save_pretrained(GPT(config), directory, tokenizer=Tokenizer.gpt2())
+
+
+def start_server(model: str, port: int, args) -> subprocess.Popen:
+    """`gptwo serve` of whichever gptwo PYTHONPATH finds, on `port`, once /health answers."""
+    cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model, "--served-model-name", "bench"]
+    cmd += ["--port", str(port), "--device", args.device, "--max-batch", str(args.max_batch), "--log-level", "warning"]
+    if args.dtype != "auto":  # (so it also runs against older trees, which have no --dtype)
+        cmd += ["--dtype", args.dtype]
+    threads = str(args.server_threads or max(1, (os.cpu_count() or 2) - 1))
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the server exited with {proc.returncode} — run `{' '.join(cmd)}` to see why")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("error: the server did not answer /health within 300 s — run it by hand to see why")
 
 
 def post(url: str, body: dict, timeout: float = 900) -> tuple[int, float]:
@@ -128,7 +162,7 @@ def main() -> None:
     parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serve_stop.json"),
-        help="JSON output path",
+        help="JSON output path (default experiments/results/serve_stop.json)",
     )
     args = parser.parse_args()
 
@@ -140,19 +174,22 @@ def main() -> None:
             runs["before"] = measure(model, args.before_src, args)
 
     print(
-        f"\nrandom GPT-2 n_layer={args.n_layer} n_embd={args.n_embd}; heavy request max_tokens={args.heavy_tokens}, short requests max_tokens={args.short_tokens}"
+        f"\nrandom GPT-2 n_layer={args.n_layer} n_embd={args.n_embd}; heavy request max_tokens={args.heavy_tokens}, "
+        f"short requests max_tokens={args.short_tokens}"
     )
     print(
-        f"{'code':<18} {'stop strings':<16} {'heavy status':>12} {'heavy s':>9} {'short alone':>11} {'short p50 beside':>16} {'short max beside':>16}"
+        f"{'code':<18} {'stop strings':<16} {'heavy status':>12} {'heavy s':>9} {'short alone':>11} "
+        f"{'short p50 beside':>16} {'short max beside':>16}"
     )
     for label, run in runs.items():
         for name, c in run["cases"].items():
             print(
-                f"{label:<18} {name:<16} {c['heavy_status']:>12} {c['heavy_seconds']:>9} {run['short_alone_p50_s']:>10}s {c['short_p50_s']:>15}s {c['short_max_s']:>15}s"
+                f"{label:<18} {name:<16} {c['heavy_status']:>12} {c['heavy_seconds']:>9} "
+                f"{run['short_alone_p50_s']:>10}s {c['short_p50_s']:>15}s {c['short_max_s']:>15}s"
             )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
+    atomic_write(
+        args.out,
+        json.dumps(
             {
                 "n_layer": args.n_layer,
                 "n_embd": args.n_embd,
@@ -160,9 +197,9 @@ def main() -> None:
                 "short_tokens": args.short_tokens,
                 "runs": runs,
             },
-            f,
             indent=2,
-        )
+        ).encode(),
+    )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Decode-step options side by side: torch's path vs gptwo's native kernels (each kernel kind), 2 threads.
 
 Developer experiment behind docs/inference.md's option table. transformers' fp32 `generate` is the
-anchor; every option decodes the same prompt greedily, interleaved rounds, median. Run under the
-shared lock: `flock /tmp/gptwo-heavy.lock python bench/native_options.py [NEW_TOKENS] [ROUNDS]`.
+anchor; every option decodes the same prompt greedily, interleaved rounds, median. Run it on an
+otherwise idle machine: `python experiments/native_options.py [--new-tokens N] [--rounds R]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
-import sys
 
 import torch
 
@@ -56,15 +56,23 @@ def main(new_tokens: int = 64, rounds: int = 5) -> None:
     bandwidth = probe.numel() * 4 / seconds["memory read (sum of 512 MiB)"]
     anchor = new_tokens / seconds["transformers generate fp32"]
     print(
-        f"2 threads, 16-token prompt + {new_tokens} greedy, median of {rounds} interleaved rounds; memory read {bandwidth / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.1f}"
+        f"2 threads, 16-token prompt + {new_tokens} greedy, median of {rounds} interleaved rounds; "
+        f"memory read {bandwidth / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.1f}"
     )
     print(f"{'option':34s} {'tok/s':>7s} {'vs tf':>6s} {'MB':>5s} {'ceiling':>7s} {'of ceiling':>10s}")
     for name, n in nbytes.items():
         rate = new_tokens / seconds[name]
         print(
-            f"{name:34s} {rate:7.1f} {rate / anchor:6.2f} {n / 1e6:5.0f} {bandwidth / n:7.0f} {rate / (bandwidth / n):10.0%}"
+            f"{name:34s} {rate:7.1f} {rate / anchor:6.2f} {n / 1e6:5.0f} {bandwidth / n:7.0f} "
+            f"{rate / (bandwidth / n):10.0%}"
         )
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per run (default 64)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds; each row's median counts (default 5)"
+    )
+    args = parser.parse_args()
+    main(args.new_tokens, args.rounds)

@@ -1,13 +1,13 @@
 """Encode throughput of gptwo's GPT-2 tokenizer against transformers at its best, in one run.
 
-    python bench/tokenizer.py [--mb 8] [--rounds 5]
+    python experiments/tokenizer.py [--mb 8] [--rounds 5]
 
 The anchor is transformers' fastest route to the same token ids: the Rust `tokenizers` backend of
 GPT2TokenizerFast (`backend_tokenizer`), called directly with no special-token handling. Both tools
 are timed one document at a time and batched (all cores), on the same texts, in interleaved rounds
 (median kept); every document's ids are checked equal across all routes before timing. The Python
 wrapper's own calls are listed too, for reference. Text: CPython's documentation and standard-library
-sources (no download). Prints a table and writes bench/results/tokenizer.json; ratios are against the
+sources (no download). Prints a table and writes experiments/results/tokenizer.json; ratios are against the
 fastest transformers route measured in this run.
 """
 
@@ -23,6 +23,10 @@ import statistics
 import sysconfig
 import tempfile
 import time
+
+from gptwo.fileio import atomic_write
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def corpus(megabytes: float) -> list[str]:
@@ -83,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=8.0, help="megabytes of text to encode")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median kept)")
-    parser.add_argument("--json", default="bench/results/tokenizer.json", help="where to write the results")
+    parser.add_argument("--json", default=os.path.join(RESULTS, "tokenizer.json"), help="where to write the results")
     args = parser.parse_args()
 
     docs = corpus(args.mb)
@@ -109,7 +113,8 @@ def main() -> None:
         row["mb_per_s"] = megabytes / row["seconds"]
     anchor = max((r for r in rows if r["tool"] == "transformers"), key=lambda r: r["mb_per_s"])
     print(
-        f"GPT-2 BPE encode, {len(docs)} documents, {megabytes:.1f} MB, {threads} CPU threads, {platform.processor() or platform.machine()}; "
+        f"GPT-2 BPE encode, {len(docs)} documents, {megabytes:.1f} MB, {threads} CPU threads, "
+        f"{platform.processor() or platform.machine()}; "
         f"median of {args.rounds} interleaved rounds; ids checked equal on all documents"
     )
     print(f"{'case':<56} {'MB/s':>8} {'vs transformers best':>21}")
@@ -117,9 +122,9 @@ def main() -> None:
         row["ratio_vs_anchor"] = row["mb_per_s"] / anchor["mb_per_s"]
         print(f"{row['case']:<56} {row['mb_per_s']:>8.2f} {row['ratio_vs_anchor']:>20.2f}x")
     print(f"anchor: {anchor['case']}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(
+    atomic_write(
+        args.json,
+        json.dumps(
             {
                 "megabytes": megabytes,
                 "documents": len(docs),
@@ -128,9 +133,9 @@ def main() -> None:
                 "anchor": anchor["case"],
                 "rows": rows,
             },
-            f,
             indent=2,
-        )
+        ).encode(),
+    )
 
 
 if __name__ == "__main__":

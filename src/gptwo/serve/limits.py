@@ -1,0 +1,9 @@
+"""The server's default limits, in one place that imports nothing heavy (`gptwo serve --help` shows them)."""
+
+MAX_REQUEST_CHOICES = 128  # choices (prompts x n) in one request
+MAX_CLIENT_CHOICES = 128  # choices one client (remote address) has running or waiting; half the default queue
+MAX_INSPECT_TOKENS = 4096  # tokens in one /v1/inspect text (scored whole, in windows of the model's context)
+MAX_HEADER_BYTES = 32 * 1024  # a request line and headers (cookies included)
+HEADER_TIMEOUT_S = 20.0  # for a request's line and headers to arrive
+BODY_TIMEOUT_S = 60.0  # for a request's whole body to arrive
+LINGER_S = 10.0  # how long a refused request's remaining bytes are read and dropped before the connection closes
