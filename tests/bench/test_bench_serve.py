@@ -102,7 +102,7 @@ def test_bench_serve_table_and_bad_variant(report):
         text=True,
         timeout=60,
     )
-    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown variant 'fp8'")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: argument --variants: unknown 'fp8'")
 
 
 def test_stream_completion_reads_a_live_server_like_the_openai_client(tiny_dir):

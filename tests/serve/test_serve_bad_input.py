@@ -366,6 +366,10 @@ def test_one_client_cannot_hold_the_queue(model_dir):
             assert "already has 4 choices" in message and "at most 6" in message and "--max-client-choices" in message
             with pytest.raises(TimeoutError):
                 waiting.result()
+        deadline = time.monotonic() + 30  # the client gave up: its waiting choices leave the queue and its share
+        while (engine.waiting or engine.held("127.0.0.1")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.waiting == 0 and engine.held("127.0.0.1") == 0
     finally:
         server.close()
 

@@ -117,14 +117,14 @@ def _add_bench_decode(bsub) -> None:
         "--llama-cpp",
         default=None,
         metavar="PATH",
-        help="also time llama.cpp in the same rounds: its llama-bench binary or build folder (bench/llamacpp.sh "
+        help="also time llama.cpp in the same rounds: its llama-bench binary or build folder (experiments/llamacpp.sh "
         "builds one); rows f32, f16, bf16, q8_0",
     )
     p.add_argument(
         "--gguf",
         default=None,
         metavar="DIR",
-        help="with --llama-cpp: folder of model-{f32,f16,bf16,q8_0}.gguf for the same model (bench/llamacpp.sh); "
+        help="with --llama-cpp: folder of model-{f32,f16,bf16,q8_0}.gguf for the same model (experiments/llamacpp.sh); "
         "default: convert now with the converter of the binary's source tree",
     )
     _timeout_option(p, "one call of llama-bench or of llama.cpp's GGUF converter")

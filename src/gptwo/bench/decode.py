@@ -111,6 +111,7 @@ def decode_report(
         if llama_cpp or gguf
         else None
     )
+    llama_runs = warm_llamacpp(llama, progress) if llama else {}  # before the models: a broken llama.cpp fails fast
     base = bench_model(model, dev)
     if prompt_tokens + new_tokens > base.config.block_size:
         raise GptwoError(
@@ -146,8 +147,7 @@ def decode_report(
             if progress:
                 print(f"warming up {key[0]} {key[1]}", file=sys.stderr)
             tokens[key] = run()[:, prompt_tokens:]
-        if llama:
-            runs.update(warm_llamacpp(llama, progress))
+        runs.update(llama_runs)
         probe = torch.ones(512 * 2**20 // 4, device=dev)
         runs[("memory", "read")] = probe.sum
         if progress:

@@ -3,7 +3,7 @@
 Each round of the decode benchmark calls `llama-bench -pg P,N -r 1 -o json` once per GGUF precision,
 taking turns with transformers and gptwo; llama-bench's own timing (its `samples_ns`: the P-token
 prompt plus N generated tokens, model loading excluded) counts, so the rows time the workload the
-other rows time. The GGUF files come from llama.cpp's own `convert_hf_to_gguf.py` (bench/llamacpp.sh,
+other rows time. The GGUF files come from llama.cpp's own `convert_hf_to_gguf.py` (experiments/llamacpp.sh,
 or on the fly from the source tree the binary was built in). The weight bytes of a row are read from
 the GGUF file's tensor table: every tensor but the token and position embeddings (lookups).
 """
@@ -42,7 +42,7 @@ _STRING, _ARRAY = 8, 9
 
 
 def gguf_name(dtype: str) -> str:
-    """The file name bench/llamacpp.sh and the on-the-fly conversion give a precision's GGUF."""
+    """The file name experiments/llamacpp.sh and the on-the-fly conversion give a precision's GGUF."""
     return f"model-{dtype}.gguf"
 
 
@@ -59,7 +59,7 @@ def find_llama_bench(path: str) -> str:
             return os.path.abspath(candidate)
     raise GptwoError(
         f"no llama-bench binary at {path}",
-        "pass the llama-bench binary or llama.cpp's build folder (bench/llamacpp.sh builds one)",
+        "pass the llama-bench binary or llama.cpp's build folder (experiments/llamacpp.sh builds one)",
     )
 
 
@@ -82,7 +82,7 @@ def gguf_files(directory: str, dtypes: tuple[str, ...] = GGUF_DTYPES) -> dict[st
     if missing:
         raise GptwoError(
             f"GGUF file {missing[0]} not found",
-            "write the files with bench/llamacpp.sh, or leave --gguf out to convert on the fly",
+            "write the files with experiments/llamacpp.sh, or leave --gguf out to convert on the fly",
         )
     return files
 
@@ -126,14 +126,14 @@ def convert(
             [sys.executable, converter, model_dir, "--outtype", dtype, "--outfile", files[dtype]],
             timeout,
             f"llama.cpp's converter ({dtype})",
-            "convert with bench/llamacpp.sh and pass --gguf",
+            "convert with experiments/llamacpp.sh and pass --gguf",
             env=env,
         )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise GptwoError(
                 f"llama.cpp's converter failed on {model_dir} at {dtype} ({last})",
-                "convert with bench/llamacpp.sh and pass --gguf",
+                "convert with experiments/llamacpp.sh and pass --gguf",
             )
     return files
 
@@ -142,7 +142,7 @@ def _read(f: BinaryIO, fmt: str):
     size = struct.calcsize(fmt)
     data = f.read(size)
     if len(data) != size:
-        raise GptwoError(f"GGUF file {f.name} ends early", "re-create it with bench/llamacpp.sh")
+        raise GptwoError(f"GGUF file {f.name} ends early", "re-create it with experiments/llamacpp.sh")
     return struct.unpack(fmt, data)[0]
 
 
@@ -161,7 +161,7 @@ def _value(f: BinaryIO, kind: int):
                 _value(f, elem)
         return None
     raise GptwoError(
-        f"GGUF file {f.name} has a metadata value of unknown type {kind}", "re-create it with bench/llamacpp.sh"
+        f"GGUF file {f.name} has a metadata value of unknown type {kind}", "re-create it with experiments/llamacpp.sh"
     )
 
 
@@ -170,7 +170,7 @@ def gguf_tensor_bytes(path: str) -> dict[str, int]:
     padding included)."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise GptwoError(f"{path} is not a GGUF file", "re-create it with bench/llamacpp.sh")
+            raise GptwoError(f"{path} is not a GGUF file", "re-create it with experiments/llamacpp.sh")
         version, n_tensors, n_kv = _read(f, "<I"), _read(f, "<Q"), _read(f, "<Q")
         if version < 2:
             raise GptwoError(f"{path} is GGUF version {version}", "re-create it with a current llama.cpp")
@@ -344,7 +344,7 @@ def llamacpp_anchor(
     if converter is None:
         raise GptwoError(
             f"no convert_hf_to_gguf.py above {binary} to convert the model with",
-            "pass --gguf DIR written by bench/llamacpp.sh",
+            "pass --gguf DIR written by experiments/llamacpp.sh",
         )
     if progress:
         print(f"converting the model to GGUF with {converter}", file=sys.stderr)

@@ -249,13 +249,15 @@ def start_server(
         if src
         else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     )
-    has_dtype = False  # the serve command's options live in serve/cli.py (older trees: cli.py)
+    options = ""  # the serve command's options live in serve/cli.py (older trees: cli.py)
     for where in (os.path.join(package, "serve", "cli.py"), os.path.join(package, "cli.py")):
         if os.path.exists(where):
             with open(where, encoding="utf-8") as f:
-                has_dtype = has_dtype or '"--dtype"' in f.read()
-    if dtype != "fp32" or has_dtype:  # (older trees have no --dtype: fp32 was all they did)
+                options += f.read()
+    if dtype != "fp32" or '"--dtype"' in options:  # (older trees have no --dtype: fp32 was all they did)
         cmd += ["--dtype", dtype]
+    if '"--max-client-choices"' in options:  # every bench client comes from 127.0.0.1: one address, no per-client cap
+        cmd += ["--max-client-choices", "0"]
     cmd += ["--quantize", quantize] if quantize else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if src:

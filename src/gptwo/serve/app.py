@@ -365,7 +365,8 @@ class CompletionJob:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not work.done() or work.exception() is not None:  # a failed choice ends its request's others
+            failed = work.done() and not work.cancelled() and work.exception() is not None
+            if not work.done() or failed:  # (a failed choice ends its request's other choices too)
                 self.engine.cancel(self.job)
                 work.cancel()
         if work.cancelled():
@@ -575,7 +576,7 @@ def serve(
                 f"{name}={value!r} is not an integer of at least {low}", f"pass --{name.replace('_', '-')} >= {low}"
             )
     for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout)):
-        if not (isinstance(value, int | float) and 0 < value < float("inf")):
+        if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < float("inf")):
             raise GptwoError(f"{name}={value!r} is not a positive number of seconds", f"pass a positive --{name}")
     if api_key is not None and not api_key.strip():  # e.g. --api-key "$UNSET_VARIABLE": never serve openly by mistake
         raise GptwoError("--api-key is empty", "pass a non-empty key, or leave the option out to serve without one")

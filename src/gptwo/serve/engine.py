@@ -429,9 +429,15 @@ class Engine:
             return self._held[client]
 
     def cancel(self, request: Request) -> None:
-        """Stop generating for `request` (its client went away); its rows are freed at the next step."""
+        """Stop generating for `request` (its client went away): its waiting sequences leave the queue now,
+        its rows are freed at the next step."""
         request.cancelled = True
         with self._cond:
+            dropped = [s for s in self._waiting if s.request is request]
+            if dropped:
+                self._waiting = collections.deque(s for s in self._waiting if s.request is not request)
+                self.stats["cancelled"] += len(dropped)
+                self._leave(dropped)
             self._cond.notify()
 
     # ---- the worker thread

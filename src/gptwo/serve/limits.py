@@ -2,7 +2,7 @@
 
 MAX_REQUEST_CHOICES = 128  # choices (prompts x n) in one request
 MAX_CLIENT_CHOICES = 128  # choices one client (remote address) has running or waiting; half the default queue
-MAX_INSPECT_TOKENS = 4096  # tokens in one /v1/inspect text (scored whole, in windows of the model's context)
+MAX_INSPECT_TOKENS = 1024  # tokens in one /v1/inspect text (1000 measured ~8 s of scoring with a 2-layer model)
 MAX_HEADER_BYTES = 32 * 1024  # a request line and headers (cookies included)
 HEADER_TIMEOUT_S = 20.0  # for a request's line and headers to arrive
 BODY_TIMEOUT_S = 60.0  # for a request's whole body to arrive
