@@ -24,7 +24,7 @@ import time
 import torch
 
 from gptwo.detect.calibrate import auroc, calibrate
-from gptwo.detect.sample import sample_set
+from gptwo.detect.pairs import sample_set
 from gptwo.detect.stats import document_scores, token_stats
 from gptwo.fileio import atomic_write
 from gptwo.weights import load_model

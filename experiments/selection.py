@@ -31,11 +31,11 @@ import torch
 
 from gptwo.data.builtin import builtin_documents
 from gptwo.data.loader import ShardLoader
-from gptwo.data.prepare import prepare
+from gptwo.data.shard_corpus import prepare
 from gptwo.fileio import atomic_write
 from gptwo.select import online
 from gptwo.select.offline import filter_documents, write_documents
-from gptwo.select.scoring import model_forward_flops, score_documents
+from gptwo.select.score import model_forward_flops, score_documents
 from gptwo.tokenizer import Tokenizer
 from gptwo.train.checkpoint import list_checkpoints
 from gptwo.train.loop import run_training

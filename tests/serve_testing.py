@@ -11,7 +11,7 @@ import torch
 import uvicorn
 
 from gptwo import GPT, GPTConfig, Tokenizer
-from gptwo.serve import Engine, create_app
+from gptwo.serve import BatchEngine, create_app
 from gptwo.serve.app import bind_socket
 from gptwo.serve.connection import uvicorn_config
 from gptwo.weights import save_pretrained
@@ -63,13 +63,13 @@ def serve_in_thread(
     quantize=None,
     connection: dict | None = None,
     **engine_kwargs,
-) -> tuple[LiveServer, Engine]:
+) -> tuple[LiveServer, BatchEngine]:
     """A live server for the model in `model_dir`; `app_kwargs` go to create_app (default body limit 64 KiB),
     `connection` to LiveServer."""
     from gptwo.weights import load_model
 
     model, tokenizer = load_model(model_dir, device="cpu", dtype=dtype, quantize=quantize)
-    engine = Engine(model, tokenizer, **engine_kwargs)
+    engine = BatchEngine(model, tokenizer, **engine_kwargs)
     return LiveServer(
         create_app(engine, name, **{"max_body_bytes": 64 * 1024, **(app_kwargs or {})}),
         lifespan=lifespan,

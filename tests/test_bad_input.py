@@ -22,7 +22,7 @@ import zstandard
 
 from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.cli import main, parse_args
-from gptwo.data.prepare import prepare
+from gptwo.data.shard_corpus import prepare
 from gptwo.data.shards import read_header, read_shard, write_shard
 from gptwo.errors import GptwoError, from_library_error
 from gptwo.weights import save_pretrained

@@ -112,11 +112,11 @@ def test_stream_completion_reads_a_live_server_like_the_openai_client(tiny_dir):
     from openai import OpenAI
     from serve_testing import LiveServer
 
-    from gptwo.serve import Engine, create_app
+    from gptwo.serve import BatchEngine, create_app
     from gptwo.weights import load_model
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
-    server = LiveServer(create_app(Engine(model, tokenizer, max_batch=4), "bench"))
+    server = LiveServer(create_app(BatchEngine(model, tokenizer, max_batch=4), "bench"))
     try:
         prompt = client_prompts(1)[0]
         ours = asyncio.run(stream_completion("127.0.0.1", server.port, prompt, 8, temperature=0.0))

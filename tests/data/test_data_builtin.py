@@ -3,7 +3,7 @@
 import hashlib
 
 import gptwo.data.builtin as builtin
-from gptwo.data.prepare import prepare
+from gptwo.data.shard_corpus import prepare
 
 
 def digest(documents):

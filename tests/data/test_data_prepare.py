@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-import gptwo.data.prepare as prepare_module
-from gptwo.data.prepare import prepare
+import gptwo.data.shard_corpus as prepare_module
+from gptwo.data.shard_corpus import prepare
 from gptwo.data.shards import read_header, read_shard
 from gptwo.errors import GptwoError
 from gptwo.tokenizer import Tokenizer

@@ -216,7 +216,7 @@ def test_a_rerun_into_an_earlier_set_replaces_it_without_stale_pairs(world, caps
 def test_library_entry_points_check_their_numbers(world):
     from gptwo.detect.calibrate import calibrate
     from gptwo.detect.detector import load_rule
-    from gptwo.detect.sample import sample_set
+    from gptwo.detect.pairs import sample_set
     from gptwo.detect.stats import token_stats
     from gptwo.weights import load_model
 

@@ -10,7 +10,7 @@ import pytest
 from detect_testing import TEXT, save_tiny
 
 from gptwo.cli import main
-from gptwo.detect.sample import continue_passages
+from gptwo.detect.pairs import continue_passages
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "rect", "path"}
 

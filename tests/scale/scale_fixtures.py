@@ -18,7 +18,7 @@ WORDS = (
 @functools.cache
 def tiny_data() -> str:
     """A prepared data folder (cached per test process): ~30 KB of word salad, a 300-token trained BPE."""
-    from gptwo.data.prepare import prepare
+    from gptwo.data.shard_corpus import prepare
     from gptwo.tokenizer import Tokenizer
 
     root = tempfile.mkdtemp(prefix="gptwo-scale-")

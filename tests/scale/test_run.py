@@ -11,7 +11,7 @@ from scale_fixtures import TINY_SHAPES, TINY_TRAIN, cli, tiny_data
 
 from gptwo.scale.fit import read_points
 from gptwo.scale.plan import make_plan, write_plan
-from gptwo.scale.run import MARKER, RESULTS, run_sweep
+from gptwo.scale.run import _SHAPE_KEYS, MARKER, RESULTS, STARTED, _job, run_sweep
 from gptwo.train.loop import run_training
 from gptwo.train.metrics import read_metrics
 
@@ -94,11 +94,16 @@ def test_a_run_cut_short_is_resumed_from_its_checkpoint(tmp_path):
     run = plan["runs"][0]
     folder = tmp_path / "sweep" / "runs" / run["name"]
     shape = [f"{k}={run[k]}" for k in ("n_layer", "n_head", "n_embd")] + [f"{k}={v}" for k, v in TINY_TRAIN.items()]
+    # what a sweep killed mid-run leaves: its started-marker (written before training), then a checkpoint
+    job = _job(plan, run, tiny_data(), str(tmp_path / "sweep"), 1, plan["vocab_size"])
+    folder.mkdir(parents=True)
+    (folder / STARTED).write_text(json.dumps({k: job["record"][k] for k in _SHAPE_KEYS}))
     run_training(
         tiny_data(),
         str(folder),
         overrides=shape + ["max_steps=4", "checkpoint_every=4", "threads=1", "device=cpu"],
         progress=False,
+        overwrite=True,  # as the sweep's train_job calls it, past the marker it checked itself
     )
     records = run_sweep(str(tmp_path / "plan.json"), tiny_data(), str(tmp_path / "sweep"))
     assert "resuming from" in (folder / "train.log").read_text()

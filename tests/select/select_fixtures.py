@@ -80,7 +80,7 @@ def tokenizer_file() -> str:
 @functools.cache
 def mixed_data() -> str:
     """The mixed corpus prepared into shards."""
-    from gptwo.data.prepare import prepare
+    from gptwo.data.shard_corpus import prepare
 
     corpus, _ = mixed_corpus()
     out = os.path.join(os.path.dirname(corpus), "data-mixed")
@@ -91,7 +91,7 @@ def mixed_data() -> str:
 @functools.cache
 def reference_run() -> str:
     """A tiny model trained on clean documents only: the reference of `reducible`."""
-    from gptwo.data.prepare import prepare
+    from gptwo.data.shard_corpus import prepare
     from gptwo.train.loop import run_training
 
     rng = random.Random(1)

@@ -23,7 +23,7 @@ from select_fixtures import (
 
 from gptwo.errors import GptwoError
 from gptwo.select.offline import dsir_resample, filter_documents, kept_ids
-from gptwo.select.scoring import score_documents
+from gptwo.select.score import score_documents
 from gptwo.train.loop import run_training
 from gptwo.weights import load_model
 

@@ -164,13 +164,13 @@ def test_dtype_option(model_dir):
 
 @pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine")
 def test_a_lone_streamed_request_decodes_natively_and_answers_as_the_model_does(model_dir):
-    from gptwo.serve import Engine, create_app
+    from gptwo.serve import BatchEngine, create_app
     from gptwo.serve.app import load_served_model
 
     model, tokenizer = load_served_model(
         model_dir, torch.device("cpu"), torch.float32, None
     )  # as `gptwo serve` loads it
-    engine = Engine(model, tokenizer)
+    engine = BatchEngine(model, tokenizer)
     assert engine.solo is not None
     server = LiveServer(create_app(engine, "tiny", max_body_bytes=64 * 1024))
     try:

@@ -19,7 +19,7 @@ from test_serve_api import PROMPT, assert_openai_error
 
 import gptwo.serve.engine as engine_module
 from gptwo.cli import main
-from gptwo.serve.engine import Engine, SamplingParams
+from gptwo.serve.engine import BatchEngine, SamplingParams
 from gptwo.tokenizer import Tokenizer
 
 BODY_LIMIT = 64 * 1024  # serve_in_thread's default
@@ -270,7 +270,7 @@ def test_a_neighbours_bad_sampling_leaves_a_running_stream_intact(live, monkeypa
     assert payload["error"]["type"] == "server_error"
 
 
-def run_engine(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[list]:
+def run_engine(engine: BatchEngine, jobs: list[tuple[list[int], SamplingParams]]) -> list[list]:
     """Submit `jobs` (one prompt each) before the worker starts, so they share every step; their updates."""
 
     async def scenario():
@@ -298,8 +298,8 @@ def test_a_row_whose_logits_turn_nan_ends_alone():
     model, tok = tiny_model(block_size=64), Tokenizer.gpt2()
     greedy, seeded = SamplingParams(max_tokens=10, temperature=0), SamplingParams(max_tokens=10, seed=3)
     jobs = [([1, 2, 3], greedy), ([4, 5], seeded), ([6, 7, 8, 9], greedy)]
-    expected = [tokens_of(run_engine(Engine(model, tok), [job])[0]) for job in jobs]
-    engine = Engine(model, tok)
+    expected = [tokens_of(run_engine(BatchEngine(model, tok), [job])[0]) for job in jobs]
+    engine = BatchEngine(model, tok)
     decode, steps = engine.pool.decode, []
 
     def poisoned(model, tokens):
@@ -325,7 +325,7 @@ def test_a_row_whose_sampling_fails_ends_alone_and_seeded_neighbours_keep_their_
         ([4, 5], SamplingParams(max_tokens=8, top_k=7)),
         ([6, 7], SamplingParams(max_tokens=8, seed=12, top_k=40)),
     ]
-    expected = [tokens_of(run_engine(Engine(model, tok), [job])[0]) for job in (jobs[0], jobs[2])]
+    expected = [tokens_of(run_engine(BatchEngine(model, tok), [job])[0]) for job in (jobs[0], jobs[2])]
     sampling_weights = engine_module.sampling_weights
 
     def failing(logits, temperature, top_k, top_p):
@@ -334,7 +334,7 @@ def test_a_row_whose_sampling_fails_ends_alone_and_seeded_neighbours_keep_their_
         return sampling_weights(logits, temperature, top_k, top_p)
 
     monkeypatch.setattr(engine_module, "sampling_weights", failing)
-    got = run_engine(Engine(model, tok), jobs)
+    got = run_engine(BatchEngine(model, tok), jobs)
     assert [tokens_of(got[0]), tokens_of(got[2])] == expected  # as if the failing row had never been there
     assert got[1] == [got[1][-1]] and got[1][-1].finish_reason == "error" and "index 256" in got[1][-1].error
 
@@ -374,7 +374,7 @@ def test_one_client_cannot_hold_the_queue(model_dir):
         server.close()
 
     async def fairness():
-        engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=3, max_client_choices=0)
+        engine = BatchEngine(tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=3, max_client_choices=0)
         hog = engine.submit([[1, 2]], SamplingParams(max_tokens=1), n=5, client="10.0.0.1")
         engine.submit([[3]], SamplingParams(max_tokens=1), n=2, client="10.0.0.2")
         with engine._cond:
@@ -387,7 +387,7 @@ def test_one_client_cannot_hold_the_queue(model_dir):
 
 
 def test_client_choices_are_released_when_their_sequences_end():
-    engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2(), max_client_choices=4)
+    engine = BatchEngine(tiny_model(block_size=32), Tokenizer.gpt2(), max_client_choices=4)
     run_engine(engine, [([1, 2], SamplingParams(max_tokens=3, temperature=0))] * 2)
     assert engine.held("") == 0 and not engine._held
 

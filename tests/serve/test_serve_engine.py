@@ -13,7 +13,7 @@ from gptwo.errors import GptwoError
 from gptwo.infer import native, prepare_model
 from gptwo.infer.native import NativeStep
 from gptwo.model import KVCache
-from gptwo.serve.engine import Engine, Overloaded, PooledCache, SamplingParams
+from gptwo.serve.engine import BatchEngine, Overloaded, PooledCache, SamplingParams
 
 
 def next_logits(model, tokens: list[int]) -> torch.Tensor:
@@ -70,7 +70,7 @@ def test_a_lone_row_decodes_in_one_native_call_and_hands_its_cache_back(dtype):
     reference = tiny_model(block_size=40, vocab_size=512)  # float32 math on the same (bf16-rounded) weights
     for param in reference.parameters():
         param.copy_(param.to(model.transformer.wte.weight.dtype))
-    engine = Engine(model, Tokenizer.gpt2())
+    engine = BatchEngine(model, Tokenizer.gpt2())
     pool = engine.pool
     assert isinstance(engine.solo, NativeStep) and pool.solo is engine.solo
     # of the largest logit; in bf16 the pool's rows and prefills run torch's bf16 activations (up to 3.4% off
@@ -137,7 +137,7 @@ def test_rows_prefilled_together_join_at_once_and_see_only_their_own_tokens():
 
 
 def test_engine_refuses_what_it_cannot_run_and_bounds_its_queue():
-    engine = Engine(
+    engine = BatchEngine(
         tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=2, max_queue=3
     )  # never started: nothing leaves the queue
 
@@ -159,7 +159,7 @@ def test_engine_refuses_what_it_cannot_run_and_bounds_its_queue():
 
 def test_engine_step_failure_fails_requests_but_keeps_running():
     model = tiny_model(block_size=32)
-    engine = Engine(model, Tokenizer.gpt2())
+    engine = BatchEngine(model, Tokenizer.gpt2())
 
     async def run(prompt: list[int]):
         job = engine.submit([prompt], SamplingParams(max_tokens=3, temperature=0))
@@ -185,7 +185,7 @@ def test_engine_step_failure_fails_requests_but_keeps_running():
 
 
 def test_first_tokens_are_handed_out_before_the_next_decode_step():
-    engine = Engine(tiny_model(block_size=32), Tokenizer.gpt2())
+    engine = BatchEngine(tiny_model(block_size=32), Tokenizer.gpt2())
     pending_at_decode = []
     decode = engine.pool.decode
     engine.pool.decode = lambda *a, **k: (pending_at_decode.append(len(engine._outbox)), decode(*a, **k))[1]

@@ -22,7 +22,7 @@ import torch
 
 from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.cli import main
-from gptwo.data.prepare import prepare
+from gptwo.data.shard_corpus import prepare
 from gptwo.errors import GptwoError
 from gptwo.weights import save_pretrained
 

@@ -10,7 +10,7 @@ import torch
 from train_fixtures import TINY, cli, metrics, tiny_data, train_losses
 
 from gptwo import GPT, GPTConfig
-from gptwo.data.prepare import prepare
+from gptwo.data.shard_corpus import prepare
 from gptwo.tokenizer import Tokenizer
 from gptwo.train import loop
 from gptwo.train.checkpoint import latest_checkpoint

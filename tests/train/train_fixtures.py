@@ -53,7 +53,7 @@ def write_corpus(directory: str, documents: int = 48, seed: int = 0) -> str:
 @functools.cache
 def tiny_data(tokenizer: str = "trained", seed: int = 0) -> str:
     """A prepared data folder (cached per test process): a 300-token trained BPE, or 'gpt2'."""
-    from gptwo.data.prepare import prepare
+    from gptwo.data.shard_corpus import prepare
     from gptwo.tokenizer import Tokenizer
 
     root = tempfile.mkdtemp(prefix=f"gptwo-train-{tokenizer}-")

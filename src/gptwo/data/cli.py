@@ -9,7 +9,7 @@ from gptwo.argtypes import command, float_in, int_at_least, seed_type
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from gptwo.data.prepare import prepare
+    from gptwo.data.shard_corpus import prepare
 
     meta = prepare(
         args.inputs,

@@ -212,7 +212,7 @@ def load_lexicon(source: str | None, tokenizer) -> Lexicon | None:
     if source is None:
         return None
     if os.path.isfile(os.path.join(source, "meta.json")):
-        from gptwo.detect.sample import split_documents
+        from gptwo.detect.pairs import split_documents
 
         return Lexicon.from_texts(tokenizer.decode(doc) for doc in split_documents(source, tokenizer, "train"))
     return Lexicon.from_texts(text for _, text in read_folder(source))

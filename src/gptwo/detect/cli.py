@@ -26,7 +26,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from gptwo.detect.detector import detect_files
 
     if args.html:
-        from gptwo.detect.report import check_html_out
+        from gptwo.detect.gltr import check_html_out
 
         check_html_out(args.html, args.files)
     docs, tokenizer = detect_files(
@@ -40,7 +40,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         device=args.device,
     )
     if args.html:
-        from gptwo.detect.report import write_html
+        from gptwo.detect.gltr import write_html
 
         write_html(args.html, docs, tokenizer, args.model)
         print(f"GLTR report -> {args.html}", file=sys.stderr)
@@ -79,7 +79,7 @@ def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect_sample(args: argparse.Namespace) -> int:
-    from gptwo.detect.sample import sample_set
+    from gptwo.detect.pairs import sample_set
 
     summary = sample_set(
         args.model,

@@ -10,7 +10,7 @@ from gptwo.errors import GptwoError
 
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     from gptwo.eval.perplexity import perplexity_report
-    from gptwo.eval.report import render_perplexity
+    from gptwo.eval.tables import render_perplexity
 
     report = perplexity_report(
         args.model,
@@ -27,7 +27,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_task(args: argparse.Namespace) -> int:
-    from gptwo.eval.report import render_task
+    from gptwo.eval.tables import render_task
     from gptwo.eval.tasks import task_report
 
     report = task_report(
@@ -48,7 +48,7 @@ def _cmd_eval_task(args: argparse.Namespace) -> int:
 
 def _cmd_eval_compare(args: argparse.Namespace) -> int:
     from gptwo.eval.compare import compare_report
-    from gptwo.eval.report import render_compare
+    from gptwo.eval.tables import render_compare
 
     data = {}
     for spec in args.data:

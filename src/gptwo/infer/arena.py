@@ -2,10 +2,9 @@
 
 A decode step reads every weight once per token. On 4 KiB pages that is one page (and one TLB entry)
 per 4 KiB streamed, and the hardware prefetchers stop at each page boundary; 2 MiB transparent huge
-pages remove most of those stalls. Measured on the 124M shape's native bf16 step, one AVX2 thread: 16-17
-ms of CPU per token on 4 KiB pages, 12.7-13.2 ms with the weights in an MADV_HUGEPAGE arena
-(experiments/README.md shows how to rerun it). Linux with transparent huge pages in `madvise` or
-`always` mode; elsewhere (or when the arena cannot be had) the tensors stay where they are.
+pages remove most of those stalls (docs/inference.md has the measurement). Linux with transparent huge
+pages in `madvise` or `always` mode; elsewhere, with GPTWO_HUGE_PAGES=0, or when the mapping cannot be
+had, the tensors stay where they are.
 """
 
 from __future__ import annotations
@@ -30,11 +29,12 @@ def huge_pages_available() -> bool:
         return False
 
 
-def into_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """Copies of CPU `tensors` (contiguous) laid out in one MADV_HUGEPAGE mapping, in order; None if unavailable.
+def arena_views(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Empty tensors shaped and typed as CPU `tensors`, laid out in one MADV_HUGEPAGE mapping; None if unavailable.
 
-    The mapping lives as long as any returned tensor (torch.frombuffer holds it). Tensors sharing one
-    storage (a tied head and embedding) should be passed once and the result reused by the caller.
+    The mapping lives as long as any returned tensor (torch.frombuffer holds it); the first starts on a
+    huge-page boundary, each on a 4 KiB one. Pages are backed when written, so a caller that copies one
+    tensor in and drops the original before the next keeps the peak near one model's size.
     """
     if not tensors or not huge_pages_available() or any(t.device.type != "cpu" for t in tensors):
         return None
@@ -49,10 +49,17 @@ def into_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
     except (OSError, ValueError):
         return None
     raw = torch.frombuffer(area, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE  # the first tensor on a huge-page boundary
-    out = []
-    for t, offset, size in zip(tensors, offsets, sizes, strict=True):
-        view = raw[start + offset : start + offset + size].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        out.append(view)
-    return out
+    start = -raw.data_ptr() % HUGE_PAGE
+    return [
+        raw[start + offset : start + offset + size].view(t.dtype).view(t.shape)
+        for t, offset, size in zip(tensors, offsets, sizes, strict=True)
+    ]
+
+
+def into_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Copies of CPU `tensors` in one huge-page arena, in order (see `arena_views`); None if unavailable."""
+    views = arena_views(tensors)
+    if views is not None:
+        for view, t in zip(views, tensors, strict=True):
+            view.copy_(t)
+    return views

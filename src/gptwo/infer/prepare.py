@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from gptwo.errors import GptwoError
 from gptwo.infer import native
-from gptwo.infer.arena import into_arena
+from gptwo.infer.arena import arena_views
 from gptwo.infer.linear import Int8Linear, NativeLinear, TransposedLinear
 from gptwo.model import GPT
 from gptwo.runtime import DTYPES
@@ -107,21 +107,29 @@ def prepare_model(
 
 
 def _weights_into_arena(model: GPT) -> None:
-    """The native linears' weights and the embeddings moved into one huge-page arena (infer/arena.py), ties kept."""
+    """The native linears' weights and the embeddings moved into one huge-page arena (infer/arena.py), ties kept.
+
+    One tensor at a time: each is copied in and every holder re-pointed before the next, so the old
+    storage is freed as the arena fills and the peak stays near one model's size.
+    """
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
     natives = [m for m in model.modules() if isinstance(m, NativeLinear)]
     unique: dict[int, torch.Tensor] = {}
     for t in [wte.data, wpe.data, *(m.w for m in natives)]:
         if t.is_contiguous():
             unique.setdefault(t.data_ptr(), t)
-    moved = into_arena(list(unique.values()))
-    if moved is None:
+    views = arena_views(list(unique.values()))
+    if views is None:
         return
-    where = {ptr: new for ptr, new in zip(unique, moved, strict=True)}
-    for m in natives:  # first the linears (the head's w may be the embedding's storage), then the parameters
-        m.w = where.get(m.w.data_ptr(), m.w)
-    for p in (wte, wpe):
-        p.data = where.get(p.data_ptr(), p.data)
+    for (where, old), view in zip(list(unique.items()), views, strict=True):
+        view.copy_(old)
+        for m in natives:
+            if m.w.data_ptr() == where:
+                m.w = view
+        for p in (wte, wpe):
+            if p.data_ptr() == where:
+                p.data = view
+        del unique[where], old
 
 
 _noted: set[str] = set()

@@ -9,7 +9,7 @@ from gptwo.argtypes import Parser, command, float_in, int_at_least, seed_type
 
 
 def _cmd_select_score(args: argparse.Namespace) -> int:
-    from gptwo.select.scoring import score_documents
+    from gptwo.select.score import score_documents
 
     written = score_documents(
         args.model,

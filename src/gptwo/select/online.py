@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from gptwo.errors import GptwoError
-from gptwo.select.scoring import model_forward_flops, sequence_losses
+from gptwo.select.score import model_forward_flops, sequence_losses
 
 SELECTIONS = ("uniform", "loss", "reducible")
 

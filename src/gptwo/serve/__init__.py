@@ -3,7 +3,7 @@
 from gptwo.lazy import lazy_names
 
 _WHERE = {
-    "Engine": "gptwo.serve.engine",
+    "BatchEngine": "gptwo.serve.engine",
     "SamplingParams": "gptwo.serve.engine",
     "create_app": "gptwo.serve.app",
     "serve": "gptwo.serve.app",

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptwo.errors import GptwoError
 from gptwo.serve import protocol
 from gptwo.serve.connection import uvicorn_config
-from gptwo.serve.engine import ClientBusy, Engine, Overloaded, RequestRejected, TokenLogprob, Update
+from gptwo.serve.engine import BatchEngine, ClientBusy, Overloaded, RequestRejected, TokenLogprob, Update
 from gptwo.serve.engine import Request as EngineRequest
 from gptwo.serve.inspect import inspect_router
 from gptwo.serve.limits import (
@@ -289,7 +289,7 @@ class CompletionJob:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: BatchEngine,
         job: EngineRequest,
         tokenizer: Tokenizer,
         prompts: list[list[int]],
@@ -375,7 +375,7 @@ class CompletionJob:
 
 
 def create_app(
-    engine: Engine,
+    engine: BatchEngine,
     model_name: str,
     max_body_bytes: int = 1 << 20,
     *,
@@ -594,7 +594,7 @@ def serve(
     sock = bind_socket(host, port)
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
     name = served_model_name or default_model_name(model)
-    engine = Engine(
+    engine = BatchEngine(
         net,
         tokenizer,
         max_batch=max_batch,

@@ -289,7 +289,7 @@ class PooledCache(KVCache):
         return logits[:, -1]
 
 
-class Engine:
+class BatchEngine:
     """Runs `model` for all submitted requests in one background thread, batching them step by step."""
 
     def __init__(

@@ -92,7 +92,7 @@ def _prepare_builtin(data_dir: str, vocab_size: int, progress: bool) -> None:
     import random
 
     from gptwo.data.builtin import builtin_documents
-    from gptwo.data.prepare import prepare
+    from gptwo.data.shard_corpus import prepare
     from gptwo.fileio import atomic_write
     from gptwo.tokenizer import Tokenizer
 
