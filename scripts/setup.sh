@@ -37,6 +37,9 @@ case "$job" in
       echo "setup: installing Debian's$debs for the browser and ARM kernel tests" >&2
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $debs) >/dev/null || echo "setup: could not install$debs; those tests will skip" >&2
     fi
+    echo "setup: lint (ruff check, ruff format --check), then the tests" >&2
+    python -m ruff check .
+    python -m ruff format --check .
     exec python -m pytest -q
     ;;
   quickstart)

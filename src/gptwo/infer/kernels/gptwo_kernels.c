@@ -410,7 +410,9 @@ INLINE void row_block(const Lin *L, const Act *a, int m, int n0, int R, float *o
 #ifndef CHUNK_BYTES
 #define CHUNK_BYTES (256 * 1024) /* weight bytes per chunk: few chunks (atomics) for small linears, small tails for the head */
 #endif
+#ifndef HELP_SPINS
 #define HELP_SPINS 2000 /* ~30 us of pause before taking over a partner's unfinished chunks */
+#endif
 typedef struct { int next, done; unsigned char flag[MAX_CHUNKS]; char pad[56]; } Sync;
 typedef void (*ChunkFn)(const void *ctx, int chunk, int chunks);
 
