@@ -19,38 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import zstandard
+from cli_testing import SENTENCES, TRAIN, tiny_corpus
+from cli_testing import write_file as _write
 
-from gptwo import GPT, GPTConfig, Tokenizer
+from gptwo import GPT, GPTConfig
 from gptwo.cli import main, parse_args
 from gptwo.data.shard_corpus import prepare
 from gptwo.data.shards import read_header, read_shard, write_shard
 from gptwo.errors import GptwoError, from_library_error
 from gptwo.weights import save_pretrained
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
-    "A model reads text one token at a time and learns to predict the next one.",
-    "Rivers run to the sea, and the sea sends rain back to the hills again.",
-    "In the morning the baker opens the shop and sets out bread and small cakes.",
-]
-TRAIN = [
-    "n_layer=1",
-    "n_head=1",
-    "n_embd=32",
-    "block_size=16",
-    "batch_size=2",
-    "sample_tokens=0",
-    "threads=1",
-    "eval_every=1",
-    "max_steps=1",
-]
-
-
-def _write(path: str, data: bytes | str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    return path
 
 
 def _jsonl_zst(path: str, documents: int) -> bytes:
@@ -101,11 +78,7 @@ def _model_variant(root: str, name: str, config) -> str:
 def world(tmp_path_factory) -> str:
     """Everything the rows point at, in one folder."""
     root = str(tmp_path_factory.mktemp("bad-input"))
-    rng = random.Random(0)
-    for i in range(16):
-        _write(os.path.join(root, "corpus", f"doc{i:02d}.txt"), " ".join(rng.choice(SENTENCES) for _ in range(4)))
-    tok = Tokenizer.train([os.path.join(root, "corpus")], vocab_size=300)
-    tok.save(os.path.join(root, "tok.json"))
+    tok = tiny_corpus(root)
     prepare(
         [os.path.join(root, "corpus")],
         os.path.join(root, "data"),

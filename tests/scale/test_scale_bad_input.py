@@ -10,28 +10,10 @@ import os
 
 import numpy as np
 import pytest
+from cli_testing import assert_one_line_error, run
 from scale_fixtures import HOFFMANN, TINY_SHAPES, TINY_TRAIN, synthetic_runs, tiny_data
 
-from gptwo.cli import main
 from gptwo.scale.plan import make_plan
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of one in-process command; argparse's exits count as exit codes."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, expected: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and " — " in lines[0], err
-    assert "this is a bug" not in err and expected in lines[0], err
-
 
 # ---------------------------------------------------------------- scale plan
 PLAN = ["scale", "plan", "--vocab-size", "300"]

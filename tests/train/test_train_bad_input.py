@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -19,37 +18,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from cli_testing import TRAIN, tiny_corpus
+from cli_testing import write_file as _write
 
 from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.cli import main
 from gptwo.data.shard_corpus import prepare
 from gptwo.errors import GptwoError
 from gptwo.weights import save_pretrained
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
-    "A model reads text one token at a time and learns to predict the next one.",
-    "Rivers run to the sea, and the sea sends rain back to the hills again.",
-    "In the morning the baker opens the shop and sets out bread and small cakes.",
-]
-TRAIN = [
-    "n_layer=1",
-    "n_head=1",
-    "n_embd=32",
-    "block_size=16",
-    "batch_size=2",
-    "sample_tokens=0",
-    "threads=1",
-    "eval_every=1",
-    "max_steps=1",
-]
-
-
-def _write(path: str, data: bytes | str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    return path
 
 
 def _model_variant(root: str, name: str, **config) -> str:
@@ -73,11 +49,7 @@ def _poisoned(root: str, name: str, value: float, tok: Tokenizer) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("train-bad-input"))
-    rng = random.Random(0)
-    for i in range(16):
-        _write(os.path.join(root, "corpus", f"doc{i:02d}.txt"), " ".join(rng.choice(SENTENCES) for _ in range(4)))
-    tok = Tokenizer.train([os.path.join(root, "corpus")], vocab_size=300)
-    tok.save(os.path.join(root, "tok.json"))
+    tok = tiny_corpus(root)
     prepare([os.path.join(root, "corpus")], os.path.join(root, "data"), tokenizer=tok, workers=1, progress=False)
     shape = dict(block_size=16, n_layer=1, n_head=1, n_embd=32)
     torch.manual_seed(0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gptwo.errors import GptwoError
+from gptwo.runtime import cpu_flags, cpu_name  # noqa: F401 - the benches' reports name the CPU
 
 if TYPE_CHECKING:
     import torch
@@ -31,30 +31,6 @@ COMPILE_MODES = (
 TIMEOUT_ENV = "GPTWO_BENCH_TIMEOUT"  # seconds an outside tool (llama-bench, the GGUF converter, a server) may take
 DEFAULT_TIMEOUT_S = 600.0
 MAX_THREADS = 4096  # `--threads` above this is a typo, not a machine
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that matter to decoding kernels (AVX-512, native bf16, VNNI, AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(
-        f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    )
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

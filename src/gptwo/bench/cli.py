@@ -226,8 +226,8 @@ def add_commands(sub) -> None:
     """`gptwo bench decode|train|serve`: speed on the user's hardware, transformers as the same-run anchor."""
     bench = sub.add_parser(
         "bench",
-        help="Measure speed on the machine it runs on against transformers in the same run.",
-        description="Measure speed on the machine it runs on: each workload runs through transformers in the same "
+        help="Measure speed on this machine against transformers in the same run.",
+        description="Measure speed on this machine: each workload runs through transformers in the same "
         "process as the anchor (interleaved rounds, medians) and reports ratios.",
     )
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser, metavar="WORKLOAD")

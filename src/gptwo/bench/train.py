@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import statistics
 import time
 from typing import TYPE_CHECKING
@@ -360,19 +359,9 @@ def _device_name(device: torch.device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next(
-        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-        platform.processor() or "cpu",
-    )
-    return f"{device.type}: {model}"
+    from gptwo.runtime import cpu_name
 
-
-def _cpuinfo() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return f.read().splitlines()
-    except OSError:
-        return []
+    return f"{device.type}: {cpu_name()}"
 
 
 def _transformers_version() -> str | None:

@@ -8,6 +8,18 @@ from gptwo.argtypes import Parser, add_inference_options, command, int_at_least,
 from gptwo.errors import GptwoError
 
 
+def _run_options(args: argparse.Namespace) -> dict:
+    """How every eval command runs its model: device, batching, window stride, precision, progress."""
+    return {
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "progress": not args.quiet,
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+    }
+
+
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     from gptwo.eval.perplexity import perplexity_report
     from gptwo.eval.tables import render_perplexity
@@ -15,12 +27,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     report = perplexity_report(
         args.model,
         args.files,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.quiet,
-        dtype=args.dtype,
-        quantize=args.quantize,
+        **_run_options(args),
     )
     print_report(report, args.json, render_perplexity)
     return 0
@@ -35,12 +42,7 @@ def _cmd_eval_task(args: argparse.Namespace) -> int:
         args.model,
         data=args.data,
         limit=args.limit,
-        device=args.device,
-        batch_size=args.batch_size,
-        stride=args.stride,
-        progress=not args.quiet,
-        dtype=args.dtype,
-        quantize=args.quantize,
+        **_run_options(args),
     )
     print_report(report, args.json, render_task)
     return 0
@@ -63,12 +65,7 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
         tasks=tasks,
         data=data,
         limit=args.limit,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.quiet,
-        dtype=args.dtype,
-        quantize=args.quantize,
+        **_run_options(args),
     )
     print_report(report, args.json, render_compare)
     return 0

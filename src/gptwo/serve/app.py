@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptwo.errors import GptwoError
+from gptwo.runtime import DTYPES
 from gptwo.serve import protocol
 from gptwo.serve.connection import uvicorn_config
 from gptwo.serve.engine import BatchEngine, ClientBusy, Overloaded, RequestRejected, TokenLogprob, Update
@@ -630,7 +631,6 @@ def serve(
         pass
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
