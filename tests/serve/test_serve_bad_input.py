@@ -439,3 +439,11 @@ def test_serve_options_are_checked_where_declared(capsys, option, words):
         main(["serve", "--model", "nowhere", *option])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def test_the_per_client_address_is_the_peer_not_a_forwarded_header():
+    """uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; the client limits must not (a local client
+    could pose as many)."""
+    from gptwo.serve.connection import uvicorn_config
+
+    assert uvicorn_config(lambda scope, receive, send: None).proxy_headers is False

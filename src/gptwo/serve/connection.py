@@ -175,5 +175,8 @@ def uvicorn_config(
         http=guarded_protocol(header_timeout, max_header_bytes, linger),
         ws="none",  # no WebSocket routes: an upgrade request is an ordinary request
         h11_max_incomplete_event_size=max_header_bytes + 1024,  # a backstop; data_received answers 431 first
+        # the per-client limits key on the peer's address: X-Forwarded-For (which uvicorn trusts from
+        # 127.0.0.1 by default) would let any local client claim another address
+        proxy_headers=kwargs.pop("proxy_headers", False),
         **kwargs,
     )
