@@ -153,3 +153,21 @@ def read_json_lines(path: str, fix: str):
         raise GptwoError(f"{path} is not UTF-8 text (after line {number}, byte {err.start})", fix) from None
     except OSError as err:
         raise GptwoError(f"cannot read {path} ({err.strerror or err})", "check the file's permissions") from None
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_output(path: str, what: str = "--plot") -> None:
+    """A plot is written only to a new path or over a PNG image (an earlier plot); never over a user's file."""
+    if os.path.isdir(path):
+        raise GptwoError(f"{what} {path} is a folder", "give a file name such as fit.png")
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            ours = f.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError as err:
+        raise GptwoError(f"cannot read {path} ({err.strerror})", "check the file's permissions") from None
+    if not ours:
+        raise GptwoError(f"{what} {path} exists and is not a PNG image", "choose another path, or remove that file")

@@ -235,6 +235,16 @@ def test_scale_fit_bad_options_are_one_line_errors(argv, expected, good_runs, ca
     assert_one_line_error(code, err, expected)
 
 
+def test_scale_fit_plot_never_replaces_a_users_file(good_runs, tmp_path, capsys):
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes")
+    code, _, err = run(["scale", "fit", good_runs, "--bootstrap", "0", "--plot", str(notes)], capsys)
+    assert_one_line_error(code, err, "is not a PNG image")
+    assert notes.read_text() == "my notes"
+    code, _, err = run(["scale", "fit", good_runs, "--bootstrap", "0", "--plot", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "is a folder")
+
+
 @pytest.mark.parametrize("first", ["0", "-1"])
 def test_scale_backtest_first_must_be_positive(first, good_runs, capsys):
     code, _, err = run(["scale", "backtest", good_runs, "--first", first], capsys)

@@ -100,6 +100,28 @@ def test_filter_and_dsir_never_write_over_an_input(corpus, capsys):
     assert_one_line_error(code, err, "is the input")
 
 
+def test_filter_and_dsir_replace_only_their_own_output_unless_told(corpus, tmp_path, capsys):
+    notes = tmp_path / "notes.jsonl.zst"  # a user's file that happens to carry the output's name
+    notes.write_bytes(b"my notes, not zstandard")
+    commands = {
+        "filter": ["filter", corpus["jsonl"], "--scores", corpus["scores"], "--keep", "0.5"],
+        "dsir": ["dsir", corpus["jsonl"], "--target", corpus["zst"], "--keep", "0.5"],
+    }
+    for argv in commands.values():
+        code, _, err = run(["select", *argv, "--out", str(notes)], capsys)
+        assert_one_line_error(code, err, "is not a document file written by gptwo select")
+        assert notes.read_bytes() == b"my notes, not zstandard"
+    for name, argv in commands.items():
+        out = tmp_path / f"{name}.jsonl.zst"
+        assert run(["select", *argv, "--out", str(out)], capsys)[0] == 0
+        first = out.read_bytes()
+        assert run(["select", *argv, "--out", str(out)], capsys)[0] == 0  # a rerun replaces its own output
+        assert out.read_bytes() == first
+    code, _, err = run(["select", *commands["filter"], "--out", str(notes), "--overwrite"], capsys)
+    assert code == 0, err
+    assert notes.read_bytes() == (tmp_path / "filter.jsonl.zst").read_bytes()
+
+
 def test_filter_scores_file_as_out_is_refused(corpus, tmp_path, capsys):
     scores = tmp_path / "scores.jsonl.zst"
     scores.write_bytes(_bytes(corpus["scores"]))

@@ -30,7 +30,7 @@ from gptwo.detect.classifier import Lexicon, cross_validate, document_features, 
 from gptwo.detect.detector import CALIBRATION_FILE, Rule, judge_text, load_models
 from gptwo.detect.stats import DIRECTION
 from gptwo.errors import GptwoError
-from gptwo.fileio import atomic_write
+from gptwo.fileio import PNG_MAGIC, atomic_write
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -130,9 +130,6 @@ def read_folder(folder: str) -> list[tuple[str, str]]:
     if not paths:
         raise GptwoError(f"{folder} holds no .txt files", "put one document per .txt file there")
     return [(path, read_text_file(path)) for path in paths]
-
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def check_outputs(out: str, plot: str, lexicon: str | None) -> None:

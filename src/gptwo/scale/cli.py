@@ -55,6 +55,10 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
     from gptwo.scale.fit import fit_report, format_report, parse_point, read_points
     from gptwo.scale.method import best_of_plan, plan_largest, prepare
 
+    if args.plot:  # before the fit: a user's file is never replaced by a plot
+        from gptwo.fileio import check_png_output
+
+        check_png_output(args.plot)
     method = _scale_method(args)
     queries, budgets = [parse_point(p) for p in args.predict], list(args.budget)
     if args.best_of:

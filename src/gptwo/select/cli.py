@@ -30,7 +30,14 @@ def _cmd_select_filter(args: argparse.Namespace) -> int:
     from gptwo.select.offline import filter_documents
 
     result = filter_documents(
-        args.inputs, args.scores, args.out, by=args.by, keep=args.keep, band=args.band, text_field=args.text_field
+        args.inputs,
+        args.scores,
+        args.out,
+        by=args.by,
+        keep=args.keep,
+        band=args.band,
+        text_field=args.text_field,
+        overwrite=args.overwrite,
     )
     if result["not_finite"]:
         print(
@@ -57,6 +64,7 @@ def _cmd_select_dsir(args: argparse.Namespace) -> int:
         buckets=args.buckets,
         seed=args.seed,
         text_field=args.text_field,
+        overwrite=args.overwrite,
     )
     print(
         f"kept {result['kept']} of {result['documents']} documents (importance resampling toward --target) "
@@ -133,6 +141,11 @@ def add_commands(sub) -> None:
         help="which scores to keep: low, middle or high (default: low for loss, high for reducible)",
     )
     p.add_argument("--out", required=True, help="output documents (.jsonl.zst), written atomically")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a document file of ours (default: refuse it)",
+    )
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")
 
     p = command(
@@ -151,4 +164,9 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--seed", type=seed_type, default=0, help="seed of the resampling draw (default 0)")
     p.add_argument("--out", required=True, help="output documents (.jsonl.zst), written atomically")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a document file of ours (default: refuse it)",
+    )
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default text)")

@@ -91,10 +91,12 @@ def filter_documents(
     keep: float = 0.5,
     band: str | None = None,
     text_field: str = "text",
+    overwrite: bool = False,
 ) -> dict:
     """Write the documents of `inputs` whose score falls in the kept band to `out`; returns counts."""
     check_output_name(out)
     check_not_an_input(out, [*inputs, scores_path])
+    check_replaceable(out, overwrite)
     scores = read_scores(scores_path, by)
     finite = finite_scores(scores, scores_path, by)
     band = band or DEFAULT_BAND[by]
@@ -132,6 +134,28 @@ def check_not_an_input(out: str, inputs: Sequence[str]) -> None:
         if same or (os.path.isdir(source) and os.path.commonpath([source, target]) == source):
             where = "is" if same else "lies inside"
             raise GptwoError(f"--out {out} {where} the input {path}", "write the output somewhere outside the inputs")
+
+
+def check_replaceable(out: str, overwrite: bool) -> None:
+    """An existing `out` is replaced only when it is a document file this command writes (zstandard JSON lines of
+    `{"text": ...}`), or with `overwrite`; anything else there is the user's and is refused before any work."""
+    if overwrite or not os.path.lexists(out):
+        return
+    if os.path.isdir(out):
+        raise GptwoError(f"--out {out} is a folder", "name a .jsonl.zst file")
+    try:
+        import zstandard
+
+        with open(out, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+            first = reader.read(1 << 16).split(b"\n", 1)[0]
+        ours = first == b"" or set(json.loads(first)) == {"text"}
+    except Exception:  # noqa: BLE001 - not zstandard, not JSON, not an object: not a file of ours
+        ours = False
+    if not ours:
+        raise GptwoError(
+            f"--out {out} exists and is not a document file written by gptwo select",
+            "choose a new file, or pass --overwrite to replace it",
+        )
 
 
 def check_output_name(out: str) -> None:
@@ -245,11 +269,13 @@ def dsir_resample(
     buckets: int = 10000,
     seed: int = 0,
     text_field: str = "text",
+    overwrite: bool = False,
 ) -> dict:
     """Keep `keep` of the documents, drawn without replacement in proportion to their importance weights
     (Gumbel top-k, as DSIR does), and write them to `out`; returns counts."""
     check_output_name(out)
     check_not_an_input(out, [*inputs, *target])
+    check_replaceable(out, overwrite)
     if not 0.0 < keep <= 1.0:
         raise GptwoError(f"--keep {keep} is outside (0, 1]", "give the fraction of documents to keep, e.g. --keep 0.5")
     check_buckets(buckets)
