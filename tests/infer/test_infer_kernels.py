@@ -120,6 +120,15 @@ def test_a_library_of_another_abi_is_refused(fresh, capsys, tmp_path):
     assert f"has ABI {native.ABI - 1}, this gptwo needs {native.ABI}" in capsys.readouterr().err
 
 
+@needs_cc
+def test_a_library_of_this_abi_that_lacks_a_function_is_refused(fresh, capsys):
+    """A source that answers the ABI check but has no kernels: a one-line note and torch's path, not a bug line."""
+    fresh.setattr(native, "source", lambda: f"int gptwo_abi(void) {{ return {native.ABI}; }}\n".encode())
+    assert native.library() is None
+    err = capsys.readouterr().err
+    assert "lacks a kernel function" in err and "rm " in err and "Traceback" not in err
+
+
 def test_a_failing_compiler_shows_its_first_error_and_keeps_the_rest_for_debug(fresh, tmp_path, capsys):
     cc = tmp_path / "cc"
     cc.write_text(

@@ -271,7 +271,10 @@ def load(isa: str) -> ctypes.CDLL:
         raise OSError(f"{path} has no ABI version — remove it (rm {path}) and run again") from None
     if abi != ABI:
         raise OSError(f"{path} has ABI {abi}, this gptwo needs {ABI} — remove it (rm {path}) and run again")
-    lib = _bind(lib)
+    try:
+        lib = _bind(lib)
+    except AttributeError as err:  # a library of this ABI that lacks a function: not ours
+        raise OSError(f"{path} lacks a kernel function ({err}) — remove it (rm {path}) and run again") from None
     built_for = lib.gptwo_isa().decode()
     if built_for != isa:
         raise OSError(
