@@ -57,8 +57,10 @@ def is_public_address(address: str) -> bool:
         return _routable(ip.ipv4_mapped)
     if ip in _NAT64:
         return _routable(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    embedded = [ip.sixtofour, *(ip.teredo or ())]
-    return _routable(ip) and all(_routable(v4) for v4 in embedded if v4 is not None)
+    embedded = [v4 for v4 in (ip.sixtofour, *(ip.teredo or ())) if v4 is not None]
+    if embedded:  # 6to4, Teredo: the carried IPv4 decides (Python's own view of 2002::/16 changed in 3.11.x)
+        return all(_routable(v4) for v4 in embedded)
+    return _routable(ip)
 
 
 def _looks_numeric(host: str) -> bool:
