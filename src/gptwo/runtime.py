@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import platform
 
-DTYPE_NAMES = ("fp32", "bf16", "fp16")  # what --dtype takes everywhere (a command may offer fewer)
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "asimd")
 
 
@@ -38,11 +37,6 @@ def cpu_name() -> str:
     """The CPU's model name, else what `platform` reports."""
     line = next((line for line in _cpuinfo() if line.startswith("model name")), "")
     return line.split(":", 1)[1].strip() if ":" in line else platform.processor() or platform.machine()
-
-
-def cpuinfo_lines() -> list[str]:
-    """/proc/cpuinfo's lines (empty where it is absent)."""
-    return list(_cpuinfo())
 
 
 def __getattr__(name: str):

@@ -25,18 +25,25 @@ def arena_bounds(model: GPT) -> tuple[int, int]:
     return min(ptrs), max(ptrs)
 
 
-def test_into_arena_copies_in_order_and_aligns(monkeypatch):
+def into_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    views = arena.arena_views(tensors)
+    for view, t in zip(views or [], tensors, strict=False):
+        view.copy_(t)
+    return views
+
+
+def test_arena_views_copy_in_order_and_align(monkeypatch):
     if not arena.huge_pages_available():
-        assert arena.into_arena([torch.ones(3)]) is None
+        assert into_arena([torch.ones(3)]) is None
         return
     tensors = [torch.randn(5, 7), torch.arange(11, dtype=torch.int8), torch.randn(3).bfloat16()]
-    moved = arena.into_arena(tensors)
+    moved = into_arena(tensors)
     assert moved is not None and moved[0].data_ptr() % arena.HUGE_PAGE == 0
     for old, new in zip(tensors, moved, strict=True):
         assert new.dtype == old.dtype and new.shape == old.shape and torch.equal(new, old)
         assert new.data_ptr() % arena.ALIGN == 0 and new.data_ptr() != old.data_ptr()
     monkeypatch.setenv("GPTWO_HUGE_PAGES", "0")
-    assert arena.into_arena(tensors) is None
+    assert into_arena(tensors) is None
 
 
 @needs_arena

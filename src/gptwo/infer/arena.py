@@ -54,12 +54,3 @@ def arena_views(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
         raw[start + offset : start + offset + size].view(t.dtype).view(t.shape)
         for t, offset, size in zip(tensors, offsets, sizes, strict=True)
     ]
-
-
-def into_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """Copies of CPU `tensors` in one huge-page arena, in order (see `arena_views`); None if unavailable."""
-    views = arena_views(tensors)
-    if views is not None:
-        for view, t in zip(views, tensors, strict=True):
-            view.copy_(t)
-    return views
