@@ -106,16 +106,14 @@ class TrainConfig:
     batch_tokens: int = 0  # if > 0: global tokens per step; grad_accum is derived from it
     sampling: str = "sequential"  # sequential: the loader's order; random: rows from random places (small corpora)
     # data selection (docs/selection.md): train on the top batch_size rows of selection_pool batches
-    selection: str = (
-        "uniform"  # uniform: the loader's batch; loss: highest current loss; reducible: loss minus a reference's
-    )
+    # uniform: the loader's batch; loss: highest current loss; reducible: loss minus a reference's
+    selection: str = "uniform"
     selection_pool: int = 4  # candidates per micro-batch = selection_pool * batch_size (loss and reducible only)
     selection_reference: str = ""  # model or run folder scoring the reference loss (selection=reducible)
     # optimizer and schedule (GPT-3 paper, section 2.3 and appendix B)
     max_steps: int = 1000
-    max_time: float = (
-        0.0  # if > 0: seconds of training; max_steps is cut to fit, from the speed measured by warm-up's end
-    )
+    # if > 0: seconds of training; max_steps is cut to fit, from the speed measured by warm-up's end
+    max_time: float = 0.0
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 50

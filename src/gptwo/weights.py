@@ -174,12 +174,6 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
             )
 
 
-def load_state_dict_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."""
-    check_shapes(model.config, {k: tuple(v.shape) for k, v in state.items() if k != "lm_head.weight"}, source)
-    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True)
-
-
 def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
     """A CPU GPT of `config` holding `state` (our names; the head comes from wte): every load path builds models here.
 
@@ -187,13 +181,14 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: 
     given real tensors; `to_empty` replaces each parameter, which unties the head from the embedding,
     so the tie is restored before the weights are copied in.
     """
-    check_shapes(config, {k: tuple(v.shape) for k, v in state.items() if k != "lm_head.weight"}, source)
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, source)
     check_memory(param_count(config) * torch.get_default_dtype().itemsize, describe(config), SHAPE_FIX)
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device="cpu")
     model.tie_weights()
-    load_state_dict_into(model, {k: v for k, v in state.items() if k != "lm_head.weight"}, source)
+    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True)
     return model
 
 
@@ -323,9 +318,8 @@ def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = No
     """Write `config.json` + `model.safetensors` (+ `tokenizer.json`) so transformers can load the folder."""
     from safetensors.torch import save
 
-    if getattr(
-        model, "inference_prepared", None
-    ):  # set by gptwo.infer.prepare_model: its layers no longer match the format
+    # set by gptwo.infer.prepare_model: its layers no longer match the format
+    if getattr(model, "inference_prepared", None):
         raise GptwoError(
             "a model prepared for inference (quantized or re-laid) cannot be saved",
             "save the model before preparing it",

@@ -32,12 +32,8 @@ from gptwo.train.distributed import Dist, barrier, gather_objects, unwrap
 from gptwo.weights import check_finite, model_from_state, read_weights, save_pretrained, state_dict_from_hf
 
 CHECKPOINTS = "checkpoints"
-MODEL_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "model.safetensors",
-    "config.json",
-)  # copied to RUN in this order, config last
+# copied to RUN in this order, config last
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 

@@ -284,9 +284,8 @@ class _Trainer:
             * self.grad_accum
             * info.world_size
         )
-        flops_per_step = (
-            flops + scoring
-        )  # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
+        # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
+        flops_per_step = flops + scoring
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
             print(
@@ -361,9 +360,8 @@ class _Trainer:
                 f"({budget.rate:.1f} steps/s measured)",
                 file=sys.stderr,
             )
-        return dataclasses.replace(
-            self.config, max_steps=steps, max_time=0.0
-        )  # saved so, a resumed run keeps this schedule
+        # saved so, a resumed run keeps this schedule
+        return dataclasses.replace(self.config, max_steps=steps, max_time=0.0)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches: this rank's mean loss and the gradient norm, as tensors.

@@ -36,9 +36,8 @@ TINY = dict(
         "sample_tokens=8",
     ],
 )
-FULL = dict(
-    vocab_size=VOCAB_SIZE, overrides=["eval_batches=1000", "eval_every=500"]
-)  # the last evaluation covers the whole val split
+# The last evaluation covers the whole val split.
+FULL = dict(vocab_size=VOCAB_SIZE, overrides=["eval_batches=1000", "eval_every=500"])
 # The whole command aims at 5 minutes: training gets what preparing the data left, less the samples at the end.
 TOTAL_SECONDS, SAMPLES_SECONDS = 300.0, 15.0
 
@@ -57,9 +56,8 @@ def _quickstart(out_dir: str, tiny: bool, progress: bool) -> dict:
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         _prepare_builtin(data_dir, recipe["vocab_size"], progress)
     overrides = list(recipe["overrides"])
-    if not tiny and not latest_checkpoint(
-        out_dir
-    ):  # a fresh run fits its steps into the time left; a resumed one keeps its schedule
+    # a fresh run fits its steps into the time left; a resumed one keeps its schedule
+    if not tiny and not latest_checkpoint(out_dir):
         overrides.append(f"max_time={max(60.0, TOTAL_SECONDS - SAMPLES_SECONDS - (time.perf_counter() - start)):.0f}")
     if not tiny and native_bf16():
         overrides.append("dtype=bfloat16")
