@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptwo.argtypes import Parser, command, float_in, int_at_least, seed_type
+from gptwo.argtypes import Parser, command, float_in, int_at_least, print_report, seed_type
 from gptwo.errors import GptwoError
 
 
@@ -50,9 +50,7 @@ def _cmd_scale_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_scale_fit(args: argparse.Namespace) -> int:
-    import json
-
-    from gptwo.scale.fit import fit_report, format_report, parse_point, read_points
+    from gptwo.scale.fit import fit_report, format_report, parse_point, read_points, without_budgets
     from gptwo.scale.method import best_of_plan, plan_largest, prepare
 
     if args.plot:  # before the fit: a user's file is never replaced by a plot
@@ -67,8 +65,9 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
             queries + [s for s in shapes if s not in queries],
             budgets + [target] * (target not in budgets),
         )
-    points = prepare(read_points(args.runs, exclude_budgets=args.exclude_budget), method)
-    every = prepare(read_points(args.runs), method)
+    runs = read_points(args.runs)  # read once; the excluded budgets are left out of the fit below
+    points = prepare(without_budgets(runs, args.exclude_budget), method)
+    every = prepare(runs, method)
     for budget in args.exclude_budget:
         if not any(p.get("budget") and abs(p["budget"] / budget - 1) < 1e-6 for p in every):
             print(f"note: no run has budget {budget:g} (yet); nothing of it to leave out", file=sys.stderr)
@@ -89,7 +88,7 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
         plot_fit(points, report, args.plot, extra=every)
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    print(json.dumps(report) if args.json else format_report(report))
+    print_report(report, args.json, format_report)
     return 0
 
 

@@ -49,8 +49,12 @@ def read_points(paths: list[str], exclude_budgets: list[float] | None = None) ->
             )
         for number, row in read_json_lines(source, _ROW_FIX):
             points.append(_point(row, f"{source}:{number}"))
-    excluded = [p for p in points if any(_same(p.get("budget"), b) for b in exclude_budgets or [])]
-    return [p for p in points if p not in excluded]
+    return without_budgets(points, exclude_budgets or [])
+
+
+def without_budgets(points: list[dict], budgets: list[float]) -> list[dict]:
+    """The runs whose budget is none of `budgets`."""
+    return [p for p in points if not any(_same(p.get("budget"), b) for b in budgets)]
 
 
 _ROW_FIX = 'write one {"params": N, "tokens": D, "loss": L} per line (numbers; budget and flops optional)'

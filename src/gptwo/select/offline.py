@@ -20,10 +20,8 @@ import numpy as np
 from gptwo.errors import GptwoError
 
 BANDS = ("low", "middle", "high")
-DEFAULT_BAND = {
-    "loss": "low",
-    "reducible": "high",
-}  # low loss: drop what the model finds noisy; high reducible: RHO-LOSS
+# low loss: drop what the model finds noisy; high reducible: RHO-LOSS
+DEFAULT_BAND = {"loss": "low", "reducible": "high"}
 
 
 def read_scores(path: str, by: str) -> dict[int, float]:
@@ -222,11 +220,6 @@ def bucket_ids(text: str, buckets: int) -> np.ndarray:
     words = _WORD.findall(text.lower())
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
     return np.fromiter((zlib.crc32(g.encode()) % buckets for g in grams), dtype=np.int64, count=len(grams))
-
-
-def hashed_ngrams(text: str, buckets: int) -> np.ndarray:
-    """Counts of the text's n-grams hashed into `buckets` bins (see `bucket_ids`)."""
-    return np.bincount(bucket_ids(text, buckets), minlength=buckets).astype(np.float64)
 
 
 def _log_distribution(counts: np.ndarray) -> np.ndarray:
