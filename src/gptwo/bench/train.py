@@ -407,7 +407,7 @@ def render_train(report: dict) -> str:
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     """The CLI's `gptwo bench train`."""
-    import json
+    from gptwo.argtypes import print_report
 
     shape = {
         key: getattr(args, key)
@@ -427,7 +427,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
         args.peak_flops,
         args.threads,
     )
-    print(json.dumps(report) if args.json else render_train(report))
+    print_report(report, args.json, render_train)
     return 0
 
 

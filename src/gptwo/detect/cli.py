@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptwo.argtypes import Parser, command, float_in, int_at_least, seed_type
+from gptwo.argtypes import Parser, command, float_in, int_at_least, print_report, seed_type
 
 
 class _RoutingParser(Parser):
@@ -55,8 +55,6 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
-    import json
-
     from gptwo.detect.calibrate import calibrate, render_calibration
 
     report = calibrate(
@@ -74,7 +72,7 @@ def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
         lexicon=None if args.lexicon == "none" else args.lexicon,
         folds=args.folds,
     )
-    print(json.dumps(report) if args.json else render_calibration(report))
+    print_report(report, args.json, render_calibration)
     return 0
 
 
