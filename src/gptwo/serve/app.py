@@ -586,11 +586,6 @@ def serve(
     torch_device = resolve_device(device)
     if torch_device.type == "cpu" and torch_device.index is not None:
         raise GptwoError(f"--device {device}: cpu takes no index", "use --device cpu")
-    if torch_device.type == "cuda" and (torch_device.index or 0) >= torch.cuda.device_count():
-        raise GptwoError(
-            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
-            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}",
-        )
     torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
