@@ -3,6 +3,10 @@
 Names match transformers' `GPT2LMHeadModel`; its `Conv1D` layers store weights as (in, out), the
 transpose of our `nn.Linear`. Weights never load through pickle: safetensors, or
 `torch.load(weights_only=True)` for old `.bin` files. Every file is written atomically.
+
+The loading layer (docs/core.md, Layers): `GPT` here is `gptwo.model.GPT` with the conveniences that
+need loading, saving and sampling (`from_pretrained`, `save_pretrained`, `generate`); it is the class
+`from gptwo import GPT` gives, and every loader builds it.
 """
 
 from __future__ import annotations
@@ -13,15 +17,46 @@ import re
 
 import torch
 
+import gptwo.model
+from gptwo import sampling
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write
-from gptwo.model import GPT, SHAPE_FIX, check_memory, describe, expected_shapes, param_count
+from gptwo.gguf import is_gguf_spec, read_gguf
+from gptwo.infer.prepare import prepare_model, prepared_settings
+from gptwo.model import SHAPE_FIX, describe, expected_shapes, param_count
+from gptwo.runtime import check_memory, resolve_device
 from gptwo.tokenizer import EOT, Tokenizer, load_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json", "merges.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class GPT(gptwo.model.GPT):
+    """GPT-2 (`gptwo.model.GPT`) with conveniences from the layers above the model: load, save, sample."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, **kwargs) -> GPT:
+        """Load Hugging Face GPT-2 format weights from a folder or a hub id (see `load_pretrained`)."""
+        return load_pretrained(path_or_id, **kwargs)
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        """Write `config.json` + `model.safetensors` in the Hugging Face GPT-2 layout (see `save_pretrained`)."""
+        save_pretrained(self, directory, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Continue `idx` (B, T) by `max_new_tokens` tokens; see `gptwo.sampling.generate` for all options."""
+        return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **kwargs)
 
 
 # ---------------------------------------------------------------- config
@@ -95,7 +130,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return ours
 
 
-def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+def state_dict_to_hf(model: gptwo.model.GPT) -> dict[str, torch.Tensor]:
     """Our names and layouts → HF's (contiguous, lm_head left out as it is tied to wte)."""
     out = {}
     for name, tensor in model.state_dict().items():
@@ -289,10 +324,12 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
 ) -> GPT:
-    """A GPT from a Hugging Face GPT-2 folder or hub id, in eval mode.
+    """A GPT from a Hugging Face GPT-2 folder, a hub id or a GGUF file, in eval mode.
 
     A dtype named as text ('fp32', 'bf16') or `quantize="int8"` also prepares it for inference (gptwo.infer).
     """
+    if is_gguf_spec(path_or_id):
+        return _load_gguf(path_or_id, device, dtype, quantize)[0]
     directory = resolve_model_dir(path_or_id)
     config = read_config(directory)
     shapes = stored_shapes(directory)
@@ -305,21 +342,37 @@ def load_pretrained(
     )
     state = state_dict_from_hf(read_weights(directory))
     check_finite(state, directory)
-    model = model_from_state(config, state, directory)
+    return _placed(model_from_state(config, state, directory), device, dtype, quantize)
+
+
+def _placed(
+    model: GPT, device: str | torch.device | None, dtype: torch.dtype | str | None, quantize: str | None
+) -> GPT:
+    """`model` on `device` in eval mode: prepared for inference for a dtype named as text or `quantize`, else cast."""
     if quantize is not None or isinstance(dtype, str):
-        from gptwo.infer import prepare_model
-
         return prepare_model(model.to(device=device or "cpu"), dtype=dtype, quantize=quantize)
-    model.to(device=device or "cpu", dtype=dtype)
-    return model.eval()
+    return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
-def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = None) -> None:
+def _load_gguf(
+    path: str, device: str | torch.device | None, dtype: torch.dtype | str | None, quantize: str | None
+) -> tuple[GPT, Tokenizer]:
+    """A GPT and its tokenizer from a gpt2 GGUF file (read by gptwo.gguf), checked and placed as a folder's are.
+
+    q8_0 weights come back dequantized to float32; `quantize="int8"` then re-quantizes them as gptwo's
+    per-channel int8, so the model stays about as small as the file.
+    """
+    config, state, tokenizer = read_gguf(path)
+    check_vocab(config, tokenizer)
+    check_finite(state, path)
+    return _placed(model_from_state(config, state, path), device, dtype, quantize), tokenizer
+
+
+def save_pretrained(model: gptwo.model.GPT, directory: str, tokenizer: Tokenizer | None = None) -> None:
     """Write `config.json` + `model.safetensors` (+ `tokenizer.json`) so transformers can load the folder."""
     from safetensors.torch import save
 
-    # set by gptwo.infer.prepare_model: its layers no longer match the format
-    if getattr(model, "inference_prepared", None):
+    if prepared_settings(model) is not None:  # re-laid or quantized layers no longer match the format
         raise GptwoError(
             "a model prepared for inference (quantized or re-laid) cannot be saved",
             "save the model before preparing it",
@@ -342,39 +395,12 @@ def save_pretrained(model: GPT, directory: str, tokenizer: Tokenizer | None = No
 
 
 # ---------------------------------------------------------------- model + tokenizer together
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """'auto' picks CUDA, then MPS, then CPU."""
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
-        raise GptwoError(f"unknown device '{device}'", "use cpu, cuda, cuda:N, mps or auto")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptwoError(
-            "CUDA was asked for but is not available", "use --device cpu, or install a CUDA build of torch"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise GptwoError(
-            f"device {device} does not exist (this machine has {count} CUDA device{'s' if count != 1 else ''})",
-            f"use cuda:0 to cuda:{count - 1}, or cuda",
-        )
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise GptwoError("MPS (Apple GPU) was asked for but is not available", "use --device cpu or auto")
-    return torch.device("cpu") if dev.type == "cpu" else dev
-
-
 def load_model(
     path_or_id: str, device: str | None = "auto", dtype: torch.dtype | str | None = None, quantize: str | None = None
 ) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer: the folder's tokenizer.json or vocab.json+merges.txt, else GPT-2's BPE."""
+    if is_gguf_spec(path_or_id):
+        return _load_gguf(path_or_id, resolve_device(device), dtype, quantize)
     directory = resolve_model_dir(path_or_id)
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         tokenizer = load_tokenizer(directory)

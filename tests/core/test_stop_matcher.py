@@ -13,13 +13,8 @@ from hypothesis import strategies as st
 from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.cli import main
 from gptwo.errors import GptwoError
-from gptwo.generate import (
-    MAX_STOP_CHARS,
-    MAX_STOPS,
-    StopMatcher,
-    TextStream,
-    generate_cli_stream,
-)
+from gptwo.generate import generate_cli_stream
+from gptwo.text import MAX_STOP_CHARS, MAX_STOPS, StopMatcher, TextStream
 
 ALPHABET = "ab \n"
 

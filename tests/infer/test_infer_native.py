@@ -1,5 +1,7 @@
-"""gptwo's native CPU kernels: each GEMV against torch on odd shapes, the one-call decode step against the
-model's forward, int8 through the step on a trained model, and the fallback when no compiler is found.
+"""gptwo's native CPU kernels: each GEMV against torch on odd shapes; the paged decode step (`NativeStep`)
+against the model's plain forward at batch 1, over ragged batches with random block tables, forked
+sequences and batches split across calls, greedily, and its refusals; int8 through the step on a trained
+model; and the fallback when no compiler is found.
 
 The kernel tests run once per instruction set this CPU runs (`isa` fixture: GPTWO_KERNEL_ISA), so an
 AVX-512 machine tests its AVX2 and generic builds too."""
@@ -11,12 +13,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from infer_fixtures import train_small_model
+from infer_fixtures import perplexity, train_small_model
 
 from gptwo import GPT, GPTConfig
 from gptwo.errors import GptwoError
-from gptwo.infer import Decoder, native, prepare_model
+from gptwo.infer import native, prepare_model
+from gptwo.infer.kvcache import PagedKVCache, blocks_for
 from gptwo.infer.linear import NativeLinear, TransposedLinear, quantize_int8
+from gptwo.infer.native import NativeStep
+from gptwo.infer.step import DecodeStep, StepInput, make_step
 
 needs_kernels = pytest.mark.skipif(
     native.library() is None, reason="the native kernels do not build on this machine (see the note on stderr)"
@@ -83,25 +88,157 @@ def test_int8_kernels_match_the_dequantized_weights(isa, M, K, N):
     assert torch.all((native.linear(native.I8_W16, q, scales, b, x) - reference).abs() <= bound)
 
 
-@needs_kernels
-@pytest.mark.parametrize(
-    "options", [{"dtype": "fp32"}, {"dtype": "bf16"}, {"quantize": "int8"}], ids=["fp32", "bf16", "int8"]
-)
-def test_the_native_step_gives_the_forward_logits_at_prefill_and_each_step(isa, options):
-    model = odd_model()
+PRECISIONS = {  # prepare_model options, tolerance against the unprepared fp32 model
+    "fp32": ({"dtype": "fp32"}, {"rtol": 1e-4, "atol": 1e-4}),
+    "bf16": ({"dtype": "bf16"}, {"rtol": 0.05, "atol": 0.05}),
+    "int8": ({"quantize": "int8"}, {"rtol": 0.05, "atol": 0.05}),
+}
+FP32 = PRECISIONS["fp32"][1]
+
+
+def native_step(model: GPT, options: dict, num_blocks: int = 40, max_tokens: int | None = None) -> NativeStep:
+    """The native step of a prepared copy of `model` over a fresh paged cache (no prefix caching)."""
     prepared = prepare_model(copy.deepcopy(model), **options)
-    decoder = Decoder(prepared, max_len=96)
-    assert decoder.native is not None and isinstance(prepared.lm_head, NativeLinear)
-    seq = torch.randint(0, 101, (1, 80))
-    tolerance = {"rtol": 1e-4, "atol": 1e-4} if options == {"dtype": "fp32"} else {"rtol": 0.05, "atol": 0.05}
+    assert NativeStep.supports(prepared) and isinstance(prepared.lm_head, NativeLinear)
+    cache = PagedKVCache(model.config, num_blocks, NativeStep.cache_dtype, "cpu", prefix_caching=False)
+    return NativeStep(prepared, cache, max_tokens=max_tokens)
+
+
+def forward(model: GPT, tokens: list[int]) -> torch.Tensor:
+    """Logits (T, vocab) of every position of one sequence, from the model's plain forward."""
     with torch.no_grad():
-        torch.testing.assert_close(
-            decoder.forward(seq[:, :70], 0), model(seq[:, :70])[:, -1], **tolerance
-        )  # two C calls: 64 + 6
-        for t in range(70, 80):
-            torch.testing.assert_close(
-                decoder.forward(seq[:, t : t + 1], t), model(seq[:, : t + 1])[:, -1], **tolerance
-            )
+        return model(torch.tensor([tokens]))[0]
+
+
+def dealt_tables(lengths: list[int], num_blocks: int, seed: int) -> list[list[int]]:
+    """Block tables for sequences of these lengths, dealt from a random permutation of the usable blocks:
+    non-contiguous, out of order and interleaved between sequences."""
+    order = (torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1).tolist()
+    tables = []
+    for length in lengths:
+        n = blocks_for(length)
+        tables.append(order[:n])
+        order = order[n:]
+    return tables
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_batch_1_prefill_then_decode_gives_the_forward_logits(isa, precision):
+    model = odd_model()
+    options, tolerance = PRECISIONS[precision]
+    step = native_step(model, options)
+    cache, tokens = step.cache, torch.randint(0, 101, (80,)).tolist()
+    expected = forward(model, tokens)
+    seq = cache.start([])
+    cache.grow(seq, 70)
+    got = step(StepInput([tokens[:70]], [0], [seq.blocks]))  # one call; attention in three query blocks
+    cache.commit(seq, tokens[:70])
+    torch.testing.assert_close(got, expected[69:70], **tolerance)
+    for t in range(70, 80):
+        cache.grow(seq, t + 1)
+        got = step(StepInput([[tokens[t]]], [t], [seq.blocks]))
+        cache.commit(seq, [tokens[t]])
+        torch.testing.assert_close(got, expected[t : t + 1], **tolerance)
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_ragged_batch_over_random_block_tables_gives_each_sequence_its_forward_logits(isa, precision):
+    """A prompt chunk continuing a cached prefix (every row scored) beside single decode tokens and a fresh
+    prompt, in one call, over random non-contiguous tables; the prefixes themselves went in as one ragged call."""
+    model = odd_model(seed=1)
+    options, tolerance = PRECISIONS[precision]
+    step = native_step(model, options)
+    seqs = [torch.randint(0, 101, (n,)).tolist() for n in (33, 41, 6, 9)]
+    cached = [20, 40, 5, 0]  # the chunk: tokens 20..32 of the first; one token each; all 9 of the last
+    tables = dealt_tables([len(s) for s in seqs], step.cache.num_blocks, seed=len(precision))
+    got = step(StepInput([s[:n] for s, n in zip(seqs[:3], cached)], [0, 0, 0], tables[:3]))
+    expected = torch.stack([forward(model, s[:n])[-1] for s, n in zip(seqs, cached[:3])])
+    torch.testing.assert_close(got, expected, **tolerance)
+    batch = StepInput([s[n:] for s, n in zip(seqs, cached)], cached, tables, every=[True, False, False, False])
+    got = step(batch)
+    expected = torch.cat([forward(model, seqs[0])[20:], *(forward(model, s)[-1:] for s in seqs[1:])])
+    assert got.shape == (len(batch.output_rows()), 101) == (13 + 3, 101)
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+@needs_kernels
+def test_forked_sequences_read_their_shared_prompt_blocks_and_diverge_in_their_own(isa):
+    model = odd_model(seed=2)
+    step = native_step(model, PRECISIONS["fp32"][0])
+    cache, prompt = step.cache, torch.randint(0, 101, (21,)).tolist()  # one full block and 5 tokens of the next
+    first = cache.start([])
+    cache.grow(first, 21)
+    step(StepInput([prompt], [0], [first.blocks]))
+    cache.commit(first, prompt)
+    second = cache.fork(first)
+    shared = cache.k[:, first.blocks[0]].clone()
+    continuations = [torch.randint(0, 101, (6,)).tolist() for _ in range(2)]
+    for t in range(6):
+        for seq in (first, second):
+            cache.grow(seq, 21 + t + 1)  # the shared, partly filled block is copied before either writes it
+        got = step(StepInput([[c[t]] for c in continuations], [21 + t] * 2, [first.blocks, second.blocks]))
+        for seq, c in zip((first, second), continuations):
+            cache.commit(seq, [c[t]])
+        expected = torch.stack([forward(model, prompt + c[: t + 1])[-1] for c in continuations])
+        torch.testing.assert_close(got, expected, **FP32)
+    assert first.blocks[0] == second.blocks[0] and first.blocks[1] != second.blocks[1]
+    assert torch.equal(cache.k[:, first.blocks[0]], shared)  # the shared block was read, never written
+
+
+@needs_kernels
+def test_a_batch_longer_than_one_call_runs_as_several_calls_in_order(isa):
+    """16 tokens a call: a 50-token prompt (every row scored) is split 16 + 16 + 16 + 2, later pieces
+    reading the earlier ones' keys from the cache, with a second sequence sharing the last call."""
+    model = odd_model(seed=3)
+    step = native_step(model, PRECISIONS["fp32"][0], max_tokens=16)
+    long, short = torch.randint(0, 101, (50,)).tolist(), torch.randint(0, 101, (3,)).tolist()
+    tables = dealt_tables([50, 3], step.cache.num_blocks, seed=3)
+    got = step(StepInput([long, short], [0, 0], tables, every=[True, False]))
+    torch.testing.assert_close(got, torch.cat([forward(model, long), forward(model, short)[-1:]]), **FP32)
+
+
+def greedy(step: DecodeStep, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of several prompts decoded together, one ragged call per token."""
+    cache = step.cache
+    seqs = [cache.start([]) for _ in prompts]
+    for seq, prompt in zip(seqs, prompts):
+        cache.grow(seq, len(prompt) + new_tokens)
+    new = [list(p) for p in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    starts = [0] * len(prompts)
+    for _ in range(new_tokens):
+        picks = step(StepInput(new, starts, [s.blocks for s in seqs])).argmax(-1).tolist()
+        starts = [start + len(n) for start, n in zip(starts, new)]
+        for o, pick in zip(out, picks):
+            o.append(pick)
+        new = [[pick] for pick in picks]
+    for seq in seqs:
+        cache.release(seq)
+    return out
+
+
+def forward_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation by the plain forward over the whole sequence at each token."""
+    seq = list(prompt)
+    for _ in range(new_tokens):
+        seq.append(int(forward(model, seq)[-1].argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def greedy_reference() -> tuple[GPT, list[list[int]], list[list[int]]]:
+    """A model, three prompts of different lengths and their 20-token greedy continuations by the plain forward."""
+    model = odd_model()
+    prompts = [torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 3, 12)]
+    return model, prompts, [forward_greedy(model, p, 20) for p in prompts]
+
+
+@needs_kernels
+def test_greedy_tokens_of_a_ragged_batch_equal_the_plain_forwards(isa, greedy_reference):
+    model, prompts, expected = greedy_reference
+    assert greedy(native_step(model, PRECISIONS["fp32"][0]), prompts, 20) == expected
 
 
 @needs_kernels
@@ -109,42 +246,54 @@ def test_the_native_step_gives_the_forward_logits_at_prefill_and_each_step(isa, 
 def test_int8_on_a_width_off_multiples_of_8_decodes_finite_logits_near_the_forward(isa, n_embd):
     """Widths that are not multiples of 8 or 16 (heads of 5 and 11): the kernels' tails, not NaN or a crash."""
     model = odd_model(n_embd=n_embd)
-    decoder = Decoder(prepare_model(copy.deepcopy(model), quantize="int8"), max_len=96)
-    assert decoder.native is not None
-    seq = torch.randint(0, 101, (1, 40))
-    with torch.no_grad():
-        for t in range(30, 40):
-            got = decoder.forward(seq[:, : t + 1], 0) if t == 30 else decoder.forward(seq[:, t : t + 1], t)
-            assert torch.isfinite(got).all()
-            torch.testing.assert_close(got, model(seq[:, : t + 1])[:, -1], rtol=0.02, atol=0.02)
+    step = native_step(model, {"quantize": "int8"})
+    tokens = torch.randint(0, 101, (40,)).tolist()
+    expected, seq = forward(model, tokens), step.cache.start([])
+    step.cache.grow(seq, 40)
+    for t in range(30, 40):
+        start = 0 if t == 30 else t  # a 31-token prompt, then one token at a time
+        got = step(StepInput([tokens[start : t + 1]], [start], [seq.blocks]))
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected[t : t + 1], rtol=0.02, atol=0.02)
 
 
 @needs_kernels
-def test_native_greedy_tokens_equal_the_generate_loop(isa):
-    model = odd_model()
-    idx = torch.randint(0, 101, (1, 7))
-    decoder = Decoder(prepare_model(copy.deepcopy(model), dtype="fp32"), max_len=96)
-    assert decoder.native is not None
-    assert torch.equal(decoder.generate(idx, 60), model.generate(idx, 60, temperature=0))
+def test_bad_input_is_refused_with_a_gptwo_error_and_leaves_the_cache_alone(isa):
+    """8 tokens a call: a batch split into several calls is refused whole, before its first call writes."""
+    step = native_step(odd_model(), PRECISIONS["fp32"][0], num_blocks=8, max_tokens=8)
+    cache = step.cache
+    seq = cache.start([])
+    cache.grow(seq, 20)  # two blocks
+    step(StepInput([[1, 2, 3]], [0], [seq.blocks]))
+    k, v = cache.k.clone(), cache.v.clone()
+    refusals = {
+        "block id 8 of 8": (StepInput([[5] * 14], [3], [[seq.blocks[0], 8]]), "block table"),
+        "block id -1": (StepInput([[5]], [3], [[-1]]), "block table"),
+        "the null block": (StepInput([[5]], [3], [[0]]), "ids 1..7"),
+        "a table too short": (StepInput([[5] * 14], [3], [seq.blocks[:1]]), "positions up to 17"),
+        "a token id >= vocab": (StepInput([[5, 101]], [3], [seq.blocks]), "token id 101 of sequence 0"),
+        "a negative token id": (StepInput([[5], [-1]], [3, 0], [seq.blocks, seq.blocks]), "token id -1 of sequence 1"),
+        "positions past the context": (StepInput([[5, 6]], [95], [seq.blocks * 3]), "context of 96"),
+        "a negative start": (StepInput([[5]], [-1], [seq.blocks]), "position -1"),
+        "no tokens": (StepInput([[5], []], [3, 0], [seq.blocks, seq.blocks]), "brings no tokens"),
+        "a bad token in a later call": (StepInput([[5] * 10 + [101]], [3], [seq.blocks]), "token id 101"),
+        "a token that is no int": (StepInput([[5, 2.5]], [3], [seq.blocks]), "int64 integers"),
+        "a token id past int64": (StepInput([[5, 2**70]], [3], [seq.blocks]), "int64 integers"),
+    }
+    for what, (batch, message) in refusals.items():
+        with pytest.raises(GptwoError, match=message):
+            step(batch)
+        assert torch.equal(cache.k, k) and torch.equal(cache.v, v), what
 
 
 @needs_kernels
-def test_a_prepared_model_generates_through_the_native_step_and_slides_past_its_context():
-    model = odd_model(block_size=32)
-    prepared = prepare_model(copy.deepcopy(model), dtype="fp32")
-    idx = torch.randint(0, 101, (1, 20))
-    assert torch.equal(
-        prepared.generate(idx, 40, temperature=0), model.generate(idx, 40, temperature=0)
-    )  # 60 > 32: the cache restarts
-
-
-@needs_kernels
-def test_the_native_step_refuses_what_would_read_outside_its_buffers(isa):
-    decoder = Decoder(prepare_model(odd_model(), dtype="fp32"), max_len=16)
-    with pytest.raises(GptwoError, match="vocabulary"):
-        decoder.forward(torch.tensor([[5, 101]]), 0)
-    with pytest.raises(GptwoError, match="slots"):
-        decoder.native(torch.tensor([[5, 6]]), 15)
+def test_a_cache_the_c_step_cannot_read_is_refused():
+    model = prepare_model(odd_model(), dtype="fp32")
+    other_shape = odd_model(n_embd=36).config
+    for config, dtype in ((model.config, torch.bfloat16), (other_shape, torch.float32)):
+        cache = PagedKVCache(config, 4, dtype, "cpu", prefix_caching=False)
+        with pytest.raises(GptwoError, match="fp32 CPU KV cache of shape"):
+            NativeStep(model, cache)
 
 
 @needs_kernels
@@ -158,39 +307,41 @@ def test_native_linears_take_many_rows_through_torch_and_few_through_the_kernel(
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The trained model, four held-out windows of 64 tokens with their perplexity under the plain forward, and
+    eight 6-token prompts with their 40-token greedy continuations by the plain forward."""
     model, tokenizer, held_out = train_small_model(str(tmp_path_factory.mktemp("trained")))
     ids = torch.tensor(tokenizer.encode(held_out))
-    return model, tokenizer, held_out, ids[: (len(ids) // 64) * 64].view(-1, 64)[:4]
+    windows = ids[: (len(ids) // 64) * 64].view(-1, 64)[:4]
+    prompts = [tokenizer.encode(sentence.strip() + ".")[:6] for sentence in held_out.split(".")[:8]]
+    return model, windows, perplexity(model, windows), prompts, [forward_greedy(model, p, 40) for p in prompts]
 
 
-def stepwise_perplexity(decoder: Decoder, windows: torch.Tensor) -> float:
-    """Perplexity from the decoder's one-token steps (the native step at batch 1), window by window."""
-    losses = []
-    with torch.no_grad():
-        for window in windows:
-            logits = torch.cat([decoder.forward(window[None, t : t + 1], t) for t in range(len(window) - 1)])
-            losses.append(F.cross_entropy(logits.float(), window[1:]))
-    return float(torch.exp(torch.stack(losses).mean()))
+def stepwise_perplexity(step: NativeStep, windows: torch.Tensor) -> float:
+    """Perplexity from the native step's one-token calls, the windows decoding side by side."""
+    rows = windows.tolist()
+    seqs = [step.cache.start([]) for _ in rows]
+    for seq, row in zip(seqs, rows):
+        step.cache.grow(seq, len(row))
+    tables = [seq.blocks for seq in seqs]
+    logits = [step(StepInput([[row[t]] for row in rows], [t] * len(rows), tables)) for t in range(windows.shape[1] - 1)]
+    for seq in seqs:
+        step.cache.release(seq)
+    loss = F.cross_entropy(torch.stack(logits, 1).flatten(0, 1), windows[:, 1:].flatten())
+    return float(torch.exp(loss))
 
 
 @needs_kernels
 @pytest.mark.parametrize("int8_kernel", ["widen", "vnni", "w16"])
 def test_int8_through_the_native_step_keeps_perplexity_and_greedy_tokens(trained, monkeypatch, int8_kernel):
-    model, tokenizer, held_out, windows = trained
+    model, windows, fp32_perplexity, prompts, expected = trained
     monkeypatch.setenv("GPTWO_NATIVE_INT8", int8_kernel)
-    fp32 = Decoder(prepare_model(copy.deepcopy(model), dtype="fp32"), max_len=64)
-    int8 = Decoder(prepare_model(copy.deepcopy(model), quantize="int8"), max_len=64)
-    assert (
-        int8.native is not None
-        and int8.model.lm_head.kind == {"widen": native.I8, "vnni": native.I8_VNNI, "w16": native.I8_W16}[int8_kernel]
-    )
-    assert abs(stepwise_perplexity(int8, windows) / stepwise_perplexity(fp32, windows) - 1) < 0.01
-    same = total = 0
-    for sentence in held_out.split(".")[:8]:
-        idx = torch.tensor([tokenizer.encode(sentence.strip() + ".")[:6]])
-        expected, got = model.generate(idx, 40, temperature=0)[0, 6:], int8.generate(idx, 40)[0, 6:]
-        same, total = same + int((expected == got).sum()), total + len(expected)
-    assert same / total >= 0.9
+    int8 = native_step(model, {"quantize": "int8"}, num_blocks=25)  # 8 prompts of 46 tokens
+    kind = {"widen": native.I8, "vnni": native.I8_VNNI, "w16": native.I8_W16}[int8_kernel]
+    assert int8.dims[5] == kind  # D_KIND: the step runs the kernel asked for
+    assert abs(stepwise_perplexity(int8, windows) / fp32_perplexity - 1) < 0.01
+    got = greedy(int8, prompts, 40)
+    same = sum(a == b for e, g in zip(expected, got) for a, b in zip(e, g))
+    assert same / (len(prompts) * 40) >= 0.9
 
 
 @pytest.fixture
@@ -209,11 +360,11 @@ def test_without_a_compiler_decoding_falls_back_to_torch_and_says_so(fresh_kerne
     model = odd_model()
     prepared = prepare_model(copy.deepcopy(model), dtype="fp32")
     assert "native CPU kernels are off (no C compiler" in capsys.readouterr().err
-    assert isinstance(prepared.lm_head, TransposedLinear)
-    decoder = Decoder(prepared, max_len=40)
-    assert decoder.native is None
-    idx = torch.randint(0, 101, (1, 5))
-    assert torch.equal(decoder.generate(idx, 20), model.generate(idx, 20, temperature=0))
+    assert isinstance(prepared.lm_head, TransposedLinear) and not NativeStep.supports(prepared)
+    step = make_step(prepared)
+    assert not isinstance(step, NativeStep)
+    prompt = torch.randint(0, 101, (5,)).tolist()
+    assert greedy(step, [prompt], 20) == [forward_greedy(model, prompt, 20)]
 
 
 def test_gptwo_native_0_forces_the_torch_path_quietly(fresh_kernels, capsys):
@@ -244,14 +395,14 @@ def test_a_precision_slower_than_fp32_here_says_so_once_and_still_works(fresh_ke
     fresh_kernels.setattr(native, "native_bf16", lambda: False)  # a CPU without AVX-512 BF16 or AMX
     fresh_kernels.setattr(prepare_module, "_noted", set())
     model = odd_model()
-    idx = torch.randint(0, 101, (1, 5))
     for _ in range(2):
         prepared = prepare_model(copy.deepcopy(model), **options)
     err = capsys.readouterr().err
     assert err.count("slower than fp32") == 1 and "use --dtype fp32" in err and "GPTWO_NATIVE=0" in err
     if "quantize" in options:  # torch's int8 kernel then multiplies fp32 activations: exact weight-only int8
         assert prepared.lm_head.scales.dtype == torch.float32
-    assert torch.equal(Decoder(prepared, max_len=40).generate(idx, 8)[:, :5], idx)
+    tokens = greedy(make_step(prepared), [torch.randint(0, 101, (5,)).tolist()], 8)[0]
+    assert len(tokens) == 8 and all(0 <= t < 101 for t in tokens)
     fresh_kernels.setattr(native, "native_bf16", lambda: True)
     fresh_kernels.setattr(prepare_module, "_noted", set())
     prepare_model(copy.deepcopy(model), **options)

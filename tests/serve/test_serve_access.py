@@ -21,6 +21,7 @@ from test_serve_api import PROMPT, assert_openai_error
 from gptwo.errors import GptwoError
 from gptwo.generate import complete
 from gptwo.infer import native
+from gptwo.infer.prepare import prepared_settings
 from gptwo.serve.app import parse_origins, resolve_dtype
 from gptwo.weights import load_model
 
@@ -135,9 +136,9 @@ def test_origins_are_parsed_and_checked():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
-    import gptwo.infer.native
+    import gptwo.runtime
 
-    monkeypatch.setattr(gptwo.infer.native, "native_bf16", lambda: native)
+    monkeypatch.setattr(gptwo.runtime, "native_bf16", lambda: native)
     assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice is never overridden
 
@@ -153,7 +154,10 @@ def test_dtype_option(model_dir):
         resolve_dtype("fp8", cpu)
     server, engine = serve_in_thread(model_dir, dtype=torch.bfloat16)
     try:
-        assert engine.model.lm_head.weight.dtype == torch.bfloat16 and engine.pool.dtype == torch.bfloat16
+        # bf16 weights; the KV cache in bf16 on the torch step, fp32 on the native one (its activations are fp32)
+        native_step = isinstance(engine.step, native.NativeStep)
+        kv_dtype = torch.float32 if native_step else torch.bfloat16
+        assert engine.model.lm_head.weight.dtype == torch.bfloat16 and engine.cache.k.dtype == kv_dtype
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         served = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
         model, tok = load_model(model_dir, device="cpu", dtype=torch.bfloat16)
@@ -163,7 +167,7 @@ def test_dtype_option(model_dir):
 
 
 @pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine")
-def test_a_lone_streamed_request_decodes_natively_and_answers_as_the_model_does(model_dir):
+def test_streamed_requests_decode_natively_and_answer_as_the_model_does(model_dir):
     from gptwo.serve import BatchEngine, create_app
     from gptwo.serve.app import load_served_model
 
@@ -171,7 +175,10 @@ def test_a_lone_streamed_request_decodes_natively_and_answers_as_the_model_does(
         model_dir, torch.device("cpu"), torch.float32, None
     )  # as `gptwo serve` loads it
     engine = BatchEngine(model, tokenizer)
-    assert engine.solo is not None
+    assert isinstance(engine.step, native.NativeStep)  # every step, alone or batched, is one C call
+    calls = []
+    step = engine.step
+    engine.step = lambda batch: (calls.append(len(batch.tokens)), step(batch))[1]
     server = LiveServer(create_app(engine, "tiny", max_body_bytes=64 * 1024))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
@@ -179,7 +186,13 @@ def test_a_lone_streamed_request_decodes_natively_and_answers_as_the_model_does(
         served = "".join(chunk.choices[0].text for chunk in stream)
         reference, tok = load_model(model_dir, device="cpu")  # plain fp32 on torch's matmuls
         assert served == complete(reference, tok, [PROMPT], 24, temperature=0)[0]
-        assert engine.solo.length > len(tok.encode(PROMPT))  # the decode steps ran in the native step
+        assert len(calls) == 24  # the prefill (with the first token), then 23 decode steps
+        prompts = [PROMPT, "Hi", "A longer prompt than the others, to make the batch ragged"]
+        choices = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0).choices
+        assert [c.text for c in sorted(choices, key=lambda c: c.index)] == [
+            complete(reference, tok, [p], 10, temperature=0)[0] for p in prompts
+        ]
+        assert max(calls) == 3  # the three prompts ran as one ragged batch
     finally:
         server.close()
 
@@ -187,7 +200,7 @@ def test_a_lone_streamed_request_decodes_natively_and_answers_as_the_model_does(
 def test_int8_server_answers_as_the_int8_model_does(model_dir):
     server, engine = serve_in_thread(model_dir, quantize="int8")
     try:
-        assert engine.model.inference_prepared["quantize"] == "int8"
+        assert prepared_settings(engine.model)["quantize"] == "int8"
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         choices = client.completions.create(model="tiny", prompt=[PROMPT, "Hi"], max_tokens=12, temperature=0).choices
         model, tok = load_model(model_dir, device="cpu", quantize="int8")

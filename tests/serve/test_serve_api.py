@@ -24,7 +24,7 @@ PROMPT = "Hello there, how are you"
 
 @pytest.fixture(scope="module")
 def live(model_dir):
-    server, engine = serve_in_thread(model_dir, max_batch=16, max_queue=256)
+    server, engine = serve_in_thread(model_dir, max_num_seqs=16, max_queue=256)
     yield server, engine
     server.close()
 
@@ -215,7 +215,7 @@ def test_echo_returns_the_prompt_and_its_logprobs(client, offline):
 
 
 def test_concurrent_requests_are_batched_and_match_unbatched(model_dir):
-    server, engine = serve_in_thread(model_dir, max_batch=8)
+    server, engine = serve_in_thread(model_dir, max_num_seqs=8)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         prompts = [PROMPT, "The", "Once upon a time", "A long, long way from home", "1 2 3", "Why?"]
@@ -364,13 +364,13 @@ def test_a_failing_model_step_fails_only_its_requests(model_dir):
     server, engine = serve_in_thread(model_dir)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-        engine.model.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("device fell over"))
+        engine.model.hidden_states = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("device fell over"))
         with pytest.raises(openai.InternalServerError) as err:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
         assert err.value.response.json()["error"]["type"] == "server_error"
         with pytest.raises(openai.APIError, match="device fell over"):
             list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, stream=True))
-        del engine.model.forward  # the class's forward again
+        del engine.model.hidden_states  # the class's again
         assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).usage.completion_tokens == 4
     finally:
         server.close()

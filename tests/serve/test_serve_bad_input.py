@@ -29,7 +29,7 @@ INSPECT_TOKENS = 64
 @pytest.fixture(scope="module")
 def live(model_dir):
     server, engine = serve_in_thread(
-        model_dir, app_kwargs={"max_inspect_tokens": INSPECT_TOKENS}, max_batch=8, max_queue=64, max_request_choices=16
+        model_dir, app_kwargs={"max_inspect_tokens": INSPECT_TOKENS}, max_num_seqs=8, max_queue=64, max_request_choices=16
     )
     yield server, engine
     server.close()
@@ -227,14 +227,15 @@ def test_a_neighbours_bad_sampling_leaves_a_running_stream_intact(live, monkeypa
         return sampling_weights(logits, temperature, top_k, top_p)
 
     monkeypatch.setattr(engine_module, "sampling_weights", failing_for_top_k_7)
-    gate, batch_sizes, decode = threading.Event(), [], engine.pool.decode
+    gate, batch_sizes, step = threading.Event(), [], engine.step
 
-    def held_decode(model, tokens):
-        gate.wait(30)
-        batch_sizes.append(len(tokens))
-        return decode(model, tokens)
+    def held_step(batch):
+        if batch_sizes:  # the stream's prefill goes through; its decode steps wait for the gate
+            gate.wait(30)
+        batch_sizes.append(len(batch.tokens))
+        return step(batch)
 
-    monkeypatch.setattr(engine.pool, "decode", held_decode)
+    monkeypatch.setattr(engine, "step", held_step)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as stream:
         stream.sendall(completion(max_tokens=60, temperature=0, stream=True))
         first = stream.recv(1 << 16)
@@ -300,16 +301,16 @@ def test_a_row_whose_logits_turn_nan_ends_alone():
     jobs = [([1, 2, 3], greedy), ([4, 5], seeded), ([6, 7, 8, 9], greedy)]
     expected = [tokens_of(run_engine(BatchEngine(model, tok), [job])[0]) for job in jobs]
     engine = BatchEngine(model, tok)
-    decode, steps = engine.pool.decode, []
+    step, steps = engine.step, []
 
-    def poisoned(model, tokens):
-        logits = decode(model, tokens)
-        steps.append(len(tokens))
-        if len(steps) == 3:
+    def poisoned(batch):
+        logits = step(batch)
+        steps.append(len(batch.tokens))
+        if len(steps) == 4:
             logits[2] = float("nan")  # the third row's scores break at its fourth token
         return logits
 
-    engine.pool.decode = poisoned
+    engine.step = poisoned
     got = run_engine(engine, jobs)
     assert steps[0] == 3  # one batch
     assert [tokens_of(u) for u in got[:2]] == expected[:2] and got[0][-1].finish_reason == "length"
@@ -374,12 +375,13 @@ def test_one_client_cannot_hold_the_queue(model_dir):
         server.close()
 
     async def fairness():
-        engine = BatchEngine(tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=3, max_client_choices=0)
+        engine = BatchEngine(tiny_model(block_size=32), Tokenizer.gpt2(), max_num_seqs=3, max_client_choices=0)
         hog = engine.submit([[1, 2]], SamplingParams(max_tokens=1), n=5, client="10.0.0.1")
         engine.submit([[3]], SamplingParams(max_tokens=1), n=2, client="10.0.0.2")
         with engine._cond:
-            joining = engine._admit()
-        return [(s.request is hog, s.index) for s in joining], engine.held("10.0.0.1"), engine.held("10.0.0.2")
+            engine._admit(engine.max_batched_tokens)
+        joining = [(s.request is hog, s.index) for s in engine._active]
+        return joining, engine.held("10.0.0.1"), engine.held("10.0.0.2")
 
     joining, hog_held, other_held = asyncio.run(fairness())
     assert joining == [(True, 0), (False, 0), (True, 1)]  # the other client's first choice is not last in line

@@ -1,8 +1,10 @@
-"""The batching engine on its own: rows joining and leaving a shared cache, admission limits."""
+"""The batching engine on its own: the paged cache's accounting, chunked prefill, prefix caching, preemption,
+n > 1 choices sharing blocks, admission limits. Every text is checked against decoding each prompt alone."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 import torch
@@ -12,133 +14,219 @@ from gptwo import Tokenizer
 from gptwo.errors import GptwoError
 from gptwo.infer import native, prepare_model
 from gptwo.infer.native import NativeStep
-from gptwo.model import KVCache
-from gptwo.serve.engine import BatchEngine, Overloaded, PooledCache, SamplingParams
+from gptwo.sampling import generate
+from gptwo.serve.engine import BatchEngine, Overloaded, SamplingParams
+
+TOKENIZER = Tokenizer.gpt2()
 
 
-def next_logits(model, tokens: list[int]) -> torch.Tensor:
-    """The reference: next-token logits of `tokens` from one forward pass without any cache."""
-    with torch.no_grad():
-        return model(torch.tensor([tokens]))[0, -1]
+def alone(model, prompt: list[int], tokens: int) -> list[int]:
+    """The reference: greedy tokens of `prompt` decoded by itself (sampling.generate on the plain step)."""
+    return generate(model, torch.tensor([prompt]), tokens, temperature=0)[0, len(prompt) :].tolist()
 
 
-def prefill(model, cache_rows: PooledCache, tokens: list[int]) -> torch.Tensor:
-    """Prefill `tokens` alone and hand its keys/values to the pool as a new row; return its next-token logits."""
-    cache = KVCache(model.config, 1, len(tokens), dtype=cache_rows.dtype)
-    logits = model(torch.tensor([tokens]), cache=cache)[0, -1]
-    cache_rows.add_row(cache.k[:, 0], cache.v[:, 0])
-    return logits
+async def collect(engine: BatchEngine, prompts, params: SamplingParams, n: int = 1, cancel_after: int | None = None):
+    """Submit one request; return each choice's tokens (the request cancelled after `cancel_after` updates)."""
+    job = engine.submit(prompts, params, n=n)
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts) * n)}
+    finished, seen = set(), 0
+    while len(finished) < len(tokens):
+        update = await job.queue.get()
+        assert update.error is None, update.error
+        tokens[update.index] += [t.token for t in update.tokens]
+        seen += 1
+        if update.finish_reason is not None:
+            finished.add(update.index)
+        if cancel_after is not None and seen >= cancel_after:
+            engine.cancel(job)
+            return None
+    return [tokens[i] for i in range(len(tokens))]
 
 
-@torch.no_grad()
-def test_rows_that_join_and_leave_see_only_their_own_tokens():
-    model = tiny_model(block_size=40, vocab_size=512)
-    pool = PooledCache(model.config, torch.device("cpu"), torch.float32)
-    seqs = {"a": [5, 6, 7, 8, 9]}
-    rows = ["a"]
-    torch.testing.assert_close(prefill(model, pool, seqs["a"]), next_logits(model, seqs["a"]), atol=1e-4, rtol=0)
+def run_engine(engine: BatchEngine, *requests):
+    """Run `requests` (coroutine factories taking the engine) at once on a started engine; their results."""
 
-    def step(token: int) -> None:
-        logits = pool.decode(model, torch.tensor([token] * len(rows)))
-        for row, name in enumerate(rows):
-            seqs[name].append(token)
-            torch.testing.assert_close(logits[row], next_logits(model, seqs[name]), atol=1e-4, rtol=0)
+    async def everything():
+        return await asyncio.gather(*(request(engine) for request in requests))
 
-    for token in (11, 12, 13):
-        step(token)
-    seqs["b"] = list(range(100, 112))  # longer than the cache so far: every row shifts right
-    prefill(model, pool, seqs["b"])
-    rows.append("b")
-    step(14)
-    seqs["c"] = [200, 201]  # shorter: right-aligned, earlier slots invalid
-    prefill(model, pool, seqs["c"])
-    rows.append("c")
-    step(15)
-    order = pool.drop_rows([1])  # "b" leaves; "c" moves into its row
-    rows = [rows[i] for i in order]
-    assert rows == ["a", "c"]
-    while len(seqs["a"]) < model.config.block_size:  # "a" fills the context: slots only "b" used get cut
-        step(16 + len(seqs["a"]))
-    assert pool.length <= model.config.block_size and pool.length == max(pool.spans)
+    engine.start()
+    try:
+        return asyncio.run(everything())
+    finally:
+        engine.stop()
+
+
+def assert_blocks_all_back(engine: BatchEngine) -> None:
+    cache = engine.cache
+    assert cache.num_used == 0 and cache.num_free == cache.usable_blocks
+    assert sorted(cache.free + list(cache.evictable)) == list(range(1, cache.num_blocks))  # each block once
+    assert all(r == 0 for r in cache.refs)
+
+
+@pytest.mark.parametrize("budget", [512, 7], ids=["whole-prompts", "chunked-prefill"])
+def test_ragged_requests_give_each_prompt_its_own_greedy_text(budget):
+    model = tiny_model(block_size=64, vocab_size=512)
+    engine = BatchEngine(model, TOKENIZER, max_num_seqs=8, max_batched_tokens=budget, num_blocks=40)
+    prompts = [[5, 6, 7, 8, 9], list(range(100, 140)), [200, 201], list(range(300, 317))]
+    requests = [
+        lambda e, p=p, k=k: collect(e, [p], SamplingParams(max_tokens=k, temperature=0))
+        for p, k in zip(prompts, (12, 20, 30, 9))
+    ]
+    results = run_engine(engine, *requests)
+    for prompt, (k, result) in zip(prompts, zip((12, 20, 30, 9), results)):
+        assert result[0] == alone(model, prompt, k)
+    assert_blocks_all_back(engine)
+
+
+def test_a_long_prompt_joins_in_chunks_while_others_decode():
+    """With a budget of 8 tokens a step, a 40-token prompt takes several steps to prefill; the running
+    sequence gets a token at each of them."""
+    model = tiny_model(block_size=64, vocab_size=512)
+    engine = BatchEngine(model, TOKENIZER, max_num_seqs=4, max_batched_tokens=8, num_blocks=20)
+    steps = []
+    step = engine.step
+    engine.step = lambda batch: (steps.append([len(t) for t in batch.tokens]), step(batch))[1]
+    engine.step.cache = step.cache
+
+    async def runner(e):
+        return await collect(e, [[1, 2, 3]], SamplingParams(max_tokens=25, temperature=0))
+
+    async def joiner(e):
+        while e.stats["steps"] < 2:  # the short one is decoding
+            await asyncio.sleep(0.001)
+        return await collect(e, [list(range(100, 140))], SamplingParams(max_tokens=3, temperature=0))
+
+    short, long = run_engine(engine, runner, joiner)
+    assert short[0] == alone(model, [1, 2, 3], 25) and long[0] == alone(model, list(range(100, 140)), 3)
+    chunked = [s for s in steps if len(s) == 2 and s[1] > 1]  # the decode row, then a prompt chunk
+    assert len(chunked) >= 4 and all(s[0] == 1 and sum(s) <= 8 for s in chunked)
+
+
+def test_a_prefix_cache_hit_gives_the_same_logits_and_text_as_a_miss():
+    model = tiny_model(block_size=128, vocab_size=512)
+    shared = list(range(10, 58))  # three full blocks
+    prompts = [shared + [1, 2, 3], shared + [4, 5], shared + [1, 2, 3]]
+    texts = {}
+    for caching in (True, False):
+        engine = BatchEngine(model, TOKENIZER, max_num_seqs=4, num_blocks=40, prefix_caching=caching)
+        results = []
+        for prompt in prompts:  # one after another: the later ones find the first one's blocks
+            results += run_engine(
+                engine, lambda e, p=prompt: collect(e, [p], SamplingParams(max_tokens=8, temperature=0, logprobs=3))
+            )
+        texts[caching] = results
+        m = engine.metrics()
+        assert (m["prefix_cache_hits_total"] >= 2 * 48) == caching
+        assert_blocks_all_back(engine)
+    assert texts[True] == texts[False] == [[alone(model, p, 8)] for p in prompts]
+
+
+def test_a_prefix_hit_gives_the_logits_of_a_miss():
+    from gptwo.infer.step import StepInput, make_step
+
+    model = tiny_model(block_size=128, vocab_size=512)
+    step = make_step(model, 30, prefix_caching=True, use_native=False)
+    cache, prompt = step.cache, list(range(20, 60))
+    first = cache.start(prompt)
+    cache.grow(first, len(prompt))
+    missed = step(StepInput([prompt], [0], [first.blocks]))
+    cache.commit(first, prompt)
+    second = cache.start(prompt)
+    assert second.length == 32 and second.blocks == first.blocks[:2]  # two full blocks found
+    cache.grow(second, len(prompt))
+    hit = step(StepInput([prompt[32:]], [32], [second.blocks]))
+    torch.testing.assert_close(hit, missed, atol=1e-5, rtol=0)
+
+
+def test_n_choices_share_the_prompt_blocks_and_copy_on_write_keeps_them_apart():
+    model = tiny_model(block_size=64, vocab_size=512)
+    engine = BatchEngine(model, TOKENIZER, max_num_seqs=8, num_blocks=30, prefix_caching=False)
+    prompt = list(range(40, 61))  # one full block and 5 tokens in a shared, partly filled one
+    forks = []
+    fork = engine.cache.fork
+    engine.cache.fork = lambda seq: (forks.append(list(seq.blocks)), fork(seq))[1]
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    (choices,) = run_engine(engine, lambda e: collect(e, [prompt], params, n=3))
+    assert len(forks) == 2  # the prompt was computed once, its blocks shared by the other two choices
+    assert len({tuple(c) for c in choices}) == 3  # each choice samples its own tokens...
+    for j, tokens in enumerate(choices):  # ...exactly as it would alone with its own seed (seed + j)
+        expected = generate(model, torch.tensor([prompt]), 12, temperature=1.0, seed=7 + j)[0, len(prompt) :]
+        assert tokens == expected.tolist()
+    assert_blocks_all_back(engine)
+
+
+def test_preempted_seeded_requests_still_return_their_text():
+    """A cache of 9 blocks for 4 sequences that need 4 each: the newest are preempted and recomputed."""
+    model = tiny_model(block_size=64, vocab_size=512)
+    engine = BatchEngine(model, TOKENIZER, max_num_seqs=4, num_blocks=10, prefix_caching=False)
+    prompts = [[i, i + 1, i + 2, i + 3] for i in (10, 20, 30, 40)]
+    params = SamplingParams(max_tokens=56, temperature=0.9, seed=3)
+    results = run_engine(engine, *[lambda e, p=p: collect(e, [p], params) for p in prompts])
+    assert engine.stats["preempted"] > 0
+    for prompt, result in zip(prompts, results):
+        expected = generate(model, torch.tensor([prompt]), 56, temperature=0.9, seed=3)[0, 4:].tolist()
+        assert result[0] == expected
+    assert_blocks_all_back(engine)
+
+
+def test_every_block_comes_back_after_a_thousand_requests():
+    """Joins, leaves, cancels, n > 1, prefix hits and preemptions, 1,000 requests on a small cache."""
+    model = tiny_model(block_size=48, vocab_size=256)
+    engine = BatchEngine(
+        model, TOKENIZER, max_num_seqs=12, max_batched_tokens=40, num_blocks=16, max_queue=2000, max_client_choices=0
+    )
+    rng = random.Random(0)
+    shared = list(range(1, 17))
+
+    def request(i):
+        prompt = (shared if i % 3 == 0 else []) + [rng.randrange(256) for _ in range(rng.randrange(1, 14))]
+        params = SamplingParams(
+            max_tokens=rng.randrange(1, 20), temperature=rng.choice([0.0, 1.0]), seed=rng.choice([None, i])
+        )
+        n = rng.choice([1, 1, 2, 3])
+        cancel = rng.randrange(1, 4) if i % 7 == 0 else None
+        return lambda e: collect(e, [prompt], params, n=n, cancel_after=cancel)
+
+    results = []
+    for wave in range(10):
+        results += run_engine(engine, *[request(wave * 100 + j) for j in range(100)])
+    assert len(results) == 1000 and engine.stats["preempted"] > 0
+    assert engine.metrics()["prefix_cache_hits_total"] > 0
+    assert_blocks_all_back(engine)
 
 
 @pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@torch.no_grad()
-def test_a_lone_row_decodes_in_one_native_call_and_hands_its_cache_back(dtype):
-    model = prepare_model(tiny_model(block_size=40, vocab_size=512), dtype=dtype)
-    reference = tiny_model(block_size=40, vocab_size=512)  # float32 math on the same (bf16-rounded) weights
-    for param in reference.parameters():
-        param.copy_(param.to(model.transformer.wte.weight.dtype))
-    engine = BatchEngine(model, Tokenizer.gpt2())
-    pool = engine.pool
-    assert isinstance(engine.solo, NativeStep) and pool.solo is engine.solo
-    # of the largest logit; in bf16 the pool's rows and prefills run torch's bf16 activations (up to 3.4% off
-    # here, native steps included, as they read those keys/values), while a stale or misplaced cache is off by more
-    tolerance = 1e-4 if dtype == "fp32" else 0.06
-    seqs, rows = {"a": [5, 6, 7, 8, 9]}, ["a"]
-    prefill(model, pool, seqs["a"])
-
-    def step(token: int, solo: bool) -> None:
-        logits = pool.decode(model, torch.tensor([token] * len(rows)))
-        assert (pool.solo_len is not None) == solo
-        for row, name in enumerate(rows):
-            seqs[name].append(token)
-            expected = next_logits(reference, seqs[name])
-            torch.testing.assert_close(
-                logits[row].float(), expected, atol=tolerance * expected.abs().max().item(), rtol=0
-            )
-
-    for token in (11, 12, 13):
-        step(token, solo=True)
-    seqs["b"] = list(range(100, 112))  # joins: "a"'s cache goes back into the pool first
-    prefill(model, pool, seqs["b"])
-    rows.append("b")
-    step(14, solo=False)
-    rows = [rows[i] for i in pool.drop_rows([0])]  # "a" leaves: "b" is alone, decodes natively again
-    assert rows == ["b"]
-    step(15, solo=True)
-    step(16, solo=True)
-    seqs["c"] = [200, 201]
-    prefill(model, pool, seqs["c"])
-    rows.append("c")
-    step(17, solo=False)
-    rows = [rows[i] for i in pool.drop_rows([0])]
-    while len(seqs["c"]) < model.config.block_size:  # alone up to the full context
-        step(18 + len(seqs["c"]), solo=True)
-    assert pool.drop_rows([0]) == [] and pool.solo_len is None and pool.rows == 0
+def test_the_native_step_serves_ragged_batches_over_the_same_cache(dtype):
+    model = prepare_model(tiny_model(block_size=64, vocab_size=512), dtype=dtype)
+    engine = BatchEngine(model, TOKENIZER, max_num_seqs=4, max_batched_tokens=9, num_blocks=24)
+    assert isinstance(engine.step, NativeStep) and engine.cache.k.dtype == torch.float32
+    prompts = [[5, 6, 7, 8, 9], list(range(100, 125)), [200, 201]]
+    results = run_engine(
+        engine, *[lambda e, p=p: collect(e, [p], SamplingParams(max_tokens=10, temperature=0)) for p in prompts]
+    )
+    for prompt, result in zip(prompts, results):
+        assert result[0] == alone(model, prompt, 10)
+    assert_blocks_all_back(engine)
 
 
-@torch.no_grad()
-def test_rows_prefilled_together_join_at_once_and_see_only_their_own_tokens():
-    """add_rows: left-padded prompts of different lengths, longer and shorter than the running row, join in one copy."""
-    from gptwo.generate import pad_left
+def test_metrics_count_requests_blocks_and_tokens():
+    from gptwo.serve.metrics import prometheus_text
 
-    model = tiny_model(block_size=40, vocab_size=512)
-    pool = PooledCache(model.config, torch.device("cpu"), torch.float32)
-    seqs = {"a": [5, 6, 7, 8, 9]}
-    prefill(model, pool, seqs["a"])
-    pool.decode(model, torch.tensor([10]))
-    seqs["a"].append(10)
-    joining = {"b": list(range(100, 109)), "c": [200, 201], "d": [300, 301, 302, 303, 304, 305]}
-    ids, valid = pad_left(list(joining.values()), 0, torch.device("cpu"))
-    cache = KVCache(model.config, len(joining), ids.shape[1])
-    logits = model(ids, cache=cache, valid=valid)[:, -1]
-    for row, tokens in enumerate(joining.values()):
-        torch.testing.assert_close(logits[row], next_logits(model, tokens), atol=1e-4, rtol=0)
-    pool.add_rows(cache.k, cache.v, [len(t) for t in joining.values()])
-    seqs.update(joining)
-    assert pool.rows == 4 and pool.spans == [6, 9, 2, 6] and pool.length == 9
-    for token in (20, 21, 22):
-        out = pool.decode(model, torch.tensor([token] * 4))
-        for row, name in enumerate(seqs):
-            seqs[name].append(token)
-            torch.testing.assert_close(out[row], next_logits(model, seqs[name]), atol=1e-4, rtol=0)
+    model = tiny_model(block_size=64, vocab_size=512)
+    engine = BatchEngine(model, TOKENIZER, num_blocks=20)
+    run_engine(engine, lambda e: collect(e, [[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0)))
+    text = prometheus_text(engine.metrics(), "tiny")
+    assert 'gptwo_generation_tokens_total{model_name="tiny"} 5' in text
+    assert 'gptwo_prompt_tokens_total{model_name="tiny"} 3' in text
+    assert 'gptwo_kv_blocks_total{model_name="tiny"} 19' in text
+    assert 'gptwo_time_to_first_token_seconds_count{model_name="tiny"} 1' in text
+    assert 'le="+Inf"} 1' in text
 
 
 def test_engine_refuses_what_it_cannot_run_and_bounds_its_queue():
     engine = BatchEngine(
-        tiny_model(block_size=32), Tokenizer.gpt2(), max_batch=2, max_queue=3
+        tiny_model(block_size=32), Tokenizer.gpt2(), max_num_seqs=2, max_queue=3
     )  # never started: nothing leaves the queue
 
     async def submit_all():
@@ -169,10 +257,10 @@ def test_engine_step_failure_fails_requests_but_keeps_running():
         return updates
 
     async def scenario():
-        original = model.forward
-        model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+        original = model.hidden_states  # what the torch decode step calls
+        model.hidden_states = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
         failed = await run([1, 2, 3])
-        model.forward = original
+        model.hidden_states = original
         return failed, await run([1, 2, 3])
 
     engine.start()
@@ -184,37 +272,15 @@ def test_engine_step_failure_fails_requests_but_keeps_running():
     assert fine[-1].finish_reason == "length" and sum(len(u.tokens) for u in fine) == 3
 
 
-def test_first_tokens_are_handed_out_before_the_next_decode_step():
-    engine = BatchEngine(tiny_model(block_size=32), Tokenizer.gpt2())
-    pending_at_decode = []
-    decode = engine.pool.decode
-    engine.pool.decode = lambda *a, **k: (pending_at_decode.append(len(engine._outbox)), decode(*a, **k))[1]
-
-    async def run():
-        job = engine.submit([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0))
-        updates = []
-        while sum(u.finish_reason is not None for u in updates) < 2:
-            updates.append(await job.queue.get())
-        return updates
-
-    engine.start()
-    try:
-        updates = asyncio.run(run())
-    finally:
-        engine.stop()
-    assert sum(len(u.tokens) for u in updates) == 6
-    assert pending_at_decode and pending_at_decode[0] == 0  # the prefill's tokens were already on their way
-
-
 def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
-    from gptwo.serve.engine import _sample_by_cdf
+    from gptwo.sampling import sample_by_cdf
 
     vocab, draws = 600, 20_000  # blocks of 256, 256 and a partial one of 88
     generator = torch.Generator().manual_seed(0)
     weights = torch.rand(vocab, generator=generator) ** 4
     weights[::7] = 0  # zero-weight tokens, some at block edges
     weights[599] = 0.5
-    tokens = _sample_by_cdf(weights.expand(draws, vocab).contiguous(), generator)
+    tokens = sample_by_cdf(weights.expand(draws, vocab).contiguous(), generator)
     counts = torch.bincount(tokens, minlength=vocab)
     assert counts[weights == 0].sum() == 0
     nonzero = weights > 0
@@ -226,4 +292,4 @@ def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
     for only in (0, 255, 256, 511, 512, 599):  # one possible token, wherever it sits
         one = torch.zeros(4, vocab)
         one[:, only] = 1e-30
-        assert _sample_by_cdf(one, generator).tolist() == [only] * 4
+        assert sample_by_cdf(one, generator).tolist() == [only] * 4

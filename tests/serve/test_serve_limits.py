@@ -14,12 +14,12 @@ import torch
 from serve_testing import serve_in_thread
 from test_serve_api import PROMPT, assert_openai_error, post, reference_logprobs
 
-from gptwo.generate import MAX_STOP_CHARS, MAX_STOPS
+from gptwo.text import MAX_STOP_CHARS, MAX_STOPS
 
 
 @pytest.fixture(scope="module")
 def live(model_dir):
-    server, engine = serve_in_thread(model_dir, app_kwargs={"max_body_bytes": 1 << 20}, max_batch=16, max_queue=64)
+    server, engine = serve_in_thread(model_dir, app_kwargs={"max_body_bytes": 1 << 20}, max_num_seqs=16, max_queue=64)
     yield server, engine
     server.close()
 

@@ -169,22 +169,23 @@ def test_counted_shapes_match_the_model():
 
 
 def test_memory_is_checked_before_allocating(monkeypatch):
-    from gptwo import model as model_module
+    from gptwo import runtime as runtime_module
+    from gptwo.infer.kvcache import PagedKVCache
 
     config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)  # 124M: ~0.5 GB
-    monkeypatch.setattr(model_module, "available_memory", lambda device=None: 2**28)
+    monkeypatch.setattr(runtime_module, "available_memory", lambda device=None: 2**28)
     with pytest.raises(GptwoError, match="needs about .* 256 MiB is available"):
         GPT(config)
-    with pytest.raises(GptwoError, match="key/value cache"):
-        model_module.KVCache(config, batch_size=64, max_len=1024)
+    with pytest.raises(GptwoError, match="KV cache of 4,096 blocks"):
+        PagedKVCache(config, num_blocks=4096)
     with torch.device("meta"):  # allocates nothing, so nothing is refused
         assert GPT(config).num_params() > 0
-    monkeypatch.setattr(model_module, "available_memory", lambda device=None: None)  # unknown: no refusal
+    monkeypatch.setattr(runtime_module, "available_memory", lambda device=None: None)  # unknown: no refusal
     assert GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8)).num_params() > 0
 
 
 def test_top_p_that_underflows_keeps_the_top_token(world, capsys, monkeypatch):
-    from gptwo.generate import filter_logits
+    from gptwo.sampling import filter_logits
 
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.9]])
     for top_p in (1e-300, 1e-46, 1e-9):

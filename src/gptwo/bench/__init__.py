@@ -1,7 +1,7 @@
 """`gptwo bench`: speed on the user's own hardware, each workload anchored on transformers in the same run.
 
-Shared pieces: interleaved timing rounds (medians), the CPU's name and flags, and a plain-text
-table. A benchmark (decode.py, train.py) returns a JSON-able report that cli.py prints.
+Shared pieces: the model to time, interleaved timing rounds (medians), the CPU's name and flags, and a
+plain-text table. A benchmark (decode.py, train.py) returns a JSON-able report that cli.py prints.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from gptwo.runtime import cpu_flags, cpu_name  # noqa: F401 - the benches' repor
 if TYPE_CHECKING:
     import torch
 
+    from gptwo.model import GPT
+
 COMPILE_MODES = (
     "none",
     "default",
@@ -31,6 +33,20 @@ COMPILE_MODES = (
 TIMEOUT_ENV = "GPTWO_BENCH_TIMEOUT"  # seconds an outside tool (llama-bench, the GGUF converter, a server) may take
 DEFAULT_TIMEOUT_S = 600.0
 MAX_THREADS = 4096  # `--threads` above this is a typo, not a machine
+
+
+def bench_model(spec: str | None, device: torch.device) -> GPT:
+    """The model to time: a folder/hub id, or GPT-2 124M's shape with random weights (speed does not depend on them)."""
+    import torch
+
+    from gptwo.config import GPTConfig
+    from gptwo.model import GPT
+    from gptwo.weights import load_pretrained
+
+    if spec:
+        return load_pretrained(spec, device=device)
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("gpt2")).to(device).eval()
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
-from gptwo.bench import DEFAULT_TIMEOUT_S, run_tool
+from gptwo.bench import DEFAULT_TIMEOUT_S, bench_model, run_tool
 from gptwo.errors import GptwoError
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # convert_hf_to_gguf.py's --outtype names
@@ -93,7 +93,6 @@ def save_bench_model(directory: str, model: str | None = None) -> None:
     shape, seed 0, GPT-2's BPE)."""
     import torch
 
-    from gptwo.bench.decode import bench_model
     from gptwo.tokenizer import Tokenizer
     from gptwo.weights import load_model, save_pretrained
 

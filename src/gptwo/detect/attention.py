@@ -1,11 +1,11 @@
-"""Attention weights of a GPT, by an explicit path used only when asked (the Inspect view).
+"""Attention weights of a GPT, by the decode step's explicit path, used only when asked (the Inspect view).
 
-The model's own forward uses fused scaled-dot-product attention, which never forms the weights.
-This module walks the same modules block by block — each `Block` runs its ordinary (fast)
-forward — and beside each block recomputes softmax(q kᵀ / √d + causal mask) from that block's
-`ln_1` output and its `c_attn` weights. Nothing is attached to the model (no hooks), so a model
-that is serving requests in another thread is not disturbed. `tests/detect` checks that
-`c_proj(weights @ v)` equals the block's attention output and that the logits equal `model(idx)`.
+The step's fused scaled-dot-product attention never forms the weights. Here the torch decode step
+(gptwo.infer.torch_step) runs the text through the model's own modules over a paged cache of its own,
+with attention computed explicitly — softmax(q kᵀ / √d + causal mask) @ v — and each layer's weights
+kept. Nothing is attached to the model (no hooks), so a model that is serving requests in another
+thread is not disturbed. `tests/detect` checks that `c_proj(weights @ v)` equals the block's attention
+output and that the logits equal `model(idx)`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import math
 import torch
 
 from gptwo.errors import GptwoError
+from gptwo.infer.kvcache import blocks_for
+from gptwo.infer.step import StepInput, make_step
 
 
 def attention_weights(block: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,10 +44,9 @@ def forward_with_attention(model: torch.nn.Module, idx: torch.Tensor) -> tuple[t
         raise GptwoError(
             f"{T} tokens exceed the model's context of {model.config.block_size}", "inspect a shorter text"
         )
-    transformer = model.transformer
-    x = transformer.drop(transformer.wte(idx) + transformer.wpe(torch.arange(T, device=idx.device)))
-    maps = []
-    for block in transformer.h:
-        maps.append(attention_weights(block, block.ln_1(x))[0])
-        x = block(x)
-    return model.lm_head(transformer.ln_f(x)), torch.stack(maps)
+    step = make_step(model, B * blocks_for(T) + 1, use_native=False)  # explicit weights: the torch step
+    width = blocks_for(T)
+    tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(B)]
+    maps: list[torch.Tensor] = []
+    logits = step(StepInput(idx.tolist(), [0] * B, tables, every=[True] * B), attention_weights=maps)
+    return logits.view(B, T, -1), torch.stack([m[..., :T] for m in maps])

@@ -15,7 +15,6 @@ saved classifier is then fit on every document; its threshold comes from the out
 from __future__ import annotations
 
 import datetime
-import glob
 import io
 import json
 import math
@@ -28,6 +27,7 @@ import numpy as np
 from gptwo.detect import DEFAULT_MIN_TOKENS
 from gptwo.detect.classifier import Lexicon, cross_validate, document_features, feature_matrix, fit_logistic
 from gptwo.detect.detector import CALIBRATION_FILE, Rule, judge_text, load_models
+from gptwo.detect.documents import read_folder, split_documents
 from gptwo.detect.stats import DIRECTION
 from gptwo.errors import GptwoError
 from gptwo.fileio import PNG_MAGIC, atomic_write
@@ -117,21 +117,6 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str,
     atomic_write(path, buffer.getvalue())
 
 
-def read_folder(folder: str) -> list[tuple[str, str]]:
-    """(path, text) of every .txt file in `folder`, sorted by name."""
-    from gptwo.eval.perplexity import read_text_file
-
-    if not os.path.isdir(folder):
-        raise GptwoError(
-            f"folder {folder} not found",
-            "pass a folder of .txt files (one document each), e.g. from 'gptwo detect sample'",
-        )
-    paths = sorted(glob.glob(os.path.join(folder, "*.txt")))
-    if not paths:
-        raise GptwoError(f"{folder} holds no .txt files", "put one document per .txt file there")
-    return [(path, read_text_file(path)) for path in paths]
-
-
 def check_outputs(out: str, plot: str, lexicon: str | None) -> None:
     """Refuse to write over a file that is not an earlier output of the same kind (a calibration JSON,
     its lexicon, a PNG plot) or over a folder, and three outputs that are one file."""
@@ -209,8 +194,6 @@ def load_lexicon(source: str | None, tokenizer) -> Lexicon | None:
     if source is None:
         return None
     if os.path.isfile(os.path.join(source, "meta.json")):
-        from gptwo.detect.pairs import split_documents
-
         return Lexicon.from_texts(tokenizer.decode(doc) for doc in split_documents(source, tokenizer, "train"))
     return Lexicon.from_texts(text for _, text in read_folder(source))
 

@@ -14,44 +14,18 @@ import os
 import re
 import sys
 
-import numpy as np
 import torch
 
+from gptwo.detect.documents import read_folder, split_documents
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write
 from gptwo.tokenizer import Tokenizer
-
-
-def split_documents(data_dir: str, tokenizer: Tokenizer, split: str = "val") -> list[list[int]]:
-    """The token ids of each document of one split of a prepared data folder (split at <|endoftext|>)."""
-    from gptwo.data.loader import read_meta
-    from gptwo.data.shards import read_shard
-
-    meta = read_meta(data_dir)
-    if meta.get("tokenizer") != tokenizer.identity:
-        raise GptwoError(
-            f"{data_dir} was prepared with another tokenizer than the model's",
-            "sample from the data the model was trained on, or pass .txt files",
-        )
-    shards = [
-        read_shard(os.path.join(data_dir, shard["file"] if isinstance(shard, dict) else shard))
-        for shard in meta["splits"][split]["shards"]
-    ]
-    tokens = np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
-    documents, start = [], 0
-    for end in np.flatnonzero(tokens == tokenizer.eot_token).tolist() + [len(tokens)]:
-        if end > start:
-            documents.append(tokens[start:end].astype(np.int64).tolist())
-        start = end + 1
-    return documents
 
 
 def source_documents(source: str, tokenizer: Tokenizer) -> list[list[int]]:
     """Documents as token ids: a prepared data folder's val split, or every .txt file of a folder."""
     if os.path.isfile(os.path.join(source, "meta.json")):
         return split_documents(source, tokenizer)
-    from gptwo.detect.calibrate import read_folder
-
     return [tokenizer.encode_ordinary(text) for _, text in read_folder(source)]
 
 
@@ -79,7 +53,7 @@ def continue_passages(
     batch_size: int = 16,
 ) -> list[tuple[list[int], list[int]]]:
     """(human, generated) token pairs of equal length: each passage's first `prompt_tokens` continued by the model."""
-    from gptwo.generate import generate
+    from gptwo.sampling import generate
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -160,7 +134,7 @@ def sample_set(
     """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the
     ids); return the summary."""
     from gptwo.argtypes import MAX_SEED
-    from gptwo.generate import check_sampling
+    from gptwo.sampling import check_sampling
     from gptwo.weights import load_model
 
     check_sampling(new_tokens, temperature, top_k, top_p)

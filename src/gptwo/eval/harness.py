@@ -27,6 +27,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from gptwo.errors import GptwoError
 from gptwo.eval.scoring import rolling_pairs, score_pairs
 from gptwo.generate import stream_texts
+from gptwo.runtime import resolve_device
 
 model_registry.register("gptwo", target="gptwo.eval.harness:GptwoLM")
 
@@ -48,7 +49,7 @@ class GptwoLM(TemplateLM):
         max_gen_toks: int = 256,
     ) -> None:
         super().__init__()
-        from gptwo.weights import load_model, resolve_device
+        from gptwo.weights import load_model
 
         if not pretrained:
             raise GptwoError(

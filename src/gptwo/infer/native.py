@@ -16,6 +16,7 @@ the bf16 / int8 kernel, and `GPTWO_NATIVE_THREADS=N` the decode step's threads (
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import os
@@ -26,11 +27,17 @@ import subprocess
 import sys
 import tempfile
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 
+from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
+from gptwo.infer.kvcache import PagedKVCache
 from gptwo.runtime import cpu_flag_set
+
+if TYPE_CHECKING:  # step.py imports this module to choose between the steps
+    from gptwo.infer.step import StepInput
 
 F32, BF16, BF16_DP, I8, I8_VNNI, I8_W16 = range(6)  # kernel kinds, as in the C source
 KIND_NAMES = {
@@ -41,7 +48,7 @@ KIND_NAMES = {
     I8_VNNI: "int8 x int8 (activations int8 per 64)",
     I8_W16: "int8 x int16 (activations int16 per token)",
 }
-ABI = 2  # GPTWO_ABI in the C source: the functions' signatures, gptwo_step's pointer table and dimensions
+ABI = 3  # GPTWO_ABI in the C source: the signatures, gptwo_step's pointer table, dimensions and batch layout
 ISAS = ("avx512", "avx2", "neon", "generic")  # best first
 ISA_FLAGS = {
     "avx512": ["-march=native"],
@@ -248,10 +255,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gptwo_isa.restype = ctypes.c_char_p
     lib.gptwo_linear.argtypes = [i, p, p, p, p, p, i, i, i, i]
     lib.gptwo_linear.restype = i
-    lib.gptwo_step_scratch_bytes.argtypes = [i64p, i]
+    lib.gptwo_step_scratch_bytes.argtypes = [i64p]
     lib.gptwo_step_scratch_bytes.restype = ctypes.c_size_t
-    lib.gptwo_step.argtypes = [p, i64p, ctypes.c_float, p, i, i, p, p, ctypes.c_size_t]
+    # P, D, eps, T, tokens, S, seqs, tables, n_tables, R, rows, logits, scratch, scratch_len
+    lib.gptwo_step.argtypes = [p, i64p, ctypes.c_float, i, p, i, p, p, ctypes.c_int64, i, p, p, p, ctypes.c_size_t]
     lib.gptwo_step.restype = i
+    lib.gptwo_step_check.argtypes = [i64p, i, p, i, p, p, ctypes.c_int64, i, p]  # D, then T..rows as gptwo_step
+    lib.gptwo_step_check.restype = i
     return lib
 
 
@@ -359,21 +369,39 @@ def linear(
     return y
 
 
-STEP_CHUNK = 64  # prompt tokens per native step call (its scratch is sized for this many)
+MAX_STEP_TOKENS = 256  # new tokens per native step call (all sequences together), at most
+STEP_SCRATCH_BUDGET = 256 * 2**20  # bytes of per-layer activations a call may hold; fewer tokens for big models
+# gptwo_step's refusals, as in the C source
+STEP_BAD_TOKEN, STEP_BAD_SIZE, STEP_BAD_POSITION, STEP_BAD_BLOCK, STEP_BAD_LAYOUT = range(1, 6)
+
+
+def step_tokens(config: GPTConfig) -> int:
+    """Tokens one native step call takes: MAX_STEP_TOKENS, fewer where their per-layer activations
+    (10 x n_embd floats per layer and token) would pass STEP_SCRATCH_BUDGET, never below 16."""
+    per_token = config.n_layer * 10 * config.n_embd * 4
+    return max(16, min(MAX_STEP_TOKENS, STEP_SCRATCH_BUDGET // per_token))
 
 
 class NativeStep:
-    """GPT-2's whole forward for a batch of one, in one C call per token, over a preallocated fp32 KV cache.
+    """`DecodeStep` on the CPU: GPT-2's whole forward over a ragged batch in one C call, reading and writing one
+    paged fp32 KV cache (gptwo.infer.kvcache.PagedKVCache).
 
-    Embeddings, LayerNorms, the QKV/projection/MLP linears on the native kernels, attention over the cache,
-    GELU and residuals all run inside one OpenMP region (kernels/gptwo_kernels.c: `gptwo_step`), so a token
-    costs one Python call instead of a few hundred torch ops. Activations and the cache are fp32 whatever
-    the weights are. Built from a model prepared with native linears (`supports`).
+    Embeddings, LayerNorms, the QKV/projection/MLP linears on the native kernels (over every new token of
+    the call at once, so each weight is read once per call), attention per (sequence, head) through each
+    sequence's block table, GELU and residuals all run inside one OpenMP region per call
+    (kernels/gptwo_kernels.c: `gptwo_step`); the final LayerNorm and the head only for the rows asked for.
+    A batch of more than `max_tokens` new tokens runs as several calls in order (a sequence's tokens may
+    be split; later calls read the earlier ones' keys from the cache). Activations and the cache are fp32
+    whatever the weights are. Built from a model prepared with native linears (`supports`).
     """
 
-    def __init__(self, model: torch.nn.Module, max_len: int):
+    cache_dtype = torch.float32
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, max_tokens: int | None = None):
         lib, config, tf = library(), model.config, model.transformer
-        self.lib, self.max_len, self.vocab = lib, max_len, config.vocab_size
+        _check_cache(cache, config)
+        self.lib, self.cache, self.vocab = lib, cache, config.vocab_size
+        self.max_tokens = max_tokens or step_tokens(config)
         self.keep: list[torch.Tensor] = []
         pointers: list[int | None] = []
         for block in tf.h:
@@ -389,76 +417,153 @@ class NativeStep:
             ]
             self.keep += [t for t in parts if t is not None]
             pointers += [ptr(t) for t in parts]
-        shape = (config.n_layer, config.n_head, max_len, config.head_dim)
-        self.k, self.v = torch.empty(shape), torch.empty(shape)  # only written slots are read
         head_w, head_scale, _ = _linear_parts(model.lm_head)
         wte, wpe = tf.wte.weight.detach().contiguous(), tf.wpe.weight.detach().contiguous()
-        tail = [wte, wpe, f32(tf.ln_f.weight), f32(tf.ln_f.bias), head_w, head_scale, self.k, self.v]
+        tail = [wte, wpe, f32(tf.ln_f.weight), f32(tf.ln_f.bias), head_w, head_scale, cache.k, cache.v]
         self.keep += [t for t in tail if t is not None]
         pointers += [ptr(t) for t in tail]
         self.pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.context = wpe.shape[0]
         threads = int(os.environ.get("GPTWO_NATIVE_THREADS") or torch.get_num_threads())
-        dims = [
+        dims = [  # D_* in the C source
             config.n_layer,
             config.n_embd,
             config.n_head,
             config.vocab_size,
-            max_len,
+            self.context,
             model.lm_head.kind,
             int(wte.dtype == torch.bfloat16),
             threads,
+            cache.num_blocks,
+            cache.block_size,
+            self.max_tokens,
         ]
         self.dims = (ctypes.c_int64 * len(dims))(*dims)
         self.eps = float(config.layer_norm_eps)
-        scratch_bytes = lib.gptwo_step_scratch_bytes(self.dims, STEP_CHUNK)
+        scratch_bytes = lib.gptwo_step_scratch_bytes(self.dims)
         if scratch_bytes == 0:
             raise GptwoError(
                 f"the native step does not take this shape ({dims})", "use GPTWO_NATIVE=0 for torch's path"
             )
         self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
-        self.logits = torch.empty(config.vocab_size)
-        self.length: int | None = None  # tokens in the cache after the last call
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         """Whether every linear of `model` is one native kind and its embeddings are fp32 or bf16 on the CPU."""
-        from gptwo.infer.linear import NativeLinear
-
         tf = model.transformer
         linears = [m for b in tf.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]
+        kinds = {getattr(m, "kind", None) for m in linears}  # a kernel kind: linear.NativeLinear (which imports us)
         return (
-            all(isinstance(m, NativeLinear) for m in linears)
-            and len({m.kind for m in linears}) == 1
+            len(kinds) == 1
+            and kinds <= KIND_NAMES.keys()
             and tf.wte.weight.device.type == "cpu"
             and tf.wte.weight.dtype in (torch.float32, torch.bfloat16)
             and model.config.n_embd % model.config.n_head == 0
             and library() is not None
         )
 
-    def __call__(self, idx: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits (1, vocab) after tokens `idx` (1, T) at positions start..start+T-1;
-        their keys/values enter the cache."""
-        tokens = idx.reshape(-1).to(torch.int64).contiguous()
-        for first in range(0, tokens.numel(), STEP_CHUNK):
-            chunk = tokens[first : first + STEP_CHUNK]
-            if self.lib.gptwo_step(
-                self.pointers,
-                self.dims,
-                self.eps,
-                ptr(chunk),
-                chunk.numel(),
-                start + first,
-                ptr(self.logits),
-                ptr(self.scratch),
-                self.scratch.numel(),
-            ):
+    def __call__(self, batch: StepInput) -> torch.Tensor:
+        """Logits (R, vocab) of `batch.output_rows()`; the new tokens' keys/values enter the cache.
+
+        A batch the C step refuses (token ids, positions, block tables) raises GptwoError and writes nothing:
+        one split into several calls is checked whole before the first runs."""
+        calls = [self._call_args(*call) for call in self._calls(batch)]
+        if len(calls) > 1:
+            for _, args, _ in calls:
+                self._raise_if_refused(self.lib.gptwo_step_check(self.dims, *args), batch)
+        logits = torch.empty(sum(rows for _, _, rows in calls), self.vocab)
+        row = 0
+        for _, args, rows in calls:  # the first item keeps the arguments' buffer alive
+            out = ptr(logits) + row * self.vocab * 4
+            status = self.lib.gptwo_step(
+                self.pointers, self.dims, self.eps, *args, out, ptr(self.scratch), self.scratch.numel()
+            )
+            self._raise_if_refused(status, batch)
+            row += rows
+        return logits
+
+    def _calls(self, batch: StepInput):
+        """The batch cut into calls of at most `max_tokens` tokens, in order: per call the flat tokens, per
+        sequence piece (start, count, table offset, table length), the pieces' block tables and output rows."""
+        tokens: list[int] = []
+        seqs: list[int] = []
+        tables: list[int] = []
+        rows: list[int] = []
+        bs, limit, every = self.cache.block_size, self.max_tokens, batch.every
+        for i, (new, start, table) in enumerate(zip(batch.tokens, batch.starts, batch.tables)):
+            if not new:
+                raise GptwoError(f"sequence {i} of the batch brings no tokens", "give every sequence a new token")
+            done = 0
+            while done < len(new):
+                take = min(len(new) - done, limit - len(tokens))
+                first, piece_start = len(tokens), start + done
+                blocks = table[: max(0, -(-(piece_start + take) // bs))]
+                tokens += new[done : done + take]
+                seqs += (piece_start, take, len(tables), len(blocks))
+                tables += blocks
+                done += take
+                if every is not None and every[i]:
+                    rows += range(first, first + take)
+                elif done == len(new):
+                    rows.append(first + take - 1)
+                if len(tokens) == limit:
+                    yield tokens, seqs, tables, rows
+                    tokens, seqs, tables, rows = [], [], [], []
+        if tokens:
+            yield tokens, seqs, tables, rows
+
+    @staticmethod
+    def _call_args(tokens: list[int], seqs: list[int], tables: list[int], rows: list[int]):
+        """(int64 buffer, gptwo_step's batch arguments T..rows pointing into it, output rows) for one call."""
+        try:
+            flat = array.array("q", tokens + seqs + tables + rows)
+        except (TypeError, OverflowError):
+            raise GptwoError(
+                "the batch's token ids, positions and block ids must be int64 integers", "pass Python ints"
+            ) from None
+        base, T, S = flat.buffer_info()[0], len(tokens), len(seqs) // 4
+        at_tables, at_rows = base + 8 * (T + 4 * S), base + 8 * (T + 4 * S + len(tables))
+        return flat, (T, base, S, base + 8 * T, at_tables, len(tables), len(rows), at_rows), len(rows)
+
+    def _raise_if_refused(self, status: int, batch: StepInput) -> None:
+        """A GptwoError naming the sequence at fault when the C step refused a call (looked for only then)."""
+        if status == STEP_BAD_TOKEN:
+            for i, new in enumerate(batch.tokens):
+                bad = [t for t in new if not 0 <= t < self.vocab]
+                if bad:
+                    raise GptwoError(
+                        f"token id {bad[0]} of sequence {i} is outside the vocabulary (0..{self.vocab - 1})",
+                        "pass token ids below the vocabulary size",
+                    )
+        bs, blocks = self.cache.block_size, self.cache.num_blocks
+        for i, (new, start, table) in enumerate(zip(batch.tokens, batch.starts, batch.tables)):
+            end = start + len(new)
+            if status == STEP_BAD_POSITION and not 0 <= start <= self.context - len(new):
                 raise GptwoError(
-                    f"{tokens.numel()} tokens at position {start} do not fit {self.max_len} slots, "
-                    "or an id is outside the vocabulary",
-                    "pass token ids below the vocabulary size and stay within the context",
+                    f"{len(new)} tokens at position {start} do not fit the model's context of {self.context}",
+                    "stay within the context (slide or shorten the sequence)",
                 )
-        self.length = start + tokens.numel()
-        return self.logits.clone()[None]
+            needed = table[: -(-end // bs)]
+            if status == STEP_BAD_BLOCK and (len(needed) * bs < end or any(not 0 < b < blocks for b in needed)):
+                raise GptwoError(
+                    f"the block table of sequence {i} ({len(table)} blocks) does not hold positions up to {end} "
+                    f"in a cache of {blocks} blocks (ids 1..{blocks - 1})",
+                    "grow the sequence's blocks (PagedKVCache.grow) before the step",
+                )
+        if status:
+            raise GptwoError(f"the native step refused a call (status {status})", "report this as a gptwo bug")
+
+
+def _check_cache(cache: PagedKVCache, config: GPTConfig) -> None:
+    """Refuse a cache the C step cannot read as (n_layer, num_blocks, n_head, block_size, head_dim) fp32 on the CPU."""
+    shape = (config.n_layer, cache.num_blocks, config.n_head, cache.block_size, config.n_embd // config.n_head)
+    for t in (cache.k, cache.v):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+            raise GptwoError(
+                f"the native step needs a contiguous fp32 CPU KV cache of shape {shape}, "
+                f"not {t.dtype} {tuple(t.shape)} on {t.device}",
+                "make the cache with dtype=NativeStep.cache_dtype on the CPU for this model",
+            )
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,11 @@ from gptwo.infer import native
 from gptwo.infer.arena import arena_views
 from gptwo.infer.linear import Int8Linear, NativeLinear, TransposedLinear
 from gptwo.model import GPT
-from gptwo.runtime import DTYPES
+from gptwo.runtime import DTYPES, dtype_name
 
 PREPARE_DTYPES = ("fp32", "bf16")  # what prepare_model re-lays weights in (gptwo.runtime.DTYPES names)
 QUANTIZATIONS = ("int8",)
-PREPARED = "inference_prepared"  # attribute set on a prepared model: {"dtype": ..., "quantize": ...}
+_PREPARED = "inference_prepared"  # attribute set on a prepared model: {"dtype": ..., "quantize": ...}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -33,6 +33,11 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in PREPARE_DTYPES:
         raise GptwoError(f"dtype '{name}' is not supported", f"use one of {', '.join(PREPARE_DTYPES)}")
     return DTYPES[name]
+
+
+def prepared_settings(model: torch.nn.Module) -> dict | None:
+    """How `prepare_model` prepared `model` ({"dtype": "bf16", "quantize": "int8" or None}), or None if it did not."""
+    return getattr(model, _PREPARED, None)
 
 
 def check_quantize(quantize: str | None) -> None:
@@ -68,7 +73,7 @@ def prepare_model(
     `native_kernels`: use gptwo's own CPU kernels where they build (False, or GPTWO_NATIVE=0: torch's matmul).
     """
     check_quantize(quantize)
-    if getattr(model, PREPARED, None) is not None:
+    if prepared_settings(model) is not None:
         raise GptwoError("the model is already prepared for inference", "prepare a freshly loaded model once")
     torch_dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
     model.to(torch_dtype).eval()
@@ -98,11 +103,7 @@ def prepare_model(
         _weights_into_arena(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    setattr(
-        model,
-        PREPARED,
-        {"dtype": {v: k for k, v in DTYPES.items()}.get(torch_dtype, str(torch_dtype)), "quantize": quantize},
-    )
+    setattr(model, _PREPARED, {"dtype": dtype_name(torch_dtype), "quantize": quantize})
     return model
 
 

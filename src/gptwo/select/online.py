@@ -65,7 +65,7 @@ class Selector:
         """Score of every pool row, (K·B,): its loss, minus the reference's loss for `reducible`.
 
         Rows are scored `rows` (= batch_size) at a time: the training shape, so compiled blocks are reused."""
-        from gptwo.train.distributed import unwrap
+        from gptwo.runtime import unwrap
 
         scores = self._losses(unwrap(model), x, y, rows)
         if self.strategy == "reducible":

@@ -31,11 +31,12 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptwo.errors import GptwoError
-from gptwo.runtime import DTYPES
+from gptwo.infer.prepare import prepared_settings
+from gptwo.runtime import dtype_name, resolve_device, resolve_dtype
 from gptwo.serve import protocol
 from gptwo.serve.connection import uvicorn_config
 from gptwo.serve.engine import BatchEngine, ClientBusy, Overloaded, RequestRejected, TokenLogprob, Update
@@ -48,6 +49,7 @@ from gptwo.serve.limits import (
     MAX_INSPECT_TOKENS,
     MAX_REQUEST_CHOICES,
 )
+from gptwo.serve.metrics import prometheus_text
 from gptwo.tokenizer import Tokenizer
 
 log = logging.getLogger("gptwo.serve")
@@ -453,16 +455,22 @@ def create_app(
 
     @app.get("/health", summary="Whether the engine runs, and how busy it is")
     async def health() -> JSONResponse:
+        weights_dtype = engine.model.transformer.wte.weight.dtype
         status = {
             "status": "ok" if engine.alive else "down",
             "model": model_name,
-            "dtype": DTYPE_NAMES.get(engine.pool.dtype, str(engine.pool.dtype)),
-            "quantize": getattr(engine.model, "inference_prepared", {}).get("quantize"),
+            "dtype": dtype_name(weights_dtype),
+            "kv_cache_dtype": dtype_name(engine.cache.k.dtype),
+            "quantize": (prepared_settings(engine.model) or {}).get("quantize"),
             "running": engine.running,
             "waiting": engine.waiting,
             **engine.stats,
         }
         return JSONResponse(status, status_code=200 if engine.alive else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics: requests, KV-cache blocks, prefix-cache hits, tokens, TTFT")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(engine.metrics(), model_name), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
     async def models() -> protocol.ModelList:
@@ -530,11 +538,11 @@ def load_served_model(model: str, device: torch.device, dtype: torch.dtype, quan
     """The model and tokenizer as `gptwo serve` runs them.
 
     On a CPU, fp32/bf16 weights are prepared for inference (named as text) as int8 ones are: native
-    kernels for a few rows, and a lone request decodes in one native call per token (engine.py, PooledCache).
+    kernels, and every step of the engine runs as one native call over the paged cache (gptwo.infer.native).
     """
     from gptwo.weights import load_model
 
-    prepared = DTYPE_NAMES[dtype] if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else dtype
+    prepared = dtype_name(dtype) if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else dtype
     return load_model(model, device=str(device), dtype=prepared, quantize=quantize)
 
 
@@ -545,8 +553,11 @@ def serve(
     *,
     device: str = "auto",
     served_model_name: str | None = None,
-    max_batch: int = 32,
+    max_num_seqs: int = 32,
     max_queue: int = 256,
+    max_batched_tokens: int = 512,
+    kv_cache_memory: float | None = None,
+    prefix_caching: bool = True,
     max_body_bytes: int = 1 << 20,
     log_level: str = "info",
     api_key: str | None = None,
@@ -562,10 +573,9 @@ def serve(
     """Load `model` and serve it over HTTP until interrupted."""
     import uvicorn
 
-    from gptwo.weights import resolve_device
-
     for name, value, low in (
-        ("max_batch", max_batch, 1),
+        ("max_num_seqs", max_num_seqs, 1),
+        ("max_batched_tokens", max_batched_tokens, 1),
         ("max_queue", max_queue, 1),
         ("max_body_bytes", max_body_bytes, 1),
         ("max_request_choices", max_request_choices, 1),
@@ -593,8 +603,11 @@ def serve(
     engine = BatchEngine(
         net,
         tokenizer,
-        max_batch=max_batch,
+        max_num_seqs=max_num_seqs,
         max_queue=max_queue,
+        max_batched_tokens=max_batched_tokens,
+        kv_cache_memory=kv_cache_memory,
+        prefix_caching=prefix_caching,
         max_request_choices=max_request_choices,
         max_client_choices=max_client_choices,
     )
@@ -614,7 +627,7 @@ def serve(
     url = f"http://{shown}:{sock.getsockname()[1]}"
     logger = logging.getLogger("uvicorn.error")
     auth = "API key required" if api_key else "no API key"
-    weights = DTYPE_NAMES[torch_dtype] + (f", {quantize} weights" if quantize else "")
+    weights = dtype_name(torch_dtype) + (f", {quantize} weights" if quantize else "")
     logger.info(
         "serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, weights, auth
     )
@@ -624,27 +637,6 @@ def serve(
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after a graceful shutdown: for a server that is a normal stop
         pass
-
-
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The weights' dtype for `--dtype`: auto is bf16 where the hardware multiplies bf16 natively, else fp16
-    on CUDA and fp32 on CPU.
-
-    On a CPU with AVX-512 BF16 or AMX a batched decode step in bf16 takes about a third of fp32's
-    time (docs/serve.md); without them bf16 is emulated and slower than fp32.
-    """
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        from gptwo.infer.native import native_bf16
-
-        return torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
-    if name not in DTYPES:
-        raise GptwoError(f"unknown dtype '{name}'", "use auto, fp32, bf16 or fp16")
-    return DTYPES[name]
 
 
 def _is_loopback(address: str) -> bool:

@@ -15,6 +15,17 @@ from gptwo.serve.limits import (
 )
 
 
+def kv_cache_memory(text: str) -> float:
+    """--kv-cache-memory: a positive size in GiB (above 1) or a fraction of the memory available (0 to 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive number (GiB above 1, or a fraction 0-1)")
+    return value
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gptwo.serve import serve
 
@@ -24,7 +35,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         device=args.device,
         served_model_name=args.served_model_name,
-        max_batch=args.max_batch,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        prefix_caching=not args.no_prefix_caching,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
@@ -67,10 +81,32 @@ def add_commands(sub) -> None:
         "--served-model-name", default=None, help="the model id clients send (default: the folder's name or the hub id)"
     )
     p.add_argument(
+        "--max-num-seqs",
         "--max-batch",
+        dest="max_num_seqs",
         type=int_at_least(1, 4096),
         default=32,
-        help="most sequences decoded together (default 32); each holds a KV cache row",
+        help="most sequences running at once (default 32; --max-batch is the old name)",
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int_at_least(1, 1 << 20),
+        default=512,
+        help="most tokens one step computes: every running sequence's next token first, then chunks of "
+        "prompts, so a long prompt joins without stalling running streams (default 512)",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=kv_cache_memory,
+        default=None,
+        help="the KV cache's size: GiB (a number above 1) or a fraction of the memory available (0 to 1; "
+        "default 0.25); memory is taken 16 tokens at a time as sequences grow",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="compute every prompt in full (by default, prompts starting with the same 16-token blocks as "
+        "earlier ones reuse their keys and values)",
     )
     p.add_argument(
         "--max-queue",

@@ -1,11 +1,18 @@
 """The batching engine: one worker thread runs the model for every request at once (continuous batching).
 
-Each choice of a request is a `Sequence`. Between decode steps the worker retires finished or
-cancelled sequences and admits waiting ones: their prompts are prefilled together and their
-keys/values are copied into free rows of one shared `PooledCache`, so a new request joins the
-running batch at the next step instead of waiting for it to drain. Rows share slot indices (as in
-`gptwo.model.KVCache`); a joining prompt is right-aligned with the newest slot and the slots before
-it are marked invalid, so every row sees only its own tokens at its own positions.
+Each choice of a request is a `Sequence` with its own block table in one paged KV cache
+(gptwo.infer.kvcache): memory is taken block by block (16 tokens) as sequences grow, not reserved as a
+rectangle of rows x the longest span, and each sequence attends over its own tokens only. Every
+iteration the scheduler (vLLM's design) fills a token budget (`max_batched_tokens`): first one token
+for each running sequence that is decoding, then chunks of prompts still being prefilled, then new
+sequences from the queue — so a long prompt joins a few hundred tokens at a time without stalling the
+running streams — and runs them as one ragged batch through the decode step (gptwo.infer.step: the
+native C step on a prepared CPU model, else torch). A sequence is admitted only when the cache has free
+blocks for its first chunk; when a decoding sequence finds no free block, the most recently admitted
+sequence is preempted (its blocks given back; it is recomputed from its prompt and the tokens it has
+produced when it is admitted again, so a seeded request still returns the same text). With prefix
+caching, prompts that start with the same full blocks (a system prompt, few-shot examples) share them
+instead of computing them again; the n choices of one prompt share its blocks (copy-on-write).
 
 Sampling is per row, in float32: greedy rows take the argmax, seeded rows use their own generator
 (so a seed gives the same text however the request was batched), the rest are sampled in groups
@@ -13,27 +20,33 @@ that share temperature / top-k / top-p. Log-probabilities are those of the raw m
 temperature). A failure that belongs to one row (logits that are NaN or inf, a sampling or text
 error) ends only that row, with an error in its own request's response; the rest of the batch goes on.
 
-Waiting sequences are admitted fairly: the next free row goes to the client (a remote address) that
-holds the fewest rows, so one client's big request does not hold everyone else back; a client may
+Waiting sequences are admitted fairly: the next place goes to the client (a remote address) that
+holds the fewest running sequences, so one client's big request does not hold everyone else back; a client may
 hold at most `max_client_choices` unfinished sequences, and one request at most `max_request_choices`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import threading
-from collections.abc import Sequence as Seq
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from gptwo.errors import GptwoError
-from gptwo.generate import TextStream, filter_logits, pad_left
+from gptwo.infer.kvcache import OutOfBlocks, SeqBlocks, block_bytes, blocks_for
 from gptwo.infer.native import NativeStep
-from gptwo.model import GPT, KVCache
+from gptwo.infer.step import StepInput, cache_dtype, make_step
+from gptwo.model import GPT
+from gptwo.runtime import available_memory
+from gptwo.sampling import sample_by_cdf, sampling_weights
 from gptwo.serve.limits import MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
+from gptwo.serve.params import SamplingParams
+from gptwo.text import TextStream
 from gptwo.tokenizer import Tokenizer
 
 log = logging.getLogger("gptwo.serve")
@@ -53,20 +66,6 @@ class RequestRejected(GptwoError):
     def __init__(self, what: str, fix: str, param: str, code: str | None = None):
         super().__init__(what, fix)
         self.param, self.code = param, code
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples; `logprobs` is how many top alternatives to report per token (None: no logprobs)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None
-    prompt_logprobs: bool = False  # also report the log-probabilities of the prompt's tokens (echo)
 
 
 @dataclass
@@ -109,7 +108,15 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed((params.seed + seed_offset) % 2**64)
         self.generated = 0
+        self.output: list[int] = []  # the tokens sampled so far
         self.next_input = -1  # the sampled token to feed at the next decode step
+        self.blocks: SeqBlocks | None = None  # its place in the KV cache while it runs
+        self.todo: list[int] = []  # tokens to feed: the prompt (or, after preemption, everything) not yet computed
+        self.followers: list[Sequence] = []  # choices of the same prompt that take its blocks once it is prefilled
+        self.scored: list[TokenLogprob] | None = None  # prompt logprobs gathered chunk by chunk (echo)
+        self.decoding = False  # its prompt is in the cache and it feeds one sampled token per step
+        self.arrived = time.monotonic()
+        self.first_token_at: float | None = None
         self.done = False
         self.failed = False  # ended by an error (counted in stats["failed"])
         self.left = False  # no longer counted against its client's limit
@@ -121,12 +128,14 @@ class Sequence:
     def push(self, token: TokenLogprob) -> None:
         """Take one sampled token: emit its text, and finish on end-of-text, a stop string or max_tokens."""
         self.generated += 1
+        self.output.append(token.token)
         text = self.stream.push(token.token)
         finish = self.stream.finish_reason if self.stream.finished else None
         if finish is None and self.generated >= self.params.max_tokens:
             text += self.stream.close("length")
             finish = "length"
         self.next_input, self.done = token.token, finish is not None
+        self.todo, self.decoding = [token.token], True
         self.request.emit(Update(self.index, text, [token], finish_reason=finish))
 
 
@@ -148,145 +157,30 @@ def _deliver(updates: list[tuple[Request, Update]]) -> None:
         request.queue.put_nowait(update)
 
 
-class PooledCache(KVCache):
-    """A KVCache whose batch is the first `rows` rows of a pool that grows on demand.
+DEFAULT_KV_FRACTION = 0.25  # of the memory available, when --kv-cache-memory is not given
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
-    Rows join (`add_rows`) and leave (`drop_rows`) between steps; `spans[r]` counts row r's real
-    tokens, which are always the newest `spans[r]` slots, so leading slots that no row needs any
-    more can be cut off (`_make_room`).
 
-    With a `solo` step (`NativeStep`: the whole forward in one C call, for a model prepared with
-    native CPU kernels), a lone row decodes through it, as `gptwo generate` does at batch 1: its
-    keys/values move into the step's own cache when it is alone at a decode, and back into the
-    pool before anything else changes the pool (a row joins or leaves).
-    """
-
-    def __init__(self, config, device, dtype, solo: NativeStep | None = None):
-        super().__init__(config, 0, 0, device=device, dtype=dtype)
-        self.config, self.device, self.dtype = config, device, dtype
-        self._k, self._v, self._valid = self.k, self.v, self.valid
-        self.rows, self.spans = 0, []
-        self.solo = solo
-        self.solo_len = None  # the lone row's tokens held in solo's cache (the pool's copy is stale)
-        self._expose()
-
-    def _expose(self) -> None:
-        self.k, self.v, self.valid = self._k[:, : self.rows], self._v[:, : self.rows], self._valid[: self.rows]
-
-    def _reserve(self, rows: int, length: int) -> None:
-        """Grow the pool (doubling, length at most the context) to hold `rows` rows of `length` slots."""
-        cap_rows, cap_len = self._k.shape[1], self._k.shape[3]
-        if rows <= cap_rows and length <= cap_len:
-            return
-        new_rows = max(rows, min(2 * cap_rows, rows + 64), 4) if rows > cap_rows else cap_rows
-        new_len = min(self.config.block_size, max(length, 2 * cap_len, 64)) if length > cap_len else cap_len
-        shape = (self.config.n_layer, new_rows, self.config.n_head, new_len, self.config.head_dim)
-        k, v = (torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
-        valid = torch.zeros(new_rows, new_len, dtype=torch.bool, device=self.device)
-        k[:, : self.rows, :, : self.length] = self._k[:, : self.rows, :, : self.length]
-        v[:, : self.rows, :, : self.length] = self._v[:, : self.rows, :, : self.length]
-        valid[: self.rows, : self.length] = self._valid[: self.rows, : self.length]
-        self._k, self._v, self._valid = k, v, valid
-        self._expose()
-
-    def _shift(self, by: int) -> None:
-        """Move every row's slots `by` places right (by > 0) or left (by < 0)."""
-        n, old = self.rows, self.length
-        new = old + by
-        src, dst = (slice(0, old), slice(by, new)) if by > 0 else (slice(-by, old), slice(0, new))
-        for buf in (self._k, self._v):
-            buf[:, :n, :, dst] = buf[:, :n, :, src].clone()
-        self._valid[:n, dst] = self._valid[:n, src].clone()
-        if by > 0:
-            self._valid[:n, :by] = False
-        self.length = new
-
-    def add_row(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append a row whose keys/values `k`, `v` (n_layer, n_head, L, head_dim) end at the newest slot."""
-        self.add_rows(k[:, None], v[:, None], [k.shape[2]])
-
-    def add_rows(self, k: torch.Tensor, v: torch.Tensor, spans: Seq[int]) -> None:
-        """Append rows at once: `k`, `v` (n_layer, rows, n_head, W, head_dim) end at the newest slot.
-
-        Row j's tokens are its last `spans[j]` slots. One copy for all joining rows: a copy per row
-        (each a small strided OpenMP loop) measured ~2 s for 64 rows of GPT-2 small on 2 loaded cores.
-        """
-        self._leave_solo()
-        count, width = k.shape[1], max(spans)
-        self._reserve(self.rows + count, max(self.length, width))
-        if width > self.length:
-            self._shift(width - self.length)
-        copied = min(k.shape[3], self.length)  # at least every row's span; padding before a span stays invalid
-        rows = slice(self.rows, self.rows + count)
-        self._k[:, rows, :, self.length - copied : self.length] = k[:, :, :, k.shape[3] - copied :]
-        self._v[:, rows, :, self.length - copied : self.length] = v[:, :, :, v.shape[3] - copied :]
-        slots = torch.arange(self._valid.shape[1], device=self.device)
-        first = self.length - torch.tensor(list(spans), device=self.device)[:, None]
-        self._valid[rows] = (slots >= first) & (slots < self.length)
-        self.rows += count
-        self.spans.extend(spans)
-        self._expose()
-
-    def drop_rows(self, rows: Seq[int]) -> list[int]:
-        """Free `rows` by moving the last rows into their places; return the old index of each remaining row."""
-        if self.solo_len is not None and rows:  # the lone row leaves: nothing to copy back
-            self.solo_len = None
-        self._leave_solo()
-        order = list(range(self.rows))
-        for row in sorted(rows, reverse=True):
-            last = self.rows - 1
-            if row != last:
-                self._k[:, row, :, : self.length] = self._k[:, last, :, : self.length]
-                self._v[:, row, :, : self.length] = self._v[:, last, :, : self.length]
-                self._valid[row] = self._valid[last]
-                order[row], self.spans[row] = order[last], self.spans[last]
-            order.pop()
-            self.spans.pop()
-            self.rows -= 1
-        if not self.rows:
-            self.length = 0
-        self._expose()
-        return order
-
-    def _leave_solo(self) -> None:
-        """Copy the lone row's keys/values back from the solo step's cache into the pool (its slots 0..n-1)."""
-        if self.solo_len is None:
-            return
-        n, self.solo_len = self.solo_len, None
-        self._reserve(1, n)
-        self._k[:, 0, :, :n] = self.solo.k[:, :, :n]
-        self._v[:, 0, :, :n] = self.solo.v[:, :, :n]
-        self._valid[0] = False
-        self._valid[0, :n] = True
-        self.length, self.spans = n, [n]
-        self._expose()
-
-    def _make_room(self) -> None:
-        """Cut leading slots no row uses once they are a quarter of the cache (or the context is full)."""
-        unused = self.length - max(self.spans)
-        if unused and (self.length >= self.config.block_size or 4 * unused >= self.length):
-            self._shift(-unused)
-        self._reserve(self.rows, self.length + 1)
-
-    def decode(self, model: GPT, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (B,); return the next-token logits (B, V)."""
-        if self.solo is not None and self.rows == 1:
-            if self.solo_len is None:  # the row's real tokens are the newest spans[0] slots
-                span = self.spans[0]
-                self.solo.k[:, :, :span] = self._k[:, 0, :, self.length - span : self.length]
-                self.solo.v[:, :, :span] = self._v[:, 0, :, self.length - span : self.length]
-                self.solo_len = span
-            logits = self.solo(tokens.view(1, 1), self.solo_len)
-            self.solo_len += 1
-            self.spans[0] += 1
-            return logits
-        self._leave_solo()
-        self._make_room()
-        logits = model(
-            tokens[:, None], cache=self, valid=torch.ones(self.rows, 1, dtype=torch.bool, device=self.device)
+def kv_cache_blocks(model: GPT, memory: float | None, max_num_seqs: int, use_native: bool) -> int:
+    """Blocks for a cache of `memory` GiB (> 1), or that fraction (0 < memory <= 1) of the memory available
+    (default 1/4), and at most what `max_num_seqs` whole contexts need twice over (the rest holds cached
+    prefixes); at least one whole context."""
+    config, device = model.config, model.transformer.wte.weight.device
+    per_block = block_bytes(config, cache_dtype(model, use_native))
+    context = blocks_for(config.block_size)
+    if memory is not None and memory > 1:
+        budget = int(memory * 2**30)
+    else:
+        free = available_memory(device) or 2**32
+        budget = int(free * (memory or DEFAULT_KV_FRACTION))
+    blocks = min(budget // per_block, 2 * max_num_seqs * context + 1)
+    if blocks < context + 1:
+        raise GptwoError(
+            f"a KV cache of {budget / 2**20:,.0f} MiB holds {blocks} blocks of 16 tokens, less than one whole "
+            f"context ({context} blocks, {(context + 1) * per_block / 2**20:,.0f} MiB)",
+            "give the cache more memory (--kv-cache-memory, in GiB or as a fraction) or free memory",
         )
-        self.spans = [s + 1 for s in self.spans]
-        return logits[:, -1]
+    return blocks
 
 
 class BatchEngine:
@@ -296,34 +190,43 @@ class BatchEngine:
         self,
         model: GPT,
         tokenizer: Tokenizer,
-        max_batch: int = 32,
+        max_num_seqs: int = 32,
         max_queue: int = 256,
-        max_prefill_tokens: int = 4096,
+        max_batched_tokens: int = 512,
         max_request_choices: int = MAX_REQUEST_CHOICES,
         max_client_choices: int = MAX_CLIENT_CHOICES,
+        kv_cache_memory: float | None = None,
+        prefix_caching: bool = True,
+        num_blocks: int | None = None,
     ):
-        """`max_request_choices`: most sequences (prompts x n) in one request; `max_client_choices`: most
-        unfinished sequences one client holds at once (0: no limit)."""
+        """`max_num_seqs`: most sequences running at once; `max_batched_tokens`: most tokens in one step;
+        `max_request_choices`: most sequences (prompts x n) in one request; `max_client_choices`: most
+        unfinished sequences one client holds at once (0: no limit); `kv_cache_memory`: the cache's size
+        in GiB (> 1) or as a fraction of the memory available; `num_blocks` sets it in blocks instead."""
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
+        self.max_batched_tokens = max(max_batched_tokens, max_num_seqs)  # every running sequence decodes each step
         self.max_request_choices, self.max_client_choices = max_request_choices, max_client_choices
         self._held: collections.Counter[str] = collections.Counter()  # unfinished sequences per client
-        self.device = model.lm_head.weight.device
+        self.device = model.transformer.wte.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._active: list[Sequence] = []
+        self._active: list[Sequence] = []  # running, in order of admission
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._outbox: list[tuple[Request, Update]] = []  # updates of this step, for the event loop(s)
-        # a lone request decodes in one native call per token (its cache: the model's whole context, fp32)
-        self.solo = NativeStep(model, model.config.block_size) if NativeStep.supports(model) else None
-        self.pool = self._new_pool()
-        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0}
-
-    def _new_pool(self) -> PooledCache:
-        return PooledCache(self.model.config, self.device, self.model.lm_head.weight.dtype, self.solo)
+        use_native = NativeStep.supports(model)
+        blocks = num_blocks or kv_cache_blocks(model, kv_cache_memory, max_num_seqs, use_native)
+        self.step = make_step(model, blocks, prefix_caching=prefix_caching, use_native=use_native)
+        self.cache = self.step.cache
+        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0, "preempted": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.ttft = [0] * len(TTFT_BUCKETS)  # time to first token: a cumulative histogram
+        self.ttft_sum = 0.0
+        self.started = time.monotonic()
+        self._in_flight = 0  # tokens of the step running now (their blocks are taken, not yet counted as held)
 
     # ---- the event loop side
     def start(self) -> None:
@@ -353,6 +256,29 @@ class BatchEngine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def metrics(self) -> dict:
+        """What /metrics reports: requests, KV blocks, prefix-cache hits, token counts, time to first token."""
+        cache = self.cache
+        held = sum(s.blocks.length for s in self._active if s.blocks is not None) + self._in_flight
+        return {
+            "requests_running": len(self._active),
+            "requests_waiting": len(self._waiting),
+            "kv_blocks_used": cache.num_used,
+            "kv_blocks_total": cache.usable_blocks,
+            "kv_block_size": cache.block_size,
+            "kv_cache_bytes": cache.num_blocks * block_bytes(cache.config, cache.k.dtype, cache.block_size),
+            "kv_blocks_touched": cache.blocks_touched,
+            "kv_tokens_held": held,
+            "prefix_cache_queries_total": cache.queried_tokens,
+            "prefix_cache_hits_total": cache.hit_tokens,
+            "preemptions_total": self.stats["preempted"],
+            "prompt_tokens_total": self.counters["prompt_tokens"],
+            "generation_tokens_total": self.counters["generation_tokens"],
+            "ttft_buckets": list(zip(TTFT_BUCKETS, self.ttft)),
+            "ttft_sum": self.ttft_sum,
+            "ttft_count": self.ttft[-1],
+        }
 
     def check(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
         """Reject requests the model cannot run: empty prompts, unknown token ids, more tokens than the context."""
@@ -448,18 +374,17 @@ class BatchEngine:
                     self._cond.wait()
                 if self._stopping:
                     break
-                joining = self._admit()
+                plan = self._schedule()
             try:
                 with torch.inference_mode():
-                    self._step(joining)
+                    self._step(plan)
             except Exception as err:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("engine step failed")
-                self._fail([*self._active, *joining], f"{type(err).__name__}: {err}")
-                self._leave(self._active)
-                self._active, self.pool = [], self._new_pool()
-            self._leave([s for s in joining if s.done])  # those that never got (or already left) a row
+                self._fail(self._active, f"{type(err).__name__}: {err}")
+                self._retire()
             self._flush()
         self._fail([*self._active, *self._waiting], "the server is shutting down")
+        self._retire()
         self._leave([*self._active, *self._waiting])
         self._flush()
         self._active, self._waiting = [], collections.deque()
@@ -489,100 +414,212 @@ class BatchEngine:
                 for request, _ in updates:
                     request.cancelled = True
 
-    def _admit(self) -> list[Sequence]:
-        """Take waiting sequences that fit the free rows and the prefill budget (called under the lock).
+    # ---- scheduling: decodes first, then prefill chunks, then new sequences, within the token budget
+    def _schedule(self) -> list[tuple[Sequence, list[int]]]:
+        """Choose this step's work (called under the lock): (sequence, tokens to feed) pairs, their blocks grown.
 
-        Each free row goes to the oldest waiting sequence of the client holding the fewest rows, so
-        a client's big request cannot keep another client's requests waiting behind it.
+        When nothing can run (every block held by prompts still being prefilled), the newest sequence is
+        preempted until something can."""
+        self._retire()
+        plan = self._plan()
+        while not plan and self._active:
+            self._preempt(self._active[-1])
+            plan = self._plan()
+        return plan
+
+    def _plan(self) -> list[tuple[Sequence, list[int]]]:
+        cache, budget, plan, planned = self.cache, self.max_batched_tokens, [], set()
+        for seq in list(self._active):  # oldest first: under memory pressure the newest are preempted
+            if not seq.decoding or seq not in self._active:
+                continue
+            while True:
+                try:
+                    cache.grow(seq.blocks, seq.blocks.length + 1)
+                    break
+                except OutOfBlocks:
+                    victim = next(
+                        (s for s in reversed(self._active) if s is not seq and s.blocks and id(s) not in planned),
+                        None,
+                    )
+                    self._preempt(victim or seq)
+                    if victim is None:
+                        break
+            if seq in self._active:
+                plan.append((seq, seq.todo))
+                planned.add(id(seq))
+                budget -= 1
+        for seq in self._active:  # prompts still being prefilled, in chunks
+            if budget <= 0:
+                break
+            if seq.decoding or seq.blocks is None:
+                continue
+            chunk = self._chunk(seq, budget)
+            if chunk is None:
+                break
+            plan.append((seq, chunk))
+            budget -= len(chunk)
+        if budget > 0:
+            plan += self._admit(budget)
+        return plan
+
+    def _chunk(self, seq: Sequence, budget: int) -> list[int] | None:
+        """The next at most `budget` of `seq`'s tokens to compute, with blocks for them; None when none are free."""
+        chunk = seq.todo[:budget]
+        try:
+            self.cache.grow(seq.blocks, seq.blocks.length + len(chunk))
+        except OutOfBlocks:
+            return None
+        return chunk
+
+    def _admit(self, budget: int) -> list[tuple[Sequence, list[int]]]:
+        """Start waiting sequences while places, tokens and blocks last (called under the lock).
+
+        Each place goes to the oldest waiting sequence of the client holding the fewest places, so a
+        client's big request cannot keep another client's requests waiting behind it. A choice whose prompt
+        another choice of its request is computing takes that one's blocks once they are done.
         """
-        joining: list[Sequence] = []
-        width = 0
+        plan = []
         rows = collections.Counter(s.request.client for s in self._active)
-        while self._waiting and len(self._active) + len(joining) < self.max_batch:
+        while self._waiting and len(self._active) < self.max_num_seqs and budget > 0:
             seq = min(self._waiting, key=lambda s: rows[s.request.client])  # the first of the least served
             if seq.cancelled:
                 self._waiting.remove(seq)
                 self.stats["cancelled"] += 1
                 self._leave([seq])  # the lock is re-entrant
                 continue
-            width = max(width, len(seq.prompt))
-            if joining and width * (len(joining) + 1) > self.max_prefill_tokens:
+            leader = self._leader_of(seq)
+            if leader is not None:  # its prompt is being computed: it takes those blocks once they are done
+                self._waiting.remove(seq)
+                self._active.append(seq)
+                rows[seq.request.client] += 1
+                leader.followers.append(seq)
+                continue
+            tokens = seq.prompt + seq.output  # after a preemption, what it had is computed again
+            scoring = seq.params.prompt_logprobs and seq.scored is None
+            seq.blocks = self.cache.start([] if scoring else tokens)  # a prompt to score is computed whole
+            seq.todo = tokens[seq.blocks.length :]
+            chunk = self._chunk(seq, budget)
+            if chunk is None:
+                self.cache.release(seq.blocks)
+                seq.blocks = None
                 break
             self._waiting.remove(seq)
+            self._active.append(seq)
             rows[seq.request.client] += 1
-            joining.append(seq)
-        return joining
+            plan.append((seq, chunk))
+            budget -= len(chunk)
+        return plan
 
-    def _step(self, joining: list[Sequence]) -> None:
+    def _leader_of(self, seq: Sequence) -> Sequence | None:
+        """A running choice of the same request and prompt whose prompt is still being computed (none after
+        a preemption: then `seq` has tokens of its own)."""
+        if seq.output:
+            return None
+        for other in self._active:
+            if other.request is seq.request and other.prompt is seq.prompt and other.blocks and not other.decoding:
+                return other if not other.output else None
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back `seq`'s blocks and queue it first, to be recomputed (prompt + output) when it is admitted."""
+        self.cache.release(seq.blocks)
+        seq.blocks, seq.todo, seq.decoding = None, [], False
+        self._active.remove(seq)
+        for twin in reversed(seq.followers):  # not forked yet: they wait for a place of their own
+            self._active.remove(twin)
+            self._waiting.appendleft(twin)
+        seq.followers = []
+        self._waiting.appendleft(seq)
+        self.stats["preempted"] += 1
+
+    # ---- running a step
+    def _step(self, plan: list[tuple[Sequence, list[int]]]) -> None:
+        if not plan:
+            return
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
+        self.stats["steps"] += 1
+        scoring = [s.params.prompt_logprobs and not s.decoding and s.scored is None for s, _ in plan]
+        batch = StepInput(
+            [tokens for _, tokens in plan],
+            [s.blocks.length for s, _ in plan],
+            [s.blocks.blocks for s, _ in plan],
+            every=scoring if any(scoring) else None,
+        )
+        self._in_flight = batch.num_tokens
+        try:
+            logits = self.step(batch)
+        except Exception as err:  # noqa: BLE001 - this step's sequences fail; the rest go on
+            log.exception("decode step failed")
+            self._fail([s for s, _ in plan], _describe(err))
+            return
+        finally:
+            self._in_flight = 0
+        ready, rows, at = [], [], 0
+        for (seq, tokens), every in zip(plan, scoring):
+            n = len(tokens) if every else 1
+            first = seq.blocks.length
+            self.cache.commit(seq.blocks, tokens)
+            seq.todo = seq.todo[len(tokens) :]
+            if not seq.decoding:
+                self.counters["prompt_tokens"] += len(tokens)
+            if every:
+                self._score_prompt(seq, first, logits[at : at + n])
+            if not seq.todo:
+                ready.append(seq)
+                rows.append(at + n - 1)
+            at += n
+        ready, rows = self._prompts_done(ready, rows)
+        if ready:
+            self._advance(ready, logits[rows])
         self._retire()
-        if joining:
-            try:
-                prefilled = self._prefill_forward(joining)
-            except Exception as err:  # noqa: BLE001 - the joining prompts fail; the running rows go on
-                log.exception("prefill failed")
-                self._fail(joining, f"{type(err).__name__}: {err}")
-            else:
-                self._prefill(joining, *prefilled)
-            self._retire()
-            self._flush()  # first tokens go out now, not after the decode step below (time to first token)
-        if self._active:
-            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
-            self.stats["steps"] += 1
-            tokens = torch.tensor([s.next_input for s in self._active], device=self.device)
-            self._advance(self._active, self.pool.decode(self.model, tokens))
-            self._retire()
 
-    def _prefill_forward(self, joining: list[Sequence]) -> tuple[KVCache, torch.Tensor, list[int]]:
-        """Run the joining prompts (each distinct prompt once): their cache, logits, and each sequence's row."""
-        prompts = list(dict.fromkeys(tuple(s.prompt) for s in joining))
-        ids, valid = pad_left(prompts, self.tokenizer.eot_token, self.device)
-        cache = KVCache(self.model.config, len(prompts), ids.shape[1], device=self.device, dtype=self.pool.dtype)
-        every_position = any(s.params.prompt_logprobs for s in joining)  # echo with logprobs scores the prompt
-        logits = self.model(ids, cache=cache, valid=valid, last_only=not every_position)
-        return cache, logits, [prompts.index(tuple(s.prompt)) for s in joining]
-
-    def _prefill(self, joining: list[Sequence], cache: KVCache, logits: torch.Tensor, rows: list[int]) -> None:
-        """Give the prefilled sequences rows in the pool and sample their first tokens."""
-        width = logits.shape[1]
-        # (row, logprobs) -> the prompt's logprobs (or why they failed): n choices of a prompt score it once
-        scored: dict[tuple[int, int], list[TokenLogprob] | Exception] = {}
-        for seq, row in zip(joining, rows):
-            prompt_info = None
-            if seq.params.prompt_logprobs:
-                key = (row, seq.params.logprobs or 0)
-                if key not in scored:
-                    try:
-                        scored[key] = self._prompt_logprobs(seq, logits[row, width - len(seq.prompt) :])
-                    except Exception as err:  # noqa: BLE001 - this prompt's choices fail, no one else's
-                        log.exception("scoring a prompt failed")
-                        scored[key] = err
-                if isinstance(scored[key], Exception):
-                    self._fail([seq], _describe(scored[key]))
-                    continue
-                prompt_info = scored[key]
-            if seq.params.max_tokens == 0:
-                seq.done = True
-                seq.request.emit(
-                    Update(seq.index, seq.stream.close("length"), prompt=prompt_info, finish_reason="length")
-                )
-                self.stats["finished"] += 1
+    def _prompts_done(self, seqs: list[Sequence], rows: list[int]) -> tuple[list[Sequence], list[int]]:
+        """Sequences whose prompt was just computed: hand out prompt logprobs, finish those asking no tokens,
+        fork the choices that share the prompt; return what samples now (with the row of its logits)."""
+        out, out_rows = [], []
+        for seq, row in zip(seqs, rows):
+            if seq.decoding:
+                out.append(seq)
+                out_rows.append(row)
                 continue
-            if prompt_info is not None:
-                seq.request.emit(Update(seq.index, prompt=prompt_info))
-        new = [(s, r) for s, r in zip(joining, rows) if not s.done]
-        if new:
-            index = torch.tensor([r for _, r in new], device=self.device)
-            self.pool.add_rows(
-                cache.k.index_select(1, index), cache.v.index_select(1, index), [len(s.prompt) for s, _ in new]
-            )
-            self._active.extend(s for s, _ in new)
-            self._advance([s for s, _ in new], logits[[r for _, r in new], -1])
+            group = [seq, *seq.followers]
+            for twin in seq.followers:
+                twin.blocks, twin.scored = self.cache.fork(seq.blocks), seq.scored
+            seq.followers = []
+            for member in group:
+                if member.params.prompt_logprobs and not member.output:
+                    if member.params.max_tokens > 0:
+                        member.request.emit(Update(member.index, prompt=member.scored))
+                if member.params.max_tokens == 0:
+                    member.done = True
+                    member.request.emit(
+                        Update(
+                            member.index,
+                            member.stream.close("length"),
+                            prompt=member.scored if member.params.prompt_logprobs else None,
+                            finish_reason="length",
+                        )
+                    )
+                    self.stats["finished"] += 1
+                    continue
+                out.append(member)
+                out_rows.append(row)
+        return out, out_rows
 
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
-        """Log-probabilities of each prompt token given the ones before it (the first has none)."""
-        logprobs = torch.log_softmax(logits[:-1, : self.tokenizer.n_vocab].float(), dim=-1)
-        infos = _logprob_infos(logprobs, seq.prompt[1:], [seq.params.logprobs or 0] * (len(seq.prompt) - 1))
-        return [TokenLogprob(seq.prompt[0], None, None), *infos]
+    def _score_prompt(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens after positions first..first+len(logits)-1."""
+        if seq.scored is None:
+            seq.scored = [TokenLogprob(seq.prompt[0], None, None)]
+        upto = min(first + logits.shape[0], len(seq.prompt) - 1)  # the last position predicts the first new token
+        if upto <= first:
+            return
+        try:
+            logprobs = torch.log_softmax(logits[: upto - first, : self.tokenizer.n_vocab].float(), dim=-1)
+            k = seq.params.logprobs or 0
+            seq.scored += _logprob_infos(logprobs, seq.prompt[first + 1 : upto + 1], [k] * (upto - first))
+        except Exception as err:  # noqa: BLE001 - this prompt's choices fail, no one else's
+            log.exception("scoring a prompt failed")
+            self._fail([seq, *seq.followers], _describe(err))
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample the next token of each sequence from its row of `logits` (B, V) and push it.
@@ -617,9 +654,14 @@ class BatchEngine:
                     log.exception("sampling a row failed")
                     self._fail([seq], _describe(err))
                     picked.append(None)
+        now = time.monotonic()
         for seq, info in zip(seqs, picked):
-            if info is None:
+            if info is None or seq.done:
                 continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self._record_ttft(now - seq.arrived)
+            self.counters["generation_tokens"] += 1
             try:
                 seq.push(info)
             except Exception as err:  # noqa: BLE001 - this row alone fails
@@ -655,20 +697,30 @@ class BatchEngine:
                 groups[(p.temperature, p.top_k, p.top_p)].append(i)
         for (temperature, top_k, top_p), rows in groups.items():
             probs = sampling_weights(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p)
-            tokens[rows] = _sample_by_cdf(probs, self.generator)
+            tokens[rows] = sample_by_cdf(probs, self.generator)
         return tokens.tolist()
 
+    def _record_ttft(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        for i in range(bisect.bisect_left(TTFT_BUCKETS, seconds), len(TTFT_BUCKETS)):
+            self.ttft[i] += 1
+
     def _retire(self) -> None:
-        """Free the rows of finished and cancelled sequences."""
-        gone = [i for i, s in enumerate(self._active) if s.done or s.cancelled]
+        """Give back the blocks of finished and cancelled sequences."""
+        gone = [s for s in self._active if s.done or s.cancelled]
         if not gone:
             return
-        for i in gone:
-            if not self._active[i].failed:
-                self.stats["cancelled" if not self._active[i].done else "finished"] += 1
-        self._leave([self._active[i] for i in gone])
-        order = self.pool.drop_rows(gone)
-        self._active = [self._active[i] for i in order]
+        for seq in gone:
+            if not seq.failed:
+                self.stats["cancelled" if not seq.done else "finished"] += 1
+            if seq.blocks is not None:
+                self.cache.release(seq.blocks)
+                seq.blocks = None
+            orphans = [t for t in seq.followers if not t.cancelled]  # never forked: their prompt failed
+            seq.followers = []
+            self._fail(orphans, "its prompt could not be computed")
+        self._leave(gone)
+        self._active = [s for s in self._active if not (s.done or s.cancelled)]
 
     def _fail(self, seqs: list[Sequence], message: str) -> None:
         """End unfinished sequences with an error update."""
@@ -682,21 +734,6 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def sampling_weights(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Float32 probabilities (B, V) to sample from: `logits` (finite rows) scaled, top-k / top-p filtered.
-
-    A row that filtering leaves empty or not finite (a top_p too small for float32, such as 1e-46,
-    or a tiny temperature that overflows) keeps only its most likely token, as any top_p that small means.
-    """
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-    broken = ~(probs.sum(-1) > 0.5)  # NaN or 0: the sum is 1 for every row filtering left intact
-    if bool(broken.any()):
-        rows = broken.nonzero()[:, 0]
-        probs[rows] = 0.0
-        probs[rows, logits[rows].argmax(-1)] = 1.0
-    return probs
-
-
 def _logprob_infos(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
     """For each row of `logprobs` (N, V): its token's logprob and the top `ks[row]` alternatives (plus the token)."""
     if not tokens:
@@ -708,30 +745,3 @@ def _logprob_infos(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> 
         alternatives = dict(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist())) if k else {}
         infos.append(TokenLogprob(token, logprob, {**alternatives, token: logprob}))
     return infos
-
-
-CDF_BLOCK = 256  # tokens per block of the two-level sampler
-
-
-def _sample_by_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of `weights` (B, V), non-negative and not all zero, drawn in proportion to them.
-
-    One random number per row, placed on the cumulative distribution in two steps: first among
-    blocks of CDF_BLOCK tokens (a sum per block, a short cumulative sum), then inside the chosen
-    block. A cumulative sum over all of GPT-2's 50k tokens is a sequential scan that costs more than
-    the rest of sampling together; torch.multinomial is slower still.
-    """
-    rows, vocab = weights.shape
-    whole = vocab - vocab % CDF_BLOCK
-    sums = weights[:, :whole].view(rows, -1, CDF_BLOCK).sum(-1)
-    if whole < vocab:
-        sums = torch.cat([sums, weights[:, whole:].sum(-1, keepdim=True)], dim=1)
-    block_cdf = sums.cumsum(-1)
-    u = torch.rand((rows, 1), generator=generator, device=weights.device, dtype=block_cdf.dtype) * block_cdf[:, -1:]
-    u = torch.minimum(u, torch.nextafter(block_cdf[:, -1:], torch.zeros_like(u)))  # stay below the last step
-    block = torch.searchsorted(block_cdf, u, right=True)  # right=True never lands on an all-zero block
-    u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
-    index = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
-    inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0).cumsum(-1)
-    u = torch.minimum(u.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(u)))  # stay inside the block
-    return (index.gather(1, torch.searchsorted(inside, u, right=True)))[:, 0]

@@ -23,8 +23,8 @@ from gptwo.detect.attention import forward_with_attention
 from gptwo.detect.detector import Rule, judge_tokens, load_rule, token_rows
 from gptwo.detect.stats import bucket_of
 from gptwo.errors import GptwoError
-from gptwo.generate import invalid_text
 from gptwo.serve.limits import MAX_INSPECT_TOKENS
+from gptwo.text import invalid_text
 
 MAX_ATTENTION_WEIGHTS = 4_000_000  # floats in one response (about 40 MB of JSON); ask for fewer layers beyond it
 

@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 
-from gptwo.generate import MAX_STOP_CHARS, MAX_STOPS, invalid_text
-from gptwo.serve.engine import SamplingParams
+from gptwo.serve.params import SamplingParams
+from gptwo.text import MAX_STOP_CHARS, MAX_STOPS, invalid_text
 
 MAX_LOGPROBS = 20
 CODES = (

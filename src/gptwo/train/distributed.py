@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gptwo.runtime import unwrap  # noqa: F401 - train's modules import it from here with the wrappers
+
 
 @dataclass
 class Dist:
@@ -74,13 +76,6 @@ def parallelize(model: torch.nn.Module, info: Dist, parallel: str, device: torch
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPT inside DDP and/or torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def grad_sync(model: torch.nn.Module, sync: bool):

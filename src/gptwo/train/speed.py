@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from gptwo.config import TrainConfig
-from gptwo.infer.native import native_bf16  # noqa: F401 - the one probe; train code and its callers use it from here
+from gptwo.runtime import native_bf16  # noqa: F401 - the one probe; train code and its callers use it from here
 
 # Compiling costs ~10-40 s on a CPU; below this many steps a run finishes sooner in eager mode.
 CPU_COMPILE_MIN_STEPS = 1000

@@ -1,4 +1,5 @@
-/* gptwo native CPU kernels: small-M GEMV over fp32, bf16 and int8 weights, and GPT-2's whole decode step.
+/* gptwo native CPU kernels: small-M GEMV over fp32, bf16 and int8 weights, and GPT-2's whole decode step over a
+   ragged batch of sequences and one paged KV cache.
 
    One source for every CPU. gptwo/infer/native.py compiles it once per instruction set with that set's
    flags (-O3 -fopenmp -shared plus -march=...) and loads it with ctypes; the preprocessor picks the
@@ -33,7 +34,7 @@
    share one thread pool.
 
    The Python side checks gptwo_abi() == GPTWO_ABI after loading: bump it whenever a signature, the
-   pointer table of gptwo_step or its dimensions change. */
+   pointer table of gptwo_step, its dimensions or its batch layout change. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,7 +62,7 @@
 #include <arm_neon.h>
 #endif
 
-#define GPTWO_ABI 2
+#define GPTWO_ABI 3
 enum { K_F32 = 0, K_BF16 = 1, K_BF16_DP = 2, K_I8 = 3, K_I8_VNNI = 4, K_I8_W16 = 5, N_KINDS = 6 };
 #define QB 64                         /* activation quantization block (I8_VNNI) */
 #define INLINE static inline __attribute__((always_inline))
@@ -577,68 +578,154 @@ static float exp_shifted(float *scores, int n, float mx) {
     return total;
 }
 
-/* Causal attention of T new tokens (rows of qkv, (T, 3C)) at positions start.. over one layer's cache
-   k, v (H, max_len, hd): a claimed head's keys/values are written, then its T queries attend. */
-static void attention_head(const float *qkv, float *y, float *kc, float *vc, int T, int start, int C, int H, int h, int max_len, float *scores) {
-    int hd = C / H;
-    float scale = 1.0f / sqrtf((float)hd);
-    float *kh = kc + (size_t)h * max_len * hd, *vh = vc + (size_t)h * max_len * hd;
-    for (int t = 0; t < T; t++) {
-        memcpy(kh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + C + h * hd, hd * 4);
-        memcpy(vh + (size_t)(start + t) * hd, qkv + (size_t)t * 3 * C + 2 * C + h * hd, hd * 4);
+/* ---- attention over the paged KV cache ----
+   A layer's cache is (num_blocks, H, bs, hd): position p of a sequence lives in block table[p / bs], slot
+   p % bs, a head's bs keys of a block side by side. Work items are (sequence, query block of QBLOCK new
+   tokens, head). An item reads the keys/values below its sequence's start from the cache and those of
+   the call's own tokens from the qkv rows (so no item waits for another's writes), and writes its
+   tokens' keys/values into the cache for later calls. */
+#define QBLOCK 32
+
+INLINE float *cache_slot(float *cache, int64_t block, int h, int slot, int H, int bs, int hd) {
+    return cache + (((size_t)block * H + h) * bs + slot) * hd;
+}
+
+/* scores[j] = scale * q . k_j for n keys k_j = k + j * stride; returns the larger of mx and their largest. */
+static float score_rows(const float *q, const float *k, size_t stride, int n, int hd, float scale, float *scores, float mx) {
+    for (int j = 0; j < n; j++) {
+        const float *kj = k + (size_t)j * stride;
+        float s = 0.0f;
+        #pragma omp simd reduction(+ : s)
+        for (int d = 0; d < hd; d++) s += q[d] * kj[d];
+        scores[j] = s * scale;
+        mx = fmaxf(mx, scores[j]);
     }
-    for (int t = 0; t < T; t++) {
-        const float *q = qkv + (size_t)t * 3 * C + h * hd;
-        int n = start + t + 1;
-        float mx = -INFINITY;
-        for (int j = 0; j < n; j++) {
-            const float *kj = kh + (size_t)j * hd;
-            float s = 0.0f;
-            #pragma omp simd reduction(+ : s)
-            for (int d = 0; d < hd; d++) s += q[d] * kj[d];
-            scores[j] = s * scale;
-            mx = fmaxf(mx, scores[j]);
-        }
-        float inv = 1.0f / exp_shifted(scores, n, mx), *out = scores + max_len; /* this thread's, then copied */
-        for (int d = 0; d < hd; d++) out[d] = 0.0f;
-        for (int j = 0; j < n; j++) {
-            const float *vj = vh + (size_t)j * hd;
-            float p = scores[j] * inv;
-            #pragma omp simd
-            for (int d = 0; d < hd; d++) out[d] += p * vj[d];
-        }
-        memcpy(y + (size_t)t * C + h * hd, out, (size_t)hd * 4);
+    return mx;
+}
+
+/* out += sum over j of p[j] * inv * v_j, for n values v_j = v + j * stride. */
+static void mix_rows(float *out, const float *p, float inv, const float *v, size_t stride, int n, int hd) {
+    for (int j = 0; j < n; j++) {
+        const float *vj = v + (size_t)j * stride;
+        float pj = p[j] * inv;
+        #pragma omp simd
+        for (int d = 0; d < hd; d++) out[d] += pj * vj[d];
     }
 }
 
-typedef struct { const float *qkv; float *y, *kc, *vc, *scores; int T, start, C, H, max_len; } AttentionJob;
+/* seqs holds 4 int64 per sequence: start, count (new tokens), offset of its block table in `tables`, table length.
+   tok_first[s]: index of sequence s's first new token; item_first[s]: of its first work item (both S + 1 long). */
+typedef struct {
+    const float *qkv; float *y, *kc, *vc, *scores;
+    const int64_t *seqs, *tables; const int *tok_first, *item_first;
+    int S, C, H, bs, positions;
+} AttentionJob;
+
+/* Work item `item` of sequence s: head item % H, new tokens QBLOCK * (item / H) onwards. */
+static void attention_item(const AttentionJob *j, int s, int item) {
+    int C = j->C, H = j->H, hd = C / H, bs = j->bs, h = item % H, t0 = item / H * QBLOCK;
+    const int64_t *seq = j->seqs + 4 * (size_t)s, *table = j->tables + seq[2];
+    int start = (int)seq[0], n = (int)seq[1], t1 = t0 + QBLOCK < n ? t0 + QBLOCK : n;
+    const float *rows = j->qkv + (size_t)j->tok_first[s] * 3 * C; /* this sequence's new q | k | v rows */
+    float scale = 1.0f / sqrtf((float)hd), *scores = j->scores, *out = scores + j->positions;
+    for (int t = t0; t < t1; t++) {
+        int p = start + t;
+        memcpy(cache_slot(j->kc, table[p / bs], h, p % bs, H, bs, hd), rows + (size_t)t * 3 * C + C + h * hd, (size_t)hd * 4);
+        memcpy(cache_slot(j->vc, table[p / bs], h, p % bs, H, bs, hd), rows + (size_t)t * 3 * C + 2 * C + h * hd, (size_t)hd * 4);
+    }
+    for (int t = t0; t < t1; t++) {
+        const float *q = rows + (size_t)t * 3 * C + h * hd;
+        float mx = -INFINITY;
+        for (int p = 0; p < start; p += bs)
+            mx = score_rows(q, cache_slot(j->kc, table[p / bs], h, 0, H, bs, hd), hd, start - p < bs ? start - p : bs, hd, scale, scores + p, mx);
+        mx = score_rows(q, rows + C + h * hd, 3 * (size_t)C, t + 1, hd, scale, scores + start, mx);
+        float inv = 1.0f / exp_shifted(scores, start + t + 1, mx);
+        for (int d = 0; d < hd; d++) out[d] = 0.0f;
+        for (int p = 0; p < start; p += bs)
+            mix_rows(out, scores + p, inv, cache_slot(j->vc, table[p / bs], h, 0, H, bs, hd), hd, start - p < bs ? start - p : bs, hd);
+        mix_rows(out, scores + start, inv, rows + 2 * C + h * hd, 3 * (size_t)C, t + 1, hd);
+        memcpy(j->y + (size_t)(j->tok_first[s] + t) * C + h * hd, out, (size_t)hd * 4); /* out is this thread's, then copied */
+    }
+}
 
 static void attention_chunk(const void *ctx, int c, int chunks) {
     const AttentionJob *j = ctx;
-    for (int h = j->H * c / chunks; h < j->H * (c + 1) / chunks; h++)
-        attention_head(j->qkv, j->y, j->kc, j->vc, j->T, j->start, j->C, j->H, h, j->max_len, j->scores);
+    int items = j->item_first[j->S], i0 = (int)((long)items * c / chunks), i1 = (int)((long)items * (c + 1) / chunks);
+    int lo = 0, hi = j->S - 1; /* the sequence of item i0: the last s with item_first[s] <= i0 */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (j->item_first[mid] <= i0) lo = mid;
+        else hi = mid - 1;
+    }
+    for (int i = i0, s = lo; i < i1; i++) {
+        while (i >= j->item_first[s + 1]) s++;
+        attention_item(j, s, i - j->item_first[s]);
+    }
 }
 
-/* Per layer, P holds 16 pointers: ln1 g, b; qkv w, scale, b; proj w, scale, b; ln2 g, b; fc w, scale, b;
-   fc2 w, scale, b. After the layers: wte, wpe, lnf g, b, head w, head scale, k cache, v cache.
-   D: n_layer, n_embd, n_head, vocab, max_len, kind, embeddings in bf16 (0/1), threads. */
+/* ---- the whole decode step ----
+   Per layer, P holds 16 pointers: ln1 g, b; qkv w, scale, b; proj w, scale, b; ln2 g, b; fc w, scale, b;
+   fc2 w, scale, b. After the layers: wte, wpe, lnf g, b, head w, head scale, k cache, v cache (each fp32,
+   (n_layer, num_blocks, n_head, block_size, head_dim), contiguous). D holds the dimensions below. */
+enum { D_LAYERS, D_EMBD, D_HEADS, D_VOCAB, D_POSITIONS /* rows of wpe */, D_KIND, D_EMB_BF16, D_THREADS,
+       D_BLOCKS, D_BLOCK_SIZE, D_MAX_TOKENS /* new tokens per call, all sequences together */ };
 enum { PER_LAYER = 16, OPS_PER_LAYER = 5, LAYER_FLOATS = 10 /* x C per token: qkv 3, att 1, proj 1, fc 4, fc2 1 */ };
+/* gptwo_step's results: 0, or why it refused the call (and did nothing). */
+enum { STEP_OK, STEP_BAD_TOKEN, STEP_BAD_SIZE, STEP_BAD_POSITION, STEP_BAD_BLOCK, STEP_BAD_LAYOUT };
 
 /* Each thread keeps its own residual stream x and LayerNorm output (the same numbers in every thread). */
-static size_t thread_bytes(int T, int C, int H, int max_len) {
-    return ((size_t)T * C * 8 + (size_t)(max_len + C / H + 32) * 4 + act_bytes(T, 4 * C) + 127) / 64 * 64;
+static size_t thread_bytes(int T, int C, int H, int positions) {
+    return ((size_t)T * C * 8 + (size_t)(positions + C / H + 32) * 4 + act_bytes(T, 4 * C) + 127) / 64 * 64;
 }
 
 static int dims_ok(const int64_t *D) {
-    return D[0] >= 1 && D[1] >= 1 && D[2] >= 1 && D[1] % D[2] == 0 && D[3] >= 1 && D[4] >= 1 && D[5] >= 0 && D[5] < N_KINDS
-           && D[7] >= 1 && D[0] <= 1 << 16 && D[1] <= 1 << 20 && D[3] <= 1 << 26 && D[4] <= 1 << 24 && D[7] <= 1024;
+    return D[D_LAYERS] >= 1 && D[D_LAYERS] <= 1 << 16 && D[D_EMBD] >= 1 && D[D_EMBD] <= 1 << 20 && D[D_HEADS] >= 1
+           && D[D_HEADS] <= 1 << 12 && D[D_EMBD] % D[D_HEADS] == 0 && D[D_VOCAB] >= 1 && D[D_VOCAB] <= 1 << 26
+           && D[D_POSITIONS] >= 1 && D[D_POSITIONS] <= 1 << 24 && D[D_KIND] >= 0 && D[D_KIND] < N_KINDS
+           && (D[D_EMB_BF16] == 0 || D[D_EMB_BF16] == 1) && D[D_THREADS] >= 1 && D[D_THREADS] <= 1024
+           && D[D_BLOCKS] >= 1 && D[D_BLOCKS] <= INT32_MAX && D[D_BLOCK_SIZE] >= 1 && D[D_BLOCK_SIZE] <= 1 << 16
+           && D[D_MAX_TOKENS] >= 1 && D[D_MAX_TOKENS] <= 1 << 16;
 }
 
-/* Bytes of scratch gptwo_step needs for T tokens at once; 0 for dimensions it does not take. */
-size_t gptwo_step_scratch_bytes(const int64_t *D, int T) {
-    if (!dims_ok(D) || T < 1) return 0;
-    int L = (int)D[0], C = (int)D[1], H = (int)D[2], max_len = (int)D[4], threads = (int)D[7];
-    return (size_t)L * T * LAYER_FLOATS * C * 4 + (size_t)(L * OPS_PER_LAYER + 2) * sizeof(Sync) + threads * thread_bytes(T, C, H, max_len) + 4096;
+static size_t step_bytes(const int64_t *D, int T) {
+    int L = (int)D[D_LAYERS], C = (int)D[D_EMBD], H = (int)D[D_HEADS], positions = (int)D[D_POSITIONS];
+    return (size_t)L * T * LAYER_FLOATS * C * 4 + (size_t)(T + 1) * 2 * sizeof(int) + (size_t)(L * OPS_PER_LAYER + 2) * sizeof(Sync)
+           + (size_t)D[D_THREADS] * thread_bytes(T, C, H, positions) + 4096;
+}
+
+/* Bytes of scratch gptwo_step needs for D's dimensions (D_MAX_TOKENS tokens a call); 0 for dimensions it does not take. */
+size_t gptwo_step_scratch_bytes(const int64_t *D) {
+    return dims_ok(D) ? step_bytes(D, (int)D[D_MAX_TOKENS]) : 0;
+}
+
+/* Whether gptwo_step would take this batch: STEP_OK or the first reason it would refuse it (see gptwo_step).
+   The Python side checks every call of a batch it splits before running the first, so a refused batch
+   writes nothing. */
+int gptwo_step_check(const int64_t *D, int T, const int64_t *tokens, int S, const int64_t *seqs, const int64_t *tables,
+                     int64_t n_tables, int R, const int64_t *rows) {
+    if (!dims_ok(D) || T < 1 || T > D[D_MAX_TOKENS]) return STEP_BAD_SIZE;
+    if (S < 1 || S > T || R < 0 || R > T || n_tables < 0) return STEP_BAD_LAYOUT;
+    int64_t total = 0;
+    for (int s = 0; s < S; s++) {
+        const int64_t *q = seqs + 4 * (size_t)s;
+        if (q[1] < 1 || q[1] > T || q[2] < 0 || q[3] < 0 || q[2] > n_tables || q[3] > n_tables - q[2]) return STEP_BAD_LAYOUT;
+        total += q[1];
+    }
+    if (total != T) return STEP_BAD_LAYOUT;
+    for (int r = 0; r < R; r++)
+        if (rows[r] < 0 || rows[r] >= T) return STEP_BAD_LAYOUT;
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= D[D_VOCAB]) return STEP_BAD_TOKEN;
+    for (int s = 0; s < S; s++)
+        if (seqs[4 * s] < 0 || seqs[4 * s] > D[D_POSITIONS] - seqs[4 * s + 1]) return STEP_BAD_POSITION;
+    for (int s = 0; s < S; s++) {
+        const int64_t *q = seqs + 4 * (size_t)s, *table = tables + q[2];
+        int64_t need = (q[0] + q[1] + D[D_BLOCK_SIZE] - 1) / D[D_BLOCK_SIZE];
+        if (need > q[3]) return STEP_BAD_BLOCK;
+        for (int64_t b = 0; b < need; b++)
+            if (table[b] < 1 || table[b] >= D[D_BLOCKS]) return STEP_BAD_BLOCK; /* block 0 is the null block */
+    }
+    return STEP_OK;
 }
 
 static void embed_row(const void **G, int emb_bf16, int64_t token, int pos, int C, float *xr) {
@@ -656,41 +743,60 @@ static void add_into(float *x, const float *r, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += r[i];
 }
 
-/* Logits (vocab) of the last of T tokens at positions start..start+T-1; writes their keys/values to the cache.
-   Returns 0; 1 (and does nothing) when a token id is outside the vocabulary or the positions outside the
-   cache; 2 when the scratch (scratch_len bytes) is too small for T tokens or the dimensions are unusable. */
-int gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *tokens, int T, int start, float *logits, char *scratch, size_t scratch_len) {
-    size_t needed = gptwo_step_scratch_bytes(D, T < 1 ? 1 : T);
-    if (needed == 0 || needed > scratch_len) return 2;
-    int L = (int)D[0], C = (int)D[1], H = (int)D[2], V = (int)D[3], max_len = (int)D[4], kind = (int)D[5], emb_bf16 = (int)D[6], threads = (int)D[7];
-    if (T < 1 || start < 0 || start + T > max_len) return 1;
-    for (int t = 0; t < T; t++)
-        if (tokens[t] < 0 || tokens[t] >= V) return 1;
+/* One step over a ragged batch: S sequences bring T new tokens in all (`tokens`, sequence after sequence);
+   sequence s's count tokens sit at positions start.. (seqs, 4 int64 per sequence as in AttentionJob) and
+   attend over that sequence's positions 0..their own, the earlier ones read from the paged cache through
+   its block table. Every linear runs once over all T rows. Writes the new tokens' keys/values to the cache
+   and the logits (R, vocab) of tokens rows[0..R) (indices into `tokens`) to `logits`.
+   Returns STEP_OK, or (having done nothing): STEP_BAD_TOKEN for a token id outside the vocabulary;
+   STEP_BAD_SIZE when T is not in 1..D_MAX_TOKENS, the dimensions are unusable or the scratch
+   (scratch_len bytes) is smaller than gptwo_step_scratch_bytes; STEP_BAD_POSITION for positions outside
+   0..D_POSITIONS-1; STEP_BAD_BLOCK for a table shorter than its positions need or a block id outside
+   1..D_BLOCKS-1; STEP_BAD_LAYOUT when counts, table offsets or rows do not describe T tokens. */
+int gptwo_step(const void **P, const int64_t *D, float eps, int T, const int64_t *tokens, int S, const int64_t *seqs,
+               const int64_t *tables, int64_t n_tables, int R, const int64_t *rows, float *logits, char *scratch, size_t scratch_len) {
+    int status = gptwo_step_check(D, T, tokens, S, seqs, tables, n_tables, R, rows);
+    if (status != STEP_OK) return status;
+    if (gptwo_step_scratch_bytes(D) > scratch_len) return STEP_BAD_SIZE;
+    int L = (int)D[D_LAYERS], C = (int)D[D_EMBD], H = (int)D[D_HEADS], V = (int)D[D_VOCAB], positions = (int)D[D_POSITIONS];
+    int kind = (int)D[D_KIND], emb_bf16 = (int)D[D_EMB_BF16], threads = (int)D[D_THREADS], bs = (int)D[D_BLOCK_SIZE];
     int hd = C / H;
     float *layers = (float *)scratch;
-    Sync *sync = (Sync *)(((uintptr_t)(layers + (size_t)L * T * LAYER_FLOATS * C) + 127) & ~(uintptr_t)127);
+    int *tok_first = (int *)(layers + (size_t)L * T * LAYER_FLOATS * C), *item_first = tok_first + T + 1;
+    Sync *sync = (Sync *)(((uintptr_t)(item_first + T + 1) + 127) & ~(uintptr_t)127);
     char *per_thread = (char *)(sync + L * OPS_PER_LAYER + 2);
     memset(sync, 0, (size_t)(L * OPS_PER_LAYER + 2) * sizeof(Sync));
+    tok_first[0] = item_first[0] = 0;
+    for (int s = 0; s < S; s++) {
+        int count = (int)seqs[4 * s + 1];
+        tok_first[s + 1] = tok_first[s] + count;
+        item_first[s + 1] = item_first[s] + H * ((count + QBLOCK - 1) / QBLOCK);
+    }
+    int items = item_first[S];
     const void **G = P + (size_t)L * PER_LAYER;
     float *kcache = (float *)G[6], *vcache = (float *)G[7];
+    size_t layer_cache = (size_t)D[D_BLOCKS] * H * bs * hd;
     #pragma omp parallel num_threads(threads)
     {
-        char *mine = per_thread + thread_bytes(T, C, H, max_len) * omp_get_thread_num();
+        char *mine = per_thread + thread_bytes(T, C, H, positions) * omp_get_thread_num();
         float *x = (float *)mine, *xn = x + (size_t)T * C, *scores = xn + (size_t)T * C;
-        char *act_scratch = (char *)(((uintptr_t)(scores + max_len + hd + 16) + 63) & ~(uintptr_t)63);
+        char *act_scratch = (char *)(((uintptr_t)(scores + positions + hd + 16) + 63) & ~(uintptr_t)63);
         Sync *s = sync;
-        for (int t = 0; t < T; t++) embed_row(G, emb_bf16, tokens[t], start + t, C, x + (size_t)t * C);
+        for (int q = 0; q < S; q++)
+            for (int t = tok_first[q]; t < tok_first[q + 1]; t++)
+                embed_row(G, emb_bf16, tokens[t], (int)seqs[4 * q] + t - tok_first[q], C, x + (size_t)t * C);
         for (int l = 0; l < L; l++) {
             const void **W = P + (size_t)l * PER_LAYER;
             float *qkv = layers + (size_t)l * T * LAYER_FLOATS * C, *att = qkv + (size_t)T * 3 * C, *r1 = att + (size_t)T * C;
             float *h = r1 + (size_t)T * C, *r2 = h + (size_t)T * 4 * C;
             Lin qkv_l = {kind, C, 3 * C, W[2], W[3], W[4]}, proj = {kind, C, C, W[5], W[6], W[7]};
             Lin fc = {kind, C, 4 * C, W[10], W[11], W[12]}, fc2 = {kind, 4 * C, C, W[13], W[14], W[15]};
-            AttentionJob attn = {qkv, att, kcache + (size_t)l * H * max_len * hd, vcache + (size_t)l * H * max_len * hd, scores, T, start, C, H, max_len};
+            AttentionJob attn = {qkv, att, kcache + l * layer_cache, vcache + l * layer_cache, scores, seqs, tables,
+                                 tok_first, item_first, S, C, H, bs, positions};
             layernorm(x, xn, W[0], W[1], T, C, eps);
             Act a = act_prepare(kind, xn, T, C, act_scratch);
             linear_team(&qkv_l, &a, qkv, 3 * C, 0, s++);
-            run_chunks(s++, H < 16 ? H : 16, attention_chunk, &attn);
+            run_chunks(s++, items < MAX_CHUNKS ? items : MAX_CHUNKS, attention_chunk, &attn);
             a = act_prepare(kind, att, T, C, act_scratch);
             linear_team(&proj, &a, r1, C, 0, s++);
             add_into(x, r1, (size_t)T * C);
@@ -701,10 +807,12 @@ int gptwo_step(const void **P, const int64_t *D, float eps, const int64_t *token
             linear_team(&fc2, &a, r2, C, 0, s++);
             add_into(x, r2, (size_t)T * C);
         }
-        layernorm(x + (size_t)(T - 1) * C, xn, G[2], G[3], 1, C, eps);
-        Lin head = {kind, C, V, G[4], G[5], 0};
-        Act a = act_prepare(kind, xn, 1, C, act_scratch);
-        linear_team(&head, &a, logits, V, 0, s);
+        if (R > 0) { /* the final LayerNorm and the head for the rows asked for only */
+            for (int r = 0; r < R; r++) layernorm(x + (size_t)rows[r] * C, xn + (size_t)r * C, G[2], G[3], 1, C, eps);
+            Lin head = {kind, C, V, G[4], G[5], 0};
+            Act a = act_prepare(kind, xn, R, C, act_scratch);
+            linear_team(&head, &a, logits, V, 0, s);
+        }
     }
-    return 0;
+    return STEP_OK;
 }

@@ -1,0 +1,97 @@
+"""The decode step: one forward over several sequences' new tokens, reading and writing one paged KV cache.
+
+Every path that runs the model token by token — `gptwo generate`, `Decoder`, the server, Inspect,
+eval's generation — calls a step with a `StepInput`: per sequence its new tokens, the position of
+the first of them, and its block table in the `PagedKVCache`. Sequences may differ in length and in
+how many tokens they bring (a prompt chunk beside single decode tokens): a ragged batch, no padding
+in the caller. Implementations: `TorchStep` (the model's own modules; eager or compiled) and the
+native C step (`gptwo.infer.native.NativeStep`: the whole forward in one C call on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from gptwo.infer import native
+from gptwo.infer.kvcache import PagedKVCache, blocks_for
+from gptwo.infer.torch_step import TorchStep
+
+
+@dataclass
+class StepInput:
+    """A ragged batch: sequence i brings `tokens[i]` at positions `starts[i]`, `starts[i] + 1`, ….
+
+    The keys/values of positions below `starts[i]` are already in the cache; `tables[i]` holds the
+    block ids of sequence i covering every position below `starts[i] + len(tokens[i])`. With
+    `every[i]` the step returns logits for each of its new tokens (scoring a prompt), else for the last.
+    """
+
+    tokens: list[list[int]]
+    starts: list[int]
+    tables: list[list[int]]
+    every: list[bool] | None = None
+
+    def __post_init__(self) -> None:
+        if not (len(self.tokens) == len(self.starts) == len(self.tables)):
+            raise ValueError("tokens, starts and tables must have one entry per sequence")
+        if self.every is not None and len(self.every) != len(self.tokens):
+            raise ValueError("every must have one entry per sequence")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def output_rows(self) -> list[int]:
+        """Indices, in the flattened new tokens, of the tokens whose logits the step returns."""
+        rows, first = [], 0
+        for i, toks in enumerate(self.tokens):
+            if self.every is not None and self.every[i]:
+                rows.extend(range(first, first + len(toks)))
+            else:
+                rows.append(first + len(toks) - 1)
+            first += len(toks)
+        return rows
+
+
+class DecodeStep(Protocol):
+    """What every implementation offers: its cache, and logits (R, vocab) for a `StepInput`.
+
+    R is the number of `output_rows()`, in sequence order; the new tokens' keys/values are in the
+    cache afterwards.
+    """
+
+    cache: PagedKVCache
+
+    def __call__(self, batch: StepInput) -> torch.Tensor: ...
+
+
+def cache_dtype(model: torch.nn.Module, use_native: bool) -> torch.dtype:
+    """The KV cache's dtype: fp32 for the native step (its activations are fp32), else the model's."""
+    return torch.float32 if use_native else model.transformer.wte.weight.dtype
+
+
+def make_step(
+    model: torch.nn.Module,
+    num_blocks: int | None = None,
+    *,
+    sequences: int = 1,
+    prefix_caching: bool = False,
+    use_native: bool | None = None,
+    compile: bool | str = False,
+) -> DecodeStep:
+    """The fastest step for `model` with a new cache of `num_blocks` blocks (default: `sequences` whole contexts).
+
+    The native C step where it supports the model (a model prepared with native linears, on the CPU)
+    unless `use_native=False` or compiling is asked for; else the torch step.
+    """
+    if use_native is None:
+        use_native = not compile and native.NativeStep.supports(model)
+    config = model.config
+    if num_blocks is None:
+        num_blocks = sequences * blocks_for(config.block_size) + 1
+    device = model.transformer.wte.weight.device
+    cache = PagedKVCache(config, num_blocks, cache_dtype(model, use_native), device, prefix_caching)
+    return native.NativeStep(model, cache) if use_native else TorchStep(model, cache, compile=compile)

@@ -1,0 +1,203 @@
+"""The decode step in torch: the model's own modules (so prepared and quantized linears apply) over the paged cache.
+
+A ragged batch is laid out as rows of the longest sequence's new tokens; padding positions write to
+the null block and their outputs are dropped. Attention gathers each sequence's blocks through its
+block table; sequences are grouped by how many blocks they span (powers of two), so a short sequence
+beside a long one attends over its own blocks, not the long one's. `compile=True` compiles the
+single-token step of a fixed batch over fixed-width tables (for CUDA graphs and Inductor).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from gptwo.errors import GptwoError
+from gptwo.infer.kvcache import NULL_BLOCK, PagedKVCache
+
+if TYPE_CHECKING:  # step.py chooses between this and the native step, so this module must not import it
+    from gptwo.infer.step import StepInput
+
+FROZEN = "max-autotune-frozen"  # compile mode: Inductor freezing + its C++ GEMM template (docs/inference.md)
+FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
+
+class PagedAttention:
+    """The cache's view for one step: where each new token's keys/values go, and which blocks each row reads.
+
+    `groups` holds (rows or None for all, block tables (g, n), mask (g, 1, T, n * block_size)). With a
+    `weights` list, attention is computed explicitly — softmax(q kᵀ / √d + mask) @ v, the fused kernel never
+    forms the weights — and each layer's weights (B, n_head, T, n * block_size) are appended (Inspect).
+    """
+
+    def __init__(self, k, v, write_blocks, write_slots, groups, weights: list | None = None):
+        self.k, self.v = k, v  # the cache's tensors, passed in (a compiled step takes them as inputs, never constants)
+        self.write_blocks, self.write_slots, self.groups, self.weights = write_blocks, write_slots, groups, weights
+
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, n_head, blocks * 16, head_dim) of `layer` for block tables (B, blocks)."""
+        B, n = tables.shape
+        _, _, H, bs, D = self.k.shape
+        k = self.k[layer][tables].transpose(1, 2).reshape(B, H, n * bs, D)
+        v = self.v[layer][tables].transpose(1, 2).reshape(B, H, n * bs, D)
+        return k, v
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = k.shape
+        keys, values = self.k[layer], self.v[layer]
+        keys[self.write_blocks, :, self.write_slots] = k.transpose(1, 2).reshape(B * T, H, D).to(keys.dtype)
+        values[self.write_blocks, :, self.write_slots] = v.transpose(1, 2).reshape(B * T, H, D).to(values.dtype)
+        if len(self.groups) == 1 and self.groups[0][0] is None:
+            _, tables, mask = self.groups[0]
+            K, V = self.gather(layer, tables)
+            K, V = K.to(q.dtype), V.to(q.dtype)
+            if self.weights is not None:
+                scores = (q @ K.transpose(-2, -1)) / math.sqrt(D)
+                weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+                self.weights.append(weights)
+                return weights @ V
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+        if self.weights is not None:
+            raise ValueError("explicit attention weights are formed for a batch of one width only")
+        y = torch.empty_like(q)
+        for rows, tables, mask in self.groups:
+            K, V = self.gather(layer, tables)
+            y[rows] = F.scaled_dot_product_attention(q[rows], K.to(q.dtype), V.to(q.dtype), attn_mask=mask)
+        return y
+
+
+def check_batch(batch: StepInput, cache: PagedKVCache, context: int) -> None:
+    """Refuse a batch whose positions pass the context or whose tables do not cover its tokens."""
+    for tokens, start, table in zip(batch.tokens, batch.starts, batch.tables):
+        end = start + len(tokens)
+        if not tokens or start < 0 or end > context:
+            raise GptwoError(
+                f"{len(tokens)} tokens at position {start} do not fit the model's context of {context}",
+                "stay within the context (slide or shorten the sequence)",
+            )
+        if len(table) * cache.block_size < end or any(not 0 < b < cache.num_blocks for b in table):
+            raise GptwoError(
+                f"a block table of {len(table)} blocks does not hold positions up to {end} in a cache of "
+                f"{cache.num_blocks} blocks",
+                "grow the sequence's blocks (PagedKVCache.grow) before the step",
+            )
+
+
+def paged_view(
+    cache: PagedKVCache, batch: StepInput, device, weights: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor, PagedAttention]:
+    """Token ids (B, T), positions (B, T) and the cache view of a ragged batch, padded to its longest row
+    (`weights`: see PagedAttention)."""
+    B, T, bs = len(batch.tokens), max(len(t) for t in batch.tokens), cache.block_size
+    ids = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    blocks = torch.full((B, T), NULL_BLOCK, dtype=torch.long)
+    slots = torch.zeros(B, T, dtype=torch.long)
+    spans = []
+    for i, (tokens, start, table) in enumerate(zip(batch.tokens, batch.starts, batch.tables)):
+        n = len(tokens)
+        p = torch.arange(start, start + n)
+        ids[i, :n], pos[i, :n] = torch.tensor(tokens), p
+        blocks[i, :n], slots[i, :n] = torch.tensor(table)[p // bs], p % bs
+        spans.append(-(-(start + n) // bs))
+    by_width: dict[int, list[int]] = {}
+    for i, n in enumerate(spans):
+        by_width.setdefault(1 << (n - 1).bit_length(), []).append(i)
+    groups = []
+    for width, rows in sorted(by_width.items()):
+        width = min(width, max(spans[i] for i in rows))
+        tables = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, i in enumerate(rows):
+            table = batch.tables[i][: spans[i]]
+            tables[j, : len(table)] = torch.tensor(table)
+        # query (row, t) at position p sees key positions 0..p; padding queries see position 0 only
+        key = torch.arange(width * bs)
+        mask = key[None, None, :] <= pos[rows][:, :, None]
+        groups.append(
+            (
+                None if len(rows) == B else torch.tensor(rows, device=device),
+                tables.to(device),
+                mask[:, None].to(device),
+            )
+        )
+    if weights is not None and len(groups) > 1:  # one width for all rows, so the weights stack
+        width = max(spans)
+        tables = torch.zeros(B, width, dtype=torch.long)
+        for i, table in enumerate(batch.tables):
+            tables[i, : spans[i]] = torch.tensor(table[: spans[i]])
+        mask = torch.arange(width * bs)[None, None, :] <= pos[:, :, None]
+        groups = [(None, tables.to(device), mask[:, None].to(device))]
+    view = PagedAttention(cache.k, cache.v, blocks.view(-1).to(device), slots.view(-1).to(device), groups, weights)
+    return ids.to(device), pos.to(device), view
+
+
+def _own_storage(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose every weight has a storage of its own: Inductor's freezing folds weights that are
+    views into one shared buffer (the huge-page arena of infer/arena.py) as zeros (seen with torch 2.13)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        for name, t in module._parameters.items():
+            if t is not None:
+                module._parameters[name] = torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+        for name, t in module._buffers.items():
+            if t is not None:
+                module._buffers[name] = t.clone()
+    return model
+
+
+class TorchStep(torch.nn.Module):
+    """`DecodeStep` in torch over a `PagedKVCache` of the model's dtype.
+
+    A module holding the model, so a compiled step sees the weights as the model's parameters (what Inductor's
+    freezing folds in), while the cache's tensors are passed to it as inputs (written, never folded)."""
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, compile: bool | str = False):
+        super().__init__()
+        self.model, self.cache = (_own_storage(model) if compile == FROZEN else model), cache
+        self.device = model.transformer.wte.weight.device
+        self.compiled, self.frozen = bool(compile), compile == FROZEN
+        mode = compile if isinstance(compile, str) and not self.frozen else None
+        options = FROZEN_OPTIONS if self.frozen else None
+        self._static = (
+            torch.compile(self._static_decode, mode=mode, options=options, fullgraph=True, dynamic=False)
+            if compile
+            else self._static_decode
+        )
+
+    @torch.no_grad()
+    def forward(self, batch: StepInput, attention_weights: list | None = None) -> torch.Tensor:
+        """Logits of `batch.output_rows()`; with an `attention_weights` list, each layer's weights are appended
+        (B, n_head, T, blocks * 16), computed explicitly (see PagedAttention)."""
+        check_batch(batch, self.cache, self.model.config.block_size)
+        ids, pos, view = paged_view(self.cache, batch, self.device, attention_weights)
+        hidden = self.model.hidden_states(ids, pos, view)
+        rows, T = torch.tensor(batch.output_rows()), ids.shape[1]
+        lengths = torch.tensor([len(t) for t in batch.tokens])
+        firsts = torch.cumsum(lengths, 0) - lengths  # flat index of each row's first token
+        row_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        padded = row_of[rows] * T + (rows - firsts[row_of[rows]])  # flat index → index in the padded layout
+        return self.model.logits(hidden.reshape(-1, hidden.shape[-1])[padded.to(self.device)])
+
+    # ---------------------------------------------------------------- fixed shapes, for torch.compile
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of one token per row (`tokens`, `positions` (B,)) with block tables (B, n) whose
+        width stays the same from call to call (compiled once)."""
+        k, v = self.cache.k, self.cache.v
+        if self.frozen:
+            with torch._inductor.config.patch(freezing=True):
+                return self._static(tokens, positions, tables, k, v)
+        return self._static(tokens, positions, tables, k, v)
+
+    def _static_decode(self, tokens, positions, tables, k, v) -> torch.Tensor:
+        bs = self.cache.block_size
+        blocks = tables.gather(1, (positions // bs)[:, None])[:, 0]
+        key = torch.arange(tables.shape[1] * bs, device=tables.device)
+        mask = (key[None, :] <= positions[:, None])[:, None, None]
+        view = PagedAttention(k, v, blocks, positions % bs, [(None, tables, mask)])
+        hidden = self.model.hidden_states(tokens[:, None], positions[:, None], view)
+        return self.model.logits(hidden[:, -1])

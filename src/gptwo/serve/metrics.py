@@ -1,0 +1,42 @@
+"""Prometheus text for `GET /metrics`: requests, KV-cache blocks, prefix-cache hits, tokens, time to first token.
+
+Names follow vLLM's where one exists (`vllm:num_requests_running` → `gptwo_requests_running`, ...), in
+the text exposition format 0.0.4 (https://prometheus.io/docs/instrumenting/exposition_formats/).
+"""
+
+from __future__ import annotations
+
+GAUGES = {
+    "requests_running": "Sequences running (decoding or being prefilled).",
+    "requests_waiting": "Sequences waiting for a place.",
+    "kv_blocks_used": "KV-cache blocks held by running sequences.",
+    "kv_blocks_total": "KV-cache blocks in all.",
+    "kv_block_size": "Tokens per KV-cache block.",
+    "kv_cache_bytes": "Bytes of the KV cache (keys and values, all layers).",
+    "kv_blocks_touched": "KV-cache blocks ever handed out (on a CPU, the blocks whose memory is in use).",
+    "kv_tokens_held": "Tokens whose keys and values running sequences hold.",
+}
+COUNTERS = {
+    "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits_total": "Prompt tokens found in the prefix cache (not computed again).",
+    "preemptions_total": "Sequences preempted for lack of KV-cache blocks (recomputed later).",
+    "prompt_tokens_total": "Prompt tokens computed.",
+    "generation_tokens_total": "Tokens generated.",
+}
+
+
+def prometheus_text(metrics: dict, model: str) -> str:
+    """The engine's `metrics()` as Prometheus text, each sample labelled with the served model's name."""
+    label = '{model_name="' + model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"}'
+    lines = []
+    for kinds, kind in ((GAUGES, "gauge"), (COUNTERS, "counter")):
+        for key, help_text in kinds.items():
+            name = f"gptwo_{key}"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{label} {metrics[key]}"]
+    name = "gptwo_time_to_first_token_seconds"
+    lines += [f"# HELP {name} Seconds from a request's arrival to its first token.", f"# TYPE {name} histogram"]
+    for bound, count in metrics["ttft_buckets"]:
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        lines.append(f'{name}_bucket{label[:-1]},le="{le}"}} {count}')
+    lines += [f"{name}_sum{label} {metrics['ttft_sum']}", f"{name}_count{label} {metrics['ttft_count']}"]
+    return "\n".join(lines) + "\n"
