@@ -29,7 +29,7 @@ from gptwo.errors import from_library_error
 __all__ = ["MAX_SEED", "Parser", "build_parser", "main", "parse_args"]
 
 # the parts whose `<part>.cli` module adds commands, in `gptwo --help` order
-PARTS = ("data", "train", "eval", "serve", "webtext", "select", "detect", "scale", "bench", "infer")
+PARTS = ("data", "train", "eval", "serve", "webtext", "select", "detect", "scale", "bench", "infer", "export")
 
 
 # --------------------------------------------------------------------------- core (generate, tokenizer)

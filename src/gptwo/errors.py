@@ -49,6 +49,8 @@ OPTIONAL_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
     },
     "scipy": (("scale",), "scipy"),
     "threadpoolctl": (("webtext", "scale"), "threadpoolctl"),
+    "gguf": (("export",), "the gguf package (llama.cpp's gguf-py)"),
+    **{name: (("export",), f"the ONNX packages ({name} missing)") for name in ("onnx", "onnxruntime", "onnxscript")},
 }
 # The extra each command's own packages come from, when a module belongs to several.
 COMMAND_EXTRAS = {
@@ -58,6 +60,7 @@ COMMAND_EXTRAS = {
     "prepare": "data",
     "tokenizer": "data",
     "scale": "scale",
+    "export": "export",
 }
 
 

@@ -15,10 +15,19 @@ import sys
 
 import torch
 
-from gptwo.bench import COMPILE_MODES, MAX_THREADS, cpu_flags, cpu_name, interleaved, render_table, tool_timeout
-from gptwo.config import GPTConfig
+from gptwo.bench import (
+    COMPILE_MODES,
+    MAX_THREADS,
+    bench_model,
+    cpu_flags,
+    cpu_name,
+    interleaved,
+    render_table,
+    tool_timeout,
+)
 from gptwo.errors import GptwoError
 from gptwo.model import GPT
+from gptwo.runtime import resolve_device
 
 VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8")}  # name -> (dtype, quantize)
 COLUMNS = [
@@ -61,16 +70,6 @@ def streamed_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors + head if t is not None)
 
 
-def bench_model(spec: str | None, device: torch.device) -> GPT:
-    """The model to time: a folder/hub id, or GPT-2 124M's shape with random weights (speed does not depend on them)."""
-    if spec:
-        from gptwo.weights import load_pretrained
-
-        return load_pretrained(spec, device=device)
-    torch.manual_seed(0)
-    return GPT(GPTConfig.from_preset("gpt2")).to(device).eval()
-
-
 def decode_report(
     model: str | None = None,
     device: str = "auto",
@@ -85,11 +84,11 @@ def decode_report(
     llama_cpp: str | None = None,
     gguf: str | None = None,
     timeout: float | None = None,
+    onnxruntime: tuple[str, ...] = (),
 ) -> dict:
     """Median tokens/s of each variant and of transformers in the same run, with the bandwidth ceiling (and llama.cpp's,
-    given its build)."""
+    given its build; and onnxruntime's, given `onnxruntime` variants)."""
     from gptwo.infer import Decoder, prepare_model
-    from gptwo.weights import resolve_device
 
     for name in variants:
         if name not in VARIANTS:
@@ -140,6 +139,12 @@ def decode_report(
         )
         runs[("gptwo", name)] = lambda decoder=decoder: decoder.generate(prompt, new_tokens)
         weights[("gptwo", name)] = streamed_bytes(prepared)
+    if onnxruntime:  # the model exported to ONNX and decoded by onnxruntime (gptwo.bench.onnx_rows)
+        from gptwo.bench.onnx_rows import onnx_runs
+
+        ort_runs, ort_weights = onnx_runs(base, prompt, new_tokens, onnxruntime, progress)
+        runs.update(ort_runs)
+        weights.update(ort_weights)
     del base
     tokens = {}
     with torch.no_grad():
