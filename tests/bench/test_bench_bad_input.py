@@ -8,6 +8,7 @@ The hanging tools are tiny shell scripts written by the tests; timeouts are a se
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 import threading
@@ -18,7 +19,7 @@ import torch
 
 from gptwo.bench import TIMEOUT_ENV, run_tool, tool_timeout
 from gptwo.bench.llamacpp import GGUF_DTYPES, LlamaCppAnchor, convert, parse_llama_bench
-from gptwo.bench.serve import burst
+from gptwo.bench.serve_workloads import Request, burst_summary, run_burst
 from gptwo.cli import main
 from gptwo.errors import GptwoError
 
@@ -201,7 +202,8 @@ def test_a_server_that_never_answers_costs_a_round_its_timeout():
     accepting = threading.Thread(target=lambda: held.append(listener.accept()), daemon=True)
     accepting.start()
     try:
-        result = burst(listener.getsockname(), ["hello"], 4, timeout=0.5)
+        completions, seconds, _ = asyncio.run(run_burst(listener.getsockname(), [Request([1, 2], 4)], None, 0.5))
+        result = burst_summary(completions, seconds)
     finally:
         listener.close()
         for conn, _ in held:

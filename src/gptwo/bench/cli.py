@@ -9,6 +9,7 @@ from gptwo.argtypes import Parser, choice_list, command, float_in, int_at_least,
 from gptwo.bench import MAX_THREADS
 
 VARIANT_NAMES = ("fp32", "bf16", "int8")  # bench decode/serve --variants (decode.VARIANTS, serve.VARIANTS)
+WORKLOAD_NAMES = ("mixed", "join", "prefix", "throughput")  # bench serve --workload (serve_workloads.WORKLOADS)
 MAX_ROUNDS = 1000
 MAX_BATCH = 4096  # bench decode --batch-size
 MAX_CLIENTS = 1024  # bench serve --clients: each is an open connection and a row of the server's batch
@@ -32,6 +33,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         llama_cpp=args.llama_cpp,
         gguf=args.gguf,
         timeout=args.timeout,
+        onnxruntime=args.onnxruntime,
     )
     print_report(report, args.json, render_decode)
     return 0
@@ -128,6 +130,14 @@ def _add_bench_decode(bsub) -> None:
         "default: convert now with the converter of the binary's source tree",
     )
     _timeout_option(p, "one call of llama-bench or of llama.cpp's GGUF converter")
+    p.add_argument(
+        "--onnxruntime",
+        type=choice_list(("fp32", "int8")),
+        default=(),
+        metavar="fp32,int8",
+        help="also time onnxruntime (CPU) in the same rounds on the model exported to ONNX: fp32 and/or int8 "
+        "(dynamic quantization); needs gptwo[export]",
+    )
 
 
 def _add_bench_train(bsub) -> None:
@@ -138,18 +148,23 @@ def _add_bench_train(bsub) -> None:
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from gptwo.bench.serve import render_serve, serve_report
+    from gptwo.bench.serve_workloads import Sizes
 
     variants = ("int8",) if args.quantize else (args.dtype,) if args.dtype else args.variants
+    sizes = Sizes(throughput_clients=args.clients, throughput_new=args.tokens, prefix_at_once=args.prefix_at_once)
     report = serve_report(
         args.model,
         device=args.device,
-        clients=args.clients,
-        tokens=args.tokens,
+        workloads=args.workload,
         variants=variants,
         rounds=args.rounds,
         threads=args.threads,
         compare_src=args.compare_src,
-        progress=not args.json,
+        llama_server=args.llama_server,
+        gguf=args.gguf,
+        serve_args=args.serve_args,
+        sizes=sizes,
+        progress=True,  # on stderr: stdout is the table or the JSON
         timeout=args.timeout,
     )
     print_report(report, args.json, render_serve)
@@ -161,61 +176,98 @@ def _add_bench_serve(bsub) -> None:
         bsub,
         "serve",
         _cmd_bench_serve,
-        "Aggregate tokens/s of `gptwo serve` under concurrent streaming clients vs transformers' batched generate "
-        "on the same prompts.",
-    )
-    _bench_options(p)
-    p.add_argument(
-        "--clients",
-        type=int_at_least(1, MAX_CLIENTS),
-        default=64,
-        help="concurrent streaming clients, one request each per round (default 64)",
+        "Serving workloads (mixed prompt lengths, a long prompt joining running streams, a shared prefix, "
+        "64-client throughput) on `gptwo serve`, on other gptwo trees and on llama.cpp's llama-server, same run.",
     )
     p.add_argument(
-        "--tokens",
-        type=int_at_least(1, MAX_TOKENS),
-        default=32,
-        help="tokens each request generates, temperature 1 (default 32)",
+        "--model",
+        default=None,
+        help="model folder or hub id the servers load (default: 6 layers, width 384, context 1024, GPT-2's "
+        "vocabulary, random weights; or --gguf DIR's hf/ folder)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of tables (fields: docs/serve.md)"
+    )
+    p.add_argument(
+        "--workload",
+        type=choice_list(WORKLOAD_NAMES),
+        default=",".join(WORKLOAD_NAMES),
+        help=f"comma-separated workloads: {', '.join(WORKLOAD_NAMES)} (default all; docs/serve.md says what each "
+        "measures)",
     )
     p.add_argument(
         "--variants",
         type=choice_list(VARIANT_NAMES),
         default="fp32,bf16,int8",
-        help="comma-separated server weights to time: fp32, bf16, int8 (default all three)",
+        help="comma-separated server weights: fp32, bf16, int8 (llama-server: f32, bf16, q8_0); default all three",
     )
     p.add_argument(
-        "--dtype",
-        choices=["fp32", "bf16"],
-        default=None,
-        help="time only the server with these weights (shorthand for --variants)",
+        "--dtype", choices=["fp32", "bf16"], default=None, help="only these weights (shorthand for --variants)"
     )
     p.add_argument(
-        "--quantize",
-        choices=["int8"],
-        default=None,
-        help="time only the int8 weight-only server (shorthand for --variants int8)",
+        "--quantize", choices=["int8"], default=None, help="only int8 weight-only (shorthand for --variants int8)"
+    )
+    p.add_argument(
+        "--clients",
+        type=int_at_least(1, MAX_CLIENTS),
+        default=64,
+        help="throughput workload: concurrent streaming clients (default 64)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int_at_least(1, MAX_TOKENS),
+        default=32,
+        help="throughput workload: tokens each request generates (default 32)",
+    )
+    p.add_argument(
+        "--prefix-at-once",
+        type=int_at_least(1, 16),
+        default=1,
+        help="prefix workload: requests sent together (default 1: one after another)",
     )
     p.add_argument(
         "--rounds",
         type=int_at_least(1, MAX_ROUNDS),
         default=3,
-        help="interleaved timing rounds; the median counts (default 3)",
+        help="interleaved rounds; each row's medians count (default 3)",
     )
     p.add_argument(
         "--threads",
         type=int_at_least(1, MAX_THREADS),
         default=None,
-        help="torch threads of each server and of transformers (default: torch's choice here)",
+        help="threads of each server (torch's, llama-server's) and of transformers (default: torch's choice here)",
     )
     p.add_argument(
         "--compare-src",
         action="append",
         default=[],
         metavar="DIR",
-        help="also time the fp32 server of another gptwo checkout's src folder (e.g. an older commit) in the same "
-        "rounds (repeatable)",
+        help="also run `gptwo serve` of another gptwo source tree (DIR/src on PYTHONPATH, this Python), e.g. "
+        "`git worktree add /tmp/before COMMIT`; the first is 'before' in the ratios (repeatable)",
     )
-    _timeout_option(p, "a server's start, or one round of requests to it,")
+    p.add_argument(
+        "--llama-server",
+        default=None,
+        metavar="PATH",
+        help="also run llama.cpp's llama-server (its binary or build folder; experiments/llamacpp.sh builds one) on "
+        "GGUF files of the same model",
+    )
+    p.add_argument(
+        "--gguf",
+        default=None,
+        metavar="DIR",
+        help="with --llama-server: folder of model-{f32,bf16,q8_0}.gguf (experiments/llamacpp.sh's OUT/serve; its "
+        "hf/ is then the model); default: convert now with the converter of the binary's source tree",
+    )
+    p.add_argument(
+        "--serve-args",
+        default="",
+        metavar="ARGS",
+        help="more `gptwo serve` options for every gptwo server, e.g. --serve-args='--kv-cache-memory 1.5'; "
+        "an option a tree lacks is left out of it (the report says so)",
+    )
+    _timeout_option(p, "a server's start, or one request,")
 
 
 # Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).

@@ -1,12 +1,17 @@
-"""`gptwo bench serve`: aggregate tokens/s of `gptwo serve` under N concurrent streaming clients, against transformers.
+"""`gptwo bench serve`: issue 22's serving workloads on `gptwo serve`, on the code before, and on llama-server.
 
-Each server variant (fp32, bf16, int8 weights) runs as its own `gptwo serve` subprocess on a free
-loopback port. One round sends N streamed completions at once (one per client, `tokens` tokens each,
-temperature 1) to each server in turn, then runs the same N prompts x `tokens` through transformers
-in this process: plain `generate` on all N left-padded prompts at once, and transformers' continuous
-batching (`generate_batch`) where it works. Rounds interleave; each row's median counts. The faster
-transformers row is the anchor of the ratios. Each server also streams one request alone per round
-(the single-client rate). The clients speak HTTP/1.1 + server-sent events over asyncio (stdlib only).
+Every server is its own subprocess on a free loopback port (all start side by side, then idle while
+another is measured), all on the same model: `gptwo serve` at each
+precision (fp32, bf16, int8 weight-only), the same from other gptwo source trees (`--compare-src`, e.g. the
+commit before a change: PYTHONPATH=DIR/src, this Python), and llama.cpp's llama-server (`--llama-server`:
+continuous batching, one slot per client, each slot the model's whole context) on GGUF files of the same
+weights at f32, bf16 and q8_0. Each round runs every workload (serve_workloads.py) on every server in turn,
+with prompts new to that round; a row's numbers are medians over rounds. An option that a tree's
+`gptwo serve --help` does not list is not passed to it (older trees lack `--max-num-seqs`,
+`--no-prefix-caching`, ...). The prefix workload also runs on a twin of each server with prefix caching
+off (`--no-prefix-caching`; llama-server: `cache_prompt: false` in the requests). The throughput workload
+also times transformers' batched generate in this process on the same prompts, as the other bench commands
+anchor on transformers. The bench measures and reports; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -23,185 +30,108 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from gptwo.bench import DEFAULT_TIMEOUT_S, MAX_THREADS, cpu_flags, cpu_name, render_table, tool_timeout
+from gptwo.bench import MAX_THREADS, cpu_flags, cpu_name, render_table, run_tool, tool_timeout
+from gptwo.bench.serve_workloads import (
+    WORKLOADS,
+    PromptMaker,
+    Request,
+    Sizes,
+    burst_summary,
+    fetch_text,
+    join_requests,
+    join_summary,
+    kv_summary,
+    metric,
+    mixed_requests,
+    parse_metrics,
+    prefix_requests,
+    prefix_summary,
+    run_burst,
+    run_join,
+    run_prefix,
+    throughput_requests,
+)
 from gptwo.errors import GptwoError
 
 VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8")}  # name -> (--dtype, --quantize)
-PROMPTS = [
-    "In a shocking finding, scientists discovered a herd of unicorns",
-    "The quick brown fox",
-    "Once upon a time, in a land far away, there lived a",
-    "Here is a recipe for",
-    "The meaning of life is",
-    "Breaking news:",
-    "def fibonacci(n):",
-    "My favourite book is",
-]
-COLUMNS = [
-    ("tool", "tool", ""),
-    ("dtype", "weights", ""),
-    ("tokens_per_s", "tokens/s", ".1f"),
-    ("ratio", "vs anchor", ".2f"),
-    ("ttft_p50_s", "TTFT p50 s", ".2f"),
-    ("ttft_p99_s", "TTFT p99 s", ".2f"),
-    ("failed", "failed", "d"),
-    ("single_client_tokens_per_s", "1 client tok/s", ".1f"),
-]
+LLAMA_DTYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # the GGUF precision beside each of gptwo's
+SERVE_SHAPE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 1024}  # issue 22's bench model
+HEADLINE = {"mixed": "tokens_per_s", "join": "stall_ratio", "prefix": "ttft_p50_s", "throughput": "tokens_per_s"}
+KV_SAMPLE_S = 0.1  # how often the mixed workload reads /metrics
+_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
-def client_prompts(clients: int) -> list[str]:
-    """Each client's prompt: the list above in turn, numbered so that no two are equal (the server runs equal prompts
-    once)."""
-    return [f"{i + 1}. {PROMPTS[i % len(PROMPTS)]}" for i in range(clients)]
+# ---------------------------------------------------------------------------------------------- the model
+def save_serve_model(directory: str) -> str:
+    """Write the bench's default model (6 layers, width 384, context 1024, GPT-2's vocabulary and tokenizer; random
+    weights, seed 0: speed does not depend on them) to `directory`."""
+    from gptwo.config import GPTConfig
+    from gptwo.model import GPT
+    from gptwo.tokenizer import Tokenizer
+    from gptwo.weights import save_pretrained
 
-
-# ---------------------------------------------------------------------------------------------- the clients
-@dataclass
-class Completion:
-    """What one streamed request got: tokens (from the usage chunk), its text, time to first text, or an error."""
-
-    tokens: int = 0
-    text: str = ""
-    ttft: float | None = None
-    error: str | None = None
-
-
-async def _read_body(reader: asyncio.StreamReader, chunked: bool):
-    """The response body's pieces as they arrive (chunked transfer encoding or read-until-close)."""
-    if not chunked:
-        while piece := await reader.read(65536):
-            yield piece
-        return
-    while True:
-        size = int((await reader.readline()).split(b";")[0], 16)
-        if size == 0:
-            return
-        yield await reader.readexactly(size)
-        await reader.readexactly(2)
-
-
-async def stream_completion(host: str, port: int, prompt: str, tokens: int, temperature: float = 1.0) -> Completion:
-    """POST one streamed /v1/completions request; read its server-sent events to the end."""
-    body = json.dumps(
-        {
-            "model": "bench",
-            "prompt": prompt,
-            "max_tokens": tokens,
-            "temperature": temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    started, out, finished = time.perf_counter(), Completion(), False
-    try:
-        reader, writer = await asyncio.open_connection(host, port)
-    except OSError as err:
-        return Completion(error=f"connect: {err}")
-    try:
-        writer.write(head + body)
-        status = (await reader.readline()).decode("latin-1").split()
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip().lower()
-        if len(status) < 2 or status[1] != "200":
-            return Completion(
-                error=f"HTTP {' '.join(status[1:]) or 'no status'}: {(await reader.read(300)).decode(errors='replace')}"
-            )
-        buffer = b""
-        async for piece in _read_body(reader, headers.get("transfer-encoding") == "chunked"):
-            buffer += piece
-            *events, buffer = buffer.split(b"\n\n")
-            for event in events:
-                data = event.removeprefix(b"data: ").strip()
-                if data == b"[DONE]":
-                    finished = True
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    out.error = str(chunk["error"].get("message", chunk["error"]))
-                for choice in chunk.get("choices") or []:
-                    if out.ttft is None and choice.get("text"):
-                        out.ttft = time.perf_counter() - started
-                    out.text += choice.get("text") or ""
-                if chunk.get("usage"):
-                    out.tokens = chunk["usage"]["completion_tokens"]
-    except (OSError, asyncio.IncompleteReadError, ValueError) as err:
-        return Completion(error=f"{type(err).__name__}: {err}")
-    finally:
-        writer.close()
-    if not finished and out.error is None:
-        out.error = "the stream ended without [DONE]"
-    return out
-
-
-async def _bounded(request, timeout: float) -> Completion:
-    try:
-        return await asyncio.wait_for(request, timeout)
-    except TimeoutError:
-        return Completion(error=f"no complete answer within {timeout:g} s (--timeout)")
-
-
-async def _burst(
-    host: str, port: int, prompts: list[str], tokens: int, timeout: float
-) -> tuple[list[Completion], float]:
-    started = time.perf_counter()
-    results = await asyncio.gather(*(_bounded(stream_completion(host, port, p, tokens), timeout) for p in prompts))
-    return list(results), time.perf_counter() - started
-
-
-def burst(url: tuple[str, int], prompts: list[str], tokens: int, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
-    """All `prompts` streamed at once: tokens/s in all (wall clock from first send to last byte), TTFT, failures.
-    A request without its whole answer after `timeout` seconds counts as failed."""
-    results, seconds = asyncio.run(_burst(*url, prompts, tokens, timeout))
-    ok = [r for r in results if r.error is None]
-    ttft = sorted(r.ttft for r in ok if r.ttft is not None)
-    return {
-        "tokens_per_s": sum(r.tokens for r in ok) / seconds,
-        "seconds": seconds,
-        "failed": len(results) - len(ok),
-        "ttft_p50_s": statistics.median(ttft) if ttft else None,
-        "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None,
-        "errors": [r.error for r in results if r.error][:3],
-    }
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(vocab_size=50257, **SERVE_SHAPE)).eval(), directory, tokenizer=Tokenizer.gpt2())
+    return directory
 
 
 # ---------------------------------------------------------------------------------------------- the servers
-def free_port() -> int:
-    """A TCP port nobody listens on now (the server binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(taken: Seq[ServerProcess] = ()) -> int:
+    """A TCP port nobody listens on now and no server in `taken` was given (each binds its port a moment later)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in {server.port for server in taken}:
+            return port
 
 
 @dataclass
-class Server:
-    """One `gptwo serve` subprocess: the rows it stands for and its address."""
+class ServerProcess:
+    """One server subprocess: its name in the report, its command line and port, the options left out of it."""
 
-    tool: str
-    variant: str
+    label: str
+    command: list[str]
     proc: subprocess.Popen
     port: int
-    samples: list[dict] = field(default_factory=list)
-    single: list[float] = field(default_factory=list)
+    log: str
+    left_out: list[str] = field(default_factory=list)
+    slots: int = 0  # llama-server's slots, whose prompt caches `erase_slots` drops (0: not llama-server)
 
     @property
     def address(self) -> tuple[str, int]:
         return "127.0.0.1", self.port
 
-    def health(self) -> dict:
+    def health(self) -> dict | None:
+        """Its /health answer as JSON (None if it is not JSON)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
-            return json.loads(response.read())
+            try:
+                return json.loads(response.read())
+            except ValueError:
+                return None
+
+    def metrics(self) -> dict[str, float] | None:
+        """Its /metrics samples now, None if it has none."""
+        text = asyncio.run(fetch_text(self.address, "/metrics"))
+        return None if text is None else parse_metrics(text)
+
+    def erase_slots(self) -> None:
+        """Drop every llama-server slot's cached prompt (`POST /slots/N?action=erase`, which needs
+        `--slot-save-path`): what one workload left in its unified KV cache would otherwise be attended over by the
+        next one's every step."""
+        for slot in range(self.slots):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{self.port}/slots/{slot}?action=erase", b"", method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -209,88 +139,266 @@ class Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(timeout=30)
 
 
-def start_server(
-    model_dir: str,
-    variant: str,
-    device: str,
-    threads: int,
-    max_batch: int,
-    log: str,
-    src: str | None = None,
-    tool: str = "gptwo serve",
-    timeout: float = DEFAULT_TIMEOUT_S,
-) -> Server:
-    """Start `gptwo serve` (from `src`, another checkout's src folder, if given; its stderr to `log`) and wait until
-    /health answers."""
-    dtype, quantize = VARIANTS[variant]
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "gptwo.cli",
-        "serve",
-        "--model",
-        model_dir,
-        "--served-model-name",
-        "bench",
-        "--port",
-        str(port),
-        "--device",
-        device,
-        "--max-batch",
-        str(max_batch),
-        "--log-level",
-        "warning",
-    ]
-    package = (
-        os.path.join(os.path.abspath(src), "gptwo")
-        if src
-        else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
-    options = ""  # the serve command's options live in serve/cli.py (older trees: cli.py)
-    for where in (os.path.join(package, "serve", "cli.py"), os.path.join(package, "cli.py")):
-        if os.path.exists(where):
-            with open(where, encoding="utf-8") as f:
-                options += f.read()
-    if dtype != "fp32" or '"--dtype"' in options:  # (older trees have no --dtype: fp32 was all they did)
-        cmd += ["--dtype", dtype]
-    if '"--max-client-choices"' in options:  # every bench client comes from 127.0.0.1: one address, no per-client cap
-        cmd += ["--max-client-choices", "0"]
-    cmd += ["--quantize", quantize] if quantize else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if src:
-        env["PYTHONPATH"] = os.path.abspath(src)
-    with open(log, "w", encoding="utf-8") as err:  # a file, not a pipe: a pipe nobody reads would stall a chatty server
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    server = Server(tool, variant, proc, port)
+def launch(label: str, command: list[str], env: dict, log: str, port: int) -> ServerProcess:
+    """Start a server, its output to `log` (a file, not a pipe, which a chatty server would fill)."""
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return ServerProcess(label, command, proc, port, log)
+
+
+def wait_ready(servers: Seq[ServerProcess], timeout: float) -> None:
+    """Wait until every server answers /health with 200 (they load side by side); one that exits or does not
+    answer within `timeout` seconds is a one-line error quoting its log."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(log, encoding="utf-8", errors="replace") as f:
-                raise GptwoError(
-                    f"the {variant} server exited with {proc.returncode}: {f.read().strip()[-300:]}",
-                    "run that `gptwo serve` by hand to see why",
-                )
+    waiting = list(servers)
+    while waiting:
+        server = waiting[0]
+        if server.proc.poll() is not None:
+            with open(server.log, encoding="utf-8", errors="replace") as f:
+                tail = f.read().strip()[-300:]
+            raise GptwoError(
+                f"{server.label} exited with {server.proc.returncode}: {tail}",
+                f"run it by hand to see why: {shlex.join(server.command)}",
+            )
         try:
             server.health()
-            return server
-        except OSError:
-            time.sleep(0.2)
-    server.stop()
+            waiting.pop(0)
+            continue
+        except (OSError, urllib.error.HTTPError):  # not listening yet, or 503 while it loads
+            pass
+        if time.monotonic() > deadline:
+            raise GptwoError(
+                f"{server.label} did not answer /health within {timeout:g} s",
+                "check the machine's load, or allow longer with --timeout",
+            )
+        time.sleep(0.2)
+
+
+def help_options(command: list[str], env: dict | None, timeout: float) -> frozenset[str]:
+    """The long options (`--name`) a program's `--help` lists."""
+    done = run_tool(
+        [*command, "--help"], timeout, f"{shlex.join(command)} --help", "check the program runs here", env=env
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise GptwoError(f"{shlex.join(command)} --help failed ({last})", "check that the program runs here")
+    return frozenset(_OPTION.findall(done.stdout))
+
+
+def tree_src(tree: str) -> str:
+    """The folder to put on PYTHONPATH for a gptwo source tree: TREE/src, or TREE itself if it holds gptwo/."""
+    for src in (os.path.join(tree, "src"), tree):
+        if os.path.isfile(os.path.join(src, "gptwo", "cli.py")):
+            return os.path.abspath(src)
     raise GptwoError(
-        f"the {variant} server did not answer within {timeout:g} s",
-        "check the machine's load, pass a smaller --model, or allow longer with --timeout",
+        f"{tree} holds no gptwo source tree (no src/gptwo/cli.py)",
+        "pass a gptwo checkout, e.g. one made with `git worktree add /tmp/before COMMIT`",
     )
 
 
-# ---------------------------------------------------------------------------------------------- the anchors
-def hf_prompts(tokenizer, clients: int) -> list[list[int]]:
-    """The clients' prompts as token ids (what the server sees)."""
-    return [tokenizer.encode(p) for p in client_prompts(clients)]
+def gptwo_env(src: str | None, threads: int) -> dict:
+    """The environment of a `gptwo serve`: its torch threads, and the tree's src first on the import path."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if src:
+        env["PYTHONPATH"] = src
+    return env
 
 
+def option_groups(args: Seq[str]) -> list[list[str]]:
+    """`--serve-args` split into options, each with the values after it (`--kv-cache-memory 0.5` is one group)."""
+    groups: list[list[str]] = []
+    for arg in args:
+        if arg.startswith("--"):
+            groups.append([arg.split("=", 1)[0], *arg.split("=", 1)[1:]])
+        elif groups:
+            groups[-1].append(arg)
+        else:
+            raise GptwoError(f"--serve-args starts with {arg!r}, not an option", "start it with an option: --name")
+    return groups
+
+
+def gptwo_command(
+    model_dir: str,
+    variant: str,
+    port: int,
+    device: str,
+    seqs: int,
+    options: frozenset[str],
+    prefix_caching: bool = True,
+    extra: Seq[Seq[str]] = (),
+) -> tuple[list[str], list[str]]:
+    """The `gptwo serve` command line for a tree whose serve takes `options`, and what was left out because the
+    tree lacks it (the caller checks `variant_runs` first)."""
+    dtype, quantize = VARIANTS[variant]
+    cmd = [sys.executable, "-m", "gptwo.cli", "serve", "--model", model_dir, "--served-model-name", "bench"]
+    cmd += ["--port", str(port), "--device", device, "--log-level", "warning"]
+    wanted = [
+        ["--dtype", dtype],  # (trees without --dtype ran fp32 only)
+        ["--quantize", quantize] if quantize else [],
+        ["--max-batch", str(seqs)],  # the sequence limit, under either name
+        ["--max-num-seqs", str(seqs)],
+        ["--max-client-choices", "0"],  # every bench client comes from 127.0.0.1
+        [] if prefix_caching else ["--no-prefix-caching"],
+        *map(list, extra),
+    ]
+    quiet = {"--max-batch", "--max-num-seqs", "--max-client-choices", "--dtype"}  # absent in old trees, as expected
+    left_out = []
+    for group in filter(None, wanted):
+        if group[0] in options:
+            cmd += group
+        elif group[0] not in quiet:
+            left_out.append(shlex.join(group))
+    if not {"--max-batch", "--max-num-seqs"} & options:
+        left_out.append(f"--max-num-seqs {seqs}")
+    return cmd, left_out
+
+
+def variant_runs(variant: str, options: frozenset[str]) -> bool:
+    """Whether a tree whose serve takes `options` can serve `variant` (old trees had fp32 only)."""
+    dtype, quantize = VARIANTS[variant]
+    return (dtype == "fp32" or "--dtype" in options) and (quantize is None or "--quantize" in options)
+
+
+def find_llama_server(path: str) -> str:
+    """The llama-server binary: PATH itself, PATH/bin/llama-server (a build folder) or PATH/build/bin/llama-server."""
+    for candidate in (
+        path,
+        os.path.join(path, "bin", "llama-server"),
+        os.path.join(path, "build", "bin", "llama-server"),
+    ):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+    raise GptwoError(
+        f"no llama-server binary at {path}",
+        "pass the llama-server binary or llama.cpp's build folder (experiments/llamacpp.sh builds one)",
+    )
+
+
+def llama_command(
+    binary: str, gguf: str, port: int, slots: int, context: int, threads: int, options, slot_dir: str | None = None
+) -> list[str]:
+    """llama-server on `gguf` with `slots` parallel sequences of `context` tokens each, continuous batching, /metrics
+    and `--slot-save-path slot_dir` (so its slots can be erased), each where its --help lists it."""
+    needed = {"--model", "--host", "--port", "--parallel", "--ctx-size", "--threads"}
+    if not needed <= options:
+        raise GptwoError(
+            f"{binary} lacks {', '.join(sorted(needed - options))}", "build a current llama.cpp's llama-server"
+        )
+    cmd = [binary, "--model", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots)]
+    cmd += ["--ctx-size", str(slots * context), "--threads", str(threads)]
+    cmd += ["--threads-batch", str(threads)] if "--threads-batch" in options else []
+    cmd += ["--slot-save-path", slot_dir] if slot_dir and "--slot-save-path" in options else []
+    return cmd + [flag for flag in ("--cont-batching", "--metrics") if flag in options]
+
+
+def llama_gguf(binary: str, gguf_dir: str | None, model_dir: str, variants: Seq[str], scratch: str, timeout) -> dict:
+    """The GGUF file beside each variant: from `gguf_dir` (experiments/llamacpp.sh), else converted now by the
+    convert_hf_to_gguf.py of the source tree the binary was built in."""
+    from gptwo.bench.llamacpp import convert, find_converter, gguf_files
+
+    dtypes = tuple(LLAMA_DTYPES[v] for v in variants)
+    if gguf_dir:
+        files = gguf_files(gguf_dir, dtypes)
+    else:
+        converter = find_converter(binary)
+        if converter is None:
+            raise GptwoError(
+                f"no convert_hf_to_gguf.py above {binary} to convert the model with",
+                "pass --gguf DIR written by experiments/llamacpp.sh",
+            )
+        files = convert(model_dir, converter, scratch, dtypes, timeout)
+    return {variant: files[LLAMA_DTYPES[variant]] for variant in variants}
+
+
+# ---------------------------------------------------------------------------------------------- the targets
+@dataclass
+class Target:
+    """What a row of the report is measured on: a server, the fields its requests add, and its samples."""
+
+    tool: str  # gptwo serve, gptwo serve (DIR), llama-server
+    variant: str  # fp32, bf16 or int8: the precision (llama-server: the one its GGUF stands beside)
+    weights: str  # what the table shows: gptwo's variant, or the GGUF's precision
+    server: ServerProcess
+    extra: dict = field(default_factory=dict)
+    prefix_caching: bool = False
+    twin: Target | None = None  # the same with prefix caching off, for the prefix workload
+    samples: dict[str, list[dict]] = field(default_factory=dict)
+    role: str = ""  # what the progress lines add to a twin's name
+
+    @property
+    def label(self) -> str:
+        return f"{self.tool} {self.weights}{self.role}"
+
+
+def run_workload(target: Target, workload: str, round_: int, maker: PromptMaker, sizes: Sizes, timeout: float):
+    """One round of one workload on one target, from a llama-server with empty slots: its numbers."""
+    address, extra = target.server.address, target.extra
+    target.server.erase_slots()
+    if workload == "mixed":
+        before = target.server.metrics()
+        results, seconds, samples = asyncio.run(
+            run_burst(address, mixed_requests(maker, sizes, round_), extra, timeout, KV_SAMPLE_S)
+        )
+        summary = {**burst_summary(results, seconds), **kv_summary(samples)}
+        summary["preemptions"] = _delta(before, target.server.metrics(), "gptwo_preemptions_total")
+        return summary
+    if workload == "join":
+        streams, joiner = join_requests(maker, sizes, round_)
+        return join_summary(*asyncio.run(run_join(address, streams, joiner, sizes.join_warm, extra, timeout)))
+    if workload == "prefix":
+        before = target.server.metrics()
+        requests = prefix_requests(maker, sizes, round_)
+        summary = prefix_summary(asyncio.run(run_prefix(address, requests, sizes.prefix_at_once, extra, timeout)))
+        after = target.server.metrics()
+        hits, queries = (_delta(before, after, f"gptwo_prefix_cache_{n}_total") for n in ("hits", "queries"))
+        summary["prefix_hit_rate"] = hits / queries if hits is not None and queries else None
+        return summary
+    requests = throughput_requests(maker, sizes, round_)
+    summary = burst_summary(*asyncio.run(run_burst(address, requests, extra, timeout))[:2])
+    lone = Request(maker.make(sizes.throughput_prompt, f"throughput-{round_}-alone"), sizes.throughput_new)
+    target.server.erase_slots()
+    alone = burst_summary(*asyncio.run(run_burst(address, [lone], extra, timeout))[:2])
+    summary["single_client_tokens_per_s"] = alone["tokens_per_s"] if not alone["failed"] else None
+    return summary
+
+
+def _delta(before: dict | None, after: dict | None, name: str) -> float | None:
+    if before is None or after is None:
+        return None
+    start, end = metric(before, name), metric(after, name)
+    return None if start is None or end is None else end - start
+
+
+def warm_up(target: Target, maker: PromptMaker, sizes: Sizes, timeout: float) -> None:
+    """A few short requests and one long prompt (prompts no workload sends): the first requests pay for lazy
+    set-up."""
+    long = min(sizes.mixed_long_prompt, sizes.join_prompt)
+    requests = [Request(maker.make(8, f"warm-up-{i}"), 4) for i in range(3)] + [Request(maker.make(long, "warm-up"), 2)]
+    asyncio.run(run_burst(target.server.address, requests, target.extra, timeout))
+
+
+def progress_line(workload: str, target: Target, s: dict) -> str:
+    """One line of what a round of a workload gave on a target."""
+
+    def num(key: str, spec: str) -> str:
+        return "-" if s.get(key) is None else format(s[key], spec)
+
+    if workload == "join":
+        body = f"gap p50 {num('gap_p50_ms', '.1f')} ms, during the join {num('join_gap_max_ms', '.1f')} ms"
+        body += f" ({num('stall_ratio', '.1f')}x), join TTFT {num('join_ttft_s', '.2f')} s"
+    elif workload == "prefix":
+        body = f"TTFT p50 {num('ttft_p50_s', '.3f')} s, hit rate {num('prefix_hit_rate', '.2f')}"
+    else:
+        body = f"{num('tokens_per_s', '.1f')} tokens/s, TTFT p50 {num('ttft_p50_s', '.2f')} s"
+        body += f" p90 {num('ttft_p90_s', '.2f')} s"
+        body += f", KV used/need {num('kv_used_over_need', '.2f')}" if s.get("kv_used_over_need") is not None else ""
+    return f"  {workload} {target.label}: {body}, {s['failed']} failed"
+
+
+# ---------------------------------------------------------------------------------------------- transformers
 def hf_generate_run(hf, prompts: list[list[int]], tokens: int, pad: int):
     """transformers' `generate` on all prompts at once, left-padded, sampling `tokens` tokens each at temperature 1."""
     width = max(map(len, prompts))
@@ -356,27 +464,21 @@ def fast_gelu(hf):
     return hf
 
 
-def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress: bool) -> tuple[dict, list[str]]:
+def hf_anchors(model_dir: str, prompts: list[list[int]], tokens: int, device: str, progress: bool):
     """The transformers runs that work here (name -> function returning tokens made), and notes on those that do not.
-
-    Each is tried first on a few prompts and tokens (a warm-up that also catches an anchor that does not run here).
-    """
+    Each is tried first on a few prompts and tokens (a warm-up that also catches an anchor that does not run)."""
     from gptwo.bench.decode import hf_twin
     from gptwo.weights import load_model
 
     model, tokenizer = load_model(model_dir, device=device)
-    prompts = hf_prompts(tokenizer, clients)
-    plain, batching = (
-        fast_gelu(hf_twin(model)),
-        fast_gelu(hf_twin(model)),
-    )  # own copies: continuous batching switches the attention to a paged kind
+    plain, batching = fast_gelu(hf_twin(model)), fast_gelu(hf_twin(model))  # continuous batching changes attention
     del model
     few, short = prompts[:4], min(tokens, 4)
     makers = {"transformers generate": lambda p, t: hf_generate_run(plain, p, t, tokenizer.eot_token)}
     if hasattr(batching, "generate_batch"):
         makers["transformers generate_batch"] = lambda p, t: hf_batch_run(batching, p, t)
     runs, notes = {}, []
-    for name, make in makers.items():  # warm-up: a run that fails here is left out, with the reason
+    for name, make in makers.items():
         if progress:
             print(f"warming up {name}", file=sys.stderr)
         try:
@@ -387,178 +489,193 @@ def hf_anchors(model_dir: str, clients: int, tokens: int, device: str, progress:
             runs[name] = make(prompts, tokens)
         except Exception as err:  # noqa: BLE001 - an anchor that does not run on this device is reported, not fatal
             notes.append(f"{name} left out: {type(err).__name__}: {str(err)[:200]}")
-    if not runs:
-        raise GptwoError("no transformers anchor ran", "; ".join(notes))
     return runs, notes
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark
-def bench_model_dir(spec: str | None, directory: str) -> str:
-    """The model the servers load: `spec`, or GPT-2 124M's shape with random weights and GPT-2's tokenizer saved in
-    `directory`."""
-    if spec:
-        from gptwo.weights import resolve_model_dir
+def _check(variants, workloads, rounds, threads) -> None:
+    for name in variants:
+        if name not in VARIANTS:
+            raise GptwoError(f"unknown variant '{name}'", f"use some of {', '.join(VARIANTS)}")
+    for name in workloads:
+        if name not in WORKLOADS:
+            raise GptwoError(f"unknown workload '{name}'", f"use some of {', '.join(WORKLOADS)}")
+    if not variants or not workloads:
+        raise GptwoError("no variants or no workloads to run", "pass some with --variants and --workload")
+    if rounds < 1:
+        raise GptwoError("rounds must be at least 1", "pass a positive number")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise GptwoError(f"--threads {threads} is not in 1..{MAX_THREADS}", "use e.g. the number of cores")
 
-        return resolve_model_dir(spec)
-    from gptwo.bench.decode import bench_model
-    from gptwo.tokenizer import Tokenizer
-    from gptwo.weights import save_pretrained
 
-    save_pretrained(bench_model(None, torch.device("cpu")), directory, tokenizer=Tokenizer.gpt2())
-    return directory
+@dataclass
+class Setup:
+    """What every server is started with."""
+
+    model_dir: str
+    device: str
+    threads: int
+    seqs: int
+    context: int
+    scratch: str
+    timeout: float
+    progress: bool
+    prefix_twins: bool
+    extra: list[list[str]]
+
+
+def start_gptwo_targets(setup: Setup, variants, trees: Seq[str | None], servers: list, notes: list) -> list[Target]:
+    """`gptwo serve` of each tree (None: this one) at each variant it can serve, with its prefix-caching twin."""
+    targets = []
+    for tree in trees:
+        src = tree_src(tree) if tree else None
+        tool = f"gptwo serve ({tree})" if tree else "gptwo serve"
+        env = gptwo_env(src, setup.threads)
+        options = help_options([sys.executable, "-m", "gptwo.cli", "serve"], env, setup.timeout)
+        caching = "--no-prefix-caching" in options
+        for variant in variants:
+            if not variant_runs(variant, options):
+                notes.append(
+                    f"{tool} left out at {variant}: its serve has no {'--quantize' if variant == 'int8' else '--dtype'}"
+                )
+                continue
+            pair = []
+            for on in (True, False) if caching and setup.prefix_twins else (True,):
+                label = f"{tool} {variant}" + ("" if on else " --no-prefix-caching")
+                port = free_port(servers)
+                cmd, left_out = gptwo_command(
+                    setup.model_dir, variant, port, setup.device, setup.seqs, options, on, setup.extra
+                )
+                if setup.progress:
+                    print(f"starting {label}", file=sys.stderr)
+                server = launch(label, cmd, env, os.path.join(setup.scratch, f"server{len(servers)}.log"), port)
+                server.left_out = left_out
+                servers.append(server)
+                role = "" if on else " (--no-prefix-caching)"
+                pair.append(Target(tool, variant, variant, server, prefix_caching=on and caching, role=role))
+            pair[0].twin = pair[1] if len(pair) > 1 else None
+            targets.append(pair[0])
+    return targets
+
+
+def start_llama_targets(setup: Setup, binary: str, files: dict, servers: list) -> list[Target]:
+    """llama-server on each GGUF file; its twin (prompt cache off) is the same server with `cache_prompt: false`."""
+    options = help_options([binary], None, setup.timeout)
+    targets = []
+    for variant, gguf in files.items():
+        port = free_port(servers)
+        label = f"llama-server {LLAMA_DTYPES[variant]}"
+        cmd = llama_command(binary, gguf, port, setup.seqs, setup.context, setup.threads, options, setup.scratch)
+        if setup.progress:
+            print(f"starting {label}", file=sys.stderr)
+        server = launch(label, cmd, dict(os.environ), os.path.join(setup.scratch, f"server{len(servers)}.log"), port)
+        server.slots = setup.seqs if "--slot-save-path" in options else 0
+        servers.append(server)
+        target = Target("llama-server", variant, LLAMA_DTYPES[variant], server, {"cache_prompt": True}, True)
+        target.twin = Target(
+            "llama-server", variant, LLAMA_DTYPES[variant], server, {"cache_prompt": False}, role=" (cache_prompt off)"
+        )
+        targets.append(target)
+    return targets
 
 
 def serve_report(
     model: str | None = None,
     device: str = "auto",
-    clients: int = 64,
-    tokens: int = 32,
+    workloads: tuple[str, ...] = WORKLOADS,
     variants: tuple[str, ...] = ("fp32", "bf16", "int8"),
     rounds: int = 3,
     threads: int | None = None,
     compare_src: Seq[str] = (),
+    llama_server: str | None = None,
+    gguf: str | None = None,
+    serve_args: str = "",
+    sizes: Sizes = Sizes(),
     progress: bool = True,
     timeout: float | None = None,
 ) -> dict:
-    """Median aggregate tokens/s of each server variant and of transformers on the same prompts, interleaved rounds."""
-    from gptwo.weights import resolve_device
+    """Run the workloads on every server, rounds interleaved, and report the medians with their ratios to the code
+    before (the first --compare-src) and to llama-server at the same precision."""
+    from gptwo.tokenizer import load_tokenizer
+    from gptwo.weights import read_config, resolve_device, resolve_model_dir
 
-    for name in variants:
-        if name not in VARIANTS:
-            raise GptwoError(f"unknown variant '{name}'", f"use some of {', '.join(VARIANTS)}")
-    if not variants:
-        raise GptwoError("no variants to time", f"pass --variants with some of {', '.join(VARIANTS)}")
-    if min(clients, tokens, rounds) < 1:
-        raise GptwoError("clients, tokens and rounds must be at least 1", "pass positive numbers")
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise GptwoError(f"--threads {threads} is not in 1..{MAX_THREADS}", "use e.g. the number of cores")
+    _check(variants, workloads, rounds, threads)
     timeout = tool_timeout(timeout)
-    for src in compare_src:
-        if not os.path.isfile(os.path.join(src, "gptwo", "cli.py")):
-            raise GptwoError(
-                f"{src} holds no gptwo package",
-                "pass the src folder of a gptwo checkout (the one holding gptwo/cli.py)",
-            )
+    for tree in compare_src:  # each checked before anything starts
+        tree_src(tree)
+    binary = find_llama_server(llama_server) if llama_server else None
+    extra = option_groups(shlex.split(serve_args))
     dev = resolve_device(device)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if threading.current_thread() is threading.main_thread():  # a SIGTERM (e.g. `timeout`) still stops the servers
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = tempfile.mkdtemp(prefix="gptwo-bench-serve-")
-    servers: list[Server] = []
+    scratch = tempfile.mkdtemp(prefix="gptwo-bench-serve-")
+    servers: list[ServerProcess] = []
+    notes: list[str] = []
     try:
-        model_dir = bench_model_dir(model, os.path.join(tmp, "model"))
-        for name in variants:
-            if progress:
-                print(f"starting the {name} server", file=sys.stderr)
-            log = os.path.join(tmp, f"{name}.log")
-            servers.append(start_server(model_dir, name, str(dev), threads, clients, log, timeout=timeout))
-        for i, src in enumerate(compare_src):
-            servers.append(
-                start_server(
-                    model_dir,
-                    "fp32",
-                    str(dev),
-                    threads,
-                    clients,
-                    os.path.join(tmp, f"compare{i}.log"),
-                    src=src,
-                    tool=f"gptwo serve ({src})",
-                    timeout=timeout,
-                )
+        if model:
+            model_dir = resolve_model_dir(model)
+        elif gguf and os.path.isfile(os.path.join(gguf, "hf", "config.json")):
+            model_dir = os.path.join(gguf, "hf")  # the folder its GGUF files were converted from
+        else:
+            model_dir = save_serve_model(os.path.join(scratch, "model"))
+        config = read_config(model_dir)
+        if sizes.context_needed() > config.block_size:
+            raise GptwoError(
+                f"the workloads need {sizes.context_needed()} tokens of context; {model_dir} has {config.block_size}",
+                "bench a model with a context of 1024 (leave --model out for the default one)",
             )
-        anchors, notes = hf_anchors(model_dir, clients, tokens, str(dev), progress)
-        anchor_s: dict[str, list[float]] = {name: [] for name in anchors}
-        prompts = client_prompts(clients)
-        for server in servers:  # warm-up: the first requests pay for lazy set-up
-            burst(server.address, prompts[: min(4, clients)], min(tokens, 4), timeout)
+        maker = PromptMaker(load_tokenizer(model_dir))
+        setup = Setup(
+            model_dir,
+            str(dev),
+            threads,
+            sizes.most_at_once(),
+            config.block_size,
+            scratch,
+            timeout,
+            progress,
+            "prefix" in workloads,
+            extra,
+        )
+        targets = start_gptwo_targets(setup, variants, [None, *compare_src], servers, notes)
+        llama = None
+        if binary:
+            files = llama_gguf(binary, gguf, model_dir, variants, scratch, timeout)
+            targets += start_llama_targets(setup, binary, files, servers)
+            llama = {"binary": binary, "version": _llama_version(binary, timeout), "gguf": files}
+        wait_ready(servers, timeout)
+        anchors, anchor_rates = {}, {}
+        if "throughput" in workloads:
+            prompts = [r.prompt for r in throughput_requests(maker, sizes, 0)]
+            anchors, hf_notes = hf_anchors(model_dir, prompts, sizes.throughput_new, str(dev), progress)
+            notes += hf_notes
+            anchor_rates = {name: [] for name in anchors}
+        for target in targets:
+            warm_up(target, maker, sizes, timeout)
         for r in range(rounds):
             if progress:
                 print(f"round {r + 1} of {rounds}", file=sys.stderr)
-            for server in servers:
-                server.samples.append(burst(server.address, prompts, tokens, timeout))
-                alone = burst(server.address, prompts[:1], tokens, timeout)
-                server.single.append(alone["tokens_per_s"] if not alone["failed"] else 0.0)
-                if progress:
-                    print(
-                        f"  {server.tool} {server.variant}: {server.samples[-1]['tokens_per_s']:.1f} tokens/s, "
-                        f"{server.samples[-1]['failed']} failed",
-                        file=sys.stderr,
-                    )
-            for name, run in anchors.items():
-                started = time.perf_counter()
-                with torch.no_grad():
-                    made = run()
-                anchor_s[name].append(made / (time.perf_counter() - started))
-                if progress:
-                    print(f"  {name}: {anchor_s[name][-1]:.1f} tokens/s", file=sys.stderr)
-        health = {f"{s.tool} {s.variant}": s.health() for s in servers}
+            for workload in workloads:
+                for target in targets:
+                    for t in (target, target.twin) if workload == "prefix" and target.twin else (target,):
+                        t.samples.setdefault(workload, []).append(run_workload(t, workload, r, maker, sizes, timeout))
+                        if progress:
+                            print(progress_line(workload, t, t.samples[workload][-1]), file=sys.stderr)
+                if workload == "throughput":
+                    for name, run in anchors.items():
+                        started = time.perf_counter()
+                        with torch.no_grad():
+                            made = run()
+                        anchor_rates[name].append(made / (time.perf_counter() - started))
+                        if progress:
+                            print(f"  throughput {name}: {anchor_rates[name][-1]:.1f} tokens/s", file=sys.stderr)
+        health = {s.label: s.health() for s in servers if s.label.startswith("gptwo")}
     finally:
         for server in servers:
             server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _report(
-        servers,
-        anchor_s,
-        notes,
-        health,
-        model=model,
-        dev=dev,
-        threads=threads,
-        clients=clients,
-        tokens=tokens,
-        rounds=rounds,
-    )
-
-
-def _report(
-    servers: list[Server],
-    anchor_rates: dict[str, list[float]],
-    notes: list[str],
-    health: dict,
-    *,
-    model,
-    dev,
-    threads,
-    clients,
-    tokens,
-    rounds,
-) -> dict:
-    """The JSON-able report: one row per server variant and per transformers run, ratios against the faster transformers
-    run."""
-    rows = [
-        {
-            "tool": name,
-            "dtype": "fp32",
-            "tokens_per_s": statistics.median(rates),
-            "ttft_p50_s": None,
-            "ttft_p99_s": None,
-            "failed": 0,
-            "single_client_tokens_per_s": None,
-        }
-        for name, rates in anchor_rates.items()
-    ]
-    anchor = max(rows, key=lambda row: row["tokens_per_s"])
-    for server in servers:
-
-        def median(key: str, samples=server.samples):
-            values = [s[key] for s in samples if s[key] is not None]
-            return statistics.median(values) if values else None
-
-        rows.append(
-            {
-                "tool": server.tool,
-                "dtype": server.variant,
-                "tokens_per_s": median("tokens_per_s"),
-                "ttft_p50_s": median("ttft_p50_s"),
-                "ttft_p99_s": median("ttft_p99_s"),
-                "failed": sum(s["failed"] for s in server.samples),
-                "single_client_tokens_per_s": statistics.median(server.single),
-                "errors": [e for s in server.samples for e in s["errors"]][:3],
-            }
-        )
-    for row in rows:
-        row["ratio"] = row["tokens_per_s"] / anchor["tokens_per_s"]
+        shutil.rmtree(scratch, ignore_errors=True)
     return {
         "bench": "serve",
         "device": str(dev),
@@ -566,36 +683,181 @@ def _report(
         "cpu_flags": cpu_flags(),
         "threads": threads,
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "model": model or "random GPT-2 124M shape",
-        "clients": clients,
-        "tokens": tokens,
+        "model": model or "random 6-layer, width-384, context-1024 GPT-2 (GPT-2's vocabulary)",
+        "model_shape": {"n_layer": config.n_layer, "n_embd": config.n_embd, "context": config.block_size},
+        "workloads": list(workloads),
+        "sizes": asdict(sizes),
         "rounds": rounds,
-        "anchor": anchor["tool"],
-        "notes": notes,
+        "compare_src": list(compare_src),
+        "llama_server": llama,
         "servers": {
-            name: {key: h.get(key) for key in ("dtype", "quantize", "peak_batch", "failed")}
-            for name, h in health.items()
+            s.label: {"command": shlex.join(s.command), "left_out": s.left_out, "health": health.get(s.label)}
+            for s in servers
         },
-        "rows": rows,
+        "notes": notes,
+        "results": {w: workload_rows(w, targets, anchor_rates, list(compare_src)) for w in workloads},
     }
 
 
+def _llama_version(binary: str, timeout: float) -> str:
+    done = run_tool([binary, "--version"], timeout, "llama-server --version", "check the binary")
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return next((line for line in lines if line.startswith("version")), lines[0] if lines else "unknown")
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def aggregate(samples: Seq[dict]) -> dict:
+    """Rounds into one row: the median of each number (rounds without it left out), failures summed, the first few
+    errors."""
+    row: dict = {}
+    for key in dict.fromkeys(k for s in samples for k in s):
+        values = [s[key] for s in samples if s.get(key) is not None]
+        if key == "failed":
+            row[key] = sum(values)
+        elif key == "errors":
+            row[key] = [e for s in samples for e in s["errors"]][:3]
+        else:
+            row[key] = statistics.median(values) if values else None
+    return row
+
+
+def _ratio(row: dict | None, other: dict | None, key: str) -> float | None:
+    if row is None or other is None or row.get(key) is None or not other.get(key):
+        return None
+    return row[key] / other[key]
+
+
+def workload_rows(
+    workload: str, targets: Seq[Target], anchor_rates: dict[str, list[float]], compare_src: Seq[str]
+) -> list[dict]:
+    """The report's rows for one workload: one per target (prefix: with its twin's numbers), then ratios of the
+    workload's headline number to the code before at the same variant and to llama-server at the same precision."""
+    rows = []
+    for target in targets:
+        if workload not in target.samples:
+            continue
+        row = {"tool": target.tool, "weights": target.weights, "variant": target.variant}
+        row.update(aggregate(target.samples[workload]))
+        if workload == "prefix":
+            row["prefix_caching"] = target.prefix_caching
+            twin = aggregate(target.twin.samples.get("prefix", [])) if target.twin else {}
+            row["ttft_p50_no_cache_s"] = twin.get("ttft_p50_s")
+            row["cached_over_uncached"] = _ratio(row, {"ttft_p50_s": row["ttft_p50_no_cache_s"]}, "ttft_p50_s")
+            row["failed"] += twin.get("failed", 0)
+        rows.append(row)
+    key = HEADLINE[workload]
+    before_tool = f"gptwo serve ({compare_src[0]})" if compare_src else None
+    by = {(row["tool"], row["variant"]): row for row in rows}
+    for row in rows:
+        gptwo = row["tool"].startswith("gptwo")
+        row["vs_before"] = (
+            _ratio(row, by.get((before_tool, row["variant"])), key) if gptwo and row["tool"] != before_tool else None
+        )
+        row["vs_llama"] = _ratio(row, by.get(("llama-server", row["variant"])), key) if gptwo else None
+    if workload == "throughput" and anchor_rates:
+        hf_rows = [
+            {"tool": name, "weights": "fp32", "variant": "fp32", "tokens_per_s": statistics.median(rates), "failed": 0}
+            for name, rates in anchor_rates.items()
+        ]
+        best = max(hf_rows, key=lambda r: r["tokens_per_s"])
+        rows += hf_rows
+        for row in rows:
+            row["vs_transformers"] = _ratio(row, best, "tokens_per_s")
+    return rows
+
+
+COLUMNS = {
+    "mixed": [
+        ("tokens_per_s", "tokens/s", ".1f"),
+        ("vs_before", "÷ before", ".2f"),
+        ("vs_llama", "÷ llama", ".2f"),
+        ("ttft_p50_s", "TTFT p50 s", ".3f"),
+        ("ttft_p90_s", "TTFT p90 s", ".3f"),
+        ("kv_used_over_need", "KV used/need", ".2f"),
+        ("kv_touched_over_need", "KV touched/need", ".2f"),
+        ("kv_alloc_over_need", "KV pool/need", ".2f"),
+        ("kv_alloc_mib", "KV pool MiB", ".0f"),
+        ("preemptions", "preempted", ".0f"),
+    ],
+    "join": [
+        ("gap_p50_ms", "gap p50 ms", ".1f"),
+        ("join_gap_max_ms", "join gap ms", ".1f"),
+        ("stall_ratio", "stall x", ".2f"),
+        ("vs_before", "÷ before", ".2f"),
+        ("vs_llama", "÷ llama", ".2f"),
+        ("join_ttft_s", "join TTFT s", ".3f"),
+    ],
+    "prefix": [
+        ("ttft_p50_s", "TTFT p50 s", ".3f"),
+        ("ttft_p50_no_cache_s", "no-cache p50 s", ".3f"),
+        ("cached_over_uncached", "cached/uncached", ".2f"),
+        ("prefix_hit_rate", "hit rate", ".2f"),
+        ("vs_before", "÷ before", ".2f"),
+        ("vs_llama", "÷ llama", ".2f"),
+    ],
+    "throughput": [
+        ("tokens_per_s", "tokens/s", ".1f"),
+        ("vs_before", "÷ before", ".2f"),
+        ("vs_llama", "÷ llama", ".2f"),
+        ("vs_transformers", "÷ transformers", ".2f"),
+        ("ttft_p50_s", "TTFT p50 s", ".3f"),
+        ("ttft_p90_s", "TTFT p90 s", ".3f"),
+        ("single_client_tokens_per_s", "1 client tok/s", ".1f"),
+    ],
+}
+
+
+def workload_heading(workload: str, sizes: dict) -> str:
+    """What a workload's table measures, in one line."""
+    s = sizes
+    return {
+        "mixed": f"mixed: {s['mixed_short']} x {s['mixed_short_prompt']}-token and {s['mixed_long']} x "
+        f"{s['mixed_long_prompt']}-token prompts at once, {s['mixed_new']} tokens each; aggregate tokens/s, TTFT; "
+        "KV from /metrics (used blocks, and the whole cache, over held tokens + one block per sequence, at the peak)",
+        "join": f"join: {s['join_streams']} streams running ({s['join_stream_prompt']}-token prompts), then one "
+        f"{s['join_prompt']}-token prompt joins; the streams' largest gap between chunks while it waits for its first "
+        "token, over their median gap before it (stall x)",
+        "prefix": f"prefix: {s['prefix_requests']} requests sharing a {s['prefix_shared']}-token prefix (+ "
+        f"{s['prefix_suffix']}-token suffixes, {s['prefix_at_once']} at a time, {s['prefix_new']} tokens); TTFT p50 "
+        "with prefix caching vs the same server without (--no-prefix-caching; llama-server: cache_prompt false)",
+        "throughput": f"throughput: {s['throughput_clients']} clients x {s['throughput_prompt']}-token prompts x "
+        f"{s['throughput_new']} tokens at once; transformers: batched generate in the bench's process (fp32)",
+    }[workload]
+
+
 def render_serve(report: dict) -> str:
-    """The report as a table under a line naming the machine and the workload."""
+    """The report as text: where it ran, then a table per workload (÷ before: the headline number over the first
+    --compare-src's at the same variant; ÷ llama: over llama-server's at the same precision)."""
     where = (
         report["gpu"]
-        or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads"
+        or f"{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX-512'}), {report['threads']} threads per server"
     )
-    head = (
-        f"serve: {where}; {report['clients']} streaming clients x {report['tokens']} tokens (temperature 1), median of "
-        f"{report['rounds']} "
-        f"interleaved rounds; anchor: {report['anchor']} (fp32, same prompts)"
-    )
-    lines = [head, render_table(report["rows"], COLUMNS)]
+    lines = [
+        f"serve: {where}; {report['model']}; medians of {report['rounds']} interleaved rounds; temperature 1",
+    ]
+    if report["compare_src"]:
+        lines.append(f"before: gptwo serve ({report['compare_src'][0]})")
+    if report["llama_server"]:
+        lines.append(
+            f"llama-server: {report['llama_server']['binary']} ({report['llama_server']['version']}), one slot "
+            "per client, KV cache f16 (its default)"
+        )
+    for workload, rows in report["results"].items():
+        key = HEADLINE[workload]
+        lines += ["", workload_heading(workload, report["sizes"]) + f"; ratios of {key}"]
+        columns = [("tool", "tool", ""), ("weights", "weights", ""), *COLUMNS[workload], ("failed", "failed", "d")]
+        lines.append(render_table(rows, columns))
+    lines += [""] + [f"server {label}: {info['command']}" for label, info in report["servers"].items()]
+    lines += [
+        f"left out of {label} (its tree lacks them): {', '.join(info['left_out'])}"
+        for label, info in report["servers"].items()
+        if info["left_out"]
+    ]
     lines += [f"note: {note}" for note in report["notes"]]
     lines += [
-        f"errors ({row['tool']} {row['dtype']}): {'; '.join(row['errors'])}"
-        for row in report["rows"]
+        f"errors ({workload}, {row['tool']} {row['weights']}): {'; '.join(row['errors'])}"
+        for workload, rows in report["results"].items()
+        for row in rows
         if row.get("errors")
     ]
     return "\n".join(lines)
