@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gptwo.errors import GptwoError
+from gptwo.infer.linear import NATIVE_MAX_ROWS
 from gptwo.infer.step import DecodeStep, StepInput, make_step
 
 
@@ -160,7 +161,7 @@ def stream_tokens(
                 h.append(t)
             yield next_ids, logits
         return
-    step = step or make_step(model, sequences=len(prompts))
+    step = step or make_step(model, sequences=len(prompts), max_native_tokens=NATIVE_MAX_ROWS)
     cache = step.cache
     seqs = [cache.start([]) for _ in history]
     pending = [h if len(h) < context else h[-keep:] for h in history]

@@ -155,7 +155,7 @@ def test_dtype_option(model_dir):
     server, engine = serve_in_thread(model_dir, dtype=torch.bfloat16)
     try:
         # bf16 weights; the KV cache in bf16 on the torch step, fp32 on the native one (its activations are fp32)
-        native_step = isinstance(engine.step, native.NativeStep)
+        native_step = isinstance(getattr(engine.step, "native", None), native.NativeStep)
         kv_dtype = torch.float32 if native_step else torch.bfloat16
         assert engine.model.lm_head.weight.dtype == torch.bfloat16 and engine.cache.k.dtype == kv_dtype
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
@@ -175,10 +175,12 @@ def test_streamed_requests_decode_natively_and_answer_as_the_model_does(model_di
         model_dir, torch.device("cpu"), torch.float32, None
     )  # as `gptwo serve` loads it
     engine = BatchEngine(model, tokenizer)
-    assert isinstance(engine.step, native.NativeStep)  # every step, alone or batched, is one C call
+    assert isinstance(engine.step.native, native.NativeStep)  # a few tokens a step: one C call
     calls = []
     step = engine.step
     engine.step = lambda batch: (calls.append(len(batch.tokens)), step(batch))[1]
+    native_calls, native_step = [], step.native
+    step.native = lambda batch: (native_calls.append(batch.num_tokens), native_step(batch))[1]
     server = LiveServer(create_app(engine, "tiny", max_body_bytes=64 * 1024))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
@@ -186,7 +188,8 @@ def test_streamed_requests_decode_natively_and_answer_as_the_model_does(model_di
         served = "".join(chunk.choices[0].text for chunk in stream)
         reference, tok = load_model(model_dir, device="cpu")  # plain fp32 on torch's matmuls
         assert served == complete(reference, tok, [PROMPT], 24, temperature=0)[0]
-        assert len(calls) == 24  # the prefill (with the first token), then 23 decode steps
+        assert len(calls) == 24  # the prefill (with the first token), then 23 decode steps...
+        assert native_calls.count(1) == 23  # ...each one C call
         prompts = [PROMPT, "Hi", "A longer prompt than the others, to make the batch ragged"]
         choices = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0).choices
         assert [c.text for c in sorted(choices, key=lambda c: c.index)] == [

@@ -29,7 +29,11 @@ INSPECT_TOKENS = 64
 @pytest.fixture(scope="module")
 def live(model_dir):
     server, engine = serve_in_thread(
-        model_dir, app_kwargs={"max_inspect_tokens": INSPECT_TOKENS}, max_num_seqs=8, max_queue=64, max_request_choices=16
+        model_dir,
+        app_kwargs={"max_inspect_tokens": INSPECT_TOKENS},
+        max_num_seqs=8,
+        max_queue=64,
+        max_request_choices=16,
     )
     yield server, engine
     server.close()

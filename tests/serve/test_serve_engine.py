@@ -200,7 +200,7 @@ def test_every_block_comes_back_after_a_thousand_requests():
 def test_the_native_step_serves_ragged_batches_over_the_same_cache(dtype):
     model = prepare_model(tiny_model(block_size=64, vocab_size=512), dtype=dtype)
     engine = BatchEngine(model, TOKENIZER, max_num_seqs=4, max_batched_tokens=9, num_blocks=24)
-    assert isinstance(engine.step, NativeStep) and engine.cache.k.dtype == torch.float32
+    assert isinstance(engine.step.native, NativeStep) and engine.cache.k.dtype == torch.float32  # prompts: torch
     prompts = [[5, 6, 7, 8, 9], list(range(100, 125)), [200, 201]]
     results = run_engine(
         engine, *[lambda e, p=p: collect(e, [p], SamplingParams(max_tokens=10, temperature=0)) for p in prompts]

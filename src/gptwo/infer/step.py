@@ -68,6 +68,21 @@ class DecodeStep(Protocol):
     def __call__(self, batch: StepInput) -> torch.Tensor: ...
 
 
+class SplitStep:
+    """The native step for small batches, the torch step (torch's GEMM) for larger ones, over one cache.
+
+    The native kernels multiply a few rows at a time (GEMV); above `max_native_tokens` new tokens in a
+    call — a prompt chunk, a batch of many sequences — torch's GEMM is faster (docs/inference.md)."""
+
+    def __init__(self, native_step: native.NativeStep, torch_step: TorchStep, max_native_tokens: int):
+        self.native, self.torch, self.max_native_tokens = native_step, torch_step, max_native_tokens
+        self.cache = native_step.cache
+
+    def __call__(self, batch: StepInput) -> torch.Tensor:
+        step = self.native if batch.num_tokens <= self.max_native_tokens else self.torch
+        return step(batch)
+
+
 def cache_dtype(model: torch.nn.Module, use_native: bool) -> torch.dtype:
     """The KV cache's dtype: fp32 for the native step (its activations are fp32), else the model's."""
     return torch.float32 if use_native else model.transformer.wte.weight.dtype
@@ -81,11 +96,13 @@ def make_step(
     prefix_caching: bool = False,
     use_native: bool | None = None,
     compile: bool | str = False,
+    max_native_tokens: int | None = None,
 ) -> DecodeStep:
     """The fastest step for `model` with a new cache of `num_blocks` blocks (default: `sequences` whole contexts).
 
     The native C step where it supports the model (a model prepared with native linears, on the CPU)
-    unless `use_native=False` or compiling is asked for; else the torch step.
+    unless `use_native=False` or compiling is asked for; else the torch step. With `max_native_tokens`,
+    calls of more new tokens than that go to the torch step over the same cache (`SplitStep`).
     """
     if use_native is None:
         use_native = not compile and native.NativeStep.supports(model)
@@ -94,4 +111,8 @@ def make_step(
         num_blocks = sequences * blocks_for(config.block_size) + 1
     device = model.transformer.wte.weight.device
     cache = PagedKVCache(config, num_blocks, cache_dtype(model, use_native), device, prefix_caching)
-    return native.NativeStep(model, cache) if use_native else TorchStep(model, cache, compile=compile)
+    if not use_native:
+        return TorchStep(model, cache, compile=compile)
+    if max_native_tokens is None:
+        return native.NativeStep(model, cache)
+    return SplitStep(native.NativeStep(model, cache), TorchStep(model, cache), max_native_tokens)

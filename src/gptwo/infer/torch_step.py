@@ -171,8 +171,32 @@ class TorchStep(torch.nn.Module):
     @torch.no_grad()
     def forward(self, batch: StepInput, attention_weights: list | None = None) -> torch.Tensor:
         """Logits of `batch.output_rows()`; with an `attention_weights` list, each layer's weights are appended
-        (B, n_head, T, blocks * 16), computed explicitly (see PagedAttention)."""
+        (B, n_head, T, blocks * 16), computed explicitly (see PagedAttention).
+
+        Sequences bringing different numbers of tokens run as separate forwards, one per count (the decode
+        rows together, each prompt chunk on its own), so no row is padded to a long chunk's length."""
         check_batch(batch, self.cache, self.model.config.block_size)
+        by_count: dict[int, list[int]] = {}
+        for i, tokens in enumerate(batch.tokens):
+            by_count.setdefault(len(tokens), []).append(i)
+        if len(by_count) == 1 or attention_weights is not None:
+            return self._forward(batch, attention_weights)
+        every = batch.every or [False] * len(batch.tokens)
+        per_seq: list[torch.Tensor | None] = [None] * len(batch.tokens)
+        for rows in by_count.values():
+            part = type(batch)(  # a StepInput (not imported: step.py imports this module)
+                [batch.tokens[i] for i in rows],
+                [batch.starts[i] for i in rows],
+                [batch.tables[i] for i in rows],
+                [every[i] for i in rows],
+            )
+            logits, at = self._forward(part), 0
+            for i in rows:
+                n = len(batch.tokens[i]) if every[i] else 1
+                per_seq[i], at = logits[at : at + n], at + n
+        return torch.cat(per_seq)
+
+    def _forward(self, batch: StepInput, attention_weights: list | None = None) -> torch.Tensor:
         ids, pos, view = paged_view(self.cache, batch, self.device, attention_weights)
         hidden = self.model.hidden_states(ids, pos, view)
         rows, T = torch.tensor(batch.output_rows()), ids.shape[1]

@@ -555,7 +555,7 @@ def serve(
     served_model_name: str | None = None,
     max_num_seqs: int = 32,
     max_queue: int = 256,
-    max_batched_tokens: int = 512,
+    max_batched_tokens: int = 128,
     kv_cache_memory: float | None = None,
     prefix_caching: bool = True,
     max_body_bytes: int = 1 << 20,

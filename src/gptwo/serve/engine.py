@@ -39,6 +39,7 @@ import torch
 
 from gptwo.errors import GptwoError
 from gptwo.infer.kvcache import OutOfBlocks, SeqBlocks, block_bytes, blocks_for
+from gptwo.infer.linear import NATIVE_MAX_ROWS
 from gptwo.infer.native import NativeStep
 from gptwo.infer.step import StepInput, cache_dtype, make_step
 from gptwo.model import GPT
@@ -192,7 +193,7 @@ class BatchEngine:
         tokenizer: Tokenizer,
         max_num_seqs: int = 32,
         max_queue: int = 256,
-        max_batched_tokens: int = 512,
+        max_batched_tokens: int = 128,
         max_request_choices: int = MAX_REQUEST_CHOICES,
         max_client_choices: int = MAX_CLIENT_CHOICES,
         kv_cache_memory: float | None = None,
@@ -219,7 +220,10 @@ class BatchEngine:
         self._outbox: list[tuple[Request, Update]] = []  # updates of this step, for the event loop(s)
         use_native = NativeStep.supports(model)
         blocks = num_blocks or kv_cache_blocks(model, kv_cache_memory, max_num_seqs, use_native)
-        self.step = make_step(model, blocks, prefix_caching=prefix_caching, use_native=use_native)
+        # few tokens (decoding a few sequences) in one native C call; prompt chunks and big batches on torch's GEMM
+        self.step = make_step(
+            model, blocks, prefix_caching=prefix_caching, use_native=use_native, max_native_tokens=NATIVE_MAX_ROWS
+        )
         self.cache = self.step.cache
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0, "preempted": 0}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
