@@ -93,7 +93,8 @@ def add_commands(sub) -> None:
         type=int_at_least(1, 1 << 20),
         default=128,
         help="most tokens one step computes: every running sequence's next token first, then chunks of "
-        "prompts, so a long prompt joins without stalling running streams (default 128; larger: faster prefill, longer stalls)",
+        "prompts, so a long prompt joins without stalling running streams (default 128; larger: faster "
+        "prefill, longer stalls)",
     )
     p.add_argument(
         "--kv-cache-memory",
