@@ -283,7 +283,9 @@ def test_bad_input_is_refused_with_a_gptwo_error_and_leaves_the_cache_alone(isa)
     for what, (batch, message) in refusals.items():
         with pytest.raises(GptwoError, match=message):
             step(batch)
-        assert torch.equal(cache.k, k) and torch.equal(cache.v, v), what
+        # blocks never handed out hold whatever the allocator left (NaN included): compare bit for bit
+        assert torch.equal(cache.k.view(torch.int32), k.view(torch.int32)), what
+        assert torch.equal(cache.v.view(torch.int32), v.view(torch.int32)), what
 
 
 @needs_kernels

@@ -45,8 +45,10 @@ def forward_with_attention(model: torch.nn.Module, idx: torch.Tensor) -> tuple[t
             f"{T} tokens exceed the model's context of {model.config.block_size}", "inspect a shorter text"
         )
     step = make_step(model, B * blocks_for(T) + 1, use_native=False)  # explicit weights: the torch step
-    width = blocks_for(T)
-    tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(B)]
+    seqs = [step.cache.start([]) for _ in range(B)]
+    for seq in seqs:
+        step.cache.grow(seq, T)
     maps: list[torch.Tensor] = []
+    tables = [seq.blocks for seq in seqs]
     logits = step(StepInput(idx.tolist(), [0] * B, tables, every=[True] * B), attention_weights=maps)
     return logits.view(B, T, -1), torch.stack([m[..., :T] for m in maps])

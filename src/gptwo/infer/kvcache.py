@@ -9,7 +9,9 @@ that is only partly filled is copied before it is written (copy-on-write). With 
 full block is registered under the key (its parent block's key, its 16 tokens) — a hash chain, exact
 because the dict compares whole keys — so a later prompt starting with the same tokens takes those
 blocks instead of computing them; blocks no sequence holds stay cached until the least recently used
-is taken for new work. Block 0 is never handed out: padding positions may write there.
+is taken for new work. Block 0 is never handed out: padding positions may write there. A block is
+cleared when the manager first hands it out; blocks put in a table by hand hold whatever memory held
+(the native step reads written positions only; the torch step gathers whole blocks, so use `grow`).
 """
 
 from __future__ import annotations
