@@ -231,10 +231,11 @@ def test_a_neighbours_bad_sampling_leaves_a_running_stream_intact(live, monkeypa
         return sampling_weights(logits, temperature, top_k, top_p)
 
     monkeypatch.setattr(engine_module, "sampling_weights", failing_for_top_k_7)
-    gate, batch_sizes, step = threading.Event(), [], engine.step
+    gate, held, batch_sizes, step = threading.Event(), threading.Event(), [], engine.step
 
     def held_step(batch):
         if batch_sizes:  # the stream's prefill goes through; its decode steps wait for the gate
+            held.set()
             gate.wait(30)
         batch_sizes.append(len(batch.tokens))
         return step(batch)
@@ -244,6 +245,7 @@ def test_a_neighbours_bad_sampling_leaves_a_running_stream_intact(live, monkeypa
         stream.sendall(completion(max_tokens=60, temperature=0, stream=True))
         first = stream.recv(1 << 16)
         assert first.startswith(b"HTTP/1.1 200")
+        assert held.wait(30)  # the engine is inside the stream's first decode step: the neighbours queue behind it
         with ThreadPoolExecutor(3) as pool:
             neighbours = [
                 pool.submit(exchange, server.port, completion(max_tokens=6, top_p=1e-300)),
@@ -297,6 +299,35 @@ def run_engine(engine: BatchEngine, jobs: list[tuple[list[int], SamplingParams]]
 
 def tokens_of(updates) -> list[int]:
     return [t.token for u in updates for t in u.tokens]
+
+
+def test_a_client_that_leaves_before_its_whole_answer_frees_its_rows(live, monkeypatch, capfd, caplog):
+    """A non-streaming request whose client closes the connection while its prompt is in a step: the server
+    cancels it (the rows come back at the next step) and answers nobody, with nothing logged as an error."""
+    server, engine = live
+    gate, held, step = threading.Event(), threading.Event(), engine.step
+    cancelled, generated = engine.stats["cancelled"], engine.counters["generation_tokens"]
+
+    def held_step(batch):
+        held.set()
+        gate.wait(30)
+        return step(batch)
+
+    monkeypatch.setattr(engine, "step", held_step)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(completion(max_tokens=200, temperature=0))
+        assert held.wait(30)
+    deadline = time.monotonic() + 30
+    while not all(s.cancelled for s in engine._active) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    while (engine.running or engine.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and engine.waiting == 0
+    assert engine.stats["cancelled"] == cancelled + 1
+    assert engine.counters["generation_tokens"] - generated < 200  # it stopped long before its max_tokens
+    logged = capfd.readouterr().err + "".join(r.getMessage() for r in caplog.records)
+    assert "Exception in ASGI application" not in logged
 
 
 def test_a_row_whose_logits_turn_nan_ends_alone():

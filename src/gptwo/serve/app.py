@@ -368,11 +368,11 @@ class CompletionJob:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            failed = work.done() and not work.cancelled() and work.exception() is not None
-            if not work.done() or failed:  # (a failed choice ends its request's other choices too)
+            finished = work.done() and not work.cancelled()
+            if not finished or work.exception() is not None:  # (a failed choice ends the request's others too)
                 self.engine.cancel(self.job)
                 work.cancel()
-        if work.cancelled():
+        if not finished:  # the client went away first (a cancelled task is only marked so once it runs again)
             return error_response(499, "the client closed the request", code="client_closed")
         return JSONResponse(work.result())
 
