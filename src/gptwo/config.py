@@ -111,6 +111,8 @@ class TrainConfig:
     selection_pool: int = 4  # candidates per micro-batch = selection_pool * batch_size (loss and reducible only)
     selection_reference: str = ""  # model or run folder scoring the reference loss (selection=reducible)
     # optimizer and schedule (GPT-3 paper, section 2.3 and appendix B)
+    # adamw: AdamW for every parameter; muon: Muon for the blocks' matrices, AdamW for the rest (docs/training.md)
+    optimizer: str = "adamw"
     max_steps: int = 1000
     # if > 0: seconds of training; max_steps is cut to fit, from the speed measured by warm-up's end
     max_time: float = 0.0
@@ -190,6 +192,8 @@ class TrainConfig:
             raise GptwoError(f"min_lr_ratio={self.min_lr_ratio} is outside [0, 1]", "use e.g. 0.1")
         if self.parallel not in ("ddp", "fsdp"):
             raise GptwoError(f"parallel={self.parallel!r} is unknown", "use parallel=ddp or parallel=fsdp")
+        if self.optimizer not in ("adamw", "muon"):
+            raise GptwoError(f"optimizer={self.optimizer!r} is unknown", "use optimizer=adamw or optimizer=muon")
         if self.sampling not in ("sequential", "random"):
             raise GptwoError(f"sampling={self.sampling!r} is unknown", "use sampling=sequential or sampling=random")
         if self.selection not in ("uniform", "loss", "reducible"):

@@ -1,4 +1,5 @@
-"""`gptwo bench train`: training tokens/s and MFU of gptwo's step vs transformers' GPT2LMHeadModel.
+"""`gptwo bench train`: training tokens/s and MFU of gptwo's step vs transformers' GPT2LMHeadModel; with
+`--to-loss`, the steps, tokens, FLOPs and seconds each optimizer takes to a validation loss (docs/training.md).
 
 Both models get the same shape, the same random tokens and targets, the same AdamW and autocast.
 gptwo's step is the one `gptwo train` runs (`gptwo.train.speed`), in its default precision for the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -406,9 +408,23 @@ def render_train(report: dict) -> str:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    """The CLI's `gptwo bench train`."""
+    """The CLI's `gptwo bench train` (`--to-loss`: the time-to-loss bench)."""
     from gptwo.argtypes import print_report
 
+    if args.to_loss is not None:
+        _refuse_speed_options(args)
+        report = bench_to_loss(
+            args.out,
+            args.to_loss,
+            dict(args.lrs or []),
+            dict(args.max_steps or []),
+            args.eval_every,
+            args.threads,
+            args.dtype,
+            args.data,
+        )
+        print_report(report, args.json, render_to_loss)
+        return 0
     shape = {
         key: getattr(args, key)
         for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
@@ -429,6 +445,53 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     )
     print_report(report, args.json, render_train)
     return 0
+
+
+def _refuse_speed_options(args: argparse.Namespace) -> None:
+    """--to-loss trains the cpu preset as it is: a speed-bench option given with it would be silently ignored."""
+    given = [
+        key
+        for key in ("batch_size", "steps", "n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+        if getattr(args, key) is not None
+    ]
+    if args.preset != "cpu":
+        given.insert(0, "preset")
+    if given:
+        raise GptwoError(
+            f"--{given[0].replace('_', '-')} does not apply to --to-loss (it trains the cpu preset as it is)",
+            f"drop --{given[0].replace('_', '-')}",
+        )
+
+
+def _to_loss_target(text: str) -> str | float:
+    """An argparse type: 'adamw' (AdamW's best final validation loss) or a loss in nats/token."""
+    if text == "adamw":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'adamw' nor a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive loss in nats/token")
+    return value
+
+
+def _per_optimizer(kind: type):
+    """An argparse type: OPTIMIZER=V1,V2,... (adamw or muon; positive values of `kind`)."""
+
+    def parse(text: str) -> tuple[str, tuple]:
+        name, sep, values = text.partition("=")
+        if not sep or name not in TO_LOSS_LRS:
+            raise argparse.ArgumentTypeError(f"{text!r} is not OPTIMIZER=V1,V2 with OPTIMIZER adamw or muon")
+        try:
+            parsed = tuple(kind(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{values!r} is not a list of {kind.__name__} values") from None
+        if not all(math.isfinite(v) and v > 0 for v in parsed):
+            raise argparse.ArgumentTypeError(f"{values!r} holds a value that is not positive")
+        return name, parsed
+
+    return parse
 
 
 def add_bench_train_command(bench_sub, command) -> None:
@@ -504,3 +567,413 @@ def add_bench_train_command(bench_sub, command) -> None:
         p.add_argument(
             f"--{key.replace('_', '-')}", type=int_at_least(1), default=None, help=f"override the preset's {key}"
         )
+    loss = p.add_argument_group("time to loss (--to-loss): the cpu preset trained with each optimizer")
+    loss.add_argument(
+        "--to-loss",
+        type=_to_loss_target,
+        default=None,
+        metavar="LOSS",
+        help="report steps, tokens, FLOPs and seconds to this validation loss (nats/token), or 'adamw': AdamW's best "
+        "final validation loss in the same bench",
+    )
+    loss.add_argument("--out", default="runs/bench-to-loss", help="folder of the runs, report.json and to-loss.png")
+    loss.add_argument("--data", default=None, help="a prepared data folder (default: the built-in corpus, in OUT/data)")
+    loss.add_argument(
+        "--lrs",
+        type=_per_optimizer(float),
+        action="append",
+        metavar="OPT=LR,...",
+        help="peak learning rates of an optimizer (repeatable; default adamw=1.5e-3,3e-3,6e-3 muon=6e-3,1.2e-2,2.4e-2)",
+    )
+    loss.add_argument(
+        "--max-steps",
+        type=_per_optimizer(int),
+        action="append",
+        metavar="OPT=N,...",
+        help="schedule lengths of an optimizer's runs (repeatable; default: the preset's 3000)",
+    )
+    loss.add_argument(
+        "--eval-every",
+        type=int_at_least(1, 100_000),
+        default=100,
+        help="steps between evaluations over the whole validation split (default 100)",
+    )
+
+
+# ---------------------------------------------------------------- time to loss
+# around each optimizer's best on the cpu preset (docs/training.md: AdamW 3e-3, Muon 1.2e-2 to 2.4e-2)
+TO_LOSS_LRS = {"adamw": (1.5e-3, 3e-3, 6e-3), "muon": (6e-3, 1.2e-2, 2.4e-2)}
+TO_LOSS_TARGET = "adamw"  # AdamW's best final validation loss in the same bench
+
+
+@dataclasses.dataclass(frozen=True)
+class LossRun:
+    """One training run of a time-to-loss bench: an optimizer at a peak learning rate and a schedule length."""
+
+    optimizer: str
+    lr: float
+    max_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimizer}-lr{self.lr:g}-{self.max_steps}steps"
+
+
+def bench_to_loss(
+    out_dir: str = "runs/bench-to-loss",
+    target: str | float = TO_LOSS_TARGET,
+    lrs: dict[str, tuple[float, ...]] | None = None,
+    max_steps: dict[str, tuple[int, ...]] | None = None,
+    eval_every: int = 100,
+    threads: int = 0,
+    dtype: str = "auto",
+    data_dir: str | None = None,
+) -> dict:
+    """Train the `cpu` preset with each optimizer and learning rate on the same data, seed and batch, and report
+    the steps, tokens, FLOPs and seconds each took to reach a validation loss (docs/training.md).
+
+    `target` is a loss in nats/token, or "adamw": the best final validation loss of the AdamW runs of the longest
+    schedule. Runs take turns between optimizers, each in its own process; a run already finished in `out_dir`
+    is read, not trained again.
+    """
+    from gptwo.train.quickstart import prepare_builtin
+
+    runs = loss_runs(lrs, max_steps)
+    if target == "adamw" and not any(run.optimizer == "adamw" for run in runs):
+        raise GptwoError("--to-loss adamw needs AdamW runs", "give --lrs adamw=..., or a target loss as a number")
+    if eval_every < 1:
+        raise GptwoError(f"--eval-every {eval_every} must be at least 1", "pass a positive step count")
+    data_dir = data_dir or os.path.join(out_dir, "data")
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        prepare_builtin(data_dir, progress=False)
+    settings = _to_loss_settings(eval_every, threads, dtype)
+    if not all(_finished(os.path.join(out_dir, run.name), run.max_steps) for run in runs):
+        _warm_compile_cache(data_dir, out_dir, settings)
+    results = [_loss_run(run, data_dir, out_dir, settings) for run in runs]
+    optimizers = list(dict.fromkeys(run.optimizer for run in runs))
+    step_s = step_seconds(optimizers, settings)
+    longest = max(run.max_steps for run in runs if run.optimizer == "adamw") if target == "adamw" else None
+    goal = (
+        min(r["final_val_loss"] for r in results if r["optimizer"] == "adamw" and r["max_steps"] == longest)
+        if target == "adamw"
+        else float(target)
+    )
+    for result in results:
+        result["reached"] = _reached(result, goal)
+    best = {opt: _best_run([r for r in results if r["optimizer"] == opt], step_s[opt]) for opt in optimizers}
+    report = {
+        "bench": "train-to-loss",
+        "preset": "cpu",
+        "target": target,
+        "target_loss": goal,
+        "settings": settings,
+        "tokens_per_step": results[0]["tokens_per_step"],
+        "step_s_interleaved": step_s,
+        "runs": results,
+        "best": best,
+        "vs_adamw": _versus_adamw(best),
+    }
+    plot_to_loss(report, os.path.join(out_dir, "to-loss.png"))
+    from gptwo.fileio import atomic_write
+
+    atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
+    return report
+
+
+def loss_runs(
+    lrs: dict[str, tuple[float, ...]] | None = None, max_steps: dict[str, tuple[int, ...]] | None = None
+) -> list[LossRun]:
+    """Every optimizer x lr x schedule length, the optimizers taking turns (AdamW, Muon, AdamW, Muon...), so a
+    machine that slows down part-way hits both alike."""
+    lrs = {**TO_LOSS_LRS, **(lrs or {})}
+    default_steps = (TRAIN_PRESETS["cpu"]["max_steps"],)
+    per_optimizer = [
+        [LossRun(opt, lr, steps) for steps in (max_steps or {}).get(opt, default_steps) for lr in values]
+        for opt, values in lrs.items()
+        if values
+    ]
+    if not per_optimizer:
+        raise GptwoError("the bench has no runs", "give at least one learning rate with --lrs OPTIMIZER=LR")
+    longest = max(len(runs) for runs in per_optimizer)
+    return [runs[i] for i in range(longest) for runs in per_optimizer if i < len(runs)]
+
+
+def _to_loss_settings(eval_every: int, threads: int, dtype: str) -> list[str]:
+    """The overrides every run shares on top of the cpu preset: evaluation over the whole validation split every
+    `eval_every` steps, logged at every evaluation, one checkpoint at the end, no samples; the quickstart's dtype."""
+    from gptwo.train.speed import native_bf16
+
+    if dtype == "auto":
+        dtype = "bfloat16" if native_bf16() else "float32"
+    return [
+        f"eval_every={eval_every}",
+        "eval_batches=1000",
+        f"log_every={math.gcd(eval_every, 10)}",
+        "sample_tokens=0",
+        f"dtype={dtype}",
+        f"threads={threads}",
+    ]
+
+
+def _finished(run_dir: str, max_steps: int) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{max_steps}", "trainer.json"))
+
+
+def step_seconds(optimizers: list[str], settings: list[str], rounds: int = 5, steps: int = 8) -> dict[str, float]:
+    """Median seconds per training step of each optimizer at the cpu preset's shape, batch, dtype and threads, as
+    `gptwo train` steps (compiled where it compiles a long run), in interleaved rounds in one process: unlike the
+    runs' own seconds, a machine whose load changes slows every optimizer alike."""
+    import torch
+
+    from gptwo.config import load_train_config
+    from gptwo.train.distributed import Dist
+    from gptwo.train.loop import set_threads
+    from gptwo.train.speed import CPU_COMPILE_MIN_STEPS, compile_enabled, keep_freed_memory
+
+    workload = WORKLOADS["cpu"]
+    model_config = GPTConfig(**workload["shape"])
+    wanted = [s for s in settings if s.split("=")[0] in ("dtype", "threads")]
+    config = load_train_config("cpu", overrides=wanted)
+    device = torch.device("cpu")
+    set_threads(config, Dist(), device)
+    keep_freed_memory(device)
+    shape = (config.batch_size, config.block_size + 1)
+    tokens = torch.randint(0, model_config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    compiled = compile_enabled(config, device, CPU_COMPILE_MIN_STEPS)
+    contenders = []
+    for optimizer in optimizers:
+        torch.manual_seed(0)
+        model = _gptwo_model(model_config)
+        opt_config = dataclasses.replace(config, optimizer=optimizer)
+        contenders.append(_contender(optimizer, model, opt_config, device, tokens, compiled, hf=False))
+    for contender in contenders:
+        for _ in range(3):
+            contender.step()
+    for _ in range(rounds):
+        for contender in contenders:
+            contender.rounds.append(_timed(contender.step, steps, device))
+    return {contender.name: statistics.median(contender.rounds) for contender in contenders}
+
+
+def _train_command(data_dir: str, run_dir: str, overrides: list[str]) -> list[str]:
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "gptwo.cli",
+        "train",
+        "--data",
+        data_dir,
+        "--out",
+        run_dir,
+        "--preset",
+        "cpu",
+        "--resume",
+        *overrides,
+    ]
+
+
+def _warm_compile_cache(data_dir: str, out_dir: str, settings: list[str]) -> None:
+    """A 2-step compiled run first, so every timed run finds the model's compiled kernels in Inductor's cache
+    (the first run would otherwise pay the compilation the others skip)."""
+    import shutil
+    import subprocess
+
+    scratch = os.path.join(out_dir, "compile-warmup")
+    shutil.rmtree(scratch, ignore_errors=True)
+    command = _train_command(data_dir, scratch, [*settings, "max_steps=2", "compile=true", "checkpoint_every=2"])
+    subprocess.run(command, capture_output=True, check=False)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _loss_run(run: LossRun, data_dir: str, out_dir: str, settings: list[str]) -> dict:
+    """Train (or finish) one run in its own process and read its curve back from metrics.jsonl."""
+    import subprocess
+    import sys
+
+    from gptwo.fileio import atomic_write
+    from gptwo.train.metrics import read_metrics
+
+    run_dir = os.path.join(out_dir, run.name)
+    overrides = [
+        *settings,
+        f"optimizer={run.optimizer}",
+        f"lr={run.lr!r}",
+        f"max_steps={run.max_steps}",
+        f"checkpoint_every={run.max_steps}",
+    ]
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    done = subprocess.run(_train_command(data_dir, run_dir, overrides), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    atomic_write(os.path.join(out_dir, f"{run.name}.log"), (done.stdout + done.stderr).encode())
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GptwoError(f"the bench run {run.name} failed ({last})", f"see {os.path.join(out_dir, run.name)}.log")
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    with open(os.path.join(run_dir, "checkpoints", f"step_{run.max_steps}", "trainer.json"), encoding="utf-8") as f:
+        config = json.load(f)["config"]
+    tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
+    evals = loss_curve(rows, tokens_per_step)
+    if not evals:
+        raise GptwoError(f"the bench run {run.name} logged no validation loss", "check the data's validation split")
+    windows = [row["tokens_per_s"] for row in rows if "tokens_per_s" in row][1:]  # the first holds start-up
+    result = {
+        **dataclasses.asdict(run),
+        "name": run.name,
+        "tokens_per_step": tokens_per_step,
+        "final_val_loss": evals[-1]["val_loss"],
+        "final_val_bpb": evals[-1].get("val_bpb"),
+        "train_s": evals[-1]["seconds"],
+        "s_per_step": tokens_per_step / statistics.median(windows) if windows else None,
+        "wall_s": wall,
+        "load": [load_before, os.getloadavg()[0]],
+        "evals": evals,
+    }
+    print(
+        f"{run.name}: val loss {result['final_val_loss']:.4f} after {run.max_steps} steps, "
+        f"{result['train_s']:.0f} s training ({wall:.0f} s wall, load {load_before:.1f})",
+        file=sys.stderr,
+    )
+    return result
+
+
+def loss_curve(rows: list[dict], tokens_per_step: int) -> list[dict]:
+    """Each evaluation of a run's metrics.jsonl with the training seconds, tokens and FLOPs up to its step.
+
+    Seconds are the logged windows' (steps / steps-per-second) summed: training only, since the loop restarts its
+    clock after each evaluation and checkpoint. Evaluations must fall on logged steps.
+    """
+    seconds, last_step, at = 0.0, 0, {}
+    evals = []
+    for row in rows:
+        if "tokens_per_s" in row:
+            seconds += (row["step"] - last_step) * tokens_per_step / row["tokens_per_s"]
+            last_step = row["step"]
+            at[row["step"]] = (seconds, row["flops"])
+        if "val_loss" in row and row["step"] in at:
+            elapsed, flops = at[row["step"]]
+            evals.append(
+                {
+                    "step": row["step"],
+                    "val_loss": row["val_loss"],
+                    "val_bpb": row.get("val_bpb"),
+                    "seconds": elapsed,
+                    "tokens": row["step"] * tokens_per_step,
+                    "flops": flops,
+                }
+            )
+    return evals
+
+
+def _reached(result: dict, goal: float) -> dict | None:
+    """The first evaluation at or below `goal`, or None."""
+    return next((row for row in result["evals"] if row["val_loss"] <= goal), None)
+
+
+def _best_run(results: list[dict], step_s: float) -> dict:
+    """An optimizer's fastest run to the target (fewest steps, then seconds), or its lowest final loss if none got
+    there; `seconds_interleaved` is its steps at the step time measured in interleaved rounds (`step_s`)."""
+    reached = [r for r in results if r["reached"]]
+    if reached:
+        best = min(reached, key=lambda r: (r["reached"]["step"], r["reached"]["seconds"]))
+    else:
+        best = min(results, key=lambda r: r["final_val_loss"])
+    keys = ("step", "tokens", "flops", "seconds")
+    return {
+        "name": best["name"],
+        "lr": best["lr"],
+        "max_steps": best["max_steps"],
+        "final_val_loss": best["final_val_loss"],
+        "final_val_bpb": best["final_val_bpb"],
+        "s_per_step": best["s_per_step"],
+        "reached": (
+            {**{key: best["reached"][key] for key in keys}, "seconds_interleaved": best["reached"]["step"] * step_s}
+            if best["reached"]
+            else None
+        ),
+    }
+
+
+def _versus_adamw(best: dict) -> dict:
+    """Each other optimizer's steps, tokens, FLOPs and seconds to the target over AdamW's."""
+    anchor = best.get("adamw", {}).get("reached")
+    out = {}
+    for opt, row in best.items():
+        if opt == "adamw" or not anchor:
+            continue
+        got = row["reached"]
+        keys = ("step", "flops", "seconds", "seconds_interleaved")
+        out[opt] = {key: got[key] / anchor[key] if got and anchor[key] else None for key in keys}
+    return out
+
+
+def plot_to_loss(report: dict, png_path: str) -> None:
+    """Validation loss against steps and against training seconds, every run, the target as a line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from gptwo.fileio import atomic_write
+
+    colours = {"adamw": "tab:blue", "muon": "tab:red"}
+    best = {row["name"] for row in report["best"].values()}
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    axes = fig.subplots(1, 2, sharey=True)
+    for result in report["runs"]:
+        steps = [row["step"] for row in result["evals"]]
+        seconds = [row["seconds"] for row in result["evals"]]
+        losses = [row["val_loss"] for row in result["evals"]]
+        style = dict(
+            color=colours.get(result["optimizer"], "tab:gray"),
+            linewidth=2.0 if result["name"] in best else 0.9,
+            alpha=1.0 if result["name"] in best else 0.5,
+            label=result["name"],
+        )
+        axes[0].plot(steps, losses, **style)
+        axes[1].plot(seconds, losses, **style)
+    for ax, label in zip(axes, ("step", "training seconds (this machine, shared: noisy)")):
+        ax.axhline(report["target_loss"], color="black", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    lows = [row["val_loss"] for result in report["runs"] for row in result["evals"]]
+    axes[0].set_ylim(min(lows) - 0.05, min(lows) + 1.0)
+    axes[0].set_ylabel("validation loss (nats/token)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"cpu preset, built-in corpus: time to validation loss {report['target_loss']:.3f} (dashed)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write(png_path, buffer.getvalue())
+
+
+def render_to_loss(report: dict) -> str:
+    """The time-to-loss report as a table: every run, then each optimizer's best against AdamW's."""
+    lines = [
+        f"time to validation loss {report['target_loss']:.4f} nats/token"
+        + (" (AdamW's best final)" if report["target"] == "adamw" else "")
+        + f" on the cpu preset, {report['tokens_per_step']:,} tokens/step; seconds: training only, on a shared "
+        "machine (noisy; steps do not depend on load)",
+        f"{'run':28} {'final val':>9} {'bits/B':>7} {'s/step':>7} {'to target: step':>16} {'tokens':>11} "
+        f"{'FLOPs':>9} {'seconds':>8}",
+    ]
+    for r in report["runs"]:
+        got = r["reached"]
+        reach = (
+            f"{got['step']:16,} {got['tokens']:11,} {got['flops']:9.3g} {got['seconds']:8.0f}"
+            if got
+            else f"{'not reached':>16} {'':11} {'':9} {'':8}"
+        )
+        bpb = f"{r['final_val_bpb']:7.3f}" if r["final_val_bpb"] is not None else f"{'n/a':>7}"
+        spp = f"{r['s_per_step']:7.4f}" if r["s_per_step"] else f"{'n/a':>7}"
+        lines.append(f"{r['name']:28} {r['final_val_loss']:9.4f} {bpb} {spp} {reach}")
+    interleaved = ", ".join(f"{opt} {sec:.4f}" for opt, sec in report["step_s_interleaved"].items())
+    lines.append(f"s/step in interleaved rounds in one process (load hits all alike): {interleaved}")
+    for opt, ratio in report["vs_adamw"].items():
+        shown = ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in ratio.items())
+        lines.append(f"{opt} ({report['best'][opt]['name']}) vs adamw ({report['best']['adamw']['name']}): {shown}")
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ def save_checkpoint(
     run_dir: str,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
     tokenizer: Tokenizer,
     trainer: dict,
     info: Dist,
@@ -218,8 +219,16 @@ def read_trainer_state(checkpoint_dir: str) -> dict:
         ) from None
 
 
-def load_checkpoint(checkpoint_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Dist) -> dict:
-    """Restore weights, optimizer state and this rank's RNG state; return trainer.json (loader states inside)."""
+def load_checkpoint(
+    checkpoint_dir: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+    info: Dist,
+) -> dict:
+    """Restore weights, optimizer state and this rank's RNG state; return trainer.json (loader states inside).
+
+    `optimizer` may be several (Muon and AdamW): their state is keyed by parameter name, so each takes its own.
+    """
     from safetensors.torch import load_file
 
     trainer = read_trainer_state(checkpoint_dir)

@@ -1,4 +1,4 @@
-"""The training loop: data → model → AdamW steps, with evaluation, samples, metrics and checkpoints.
+"""The training loop: data → model → optimizer steps (AdamW or Muon), with evaluation, samples, metrics and checkpoints.
 
 One function, `train`, runs alone or as one rank under torchrun (DDP or FSDP). Rank 0 writes every
 file and the progress bar; all ranks stop together on an error.
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from gptwo.config import GPTConfig, TrainConfig, load_train_config
 from gptwo.errors import GptwoError
-from gptwo.model import GPT, check_memory, describe, param_count
+from gptwo.model import GPT, describe, param_count
+from gptwo.runtime import check_memory
 from gptwo.select.online import make_selector
 from gptwo.tokenizer import Tokenizer
 from gptwo.train import checkpoint as ckpt
@@ -34,7 +35,7 @@ from gptwo.train.distributed import (
     unwrap,
 )
 from gptwo.train.metrics import MetricsLog, plot_losses
-from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, peak_flops
+from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, optimizer_flops_per_step, peak_flops
 from gptwo.train.runfolder import check_run_folder, run_lock
 from gptwo.train.speed import (
     autocast,
@@ -46,7 +47,8 @@ from gptwo.train.speed import (
     use_onednn_linears,
 )
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "dropout", "init_from")
+# what a resumed run keeps: its model, and its optimizer (whose saved state is for that optimizer only)
+FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "dropout", "init_from", "optimizer")
 
 
 @dataclass
@@ -93,7 +95,8 @@ def run_training(
     if last is not None:
         saved = ckpt.read_trainer_state(last)["config"]
         config = load_train_config(overrides={**saved, **_parsed(overrides)})
-        changed = [k for k in SHAPE_KEYS if getattr(config, k) != saved.get(k)]
+        saved = {**TrainConfig().to_dict(), **saved}  # a run saved before a key existed ran with its default
+        changed = [k for k in FIXED_ON_RESUME if getattr(config, k) != saved[k]]
         if changed:
             raise GptwoError(
                 f"--resume cannot change {changed[0]} "
@@ -268,6 +271,12 @@ class _Trainer:
                 f"({saved['train_tokens']} vs {now['train_tokens']} training tokens)",
                 "resume with the same --data, or start a new run with --init-from RUN",
             )
+        optimizer = trainer["config"].get("optimizer", "adamw")
+        if optimizer != self.config.optimizer:
+            raise GptwoError(
+                f"the run was trained with optimizer={optimizer}, not optimizer={self.config.optimizer}",
+                f"resume with optimizer={optimizer}, or start a new run with --init-from RUN",
+            )
         trainer = ckpt.load_checkpoint(path, self.model, self.optimizer, self.info)
         self.step = trainer["step"]
         self.data.train.load_state_dict(trainer["ranks"][0]["loader"])  # slots consumed by all ranks together
@@ -284,8 +293,9 @@ class _Trainer:
             * self.grad_accum
             * info.world_size
         )
-        # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md)
-        flops_per_step = flops + scoring
+        # cumulative `flops` in metrics.jsonl: training + selection scoring (docs/selection.md) + Muon's
+        # Newton-Schulz iterations (docs/training.md); MFU counts the model's FLOPs only
+        flops_per_step = flops + scoring + optimizer_flops_per_step(self.optimizer)
         peak = peak_flops(self.device, config.peak_flops) * info.world_size
         if info.is_main:
             print(
