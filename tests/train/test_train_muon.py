@@ -1,5 +1,5 @@
 """optimizer=muon: which parameters Muon takes, Q/K/V orthogonalised apart (against torch's own Muon), exact
-resume after SIGKILL, 2 DDP processes equal to 1, and one-line errors for what it refuses."""
+resume after SIGKILL, 2 DDP or FSDP processes equal to 1, and one-line errors for what it refuses."""
 
 import signal
 import subprocess
@@ -148,8 +148,12 @@ def test_two_processes_match_one_with_grad_accum(tmp_path, muon_single_process, 
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-5
     x, _ = load_model(one, device="cpu")
     y, _ = load_model(two, device="cpu")
+    # DDP's mean gradient is bit-equal to grad_accum=2's, and so are the weights (measured: 0.0). FSDP's
+    # reduce-scatter rounds differently by an ulp, which torch's bf16 Newton-Schulz amplifies: measured 1.6e-4
+    # after 6 steps, where every matrix moved at least 6e-3 from its init (a wrong row slice would be that far)
+    tolerance = 1e-4 if parallel == "ddp" else 5e-4
     for name, tensor in x.state_dict().items():
-        assert (tensor - y.state_dict()[name]).abs().max() < 1e-4, name
+        assert (tensor - y.state_dict()[name]).abs().max() < tolerance, name
     if parallel == "fsdp":  # the sharded momentum buffers come back from the checkpoint, on every rank
         result = torchrun("train", "--data", tiny_data(), "--out", two, "--resume", "max_steps=8", "parallel=fsdp")
         assert result.returncode == 0, result.stderr[-3000:]
