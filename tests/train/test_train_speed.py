@@ -43,8 +43,9 @@ def test_ample_max_time_changes_nothing(tmp_path):
     assert train_losses(str(tmp_path / "a")) == train_losses(str(tmp_path / "b"))
 
 
-def test_compiled_cpu_training_follows_eager(tmp_path):
-    steps = ["max_steps=6", "warmup_steps=2"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_compiled_cpu_training_follows_eager(tmp_path, optimizer):
+    steps = ["max_steps=6", "warmup_steps=2", f"optimizer={optimizer}"]
     run_training(
         tiny_data(), str(tmp_path / "eager"), overrides=TINY + QUIET + steps + ["compile=false"], progress=False
     )
