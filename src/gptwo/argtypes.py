@@ -94,14 +94,57 @@ def add_inference_options(p) -> None:
         "--dtype",
         choices=("fp32", "bf16"),
         default=None,
-        help="weights and activations in this precision, re-laid for fast decoding (default: as stored, unchanged)",
+        help="weights and activations in this precision (default: as stored, unchanged); bf16 halves the weights' "
+        "memory, and is faster than fp32 only where the hardware multiplies bf16 natively (CUDA, or a CPU with "
+        "AVX-512 BF16 or AMX: see 'gptwo kernels info'); elsewhere it is emulated and often slower",
     )
     p.add_argument(
         "--quantize",
         choices=("int8",),
         default=None,
-        help="int8 weight-only quantization (per-channel scales): ~4x smaller weights, "
-        "faster CPU decoding (docs/inference.md)",
+        help="int8 weight-only quantization (one scale per output channel): ~4x smaller weights, slightly "
+        "different outputs; faster decoding only where memory bandwidth limits it (large models), and it can be "
+        "slower on a small model or a CPU without VNNI: measure with 'gptwo bench decode' (docs/inference.md)",
+    )
+
+
+def add_watermark_options(p, what: str) -> None:
+    """`--watermark` and its settings (gptwo.watermark; the defaults are transformers' `WatermarkingConfig()`)."""
+    p.add_argument("--watermark", action="store_true", help=what)
+    p.add_argument(
+        "--watermark-key",
+        type=int_at_least(0, MAX_SEED),
+        default=None,
+        metavar="K",
+        help="the secret the green lists are seeded with (default: env GPTWO_WATERMARK_KEY, else transformers' "
+        "public 15485863)",
+    )
+    p.add_argument(
+        "--watermark-gamma",
+        type=float_in(0.0, 1.0, low_open=True),
+        default=None,
+        metavar="G",
+        help="share of the vocabulary that is green at each step, in (0, 1) (default 0.25)",
+    )
+    p.add_argument(
+        "--watermark-delta",
+        type=float_in(0.0),
+        default=None,
+        metavar="D",
+        help="bias added to green logits, >= 0 (default 2.0)",
+    )
+    p.add_argument(
+        "--watermark-scheme",
+        choices=("lefthash", "selfhash"),
+        default=None,
+        help="what seeds the green list: the previous token (lefthash, default) or the token itself (selfhash)",
+    )
+    p.add_argument(
+        "--watermark-context-width",
+        type=int_at_least(1, 64),
+        default=None,
+        metavar="N",
+        help="tokens hashed into the seed (default 1)",
     )
 
 

@@ -9,7 +9,7 @@ again, so a prompt longer than the context keeps its last tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gptwo.errors import GptwoError
 from gptwo.infer.linear import NATIVE_MAX_ROWS
 from gptwo.infer.step import DecodeStep, StepInput, make_step
+from gptwo.watermark import WatermarkSettings, watermark_for, watermark_logits
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -48,28 +49,42 @@ def filter_logits(
     return logits
 
 
+Process = Callable[[torch.Tensor], torch.Tensor]  # filtered logits (B, V) -> logits: the watermark's bias
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    process: Process | None = None,
 ) -> torch.Tensor:
-    """One token id per row of `logits` (B, V); temperature 0 is greedy."""
+    """One token id per row of `logits` (B, V); temperature 0 is greedy. `process` runs last on the
+    filtered logits (as transformers runs its watermark after temperature, top-k and top-p)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = F.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+        return (process(logits.float()) if process else logits).argmax(-1)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    probs = F.softmax(process(filtered) if process else filtered, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
-def sampling_weights(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Float32 probabilities (B, V) to sample from: `logits` (finite rows) scaled, top-k / top-p filtered.
+def sampling_weights(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    process: Process | None = None,
+) -> torch.Tensor:
+    """Float32 probabilities (B, V) to sample from: `logits` (finite rows) scaled, top-k / top-p filtered,
+    then `process`ed (see `sample_next`).
 
     A row that filtering leaves empty or not finite (a top_p too small for float32, such as 1e-46,
     or a tiny temperature that overflows) keeps only its most likely token, as any top_p that small means.
     """
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    probs = torch.softmax(process(filtered) if process else filtered, dim=-1)
     broken = ~(probs.sum(-1) > 0.5)  # NaN or 0: the sum is 1 for every row filtering left intact
     if bool(broken.any()):
         rows = broken.nonzero()[:, 0]
@@ -138,11 +153,14 @@ def stream_tokens(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     step: DecodeStep | None = None,
+    watermark: WatermarkSettings | Sequence[WatermarkSettings | None] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next token ids (B,), their logits (B, V)) for each of `max_new_tokens` steps over `prompts`.
 
     Prompts may differ in length. `use_cache=False` recomputes every row's whole window at each step
     (the reference the cached path is tested against). The caller may stop early by breaking out.
+    `watermark` (one for every row, or one per row) biases each row's green tokens (gptwo.watermark);
+    the logits yielded are the model's own.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -151,12 +169,13 @@ def stream_tokens(
     keep = context * 3 // 4
     history = [list(p) for p in prompts]
     device = model.transformer.wte.weight.device
+    process = _watermark_process(watermark, len(history), model.config.vocab_size, history)
     if not use_cache:
         for _ in range(max_new_tokens):
             logits = torch.cat(
                 [model(torch.tensor([h[-context:]], device=device), last_only=True)[:, -1] for h in history]
             )
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator, process)
             for h, t in zip(history, next_ids.tolist()):
                 h.append(t)
             yield next_ids, logits
@@ -175,7 +194,7 @@ def stream_tokens(
             logits = step(StepInput(pending, [s.length for s in seqs], [s.blocks for s in seqs]))
             for seq, tokens in zip(seqs, pending):
                 cache.commit(seq, tokens)
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator, process)
             pending = [[t] for t in next_ids.tolist()]
             for h, p in zip(history, pending):
                 h.extend(p)
@@ -183,6 +202,22 @@ def stream_tokens(
     finally:
         for seq in seqs:
             cache.release(seq)
+
+
+def _watermark_process(
+    watermark: WatermarkSettings | Sequence[WatermarkSettings | None] | None,
+    rows: int,
+    vocab_size: int,
+    history: list[list[int]],
+) -> Process | None:
+    """The bias each row's watermark adds, seeded by that row's tokens so far (`history`, kept current)."""
+    settings = [watermark] * rows if watermark is None or isinstance(watermark, WatermarkSettings) else watermark
+    if len(settings) != rows:
+        raise GptwoError(f"{len(settings)} watermarks for {rows} prompts", "give one watermark, or one per prompt")
+    marks = [None if s is None else watermark_for(s, vocab_size) for s in settings]
+    if all(m is None for m in marks):
+        return None
+    return lambda logits: watermark_logits(logits, marks, history)
 
 
 def generate_tokens(
@@ -196,10 +231,19 @@ def generate_tokens(
     valid: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    watermark: WatermarkSettings | Sequence[WatermarkSettings | None] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`stream_tokens` for prompts given as token ids (B, T), left-padded where `valid` (B, T) is False."""
     yield from stream_tokens(
-        model, _rows(idx, valid), max_new_tokens, temperature, top_k, top_p, generator=generator, use_cache=use_cache
+        model,
+        _rows(idx, valid),
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        generator=generator,
+        use_cache=use_cache,
+        watermark=watermark,
     )
 
 
@@ -217,17 +261,27 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    watermark: WatermarkSettings | Sequence[WatermarkSettings | None] | None = None,
 ) -> torch.Tensor:
     """`idx` (B, T) followed by up to `max_new_tokens` sampled tokens per row.
 
     With `eos_token`, a row that produces it keeps producing it (as padding), and the loop ends once
-    every row has. `seed` makes sampling reproducible.
+    every row has. `seed` makes sampling reproducible; `watermark` marks the text (gptwo.watermark).
     """
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     new, done = [], torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for next_ids, _ in generate_tokens(
-        model, idx, max_new_tokens, temperature, top_k, top_p, valid=valid, generator=generator, use_cache=use_cache
+        model,
+        idx,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        valid=valid,
+        generator=generator,
+        use_cache=use_cache,
+        watermark=watermark,
     ):
         next_ids = next_ids.to(idx.device)
         if eos_token is not None:

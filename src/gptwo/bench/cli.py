@@ -270,8 +270,53 @@ def _add_bench_serve(bsub) -> None:
     _timeout_option(p, "a server's start, or one request,")
 
 
+def _cmd_bench_watermark(args: argparse.Namespace) -> int:
+    from gptwo.bench.watermark import render_watermark, watermark_report
+    from gptwo.watermark import WatermarkSettings, settings_from_args
+
+    args.watermark = True  # the settings options below need no --watermark
+    report = watermark_report(
+        args.model,
+        args.source,
+        settings=settings_from_args(args) or WatermarkSettings(),
+        texts=args.texts,
+        human=args.human,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.json,
+    )
+    print_report(report, args.json, render_watermark)
+    return 0
+
+
+def _add_bench_watermark(bsub) -> None:
+    from gptwo.argtypes import add_watermark_options
+
+    p = command(
+        bsub,
+        "watermark",
+        _cmd_bench_watermark,
+        "The watermark on a trained model: detection at z >= 4, false positives on held-out human text, perplexity "
+        "cost, robustness to replaced tokens, sampling speed; transformers' WatermarkDetector as the anchor.",
+    )
+    p.add_argument("--model", required=True, help="a trained model folder (or run folder) to sample from")
+    p.add_argument(
+        "--source", required=True, help="a prepared data folder (its val split is the human text) or a folder of .txt"
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fields: docs/detect.md)")
+    p.add_argument("--texts", type=int_at_least(1, 100_000), default=100, help="texts generated (default 100)")
+    p.add_argument("--human", type=int_at_least(1, 100_000), default=200, help="human texts scored (default 200)")
+    p.add_argument("--prompt-tokens", type=int_at_least(1, MAX_TOKENS), default=16, help="prompt length (default 16)")
+    p.add_argument("--new-tokens", type=int_at_least(1, MAX_TOKENS), default=200, help="tokens per text (default 200)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (default 0)")
+    add_watermark_options(p, "(always on here; the options below set it)")
+
+
 # Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
-BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train, _add_bench_serve]
+BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train, _add_bench_serve, _add_bench_watermark]
 
 
 def add_commands(sub) -> None:

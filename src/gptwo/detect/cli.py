@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptwo.argtypes import Parser, command, float_in, int_at_least, print_report, seed_type
+from gptwo.argtypes import Parser, add_watermark_options, command, float_in, int_at_least, print_report, seed_type
 
 
 class _RoutingParser(Parser):
@@ -24,7 +24,18 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     import json
 
     from gptwo.detect.detector import detect_files
+    from gptwo.detect.watermark import WatermarkCheck
+    from gptwo.errors import GptwoError
+    from gptwo.watermark import DETECT_Z, settings_from_args
 
+    settings = settings_from_args(args)
+    if settings is None and (args.watermark_z is not None or args.ignore_repeated):
+        given = "--watermark-z" if args.watermark_z is not None else "--ignore-repeated"
+        raise GptwoError(f"{given} is given without --watermark", "add --watermark, or leave it out")
+    watermark = None
+    if settings is not None:
+        z = DETECT_Z if args.watermark_z is None else args.watermark_z
+        watermark = WatermarkCheck(settings, z, args.ignore_repeated)
     if args.html:
         from gptwo.detect.gltr import check_html_out
 
@@ -38,6 +49,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         stride=args.stride,
         top=args.top,
         device=args.device,
+        watermark=watermark,
     )
     if args.html:
         from gptwo.detect.gltr import write_html
@@ -184,7 +196,25 @@ def add_commands(sub) -> None:
         "--html",
         default=None,
         metavar="OUT",
-        help="write a GLTR-style HTML report: tokens coloured by rank, alternatives on hover, histograms",
+        help="write a GLTR-style HTML report: tokens coloured by rank, alternatives on hover, histograms "
+        "(with --watermark, also by green/red)",
+    )
+    add_watermark_options(
+        p,
+        "also test for the watermark of 'gptwo generate --watermark' (or transformers') with these settings: "
+        "in JSON a 'watermark' object with z, p_value, green_fraction, tokens_scored, detected",
+    )
+    p.add_argument(
+        "--watermark-z",
+        type=float_in(-1e9, 1e9),
+        default=None,
+        metavar="Z",
+        help="z at or above which the watermark counts as detected (default 4: 3e-5 false positives)",
+    )
+    p.add_argument(
+        "--ignore-repeated",
+        action="store_true",
+        help="count each repeated n-gram (seed tokens + token) once in the watermark test",
     )
 
     c = Parser(
@@ -195,7 +225,12 @@ def add_commands(sub) -> None:
     c.set_defaults(func=_cmd_detect_calibrate)
     common(c)
     c.add_argument("--human", required=True, help="folder of human-written .txt files (one document each)")
-    c.add_argument("--generated", required=True, help="folder of generated .txt files, e.g. from 'gptwo detect sample'")
+    c.add_argument(
+        "--generated",
+        required=True,
+        action="append",
+        help="folder of generated .txt files, e.g. from 'gptwo detect sample'; once per sampling setting to fit all",
+    )
     c.add_argument(
         "--detector",
         default="classifier",

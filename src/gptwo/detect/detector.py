@@ -23,6 +23,7 @@ import torch
 from gptwo.detect import DEFAULT_DETECTOR, DEFAULT_MIN_TOKENS
 from gptwo.detect.classifier import Classifier, Lexicon, document_features
 from gptwo.detect.stats import DIRECTION, TokenTable, document_scores, token_stats
+from gptwo.detect.watermark import WatermarkCheck, WatermarkResult
 from gptwo.errors import GptwoError
 from gptwo.tokenizer import Tokenizer
 
@@ -46,6 +47,7 @@ class Rule:
     lexicon: Lexicon | None = field(
         default=None, compare=False, repr=False
     )  # the classifier's word counts, when it uses them
+    fitted_for: str | None = None  # the generated text a calibration was fitted on, e.g. "samples at top-k 40"
 
     def score(self, scores: dict[str, float]) -> float:
         return DIRECTION[self.detector] * scores[self.detector]
@@ -57,7 +59,8 @@ class Rule:
 
     def describe(self) -> str:
         if self.calibrated:
-            return f"{self.detector} > {self.threshold:.4g} (calibrated: {self.source})"
+            fitted = f" for {self.fitted_for}" if self.fitted_for else ""
+            return f"{self.detector} > {self.threshold:.4g} (calibrated{fitted}: {self.source})"
         return (
             f"{self.detector} > {self.threshold:.4g} (uncalibrated default; run 'gptwo detect calibrate' "
             "for a threshold fitted to your text)"
@@ -88,6 +91,7 @@ def load_rule(model_spec: str, calibration: str | None = None, min_tokens: int |
         path,
         classifier,
         lexicon,
+        saved.get("fitted_for") if isinstance(saved.get("fitted_for"), str) else None,
     )
 
 
@@ -184,6 +188,7 @@ class Document:
     verdict: str
     rule: Rule
     pieces: list[str] = field(default_factory=list)  # each token's text
+    watermark: WatermarkResult | None = None  # the watermark test, when asked for
 
     def to_dict(self, tokenizer: Tokenizer, with_tokens: bool = False) -> dict:
         out = {
@@ -196,6 +201,8 @@ class Document:
             "calibrated": self.rule.calibrated,
             "scores": self.scores,
         }
+        if self.watermark is not None:
+            out["watermark"] = self.watermark.to_dict()
         if with_tokens:
             out["token_stats"] = token_rows(self, tokenizer)
         return out
@@ -205,6 +212,7 @@ def token_rows(doc: Document, tokenizer: Tokenizer) -> list[dict]:
     """Per token: its text and id, probability, rank, entropy and the top alternatives with probabilities."""
     table = doc.table
     rows = []
+    flags = doc.watermark.flags if doc.watermark is not None else None
     for i, piece in enumerate(doc.pieces):
         top = [[tokenizer.decode([int(t)]), float(lp.exp())] for t, lp in zip(table.top_ids[i], table.top_logprobs[i])]
         rows.append(
@@ -216,6 +224,7 @@ def token_rows(doc: Document, tokenizer: Tokenizer) -> list[dict]:
                 "rank": int(table.rank[i]),
                 "entropy": float(table.entropy[i]),
                 "top": top,
+                **({"green": flags[i]} if flags is not None else {}),
             }
         )
     return rows
@@ -240,8 +249,9 @@ def judge_tokens(
     reference: torch.nn.Module | None = None,
     stride: int | None = None,
     top: int = 10,
+    watermark: WatermarkCheck | None = None,
 ) -> Document:
-    """Score a tokenized text and give its verdict."""
+    """Score a tokenized text and give its verdict; with `watermark`, also test it for that watermark."""
     if rule.detector == "binoculars" and reference is None:
         raise GptwoError(
             "the calibrated detector is binoculars, which needs a second model",
@@ -252,8 +262,16 @@ def judge_tokens(
     if rule.classifier is not None:
         scores["classifier"] = rule.classifier.score(document_features(table, tokenizer.decode(tokens), rule.lexicon))
     score = rule.score(scores)
+    marked = None if watermark is None else watermark.judge(table.tokens, model.config.vocab_size)
     return Document(
-        name, table, scores, score, rule.verdict(score, len(table)), rule, token_texts(tokenizer, table.tokens)
+        name,
+        table,
+        scores,
+        score,
+        rule.verdict(score, len(table)),
+        rule,
+        token_texts(tokenizer, table.tokens),
+        marked,
     )
 
 
@@ -304,13 +322,15 @@ def detect_files(
     stride: int | None = None,
     top: int = 10,
     device: str = "auto",
+    watermark: WatermarkCheck | None = None,
 ) -> tuple[list[Document], Tokenizer]:
-    """What `gptwo detect` reports: one judged Document per input, and the tokenizer to show tokens with."""
+    """What `gptwo detect` reports: one judged Document per input (tested for `watermark` when given), and
+    the tokenizer to show tokens with."""
     inputs = read_inputs(files)
     rule = load_rule(model_spec, calibration, min_tokens)
     model, tokenizer, reference = load_models(model_spec, reference_spec, device)
     docs = [
-        judge_text(model, tokenizer, text, name, rule, reference=reference, stride=stride, top=top)
+        judge_text(model, tokenizer, text, name, rule, reference=reference, stride=stride, top=top, watermark=watermark)
         for name, text in inputs
     ]
     return docs, tokenizer
@@ -332,4 +352,6 @@ def render_document(doc: Document, tokenizer: Tokenizer, with_tokens: bool = Fal
     lines.append(f"{doc.name}: {len(doc.table)} tokens · score {doc.score:.4f} · verdict: {verdict}")
     lines.append(f"  rule: {doc.rule.describe()}")
     lines.append("  " + "  ".join(f"{name} {value:.4g}" for name, value in doc.scores.items()))
+    if doc.watermark is not None:
+        lines.append("  " + doc.watermark.describe())
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 Each token is coloured by the bucket of its rank under the model — green top-10, yellow top-100,
 red top-1000, purple beyond — and its tooltip lists the probability, rank, entropy and the top
 alternatives. Under each text: its scores and three histograms (rank buckets, the probability of
-each token, the entropy at each position) drawn as inline SVG.
+each token, the entropy at each position) drawn as inline SVG; with a watermark test, the text again
+with its green and red tokens, and the z-test.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto
 table { border-collapse: collapse; margin: .6rem 0; }
 td, th { padding: .1rem .6rem; text-align: left; border-bottom: 1px solid #eee; }
 .charts { display: flex; flex-wrap: wrap; gap: 1rem; } .verdict { font-weight: bold; }
+.wg { background: #6bd66b; } .wr { background: #f28b82; } .wn { background: #e4e4e4; }
 """
+WATERMARK_CLASSES = {True: "wg", False: "wr", None: "wn"}  # green, red, not scored
 
 
 def _tooltip(doc: Document, i: int, tokenizer: Tokenizer) -> str:
@@ -92,7 +95,22 @@ def _document_html(doc: Document, tokenizer: Tokenizer) -> str:
         f'verdict <span class="verdict">{escape(doc.verdict)}</span>'
         f" · {escape(doc.rule.describe())}</p>"
         f'<div class="text">{spans}</div><div class="charts">{charts}</div>'
-        f"<table><tr><th>statistic</th><th>value</th></tr>{rows}</table></section>"
+        f"<table><tr><th>statistic</th><th>value</th></tr>{rows}</table>{_watermark_html(doc)}</section>"
+    )
+
+
+def _watermark_html(doc: Document) -> str:
+    """The text again with each token green or red for the watermark (grey: not scored), and the z-test."""
+    if doc.watermark is None:
+        return ""
+    names = {True: "green", False: "red", None: "not scored"}
+    spans = "".join(
+        f'<span class="t {WATERMARK_CLASSES[flag]}" title="{names[flag]}">{escape(piece)}</span>'
+        for flag, piece in zip(doc.watermark.flags, doc.pieces)
+    )
+    return (
+        f'<h3>Watermark</h3><p class="verdict">{escape(doc.watermark.describe())}</p>'
+        f'<div class="text watermark">{spans}</div>'
     )
 
 

@@ -49,6 +49,7 @@ from gptwo.serve.limits import MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
 from gptwo.serve.params import SamplingParams
 from gptwo.text import TextStream
 from gptwo.tokenizer import Tokenizer
+from gptwo.watermark import Watermark, WatermarkSettings, watermark_for, watermark_logits
 
 log = logging.getLogger("gptwo.serve")
 
@@ -59,6 +60,13 @@ class Overloaded(Exception):
 
 class ClientBusy(Overloaded):
     """This client already holds as many unfinished sequences as one client may; it should retry later."""
+
+
+class Draining(Exception):
+    """The server is shutting down: it admits no new requests (the client should retry, elsewhere)."""
+
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class RequestRejected(GptwoError):
@@ -88,6 +96,7 @@ class Update:
     prompt: list[TokenLogprob] | None = None  # only in the first update, when prompt logprobs were asked for
     finish_reason: str | None = None
     error: str | None = None
+    shutting_down: bool = False  # the error is the server's shutdown, not the request's failure
 
 
 class Sequence:
@@ -102,8 +111,10 @@ class Sequence:
         tokenizer: Tokenizer,
         device: torch.device,
         seed_offset: int = 0,
+        watermark: Watermark | None = None,
     ):
         self.request, self.index, self.prompt, self.params = request, index, prompt, params
+        self.watermark = watermark  # its green lists, when its text is watermarked
         self.stream = TextStream(tokenizer, params.stop)
         self.generator = None  # seeded requests: choice j samples with its own generator seeded with seed + j
         if params.seed is not None:
@@ -199,15 +210,21 @@ class BatchEngine:
         kv_cache_memory: float | None = None,
         prefix_caching: bool = True,
         num_blocks: int | None = None,
+        watermark: WatermarkSettings | None = None,
+        watermark_key: int | None = None,
     ):
         """`max_num_seqs`: most sequences running at once; `max_batched_tokens`: most tokens in one step;
         `max_request_choices`: most sequences (prompts x n) in one request; `max_client_choices`: most
         unfinished sequences one client holds at once (0: no limit); `kv_cache_memory`: the cache's size
-        in GiB (> 1) or as a fraction of the memory available; `num_blocks` sets it in blocks instead."""
+        in GiB (> 1) or as a fraction of the memory available; `num_blocks` sets it in blocks instead.
+        `watermark` marks every completion (server-wide); `watermark_key` is the key of requests that ask
+        for a watermark without naming one (default: the server-wide one's, else transformers')."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.max_batched_tokens = max(max_batched_tokens, max_num_seqs)  # every running sequence decodes each step
         self.max_request_choices, self.max_client_choices = max_request_choices, max_client_choices
+        self.watermark = watermark
+        self.watermark_key = watermark_key if watermark_key is not None or watermark is None else watermark.key
         self._held: collections.Counter[str] = collections.Counter()  # unfinished sequences per client
         self.device = model.transformer.wte.weight.device
         self.generator = torch.Generator(device=self.device)
@@ -217,6 +234,7 @@ class BatchEngine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
         self._outbox: list[tuple[Request, Update]] = []  # updates of this step, for the event loop(s)
         use_native = NativeStep.supports(model)
         blocks = num_blocks or kv_cache_blocks(model, kv_cache_memory, max_num_seqs, use_native)
@@ -248,6 +266,21 @@ class BatchEngine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def drain(self) -> None:
+        """Admit no more requests (submit raises Draining); the ones running and waiting go on."""
+        with self._cond:
+            self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running or waiting."""
+        with self._cond:
+            return not (self._active or self._waiting)
 
     @property
     def alive(self) -> bool:
@@ -284,9 +317,38 @@ class BatchEngine:
             "ttft_count": self.ttft[-1],
         }
 
+    def request_watermark(self, requested: bool | dict | None) -> WatermarkSettings | None:
+        """The watermark of a request asking for `requested` (SamplingParams.watermark): the server-wide one,
+        which a request may not turn off or change; else none, or the settings it names over the server's
+        key and transformers' defaults."""
+        if self.watermark is not None:
+            if requested is None or requested is True:
+                return self.watermark
+            raise RequestRejected(
+                "this server watermarks every completion with its own settings",
+                "leave watermark out (or send true)",
+                "watermark",
+            )
+        if not requested:
+            return None
+        settings = {} if requested is True else dict(requested)
+        if "key" not in settings and self.watermark_key is not None:
+            settings["key"] = self.watermark_key
+        try:
+            return WatermarkSettings(**settings)
+        except GptwoError as err:
+            raise RequestRejected(err.what, err.fix, "watermark") from None
+
     def check(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
-        """Reject requests the model cannot run: empty prompts, unknown token ids, more tokens than the context."""
+        """Reject requests the model cannot run: empty prompts, unknown token ids, more tokens than the context,
+        a watermark the server does not allow."""
         self.check_count(len(prompts), n)
+        settings = self.request_watermark(params.watermark)
+        if settings is not None:
+            try:
+                watermark_for(settings, self.model.config.vocab_size)
+            except GptwoError as err:
+                raise RequestRejected(err.what, err.fix, "watermark") from None
         context, vocab = self.model.config.block_size, self.tokenizer.n_vocab
         for prompt in prompts:
             if not prompt:
@@ -333,13 +395,17 @@ class BatchEngine:
         sequences than `max_client_choices`.
         """
         self.check(prompts, params, n)
+        settings = self.request_watermark(params.watermark)
+        mark = None if settings is None else watermark_for(settings, self.model.config.vocab_size)
         request = Request(asyncio.get_running_loop(), self._outbox, client)
         seqs = [
-            Sequence(request, i * n + j, p, params, self.tokenizer, self.device, seed_offset=j)
+            Sequence(request, i * n + j, p, params, self.tokenizer, self.device, seed_offset=j, watermark=mark)
             for i, p in enumerate(prompts)
             for j in range(n)
         ]
         with self._cond:
+            if self._draining:
+                raise Draining(SHUTTING_DOWN)
             held = self._held[client]
             if self.max_client_choices and held + len(seqs) > self.max_client_choices:
                 raise ClientBusy(
@@ -387,7 +453,7 @@ class BatchEngine:
                 self._fail(self._active, f"{type(err).__name__}: {err}")
                 self._retire()
             self._flush()
-        self._fail([*self._active, *self._waiting], "the server is shutting down")
+        self._fail([*self._active, *self._waiting], SHUTTING_DOWN, shutting_down=True)
         self._retire()
         self._leave([*self._active, *self._waiting])
         self._flush()
@@ -684,23 +750,30 @@ class BatchEngine:
         return [infos.get(i) or TokenLogprob(token, None, None) for i, token in enumerate(tokens)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row: argmax for greedy rows, own generator for seeded rows, shared groups otherwise."""
+        """One token per row: argmax for greedy rows, own generator for seeded rows, shared groups otherwise.
+
+        A watermarked row's green tokens get their bias last (after temperature, top-k and top-p), seeded by
+        its own tokens so far, as `gptwo.sampling.sample_next` adds it."""
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, seq in enumerate(seqs) if seq.params.temperature == 0]
         if greedy:
-            tokens[greedy] = logits[greedy].argmax(-1)
+            process = _watermark_process([seqs[i] for i in greedy])
+            chosen = logits[greedy]
+            tokens[greedy] = (process(chosen.float()) if process else chosen).argmax(-1)
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.temperature == 0:
                 continue
             if seq.generator is not None:  # as gptwo.generate.sample_next draws, so a seed gives the same text
-                probs = sampling_weights(logits[i : i + 1], p.temperature, p.top_k, p.top_p)
+                probs = sampling_weights(logits[i : i + 1], p.temperature, p.top_k, p.top_p, _watermark_process([seq]))
                 tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0, 0]
             else:
                 groups[(p.temperature, p.top_k, p.top_p)].append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            probs = sampling_weights(logits if len(rows) == len(seqs) else logits[rows], temperature, top_k, top_p)
+            process = _watermark_process([seqs[i] for i in rows])
+            group = logits if len(rows) == len(seqs) else logits[rows]
+            probs = sampling_weights(group, temperature, top_k, top_p, process)
             tokens[rows] = sample_by_cdf(probs, self.generator)
         return tokens.tolist()
 
@@ -726,12 +799,28 @@ class BatchEngine:
         self._leave(gone)
         self._active = [s for s in self._active if not (s.done or s.cancelled)]
 
-    def _fail(self, seqs: list[Sequence], message: str) -> None:
+    def _fail(self, seqs: list[Sequence], message: str, shutting_down: bool = False) -> None:
         """End unfinished sequences with an error update."""
         for seq in (s for s in seqs if not s.done):
             seq.done = seq.failed = True
             self.stats["failed"] += 1
-            seq.request.emit(Update(seq.index, finish_reason="error", error=message))
+            seq.request.emit(Update(seq.index, finish_reason="error", error=message, shutting_down=shutting_down))
+
+
+def _watermark_process(seqs: list[Sequence]):
+    """The bias the watermarked ones of `seqs` add to their rows of logits (None when none is watermarked)."""
+    if all(seq.watermark is None for seq in seqs):
+        return None
+    marks = [seq.watermark for seq in seqs]
+    contexts = [_context(seq, mark.settings.context_width) if mark else () for seq, mark in zip(seqs, marks)]
+    return lambda logits: watermark_logits(logits, marks, contexts)
+
+
+def _context(seq: Sequence, width: int) -> list[int]:
+    """The last `width` tokens of `seq` (its prompt, then what it produced): what seeds its next green list."""
+    if len(seq.output) >= width:
+        return seq.output[-width:]
+    return (seq.prompt + seq.output)[-width:]
 
 
 def _describe(err: Exception) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,3 +17,6 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: bool = False  # also report the log-probabilities of the prompt's tokens (echo)
+    # the request's `watermark`: None (not given), true/false, or the settings it names (the engine resolves
+    # it against the server's key and server-wide watermark: BatchEngine.request_watermark)
+    watermark: bool | dict | None = field(default=None, hash=False)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from gptwo.serve.params import SamplingParams
 from gptwo.text import MAX_STOP_CHARS, MAX_STOPS, invalid_text
+from gptwo.watermark import MAX_CONTEXT_WIDTH, MAX_KEY
 
 MAX_LOGPROBS = 20
 CODES = (
@@ -26,6 +27,43 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
+
+
+class WatermarkRequest(BaseModel):
+    """The `watermark` extension as an object: settings left out take the server's (its key, else
+    transformers' defaults)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: int | None = Field(default=None, ge=0, le=MAX_KEY, description="the secret seeding the green lists")
+    gamma: float | None = Field(default=None, gt=0.0, lt=1.0, description="green share of the vocabulary (0.25)")
+    delta: float | None = Field(default=None, ge=0.0, allow_inf_nan=False, description="green logits' bias (2.0)")
+    scheme: Literal["lefthash", "selfhash"] | None = Field(default=None, description="lefthash (default) or selfhash")
+    context_width: int | None = Field(
+        default=None, ge=1, le=MAX_CONTEXT_WIDTH, description="tokens hashed into the seed (1)"
+    )
+
+    def settings(self) -> dict:
+        """The settings this request names."""
+        return self.model_dump(exclude_none=True)
+
+
+def watermark_request(value):
+    """A request's `watermark` as given (None, true, false) or as a checked WatermarkRequest."""
+    if value is None or isinstance(value, bool | WatermarkRequest):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "invalid_watermark",
+            "watermark must be true, false or an object of settings (key, gamma, delta, scheme, context_width)",
+        )
+    try:
+        return WatermarkRequest.model_validate(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        why = {"where": where, "why": first["msg"]}
+        raise PydanticCustomError("invalid_watermark", "watermark.{where}: {why}", why) from None
 
 
 class CompletionRequest(BaseModel):
@@ -65,6 +103,17 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(default=None, description="not supported: must be empty")
     suffix: str | None = Field(default=None, description="not supported")
     user: str | None = None
+    watermark: bool | WatermarkRequest | None = Field(
+        default=None,
+        description="gptwo extension: watermark the completion (Kirchenbauer et al., as transformers does it): "
+        "true, or an object of settings (key, gamma, delta, scheme, context_width)",
+    )
+
+    @field_validator("watermark", mode="before")
+    @classmethod
+    def _watermark_settings(cls, value):
+        """true, false or an object of settings, with one clear message for anything else."""
+        return watermark_request(value)
 
     @field_validator("prompt")
     @classmethod
@@ -108,6 +157,7 @@ class CompletionRequest(BaseModel):
             seed=self.seed,
             logprobs=self.logprobs,
             prompt_logprobs=bool(self.echo) and self.logprobs is not None,
+            watermark=self.watermark.settings() if isinstance(self.watermark, WatermarkRequest) else self.watermark,
         )
 
     def unsupported(self) -> str | None:
