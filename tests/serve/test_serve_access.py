@@ -44,7 +44,7 @@ def request(
         return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
-def test_an_api_key_guards_every_v1_route(model_dir):
+def test_an_api_key_guards_every_v1_route_and_tokenize(model_dir):
     server, _ = serve_in_thread(model_dir, app_kwargs={"api_key": KEY})
     try:
         completion = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3}
@@ -59,6 +59,7 @@ def test_an_api_key_guards_every_v1_route(model_dir):
                 ("POST", "/v1/completions", completion),
                 ("GET", "/v1/nothing", None),
                 ("POST", "/v1/inspect", {"text": PROMPT}),
+                ("POST", "/tokenize", {"prompt": PROMPT}),
             ):
                 status, got, raw = request(server.url + route, method, body, headers)
                 assert status == 401, (headers, route)

@@ -76,6 +76,18 @@ def test_models_health_and_openapi(live, client):
     )
 
 
+def test_tokenize_counts_a_prompt_as_completions_encodes_it(live, offline):
+    """POST /tokenize (vLLM's shape) gives the prompt's ids and the context, so a page can fit max_tokens to it."""
+    _, tok = offline
+    for prompt, ids in ((PROMPT, tok.encode(PROMPT)), ("", [tok.eot_token]), ([5, 6, 7], [5, 6, 7])):
+        status, body, _ = post(live[0].url + "/tokenize", json.dumps({"model": "tiny", "prompt": prompt}).encode())
+        assert status == 200 and body == {"count": len(ids), "max_model_len": 512, "tokens": ids}
+    status, body, _ = post(live[0].url + "/tokenize", json.dumps({"model": "other", "prompt": "x"}).encode())
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body, _ = post(live[0].url + "/tokenize", json.dumps({"prompt": 3}).encode())
+    assert status == 400 and body["error"]["param"].startswith("prompt")
+
+
 def test_greedy_completion_equals_offline_generate(client, offline):
     model, tok = offline
     result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0)

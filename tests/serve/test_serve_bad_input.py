@@ -223,12 +223,12 @@ def test_a_neighbours_bad_sampling_leaves_a_running_stream_intact(live, monkeypa
     alone = greedy_text(live, PROMPT, 60)
     sampling_weights, top_k_7_calls = engine_module.sampling_weights, []
 
-    def failing_for_top_k_7(logits, temperature, top_k, top_p):
+    def failing_for_top_k_7(logits, temperature, top_k, top_p, process=None):
         if top_k == 7:
             top_k_7_calls.append(len(logits))
             if len(top_k_7_calls) > 1:
                 raise RuntimeError("sampling blew up for this row")
-        return sampling_weights(logits, temperature, top_k, top_p)
+        return sampling_weights(logits, temperature, top_k, top_p, process)
 
     monkeypatch.setattr(engine_module, "sampling_weights", failing_for_top_k_7)
     gate, held, batch_sizes, step = threading.Event(), threading.Event(), [], engine.step
@@ -364,10 +364,10 @@ def test_a_row_whose_sampling_fails_ends_alone_and_seeded_neighbours_keep_their_
     expected = [tokens_of(run_engine(BatchEngine(model, tok), [job])[0]) for job in (jobs[0], jobs[2])]
     sampling_weights = engine_module.sampling_weights
 
-    def failing(logits, temperature, top_k, top_p):
+    def failing(logits, temperature, top_k, top_p, process=None):
         if top_k == 7:
             raise IndexError("index 256 is out of bounds")
-        return sampling_weights(logits, temperature, top_k, top_p)
+        return sampling_weights(logits, temperature, top_k, top_p, process)
 
     monkeypatch.setattr(engine_module, "sampling_weights", failing)
     got = run_engine(BatchEngine(model, tok), jobs)
@@ -468,6 +468,9 @@ def test_slow_clients_get_408_and_idle_connections_close(model_dir):
         (["--max-inspect-tokens", "0"], "0 is less than 1"),
         (["--header-timeout", "nan"], "not a finite number"),
         (["--body-timeout", "0"], "not a finite number"),
+        (["--keep-alive-timeout", "0"], "not a finite number"),
+        (["--shutdown-timeout", "-1"], "not a finite number"),
+        (["--max-connections", "0"], "0 is less than 1"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )

@@ -1,7 +1,7 @@
 """The HTTP side: an OpenAI-compatible completions API and a playground page, on FastAPI + uvicorn.
 
-Routes: `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /` (playground), and the
-OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
+Routes: `POST /v1/completions`, `GET /v1/models`, `POST /tokenize` (as vLLM's), `GET /health`, `GET /`
+(playground), and the OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
 `{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413 (with a
 Content-Length or chunked), a body that does not arrive within `body_timeout` seconds 408, a body
 that is not UTF-8 400, a full queue or a client over its share 429, a missing or wrong API key
@@ -32,25 +32,38 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptwo.errors import GptwoError
 from gptwo.infer.prepare import prepared_settings
 from gptwo.runtime import dtype_name, resolve_device, resolve_dtype
 from gptwo.serve import protocol
-from gptwo.serve.connection import uvicorn_config
-from gptwo.serve.engine import BatchEngine, ClientBusy, Overloaded, RequestRejected, TokenLogprob, Update
+from gptwo.serve.connection import GracefulServer, check_max_connections, default_max_connections, uvicorn_config
+from gptwo.serve.engine import (
+    SHUTTING_DOWN,
+    BatchEngine,
+    ClientBusy,
+    Draining,
+    Overloaded,
+    RequestRejected,
+    TokenLogprob,
+    Update,
+)
 from gptwo.serve.engine import Request as EngineRequest
 from gptwo.serve.inspect import inspect_router
 from gptwo.serve.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
+    KEEP_ALIVE_TIMEOUT_S,
     MAX_CLIENT_CHOICES,
     MAX_INSPECT_TOKENS,
     MAX_REQUEST_CHOICES,
+    SHUTDOWN_TIMEOUT_S,
 )
 from gptwo.serve.metrics import prometheus_text
 from gptwo.tokenizer import Tokenizer
+from gptwo.watermark import WatermarkSettings
 
 log = logging.getLogger("gptwo.serve")
 
@@ -163,7 +176,8 @@ class BodyLimit:
 
 
 class ApiKeyAuth:
-    """ASGI middleware: every `/v1/*` request must carry `Authorization: Bearer <key>`, else 401 (OpenAI's shape).
+    """ASGI middleware: every `/v1/*` and `/tokenize` request must carry `Authorization: Bearer <key>`, else 401
+    (OpenAI's shape).
 
     Other routes (the playground page, /health, the OpenAPI schema) stay open, as in vLLM; CORS
     preflights (OPTIONS, which browsers send without credentials) pass through.
@@ -173,7 +187,7 @@ class ApiKeyAuth:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and (scope["path"] + "/").startswith("/v1/"):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _needs_key(scope["path"]):
             scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
                 message = (
@@ -185,6 +199,20 @@ class ApiKeyAuth:
                 response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _needs_key(path: str) -> bool:
+    return (path + "/").startswith(("/v1/", "/tokenize/"))
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): the token ids a completions prompt becomes, so a client can fit max_tokens to
+    the context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="the served model's id; optional")
+    prompt: StrictStr | list[StrictInt] = Field(description="a prompt as /v1/completions takes one")
 
 
 def parse_origins(values: Sequence[str]) -> list[str]:
@@ -323,6 +351,10 @@ class CompletionJob:
         left = len(self.choices)
         while left:
             update = await self.job.queue.get()
+            if update.shutting_down:  # ended by a restart, not by the request: the client may send it again
+                raise ApiError(
+                    503, f"{SHUTTING_DOWN}; send the request again", type="server_error", code="shutting_down"
+                )
             if update.error is not None:
                 raise ApiError(500, f"generation failed: {update.error}", type="server_error")
             left -= update.finish_reason is not None
@@ -343,7 +375,7 @@ class CompletionJob:
             if include_usage:
                 yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
         except ApiError as err:
-            error = {"message": err.message, "type": err.type, "param": None, "code": None}
+            error = {"message": err.message, "type": err.type, "param": None, "code": err.code}
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             self.engine.cancel(self.job)  # frees the rows if the client went away mid-stream
@@ -423,7 +455,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
-        headers = {"Retry-After": "1"} if err.status == 429 else None
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
         return error_response(err.status, err.message, err.type, err.param, err.code, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -456,8 +488,9 @@ def create_app(
     @app.get("/health", summary="Whether the engine runs, and how busy it is")
     async def health() -> JSONResponse:
         weights_dtype = engine.model.transformer.wte.weight.dtype
+        state = "draining" if engine.draining else "ok" if engine.alive else "down"
         status = {
-            "status": "ok" if engine.alive else "down",
+            "status": state,
             "model": model_name,
             "dtype": dtype_name(weights_dtype),
             "kv_cache_dtype": dtype_name(engine.cache.k.dtype),
@@ -466,7 +499,7 @@ def create_app(
             "waiting": engine.waiting,
             **engine.stats,
         }
-        return JSONResponse(status, status_code=200 if engine.alive else 503)
+        return JSONResponse(status, status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics", summary="Prometheus metrics: requests, KV-cache blocks, prefix-cache hits, tokens, TTFT")
     async def metrics() -> PlainTextResponse:
@@ -476,10 +509,22 @@ def create_app(
     async def models() -> protocol.ModelList:
         return protocol.ModelList(data=[protocol.ModelCard(id=model_name, created=created, max_model_len=context)])
 
+    @app.post("/tokenize", summary="The token ids of a prompt, their count and the context (vLLM's /tokenize)")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        if body.model is not None and body.model != model_name:
+            raise ApiError(
+                404,
+                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
+                param="model",
+                code="model_not_found",
+            )
+        tokens = encode_prompts(tokenizer, [body.prompt])[0]
+        return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
+
     @app.post(
         "/v1/completions",
         response_model=protocol.Completion,
-        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 408, 413, 429, 500)},
+        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 408, 413, 429, 500, 503)},
         summary="Complete prompts (OpenAI completions API; stream=true sends server-sent events)",
     )
     async def completions(body: protocol.CompletionRequest, request: Request):
@@ -505,6 +550,8 @@ def create_app(
             raise ApiError(
                 429, f"{err}; wait for your other requests to finish", type="rate_limit_error", code="too_many_choices"
             ) from None
+        except Draining:
+            raise ApiError(503, f"{SHUTTING_DOWN}; retry shortly", type="server_error", code="shutting_down") from None
         except Overloaded as err:
             raise ApiError(
                 429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
@@ -569,9 +616,14 @@ def serve(
     max_inspect_tokens: int = MAX_INSPECT_TOKENS,
     header_timeout: float = HEADER_TIMEOUT_S,
     body_timeout: float = BODY_TIMEOUT_S,
+    keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT_S,
+    max_connections: int | None = None,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
+    watermark: WatermarkSettings | None = None,
+    watermark_key: int | None = None,
 ) -> None:
-    """Load `model` and serve it over HTTP until interrupted."""
-    import uvicorn
+    """Load `model` and serve it over HTTP until interrupted; `watermark` marks every completion and
+    `watermark_key` keys the requests that ask for a watermark (BatchEngine)."""
 
     for name, value, low in (
         ("max_num_seqs", max_num_seqs, 1),
@@ -586,9 +638,22 @@ def serve(
             raise GptwoError(
                 f"{name}={value!r} is not an integer of at least {low}", f"pass --{name.replace('_', '-')} >= {low}"
             )
-    for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout)):
+    for name, value in (
+        ("header_timeout", header_timeout),
+        ("body_timeout", body_timeout),
+        ("keep_alive_timeout", keep_alive_timeout),
+    ):
         if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < float("inf")):
-            raise GptwoError(f"{name}={value!r} is not a positive number of seconds", f"pass a positive --{name}")
+            raise GptwoError(
+                f"{name}={value!r} is not a positive number of seconds", f"pass a positive --{name.replace('_', '-')}"
+            )
+    if isinstance(shutdown_timeout, bool) or not (
+        isinstance(shutdown_timeout, int | float) and 0 <= shutdown_timeout < float("inf")
+    ):
+        raise GptwoError(
+            f"shutdown_timeout={shutdown_timeout!r} is not a number of seconds >= 0", "pass --shutdown-timeout >= 0"
+        )
+    max_connections = default_max_connections() if max_connections is None else check_max_connections(max_connections)
     if api_key is not None and not api_key.strip():  # e.g. --api-key "$UNSET_VARIABLE": never serve openly by mistake
         raise GptwoError("--api-key is empty", "pass a non-empty key, or leave the option out to serve without one")
     api_key = api_key.strip() if api_key else None
@@ -610,6 +675,8 @@ def serve(
         prefix_caching=prefix_caching,
         max_request_choices=max_request_choices,
         max_client_choices=max_client_choices,
+        watermark=watermark,
+        watermark_key=watermark_key,
     )
     app = create_app(
         engine,
@@ -622,7 +689,14 @@ def serve(
     )
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
     # (the config also sets up uvicorn's loggers)
-    config = uvicorn_config(app, header_timeout=header_timeout, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(
+        app,
+        header_timeout=header_timeout,
+        max_connections=max_connections,
+        timeout_keep_alive=keep_alive_timeout,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,  # after the drain: for the answers already ended to be sent
+    )
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     logger = logging.getLogger("uvicorn.error")
@@ -631,10 +705,14 @@ def serve(
     logger.info(
         "serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, weights, auth
     )
+    if watermark is not None:  # never the key
+        logger.info("watermarking every completion: %s", watermark.public())
     if not api_key and not _is_loopback(sock.getsockname()[0]):
         logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        GracefulServer(
+            config, drain=engine.drain, idle=lambda: engine.idle, abort=engine.stop, shutdown_timeout=shutdown_timeout
+        ).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after a graceful shutdown: for a server that is a normal stop
         pass
 

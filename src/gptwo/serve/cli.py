@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from gptwo.argtypes import command, device_name, float_in, int_at_least
+from gptwo.argtypes import add_watermark_options, command, device_name, float_in, int_at_least
 from gptwo.serve.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
+    KEEP_ALIVE_TIMEOUT_S,
     MAX_CLIENT_CHOICES,
     MAX_INSPECT_TOKENS,
     MAX_REQUEST_CHOICES,
+    SHUTDOWN_TIMEOUT_S,
 )
 
 
@@ -28,6 +30,18 @@ def kv_cache_memory(text: str) -> float:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gptwo.serve import serve
+    from gptwo.watermark import key_from_environment, settings_from_options
+
+    key = args.watermark_key if args.watermark_key is not None else key_from_environment()
+    watermark = settings_from_options(  # --watermark-key alone keys the requests that ask for a watermark
+        args.watermark,
+        key=key if args.watermark else None,
+        gamma=args.watermark_gamma,
+        delta=args.watermark_delta,
+        scheme=args.watermark_scheme,
+        context_width=args.watermark_context_width,
+        require_key=True,
+    )
 
     serve(
         args.model,
@@ -51,6 +65,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_inspect_tokens=args.max_inspect_tokens,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+        shutdown_timeout=args.shutdown_timeout,
+        watermark=watermark,
+        watermark_key=key,
     )
     return 0
 
@@ -155,6 +174,28 @@ def add_commands(sub) -> None:
         help=f"seconds a request has to send its whole body, else 408 (default {BODY_TIMEOUT_S:g})",
     )
     p.add_argument(
+        "--keep-alive-timeout",
+        type=float_in(0.0, 3600.0, low_open=True, high_open=False),
+        default=KEEP_ALIVE_TIMEOUT_S,
+        help="seconds a keep-alive connection may stay idle between requests before it is closed "
+        f"(default {KEEP_ALIVE_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int_at_least(1, 1 << 20),
+        default=None,
+        help="most connections open at once; beyond it the longest-idle one between requests is closed, "
+        "or, when all are in requests, the new one gets 503 (default: half the file limit, ulimit -n, at most 4096)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float_in(0.0, 86400.0, low_open=False, high_open=False),
+        default=SHUTDOWN_TIMEOUT_S,
+        help="on SIGTERM or Ctrl+C: seconds the running requests may finish while new ones get 503; then "
+        "streams end with an error event and [DONE], waiting requests get 503, and the server exits "
+        f"(default {SHUTDOWN_TIMEOUT_S:g}; a second signal stops at once)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -187,4 +228,9 @@ def add_commands(sub) -> None:
         default=None,
         help="int8: weight-only int8 linear layers (per-channel scales; activations in --dtype), a quarter of "
         "fp32's weight memory (docs/inference.md)",
+    )
+    add_watermark_options(
+        p,
+        "watermark every completion (Kirchenbauer et al., as transformers does it) with the key of "
+        "--watermark-key or GPTWO_WATERMARK_KEY; without it a request may still ask for one ('watermark': true)",
     )

@@ -7,3 +7,5 @@ MAX_HEADER_BYTES = 32 * 1024  # a request line and headers (cookies included)
 HEADER_TIMEOUT_S = 20.0  # for a request's line and headers to arrive
 BODY_TIMEOUT_S = 60.0  # for a request's whole body to arrive
 LINGER_S = 10.0  # how long a refused request's remaining bytes are read and dropped before the connection closes
+KEEP_ALIVE_TIMEOUT_S = 5.0  # a keep-alive connection idle this long between requests closes (uvicorn's default)
+SHUTDOWN_TIMEOUT_S = 30.0  # after SIGTERM, how long running requests may finish before they are ended
