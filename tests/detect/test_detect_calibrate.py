@@ -115,3 +115,58 @@ def test_calibrate_saves_a_threshold_that_detect_then_uses(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["verdict"] for r in rows] == ["human", "generated"] and all(r["calibrated"] for r in rows)
     assert rows[0]["score"] == rows[0]["scores"]["fast_detectgpt"] and rows[0]["threshold"] == saved["threshold"]
+
+
+def test_calibration_says_what_it_was_fitted_for_and_pools_one_set_per_setting(tmp_path, capsys):
+    """A detector sees only text: a calibration fitted on top-k-40 samples records so (saved file, table, every
+    verdict's rule) with the default detector beside it; --generated once per setting pools the settings."""
+    from gptwo.detect.calibrate import _rule_text, describe_setting
+
+    model_dir = save_tiny(str(tmp_path / "model"), block_size=128)
+    from gptwo.weights import load_model
+
+    model, tok = load_model(model_dir, device="cpu")
+    rng = random.Random(4)
+    words = "the a cat dog house river stone light quick slow under over through with from green blue".split()
+    prompts = torch.tensor([tok.encode(" ".join(rng.choice(words) for _ in range(3))) for _ in range(6)])
+    greedy = model.generate(prompts, 24, top_k=1)
+    for name, setting in (("topk", {"temperature": 1.0, "top_k": 40, "top_p": None}), ("pure", None)):
+        for kind in ("human", "generated"):
+            (tmp_path / name / kind).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / name / "human" / f"{i:05d}.txt").write_text(" ".join(rng.choice(words) for _ in range(24)))
+            (tmp_path / name / "generated" / f"{i:05d}.txt").write_text(tok.decode(greedy[i].tolist()))
+        if setting:
+            (tmp_path / name / "sample.json").write_text(json.dumps({**setting, "documents": list(range(6))}))
+    args = ["detect", "calibrate", "--model", model_dir, "--human", str(tmp_path / "topk" / "human")]
+    common = ["--min-tokens", "16", "--device", "cpu", "--lexicon", "none", "--folds", "3"]
+    assert main([*args, "--generated", str(tmp_path / "topk" / "generated"), *common]) == 0
+    table = capsys.readouterr().out
+    assert "fitted for: samples at temperature 1, top-k 40." in table and "may be called human" in table
+    log_rank = next(line for line in table.splitlines() if line.startswith("log_rank"))
+    assert "  < " in log_rank and "  < -" not in log_rank  # a statistic that falls for generated text: its own sign
+    assert "default" in table and "fast_detectgpt > 1 (uncalibrated" in table
+    saved = json.loads((tmp_path / "model" / "detect-calibration.json").read_text())
+    assert saved["fitted_for"] == "samples at temperature 1, top-k 40"
+    assert saved["sampling"] == [{"temperature": 1.0, "top_k": 40, "top_p": None}]
+    assert set(saved["default_detector"]) == {"rule", "tpr", "fpr"}
+
+    assert (
+        main(["detect", "--model", model_dir, "--device", "cpu", str(tmp_path / "pure" / "generated" / "00000.txt")])
+        == 0
+    )
+    assert "calibrated for samples at temperature 1, top-k 40" in capsys.readouterr().out
+
+    both = ["--generated", str(tmp_path / "topk" / "generated"), "--generated", str(tmp_path / "pure" / "generated")]
+    assert main([*args, *both, *common, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["documents"] == {"human": 6, "generated": 12}
+    assert report["fitted_for"] == (
+        "samples at temperature 1, top-k 40; generated text of unknown sampling (no sample.json beside the folder)"
+    )
+
+    assert _rule_text("log_rank", -2.05) == "< 2.05" and _rule_text("fast_detectgpt", -0.5) == "> -0.5"
+    assert _rule_text("classifier", -2.1972) == "> -2.197 (p > 0.1)"
+    assert (
+        describe_setting({"temperature": 0.8, "top_k": None, "top_p": 0.95}) == "samples at temperature 0.8, top-p 0.95"
+    )

@@ -37,11 +37,16 @@ def test_inspect_page_colours_tokens_and_draws_attention(tmp_path, browser):  # 
 
         canvas = browser.find_element(By.ID, "attention-map")
         assert canvas.size["width"] > 100 and browser.execute_script(INK, canvas) > 0  # a heatmap was drawn
+        # scaled per row by default (absolute weights left all but the <|endoftext|> column white), and it says so
+        assert "each row" in browser.find_element(By.ID, "attention-scale-note").text
+        Select(browser.find_element(By.ID, "scale")).select_by_value("log")
+        assert "log10" in browser.find_element(By.ID, "attention-scale-note").text
         Select(browser.find_element(By.ID, "layer")).select_by_value("1")
         Select(browser.find_element(By.ID, "head")).select_by_value("0")
         Select(browser.find_element(By.ID, "view")).select_by_value("lines")
         lines = browser.find_elements(By.CSS_SELECTOR, "#attention-lines line")
         assert lines and browser.find_element(By.ID, "attention-lines").is_displayed()
+        assert max(float(line.get_attribute("stroke-width")) for line in lines) > 4  # thick where the weight is
 
         Select(browser.find_element(By.ID, "colour-by")).select_by_value("prob")
         assert all(

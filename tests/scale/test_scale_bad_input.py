@@ -287,12 +287,45 @@ def test_scale_fit_warns_when_its_constants_cannot_be_trusted(tmp_path, capsys):
 
     one_n = [{"params": 1e6, "tokens": d, "loss": 2 + 100 / d**0.3} for d in np.geomspace(1e6, 1e9, 8)]
     code, out, err = run(["scale", "fit", _runs_file(tmp_path, one_n, "one.jsonl"), "--json"], capsys)
-    assert code == 0 and "warning: the runs hold only 1 distinct N" in err
-    assert any("1 distinct N" in w for w in json.loads(out)["warnings"])
+    assert code == 0 and err.startswith("warning: degenerate fit") and "the runs hold only 1 distinct N" in err
+    assert len(err.splitlines()) == 1  # one line on stderr; every reason in the report
+    assert any("1 distinct N" in w for w in json.loads(out)["warnings"]) and json.loads(out)["degenerate"]
 
     rng = np.random.default_rng(0)
     nonsense = [{**r, "loss": float(rng.uniform(1, 10))} for r in synthetic_runs(HOFFMANN)]
     code, out, err = run(["scale", "fit", _runs_file(tmp_path, nonsense, "nonsense.jsonl"), "--bootstrap", "8"], capsys)
-    assert code == 0
-    assert "rms in log loss" in err and "orders of magnitude" in err
-    assert any(w in err for w in ("sits at its bound", "ran off to an extreme"))
+    assert code == 0 and len(err.splitlines()) == 1 and "more in the report" in err
+    assert "DEGENERATE FIT" in out and "rms in log loss" in out and "orders of magnitude" in out
+    assert any(w in out for w in ("sits at its bound", "ran off to an extreme"))
+
+
+def test_a_degenerate_fit_is_named_by_its_rule():
+    """The rule (gptwo.scale.fit.degenerate_reasons) on reports as the fit makes them: E = 2e-33 runs off (beyond
+    e^-50), an interval of A up to 1.2e21 spans orders of magnitude; a misfit alone warns but is not degenerate."""
+    from gptwo.scale.fit import degenerate_reasons, warning_line
+
+    points = [{"params": n, "tokens": d} for n in (1e5, 3e5, 1e6) for d in (1e7, 3e7, 1e8)]
+    good = {
+        **HOFFMANN,
+        "intervals": {"E": [1.6, 1.8], "A": [300.0, 500.0], "alpha": [0.3, 0.4], "loss_opt@1e+20": [1e-3, 9.0]},
+        "optimal": [{"params": 1e6}],
+        "residuals": {"rms_log": 0.01},
+    }
+    assert degenerate_reasons(points, good) == []
+    tiny_e = {**good, "E": 2e-33}
+    assert [r.split(" ran off")[0] for r in degenerate_reasons(points, tiny_e)] == ["E = 2e-33"]
+    wide_a = {**good, "intervals": {**good["intervals"], "A": [5.5, 1.2e21]}}
+    assert degenerate_reasons(points, wide_a) == [
+        "the 95% interval of A, [5.5, 1.2e+21], spans 20.3 orders of magnitude"
+    ]
+    assert degenerate_reasons(points, {**good, "intervals": {**good["intervals"], "A": [200.0, 1999.0]}}) == []
+    assert "[0, 1.8]: not a usable estimate" in degenerate_reasons(points, {**good, "intervals": {"E": [0.0, 1.8]}})[0]
+    assert "sits at its bound" in degenerate_reasons(points, {**good, "beta": 0.0})[0]
+
+    report = {**wide_a, "warnings": degenerate_reasons(points, wide_a) + ["a second"], "degenerate": True}
+    line = warning_line(report)
+    assert line.startswith("warning: degenerate fit") and "\n" not in line and "(and 1 more in the report)" in line
+    assert warning_line({"warnings": ["the fit misses the runs"], "degenerate": False}) == (
+        "warning: the fit misses the runs"
+    )
+    assert warning_line({"warnings": [], "degenerate": False}) is None

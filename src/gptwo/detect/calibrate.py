@@ -10,6 +10,12 @@ detector. Its AUROC and TPR are measured honestly: by k-fold cross-validation sp
 document (from the set's `sample.json`, else by file name, so a human passage and the continuation
 of its opening stay together), each document scored by a classifier fit without its fold. The
 saved classifier is then fit on every document; its threshold comes from the out-of-fold human scores.
+
+A calibration is fitted to the generated text it was given, and a detector sees only text, never how it was
+sampled: a classifier fitted on top-k-40 samples learns their traits and may call a plain temperature-1 sample
+human. So the calibration records what it was fitted for (the sampling settings in each --generated set's
+sample.json), says so in its table and in every verdict's rule, reports the uncalibrated default on the same texts
+beside it, and takes --generated once per setting to fit them all.
 """
 
 from __future__ import annotations
@@ -198,14 +204,36 @@ def load_lexicon(source: str | None, tokenizer) -> Lexicon | None:
     return Lexicon.from_texts(text for _, text in read_folder(source))
 
 
-def fit_classifier(human_dir: str, generated_dir: str, human: tuple, generated: tuple, folds: int, l2: float) -> tuple:
+def sampling_setting(generated_dir: str) -> dict | None:
+    """How a set's generated texts were sampled ({temperature, top_k, top_p}), from the sample.json that 'gptwo detect
+    sample' writes beside the folder; None when there is none."""
+    path = os.path.join(os.path.dirname(os.path.normpath(generated_dir)), "sample.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        return {key: summary[key] for key in ("temperature", "top_k", "top_p")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_setting(setting: dict | None) -> str:
+    """'samples at temperature 1, top-k 40' (the settings that differ from plain sampling are named)."""
+    if setting is None:
+        return "generated text of unknown sampling (no sample.json beside the folder)"
+    parts = [f"temperature {setting['temperature']:g}"]
+    if setting.get("top_k"):
+        parts.append(f"top-k {setting['top_k']}")
+    if setting.get("top_p") not in (None, 1, 1.0):
+        parts.append(f"top-p {setting['top_p']:g}")
+    return "samples at " + ", ".join(parts)
+
+
+def fit_classifier(human: tuple, generated: tuple, groups: tuple[list, list], folds: int, l2: float) -> tuple:
     """Out-of-fold classifier logits (added to each document's statistics), the fold sizes, and the classifier fit on
-    everything."""
+    everything; `groups` are the source documents of the human and the generated texts (folds keep each whole)."""
     names = list(human[2][0])
     xh, xg = feature_matrix(human[2], names), feature_matrix(generated[2], names)
-    oof_h, oof_g, sizes = cross_validate(
-        xh, xg, source_groups(human_dir, human[0]), source_groups(generated_dir, generated[0]), names, folds, l2
-    )
+    oof_h, oof_g, sizes = cross_validate(xh, xg, groups[0], groups[1], names, folds, l2)
     for row, value in zip(human[1], oof_h):
         row["classifier"] = float(value)
     for row, value in zip(generated[1], oof_g):
@@ -217,7 +245,7 @@ def fit_classifier(human_dir: str, generated_dir: str, human: tuple, generated: 
 def calibrate(
     model_spec: str,
     human_dir: str,
-    generated_dir: str,
+    generated_dir: str | Sequence[str],
     *,
     reference_spec: str | None = None,
     detector: str = "classifier",
@@ -232,7 +260,10 @@ def calibrate(
     l2: float = 1e-3,
 ) -> dict:
     """Score both folders, report every statistic and the cross-validated classifier, save the detector (JSON) and a ROC
-    plot (PNG)."""
+    plot (PNG). `generated_dir` may be several folders (one per sampling setting), pooled."""
+    generated_dirs = [generated_dir] if isinstance(generated_dir, str) else list(generated_dir)
+    if not generated_dirs:
+        raise GptwoError("no --generated folder", "give at least one folder of generated texts")
     if detector not in DIRECTION:
         raise GptwoError(f"unknown detector '{detector}'", f"use one of: {', '.join(DIRECTION)}")
     if detector == "binoculars" and not reference_spec:
@@ -243,11 +274,12 @@ def calibrate(
         raise GptwoError(f"--folds {folds!r} must be a whole number of at least 2", "use e.g. 5")
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
         raise GptwoError(f"--min-tokens {min_tokens!r} must be a whole number of at least 1", "use e.g. 32")
-    if os.path.isdir(human_dir) and os.path.isdir(generated_dir) and os.path.samefile(human_dir, generated_dir):
-        raise GptwoError(
-            f"--human and --generated are the same folder ({human_dir})",
-            "give the human-written texts and the generated ones in two folders (e.g. from 'gptwo detect sample')",
-        )
+    for folder in generated_dirs:
+        if os.path.isdir(human_dir) and os.path.isdir(folder) and os.path.samefile(human_dir, folder):
+            raise GptwoError(
+                f"--human and --generated are the same folder ({human_dir})",
+                "give the human-written texts and the generated ones in two folders (e.g. from 'gptwo detect sample')",
+            )
     if out is None:
         if not os.path.isdir(model_spec):
             raise GptwoError(
@@ -265,27 +297,43 @@ def calibrate(
     words = load_lexicon(lexicon, tokenizer)
     rule = Rule(min_tokens=min_tokens)
     human = score_folder(model, tokenizer, human_dir, rule, reference, stride, words)
-    generated = score_folder(model, tokenizer, generated_dir, rule, reference, stride, words)
-    sources = len(set(source_groups(human_dir, human[0])) | set(source_groups(generated_dir, generated[0])))
+    generated, generated_groups = ([], [], []), []
+    for folder in generated_dirs:
+        part = score_folder(model, tokenizer, folder, rule, reference, stride, words)
+        generated = tuple(mine + theirs for mine, theirs in zip(generated, part))
+        generated_groups += source_groups(folder, part[0])
+    groups = (source_groups(human_dir, human[0]), generated_groups)
+    sources = len(set(groups[0]) | set(groups[1]))
     if sources < folds:
         print(
             f"warning: --folds {folds} but the texts come from only {sources} source document(s): "
             f"cross-validating with {sources} folds; give at least {folds} documents for {folds}",
             file=sys.stderr,
         )
-    sizes, classifier = fit_classifier(human_dir, generated_dir, human, generated, folds, l2)
+    sizes, classifier = fit_classifier(human, generated, groups, folds, l2)
     stats = evaluate(generated[1], human[1], max_fpr)
     lexicon_file = lexicon_out if words is not None and detector == "classifier" else None
+    settings = [sampling_setting(folder) for folder in generated_dirs]
+    default = Rule()
     saved = {
         "detector": detector,
         "threshold": stats[detector]["threshold"],
         "direction": DIRECTION[detector],
         "min_tokens": min_tokens,
         "max_fpr": max_fpr,
+        # what it was fitted on: text sampled otherwise is not what it learned, and may be called human
+        "fitted_for": "; ".join(dict.fromkeys(describe_setting(setting) for setting in settings)),
+        "sampling": settings,
+        # the uncalibrated default (gptwo.detect.detector.Rule()) on the same texts, for comparison
+        "default_detector": {
+            "rule": f"{default.detector} > {default.threshold:g}",
+            "tpr": tpr_at([default.score(g) for g in generated[1]], default.threshold),
+            "fpr": tpr_at([default.score(h) for h in human[1]], default.threshold),
+        },
         "model": model_spec,
         "reference": reference_spec,
         "human": human_dir,
-        "generated": generated_dir,
+        "generated": generated_dirs[0] if len(generated_dirs) == 1 else generated_dirs,
         "documents": {"human": len(human[1]), "generated": len(generated[1])},
         "statistics": stats,
         "classifier_evaluation": {
@@ -307,7 +355,8 @@ def calibrate(
     plot_roc(
         curves,
         plot,
-        f"{os.path.basename(os.path.normpath(model_spec))}: {len(human[1])} human vs {len(generated[1])} generated",
+        f"{os.path.basename(os.path.normpath(model_spec))}: {len(human[1])} human vs {len(generated[1])} generated "
+        f"({saved['fitted_for']})",
     )
     return {**saved, "calibration": out, "plot": plot}
 
@@ -320,15 +369,27 @@ def render_calibration(report: dict) -> str:
     train = [f["train"]["human"] + f["train"]["generated"] for f in evaluation["folds"]]
     lines = [
         f"{report['documents']['human']} human, {report['documents']['generated']} generated documents",
+        f"fitted for: {report['fitted_for']}. The detector sees only text, never how it was sampled: text sampled "
+        "otherwise (another temperature, top-k or top-p) may be called human. To cover several settings, "
+        "give --generated once per setting.",
         "",
-        f"{'statistic':<16} {'AUROC':>7} {f'TPR@{fpr:.0%}FPR':>12} {'threshold':>10}",
+        f"{'statistic':<16} {'AUROC':>7} {f'TPR@{fpr:.0%}FPR':>12}  generated when",
     ]
     for name, row in report["statistics"].items():
         mark = (
             "  <- detector" if name == report["detector"] else ("  (inverted: below 0.5)" if row["auroc"] < 0.5 else "")
         )
-        lines.append(f"{name:<16} {row['auroc']:>7.4f} {row['tpr']:>12.3f} {row['threshold']:>10.4g}{mark}")
+        lines.append(f"{name:<16} {row['auroc']:>7.4f} {row['tpr']:>12.3f}  {_rule_text(name, row['threshold'])}{mark}")
+    default = report.get("default_detector")
+    if default:
+        lines.append(
+            f"{'default':<16} {'':>7} {default['tpr']:>12.3f}  {default['rule']} (uncalibrated; "
+            f"{default['fpr']:.1%} of these human texts above it)"
+        )
     lines += [
+        "",
+        "generated when: the statistic on its own scale (log_likelihood and fast_detectgpt can be negative); "
+        "classifier: the log-odds that a text is generated, with the probability it stands for",
         "",
         f"classifier: {evaluation['method']} ({test} documents scored out of fold, each fold fit on "
         f"{min(train)}-{max(train)}); "
@@ -336,3 +397,13 @@ def render_calibration(report: dict) -> str:
         f"detector saved to {report['calibration']}; ROC plot: {report['plot']}",
     ]
     return "\n".join(lines)
+
+
+def _rule_text(name: str, threshold: float) -> str:
+    """A saved threshold (on the signed score, larger = generated) as the statistic's own comparison: `< 2.05` for
+    a statistic where generated text scores lower, `> -2.2 (p > 0.10)` for the classifier's log-odds."""
+    if DIRECTION[name] < 0:
+        return f"< {-threshold:.4g}"
+    if name == "classifier":
+        return f"> {threshold:.4g} (p > {1 / (1 + math.exp(-threshold)):.2g})"
+    return f"> {threshold:.4g}"

@@ -50,7 +50,7 @@ def _cmd_scale_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_scale_fit(args: argparse.Namespace) -> int:
-    from gptwo.scale.fit import fit_report, format_report, parse_point, read_points, without_budgets
+    from gptwo.scale.fit import fit_report, format_report, parse_point, read_points, warning_line, without_budgets
     from gptwo.scale.method import best_of_plan, plan_largest, prepare
 
     if args.plot:  # before the fit: a user's file is never replaced by a plot
@@ -86,8 +86,9 @@ def _cmd_scale_fit(args: argparse.Namespace) -> int:
         from gptwo.scale.plots import plot_fit
 
         plot_fit(points, report, args.plot, extra=every)
-    for warning in report["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
+    line = warning_line(report)
+    if line:
+        print(line, file=sys.stderr)
     print_report(report, args.json, format_report)
     return 0
 

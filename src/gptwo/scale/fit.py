@@ -342,6 +342,7 @@ def fit_report(
         "predictions": [_prediction(constants, samples, n, d, corpus) for n, d in queries],
     }
     report["warnings"] = fit_warnings(points, report)
+    report["degenerate"] = bool(degenerate_reasons(points, report))
     if corpus is not None:
         report["repeats"] = {
             "unique_tokens": corpus[0],
@@ -352,41 +353,52 @@ def fit_report(
     return report
 
 
-# A fit is flagged when: an exponent sits at its bound, a constant ran off (|log| beyond this), a 95% interval spans
-# this many orders of magnitude or more, fewer than this many distinct N or D, or this rms log residual.
+# A fit is *degenerate* when the runs do not determine its constants: fewer than FEW_DISTINCT distinct N or D, an
+# exponent at its bound, E, A or B at 0, infinite or beyond e^±LOG_RUNAWAY (E = 2e-33 is e^-75), or a 95% bootstrap
+# interval of E, A, B or of a compute-optimal N or D that is not positive and finite or spans WIDE_DECADES orders of
+# magnitude or more (A in [5.5, 1.2e21]). Apart from that, a fit is flagged when it has no finite compute-optimal N, D,
+# or misses the runs by more than RMS_LOG_MISFIT rms in log loss.
 LOG_RUNAWAY = 50.0
 WIDE_DECADES = 1.0
 FEW_DISTINCT = 3
 RMS_LOG_MISFIT = 0.1
 
 
-def fit_warnings(points: list[dict], report: dict) -> list[str]:
-    """Why a fit's constants or allocations cannot be trusted, one sentence each (empty when nothing is amiss)."""
-    warnings = []
+def degenerate_reasons(points: list[dict], report: dict) -> list[str]:
+    """Why the runs do not determine the fit's constants, one short sentence each (empty when they do)."""
+    reasons = []
     for key, name in (("params", "N"), ("tokens", "D")):
         values = {p[key] for p in points}
         if len(values) < FEW_DISTINCT:
-            warnings.append(
+            reasons.append(
                 f"the runs hold only {len(values)} distinct {name}: the {'alpha' if name == 'N' else 'beta'} term "
                 f"is not determined by them (train runs of {FEW_DISTINCT} or more {name})"
             )
     low, high = BOUNDS[3]
     for key in ("alpha", "beta"):
         if report[key] <= low + 1e-6 or report[key] >= high - 1e-6:
-            warnings.append(f"{key} = {report[key]:.3g} sits at its bound [{low:g}, {high:g}]: the fit is degenerate")
+            reasons.append(f"{key} = {report[key]:.3g} sits at its bound [{low:g}, {high:g}]")
     for key in ("E", "A", "B"):
         if not 0 < report[key] < math.inf or abs(math.log(report[key])) > LOG_RUNAWAY:
-            warnings.append(f"{key} = {report[key]:.3g} ran off to an extreme: the fit is degenerate")
+            reasons.append(f"{key} = {report[key]:.3g} ran off to an extreme (beyond e^±{LOG_RUNAWAY:g})")
     for key, span in report["intervals"].items():
         if key in ("alpha", "beta", "a", "b") or key.startswith("loss_opt@"):
             continue  # exponents and losses: spans of their own scale, judged through the constants and optima
         lo, hi = span
         if not (math.isfinite(lo) and math.isfinite(hi) and lo > 0 and hi > 0):
-            warnings.append(f"the 95% interval of {key} is [{lo:.3g}, {hi:.3g}]: not a usable estimate")
-        elif math.log10(hi / lo) >= WIDE_DECADES:
-            warnings.append(
-                f"the 95% interval of {key}, [{lo:.3g}, {hi:.3g}], spans {math.log10(hi / lo):.1f} orders of magnitude"
+            reasons.append(f"the 95% interval of {key} is [{lo:.3g}, {hi:.3g}]: not a usable estimate")
+        elif math.log10(hi) - math.log10(lo) >= WIDE_DECADES:
+            reasons.append(
+                f"the 95% interval of {key}, [{lo:.3g}, {hi:.3g}], spans "
+                f"{math.log10(hi) - math.log10(lo):.1f} orders of magnitude"
             )
+    return reasons
+
+
+def fit_warnings(points: list[dict], report: dict) -> list[str]:
+    """Why a fit's constants or allocations cannot be trusted, one sentence each (empty when nothing is amiss): the
+    degenerate_reasons first, then a missing optimum or a misfit."""
+    warnings = degenerate_reasons(points, report)
     if any(not math.isfinite(o["params"]) for o in report["optimal"]):
         warnings.append("the fit has no finite compute-optimal N and D (the loss does not fall with both)")
     if report["residuals"]["rms_log"] > RMS_LOG_MISFIT:
@@ -395,6 +407,20 @@ def fit_warnings(points: list[dict], report: dict) -> list[str]:
             "they may not follow L(N, D) (check the runs' losses)"
         )
     return warnings
+
+
+def warning_line(report: dict) -> str | None:
+    """The one line `gptwo scale fit` prints on stderr when the fit cannot be trusted (None when it can)."""
+    warnings = report["warnings"]
+    if not warnings:
+        return None
+    more = f" (and {len(warnings) - 1} more in the report)" if len(warnings) > 1 else ""
+    if report["degenerate"]:
+        return (
+            f"warning: degenerate fit, the runs do not determine its constants: {warnings[0]}{more}; "
+            "train runs at 3 or more budgets, each bracketing its optimum"
+        )
+    return f"warning: {warnings[0]}{more}"
 
 
 def _predicted(constants: dict, point: dict) -> float:
@@ -497,4 +523,11 @@ def format_report(report: dict) -> str:
     for p in report["predictions"]:
         span = f" [{p['interval'][0]:.4f}, {p['interval'][1]:.4f}]" if "interval" in p else ""
         lines.append(f"  predicted loss at N={p['params']:.3g}, D={p['tokens']:.3g}: {p['loss']:.4f}{span}")
+    if report.get("warnings"):
+        lines.append(
+            "  DEGENERATE FIT: the runs do not determine its constants; read none of the numbers above as estimates"
+            if report.get("degenerate")
+            else "  the fit cannot be trusted:"
+        )
+        lines += [f"  warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
