@@ -21,6 +21,23 @@ MAX_STOPS = 16  # stop strings per request or command
 MAX_STOP_CHARS = 1024  # characters in one stop string
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A command-line string with \\n, \\t, \\r and \\\\ read as newline, tab, carriage return and one backslash
+    (a shell passes "\\n" as a backslash and an n); any other backslash stays as it is."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def check_stops(stop: Sequence[str]) -> None:
     """Reject more than MAX_STOPS stop strings, or one longer than MAX_STOP_CHARS (matching cost stays bounded)."""
     if len(stop) > MAX_STOPS:

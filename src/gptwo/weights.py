@@ -278,8 +278,33 @@ def _weights_bytes(directory: str) -> int:
 
 
 # ---------------------------------------------------------------- folders and hub ids
+def looks_like_a_path(spec: str) -> bool:
+    """True for a --model that can only mean a local path: it starts with ./, ../, / or ~, ends with a
+    separator, or its first component is a folder here (runs/nope when runs/ exists)."""
+    seps = tuple({os.sep, "/"})
+    if spec.startswith(("./", "../", "~", *seps)) or spec.endswith(seps):
+        return True
+    first = spec.replace(os.sep, "/").split("/")[0]
+    return "/" in spec.replace(os.sep, "/") and os.path.isdir(first)
+
+
+def _missing_folder(spec: str) -> GptwoError:
+    parent = os.path.dirname(os.path.normpath(os.path.expanduser(spec))) or "."
+    if os.path.isdir(parent):
+        names = sorted(n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n)) and n[0] != ".")
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        fix = f"check the path ({parent} holds {shown or 'no folders'})"
+    else:
+        fix = f"check the path ({parent} does not exist either)"
+    return GptwoError(f"model folder {spec} does not exist", fix)
+
+
 def resolve_model_dir(path_or_id: str) -> str:
-    """A local folder with config.json: `path_or_id` itself, or a hub snapshot downloaded on demand."""
+    """A local folder with config.json: `path_or_id` itself, or a hub snapshot downloaded on demand.
+
+    A missing path (see `looks_like_a_path`) is reported as such, never tried as a hub id."""
+    if path_or_id.startswith("~"):
+        path_or_id = os.path.expanduser(path_or_id)
     if os.path.isdir(path_or_id):
         if not os.path.isfile(os.path.join(path_or_id, "config.json")):
             raise GptwoError(
@@ -287,6 +312,8 @@ def resolve_model_dir(path_or_id: str) -> str:
                 "pass a folder written by save_pretrained or gptwo train",
             )
         return path_or_id
+    if not os.path.exists(path_or_id) and looks_like_a_path(path_or_id):
+        raise _missing_folder(path_or_id)
     if os.path.exists(path_or_id) or not _HUB_ID.match(path_or_id):
         raise GptwoError(
             f"model '{path_or_id}' is neither a model folder nor a hub id",

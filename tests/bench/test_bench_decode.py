@@ -61,9 +61,15 @@ def test_bench_decode_json_has_the_documented_fields(tiny_model, capsys):
 
 
 def test_bench_decode_prints_a_table(tiny_model, capsys):
-    assert main(["bench", "decode", "--model", tiny_model, "--variants", "int8", *ARGS]) == 0
-    out = capsys.readouterr().out
+    assert main(["bench", "decode", "--model", tiny_model, "--variants", "int8", *ARGS, "--rounds", "2"]) == 0
+    printed = capsys.readouterr()
+    out = printed.out
     assert "transformers" in out and "int8" in out and "ceiling" in out and "bf16" not in out.split("\n", 1)[1]
+    # progress on stderr: each warm-up with its time, then each round as it ends
+    assert "warming up 2/2: gptwo int8... " in printed.err
+    rounds = [line for line in printed.err.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in rounds] == ["round 1/2", "round 2/2"]
+    assert "gptwo int8" in rounds[0] and "tok/s" in rounds[0] and "s left)" in rounds[0]
 
 
 def test_bench_decode_refuses_unknown_variants_in_one_line(tiny_model, capsys):

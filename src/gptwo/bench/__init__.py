@@ -61,13 +61,33 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(runs: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per run, the runs taking turns each round (so drifting machine load hits all alike)."""
+def interleaved(
+    runs: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    each_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per run, the runs taking turns each round (so drifting machine load hits all alike).
+
+    `each_round(i, seconds)` is called after round i (1-based) with that round's seconds per run."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
+    for number in range(1, rounds + 1):
         for name, fn in runs.items():
             times[name].append(timed(fn, device))
+        if each_round is not None:
+            each_round(number, {name: ts[-1] for name, ts in times.items()})
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' warnings and notices (the anchors' config chatter is not ours to print); its errors
+    still raise."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
 
 
 def render_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

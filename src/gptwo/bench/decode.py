@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 
 import torch
 
@@ -22,6 +23,7 @@ from gptwo.bench import (
     cpu_flags,
     cpu_name,
     interleaved,
+    quiet_transformers,
     render_table,
     tool_timeout,
 )
@@ -51,6 +53,7 @@ def hf_twin(model: GPT):
         ) from None
     from gptwo.weights import config_to_hf, state_dict_to_hf
 
+    quiet_transformers()
     hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config))).eval()
     missing, unexpected = hf.load_state_dict(state_dict_to_hf(model), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
@@ -148,16 +151,38 @@ def decode_report(
     del base
     tokens = {}
     with torch.no_grad():
-        for key, run in runs.items():  # warm-up (and compilation), and the tokens each produces
+        for number, (key, run) in enumerate(runs.items(), 1):  # warm-up (and compilation), and each one's tokens
             if progress:
-                print(f"warming up {key[0]} {key[1]}", file=sys.stderr)
+                print(f"warming up {number}/{len(runs)}: {key[0]} {key[1]}...", end="", file=sys.stderr, flush=True)
+            start = time.perf_counter()
             tokens[key] = run()[:, prompt_tokens:]
+            if progress:
+                print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         runs.update(llama_runs)
         probe = torch.ones(512 * 2**20 // 4, device=dev)
         runs[("memory", "read")] = probe.sum
         if progress:
-            print(f"timing {rounds} interleaved rounds", file=sys.stderr)
-        seconds = interleaved(runs, rounds, dev)
+            print(f"timing {rounds} interleaved rounds (each runs every contender once)", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+
+        def each_round(number: int, round_seconds: dict) -> None:
+            rates = " | ".join(
+                f"{tool} {dtype} {rate:,.1f} tok/s"
+                for (tool, dtype), s in round_seconds.items()
+                if tool != "memory"
+                for rate in [
+                    new_tokens / llama.seconds[dtype][-1] if tool == "llama.cpp" else batch_size * new_tokens / s
+                ]
+            )
+            elapsed = time.perf_counter() - started
+            left = elapsed / number * (rounds - number)
+            print(
+                f"round {number}/{rounds}: {rates} ({elapsed:.0f} s so far, ~{left:.0f} s left)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        seconds = interleaved(runs, rounds, dev, each_round if progress else None)
     bandwidth = probe.numel() * probe.element_size() / seconds[("memory", "read")] / 1e9
     anchor = batch_size * new_tokens / seconds[("transformers", "fp32")]
     rows = []

@@ -281,6 +281,9 @@ def _hf_model(config: GPTConfig):
         raise GptwoError(
             "gptwo bench train compares against transformers, which is not installed", "pip install 'gptwo[eval]'"
         ) from None
+    from gptwo.bench import quiet_transformers
+
+    quiet_transformers()
     hf = GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=config.block_size,
@@ -756,20 +759,14 @@ def step_seconds(optimizers: list[str], settings: list[str], rounds: int = 5, st
 
 
 def _train_command(data_dir: str, run_dir: str, overrides: list[str]) -> list[str]:
+    """`gptwo train` of one bench run: continued (--resume) where an earlier bench started it."""
     import sys
 
-    return [
-        sys.executable,
-        "-m",
-        "gptwo.cli",
-        "train",
-        "--data",
-        data_dir,
-        "--out",
-        run_dir,
-        "--preset",
-        "cpu",
-        "--resume",
+    from gptwo.train.runfolder import has_started
+
+    resume = ["--resume"] if has_started(run_dir) else []
+    return [sys.executable, "-m", "gptwo.cli", "train", "--data", data_dir, "--out", run_dir, "--preset", "cpu"] + [
+        *resume,
         *overrides,
     ]
 

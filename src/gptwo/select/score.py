@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -192,8 +191,7 @@ def score_documents(
 ) -> int:
     """Write `{id, tokens, loss[, reference_loss, reducible]}` per non-empty document of `inputs` to `out`
     (JSON lines), continuing after the rows already there; returns the number of rows written now."""
-    from tqdm import tqdm
-
+    from gptwo.progress import progress_bar
     from gptwo.select.offline import check_not_an_input
     from gptwo.weights import load_model
 
@@ -216,7 +214,14 @@ def score_documents(
     written = 0
     with (
         contextlib.ExitStack() as stack,
-        tqdm(desc="scoring", unit="doc", initial=done[0], file=sys.stderr, disable=not progress, delay=0.5) as bar,
+        progress_bar(
+            "scoring",
+            total=_count_documents(inputs, text_field) if progress else None,
+            initial=done[0],
+            unit="doc",
+            enabled=progress,
+            delay=0.5,
+        ) as bar,
     ):
         f = None
         for batch in _batches(inputs, text_field, tokenizer, done, out, batch_tokens):
@@ -236,6 +241,15 @@ def score_documents(
             written += len(batch)
             bar.update(len(batch))
     return written
+
+
+def _count_documents(inputs: Sequence[str], text_field: str) -> int | None:
+    """The non-empty documents of local inputs (a quick pass, for the bar's total and ETA); None for hf: datasets."""
+    from gptwo.data.sources import iter_documents
+
+    if any(path.startswith("hf:") for path in inputs):
+        return None
+    return sum(1 for text in iter_documents(inputs, text_field) if text.strip())
 
 
 def _score_row(doc_id: int, n_tokens: int, nll: list[float]) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from gptwo.argtypes import command, int_at_least
 
@@ -21,6 +22,7 @@ def _cmd_train_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         init_from=args.init_from,
         overwrite=args.overwrite,
+        require_run=args.resume,
     )
     if summary["rank"]:
         return 0  # under torchrun only rank 0 reports
@@ -46,8 +48,19 @@ def add_commands(sub) -> None:
 
     defaults = TrainConfig()
     keys = "\n".join(f"  {name}={getattr(defaults, name)!r} ({kind.__name__})" for name, kind in train_fields().items())
+    presets = "\n".join(
+        textwrap.fill(
+            " ".join(f"{key}={value!r}" for key, value in values.items()),
+            100,
+            initial_indent=f"  {name}: ",
+            subsequent_indent="    ",
+        )
+        for name, values in TRAIN_PRESETS.items()
+    )
     epilog = (
-        f"config keys (key=value overrides; defaults shown):\n{keys}\n\n"
+        "config keys (key=value overrides), with the built-in defaults: what a run without --preset or --config "
+        f"uses\n{keys}\n\n"
+        f"presets (--preset NAME sets these keys; the others keep the defaults above):\n{presets}\n\n"
         "global batch (tokens/step) = batch_size * block_size * grad_accum * world_size;\n"
         "with batch_tokens > 0, grad_accum is derived from it. Under torchrun the same command trains with DDP\n"
         "(or parallel=fsdp). See docs/training.md."
@@ -85,14 +98,19 @@ def add_commands(sub) -> None:
     group.add_argument(
         "--preset",
         choices=list(TRAIN_PRESETS),
-        help="cpu (minutes on a laptop) or a GPT-2 size with the GPT-3 paper's recipe",
+        help="cpu (a small model for a CPU) or a GPT-2 size with the GPT-3 paper's recipe; each one's values are "
+        "listed below",
     )
     group.add_argument("--config", help="JSON or TOML file of config fields (may name a 'preset')")
     p.add_argument(
         "--max-steps", type=int_at_least(1), default=None, help="number of optimizer steps (same as max_steps=N)"
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint, exactly"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint, exactly (before the first checkpoint: from step "
+        "0 with the config it saved, train_config.json); key=value overrides apply on top; an error if --out holds "
+        "neither. Ctrl-C or SIGTERM during training saves a checkpoint first",
     )
     p.add_argument(
         "--init-from",

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 
 from gptwo.config import GPTConfig, TrainConfig, load_train_config
 from gptwo.errors import GptwoError
+from gptwo.fileio import atomic_write, read_json_file
 from gptwo.model import GPT, describe, param_count
 from gptwo.runtime import check_memory
 from gptwo.select.online import make_selector
@@ -36,7 +40,7 @@ from gptwo.train.distributed import (
 )
 from gptwo.train.metrics import MetricsLog, plot_losses
 from gptwo.train.optim import flops_per_token, lr_at, make_optimizer, optimizer_flops_per_step, peak_flops
-from gptwo.train.runfolder import check_run_folder, run_lock
+from gptwo.train.runfolder import RUN_CONFIG, check_run_folder, run_lock
 from gptwo.train.speed import (
     autocast,
     compile_enabled,
@@ -80,10 +84,14 @@ def run_training(
     init_from: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    require_run: bool = False,
 ) -> dict:
     """What `gptwo train` does: resolve the config (a resumed run starts from its saved one) and train.
 
-    `out_dir` must be new, empty or a run folder (see gptwo.train.runfolder), unless `overwrite`.
+    `resume` continues from the latest checkpoint or, before the first, from the config the run saved at
+    step 0 (RUN/train_config.json), with `overrides` on top; with neither, it starts a new run, unless
+    `require_run` (`gptwo train --resume`) makes that an error. `out_dir` must be new, empty or a run
+    folder (see gptwo.train.runfolder), unless `overwrite`.
     """
     check_run_folder(out_dir, (data_dir, init_from or ""), overwrite)
     overrides = list(overrides or [])
@@ -91,21 +99,55 @@ def run_training(
         overrides.append(f"max_steps={max_steps}")
     if init_from:
         overrides.append(f"init_from={init_from}")
+    # the lock first: a second process is told the run is in use, not that it has nothing to resume
+    with run_lock(out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        config = _resolve_config(out_dir, preset, config_file, overrides, resume, require_run)
+        return train(data_dir, out_dir, config, resume=resume, progress=progress, overwrite=overwrite)
+
+
+def _resolve_config(
+    out_dir: str,
+    preset: str | None,
+    config_file: str | None,
+    overrides: list[str],
+    resume: bool,
+    require_run: bool,
+) -> TrainConfig:
+    """The run's config: its latest checkpoint's or its saved step-0 config (resuming), else preset/file/overrides."""
     last = ckpt.latest_checkpoint(out_dir) if resume else None
+    started = read_run_config(out_dir) if resume and last is None else None
     if last is not None:
         saved = ckpt.read_trainer_state(last)["config"]
-        config = load_train_config(overrides={**saved, **_parsed(overrides)})
-        saved = {**TrainConfig().to_dict(), **saved}  # a run saved before a key existed ran with its default
-        changed = [k for k in FIXED_ON_RESUME if getattr(config, k) != saved[k]]
-        if changed:
-            raise GptwoError(
-                f"--resume cannot change {changed[0]} "
-                f"(the run was started with {changed[0]}={saved.get(changed[0])!r})",
-                "drop that override, or start a new run with --init-from RUN",
-            )
+    elif started is not None:
+        saved = started["config"]
+    elif resume and require_run:
+        raise GptwoError(
+            f"--resume: {out_dir} holds no run to continue (no checkpoint and no {RUN_CONFIG})",
+            "start the run without --resume (with its --preset or --config), or check --out",
+        )
     else:
-        config = load_train_config(preset, config_file, overrides)
-    return train(data_dir, out_dir, config, resume=resume, progress=progress, overwrite=overwrite)
+        return load_train_config(preset, config_file, overrides)
+    config = load_train_config(overrides={**saved, **_parsed(overrides)})
+    saved = {**TrainConfig().to_dict(), **saved}  # a run saved before a key existed ran with its default
+    changed = [k for k in FIXED_ON_RESUME if getattr(config, k) != saved[k]]
+    if changed:
+        raise GptwoError(
+            f"--resume cannot change {changed[0]} (the run was started with {changed[0]}={saved.get(changed[0])!r})",
+            "drop that override, or start a new run with --init-from RUN",
+        )
+    return config
+
+
+def read_run_config(run_dir: str) -> dict | None:
+    """RUN/train_config.json ({"config", "data"}: what the run was started with, written at step 0), or None."""
+    path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    fix = f"delete {path} and start the run again without --resume"
+    saved = read_json_file(path, f"the run's saved config {path}", fix)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise GptwoError(f"the run's saved config {path} has no 'config' object", fix)
+    return saved
 
 
 def _parsed(overrides: list[str]) -> dict:
@@ -167,6 +209,9 @@ class _Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.data = open_data(data_dir, config, info)
         self.resume_from = self._check_run_dir(resume)
+        started = read_run_config(out_dir) if resume and not self.resume_from else None
+        if started is not None and "data" in started:
+            self._check_same_data(started["data"])
         torch.manual_seed(config.seed)
         model = self._build_model()
         self.grad_accum = grad_accum_for(config, info.world_size)
@@ -191,8 +236,7 @@ class _Trainer:
         if self.resume_from:
             self._load(self.resume_from)  # restores each rank's RNG state as well
         self.log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=info.is_main)
-        if info.is_main:
-            self.log.truncate_after(self.step)
+        self.log.restart(self.step)  # earlier rows are kept; readers drop the ones this run will log again
 
     # ---------------------------------------------------------------- setup
     def _check_run_dir(self, resume: bool) -> str | None:
@@ -203,7 +247,9 @@ class _Trainer:
                 "pass --resume to continue it, or choose a new --out",
             )
         if resume and last is None and self.info.is_main:
-            print(f"note: no checkpoint in {self.out_dir} yet; starting a new run", file=sys.stderr)
+            again = read_run_config(self.out_dir) is not None
+            what = "starting its run again from step 0 with its saved config" if again else "starting a new run"
+            print(f"note: no checkpoint in {self.out_dir} yet; {what}", file=sys.stderr)
         return last
 
     def _resumed_step(self) -> int:
@@ -258,7 +304,22 @@ class _Trainer:
 
     def _load(self, path: str) -> None:
         trainer = ckpt.read_trainer_state(path)
-        saved, now = trainer["data"], self.data.identity
+        self._check_same_data(trainer["data"])
+        optimizer = trainer["config"].get("optimizer", "adamw")
+        if optimizer != self.config.optimizer:
+            raise GptwoError(
+                f"the run was trained with optimizer={optimizer}, not optimizer={self.config.optimizer}",
+                f"resume with optimizer={optimizer}, or start a new run with --init-from RUN",
+            )
+        trainer = ckpt.load_checkpoint(path, self.model, self.optimizer, self.info)
+        self.step = trainer["step"]
+        self.data.train.load_state_dict(trainer["ranks"][0]["loader"])  # slots consumed by all ranks together
+        if self.info.is_main:
+            print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+
+    def _check_same_data(self, saved: dict) -> None:
+        """A resumed run reads the data it was started on (its tokenizer and token counts)."""
+        now = self.data.identity
         if saved["tokenizer"] != now["tokenizer"]:
             raise GptwoError(
                 f"the run was trained on data tokenized with '{saved['tokenizer']}', "
@@ -271,17 +332,12 @@ class _Trainer:
                 f"({saved['train_tokens']} vs {now['train_tokens']} training tokens)",
                 "resume with the same --data, or start a new run with --init-from RUN",
             )
-        optimizer = trainer["config"].get("optimizer", "adamw")
-        if optimizer != self.config.optimizer:
-            raise GptwoError(
-                f"the run was trained with optimizer={optimizer}, not optimizer={self.config.optimizer}",
-                f"resume with optimizer={optimizer}, or start a new run with --init-from RUN",
-            )
-        trainer = ckpt.load_checkpoint(path, self.model, self.optimizer, self.info)
-        self.step = trainer["step"]
-        self.data.train.load_state_dict(trainer["ranks"][0]["loader"])  # slots consumed by all ranks together
+
+    def _save_run_config(self) -> None:
+        """RUN/train_config.json: the resolved config and data, so `--resume` before a checkpoint is this run."""
         if self.info.is_main:
-            print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+            saved = {"config": self.config.to_dict(), "data": self.data.identity}
+            atomic_write(os.path.join(self.out_dir, RUN_CONFIG), (json.dumps(saved, indent=1) + "\n").encode())
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -311,6 +367,8 @@ class _Trainer:
         start_time = time.perf_counter()
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps whose loss and norm are not yet read back
         budget = _TimeBudget(config, self.step, start_time) if config.max_time else None
+        self._save_run_config()
+        stop = _StopSignals(info, self.device)
         try:
             while self.step < config.max_steps:
                 pending.append(self.train_step())
@@ -323,6 +381,8 @@ class _Trainer:
                 logged = self.step % config.log_every == 0 or self.step == config.max_steps
                 evaluated = self.step % config.eval_every == 0 or self.step == config.max_steps
                 saved = self.step % config.checkpoint_every == 0 or self.step == config.max_steps
+                stopping = stop.agreed(at_sync_point=logged)
+                saved = saved or bool(stopping)
                 if not (logged or evaluated or saved):
                     continue
                 loss = summary["loss"] = self._check_finite(pending)
@@ -350,7 +410,10 @@ class _Trainer:
                 if saved:
                     self.save()
                     clock, window_steps = time.perf_counter(), 0
+                if stopping and self.step < config.max_steps:
+                    raise self._stopped(stopping, bar)
         finally:
+            stop.close()
             bar.close()
         summary.update(
             step=self.step,
@@ -359,6 +422,16 @@ class _Trainer:
             flops=self.step * flops_per_step,
         )
         return summary
+
+    def _stopped(self, signum: int, bar) -> TrainingStopped:
+        if self.info.is_main:
+            name = signal.Signals(signum).name
+            bar.write(
+                f"{name}: stopped at step {self.step}, checkpoint saved in "
+                f"{os.path.join(self.out_dir, ckpt.CHECKPOINTS, f'step_{self.step}')}",
+                file=sys.stderr,
+            )
+        return TrainingStopped(signum)
 
     def _fit_time_budget(self, budget: _TimeBudget, bar) -> TrainConfig:
         """The config with max_steps cut so training ends within max_time (rank 0's measurement, on every rank)."""
@@ -371,7 +444,9 @@ class _Trainer:
                 file=sys.stderr,
             )
         # saved so, a resumed run keeps this schedule
-        return dataclasses.replace(self.config, max_steps=steps, max_time=0.0)
+        self.config = dataclasses.replace(self.config, max_steps=steps, max_time=0.0)
+        self._save_run_config()
+        return self.config
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches: this rank's mean loss and the gradient norm, as tensors.
@@ -485,6 +560,52 @@ class _Trainer:
 
 
 # ---------------------------------------------------------------- helpers
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on Ctrl-C or SIGTERM, after saving a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM while training: the step under way finishes, a checkpoint is saved, the run
+    stops. A second Ctrl-C stops at once. Alone, the signal is seen after the step; under torchrun the ranks
+    agree at the next log step (a max over ranks), so all save the same step together. Handlers are installed
+    only in the main thread (Python's rule) and the earlier ones are restored by `close`."""
+
+    def __init__(self, info: Dist, device: torch.device):
+        self.info, self.device, self.signum, self.noted = info, device, 0, False
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, without the checkpoint
+        self.signum = signum
+
+    def agreed(self, at_sync_point: bool) -> int:
+        """The signal to stop on now (0: none): this process's, or alone any rank's at a sync point."""
+        signum = self.signum
+        if self.info.enabled:
+            if not at_sync_point:
+                return 0
+            box = torch.tensor([signum], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+            signum = int(box.item())
+        if signum and not self.noted and self.info.is_main:
+            self.noted = True
+            print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping", file=sys.stderr)
+        return signum
+
+    def close(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
 class _TimeBudget:
     """Measures steps/s over the second half of warm-up to fit max_steps into max_time.
 

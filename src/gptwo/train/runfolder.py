@@ -2,7 +2,7 @@
 
 A run folder is new, empty, or one that `gptwo train` made: it holds the run lock file or a
 `checkpoints/` folder of step checkpoints, or only what a run writes before its first checkpoint
-(metrics.jsonl, loss.png, train.log). Anything else (a saved model, a folder of the user's files,
+(train_config.json, metrics.jsonl, loss.png, train.log). Anything else (a saved model, a folder of the user's files,
 prepared data) is refused, unless `overwrite` says to train into it anyway. The lock is an
 `fcntl.flock` on `RUN/.gptwo-train.lock`, held while the run trains; the file records the holder's
 process id, so a second process is told which one has it.
@@ -20,8 +20,9 @@ from gptwo.errors import GptwoError
 
 LOCK_FILE = ".gptwo-train.lock"
 CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "train_config.json"  # the run's resolved config, written at step 0: what --resume continues
 # What a run writes before its first checkpoint (train.log: `gptwo scale run` logs each run there).
-EARLY_FILES = frozenset({"metrics.jsonl", "loss.png", "train.log"})
+EARLY_FILES = frozenset({RUN_CONFIG, "metrics.jsonl", "loss.png", "train.log"})
 _CHECKPOINT_ENTRY = re.compile(r"^step_\d+(\.tmp-.*)?$")
 _held: dict[str, int] = {}  # real path of a run folder → its lock file's descriptor, held by this process
 
@@ -43,6 +44,11 @@ def is_run_folder(path: str, also: Sequence[str] = ()) -> bool:
     if os.path.isdir(checkpoints) and all(_CHECKPOINT_ENTRY.match(name) for name in os.listdir(checkpoints)):
         return True
     return set(entries) <= EARLY_FILES | set(also)
+
+
+def has_started(path: str) -> bool:
+    """True for a run folder that `--resume` can continue: it holds a checkpoint or the run's saved config."""
+    return os.path.isfile(os.path.join(path, RUN_CONFIG)) or os.path.isdir(os.path.join(path, CHECKPOINTS))
 
 
 def check_run_folder(
