@@ -53,7 +53,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.infer.arena",
     ),
     # sampling over a decode step; stop strings and streaming text (no torch).
-    "sampling": ("gptwo.sampling", "gptwo.text"),
+    "sampling": ("gptwo.sampling", "gptwo.text", "gptwo.watermark", "gptwo.speculative"),
     # a model from stored weights, dtype/quantization, and `gptwo.GPT` with its conveniences.
     "loading": ("gptwo", "gptwo.weights", "gptwo.gguf", "gptwo.infer.prepare"),
     # the parts: what the commands do. See PART_USES for which parts a part may import.
@@ -82,6 +82,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.detect.gltr",
         "gptwo.detect.pairs",
         "gptwo.detect.stats",
+        "gptwo.detect.watermark",
         "gptwo.serve",
         "gptwo.serve.app",
         "gptwo.serve.connection",
@@ -119,6 +120,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.bench.serve",
         "gptwo.bench.serve_workloads",
         "gptwo.bench.train",
+        "gptwo.bench.watermark",
         "gptwo.export",
         "gptwo.export.gguf",
         "gptwo.export.onnx",
@@ -165,7 +167,7 @@ PART_USES: dict[str, set[str]] = {
     "train": {"data", "generate", "select"},
     "select": {"data"},
     "scale": {"data", "train"},
-    "bench": {"export", "infer", "train"},
+    "bench": {"detect", "export", "infer", "train"},
     "export": set(),
     "webtext": {"data"},
 }
@@ -508,7 +510,7 @@ def top_level_names(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["gptwo.text", "gptwo.serve.protocol", "gptwo.runtime"])
+@pytest.mark.parametrize("module", ["gptwo.text", "gptwo.serve.protocol", "gptwo.runtime", "gptwo.watermark"])
 def test_torch_free_modules_do_not_import_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

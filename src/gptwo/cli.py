@@ -18,6 +18,7 @@ from gptwo.argtypes import (
     MAX_SEED,
     Parser,
     add_inference_options,
+    add_watermark_options,
     command,
     float_in,
     int_at_least,
@@ -35,7 +36,10 @@ PARTS = ("data", "train", "eval", "serve", "webtext", "select", "detect", "scale
 # --------------------------------------------------------------------------- core (generate, tokenizer)
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gptwo.generate import generate_cli_stream
+    from gptwo.text import unescape
+    from gptwo.watermark import settings_from_args
 
+    watermark = settings_from_args(args)
     prompt = text_argument(args.prompt, "PROMPT")
     for piece in generate_cli_stream(
         args.model,
@@ -45,11 +49,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        stop=args.stop or None,
+        stop=[unescape(s) for s in args.stop] or None,
         num_samples=args.num_samples,
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        watermark=watermark,
+        draft_model=args.draft_model,
+        speculate=args.speculate,
+        num_speculative_tokens=args.num_speculative_tokens,
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -107,7 +115,8 @@ def add_core_commands(sub) -> None:
         action="append",
         default=[],
         help="stop when this string appears (repeatable, at most 16 of at most 1024 characters each); "
-        "it is not printed",
+        "it is not printed. \\n, \\t, \\r and \\\\ mean newline, tab, carriage return and a backslash, so "
+        "--stop '\\n\\n' stops at a blank line",
     )
     p.add_argument(
         "--num-samples",
@@ -117,6 +126,30 @@ def add_core_commands(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     add_inference_options(p)
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="speculative decoding: a smaller model with the same tokenizer proposes tokens that --model checks "
+        "several at a time; the text follows --model's distribution (greedy: the same text)",
+    )
+    p.add_argument(
+        "--speculate",
+        choices=["ngram"],
+        default=None,
+        help="speculative decoding with no draft model: ngram proposes what followed the last tokens' latest "
+        "earlier occurrence in the text (prompt lookup; fast where the output copies the prompt)",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int_at_least(1, 64),
+        default=4,
+        help="draft tokens checked per step with --draft-model or --speculate (default 4)",
+    )
+    add_watermark_options(
+        p,
+        "watermark the text (Kirchenbauer et al.): 'gptwo detect --watermark' or transformers' WatermarkDetector "
+        "finds it",
+    )
 
     tok = sub.add_parser(
         "tokenizer",
@@ -177,14 +210,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one `gptwo` command: exit 0, 2 for bad input (one `error: … — …` line), 1 for a bug, 130 on Ctrl-C."""
+    """Run one `gptwo` command: exit 0, 2 for bad input (one `error: … — …` line), 1 for a bug, 130 on Ctrl-C
+    (143 when training stopped on SIGTERM)."""
     args = parse_args(argv)
     debug = args.debug or bool(os.environ.get("GPTWO_DEBUG"))
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where a command turns it into this (training)
         print(f"error: interrupted — {_INTERRUPTED.get(args.command, 'rerun the command')}", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", 2)
     except BrokenPipeError:
         return 0
     except Exception as err:  # noqa: BLE001 - input errors become one line; anything else is a bug

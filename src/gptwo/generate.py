@@ -13,8 +13,10 @@ import torch
 from gptwo.errors import GptwoError
 from gptwo.model import GPT
 from gptwo.sampling import check_sampling, generate, pad_left, stream_tokens  # noqa: F401 - generate, pad_left: public here too
+from gptwo.speculative import NgramDraft, SpeculationStats, speculative_tokens
 from gptwo.text import TextStream, check_stops, encode_prompt
 from gptwo.tokenizer import Tokenizer
+from gptwo.watermark import WatermarkSettings
 
 __all__ = ["complete", "generate", "generate_cli_stream", "pad_left", "stream_texts"]
 
@@ -31,15 +33,18 @@ def stream_texts(
     stop: Sequence[str] | None = None,
     stop_at_eot: bool = True,
     seed: int | None = None,
+    watermark: WatermarkSettings | None = None,
 ) -> Iterator[list[str]]:
-    """Sample continuations of several prompts as a batch; yield each step's new text per prompt."""
+    """Sample continuations of several prompts as a batch; yield each step's new text per prompt.
+
+    `watermark` marks every continuation (gptwo.watermark)."""
     check_stops(stop or ())
     token_lists = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
     device = model.transformer.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     streams = [TextStream(tokenizer, stop or (), stop_at_eot) for _ in token_lists]
     for next_ids, _ in stream_tokens(
-        model, token_lists, max_new_tokens, temperature, top_k, top_p, generator=generator
+        model, token_lists, max_new_tokens, temperature, top_k, top_p, generator=generator, watermark=watermark
     ):
         yield [s.push(int(t)) for s, t in zip(streams, next_ids.tolist())]
         if all(s.finished for s in streams):
@@ -64,9 +69,15 @@ def generate_cli_stream(
     seed: int | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    draft_model: str | None = None,
+    speculate: str | None = None,
+    num_speculative_tokens: int = 4,
     **kwargs,
 ) -> Iterator[str]:
-    """What `gptwo generate` prints: each sample's continuation, streamed, samples separated by a rule."""
+    """What `gptwo generate` prints: each sample's continuation, streamed, samples separated by a rule.
+
+    With `draft_model` or `speculate="ngram"`, decoding is speculative (gptwo.speculative); its acceptance
+    rate goes to stderr at the end."""
     from gptwo.weights import load_model
 
     check_sampling(
@@ -83,10 +94,71 @@ def generate_cli_stream(
             file=sys.stderr,
         )
     max_new_tokens = kwargs.pop("max_new_tokens")
+    draft = _draft(draft_model, speculate, tokenizer, kwargs, device=device, dtype=dtype, quantize=quantize)
+    stats = SpeculationStats()
     for sample in range(num_samples):
         if sample:
             yield "\n" + "-" * 40 + "\n"
-        for pieces in stream_texts(
-            model, tokenizer, [tokens], max_new_tokens, seed=None if seed is None else seed + sample, **kwargs
-        ):
-            yield pieces[0]
+        sample_seed = None if seed is None else seed + sample
+        if draft is None:
+            for pieces in stream_texts(model, tokenizer, [tokens], max_new_tokens, seed=sample_seed, **kwargs):
+                yield pieces[0]
+            continue
+        yield from _speculative_text(
+            model, tokenizer, tokens, max_new_tokens, draft, num_speculative_tokens, sample_seed, stats, **kwargs
+        )
+    if draft is not None:
+        print(
+            f"\nspeculative decoding: {stats.accepted} of {stats.proposed} draft tokens accepted "
+            f"({stats.acceptance_rate:.0%}), {stats.tokens_per_step:.2f} tokens per step of the model",
+            file=sys.stderr,
+        )
+
+
+PROBE = "Speculative decoding needs one tokenizer: 1234 café\n\tdef f(x): return x ** 2  # ok"
+
+
+def _draft(draft_model, speculate, tokenizer, kwargs, **load):
+    """The draft for `gptwo generate`: a loaded model, an NgramDraft, or None (plain decoding)."""
+    from gptwo.weights import load_model
+
+    if draft_model is None and speculate is None:
+        return None
+    if draft_model is not None and speculate is not None:
+        raise GptwoError("--draft-model and --speculate both given", "use one: a draft model, or --speculate ngram")
+    if kwargs.get("watermark") is not None:
+        raise GptwoError(
+            "--watermark does not combine with speculative decoding", "drop --draft-model / --speculate to watermark"
+        )
+    if speculate is not None:
+        return NgramDraft()
+    draft, draft_tokenizer = load_model(draft_model, **load)
+    if draft_tokenizer.n_vocab != tokenizer.n_vocab or draft_tokenizer.encode(PROBE) != tokenizer.encode(PROBE):
+        raise GptwoError(
+            f"the draft model {draft_model} has another tokenizer than the model",
+            "use a draft trained with the model's tokenizer (e.g. on the same prepared data)",
+        )
+    return draft
+
+
+def _speculative_text(model, tokenizer, tokens, max_new_tokens, draft, k, seed, stats, **kwargs) -> Iterator[str]:
+    """One sample's text, decoded speculatively, with stop strings as `stream_texts` has them."""
+    stream = TextStream(tokenizer, kwargs.get("stop") or (), kwargs.get("stop_at_eot", True))
+    device = model.transformer.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sampling = {name: kwargs.get(name) for name in ("top_k", "top_p")}
+    for token in speculative_tokens(
+        model,
+        tokens,
+        max_new_tokens,
+        kwargs.get("temperature", 1.0),
+        **sampling,
+        draft=draft,
+        k=k,
+        generator=generator,
+        stats=stats,
+    ):
+        yield stream.push(token)
+        if stream.finished:
+            return
+    yield stream.close()
