@@ -119,6 +119,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.bench.onnx_rows",
         "gptwo.bench.serve",
         "gptwo.bench.serve_workloads",
+        "gptwo.bench.speculative",
         "gptwo.bench.train",
         "gptwo.bench.watermark",
         "gptwo.export",
@@ -167,7 +168,7 @@ PART_USES: dict[str, set[str]] = {
     "train": {"data", "generate", "select"},
     "select": {"data"},
     "scale": {"data", "train"},
-    "bench": {"detect", "export", "infer", "train"},
+    "bench": {"data", "detect", "export", "infer", "train"},
     "export": set(),
     "webtext": {"data"},
 }

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from gptwo.errors import GptwoError
 
+MAX_SPECULATIVE_TOKENS = 64  # --num-speculative-tokens
+
 MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit
 
 
@@ -105,6 +107,29 @@ def add_inference_options(p) -> None:
         help="int8 weight-only quantization (one scale per output channel): ~4x smaller weights, slightly "
         "different outputs; faster decoding only where memory bandwidth limits it (large models), and it can be "
         "slower on a small model or a CPU without VNNI: measure with 'gptwo bench decode' (docs/inference.md)",
+    )
+
+
+def add_speculative_options(p) -> None:
+    """--draft-model, --speculate and --num-speculative-tokens (gptwo generate, gptwo bench decode)."""
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="speculative decoding: a smaller model with the same tokenizer proposes tokens that --model checks "
+        "several at a time; the text follows --model's distribution (greedy: the same text)",
+    )
+    p.add_argument(
+        "--speculate",
+        choices=["ngram"],
+        default=None,
+        help="speculative decoding with no draft model: ngram proposes what followed the last tokens' latest "
+        "earlier occurrence in the text (prompt lookup; fast where the output copies the prompt)",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int_at_least(1, MAX_SPECULATIVE_TOKENS),
+        default=4,
+        help="draft tokens checked per step with --draft-model or --speculate (default 4)",
     )
 
 

@@ -18,6 +18,7 @@ from gptwo.argtypes import (
     MAX_SEED,
     Parser,
     add_inference_options,
+    add_speculative_options,
     add_watermark_options,
     command,
     float_in,
@@ -126,25 +127,7 @@ def add_core_commands(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     add_inference_options(p)
-    p.add_argument(
-        "--draft-model",
-        default=None,
-        help="speculative decoding: a smaller model with the same tokenizer proposes tokens that --model checks "
-        "several at a time; the text follows --model's distribution (greedy: the same text)",
-    )
-    p.add_argument(
-        "--speculate",
-        choices=["ngram"],
-        default=None,
-        help="speculative decoding with no draft model: ngram proposes what followed the last tokens' latest "
-        "earlier occurrence in the text (prompt lookup; fast where the output copies the prompt)",
-    )
-    p.add_argument(
-        "--num-speculative-tokens",
-        type=int_at_least(1, 64),
-        default=4,
-        help="draft tokens checked per step with --draft-model or --speculate (default 4)",
-    )
+    add_speculative_options(p)
     add_watermark_options(
         p,
         "watermark the text (Kirchenbauer et al.): 'gptwo detect --watermark' or transformers' WatermarkDetector "

@@ -78,3 +78,30 @@ def test_bench_decode_refuses_unknown_variants_in_one_line(tiny_model, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: argument --variants: unknown 'fp8'") and err.count("\n") == 1
+
+
+def test_bench_decode_speculative_compares_plain_draft_and_ngram_in_one_run(tiny_model, tmp_path, capsys):
+    passage = tmp_path / "passage.txt"
+    passage.write_text("a tiny corpus for a tiny tokenizer, and then some more words " * 4)
+    args = ["--new-tokens", "6", "--prompt-tokens", "10", "--rounds", "1", "--device", "cpu", "--text", str(passage)]
+    spec = ["--draft-model", tiny_model, "--speculate", "ngram", "--num-speculative-tokens", "3"]
+    assert main(["bench", "decode", "--model", tiny_model, *spec, *args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bench"] == "decode-speculative" and report["draft_params"] == report["model_params"]
+    rows = {(r["prompt"], r["tool"], r["method"]): r for r in report["rows"]}
+    methods = ("plain", "draft model", "ngram")
+    assert set(rows) == {(p, t, m) for p in ("grounded", "open") for t in ("gptwo", "transformers") for m in methods}
+    for (prompt, tool, method), row in rows.items():
+        assert row["same_tokens"] == 1.0, (prompt, tool, method)  # greedy: every path gives plain greedy's tokens
+        assert (row["acceptance_rate"] is None) == (tool == "transformers" or method == "plain")
+    assert rows[("grounded", "gptwo", "draft model")]["acceptance_rate"] == 1.0  # the target drafting for itself
+    assert rows[("open", "gptwo", "plain")]["speedup"] == 1.0
+    assert report["prompt_tokens"]["grounded"] > report["prompt_tokens"]["open"]
+
+
+def test_bench_decode_speculative_refuses_what_it_does_not_time(tiny_model, capsys):
+    assert main(["bench", "decode", "--model", tiny_model, "--speculate", "ngram", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "times batch 1" in err and err.count("\n") == 1
+    assert main(["bench", "decode", "--model", tiny_model, "--text", "x.txt"]) == 2
+    assert "add --draft-model M or --speculate ngram" in capsys.readouterr().err

@@ -4,9 +4,6 @@ and one-line errors for what it refuses."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -15,8 +12,6 @@ from serve_testing import save_tiny_model, tiny_model
 from gptwo import GPT, GPTConfig
 from gptwo.sampling import generate, sampling_weights
 from gptwo.speculative import NgramDraft, SpeculationStats, speculative_tokens
-
-GPTWO = [sys.executable, "-m", "gptwo.cli"]
 
 
 def _draft(vocab_size: int, block_size: int = 128) -> GPT:
@@ -136,21 +131,22 @@ def model_dir(tmp_path_factory) -> str:
     return directory
 
 
-def test_gptwo_generate_speculative_greedy_prints_the_plain_text(model_dir):
+def test_gptwo_generate_speculative_greedy_prints_the_plain_text(model_dir, capsys):
+    from gptwo.cli import main
+
     prompt = "Hello world, hello world, hello"
     common = ["generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "40", prompt]
-    runs = {
-        name: subprocess.run([*GPTWO, *common, *extra], capture_output=True, text=True, timeout=300)
-        for name, extra in (("plain", []), ("ngram", ["--speculate", "ngram"]), ("draft", ["--draft-model", model_dir]))
-    }
-    for name, run in runs.items():
-        assert run.returncode == 0, (name, run.stderr)
-    assert runs["ngram"].stdout == runs["plain"].stdout == runs["draft"].stdout
-    assert "draft tokens accepted" in runs["ngram"].stderr and "(100%)" in runs["draft"].stderr
+    runs = {}
+    for name, extra in (("plain", []), ("ngram", ["--speculate", "ngram"]), ("draft", ["--draft-model", model_dir])):
+        code = main([*common, *extra])
+        runs[name] = capsys.readouterr()
+        assert code == 0, (name, runs[name].err)
+    assert runs["ngram"].out == runs["plain"].out == runs["draft"].out
+    assert "draft tokens accepted" in runs["ngram"].err and "(100%)" in runs["draft"].err
     for extra, words in (
         (["--speculate", "ngram", "--draft-model", model_dir], "--draft-model and --speculate both given"),
         (["--speculate", "ngram", "--watermark"], "does not combine with speculative decoding"),
     ):
-        run = subprocess.run([*GPTWO, *common, *extra], capture_output=True, text=True, timeout=300)
-        lines = run.stderr.strip().splitlines()
-        assert run.returncode == 2 and len(lines) == 1 and words in lines[0], run.stderr
+        code = main([*common, *extra])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and words in lines[0], lines

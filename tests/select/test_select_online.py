@@ -147,7 +147,7 @@ def test_bad_selection_settings_are_one_line_errors(tmp_path):
         load_train_config(overrides=["selection=reducible"])
     with pytest.raises(GptwoError, match="selection_pool=0 must be positive"):
         load_train_config(overrides=["selection=loss", "selection_pool=0"])
-    with pytest.raises(GptwoError, match="/no/such/model' is neither a model folder nor a hub id"):
+    with pytest.raises(GptwoError, match="model folder /no/such/model does not exist"):
         run_training(
             mixed_data(),
             str(tmp_path / "run"),

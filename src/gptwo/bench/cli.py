@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from gptwo.argtypes import Parser, choice_list, command, float_in, int_at_least, print_report
+from gptwo.argtypes import (
+    Parser,
+    add_speculative_options,
+    choice_list,
+    command,
+    float_in,
+    int_at_least,
+    print_report,
+)
 from gptwo.bench import MAX_THREADS
+from gptwo.errors import GptwoError
 
 VARIANT_NAMES = ("fp32", "bf16", "int8")  # bench decode/serve --variants (decode.VARIANTS, serve.VARIANTS)
 WORKLOAD_NAMES = ("mixed", "join", "prefix", "throughput")  # bench serve --workload (serve_workloads.WORKLOADS)
@@ -19,13 +28,17 @@ MAX_TOKENS = 1_000_000
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     from gptwo.bench.decode import decode_report, render_decode
 
+    if args.draft_model or args.speculate:
+        return _bench_speculative(args)
+    if args.text is not None:
+        raise GptwoError("--text sets the speculative benchmark's passage", "add --draft-model M or --speculate ngram")
     report = decode_report(
         args.model,
         device=args.device,
         variants=args.variants,
         batch_size=args.batch_size,
         new_tokens=args.new_tokens,
-        prompt_tokens=args.prompt_tokens,
+        prompt_tokens=args.prompt_tokens or 16,
         rounds=args.rounds,
         threads=args.threads,
         compile=args.compile,
@@ -36,6 +49,31 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         onnxruntime=args.onnxruntime,
     )
     print_report(report, args.json, render_decode)
+    return 0
+
+
+def _bench_speculative(args: argparse.Namespace) -> int:
+    from gptwo.bench.speculative import render_speculative, speculative_report
+
+    if args.batch_size != 1 or args.llama_cpp or args.gguf or args.onnxruntime or args.compile != "none":
+        raise GptwoError(
+            "the speculative benchmark times batch 1, eager, gptwo and transformers only",
+            "drop --batch-size/--llama-cpp/--gguf/--onnxruntime/--compile, or drop --draft-model/--speculate",
+        )
+    report = speculative_report(
+        args.model,
+        draft_model=args.draft_model,
+        speculate=args.speculate,
+        text_file=args.text,
+        device=args.device,
+        new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens or 128,
+        rounds=args.rounds,
+        k=args.num_speculative_tokens,
+        threads=args.threads,
+        progress=not args.json,
+    )
+    print_report(report, args.json, render_speculative)
     return 0
 
 
@@ -93,8 +131,9 @@ def _add_bench_decode(bsub) -> None:
     p.add_argument(
         "--prompt-tokens",
         type=int_at_least(1, MAX_TOKENS),
-        default=16,
-        help="tokens in each (random) prompt (default 16)",
+        default=None,
+        help="tokens in each (random) prompt (default 16); with --draft-model/--speculate, the passage's tokens "
+        "(default 128)",
     )
     p.add_argument(
         "--rounds",
@@ -137,6 +176,14 @@ def _add_bench_decode(bsub) -> None:
         metavar="fp32,int8",
         help="also time onnxruntime (CPU) in the same rounds on the model exported to ONNX: fp32 and/or int8 "
         "(dynamic quantization); needs gptwo[export]",
+    )
+    add_speculative_options(p)  # any of them: speculative vs plain decoding (gptwo.bench.speculative) instead
+    p.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="with --draft-model/--speculate: the passage the prompts come from (default: a built-in document); "
+        "prompts: the passage then its first words (grounded: the output copies it) and its first words (open)",
     )
 
 
