@@ -149,7 +149,7 @@ def speculative_tokens(
             want = min(k, room, max_new_tokens - made - 1)
             drafts, q = _propose(drafter, draft, window, want, temperature, top_k, top_p, generator)
             p = target.logits(window, drafts, every=len(drafts) + 1)
-            accepted, extra = _verify(p, drafts, q, temperature, top_k, top_p, generator)
+            accepted, extra = verify_drafts(p, drafts, q, temperature, top_k, top_p, generator)
             stats.target_steps += 1
             stats.proposed += len(drafts)
             stats.accepted += accepted
@@ -183,7 +183,7 @@ def _propose(drafter, draft, window, want, temperature, top_k, top_p, generator)
     return tokens, (torch.stack(probs) if probs else None)
 
 
-def _verify(p_logits, drafts, q, temperature, top_k, top_p, generator) -> tuple[int, int]:
+def verify_drafts(p_logits, drafts, q, temperature, top_k, top_p, generator) -> tuple[int, int]:
     """How many of `drafts` the target accepts, and the token that follows them (a correction or one more)."""
     if temperature == 0:
         best = p_logits.argmax(-1).tolist()

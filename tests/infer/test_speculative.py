@@ -59,7 +59,7 @@ def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def test_rejection_sampling_gives_the_targets_distribution_at_each_position(proposal):
     """The theorem (Leviathan et al. 2023): whatever q proposes, the emitted token at each position is
     distributed as p. Checked on 5,000 draws per position against p itself."""
-    from gptwo.speculative import _verify
+    from gptwo.speculative import verify_drafts
 
     vocab, k, trials = 6, 2, 5_000
     gen = torch.Generator().manual_seed(0)
@@ -71,10 +71,10 @@ def test_rejection_sampling_gives_the_targets_distribution_at_each_position(prop
     for _ in range(trials):
         if proposal == "model":
             drafts = [int(torch.multinomial(q[i], 1, generator=gen)) for i in range(k)]
-            accepted, extra = _verify(p_logits, drafts, q, 0.9, None, None, gen)
+            accepted, extra = verify_drafts(p_logits, drafts, q, 0.9, None, None, gen)
         else:  # a deterministic proposal: q is one-hot at the drafts
             drafts = [2, 4]
-            accepted, extra = _verify(p_logits, drafts, None, 0.9, None, None, gen)
+            accepted, extra = verify_drafts(p_logits, drafts, None, 0.9, None, None, gen)
         emitted = [*drafts[:accepted], extra]
         accepted_total += accepted
         first[emitted[0]] += 1

@@ -293,3 +293,42 @@ def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
         one = torch.zeros(4, vocab)
         one[:, only] = 1e-30
         assert sample_by_cdf(one, generator).tolist() == [only] * 4
+
+
+@pytest.mark.parametrize("budget", [512, 9], ids=["whole-prompts", "chunked-prefill"])
+def test_ngram_speculation_per_row_gives_each_prompt_its_plain_greedy_text(budget):
+    model = tiny_model(block_size=96, vocab_size=512)
+    engine = BatchEngine(model, TOKENIZER, max_num_seqs=6, max_batched_tokens=budget, num_blocks=60, speculate="ngram")
+    loop = [7, 8, 9, 10] * 6  # prompts that repeat themselves: prompt lookup has drafts to propose
+    prompts = [loop, list(range(100, 130)), [200, 201, 200, 201, 200], loop[:9] + list(range(300, 310))]
+    lengths = (30, 25, 40, 20)
+    requests = [
+        lambda e, p=p, k=k: collect(e, [p], SamplingParams(max_tokens=k, temperature=0))
+        for p, k in zip(prompts, lengths)
+    ]
+    requests.append(  # a row asking logprobs decodes plainly beside the speculating ones
+        lambda e: collect(e, [prompts[0]], SamplingParams(max_tokens=12, temperature=0, logprobs=2))
+    )
+    results = run_engine(engine, *requests)
+    for prompt, k, result in zip([*prompts, prompts[0]], [*lengths, 12], results):
+        assert result[0] == alone(model, prompt, k)
+    metrics = engine.metrics()
+    assert metrics["spec_decode_draft_tokens_total"] > 0
+    assert 0 < metrics["spec_decode_accepted_tokens_total"] <= metrics["spec_decode_draft_tokens_total"]
+    assert metrics["generation_tokens_total"] == sum(lengths) + 12
+    assert engine.stats["steps"] < sum(lengths) + 12  # accepted drafts: fewer steps than tokens
+    assert_blocks_all_back(engine)
+
+
+def test_ngram_speculation_samples_seeded_rows_to_their_length():
+    model = tiny_model(block_size=64, vocab_size=512)
+    engine = BatchEngine(model, TOKENIZER, max_num_seqs=4, num_blocks=40, speculate="ngram")
+    prompt = [7, 8, 9, 10] * 4
+    params = SamplingParams(max_tokens=20, temperature=0.7, top_k=20, seed=3)
+    first, again = run_engine(
+        engine, lambda e: collect(e, [prompt], params, n=2), lambda e: collect(e, [prompt], params)
+    )
+    assert [len(t) for t in first + again] == [20, 20, 20] and first[0] == again[0]  # a seed gives the same text
+    assert all(0 <= t < 512 for t in first[0] + first[1])
+    assert engine.metrics()["spec_decode_draft_tokens_total"] > 0
+    assert_blocks_all_back(engine)

@@ -621,9 +621,12 @@ def serve(
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
     watermark: WatermarkSettings | None = None,
     watermark_key: int | None = None,
+    speculate: str | None = None,
+    num_speculative_tokens: int = 4,
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted; `watermark` marks every completion and
-    `watermark_key` keys the requests that ask for a watermark (BatchEngine)."""
+    `watermark_key` keys the requests that ask for a watermark; `speculate="ngram"` decodes each row
+    speculatively (BatchEngine)."""
 
     for name, value, low in (
         ("max_num_seqs", max_num_seqs, 1),
@@ -677,6 +680,8 @@ def serve(
         max_client_choices=max_client_choices,
         watermark=watermark,
         watermark_key=watermark_key,
+        speculate=speculate,
+        num_speculative_tokens=num_speculative_tokens,
     )
     app = create_app(
         engine,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from gptwo.argtypes import add_watermark_options, command, device_name, float_in, int_at_least
+from gptwo.argtypes import (
+    MAX_SPECULATIVE_TOKENS,
+    add_watermark_options,
+    command,
+    device_name,
+    float_in,
+    int_at_least,
+)
 from gptwo.serve.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
@@ -70,6 +77,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         watermark=watermark,
         watermark_key=key,
+        speculate=args.speculate,
+        num_speculative_tokens=args.num_speculative_tokens,
     )
     return 0
 
@@ -127,6 +136,20 @@ def add_commands(sub) -> None:
         action="store_true",
         help="compute every prompt in full (by default, prompts starting with the same 16-token blocks as "
         "earlier ones reuse their keys and values)",
+    )
+    p.add_argument(
+        "--speculate",
+        choices=["ngram"],
+        default=None,
+        help="speculative decoding per batch row: ngram proposes what followed the last tokens' latest earlier "
+        "occurrence in the text (prompt lookup), checked in the same step; greedy text is unchanged, sampled text "
+        "follows the model's distribution; rows asking logprobs or a watermark decode plainly",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int_at_least(1, MAX_SPECULATIVE_TOKENS),
+        default=4,
+        help="draft tokens checked per row and step with --speculate (default 4)",
     )
     p.add_argument(
         "--max-queue",

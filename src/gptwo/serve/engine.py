@@ -47,6 +47,7 @@ from gptwo.runtime import available_memory
 from gptwo.sampling import sample_by_cdf, sampling_weights
 from gptwo.serve.limits import MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
 from gptwo.serve.params import SamplingParams
+from gptwo.speculative import NgramDraft, verify_drafts
 from gptwo.text import TextStream
 from gptwo.tokenizer import Tokenizer
 from gptwo.watermark import Watermark, WatermarkSettings, watermark_for, watermark_logits
@@ -127,6 +128,7 @@ class Sequence:
         self.followers: list[Sequence] = []  # choices of the same prompt that take its blocks once it is prefilled
         self.scored: list[TokenLogprob] | None = None  # prompt logprobs gathered chunk by chunk (echo)
         self.decoding = False  # its prompt is in the cache and it feeds one sampled token per step
+        self.drafts: list[int] = []  # speculative tokens fed after its sampled one this step (checked after it)
         self.arrived = time.monotonic()
         self.first_token_at: float | None = None
         self.done = False
@@ -212,14 +214,22 @@ class BatchEngine:
         num_blocks: int | None = None,
         watermark: WatermarkSettings | None = None,
         watermark_key: int | None = None,
+        speculate: str | None = None,
+        num_speculative_tokens: int = 4,
     ):
         """`max_num_seqs`: most sequences running at once; `max_batched_tokens`: most tokens in one step;
         `max_request_choices`: most sequences (prompts x n) in one request; `max_client_choices`: most
         unfinished sequences one client holds at once (0: no limit); `kv_cache_memory`: the cache's size
         in GiB (> 1) or as a fraction of the memory available; `num_blocks` sets it in blocks instead.
         `watermark` marks every completion (server-wide); `watermark_key` is the key of requests that ask
-        for a watermark without naming one (default: the server-wide one's, else transformers')."""
+        for a watermark without naming one (default: the server-wide one's, else transformers').
+        `speculate="ngram"`: each decoding row feeds up to `num_speculative_tokens` tokens of prompt lookup after
+        its sampled one, verified in the same step (gptwo.speculative)."""
         self.model, self.tokenizer = model.eval(), tokenizer
+        if speculate not in (None, "ngram"):
+            raise GptwoError(f"unknown speculation '{speculate}'", "use ngram (or none)")
+        self.ngram = NgramDraft() if speculate == "ngram" else None
+        self.num_speculative_tokens = num_speculative_tokens
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.max_batched_tokens = max(max_batched_tokens, max_num_seqs)  # every running sequence decodes each step
         self.max_request_choices, self.max_client_choices = max_request_choices, max_client_choices
@@ -244,7 +254,7 @@ class BatchEngine:
         )
         self.cache = self.step.cache
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0, "preempted": 0}
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         self.ttft = [0] * len(TTFT_BUCKETS)  # time to first token: a cumulative histogram
         self.ttft_sum = 0.0
         self.started = time.monotonic()
@@ -312,6 +322,8 @@ class BatchEngine:
             "preemptions_total": self.stats["preempted"],
             "prompt_tokens_total": self.counters["prompt_tokens"],
             "generation_tokens_total": self.counters["generation_tokens"],
+            "spec_decode_draft_tokens_total": self.counters["spec_draft_tokens"],
+            "spec_decode_accepted_tokens_total": self.counters["spec_accepted_tokens"],
             "ttft_buckets": list(zip(TTFT_BUCKETS, self.ttft)),
             "ttft_sum": self.ttft_sum,
             "ttft_count": self.ttft[-1],
@@ -499,9 +511,18 @@ class BatchEngine:
 
     def _plan(self) -> list[tuple[Sequence, list[int]]]:
         cache, budget, plan, planned = self.cache, self.max_batched_tokens, [], set()
+        spare = budget - sum(s.decoding for s in self._active)  # tokens beyond one per decoding row: for drafts
         for seq in list(self._active):  # oldest first: under memory pressure the newest are preempted
             if not seq.decoding or seq not in self._active:
                 continue
+            seq.drafts = self._drafts(seq, spare) if spare > 0 else []
+            if seq.drafts:
+                try:
+                    cache.grow(seq.blocks, seq.blocks.length + 1 + len(seq.drafts))
+                except OutOfBlocks:  # no room to speculate: this row decodes plainly
+                    seq.drafts = []
+                spare -= len(seq.drafts)
+                budget -= len(seq.drafts)
             while True:
                 try:
                     cache.grow(seq.blocks, seq.blocks.length + 1)
@@ -515,7 +536,7 @@ class BatchEngine:
                     if victim is None:
                         break
             if seq in self._active:
-                plan.append((seq, seq.todo))
+                plan.append((seq, seq.todo + seq.drafts))
                 planned.add(id(seq))
                 budget -= 1
         for seq in self._active:  # prompts still being prefilled, in chunks
@@ -531,6 +552,15 @@ class BatchEngine:
         if budget > 0:
             plan += self._admit(budget)
         return plan
+
+    def _drafts(self, seq: Sequence, spare: int) -> list[int]:
+        """Prompt-lookup tokens to check after `seq`'s sampled one: rows that report logprobs or carry a watermark
+        decode plainly (their tokens are processed one position at a time)."""
+        p = seq.params
+        if self.ngram is None or p.logprobs is not None or seq.watermark is not None:
+            return []
+        want = min(self.num_speculative_tokens, spare, p.max_tokens - seq.generated - 1)
+        return self.ngram.propose(seq.prompt + seq.output, want) if want > 0 else []
 
     def _chunk(self, seq: Sequence, budget: int) -> list[int] | None:
         """The next at most `budget` of `seq`'s tokens to compute, with blocks for them; None when none are free."""
@@ -593,7 +623,7 @@ class BatchEngine:
     def _preempt(self, seq: Sequence) -> None:
         """Give back `seq`'s blocks and queue it first, to be recomputed (prompt + output) when it is admitted."""
         self.cache.release(seq.blocks)
-        seq.blocks, seq.todo, seq.decoding = None, [], False
+        seq.blocks, seq.todo, seq.decoding, seq.drafts = None, [], False, []
         self._active.remove(seq)
         for twin in reversed(seq.followers):  # not forked yet: they wait for a place of their own
             self._active.remove(twin)
@@ -609,11 +639,12 @@ class BatchEngine:
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
         self.stats["steps"] += 1
         scoring = [s.params.prompt_logprobs and not s.decoding and s.scored is None for s, _ in plan]
+        every = [score or bool(s.decoding and s.drafts) for score, (s, _) in zip(scoring, plan)]
         batch = StepInput(
             [tokens for _, tokens in plan],
             [s.blocks.length for s, _ in plan],
             [s.blocks.blocks for s, _ in plan],
-            every=scoring if any(scoring) else None,
+            every=every if any(every) else None,
         )
         self._in_flight = batch.num_tokens
         try:
@@ -625,14 +656,18 @@ class BatchEngine:
         finally:
             self._in_flight = 0
         ready, rows, at = [], [], 0
-        for (seq, tokens), every in zip(plan, scoring):
-            n = len(tokens) if every else 1
+        for (seq, tokens), score, all_rows in zip(plan, scoring, every):
+            n = len(tokens) if all_rows else 1
             first = seq.blocks.length
             self.cache.commit(seq.blocks, tokens)
+            if seq.decoding and seq.drafts:
+                self._check_drafts(seq, first, logits[at : at + n])
+                at += n
+                continue
             seq.todo = seq.todo[len(tokens) :]
             if not seq.decoding:
                 self.counters["prompt_tokens"] += len(tokens)
-            if every:
+            if score:
                 self._score_prompt(seq, first, logits[at : at + n])
             if not seq.todo:
                 ready.append(seq)
@@ -642,6 +677,41 @@ class BatchEngine:
         if ready:
             self._advance(ready, logits[rows])
         self._retire()
+
+    def _check_drafts(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
+        """Accept the longest run of `seq`'s drafts the model agrees with (rejection sampling when sampled),
+        push them and the token after them, and forget the rejected drafts' keys and values."""
+        drafts, seq.drafts = seq.drafts, []
+        p = seq.params
+        logits = logits[:, : self.tokenizer.n_vocab].float()
+        if not bool(torch.isfinite(logits).all()):
+            self._fail([seq], "the model's next-token scores for this sequence are not finite numbers (NaN or inf)")
+            return
+        try:
+            accepted, extra = verify_drafts(
+                logits, drafts, None, p.temperature, p.top_k, p.top_p, seq.generator or self.generator
+            )
+        except Exception as err:  # noqa: BLE001 - this row alone fails
+            log.exception("checking draft tokens failed")
+            self._fail([seq], _describe(err))
+            return
+        self.cache.truncate(seq.blocks, first + 1 + accepted)  # the sampled token and the accepted drafts
+        self.counters["spec_draft_tokens"] += len(drafts)
+        self.counters["spec_accepted_tokens"] += accepted
+        now = time.monotonic()
+        for token in [*drafts[:accepted], extra]:
+            if seq.done:
+                break
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self._record_ttft(now - seq.arrived)
+            self.counters["generation_tokens"] += 1
+            try:
+                seq.push(TokenLogprob(token, None, None))
+            except Exception as err:  # noqa: BLE001 - this row alone fails
+                log.exception("emitting a token failed")
+                self._fail([seq], _describe(err))
+                return
 
     def _prompts_done(self, seqs: list[Sequence], rows: list[int]) -> tuple[list[Sequence], list[int]]:
         """Sequences whose prompt was just computed: hand out prompt logprobs, finish those asking no tokens,

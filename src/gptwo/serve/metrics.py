@@ -22,6 +22,8 @@ COUNTERS = {
     "preemptions_total": "Sequences preempted for lack of KV-cache blocks (recomputed later).",
     "prompt_tokens_total": "Prompt tokens computed.",
     "generation_tokens_total": "Tokens generated.",
+    "spec_decode_draft_tokens_total": "Speculative tokens proposed (gptwo serve --speculate ngram; 0 without it).",
+    "spec_decode_accepted_tokens_total": "Speculative tokens accepted (acceptance rate: accepted / proposed).",
 }
 
 
