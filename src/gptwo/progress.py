@@ -81,10 +81,15 @@ class PlainProgress:
         self._step = max(1.0, total * every_fraction) if total else None
         self._next_n = (initial // self._step + 1) * self._step if self._step else None
         self._last_time, self._printed_n = self._start, initial
+        # the rate behind the ETA counts from the end of the first update: that one holds the warm-up
+        # (torch.compile, first allocations), which the rest do not repeat
+        self._rate_from: tuple[float, float] | None = None
 
     def update(self, n: float = 1) -> None:
         self.n += n
         now = time.monotonic()
+        if self._rate_from is None:
+            self._rate_from = (self.n, now)
         if (self._next_n is not None and self.n >= self._next_n) or now - self._last_time >= self.every_seconds:
             self._print(now)
 
@@ -109,8 +114,10 @@ class PlainProgress:
         if self.unit != "step" and rate:
             parts.append(f"{_amount(rate)} {label}/s")
         parts.append(f"elapsed {_clock(elapsed)}")
-        if self.total and rate > 0:
-            parts.append(f"ETA {_clock(max(0.0, self.total - self.n) / rate)}")
+        if self.total and self._rate_from is not None:
+            since_n, since = self._rate_from
+            if self.n > since_n and now > since:
+                parts.append(f"ETA {_clock(max(0.0, self.total - self.n) * (now - since) / (self.n - since_n))}")
         return " | ".join(parts)
 
     def _print(self, now: float) -> None:

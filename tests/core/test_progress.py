@@ -53,3 +53,20 @@ def test_on_a_terminal_a_live_tqdm_bar_and_disabled_prints_nothing():
     with progress_bar("train", total=10, file=quiet, enabled=False) as bar:
         bar.update(5)
     assert quiet.getvalue() == ""
+
+
+def test_the_eta_leaves_out_the_first_steps_warm_up(monkeypatch):
+    import gptwo.progress as progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    bar = PlainProgress("train", total=100, unit="step", file=log, every_seconds=1e9)
+    clock[0] = 60.0  # the first step compiles: a minute
+    bar.update(1)
+    assert "ETA" not in bar.line()  # no rate after the warm-up yet
+    for _ in range(10):
+        clock[0] += 0.5  # then half a second a step
+        bar.update(1)
+    line = bar.line()
+    assert "elapsed 1:05" in line and "ETA 0:44" in line  # 89 steps left at 0.5 s, not at 65 s / 11 steps
