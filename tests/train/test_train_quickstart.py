@@ -14,6 +14,10 @@ def test_quickstart_tiny_end_to_end(tmp_path, capsys):
     assert set(summary["samples"]) == set(PROMPTS)
     out = capsys.readouterr().out
     assert "bits per byte" in out and f"gptwo generate --model {run}" in out
+    # the honest summary: steps done, dtype and why, threads, tokens/s
+    done = next(line for line in out.splitlines() if line.startswith("trained "))
+    assert done.startswith("trained 20 steps in ") and "float32 (no native bf16 here)" in done
+    assert f"{summary['threads']} threads" in done and summary["tokens_per_s"] > 0 and summary["planned_steps"] == 20
     assert os.path.isfile(os.path.join(run, "data", "meta.json")) and os.path.isfile(os.path.join(run, "loss.png"))
     assert any("val_bpb" in row for row in metrics(run))
     # the README's next line works on the run folder

@@ -47,6 +47,7 @@ from gptwo.train.speed import (
     compile_model,
     compiled_loss,
     keep_freed_memory,
+    use_bf16,
     use_fused_adamw,
     use_onednn_linears,
 )
@@ -362,9 +363,9 @@ class _Trainer:
                 file=sys.stderr,
             )
         bar = _progress_bar(self.step, config.max_steps, self.progress)
-        summary: dict = {"run_dir": self.out_dir, "rank": info.rank}
+        summary: dict = {"run_dir": self.out_dir, "rank": info.rank, "planned_steps": config.max_steps}
         clock, window_steps = time.perf_counter(), 0
-        start_time = time.perf_counter()
+        start_time, start_step = time.perf_counter(), self.step
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps whose loss and norm are not yet read back
         budget = _TimeBudget(config, self.step, start_time) if config.max_time else None
         self._save_run_config()
@@ -415,11 +416,15 @@ class _Trainer:
         finally:
             stop.close()
             bar.close()
+        elapsed = time.perf_counter() - start_time
         summary.update(
             step=self.step,
-            elapsed_s=time.perf_counter() - start_time,
+            elapsed_s=elapsed,
             tokens=self.step * tokens_per_step,
             flops=self.step * flops_per_step,
+            tokens_per_s=(self.step - start_step) * tokens_per_step / elapsed if elapsed > 0 else 0.0,
+            dtype="bfloat16" if use_bf16(config, self.device) else "float32",
+            threads=torch.get_num_threads() if self.device.type == "cpu" else None,
         )
         return summary
 

@@ -125,6 +125,17 @@ def _report(summary: dict, out_dir: str) -> None:
         f"\nheld-out loss: {summary.get('val_loss', float('nan')):.4f} nats/token = {bpb} "
         f"({summary['wall_s']:.0f} s in all)"
     )
+    if summary.get("tokens_per_s"):  # what this run did, and why it was so (not shown for a finished run)
+        why = "this CPU multiplies bf16 natively" if summary["dtype"] == "bfloat16" else "no native bf16 here"
+        cut = (
+            f" (of {summary['planned_steps']:,} planned: cut to fit the time)"
+            if summary["step"] < summary["planned_steps"]
+            else ""
+        )
+        print(
+            f"trained {summary['step']:,} steps{cut} in {summary['elapsed_s']:.0f} s | {summary['dtype']} ({why}) | "
+            f"{summary['threads']} threads | {summary['tokens_per_s']:,.0f} tokens/s"
+        )
     for prompt, text in summary["samples"].items():
         print(f"\n--- {prompt}{text}")
     print(f'\nthe model is in {out_dir}; try: gptwo generate --model {out_dir} "The"')
