@@ -91,7 +91,8 @@ def speculative_report(
     hf_drafts: dict[str, dict] = {}
     if draft_model is not None:
         draft, draft_tokenizer = load_model(draft_model, device=dev)
-        if draft_tokenizer.encode(tokenizer.decode(prompts["grounded"])) != prompts["grounded"]:
+        sample = tokenizer.decode(prompts["grounded"])
+        if draft_tokenizer.n_vocab != tokenizer.n_vocab or draft_tokenizer.encode(sample) != tokenizer.encode(sample):
             raise GptwoError(
                 f"the draft model {draft_model} has another tokenizer than the target",
                 "use a draft trained on the same prepared data",
