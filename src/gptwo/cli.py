@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import re
 import sys
@@ -37,10 +38,18 @@ PARTS = ("data", "train", "eval", "serve", "webtext", "select", "detect", "scale
 # --------------------------------------------------------------------------- core (generate, tokenizer)
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gptwo.generate import generate_cli_stream
+    from gptwo.sampling import LogitControls
     from gptwo.text import unescape
     from gptwo.watermark import settings_from_args
 
     watermark = settings_from_args(args)
+    controls = LogitControls(
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        logit_bias=tuple(dict(args.logit_bias).items()),  # a token given twice: its last bias
+        min_tokens=args.min_tokens,
+    )
     prompt = text_argument(args.prompt, "PROMPT")
     for piece in generate_cli_stream(
         args.model,
@@ -56,6 +65,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         watermark=watermark,
+        controls=controls if controls.active else None,
+        stop_at_eot=not args.ignore_eos,
         draft_model=args.draft_model,
         speculate=args.speculate,
         num_speculative_tokens=args.num_speculative_tokens,
@@ -65,6 +76,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     return 0
+
+
+def logit_bias_type(text: str) -> tuple[int, float]:
+    """An argparse type: ID=BIAS, a token id and a finite bias (clipped to [-100, 100] where it is used)."""
+    token, sep, bias = text.partition("=")
+    try:
+        pair = int(token), float(bias)
+    except ValueError:
+        pair = None
+    if not sep or pair is None or pair[0] < 0 or not math.isfinite(pair[1]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS (a token id and a number, e.g. 50256=-100)")
+    return pair
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -109,6 +132,44 @@ def add_core_commands(sub) -> None:
         type=float_in(0.0, 1.0, low_open=True, high_open=False),
         default=None,
         help="nucleus sampling: smallest set of tokens with total probability >= P",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=float_in(-2.0, 2.0, high_open=False),
+        default=0.0,
+        help="subtract P from the logit of every token already generated (OpenAI's; in [-2, 2], default 0)",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=float_in(-2.0, 2.0, high_open=False),
+        default=0.0,
+        help="subtract F times its count so far from each generated token's logit (OpenAI's; in [-2, 2], default 0)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float_in(0.0, low_open=True),
+        default=1.0,
+        help="divide the logits of tokens in the prompt or the output by R (multiply negative ones), as "
+        "transformers and vLLM do; 1 is off, 1.2 a common choice (default 1)",
+    )
+    p.add_argument(
+        "--logit-bias",
+        type=logit_bias_type,
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS (clipped to [-100, 100]) to token ID's logit; -100 bans it (repeatable)",
+    )
+    p.add_argument(
+        "--min-tokens",
+        type=int_at_least(0),
+        default=0,
+        help="ban end-of-text until N tokens were generated (default 0)",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating after end-of-text (printed as <|endoftext|>) up to --max-new-tokens",
     )
     p.add_argument("--seed", type=seed_type, default=None, help="random seed for reproducible samples")
     p.add_argument(

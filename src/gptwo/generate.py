@@ -12,7 +12,13 @@ import torch
 
 from gptwo.errors import GptwoError
 from gptwo.model import GPT
-from gptwo.sampling import check_sampling, generate, pad_left, stream_tokens  # noqa: F401 - generate, pad_left: public here too
+from gptwo.sampling import (  # noqa: F401 - generate, pad_left: public here too
+    LogitControls,
+    check_sampling,
+    generate,
+    pad_left,
+    stream_tokens,
+)
 from gptwo.speculative import NgramDraft, SpeculationStats, speculative_tokens
 from gptwo.text import TextStream, check_stops, encode_prompt
 from gptwo.tokenizer import Tokenizer
@@ -34,17 +40,29 @@ def stream_texts(
     stop_at_eot: bool = True,
     seed: int | None = None,
     watermark: WatermarkSettings | None = None,
+    controls: LogitControls | None = None,
 ) -> Iterator[list[str]]:
     """Sample continuations of several prompts as a batch; yield each step's new text per prompt.
 
-    `watermark` marks every continuation (gptwo.watermark)."""
+    `watermark` marks every continuation (gptwo.watermark); `controls` bias and penalise the logits
+    (gptwo.sampling.LogitControls; min_tokens bans end-of-text). With `stop_at_eot=False` an end-of-text
+    shows as <|endoftext|> and generation goes on."""
     check_stops(stop or ())
     token_lists = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
     device = model.transformer.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     streams = [TextStream(tokenizer, stop or (), stop_at_eot) for _ in token_lists]
     for next_ids, _ in stream_tokens(
-        model, token_lists, max_new_tokens, temperature, top_k, top_p, generator=generator, watermark=watermark
+        model,
+        token_lists,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        generator=generator,
+        watermark=watermark,
+        controls=controls,
+        eos_token=tokenizer.eot_token,
     ):
         yield [s.push(int(t)) for s, t in zip(streams, next_ids.tolist())]
         if all(s.finished for s in streams):
@@ -129,6 +147,12 @@ def _draft(draft_model, speculate, tokenizer, kwargs, **load):
     if kwargs.get("watermark") is not None:
         raise GptwoError(
             "--watermark does not combine with speculative decoding", "drop --draft-model / --speculate to watermark"
+        )
+    if kwargs.get("controls") is not None:
+        raise GptwoError(
+            "--presence-penalty, --frequency-penalty, --repetition-penalty, --logit-bias and --min-tokens do not "
+            "combine with speculative decoding",
+            "drop --draft-model / --speculate to use them",
         )
     if speculate is not None:
         return NgramDraft()

@@ -1,6 +1,7 @@
 """Sampling from a GPT's logits and the decoding loop over one decode step (gptwo.infer.step).
 
-Greedy, temperature, top-k and top-p, for one row or a batch. The loop prefills each prompt (prompts of
+Greedy, temperature, top-k and top-p, for one row or a batch, after per-row logit controls (logit bias,
+min_tokens, repetition / frequency / presence penalties: `LogitControls`). The loop prefills each prompt (prompts of
 different lengths form a ragged batch: no padding), then feeds one token per row per step. A sequence
 that reaches the context slides: its blocks are given back and the last 3/4 of the context is prefilled
 again, so a prompt longer than the context keeps its last tokens.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,104 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise GptwoError(f"top_k={top_k} must be at least 1", "use a positive integer, or leave it unset")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise GptwoError(f"top_p={top_p} is outside (0, 1]", "use a probability such as 0.9, or leave it unset")
+
+
+MAX_LOGIT_BIAS = 100.0  # a bias is clipped to [-100, 100], as OpenAI takes it; -100 bans a token in practice
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+
+
+@dataclass(frozen=True)
+class LogitControls:
+    """Changes to one row's logits before temperature, top-k and top-p, in vLLM's order.
+
+    `logit_bias` ((token id, bias) pairs) is added and end-of-text is banned while fewer than
+    `min_tokens` tokens were produced; then the repetition penalty (transformers' and vLLM's: the logit
+    of a token in the prompt or the output is divided by it when positive, multiplied when negative),
+    then OpenAI's penalties: logit -= count * frequency_penalty + (count > 0) * presence_penalty, count
+    being how often the token occurs in the output so far.
+    """
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # NaN fails too
+                raise GptwoError(f"{name}={value} is outside [-2, 2]", "use a value such as 0.5 (0 is off)")
+        if not (0 < self.repetition_penalty < math.inf):
+            raise GptwoError(
+                f"repetition_penalty={self.repetition_penalty} is not a positive number",
+                "use a value such as 1.2 (1 is off; below 1 favours repeats)",
+            )
+        if self.min_tokens < 0:
+            raise GptwoError(f"min_tokens={self.min_tokens} is negative", "use 0 or more")
+        for token, bias in self.logit_bias:
+            if token < 0 or not math.isfinite(bias):
+                raise GptwoError(f"logit bias {token}={bias}", "give a token id >= 0 and a finite bias in [-100, 100]")
+        clipped = tuple((t, min(max(b, -MAX_LOGIT_BIAS), MAX_LOGIT_BIAS)) for t, b in self.logit_bias)
+        object.__setattr__(self, "logit_bias", clipped)
+
+    @property
+    def active(self) -> bool:
+        """Whether these controls change any logit."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Reject a logit bias for a token the vocabulary lacks."""
+        bad = [t for t, _ in self.logit_bias if t >= vocab_size]
+        if bad:
+            raise GptwoError(
+                f"logit bias for token id {bad[0]}, outside the vocabulary of {vocab_size}",
+                "use ids from this model's tokenizer",
+            )
+
+
+def control_logits(
+    logits: torch.Tensor,
+    controls: Sequence[LogitControls | None],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    eos_token: int | None = None,
+) -> torch.Tensor:
+    """`logits` (B, V) with each row's `controls` applied (float32; the input itself when no row has any).
+
+    Row i's repetition penalty covers `prompts[i]` and `outputs[i]`, its frequency and presence penalties
+    and min_tokens count `outputs[i]` (the tokens produced so far); `eos_token` is what min_tokens bans.
+    """
+    rows = [i for i, c in enumerate(controls) if c is not None and c.active]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    vocab, device = logits.shape[-1], logits.device
+    for i in rows:
+        c, row = controls[i], logits[i]
+        if c.logit_bias:
+            ids = torch.tensor([t for t, _ in c.logit_bias], device=device)
+            row.index_add_(0, ids, torch.tensor([b for _, b in c.logit_bias], device=device, dtype=row.dtype))
+        if eos_token is not None and len(outputs[i]) < c.min_tokens:
+            row[eos_token] = float("-inf")
+        if c.repetition_penalty == 1.0 and not (c.frequency_penalty or c.presence_penalty):
+            continue
+        produced = torch.tensor(list(outputs[i]), dtype=torch.long, device=device)
+        counts = torch.bincount(produced, minlength=vocab)[:vocab].to(row.dtype)
+        if c.repetition_penalty != 1.0:
+            seen = counts > 0
+            seen[torch.tensor(list(prompts[i]), dtype=torch.long, device=device)] = True
+            penalised = torch.where(row > 0, row / c.repetition_penalty, row * c.repetition_penalty)
+            row.copy_(torch.where(seen, penalised, row))
+        if c.frequency_penalty or c.presence_penalty:
+            row -= c.frequency_penalty * counts + c.presence_penalty * (counts > 0).to(row.dtype)
+    return logits
 
 
 def filter_logits(
@@ -154,13 +254,16 @@ def stream_tokens(
     use_cache: bool = True,
     step: DecodeStep | None = None,
     watermark: WatermarkSettings | Sequence[WatermarkSettings | None] | None = None,
+    controls: LogitControls | Sequence[LogitControls | None] | None = None,
+    eos_token: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next token ids (B,), their logits (B, V)) for each of `max_new_tokens` steps over `prompts`.
 
     Prompts may differ in length. `use_cache=False` recomputes every row's whole window at each step
     (the reference the cached path is tested against). The caller may stop early by breaking out.
     `watermark` (one for every row, or one per row) biases each row's green tokens (gptwo.watermark);
-    the logits yielded are the model's own.
+    `controls` (one for every row, or one per row) bias and penalise logits before sampling
+    (`LogitControls`; `eos_token` is what min_tokens bans); the logits yielded are the model's own.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -170,12 +273,13 @@ def stream_tokens(
     history = [list(p) for p in prompts]
     device = model.transformer.wte.weight.device
     process = _watermark_process(watermark, len(history), model.config.vocab_size, history)
+    controlled = _controls_for(controls, prompts, history, model.config.vocab_size, eos_token)
     if not use_cache:
         for _ in range(max_new_tokens):
             logits = torch.cat(
                 [model(torch.tensor([h[-context:]], device=device), last_only=True)[:, -1] for h in history]
             )
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator, process)
+            next_ids = sample_next(controlled(logits), temperature, top_k, top_p, generator, process)
             for h, t in zip(history, next_ids.tolist()):
                 h.append(t)
             yield next_ids, logits
@@ -194,7 +298,7 @@ def stream_tokens(
             logits = step(StepInput(pending, [s.length for s in seqs], [s.blocks for s in seqs]))
             for seq, tokens in zip(seqs, pending):
                 cache.commit(seq, tokens)
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator, process)
+            next_ids = sample_next(controlled(logits), temperature, top_k, top_p, generator, process)
             pending = [[t] for t in next_ids.tolist()]
             for h, p in zip(history, pending):
                 h.extend(p)
@@ -202,6 +306,28 @@ def stream_tokens(
     finally:
         for seq in seqs:
             cache.release(seq)
+
+
+def _controls_for(
+    controls: LogitControls | Sequence[LogitControls | None] | None,
+    prompts: Sequence[Sequence[int]],
+    history: list[list[int]],
+    vocab_size: int,
+    eos_token: int | None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits -> logits with each row's controls applied, given its tokens so far (`history`, kept current)."""
+    rows = [controls] * len(prompts) if controls is None or isinstance(controls, LogitControls) else list(controls)
+    if len(rows) != len(prompts):
+        raise GptwoError(f"{len(rows)} logit controls for {len(prompts)} prompts", "give one, or one per prompt")
+    for c in rows:
+        if c is not None:
+            c.check_vocab(vocab_size)
+    if all(c is None or not c.active for c in rows):
+        return lambda logits: logits
+    starts = [len(p) for p in prompts]
+    return lambda logits: control_logits(
+        logits, rows, prompts, [h[start:] for h, start in zip(history, starts)], eos_token
+    )
 
 
 def _watermark_process(
@@ -232,6 +358,8 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     watermark: WatermarkSettings | Sequence[WatermarkSettings | None] | None = None,
+    controls: LogitControls | Sequence[LogitControls | None] | None = None,
+    eos_token: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`stream_tokens` for prompts given as token ids (B, T), left-padded where `valid` (B, T) is False."""
     yield from stream_tokens(
@@ -244,6 +372,8 @@ def generate_tokens(
         generator=generator,
         use_cache=use_cache,
         watermark=watermark,
+        controls=controls,
+        eos_token=eos_token,
     )
 
 
@@ -262,11 +392,13 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     watermark: WatermarkSettings | Sequence[WatermarkSettings | None] | None = None,
+    controls: LogitControls | Sequence[LogitControls | None] | None = None,
 ) -> torch.Tensor:
     """`idx` (B, T) followed by up to `max_new_tokens` sampled tokens per row.
 
     With `eos_token`, a row that produces it keeps producing it (as padding), and the loop ends once
-    every row has. `seed` makes sampling reproducible; `watermark` marks the text (gptwo.watermark).
+    every row has. `seed` makes sampling reproducible; `watermark` marks the text (gptwo.watermark);
+    `controls` bias and penalise the logits (`LogitControls`; min_tokens bans `eos_token`).
     """
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -282,6 +414,8 @@ def generate(
         generator=generator,
         use_cache=use_cache,
         watermark=watermark,
+        controls=controls,
+        eos_token=eos_token,
     ):
         next_ids = next_ids.to(idx.device)
         if eos_token is not None:

@@ -118,6 +118,7 @@ class TextStream:
     tokenizer: Tokenizer
     stop: Sequence[str] = ()
     stop_at_eot: bool = True
+    skip_eot: bool = False  # when not stopping there, end-of-text adds no text (vLLM's skip_special_tokens)
     pending: str = ""  # decoded text not yet handed out (it may be the start of a stop string)
     finished: bool = False
     finish_reason: str | None = None
@@ -133,8 +134,8 @@ class TextStream:
         """Feed one token; return the new text that is safe to show."""
         if self.finished:
             return ""
-        if self.stop_at_eot and token_id == self.tokenizer.eot_token:
-            return self._finish("stop")
+        if token_id == self.tokenizer.eot_token and (self.stop_at_eot or self.skip_eot):
+            return self._finish("stop") if self.stop_at_eot else ""
         if self._add(self._decoder.decode(self.tokenizer.token_bytes(token_id))):
             return self._finish("stop")
         return self._take(len(self.pending) - self._matcher.held)

@@ -258,8 +258,9 @@ def test_bad_requests_get_openai_errors(live, client):
         dict(n=0),
         dict(logprobs=50),
         dict(top_p=0),
-        dict(presence_penalty=1.0),
-        dict(best_of=3),
+        dict(presence_penalty=3.0),
+        dict(frequency_penalty=-2.5),
+        dict(best_of=0),
     ):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, **bad)

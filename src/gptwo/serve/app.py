@@ -1,7 +1,7 @@
 """The HTTP side: an OpenAI-compatible completions API and a playground page, on FastAPI + uvicorn.
 
-Routes: `POST /v1/completions`, `GET /v1/models`, `POST /tokenize` (as vLLM's), `GET /health`, `GET /`
-(playground), and the OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
+Routes: `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /tokenize` (as vLLM's),
+`GET /health`, `GET /` (playground), and the OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
 `{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413 (with a
 Content-Length or chunked), a body that does not arrive within `body_timeout` seconds 408, a body
 that is not UTF-8 400, a full queue or a client over its share 429, a missing or wrong API key
@@ -233,6 +233,7 @@ class ChoiceText:
     def __init__(self, tokenizer: Tokenizer, prompt: list[int], echo: bool, logprobs: bool):
         self.tokenizer, self.prompt, self.echo, self.logprobs = tokenizer, prompt, echo, logprobs
         self.started, self.finish_reason, self.completion_tokens = False, None, 0
+        self.cumulative_logprob = 0.0  # of the generated tokens under the model (what best_of ranks by)
         self._chars = 0  # characters of the choice's text before the next token (for text_offset)
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
@@ -245,6 +246,7 @@ class ChoiceText:
                 text = self.tokenizer.decode(self.prompt) + text
                 infos = (update.prompt or [TokenLogprob(t, None, None) for t in self.prompt]) + infos
         self.completion_tokens += len(update.tokens)
+        self.cumulative_logprob += sum(info.logprob for info in update.tokens if info.logprob is not None)
         self.finish_reason = update.finish_reason or self.finish_reason
         return text, self._logprobs(infos) if self.logprobs else None
 
@@ -282,6 +284,10 @@ def validation_error(errors: list[dict]) -> dict:
         {"loc": (), "msg": "invalid request", "type": ""}
     ]
     first = errors[0]
+    if first["type"] == "json_invalid":  # its loc is the character position, not a field
+        why = (first.get("ctx") or {}).get("error", "")
+        message = f"the request body is not valid JSON ({why})" if why else "the request body is not valid JSON"
+        return {"message": message, "param": None, "code": None}
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     if first["type"] == "extra_forbidden":
         known = [*protocol.CompletionRequest.model_fields, *protocol.StreamOptions.model_fields]
@@ -328,8 +334,11 @@ class CompletionJob:
         echo: bool,
         logprobs: bool,
         model_name: str,
+        keep: int | None = None,
     ):
+        """`n` choices per prompt run; the `keep` (default all) of highest cumulative logprob are answered."""
         self.engine, self.job, self.prompts = engine, job, prompts
+        self.n, self.keep = n, n if keep is None else keep
         self.choices = [ChoiceText(tokenizer, prompts[i // n], echo, logprobs) for i in range(len(prompts) * n)]
         self.head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -360,8 +369,11 @@ class CompletionJob:
             left -= update.finish_reason is not None
             yield (update, *self.choices[update.index].take(update))
 
-    async def events(self, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per update, optionally a usage chunk, then [DONE]."""
+    async def events(self, include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per update, optionally a usage chunk, then [DONE].
+
+        With `include_usage` the other chunks carry `usage: null` (as OpenAI's), or with `continuous_usage`
+        (vLLM's continuous_usage_stats) the usage so far."""
         try:
             async for update, text, logprobs in self.updates():
                 if text or logprobs or update.finish_reason:
@@ -371,7 +383,10 @@ class CompletionJob:
                         "logprobs": logprobs,
                         "finish_reason": update.finish_reason,
                     }
-                    yield f"data: {json.dumps({**self.head, 'choices': [choice]})}\n\n"
+                    chunk = {**self.head, "choices": [choice]}
+                    if include_usage:
+                        chunk["usage"] = self.usage() if continuous_usage else None
+                    yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage:
                 yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
         except ApiError as err:
@@ -391,6 +406,12 @@ class CompletionJob:
             {"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason}
             for i, (t, lp, c) in enumerate(zip(texts, logprobs, self.choices))
         ]
+        if self.keep < self.n:  # best_of: each prompt's best `keep` candidates, best first
+            best = []
+            for start in range(0, len(choices), self.n):
+                ranked = sorted(range(start, start + self.n), key=lambda i: -self.choices[i].cumulative_logprob)
+                best += [choices[i] for i in ranked[: self.keep]]
+            choices = [{**choice, "index": i} for i, choice in enumerate(best)]
         return {**self.head, "choices": choices, "usage": self.usage()}
 
     async def response(self, request: Request) -> JSONResponse:
@@ -505,9 +526,27 @@ def create_app(
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(prometheus_text(engine.metrics(), model_name), media_type="text/plain; version=0.0.4")
 
+    card = protocol.ModelCard(id=model_name, created=created, max_model_len=context)
+
     @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
     async def models() -> protocol.ModelList:
-        return protocol.ModelList(data=[protocol.ModelCard(id=model_name, created=created, max_model_len=context)])
+        return protocol.ModelList(data=[card])
+
+    @app.get(
+        "/v1/models/{model_id:path}",
+        response_model=protocol.ModelCard,
+        responses={404: {"model": protocol.ErrorResponse}},
+        summary="The served model, by its id (OpenAI's models.retrieve)",
+    )
+    async def model(model_id: str) -> protocol.ModelCard:
+        if model_id != model_name:
+            raise ApiError(
+                404,
+                f"The model `{model_id}` does not exist; this server serves `{model_name}`",
+                param="model",
+                code="model_not_found",
+            )
+        return card
 
     @app.post("/tokenize", summary="The token ids of a prompt, their count and the context (vLLM's /tokenize)")
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -537,13 +576,13 @@ def create_app(
             )
         unsupported = body.unsupported()
         if unsupported:
-            raise ApiError(400, f"{unsupported} is not supported by gptwo", param=unsupported)
-        n = body.n or 1
+            raise ApiError(400, unsupported[1], param=unsupported[0])
+        n, candidates = body.n or 1, body.candidates()
         try:
             texts = prompt_list(body.prompt)
-            engine.check_count(len(texts), n)  # before encoding: the work stays bounded by the queue
+            engine.check_count(len(texts), candidates)  # before encoding: the work stays bounded by the queue
             prompts = encode_prompts(tokenizer, texts)
-            job = engine.submit(prompts, body.sampling_params(), n, client=client_of(request))
+            job = engine.submit(prompts, body.sampling_params(), candidates, client=client_of(request))
         except RequestRejected as err:
             raise ApiError(400, str(err), param=err.param, code=err.code) from None
         except ClientBusy as err:
@@ -557,12 +596,12 @@ def create_app(
                 429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
             ) from None
         completion = CompletionJob(
-            engine, job, tokenizer, prompts, n, bool(body.echo), body.logprobs is not None, model_name
+            engine, job, tokenizer, prompts, candidates, bool(body.echo), body.logprobs is not None, model_name, n
         )
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            options = body.stream_options or protocol.StreamOptions()
             return StreamingResponse(
-                completion.events(include_usage),
+                completion.events(bool(options.include_usage), bool(options.continuous_usage_stats)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )

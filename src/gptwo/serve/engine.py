@@ -14,11 +14,13 @@ produced when it is admitted again, so a seeded request still returns the same t
 caching, prompts that start with the same full blocks (a system prompt, few-shot examples) share them
 instead of computing them again; the n choices of one prompt share its blocks (copy-on-write).
 
-Sampling is per row, in float32: greedy rows take the argmax, seeded rows use their own generator
-(so a seed gives the same text however the request was batched), the rest are sampled in groups
-that share temperature / top-k / top-p. Log-probabilities are those of the raw model (before
-temperature). A failure that belongs to one row (logits that are NaN or inf, a sampling or text
-error) ends only that row, with an error in its own request's response; the rest of the batch goes on.
+Sampling is per row, in float32, after each row's own logit controls (logit bias, min_tokens,
+repetition / frequency / presence penalties: gptwo.sampling.LogitControls): greedy rows take the
+argmax, seeded rows use their own generator (so a seed gives the same text however the request was
+batched), the rest are sampled in groups that share temperature / top-k / top-p. Log-probabilities
+are those of the raw model (before logit controls and temperature). A failure that belongs to one
+row (logits that are NaN or inf, a sampling or text error) ends only that row, with an error in its
+own request's response; the rest of the batch goes on.
 
 Waiting sequences are admitted fairly: the next place goes to the client (a remote address) that
 holds the fewest running sequences, so one client's big request does not hold everyone else back; a client may
@@ -44,7 +46,7 @@ from gptwo.infer.native import NativeStep
 from gptwo.infer.step import StepInput, cache_dtype, make_step
 from gptwo.model import GPT
 from gptwo.runtime import available_memory
-from gptwo.sampling import sample_by_cdf, sampling_weights
+from gptwo.sampling import LogitControls, control_logits, sample_by_cdf, sampling_weights
 from gptwo.serve.limits import MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
 from gptwo.serve.params import SamplingParams
 from gptwo.speculative import NgramDraft, verify_drafts
@@ -116,7 +118,10 @@ class Sequence:
     ):
         self.request, self.index, self.prompt, self.params = request, index, prompt, params
         self.watermark = watermark  # its green lists, when its text is watermarked
-        self.stream = TextStream(tokenizer, params.stop)
+        self.stream = TextStream(
+            tokenizer, params.stop, stop_at_eot=not params.ignore_eos, skip_eot=params.skip_special_tokens
+        )
+        self.controls = logit_controls(params)  # None when the request changes no logit
         self.generator = None  # seeded requests: choice j samples with its own generator seeded with seed + j
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed((params.seed + seed_offset) % 2**64)
@@ -353,8 +358,14 @@ class BatchEngine:
 
     def check(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
         """Reject requests the model cannot run: empty prompts, unknown token ids, more tokens than the context,
-        a watermark the server does not allow."""
+        a watermark the server does not allow, logit controls out of range."""
         self.check_count(len(prompts), n)
+        try:
+            controls = logit_controls(params)
+            if controls is not None:
+                controls.check_vocab(self.tokenizer.n_vocab)
+        except GptwoError as err:
+            raise RequestRejected(err.what, err.fix, _control_param(err.what)) from None
         settings = self.request_watermark(params.watermark)
         if settings is not None:
             try:
@@ -812,18 +823,23 @@ class BatchEngine:
         """The sampled token of each row of `logits` (B, V), with its logprobs when asked for."""
         tokens = self._sample(seqs, logits)
         infos: dict[int, TokenLogprob] = {}
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        # best_of ranks candidates by the cumulative logprob of their tokens: those need it even unasked
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None or s.params.best_of]
         if want:
             logprobs = torch.log_softmax(logits[want].float(), dim=-1)
-            found = _logprob_infos(logprobs, [tokens[i] for i in want], [seqs[i].params.logprobs for i in want])
+            found = _logprob_infos(logprobs, [tokens[i] for i in want], [seqs[i].params.logprobs or 0 for i in want])
             infos = dict(zip(want, found))
         return [infos.get(i) or TokenLogprob(token, None, None) for i, token in enumerate(tokens)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token per row: argmax for greedy rows, own generator for seeded rows, shared groups otherwise.
 
-        A watermarked row's green tokens get their bias last (after temperature, top-k and top-p), seeded by
-        its own tokens so far, as `gptwo.sampling.sample_next` adds it."""
+        Each row's logit controls come first; a watermarked row's green tokens get their bias last (after
+        temperature, top-k and top-p), seeded by its own tokens so far, as `gptwo.sampling.sample_next` adds it."""
+        controls = [seq.controls for seq in seqs]
+        if any(c is not None for c in controls):
+            prompts, outputs = [seq.prompt for seq in seqs], [seq.output for seq in seqs]
+            logits = control_logits(logits, controls, prompts, outputs, self.tokenizer.eot_token)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, seq in enumerate(seqs) if seq.params.temperature == 0]
         if greedy:
@@ -875,6 +891,24 @@ class BatchEngine:
             seq.done = seq.failed = True
             self.stats["failed"] += 1
             seq.request.emit(Update(seq.index, finish_reason="error", error=message, shutting_down=shutting_down))
+
+
+def logit_controls(params: SamplingParams) -> LogitControls | None:
+    """The logit controls a request asks for (None when it changes no logit); a GptwoError when out of range."""
+    controls = LogitControls(
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=params.logit_bias,
+        min_tokens=params.min_tokens,
+    )
+    return controls if controls.active else None
+
+
+def _control_param(what: str) -> str:
+    """The request field a LogitControls error is about."""
+    names = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")
+    return next((name for name in names if what.startswith(name)), "logit_bias")
 
 
 def _watermark_process(seqs: list[Sequence]):

@@ -1,12 +1,15 @@
 """The OpenAI completions API as pydantic models: what requests may hold and what responses look like.
 
-Only the legacy `/v1/completions` shape is served (GPT-2 is not a chat model). Parameters that
-gptwo cannot honour (penalties, logit_bias, suffix, best_of > n) are rejected, never ignored.
+Only the legacy `/v1/completions` shape is served (GPT-2 is not a chat model). Besides OpenAI's fields
+it takes the extension keys vLLM's clients send (`EXTENSIONS`); those gptwo does not implement are
+accepted only at their neutral value (`NEUTRAL`), anything else there is a 400, never ignored.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import math
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -16,6 +19,8 @@ from gptwo.text import MAX_STOP_CHARS, MAX_STOPS, invalid_text
 from gptwo.watermark import MAX_CONTEXT_WIDTH, MAX_KEY
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_TOKENS = 1024  # entries in one logit_bias
+MAX_BEST_OF = 128
 CODES = (
     "string_above_max_length",
     "array_above_max_length",
@@ -26,7 +31,13 @@ CODES = (
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    include_usage: bool = False
+    include_usage: bool | None = Field(default=False, description="a last chunk with usage; the others usage: null")
+    continuous_usage_stats: bool | None = Field(
+        default=False, description="vLLM extension: with include_usage, every chunk carries the usage so far"
+    )
+    include_obfuscation: bool | None = Field(
+        default=None, description="accepted (OpenAI's); gptwo adds no obfuscation padding to chunks"
+    )
 
 
 class WatermarkRequest(BaseModel):
@@ -85,7 +96,12 @@ class CompletionRequest(BaseModel):
         default=None, ge=-1, description="sample from the k most likely tokens; -1, 0 or null: all"
     )
     n: int | None = Field(default=1, ge=1, le=128, description="choices per prompt")
-    best_of: int | None = Field(default=None, ge=1, description="accepted only when equal to n")
+    best_of: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_BEST_OF,
+        description="candidates per prompt (>= n): the n of highest cumulative logprob are returned; not with stream",
+    )
     stop: StrictStr | list[StrictStr] | None = Field(
         default=None,
         description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters that end a choice "
@@ -98,10 +114,48 @@ class CompletionRequest(BaseModel):
         default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (raw model log-probabilities)"
     )
     echo: bool | None = Field(default=False, description="return the prompt before the completion")
-    presence_penalty: float | None = Field(default=0.0, description="not supported: must be 0")
-    frequency_penalty: float | None = Field(default=0.0, description="not supported: must be 0")
-    logit_bias: dict[str, float] | None = Field(default=None, description="not supported: must be empty")
+    presence_penalty: float | None = Field(
+        default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="minus this for each token already produced"
+    )
+    frequency_penalty: float | None = Field(
+        default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="minus this times each token's count so far"
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description=f"token id (as a string) -> bias added to its logit, clipped to [-100, 100]; -100 bans it "
+        f"(at most {MAX_LOGIT_BIAS_TOKENS} tokens)",
+    )
     suffix: str | None = Field(default=None, description="not supported")
+    # vLLM's extensions (its CompletionRequest's sampling parameters), implemented
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="extension: logits of tokens in the prompt or output divided by it (multiplied when negative)",
+    )
+    min_tokens: int | None = Field(default=0, ge=0, description="extension: end-of-text is banned until this many")
+    ignore_eos: bool | None = Field(default=False, description="extension: end-of-text does not end the choice")
+    skip_special_tokens: bool | None = Field(
+        default=True, description="extension: with ignore_eos, an end-of-text adds no text (false: <|endoftext|>)"
+    )
+    add_special_tokens: bool | None = Field(
+        default=True, description="extension: GPT-2's tokenizer adds no special tokens, so both values do the same"
+    )
+    request_id: str | None = Field(default=None, max_length=256, description="extension: accepted, not used")
+    # vLLM's extensions accepted only at their neutral value (NEUTRAL)
+    use_beam_search: bool | None = None
+    min_p: float | None = None
+    length_penalty: float | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    include_stop_str_in_output: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[StrictInt] | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    priority: int | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
     watermark: bool | WatermarkRequest | None = Field(
         default=None,
@@ -114,6 +168,41 @@ class CompletionRequest(BaseModel):
     def _watermark_settings(cls, value):
         """true, false or an object of settings, with one clear message for anything else."""
         return watermark_request(value)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt):
+        """One clear message for a prompt of the wrong shape (pydantic's would name each member of the union)."""
+        if prompt is None:
+            raise PydanticCustomError(
+                "invalid_prompt", "prompt is null: send a string, strings, token ids or lists of token ids"
+            )
+        if isinstance(prompt, str) or (isinstance(prompt, list) and _prompt_list(prompt)):
+            return prompt
+        raise PydanticCustomError(
+            "invalid_prompt",
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, bias):
+        if not bias:
+            return bias
+        if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise PydanticCustomError(
+                "array_above_max_length",
+                "logit_bias has {n} tokens, at most {limit} are allowed",
+                {"n": len(bias), "limit": MAX_LOGIT_BIAS_TOKENS},
+            )
+        for key, value in bias.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise PydanticCustomError(
+                    "invalid_logit_bias", 'logit_bias key {key!r} is not a token id (such as "50256")', {"key": key}
+                )
+            if not math.isfinite(value):
+                raise PydanticCustomError("invalid_logit_bias", "logit_bias values must be finite numbers")
+        return bias
 
     @field_validator("prompt")
     @classmethod
@@ -148,6 +237,7 @@ class CompletionRequest(BaseModel):
 
     def sampling_params(self) -> SamplingParams:
         """The engine's view of this request (defaults filled in, "off" values as None)."""
+        n = self.n or 1
         return SamplingParams(
             max_tokens=16 if self.max_tokens is None else self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -158,19 +248,78 @@ class CompletionRequest(BaseModel):
             logprobs=self.logprobs,
             prompt_logprobs=bool(self.echo) and self.logprobs is not None,
             watermark=self.watermark.settings() if isinstance(self.watermark, WatermarkRequest) else self.watermark,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple(
+                (int(token), min(max(float(bias), -100.0), 100.0)) for token, bias in (self.logit_bias or {}).items()
+            ),
+            min_tokens=self.min_tokens or 0,
+            ignore_eos=bool(self.ignore_eos),
+            skip_special_tokens=self.skip_special_tokens is not False,
+            best_of=self.best_of if self.best_of is not None and self.best_of > n else None,
         )
 
-    def unsupported(self) -> str | None:
-        """The name of a parameter set to something gptwo does not do, if any."""
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty" if self.presence_penalty else "frequency_penalty"
-        if self.logit_bias:
-            return "logit_bias"
+    def candidates(self) -> int:
+        """Choices generated per prompt: best_of when it is more than n."""
+        return max(self.n or 1, self.best_of or 1)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, message) for a parameter set to something gptwo does not do, if any."""
         if self.suffix:
-            return "suffix"
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            return "best_of"
+            return "suffix", "suffix is not supported by gptwo: GPT-2 only continues text; leave it out"
+        n = self.n or 1
+        if self.best_of is not None and self.best_of < n:
+            return "best_of", f"best_of={self.best_of} is less than n={n}: best_of must be at least n"
+        if self.best_of is not None and self.best_of > n and self.stream:
+            return "best_of", "best_of > n cannot be streamed (the best are known only at the end): drop stream"
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            return "min_tokens", f"min_tokens={self.min_tokens} is more than max_tokens={self.max_tokens}"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        for name, (is_neutral, neutral) in NEUTRAL.items():
+            value = getattr(self, name)
+            if value is not None and not is_neutral(value):
+                return name, f"{name}={json.dumps(value)} is not supported by gptwo: send {neutral} or leave it out"
         return None
+
+
+def _prompt_list(prompt: list) -> bool:
+    """Whether `prompt` is a list of strings, of token ids, or of lists of token ids (or empty)."""
+
+    def ids(items) -> bool:
+        return isinstance(items, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in items)
+
+    return all(isinstance(p, str) for p in prompt) or ids(prompt) or all(ids(p) for p in prompt)
+
+
+# vLLM's extension keys gptwo takes only at the value that changes nothing: (test, the neutral value as told)
+NEUTRAL = {
+    "use_beam_search": (lambda v: v is False, "false"),
+    "min_p": (lambda v: v == 0, "0"),
+    "length_penalty": (lambda v: v == 1, "1"),
+    "stop_token_ids": (lambda v: v == [], "[]"),
+    "include_stop_str_in_output": (lambda v: v is False, "false"),
+    "spaces_between_special_tokens": (lambda v: v is True, "true"),
+    "truncate_prompt_tokens": (lambda v: False, "null"),
+    "allowed_token_ids": (lambda v: False, "null"),
+    "prompt_logprobs": (lambda v: False, "null (echo with logprobs scores the prompt)"),
+    "detokenize": (lambda v: v is True, "true"),
+    "return_tokens_as_token_ids": (lambda v: v is False, "false"),
+    "priority": (lambda v: v == 0, "0"),
+    "response_format": (lambda v: v == {"type": "text"}, '{"type": "text"}'),
+}
+# vLLM's extension keys gptwo implements
+EXTENSIONS = (
+    "top_k",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "skip_special_tokens",
+    "add_special_tokens",
+    "request_id",
+    "watermark",
+)
 
 
 class Logprobs(BaseModel):
