@@ -143,7 +143,7 @@ def add_commands(sub) -> None:
         default=None,
         help="speculative decoding per batch row: ngram proposes what followed the last tokens' latest earlier "
         "occurrence in the text (prompt lookup), checked in the same step; greedy text is unchanged, sampled text "
-        "follows the model's distribution; rows asking logprobs or a watermark decode plainly",
+        "follows the model's distribution; rows asking logprobs, best_of, a watermark or logit controls decode plainly",
     )
     p.add_argument(
         "--num-speculative-tokens",

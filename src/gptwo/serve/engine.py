@@ -565,10 +565,13 @@ class BatchEngine:
         return plan
 
     def _drafts(self, seq: Sequence, spare: int) -> list[int]:
-        """Prompt-lookup tokens to check after `seq`'s sampled one: rows that report logprobs or carry a watermark
-        decode plainly (their tokens are processed one position at a time)."""
+        """Prompt-lookup tokens to check after `seq`'s sampled one. Rows that report logprobs (or rank by them:
+        best_of), carry a watermark or logit controls decode plainly: their tokens are processed one position
+        at a time."""
         p = seq.params
-        if self.ngram is None or p.logprobs is not None or seq.watermark is not None:
+        if self.ngram is None or p.logprobs is not None or p.best_of or seq.watermark is not None:
+            return []
+        if seq.controls is not None:
             return []
         want = min(self.num_speculative_tokens, spare, p.max_tokens - seq.generated - 1)
         return self.ngram.propose(seq.prompt + seq.output, want) if want > 0 else []
