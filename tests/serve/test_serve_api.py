@@ -257,7 +257,7 @@ def test_bad_requests_get_openai_errors(live, client):
         dict(temperature=5),
         dict(n=0),
         dict(logprobs=50),
-        dict(top_p=0),
+        dict(top_p=1.5),
         dict(presence_penalty=3.0),
         dict(frequency_penalty=-2.5),
         dict(best_of=0),

@@ -91,7 +91,9 @@ class CompletionRequest(BaseModel):
     )
     max_tokens: int | None = Field(default=16, ge=0, description="tokens to generate per choice (default 16)")
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_p: float | None = Field(
+        default=1.0, ge=0.0, le=1.0, description="nucleus sampling mass (0, as OpenAI takes it: the most likely token)"
+    )
     top_k: int | None = Field(
         default=None, ge=-1, description="sample from the k most likely tokens; -1, 0 or null: all"
     )
@@ -241,8 +243,9 @@ class CompletionRequest(BaseModel):
         return SamplingParams(
             max_tokens=16 if self.max_tokens is None else self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k if self.top_k and self.top_k > 0 else None,
-            top_p=self.top_p if self.top_p not in (None, 1.0) else None,
+            # top_p 0 keeps the smallest set of tokens reaching mass 0: the most likely one (top_k 1)
+            top_k=1 if self.top_p == 0 else self.top_k if self.top_k and self.top_k > 0 else None,
+            top_p=self.top_p if self.top_p not in (None, 0.0, 1.0) else None,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             seed=self.seed,
             logprobs=self.logprobs,
