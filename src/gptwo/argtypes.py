@@ -110,26 +110,31 @@ def add_inference_options(p) -> None:
     )
 
 
-def add_speculative_options(p) -> None:
-    """--draft-model, --speculate and --num-speculative-tokens (gptwo generate, gptwo bench decode)."""
-    p.add_argument(
-        "--draft-model",
-        default=None,
-        help="speculative decoding: a smaller model with the same tokenizer proposes tokens that --model checks "
-        "several at a time; the text follows --model's distribution (greedy: the same text)",
-    )
+def add_speculative_options(p, draft_model: bool = True, speculate_help: str | None = None) -> None:
+    """--draft-model (unless not `draft_model`), --speculate and --num-speculative-tokens (gptwo generate,
+    gptwo bench decode, gptwo serve)."""
+    if draft_model:
+        p.add_argument(
+            "--draft-model",
+            default=None,
+            help="speculative decoding: a smaller model with the same tokenizer proposes tokens that --model checks "
+            "several at a time; the text follows --model's distribution (greedy: the same text)",
+        )
     p.add_argument(
         "--speculate",
         choices=["ngram"],
         default=None,
-        help="speculative decoding with no draft model: ngram proposes what followed the last tokens' latest "
+        help=speculate_help
+        or "speculative decoding with no draft model: ngram proposes what followed the last tokens' latest "
         "earlier occurrence in the text (prompt lookup; fast where the output copies the prompt)",
     )
     p.add_argument(
         "--num-speculative-tokens",
         type=int_at_least(1, MAX_SPECULATIVE_TOKENS),
         default=4,
-        help="draft tokens checked per step with --draft-model or --speculate (default 4)",
+        help="draft tokens checked per step with "
+        + ("--draft-model or --speculate" if draft_model else "--speculate")
+        + " (default 4)",
     )
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from gptwo.argtypes import (
-    MAX_SPECULATIVE_TOKENS,
+    add_speculative_options,
     add_watermark_options,
     command,
     device_name,
@@ -137,19 +137,13 @@ def add_commands(sub) -> None:
         help="compute every prompt in full (by default, prompts starting with the same 16-token blocks as "
         "earlier ones reuse their keys and values)",
     )
-    p.add_argument(
-        "--speculate",
-        choices=["ngram"],
-        default=None,
-        help="speculative decoding per batch row: ngram proposes what followed the last tokens' latest earlier "
-        "occurrence in the text (prompt lookup), checked in the same step; greedy text is unchanged, sampled text "
-        "follows the model's distribution; rows asking logprobs, best_of, a watermark or logit controls decode plainly",
-    )
-    p.add_argument(
-        "--num-speculative-tokens",
-        type=int_at_least(1, MAX_SPECULATIVE_TOKENS),
-        default=4,
-        help="draft tokens checked per row and step with --speculate (default 4)",
+    add_speculative_options(
+        p,
+        draft_model=False,
+        speculate_help="speculative decoding per batch row: ngram proposes what followed the last tokens' latest "
+        "earlier occurrence in the text (prompt lookup), checked in the same step; greedy text is unchanged, sampled "
+        "text follows the model's distribution; rows asking logprobs, best_of, a watermark or logit controls decode "
+        "plainly",
     )
     p.add_argument(
         "--max-queue",
