@@ -51,8 +51,40 @@ def make_optimizer(
     )
     if config.optimizer == "adamw":
         return adamw
-    muon = SplitMuon(groups["muon"], lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn=MUON_ADJUST_LR)
+    device = next(model.parameters()).device
+    muon = SplitMuon(
+        groups["muon"],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        adjust_lr_fn=MUON_ADJUST_LR,
+        ns_dtype=newton_schulz_dtype(device),
+    )
     return MuonWithAdamW(muon, adamw)
+
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16 (torch.optim.Muon's choice) where the hardware multiplies it natively; float32 on other CPUs, where
+    emulated bf16 made Muon's step 8x slower than AdamW's (AVX2 Zen 3, the quickstart's shapes)."""
+    from gptwo.runtime import native_bf16
+
+    return torch.bfloat16 if device.type != "cpu" or native_bf16() else torch.float32
+
+
+def newton_schulz(grad: torch.Tensor, ns: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The orthogonalised update: torch.optim.Muon's own iteration in bf16, else the same quintic iteration
+    (Jordan et al. 2024) computed in `dtype`."""
+    if dtype == torch.bfloat16:
+        return _zeropower_via_newtonschulz(grad, *ns)
+    (a, b, c), steps, eps = ns
+    x = grad.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
 
 
 def param_groups(model: torch.nn.Module, config: TrainConfig) -> dict[str, list[dict]]:
@@ -98,6 +130,11 @@ class SplitMuon(torch.optim.Muon):
     the state stays one momentum buffer per parameter, so checkpoints hold the model's own parameter names.
     """
 
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **settings):
+        """`ns_dtype`: the Newton-Schulz iteration's precision (bf16 as torch.optim.Muon; newton_schulz_dtype)."""
+        super().__init__(params, **settings)
+        self.ns_dtype = ns_dtype
+
     @torch.no_grad()
     def step(self, closure=None):
         """One Muon step of every group, each matrix (or each of its `split` row blocks) orthogonalised alone."""
@@ -112,7 +149,10 @@ class SplitMuon(torch.optim.Muon):
             has_complex = self._init_group(group, params, grads, buffers)
             split = group.get("split", 1)
             if params and isinstance(params[0], DTensor):
-                self._step_sharded(group, params, grads, buffers, split)
+                self._step_sharded(group, params, grads, buffers, split, self.ns_dtype)
+                continue
+            if self.ns_dtype != torch.bfloat16:
+                self._step_local(group, params, grads, buffers, split, self.ns_dtype)
                 continue
             muon_update(
                 _row_blocks(params, split),
@@ -131,7 +171,23 @@ class SplitMuon(torch.optim.Muon):
         return loss
 
     @staticmethod
-    def _step_sharded(group: dict, params: list, grads: list, buffers: list, split: int) -> None:
+    def _step_local(group: dict, params: list, grads: list, buffers: list, split: int, dtype: torch.dtype) -> None:
+        """torch.optim.Muon's step (momentum, Nesterov, weight decay, shape-scaled lr) with Newton-Schulz in
+        `dtype`, each matrix (or row block) alone."""
+        momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
+        ns = (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])
+        for param, grad, buffer in zip(
+            _row_blocks(params, split), _row_blocks(grads, split), _row_blocks(buffers, split)
+        ):
+            buffer.lerp_(grad, 1 - momentum)
+            update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+            param.mul_(1 - lr * decay)
+            param.add_(newton_schulz(update, ns, dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+
+    @staticmethod
+    def _step_sharded(
+        group: dict, params: list, grads: list, buffers: list, split: int, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         """The same step where FSDP holds each rank's rows of every matrix, gradient and momentum buffer.
 
         Momentum, weight decay and the update are elementwise, so each rank applies them to its own rows; only
@@ -150,7 +206,7 @@ class SplitMuon(torch.optim.Muon):
                 local_update, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
             ).full_tensor()
             blocks = update.chunk(split)
-            update = torch.cat([_zeropower_via_newtonschulz(block, *ns) for block in blocks])
+            update = torch.cat([newton_schulz(block, ns, dtype) for block in blocks])
             mine = distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None).to_local()
             local = param.to_local()
             local.mul_(1 - lr * decay)
