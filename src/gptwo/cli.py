@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from gptwo.argtypes import (
     MAX_SEED,
     Parser,
+    add_adapter_option,
     add_inference_options,
     add_watermark_options,
     command,
@@ -54,6 +55,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        adapter=args.adapter,
         watermark=watermark,
         draft_model=args.draft_model,
         speculate=args.speculate,
@@ -126,6 +128,7 @@ def add_core_commands(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     add_inference_options(p)
+    add_adapter_option(p)
     p.add_argument(
         "--draft-model",
         default=None,

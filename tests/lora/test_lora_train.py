@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -83,6 +85,26 @@ def test_a_lora_run_changes_only_the_adapters_and_peft_and_transformers_read_it(
         torch.testing.assert_close(GPT.from_pretrained(run)(IDS), theirs, atol=1e-4, rtol=0)
 
 
+def test_adapter_on_generate_and_eval_is_the_merged_run(base, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    run_training(tiny_data(), run, overrides=LORA + ["max_steps=8"], init_from=base, progress=False)
+    adapter = os.path.join(run, "adapter")
+    outputs = []
+    for model in (["--model", run], ["--model", base, "--adapter", adapter], ["--model", base]):
+        assert main(["generate", *model, "--temperature", "0", "--max-new-tokens", "12", "The"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog while the cat sleeps.", encoding="utf-8")
+    reports = []
+    for model in (["--model", run], ["--model", base, "--adapter", adapter]):
+        assert main(["eval", "ppl", str(text), *model, "--json", "--quiet"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["perplexity"] == pytest.approx(reports[1]["perplexity"], rel=1e-5)
+    assert main(["generate", "--model", base, "--adapter", str(tmp_path / "none"), "The"]) == 2
+    assert "adapter folder" in capsys.readouterr().err
+
+
 def test_resume_continues_a_lora_run_exactly(base, tmp_path, monkeypatch):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     settings = LORA + ["max_steps=8", "lora_dropout=0.1"]
@@ -128,3 +150,20 @@ def test_lora_needs_a_base_model(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: lora_rank=4 trains adapters on a pretrained model") and "--init-from" in err
+
+
+def test_lora_under_fsdp_follows_one_process(base, tmp_path):
+    """torchrun with 2 CPU processes (gloo), FSDP over a bf16 base: the loss curve of 1 process with grad_accum=2."""
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+    settings = LORA + ["max_steps=4", "lora_base=bf16", "checkpoint_every=2"]
+    run_training(tiny_data(), single, overrides=settings + ["grad_accum=2"], init_from=base, progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptwo.cli"]
+    args = ["train", "--data", tiny_data(), "--out", sharded, "--init-from", base, *settings, "parallel=fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = train_losses(single), train_losses(sharded)
+    assert one.keys() == two.keys() and all(abs(one[s] - two[s]) < 1e-3 for s in one)
+    adapter_one = read_adapter(os.path.join(single, "adapter"))[1]
+    adapter_two = read_adapter(os.path.join(sharded, "adapter"))[1]
+    assert all(torch.allclose(adapter_one[k], adapter_two[k], atol=1e-3) for k in adapter_one)
