@@ -117,9 +117,6 @@ class FrozenInt8Linear(nn.Module):
         y = _Int8MatMul.apply(x, self.qweight, self.scales.float())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float()[:, None]
-
 
 # ---------------------------------------------------------------- applying, merging
 def lora_settings(model: nn.Module) -> LoraSettings | None:
@@ -188,15 +185,6 @@ def apply_lora(model: GPT, settings: LoraSettings, base: str = "fp32") -> GPT:
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     """Name (transformer.h.N.attn.c_attn, ...) → LoraLinear, for the adapters `model` carries."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
-
-
-def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our names (transformer.h.N.attn.c_attn.lora_A.weight, ...) → the adapter tensors `model` carries."""
-    return {
-        f"{name}.lora_{part}.weight": getattr(m, f"lora_{part}").weight
-        for name, m in lora_layers(model).items()
-        for part in "AB"
-    }
 
 
 @torch.no_grad()
