@@ -138,6 +138,17 @@ def add_speculative_options(p, draft_model: bool = True, speculate_help: str | N
     )
 
 
+def add_adapter_option(p) -> None:
+    """`--adapter DIR`: a LoRA adapter applied to --model (gptwo.lora), shared by the commands that load one model."""
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a LoRA adapter folder (a LoRA run's RUN/adapter, or peft's adapter_config.json + "
+        "adapter_model.safetensors) for --model as its base, merged into the weights before --dtype/--quantize",
+    )
+
+
 def add_watermark_options(p, what: str) -> None:
     """`--watermark` and its settings (gptwo.watermark; the defaults are transformers' `WatermarkingConfig()`)."""
     p.add_argument("--watermark", action="store_true", help=what)

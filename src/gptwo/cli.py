@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from gptwo.argtypes import (
     MAX_SEED,
     Parser,
+    add_adapter_option,
     add_inference_options,
     add_speculative_options,
     add_watermark_options,
@@ -64,6 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        adapter=args.adapter,
         watermark=watermark,
         controls=controls if controls.active else None,
         stop_at_eot=not args.ignore_eos,
@@ -188,6 +190,7 @@ def add_core_commands(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     add_inference_options(p)
+    add_adapter_option(p)
     add_speculative_options(p)
     add_watermark_options(
         p,

@@ -123,6 +123,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables
+    # LoRA (docs/training.md, LoRA): lora_rank > 0 trains low-rank adapters on the init_from model, which stays frozen
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # the update is scaled by lora_alpha / lora_rank; 0 = lora_rank (a scale of 1)
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated layer names (c_proj: the attention's and the MLP's)
+    lora_base: str = "fp32"  # the frozen base's precision: fp32, bf16, or int8 (blocks' linears; bf16 elsewhere)
     # evaluation, logging, checkpoints
     eval_every: int = 100
     eval_batches: int = 20
@@ -172,6 +178,8 @@ class TrainConfig:
             "grad_clip",
             "peak_flops",
             "max_time",
+            "lora_rank",
+            "lora_alpha",
         ):
             if getattr(self, name) < 0:
                 raise GptwoError(f"train config {name}={getattr(self, name)} is negative", f"set {name} to 0 or more")
@@ -203,6 +211,12 @@ class TrainConfig:
                 "selection=reducible and selection_reference=PATH go together",
                 "give both (the reference is a model folder), or neither",
             )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise GptwoError(f"lora_dropout={self.lora_dropout} is out of range", "use a value in [0, 1)")
+        if self.lora_base not in ("fp32", "bf16", "int8"):
+            raise GptwoError(f"lora_base={self.lora_base!r} is unknown", "use lora_base=fp32, bf16 or int8")
+        if not self.lora_target_names:
+            raise GptwoError("lora_targets is empty", "name the layers to adapt, e.g. lora_targets=c_attn,c_proj,c_fc")
         if self.compile not in ("auto", "true", "false"):
             raise GptwoError(f"compile={self.compile!r} is unknown", "use compile=auto, true or false")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -215,6 +229,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """lora_targets as a tuple of layer names."""
+        return tuple(name.strip() for name in self.lora_targets.split(",") if name.strip())
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPT shape this config trains from scratch."""

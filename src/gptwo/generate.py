@@ -87,6 +87,7 @@ def generate_cli_stream(
     seed: int | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    adapter: str | None = None,
     draft_model: str | None = None,
     speculate: str | None = None,
     num_speculative_tokens: int = 4,
@@ -94,7 +95,8 @@ def generate_cli_stream(
 ) -> Iterator[str]:
     """What `gptwo generate` prints: each sample's continuation, streamed, samples separated by a rule.
 
-    With `draft_model` or `speculate="ngram"`, decoding is speculative (gptwo.speculative); its acceptance
+    `adapter`: a LoRA adapter folder merged into the model (gptwo.lora). With `draft_model` or
+    `speculate="ngram"`, decoding is speculative (gptwo.speculative); its acceptance
     rate goes to stderr at the end."""
     from gptwo.weights import load_model
 
@@ -104,7 +106,7 @@ def generate_cli_stream(
     check_stops(kwargs.get("stop") or ())
     if num_samples < 1:
         raise GptwoError(f"--num-samples {num_samples} must be at least 1", "ask for one sample or more")
-    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize)
+    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize, adapter=adapter)
     tokens = encode_prompt(tokenizer, prompt)
     if len(tokens) > model.config.block_size:
         print(

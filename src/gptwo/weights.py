@@ -24,6 +24,7 @@ from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write
 from gptwo.gguf import is_gguf_spec, read_gguf
 from gptwo.infer.prepare import prepare_model, prepared_settings
+from gptwo.lora import load_adapter, lora_settings, merged_state
 from gptwo.model import SHAPE_FIX, describe, expected_shapes, param_count
 from gptwo.runtime import check_memory, resolve_device
 from gptwo.tokenizer import EOT, Tokenizer, load_tokenizer
@@ -133,7 +134,10 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def state_dict_to_hf(model: gptwo.model.GPT) -> dict[str, torch.Tensor]:
     """Our names and layouts → HF's (contiguous, lm_head left out as it is tied to wte)."""
     out = {}
-    for name, tensor in model.state_dict().items():
+    state, settings = model.state_dict(), lora_settings(model)
+    if settings is not None:  # unmerged LoRA adapters: saved merged into the weights
+        state = merged_state(state, settings)
+    for name, tensor in state.items():
         if name == "lm_head.weight":
             continue
         tensor = tensor.detach().cpu()
@@ -350,13 +354,17 @@ def load_pretrained(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
+    adapter: str | None = None,
+    merge: bool = True,
 ) -> GPT:
     """A GPT from a Hugging Face GPT-2 folder, a hub id or a GGUF file, in eval mode.
 
     A dtype named as text ('fp32', 'bf16') or `quantize="int8"` also prepares it for inference (gptwo.infer).
+    `adapter`: a LoRA adapter folder (gptwo's RUN/adapter or peft's) applied to it, merged into the float
+    weights before any dtype or quantization (`merge`), or else kept beside them in float32 (gptwo.lora).
     """
     if is_gguf_spec(path_or_id):
-        return _load_gguf(path_or_id, device, dtype, quantize)[0]
+        return _load_gguf(path_or_id, device, dtype, quantize, adapter, merge)[0]
     directory = resolve_model_dir(path_or_id)
     config = read_config(directory)
     shapes = stored_shapes(directory)
@@ -369,20 +377,37 @@ def load_pretrained(
     )
     state = state_dict_from_hf(read_weights(directory))
     check_finite(state, directory)
-    return _placed(model_from_state(config, state, directory), device, dtype, quantize)
+    return _placed(model_from_state(config, state, directory), device, dtype, quantize, adapter, merge)
 
 
 def _placed(
-    model: GPT, device: str | torch.device | None, dtype: torch.dtype | str | None, quantize: str | None
+    model: GPT,
+    device: str | torch.device | None,
+    dtype: torch.dtype | str | None,
+    quantize: str | None,
+    adapter: str | None = None,
+    merge: bool = True,
 ) -> GPT:
-    """`model` on `device` in eval mode: prepared for inference for a dtype named as text or `quantize`, else cast."""
+    """`model` on `device` in eval mode: prepared for inference for a dtype named as text or `quantize`, else cast;
+    with an `adapter` merged into it first, or applied (unmerged) after."""
+    if adapter is not None and merge:
+        model = load_adapter(model, adapter, merge_weights=True)
     if quantize is not None or isinstance(dtype, str):
-        return prepare_model(model.to(device=device or "cpu"), dtype=dtype, quantize=quantize)
-    return model.to(device=device or "cpu", dtype=dtype).eval()
+        model = prepare_model(model.to(device=device or "cpu"), dtype=dtype, quantize=quantize)
+    else:
+        model = model.to(device=device or "cpu", dtype=dtype).eval()
+    if adapter is not None and not merge:
+        model = load_adapter(model, adapter, merge_weights=False)
+    return model
 
 
 def _load_gguf(
-    path: str, device: str | torch.device | None, dtype: torch.dtype | str | None, quantize: str | None
+    path: str,
+    device: str | torch.device | None,
+    dtype: torch.dtype | str | None,
+    quantize: str | None,
+    adapter: str | None = None,
+    merge: bool = True,
 ) -> tuple[GPT, Tokenizer]:
     """A GPT and its tokenizer from a gpt2 GGUF file (read by gptwo.gguf), checked and placed as a folder's are.
 
@@ -392,7 +417,7 @@ def _load_gguf(
     config, state, tokenizer = read_gguf(path)
     check_vocab(config, tokenizer)
     check_finite(state, path)
-    return _placed(model_from_state(config, state, path), device, dtype, quantize), tokenizer
+    return _placed(model_from_state(config, state, path), device, dtype, quantize, adapter, merge), tokenizer
 
 
 def save_pretrained(model: gptwo.model.GPT, directory: str, tokenizer: Tokenizer | None = None) -> None:
@@ -423,11 +448,17 @@ def save_pretrained(model: gptwo.model.GPT, directory: str, tokenizer: Tokenizer
 
 # ---------------------------------------------------------------- model + tokenizer together
 def load_model(
-    path_or_id: str, device: str | None = "auto", dtype: torch.dtype | str | None = None, quantize: str | None = None
+    path_or_id: str,
+    device: str | None = "auto",
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
+    adapter: str | None = None,
+    merge: bool = True,
 ) -> tuple[GPT, Tokenizer]:
-    """The model and its tokenizer: the folder's tokenizer.json or vocab.json+merges.txt, else GPT-2's BPE."""
+    """The model and its tokenizer: the folder's tokenizer.json or vocab.json+merges.txt, else GPT-2's BPE.
+    `adapter` and `merge`: a LoRA adapter applied to the model, as `load_pretrained` applies it."""
     if is_gguf_spec(path_or_id):
-        return _load_gguf(path_or_id, resolve_device(device), dtype, quantize)
+        return _load_gguf(path_or_id, resolve_device(device), dtype, quantize, adapter, merge)
     directory = resolve_model_dir(path_or_id)
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         tokenizer = load_tokenizer(directory)
@@ -440,7 +471,9 @@ def load_model(
     else:
         tokenizer = Tokenizer.gpt2()
     check_vocab(read_config(directory), tokenizer)  # before the weights are read
-    model = load_pretrained(directory, device=resolve_device(device), dtype=dtype, quantize=quantize)
+    model = load_pretrained(
+        directory, device=resolve_device(device), dtype=dtype, quantize=quantize, adapter=adapter, merge=merge
+    )
     return model, tokenizer
 
 

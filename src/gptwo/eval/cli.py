@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptwo.argtypes import Parser, add_inference_options, command, int_at_least, print_report
+from gptwo.argtypes import Parser, add_adapter_option, add_inference_options, command, int_at_least, print_report
 from gptwo.errors import GptwoError
 
 
@@ -27,6 +27,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     report = perplexity_report(
         args.model,
         args.files,
+        adapter=args.adapter,
         **_run_options(args),
     )
     print_report(report, args.json, render_perplexity)
@@ -42,6 +43,7 @@ def _cmd_eval_task(args: argparse.Namespace) -> int:
         args.model,
         data=args.data,
         limit=args.limit,
+        adapter=args.adapter,
         **_run_options(args),
     )
     print_report(report, args.json, render_task)
@@ -134,6 +136,7 @@ def add_commands(sub) -> None:
         help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2",
     )
     _eval_options(p)
+    add_adapter_option(p)
 
     for task in TASK_INFO.values():
         p = command(esub, task.name, _cmd_eval_task, f"{task.summary}.")
@@ -149,6 +152,7 @@ def add_commands(sub) -> None:
             help=f"local data file: {task.data_help}; without it, {task.hub_dataset} is downloaded",
         )
         _eval_options(p, tasks=True)
+        add_adapter_option(p)
 
     p = command(esub, "compare", _cmd_eval_compare, "One table of the same metrics for several models.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="model folders, run folders or hub ids")

@@ -6,6 +6,10 @@ optimizer's tensors (optimizer.safetensors) and everything else as JSON (trainer
 config, data-loader positions and RNG states of every rank). A checkpoint is built in
 `step_N.tmp-*` and renamed into place, so a crash or a full disk never leaves one that loads
 wrong. RUN itself always holds the latest weights, so `--model RUN` works too.
+
+A LoRA run (lora_rank=R) saves its model merged (base + adapters, the same files) and its adapters
+alone in `adapter/` (peft's adapter_config.json + adapter_model.safetensors), in each checkpoint
+and in RUN; it resumes from the adapters onto its base, loaded again from init_from.
 """
 
 from __future__ import annotations
@@ -27,12 +31,22 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write
+from gptwo.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraSettings,
+    lora_settings,
+    merged_state,
+    read_adapter,
+    save_adapter,
+)
 from gptwo.model import GPT
 from gptwo.tokenizer import Tokenizer
 from gptwo.train.distributed import Dist, barrier, gather_objects, unwrap
 from gptwo.weights import check_finite, model_from_state, read_weights, save_pretrained, state_dict_from_hf
 
 CHECKPOINTS = "checkpoints"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter, in the checkpoint and in RUN (peft's layout)
 # copied to RUN in this order, config last
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -106,8 +120,12 @@ def _optimizer_files(optim_state: dict) -> tuple[bytes, dict]:
 
 
 def _export_model(model: torch.nn.Module, model_state: dict) -> GPT:
-    """A plain CPU GPT holding `model_state` (needed when the training model is sharded)."""
+    """A plain CPU GPT holding `model_state` (needed when the training model is sharded, and merged from
+    a LoRA model's base and adapters)."""
     inner = unwrap(model)
+    settings = lora_settings(inner)
+    if settings is not None:
+        return model_from_state(inner.config, merged_state(model_state, settings), "the training model")
     if not any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         return inner
     return model_from_state(inner.config, model_state, "the training model")
@@ -131,6 +149,7 @@ def save_checkpoint(
     per_rank = gather_objects({"loader": loader_state, "rng": rng_state()}, info)
     path = None
     if info.is_main:
+        settings = lora_settings(unwrap(model))
         path = _write_checkpoint(
             run_dir,
             step,
@@ -138,6 +157,7 @@ def save_checkpoint(
             optim_state,
             tokenizer,
             {**trainer, "step": step, "world_size": info.world_size, "ranks": per_rank},
+            None if settings is None else (settings, model_state),
         )
         _prune(run_dir, keep)
     barrier(info)
@@ -145,8 +165,15 @@ def save_checkpoint(
 
 
 def _write_checkpoint(
-    run_dir: str, step: int, model: GPT, optim_state: dict, tokenizer: Tokenizer, trainer: dict
+    run_dir: str,
+    step: int,
+    model: GPT,
+    optim_state: dict,
+    tokenizer: Tokenizer,
+    trainer: dict,
+    lora: tuple[LoraSettings, dict] | None = None,
 ) -> str:
+    """The checkpoint folder, then RUN's copy of its model files (and of its LoRA adapter, RUN/adapter/)."""
     root = os.path.join(run_dir, CHECKPOINTS)
     final = os.path.join(root, f"step_{step}")
     os.makedirs(root, exist_ok=True)
@@ -154,6 +181,8 @@ def _write_checkpoint(
     what = f"could not write checkpoint step_{step}"
     try:
         save_pretrained(model, tmp, tokenizer=tokenizer)
+        if lora is not None:  # the adapter alone, in peft's layout (the model files hold it merged)
+            save_adapter(os.path.join(tmp, ADAPTER_DIR), *lora, base_model=trainer["config"].get("init_from", ""))
         optim_bytes, optim_json = _optimizer_files(optim_state)
         _write_bytes(os.path.join(tmp, "optimizer.safetensors"), optim_bytes)
         _write_bytes(os.path.join(tmp, "trainer.json"), json.dumps({**trainer, "optimizer": optim_json}).encode())
@@ -165,6 +194,11 @@ def _write_checkpoint(
         for name in MODEL_FILES:  # RUN itself: the latest weights, one atomic file at a time
             with open(os.path.join(final, name), "rb") as f:
                 atomic_write(os.path.join(run_dir, name), f.read())
+        if lora is not None:
+            os.makedirs(os.path.join(run_dir, ADAPTER_DIR), exist_ok=True)
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # config last
+                with open(os.path.join(final, ADAPTER_DIR, name), "rb") as f:
+                    atomic_write(os.path.join(run_dir, ADAPTER_DIR, name), f.read())
     except (OSError, GptwoError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = _reason(err)
@@ -232,9 +266,14 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     trainer = read_trainer_state(checkpoint_dir)
-    weights = state_dict_from_hf(read_weights(checkpoint_dir))
-    check_finite(weights, checkpoint_dir)
-    weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    lora = lora_settings(unwrap(model)) is not None
+    if lora:  # the adapters only: the frozen base was loaded from init_from
+        weights = read_adapter(os.path.join(checkpoint_dir, ADAPTER_DIR))[1]
+        check_finite(weights, os.path.join(checkpoint_dir, ADAPTER_DIR))
+    else:
+        weights = state_dict_from_hf(read_weights(checkpoint_dir))
+        check_finite(weights, checkpoint_dir)
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
     try:
         tensors = load_file(os.path.join(checkpoint_dir, "optimizer.safetensors"))
     except Exception as err:
@@ -254,7 +293,7 @@ def load_checkpoint(
         optimizer,
         model_state_dict=weights,
         optim_state_dict=optim_state,
-        options=StateDictOptions(full_state_dict=True),
+        options=StateDictOptions(full_state_dict=True, strict=not lora),
     )
     ranks = trainer["ranks"]
     set_rng_state(ranks[info.rank if info.rank < len(ranks) else 0]["rng"])  # a resume may use another world size

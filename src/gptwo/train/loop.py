@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from gptwo.config import GPTConfig, TrainConfig, load_train_config
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write, read_json_file
+from gptwo.lora import LoraSettings, apply_lora
 from gptwo.model import GPT, describe, param_count
 from gptwo.runtime import check_memory
 from gptwo.select.online import make_selector
@@ -53,7 +54,19 @@ from gptwo.train.speed import (
 )
 
 # what a resumed run keeps: its model, and its optimizer (whose saved state is for that optimizer only)
-FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "dropout", "init_from", "optimizer")
+# (and its adapters' shape and base: the checkpoint holds only the adapters, the base is init_from again)
+FIXED_ON_RESUME = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "dropout",
+    "init_from",
+    "optimizer",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "lora_base",
+)
 
 
 @dataclass
@@ -218,6 +231,7 @@ class _Trainer:
         self.grad_accum = grad_accum_for(config, info.world_size)
         self.model_config: GPTConfig = model.config
         self.n_params = model.num_params()
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model.to(device)
         use_onednn_linears(model, config, device)
         self.compiled = compile_enabled(config, device, config.max_steps - self._resumed_step())
@@ -258,7 +272,12 @@ class _Trainer:
 
     def _build_model(self) -> GPT:
         config, data = self.config, self.data
-        if self.resume_from:
+        if config.lora_rank and not config.init_from:
+            raise GptwoError(
+                f"lora_rank={config.lora_rank} trains adapters on a pretrained model, and none is given",
+                "pass --init-from BASE (a model folder, run folder or gpt2), or drop lora_rank",
+            )
+        if self.resume_from and not config.lora_rank:  # a LoRA run resumes from its base and its saved adapters
             from gptwo.weights import check_shapes, read_config, shapes_from_hf, stored_shapes
 
             shape = dataclasses.replace(read_config(self.resume_from), dropout=config.dropout)
@@ -290,12 +309,22 @@ class _Trainer:
                 f"the data's tokenizer has {data.train.n_vocab} tokens but the model only {model.config.vocab_size}",
                 "prepare the data with the model's tokenizer",
             )
+        if config.lora_rank:
+            settings = LoraSettings(
+                rank=config.lora_rank,
+                alpha=config.lora_alpha or float(config.lora_rank),
+                dropout=config.lora_dropout,
+                targets=config.lora_target_names,
+            )
+            apply_lora(model, settings, base=config.lora_base).train()
         return model
 
     def _check_memory(self, shape: GPTConfig) -> None:
         """Refuse a run whose model, gradients, AdamW state and activations cannot fit the device, before any
         allocation."""
-        need = training_bytes(shape, self.config.batch_size, self.config.block_size)
+        # LoRA: the frozen base in its precision (the adapters and their optimizer state are small)
+        per_param = {"fp32": 4, "bf16": 2, "int8": 1}[self.config.lora_base] if self.config.lora_rank else 16
+        need = training_bytes(shape, self.config.batch_size, self.config.block_size, per_param)
         check_memory(
             need,
             f"training {describe(shape)} on batch_size={self.config.batch_size} x block_size={self.config.block_size}",
@@ -359,7 +388,12 @@ class _Trainer:
                 f"model {self.n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step = "
                 f"{config.batch_size} seq x {config.block_size} tokens "
                 f"x {self.grad_accum} accum x {info.world_size} procs | {config.max_steps} steps on {self.device}"
-                + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""),
+                + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")
+                + (
+                    f" | LoRA r={config.lora_rank}: {self.trainable:,} trainable params, {config.lora_base} base"
+                    if config.lora_rank
+                    else ""
+                ),
                 file=sys.stderr,
             )
         bar = _progress_bar(self.step, config.max_steps, self.progress)
@@ -711,14 +745,14 @@ def bits_per_byte(loss_nats: float, meta: dict) -> float | None:
     return loss_nats / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
 
 
-def training_bytes(shape: GPTConfig, batch_size: int, block_size: int) -> int:
+def training_bytes(shape: GPTConfig, batch_size: int, block_size: int, bytes_per_param: int = 16) -> int:
     """A lower estimate of a training step's memory in float32: weights, gradients and AdamW's two moments
-    (16 bytes a parameter), plus the activations kept for the backward pass: per token and layer at least
-    the attention's q, k, v and output and the MLP's 4-wide hidden layer before and after GELU (12 x n_embd
-    values), and the logits (with their softmax and gradient, 3 x vocabulary)."""
+    (16 bytes a parameter; a frozen LoRA base only its weights), plus the activations kept for the backward
+    pass: per token and layer at least the attention's q, k, v and output and the MLP's 4-wide hidden layer
+    before and after GELU (12 x n_embd values), and the logits (with their softmax and gradient, 3 x vocabulary)."""
     tokens = batch_size * block_size
     activations = tokens * (shape.n_layer * 12 * shape.n_embd + 3 * shape.vocab_size)
-    return 16 * param_count(shape) + 4 * activations
+    return bytes_per_param * param_count(shape) + 4 * activations
 
 
 def grad_accum_for(config: TrainConfig, world_size: int) -> int:
