@@ -53,7 +53,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.infer.arena",
     ),
     # sampling over a decode step; stop strings and streaming text (no torch).
-    "sampling": ("gptwo.sampling", "gptwo.text", "gptwo.watermark", "gptwo.speculative"),
+    "sampling": ("gptwo.sampling", "gptwo.text", "gptwo.chat", "gptwo.watermark", "gptwo.speculative"),
     # a model from stored weights, dtype/quantization, and `gptwo.GPT` with its conveniences.
     "loading": ("gptwo", "gptwo.weights", "gptwo.gguf", "gptwo.infer.prepare", "gptwo.lora"),
     # the parts: what the commands do. See PART_USES for which parts a part may import.

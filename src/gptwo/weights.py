@@ -420,8 +420,11 @@ def _load_gguf(
     return _placed(model_from_state(config, state, path), device, dtype, quantize, adapter, merge), tokenizer
 
 
-def save_pretrained(model: gptwo.model.GPT, directory: str, tokenizer: Tokenizer | None = None) -> None:
-    """Write `config.json` + `model.safetensors` (+ `tokenizer.json`) so transformers can load the folder."""
+def save_pretrained(
+    model: gptwo.model.GPT, directory: str, tokenizer: Tokenizer | None = None, chat_template: str | None = None
+) -> None:
+    """Write `config.json` + `model.safetensors` (+ `tokenizer.json`, with `chat_template` in its config) so
+    transformers can load the folder."""
     from safetensors.torch import save
 
     if prepared_settings(model) is not None:  # re-laid or quantized layers no longer match the format
@@ -440,6 +443,8 @@ def save_pretrained(model: gptwo.model.GPT, directory: str, tokenizer: Tokenizer
             **special,
             "model_max_length": model.config.block_size,
         }
+        if chat_template is not None:
+            tokenizer_config["chat_template"] = chat_template
         atomic_write(os.path.join(directory, "tokenizer_config.json"), json.dumps(tokenizer_config, indent=2).encode())
     eot = tokenizer.eot_token if tokenizer is not None else None
     config = json.dumps(config_to_hf(model.config, eot), indent=2).encode()
