@@ -110,16 +110,15 @@ def add_inference_options(p) -> None:
     )
 
 
-def add_speculative_options(p, draft_model: bool = True, speculate_help: str | None = None) -> None:
-    """--draft-model (unless not `draft_model`), --speculate and --num-speculative-tokens (gptwo generate,
-    gptwo bench decode, gptwo serve)."""
-    if draft_model:
-        p.add_argument(
-            "--draft-model",
-            default=None,
-            help="speculative decoding: a smaller model with the same tokenizer proposes tokens that --model checks "
-            "several at a time; the text follows --model's distribution (greedy: the same text)",
-        )
+def add_speculative_options(p, draft_help: str | None = None, speculate_help: str | None = None) -> None:
+    """--draft-model, --speculate and --num-speculative-tokens (gptwo generate, gptwo bench decode, gptwo serve)."""
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help=draft_help
+        or "speculative decoding: a smaller model with the same tokenizer proposes tokens that --model checks "
+        "several at a time; the text follows --model's distribution (greedy: the same text)",
+    )
     p.add_argument(
         "--speculate",
         choices=["ngram"],
@@ -132,9 +131,7 @@ def add_speculative_options(p, draft_model: bool = True, speculate_help: str | N
         "--num-speculative-tokens",
         type=int_at_least(1, MAX_SPECULATIVE_TOKENS),
         default=4,
-        help="draft tokens checked per step with "
-        + ("--draft-model or --speculate" if draft_model else "--speculate")
-        + " (default 4)",
+        help="draft tokens checked per step with --draft-model or --speculate (default 4)",
     )
 
 

@@ -135,12 +135,9 @@ def generate_cli_stream(
         )
 
 
-PROBE = "Speculative decoding needs one tokenizer: 1234 café\n\tdef f(x): return x ** 2  # ok"
-
-
 def _draft(draft_model, speculate, tokenizer, kwargs, **load):
     """The draft for `gptwo generate`: a loaded model, an NgramDraft, or None (plain decoding)."""
-    from gptwo.weights import load_model
+    from gptwo.weights import check_draft_tokenizer, load_model
 
     if draft_model is None and speculate is None:
         return None
@@ -159,11 +156,7 @@ def _draft(draft_model, speculate, tokenizer, kwargs, **load):
     if speculate is not None:
         return NgramDraft()
     draft, draft_tokenizer = load_model(draft_model, **load)
-    if draft_tokenizer.n_vocab != tokenizer.n_vocab or draft_tokenizer.encode(PROBE) != tokenizer.encode(PROBE):
-        raise GptwoError(
-            f"the draft model {draft_model} has another tokenizer than the model",
-            "use a draft trained with the model's tokenizer (e.g. on the same prepared data)",
-        )
+    check_draft_tokenizer(draft_tokenizer, tokenizer, draft_model)
     return draft
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from gptwo.errors import GptwoError
+from gptwo.infer.kvcache import OutOfBlocks, PagedKVCache, SeqBlocks
 from gptwo.infer.linear import NATIVE_MAX_ROWS
 from gptwo.infer.step import StepInput, make_step
 from gptwo.sampling import check_sampling, sampling_weights
@@ -61,6 +62,18 @@ class SpeculationStats:
         }
 
 
+def _catch_up(cache: PagedKVCache, seq: SeqBlocks, tokens: list[int], fed: int = 1) -> tuple[int, list[int]]:
+    """Cut `seq` back to its longest prefix shared with `tokens` (keeping at least the last `fed` tokens out)
+    and grow it for the rest: the position and the tokens still to compute (OutOfBlocks when none are free)."""
+    same, limit = 0, min(seq.length, len(tokens) - fed)
+    while same < limit and seq.tokens[same] == tokens[same]:
+        same += 1
+    if same < seq.length:
+        cache.truncate(seq, same)
+    cache.grow(seq, len(tokens))
+    return same, tokens[same:]
+
+
 class _CachedModel:
     """A model with its own step and one sequence in its cache, kept to the longest computed prefix of a text."""
 
@@ -73,21 +86,64 @@ class _CachedModel:
     def logits(self, window: Sequence[int], extra: Sequence[int] = (), every: int = 1) -> torch.Tensor:
         """Logits (every, V) after each of the last `every` tokens of `window` + `extra`: what is not in the cache
         yet is computed (at least the last token), the cache then holds all of it."""
-        tokens = [*window, *extra]
-        seq, same = self.seq, 0
-        limit = min(seq.length, len(tokens) - every)  # the last `every` tokens are always fed, for their logits
-        while same < limit and seq.tokens[same] == tokens[same]:
-            same += 1
-        if same < seq.length:
-            self.cache.truncate(seq, same)
-        new = tokens[same:]
-        self.cache.grow(seq, same + len(new))
-        out = self.step(StepInput([new], [same], [seq.blocks], every=[every > 1]))
-        self.cache.commit(seq, new)
+        start, new = _catch_up(self.cache, self.seq, [*window, *extra], every)
+        out = self.step(StepInput([new], [start], [self.seq.blocks], every=[every > 1]))
+        self.cache.commit(self.seq, new)
         return out[-every:].float()
 
     def close(self) -> None:
         self.cache.release(self.seq)
+
+
+class BatchDraft:
+    """A draft model proposing greedily for many rows at once (the server's `--draft-model`).
+
+    Each row (keyed by any hashable, e.g. the server's sequence) keeps its text's computed prefix in the
+    draft's own paged cache, so a step computes only what is new: the tokens accepted since, then one
+    token per draft. Greedy proposals are deterministic (q one-hot in `verify_drafts`), so the target's
+    sampled tokens still follow its own distribution."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, n_vocab: int | None = None):
+        self.model, self.n_vocab = model, n_vocab or model.config.vocab_size  # ids past the tokenizer's: never
+        self.context = model.config.block_size
+        self.step = make_step(model, num_blocks, max_native_tokens=NATIVE_MAX_ROWS)
+        self.cache = self.step.cache
+        self._rows: dict[object, SeqBlocks] = {}
+
+    def propose(self, rows: Sequence[tuple[object, list[int], int]]) -> list[list[int]]:
+        """For each (key, text, want): up to `want` greedy draft tokens continuing `text` (none where the text is
+        past the draft's context or its cache is full)."""
+        out: list[list[int]] = [[] for _ in rows]
+        live: list[tuple[int, SeqBlocks, list[int]]] = []  # (row, its cache entry, tokens to feed now)
+        for i, (key, text, want) in enumerate(rows):
+            seq = self._rows.get(key)
+            if want <= 0 or len(text) + want > self.context:
+                continue
+            if seq is None:
+                seq = self._rows[key] = self.cache.start([])
+            try:
+                start, new = _catch_up(self.cache, seq, list(text) + [0] * (want - 1), want)
+            except OutOfBlocks:
+                self.release(key)
+                continue
+            live.append((i, seq, new[: len(new) - want + 1]))
+        while live:
+            batch = StepInput([t for _, _, t in live], [s.length for _, s, _ in live], [s.blocks for _, s, _ in live])
+            best = self.step(batch)[:, : self.n_vocab].argmax(-1).tolist()
+            going = []
+            for (i, seq, tokens), token in zip(live, best):
+                self.cache.commit(seq, tokens)
+                out[i].append(int(token))
+                if len(out[i]) < rows[i][2]:
+                    going.append((i, seq, [int(token)]))
+            live = going
+        return out
+
+    def release(self, key: object) -> None:
+        """Forget a row (it finished or was preempted): its blocks go back."""
+        seq = self._rows.pop(key, None)
+        if seq is not None:
+            self.cache.release(seq)
 
 
 class NgramDraft:

@@ -482,6 +482,20 @@ def load_model(
     return model, tokenizer
 
 
+_TOKENIZER_PROBE = "Speculative decoding needs one tokenizer: 1234 café\n\tdef f(x): return x ** 2  # ok"
+
+
+def check_draft_tokenizer(draft_tokenizer: Tokenizer, tokenizer: Tokenizer, draft_spec: str) -> None:
+    """A draft model (speculative decoding) must share the target's tokenizer: same size, same ids for a probe."""
+    if draft_tokenizer.n_vocab != tokenizer.n_vocab or draft_tokenizer.encode(_TOKENIZER_PROBE) != tokenizer.encode(
+        _TOKENIZER_PROBE
+    ):
+        raise GptwoError(
+            f"the draft model {draft_spec} has another tokenizer than the model",
+            "use a draft trained with the model's tokenizer (e.g. on the same prepared data)",
+        )
+
+
 def check_vocab(config: GPTConfig, tokenizer: Tokenizer) -> None:
     """The model and its tokenizer must agree on the vocabulary.
 

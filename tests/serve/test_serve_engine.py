@@ -10,7 +10,7 @@ import pytest
 import torch
 from serve_testing import tiny_model
 
-from gptwo import Tokenizer
+from gptwo import GPT, GPTConfig, Tokenizer
 from gptwo.errors import GptwoError
 from gptwo.infer import native, prepare_model
 from gptwo.infer.native import NativeStep
@@ -295,10 +295,23 @@ def test_two_level_sampler_draws_in_proportion_and_never_a_zero_weight():
         assert sample_by_cdf(one, generator).tolist() == [only] * 4
 
 
+def speculating_engine(model, draft: str, **kwargs) -> BatchEngine:
+    """An engine speculating with prompt lookup, or with a draft model: the target itself (every draft right)
+    or another model (most drafts wrong), so both the accepting and the rejecting paths run."""
+    if draft == "ngram":
+        return BatchEngine(model, TOKENIZER, speculate="ngram", **kwargs)
+    other = model
+    if draft == "other-draft":  # one layer, another seed, a shorter context than the target's
+        torch.manual_seed(7)
+        other = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    return BatchEngine(model, TOKENIZER, draft_model=other, **kwargs)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "self-draft", "other-draft"])
 @pytest.mark.parametrize("budget", [512, 9], ids=["whole-prompts", "chunked-prefill"])
-def test_ngram_speculation_per_row_gives_each_prompt_its_plain_greedy_text(budget):
+def test_speculation_per_row_gives_each_prompt_its_plain_greedy_text(budget, draft):
     model = tiny_model(block_size=96, vocab_size=512)
-    engine = BatchEngine(model, TOKENIZER, max_num_seqs=6, max_batched_tokens=budget, num_blocks=60, speculate="ngram")
+    engine = speculating_engine(model, draft, max_num_seqs=6, max_batched_tokens=budget, num_blocks=60)
     loop = [7, 8, 9, 10] * 6  # prompts that repeat themselves: prompt lookup has drafts to propose
     prompts = [loop, list(range(100, 130)), [200, 201, 200, 201, 200], loop[:9] + list(range(300, 310))]
     lengths = (30, 25, 40, 20)
@@ -317,12 +330,17 @@ def test_ngram_speculation_per_row_gives_each_prompt_its_plain_greedy_text(budge
     assert 0 < metrics["spec_decode_accepted_tokens_total"] <= metrics["spec_decode_draft_tokens_total"]
     assert metrics["generation_tokens_total"] == sum(lengths) + 12
     assert engine.stats["steps"] < sum(lengths) + 12  # accepted drafts: fewer steps than tokens
+    if draft == "self-draft":  # the target drafting for itself: every greedy draft is accepted
+        assert metrics["spec_decode_accepted_tokens_total"] == metrics["spec_decode_draft_tokens_total"]
     assert_blocks_all_back(engine)
+    if engine.draft is not None:
+        assert engine.draft.cache.num_used == 0  # finished rows gave their draft blocks back
 
 
-def test_ngram_speculation_samples_seeded_rows_to_their_length():
+@pytest.mark.parametrize("draft", ["ngram", "other-draft"])
+def test_speculation_samples_seeded_rows_to_their_length(draft):
     model = tiny_model(block_size=64, vocab_size=512)
-    engine = BatchEngine(model, TOKENIZER, max_num_seqs=4, num_blocks=40, speculate="ngram")
+    engine = speculating_engine(model, draft, max_num_seqs=4, num_blocks=40)
     prompt = [7, 8, 9, 10] * 4
     params = SamplingParams(max_tokens=20, temperature=0.7, top_k=20, seed=3)
     first, again = run_engine(

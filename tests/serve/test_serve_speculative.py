@@ -1,11 +1,12 @@
-"""`gptwo serve --speculate ngram`: per-row prompt lookup in the batch gives the plain greedy text, streamed or
-not, and /metrics counts the drafts proposed and accepted."""
+"""`gptwo serve --speculate ngram | --draft-model M`: per-row speculation in the batch gives the plain greedy text,
+streamed or not, and /metrics counts the drafts proposed and accepted."""
 
 from __future__ import annotations
 
 import json
 import urllib.request
 
+import pytest
 from serve_testing import serve_in_thread
 
 from gptwo.generate import complete
@@ -20,10 +21,15 @@ def post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_speculating_server_gives_the_plain_greedy_text_and_counts_its_drafts(model_dir):
+@pytest.mark.parametrize("method", ["ngram", "draft-model"])
+def test_speculating_server_gives_the_plain_greedy_text_and_counts_its_drafts(model_dir, method):
     model, tokenizer = load_model(model_dir, device="cpu")
     plain = complete(model, tokenizer, PROMPTS, 24, temperature=0)
-    server, _ = serve_in_thread(model_dir, speculate="ngram", num_speculative_tokens=3)
+    if method == "ngram":
+        speculation = {"speculate": "ngram"}
+    else:  # as `gptwo serve` loads models on a CPU: prepared for the native step, the draft's cache its own
+        speculation = {"draft_model": load_model(model_dir, device="cpu", dtype="fp32")[0], "dtype": "fp32"}
+    server, _ = serve_in_thread(model_dir, num_speculative_tokens=3, **speculation)
     try:
         body = {"model": "tiny", "prompt": PROMPTS, "max_tokens": 24, "temperature": 0}
         batched = post(f"{server.url}/v1/completions", body)

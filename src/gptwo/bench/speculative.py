@@ -67,7 +67,7 @@ def speculative_report(
     """Tokens/s of plain and speculative greedy decoding at batch 1 (gptwo and transformers), per prompt."""
     from gptwo.bench.decode import hf_twin
     from gptwo.sampling import stream_tokens
-    from gptwo.weights import load_model
+    from gptwo.weights import check_draft_tokenizer, load_model
 
     if draft_model is None and speculate is None:
         raise GptwoError("nothing to speculate with", "pass --draft-model M and/or --speculate ngram")
@@ -91,12 +91,7 @@ def speculative_report(
     hf_drafts: dict[str, dict] = {}
     if draft_model is not None:
         draft, draft_tokenizer = load_model(draft_model, device=dev)
-        sample = tokenizer.decode(prompts["grounded"])
-        if draft_tokenizer.n_vocab != tokenizer.n_vocab or draft_tokenizer.encode(sample) != tokenizer.encode(sample):
-            raise GptwoError(
-                f"the draft model {draft_model} has another tokenizer than the target",
-                "use a draft trained on the same prepared data",
-            )
+        check_draft_tokenizer(draft_tokenizer, tokenizer, draft_model)
         drafts["draft model"] = draft
         hf_drafts["draft model"] = {"assistant_model": hf_twin(draft)}
     if speculate == "ngram":

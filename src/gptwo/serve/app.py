@@ -662,10 +662,11 @@ def serve(
     watermark_key: int | None = None,
     speculate: str | None = None,
     num_speculative_tokens: int = 4,
+    draft_model: str | None = None,
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted; `watermark` marks every completion and
-    `watermark_key` keys the requests that ask for a watermark; `speculate="ngram"` decodes each row
-    speculatively (BatchEngine)."""
+    `watermark_key` keys the requests that ask for a watermark; `speculate="ngram"` or `draft_model` (a
+    smaller model with the same tokenizer) decodes each row speculatively (BatchEngine)."""
 
     for name, value, low in (
         ("max_num_seqs", max_num_seqs, 1),
@@ -706,6 +707,12 @@ def serve(
     torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
+    draft = None
+    if draft_model is not None:
+        from gptwo.weights import check_draft_tokenizer
+
+        draft, draft_tokenizer = load_served_model(draft_model, torch_device, torch_dtype, quantize)
+        check_draft_tokenizer(draft_tokenizer, tokenizer, draft_model)
     name = served_model_name or default_model_name(model)
     engine = BatchEngine(
         net,
@@ -721,6 +728,7 @@ def serve(
         watermark_key=watermark_key,
         speculate=speculate,
         num_speculative_tokens=num_speculative_tokens,
+        draft_model=draft,
     )
     app = create_app(
         engine,

@@ -79,6 +79,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         watermark_key=key,
         speculate=args.speculate,
         num_speculative_tokens=args.num_speculative_tokens,
+        draft_model=args.draft_model,
     )
     return 0
 
@@ -139,7 +140,8 @@ def add_commands(sub) -> None:
     )
     add_speculative_options(
         p,
-        draft_model=False,
+        draft_help="speculative decoding per batch row: a smaller model with the same tokenizer proposes tokens "
+        "greedily for all rows in one draft step per token, checked in the same step as the row's sampled one",
         speculate_help="speculative decoding per batch row: ngram proposes what followed the last tokens' latest "
         "earlier occurrence in the text (prompt lookup), checked in the same step; greedy text is unchanged, sampled "
         "text follows the model's distribution; rows asking logprobs, best_of, a watermark or logit controls decode "

@@ -49,7 +49,7 @@ from gptwo.runtime import available_memory
 from gptwo.sampling import LogitControls, control_logits, sample_by_cdf, sampling_weights
 from gptwo.serve.limits import MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
 from gptwo.serve.params import SamplingParams
-from gptwo.speculative import NgramDraft, verify_drafts
+from gptwo.speculative import BatchDraft, NgramDraft, verify_drafts
 from gptwo.text import TextStream
 from gptwo.tokenizer import Tokenizer
 from gptwo.watermark import Watermark, WatermarkSettings, watermark_for, watermark_logits
@@ -134,6 +134,7 @@ class Sequence:
         self.scored: list[TokenLogprob] | None = None  # prompt logprobs gathered chunk by chunk (echo)
         self.decoding = False  # its prompt is in the cache and it feeds one sampled token per step
         self.drafts: list[int] = []  # speculative tokens fed after its sampled one this step (checked after it)
+        self.draft_room = 0  # positions held this step for a draft model's tokens, proposed just before it
         self.arrived = time.monotonic()
         self.first_token_at: float | None = None
         self.done = False
@@ -221,6 +222,7 @@ class BatchEngine:
         watermark_key: int | None = None,
         speculate: str | None = None,
         num_speculative_tokens: int = 4,
+        draft_model: GPT | None = None,
     ):
         """`max_num_seqs`: most sequences running at once; `max_batched_tokens`: most tokens in one step;
         `max_request_choices`: most sequences (prompts x n) in one request; `max_client_choices`: most
@@ -229,10 +231,13 @@ class BatchEngine:
         `watermark` marks every completion (server-wide); `watermark_key` is the key of requests that ask
         for a watermark without naming one (default: the server-wide one's, else transformers').
         `speculate="ngram"`: each decoding row feeds up to `num_speculative_tokens` tokens of prompt lookup after
-        its sampled one, verified in the same step (gptwo.speculative)."""
+        its sampled one, verified in the same step (gptwo.speculative); `draft_model`: a smaller model with the
+        same tokenizer proposes them instead (greedily, all rows in one draft step per token)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         if speculate not in (None, "ngram"):
             raise GptwoError(f"unknown speculation '{speculate}'", "use ngram (or none)")
+        if speculate is not None and draft_model is not None:
+            raise GptwoError("a draft model and --speculate both given", "use one: a draft model, or --speculate ngram")
         self.ngram = NgramDraft() if speculate == "ngram" else None
         self.num_speculative_tokens = num_speculative_tokens
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
@@ -258,6 +263,7 @@ class BatchEngine:
             model, blocks, prefix_caching=prefix_caching, use_native=use_native, max_native_tokens=NATIVE_MAX_ROWS
         )
         self.cache = self.step.cache
+        self.draft = None if draft_model is None else BatchDraft(draft_model.eval(), blocks, tokenizer.n_vocab)
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0, "preempted": 0}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         self.ttft = [0] * len(TTFT_BUCKETS)  # time to first token: a cumulative histogram
@@ -526,14 +532,14 @@ class BatchEngine:
         for seq in list(self._active):  # oldest first: under memory pressure the newest are preempted
             if not seq.decoding or seq not in self._active:
                 continue
-            seq.drafts = self._drafts(seq, spare) if spare > 0 else []
-            if seq.drafts:
+            seq.drafts, seq.draft_room = self._drafts(seq, spare) if spare > 0 else ([], 0)
+            if seq.draft_room:
                 try:
-                    cache.grow(seq.blocks, seq.blocks.length + 1 + len(seq.drafts))
+                    cache.grow(seq.blocks, seq.blocks.length + 1 + seq.draft_room)
                 except OutOfBlocks:  # no room to speculate: this row decodes plainly
-                    seq.drafts = []
-                spare -= len(seq.drafts)
-                budget -= len(seq.drafts)
+                    seq.drafts, seq.draft_room = [], 0
+                spare -= seq.draft_room
+                budget -= seq.draft_room
             while True:
                 try:
                     cache.grow(seq.blocks, seq.blocks.length + 1)
@@ -564,17 +570,37 @@ class BatchEngine:
             plan += self._admit(budget)
         return plan
 
-    def _drafts(self, seq: Sequence, spare: int) -> list[int]:
-        """Prompt-lookup tokens to check after `seq`'s sampled one. Rows that report logprobs (or rank by them:
-        best_of), carry a watermark or logit controls decode plainly: their tokens are processed one position
-        at a time."""
+    def _drafts(self, seq: Sequence, spare: int) -> tuple[list[int], int]:
+        """Prompt-lookup tokens to check after `seq`'s sampled one, and the positions held for drafts (a draft
+        model's are proposed just before the step, outside the lock). Rows that report logprobs (or rank by
+        them: best_of), carry a watermark or logit controls decode plainly: their tokens are processed one
+        position at a time."""
         p = seq.params
-        if self.ngram is None or p.logprobs is not None or p.best_of or seq.watermark is not None:
-            return []
-        if seq.controls is not None:
-            return []
+        if (self.ngram is None and self.draft is None) or p.logprobs is not None or p.best_of:
+            return [], 0
+        if seq.watermark is not None or seq.controls is not None:
+            return [], 0
         want = min(self.num_speculative_tokens, spare, p.max_tokens - seq.generated - 1)
-        return self.ngram.propose(seq.prompt + seq.output, want) if want > 0 else []
+        if want <= 0:
+            return [], 0
+        if self.draft is not None:
+            return [], want
+        drafts = self.ngram.propose(seq.prompt + seq.output, want)
+        return drafts, len(drafts)
+
+    def _draft_with_model(self, plan: list[tuple[Sequence, list[int]]]) -> list[tuple[Sequence, list[int]]]:
+        """The draft model's proposals for the rows that held positions for them, put into the plan."""
+        rows = [s for s, _ in plan if s.decoding and s.draft_room]
+        if not rows:
+            return plan
+        try:
+            proposals = self.draft.propose([(s, s.prompt + s.output, s.draft_room) for s in rows])
+        except Exception:  # noqa: BLE001 - a failing draft costs speed, not the requests
+            log.exception("the draft model's step failed; these rows decode plainly")
+            proposals = [[] for _ in rows]
+        for seq, drafts in zip(rows, proposals):
+            seq.drafts, seq.draft_room = drafts, 0
+        return [(s, s.todo + s.drafts) if s.decoding else (s, tokens) for s, tokens in plan]
 
     def _chunk(self, seq: Sequence, budget: int) -> list[int] | None:
         """The next at most `budget` of `seq`'s tokens to compute, with blocks for them; None when none are free."""
@@ -637,7 +663,9 @@ class BatchEngine:
     def _preempt(self, seq: Sequence) -> None:
         """Give back `seq`'s blocks and queue it first, to be recomputed (prompt + output) when it is admitted."""
         self.cache.release(seq.blocks)
-        seq.blocks, seq.todo, seq.decoding, seq.drafts = None, [], False, []
+        seq.blocks, seq.todo, seq.decoding, seq.drafts, seq.draft_room = None, [], False, [], 0
+        if self.draft is not None:
+            self.draft.release(seq)
         self._active.remove(seq)
         for twin in reversed(seq.followers):  # not forked yet: they wait for a place of their own
             self._active.remove(twin)
@@ -650,6 +678,8 @@ class BatchEngine:
     def _step(self, plan: list[tuple[Sequence, list[int]]]) -> None:
         if not plan:
             return
+        if self.draft is not None:
+            plan = self._draft_with_model(plan)
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
         self.stats["steps"] += 1
         scoring = [s.params.prompt_logprobs and not s.decoding and s.scored is None for s, _ in plan]
@@ -882,6 +912,8 @@ class BatchEngine:
             if seq.blocks is not None:
                 self.cache.release(seq.blocks)
                 seq.blocks = None
+            if self.draft is not None:
+                self.draft.release(seq)
             orphans = [t for t in seq.followers if not t.cancelled]  # never forked: their prompt failed
             seq.followers = []
             self._fail(orphans, "its prompt could not be computed")
