@@ -221,3 +221,26 @@ def test_freed_memory_is_kept_on_linux_cpus():
 
     assert keep_freed_memory(torch.device("cpu")) == sys.platform.startswith("linux")
     assert not keep_freed_memory(torch.device("meta"))
+
+
+def test_time_budget_cuts_again_when_the_machine_slows_down(monkeypatch):
+    from gptwo.config import TrainConfig
+    from gptwo.train import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    budget = loop._TimeBudget(TrainConfig(max_time=300.0, warmup_steps=20, max_steps=1000), 0, 0.0)
+    steps, step = 1000, 0
+
+    def run_to(last: int, seconds_per_step: float) -> None:
+        nonlocal steps, step
+        while step < min(last, steps):
+            step += 1
+            clock[0] += seconds_per_step
+            if budget.due(step):
+                steps = budget.steps_that_fit(step, steps)
+
+    run_to(100, 0.5)  # 2 steps/s at the end of warm-up: 0.9 * 290 s * 2 = 522 more steps
+    assert steps == 20 + 522
+    run_to(10_000, 1.0)  # half the speed from step 100 on: cut again (never lengthened), and ends in time
+    assert step == steps < 542 and clock[0] <= 300.0

@@ -412,7 +412,6 @@ class _Trainer:
                 bar.update(1)
                 if budget is not None and budget.due(self.step):
                     config = self.config = self._fit_time_budget(budget, bar)
-                    budget = None
                 logged = self.step % config.log_every == 0 or self.step == config.max_steps
                 evaluated = self.step % config.eval_every == 0 or self.step == config.max_steps
                 saved = self.step % config.checkpoint_every == 0 or self.step == config.max_steps
@@ -474,11 +473,14 @@ class _Trainer:
 
     def _fit_time_budget(self, budget: _TimeBudget, bar) -> TrainConfig:
         """The config with max_steps cut so training ends within max_time (rank 0's measurement, on every rank)."""
-        steps = gather_objects(budget.steps_that_fit(self.step), self.info)[0]
+        steps = gather_objects(budget.steps_that_fit(self.step, self.config.max_steps), self.info)[0]
+        if steps >= self.config.max_steps:
+            return self.config
         bar.total = steps
-        if self.info.is_main and steps < self.config.max_steps:
+        if self.info.is_main:
+            again = " again" if budget.cuts > 1 else ""
             bar.write(
-                f"max_time={self.config.max_time:g}s: training {steps} steps instead of {self.config.max_steps} "
+                f"max_time={budget.max_time:g}s: training {steps} steps instead of {self.config.max_steps}{again} "
                 f"({budget.rate:.1f} steps/s measured)",
                 file=sys.stderr,
             )
@@ -646,32 +648,43 @@ class _StopSignals:
 
 
 class _TimeBudget:
-    """Measures steps/s over the second half of warm-up to fit max_steps into max_time.
+    """Fits max_steps into max_time, measuring steps/s as the run goes.
 
     The first steps run slower (compilation, caches, the compiler's worker processes winding down),
-    so they are left out. Only warm-up's learning rate is independent of max_steps, so the cut is
-    made once, when warm-up ends (after at least 20 steps).
+    so the first cut is made when warm-up ends (after at least 20 steps), from the rate over warm-up's
+    second half: only warm-up's learning rate is independent of max_steps. After it, every
+    RECHECK_STEPS steps the rate since the last check (evaluations and checkpoints included) is
+    measured again, and a machine that slowed down (other work, throttling) cuts the steps again, so
+    the run still ends in time. Steps are never added back: a longer schedule would raise the
+    learning rate again. Measurements fall on step counts, so every rank makes them together.
     """
 
     RESERVE = 0.9  # of the time left, for evaluations, checkpoints and a machine that slows down
+    RECHECK_STEPS = 50
 
     def __init__(self, config: TrainConfig, step: int, start: float):
-        self.config, self.start = config, start
+        self.max_time, self.start = config.max_time, start
         self.at = max(config.warmup_steps, step + 20)
         self.mid = (step + self.at) // 2
         self.since: tuple[int, float] | None = None
         self.rate = 0.0
+        self.cuts = 0  # measurements made (the first cut and the re-plans)
 
     def due(self, step: int) -> bool:
+        """Whether to measure now: at the end of warm-up, then every RECHECK_STEPS steps."""
         if step == self.mid:
             self.since = (step, time.perf_counter())
-        return step >= self.at
+        if not self.cuts:
+            return step >= self.at
+        return step - self.since[0] >= self.RECHECK_STEPS
 
-    def steps_that_fit(self, step: int) -> int:
+    def steps_that_fit(self, step: int, max_steps: int) -> int:
+        """The steps that end the run within max_time at the rate measured since the last measurement."""
         now = time.perf_counter()
         self.rate = (step - self.since[0]) / max(now - self.since[1], 1e-9)
-        left = self.config.max_time - (now - self.start)
-        return max(step, min(self.config.max_steps, step + int(self.RESERVE * left * self.rate)))
+        self.since, self.cuts = (step, now), self.cuts + 1
+        left = self.max_time - (now - self.start)
+        return max(step, min(max_steps, step + int(self.RESERVE * left * self.rate)))
 
 
 def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
