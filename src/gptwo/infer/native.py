@@ -34,7 +34,7 @@ import torch
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.infer.kvcache import PagedKVCache
-from gptwo.runtime import cpu_flag_set
+from gptwo.runtime import cpu_flag_set, native_bf16  # noqa: F401 - native.native_bf16: the probe callers patch
 
 if TYPE_CHECKING:  # step.py imports this module to choose between the steps
     from gptwo.infer.step import StepInput
@@ -84,12 +84,6 @@ def isa_support(flags: set[str] | frozenset[str] | None = None, machine: str | N
     why["neon"] = None if machine in ("aarch64", "arm64") else "not an aarch64 CPU"
     why["generic"] = None
     return why
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): where torch's bf16 matmuls are fast."""
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in checks if check is not None)
 
 
 def best_isa() -> str:
