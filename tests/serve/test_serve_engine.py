@@ -368,3 +368,37 @@ def test_step_costs_give_prompt_chunks_what_keeps_a_mixed_step_within_two_decode
         costs.record(0.030 + 0.0001 * 64, decoding=True, prefill_tokens=64)
         costs.record(0.030 + 0.0001 * 16, decoding=True, prefill_tokens=16)
     assert costs.prefill_allowance() == 16
+
+
+def test_draft_model_speculation_samples_the_targets_distribution():
+    """Through the engine's draft step, caches and per-row seeds: three sampled tokens with a draft model
+    proposing (its greedy drafts verified by rejection sampling) follow the target's exact joint probabilities."""
+    from scipy.stats import chisquare
+
+    vocab, prompt, temperature = 3, [1, 2, 0, 1, 2], 0.9
+    torch.manual_seed(0)
+    target, draft = (GPT(GPTConfig(vocab_size=vocab, block_size=16, n_layer=1, n_head=1, n_embd=8)) for _ in "td")
+    for param in target.parameters():  # a peaked next-token distribution
+        if param.dim() >= 2:
+            torch.nn.init.normal_(param, std=0.6)
+    target.eval()
+    engine = BatchEngine(
+        target, TOKENIZER, max_num_seqs=64, num_blocks=200, draft_model=draft, max_request_choices=300, max_queue=300,
+        max_client_choices=0, num_speculative_tokens=2,
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=3, temperature=temperature, seed=0, ignore_eos=True)
+    (texts,) = run_engine(engine, lambda e: collect(e, [prompt], params, n=300))
+    counts = torch.zeros(vocab**3)
+    for tokens in texts:
+        counts[tokens[0] * vocab * vocab + tokens[1] * vocab + tokens[2]] += 1
+    with torch.no_grad():  # the exact joint: p(a | prompt) p(b | prompt a) p(c | prompt a b)
+        exact = torch.ones(vocab**3)
+        for cell in range(vocab**3):
+            a, b, c = cell // (vocab * vocab), cell // vocab % vocab, cell % vocab
+            for seen, token in ((prompt, a), (prompt + [a], b), (prompt + [a, b], c)):
+                exact[cell] *= torch.softmax(target(torch.tensor([seen]))[0, -1] / temperature, -1)[token]
+    assert engine.metrics()["spec_decode_draft_tokens_total"] > 0
+    assert (
+        0 < engine.metrics()["spec_decode_accepted_tokens_total"] < engine.metrics()["spec_decode_draft_tokens_total"]
+    )
+    assert chisquare(counts.numpy(), (exact / exact.sum() * 300).numpy()).pvalue > 1e-3
