@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -97,6 +98,10 @@ def test_models_list_prefix_caching_per_adapter_and_unknown_models(model_dir, ad
         assert engine.cache.hit_tokens == hits  # none of the base's blocks
         assert complete(client, "alpha", LONG) == want
         assert engine.cache.hit_tokens > hits  # its own
+        with urllib.request.urlopen(server.url + "/metrics") as response:
+            metrics = response.read().decode()
+        assert 'gptwo_lora_requests_total{model_name="tiny",lora_name="alpha"} 2' in metrics
+        assert 'gptwo_lora_requests_total{model_name="tiny",lora_name="beta"} 0' in metrics
     finally:
         server.close()
 

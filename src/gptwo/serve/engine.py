@@ -339,6 +339,7 @@ class BatchEngine:
             "ttft_buckets": list(zip(TTFT_BUCKETS, self.ttft)),
             "ttft_sum": self.ttft_sum,
             "ttft_count": self.ttft[-1],
+            "adapter_requests": dict(zip(self.adapter_names, self.adapter_requests[1:])),
         }
 
     def request_watermark(self, requested: bool | dict | None) -> WatermarkSettings | None:
