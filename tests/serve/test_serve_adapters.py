@@ -123,3 +123,21 @@ def test_bad_adapter_specs_are_one_line_errors(model_dir, adapters, tmp_path, ca
     wide = save_random_adapter(wide_base, str(tmp_path / "wide-adapter"), rank=2)
     code, _, err = run([*serve, "--adapter", f"wide={wide}"], capsys)
     assert_one_line_error(code, err, "base model it was trained from")
+
+
+def test_merge_serves_one_merged_model_on_the_native_path(model_dir, adapters):
+    from gptwo.infer.multilora import adapter_rows
+    from gptwo.infer.native import NativeStep
+    from gptwo.lora import lora_layers
+
+    net, _ = load_served_model(
+        model_dir, torch.device("cpu"), torch.float32, None, [("alpha", adapters["alpha"])], True
+    )
+    unmerged, _ = load_served_model(model_dir, torch.device("cpu"), torch.float32, None, [("alpha", adapters["alpha"])])
+    assert not lora_layers(net) and BatchEngine(net, _).adapter_names == ()
+    assert NativeStep.supports(net) == NativeStep.supports(
+        load_served_model(model_dir, torch.device("cpu"), torch.float32, None)[0]
+    )
+    ids = torch.tensor([[464, 3797, 3332, 319]])
+    with torch.no_grad(), adapter_rows(unmerged).selected(1):  # the unmerged alpha, as a step selects it
+        torch.testing.assert_close(net(ids), unmerged(ids), atol=1e-4, rtol=0)
