@@ -51,6 +51,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.infer.native",
         "gptwo.infer.linear",
         "gptwo.infer.arena",
+        "gptwo.infer.multilora",
     ),
     # sampling over a decode step; stop strings and streaming text (no torch).
     "sampling": ("gptwo.sampling", "gptwo.text", "gptwo.chat", "gptwo.watermark", "gptwo.speculative"),

@@ -135,14 +135,65 @@ def add_speculative_options(p, draft_help: str | None = None, speculate_help: st
     )
 
 
+MERGE_HELP = (
+    "merge the adapter into the weights before --dtype/--quantize: one matmul per layer, as fast as the base "
+    "model (and on a CPU the native C decode step); by default it is kept beside the unchanged base, which adds "
+    "two small matmuls to each adapted layer and runs the torch step (the same logits, within float error)"
+)
+
+
 def add_adapter_option(p) -> None:
-    """`--adapter DIR`: a LoRA adapter applied to --model (gptwo.lora), shared by the commands that load one model."""
+    """`--adapter DIR` and `--merge`: a LoRA adapter applied to --model (gptwo.lora), shared by the commands that
+    load one model."""
     p.add_argument(
         "--adapter",
         default=None,
         metavar="DIR",
         help="a LoRA adapter folder (a LoRA run's RUN/adapter, or peft's adapter_config.json + "
-        "adapter_model.safetensors) for --model as its base, merged into the weights before --dtype/--quantize",
+        "adapter_model.safetensors) for --model as its base; kept unmerged unless --merge",
+    )
+    p.add_argument("--merge", action="store_true", help=MERGE_HELP)
+
+
+def adapter_spec(text: str) -> tuple[str | None, str]:
+    """An argparse type: NAME=DIR, or DIR alone (named after the folder later: None)."""
+    name, sep, directory = text.partition("=")
+    if sep and name and "/" not in name and "\\" not in name:
+        if not directory:
+            raise argparse.ArgumentTypeError(f"{text!r} names no folder: write NAME=DIR")
+        return name, directory
+    if not text:
+        raise argparse.ArgumentTypeError("an empty adapter: write NAME=DIR or DIR")
+    return None, text
+
+
+def add_adapters_option(p) -> None:
+    """`--adapter [NAME=]DIR` (repeatable; `--lora-modules NAME=DIR ...` as vLLM spells it) and `--merge`, for
+    gptwo serve: several adapters over one base, the request's `model` choosing."""
+    p.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        type=adapter_spec,
+        default=[],
+        metavar="[NAME=]DIR",
+        help="serve a LoRA adapter folder of --model as model NAME (default: the folder's name) beside the base "
+        "(repeatable; rows of different adapters share one batch); a request's 'model' picks the adapter or the base",
+    )
+    p.add_argument(
+        "--lora-modules",
+        dest="adapters",
+        action="extend",
+        nargs="+",
+        type=adapter_spec,
+        metavar="NAME=DIR",
+        help="the same as --adapter NAME=DIR for each (vLLM's spelling)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="with one --adapter: merge it into the weights and serve only the merged model, under the adapter's "
+        "name (or --served-model-name) — one matmul per layer, as fast as the base (the native C step on a CPU)",
     )
 
 

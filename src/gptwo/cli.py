@@ -66,6 +66,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         adapter=args.adapter,
+        merge=args.merge,
         watermark=watermark,
         controls=controls if controls.active else None,
         stop_at_eot=not args.ignore_eos,

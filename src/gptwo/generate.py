@@ -88,6 +88,7 @@ def generate_cli_stream(
     dtype: str | None = None,
     quantize: str | None = None,
     adapter: str | None = None,
+    merge: bool = False,
     draft_model: str | None = None,
     speculate: str | None = None,
     num_speculative_tokens: int = 4,
@@ -95,8 +96,8 @@ def generate_cli_stream(
 ) -> Iterator[str]:
     """What `gptwo generate` prints: each sample's continuation, streamed, samples separated by a rule.
 
-    `adapter`: a LoRA adapter folder merged into the model (gptwo.lora). With `draft_model` or
-    `speculate="ngram"`, decoding is speculative (gptwo.speculative); its acceptance
+    `adapter`: a LoRA adapter folder applied to the model, unmerged or with `merge` merged (gptwo.lora).
+    With `draft_model` or `speculate="ngram"`, decoding is speculative (gptwo.speculative); its acceptance
     rate goes to stderr at the end."""
     from gptwo.weights import load_model
 
@@ -106,7 +107,9 @@ def generate_cli_stream(
     check_stops(kwargs.get("stop") or ())
     if num_samples < 1:
         raise GptwoError(f"--num-samples {num_samples} must be at least 1", "ask for one sample or more")
-    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize, adapter=adapter)
+    model, tokenizer = load_model(
+        model_spec, device=device, dtype=dtype, quantize=quantize, adapter=adapter, merge=merge
+    )
     tokens = encode_prompt(tokenizer, prompt)
     if len(tokens) > model.config.block_size:
         print(

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write
 from gptwo.infer.linear import quantize_int8
+from gptwo.infer.multilora import AdapterRows, MultiLoraLinear, adapter_rows, attach_rows
 from gptwo.model import GPT
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -375,11 +377,9 @@ def _settings_from_config(config: dict, path: str) -> LoraSettings:
     )
 
 
-@torch.no_grad()
-def load_adapter(model: GPT, directory: str, merge_weights: bool = True) -> GPT:
-    """`model` (in place) with the adapter of `directory` applied: merged into its weights (a plain GPT), or
-    kept as LoraLinear layers beside the unchanged base. The adapter's layers must be the model's."""
-    settings, tensors = read_adapter(directory)
+def _adapter_layers(model: GPT, directory: str, settings: LoraSettings, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The layers (transformer.h.N.attn.c_attn, ...) an adapter read from `directory` adapts, checked against
+    `model`: each must be one of its layers, with A (r, in) and B (out, r) of its shape and the adapter's rank."""
     layers = sorted({name.rsplit(".", 2)[0] for name in tensors})
     known = {f"transformer.h.{i}.{layer}" for i in range(model.config.n_layer) for layer in LAYER_NAMES}
     for name in layers:
@@ -388,16 +388,66 @@ def load_adapter(model: GPT, directory: str, merge_weights: bool = True) -> GPT:
                 f"the adapter in {directory} is for {name}, which this {model.config.n_layer}-layer model lacks",
                 "load the adapter onto the base model it was trained from",
             )
+        out_features, in_features = layer_shape(model.config.n_embd, name)
+        for part, want in (("A", (settings.rank, in_features)), ("B", (out_features, settings.rank))):
+            shape = tuple(tensors[f"{name}.lora_{part}.weight"].shape)
+            if shape != want:
+                raise GptwoError(
+                    f"{name}.lora_{part} in {directory} has shape {shape}, but rank r={settings.rank} on this "
+                    f"model's layer needs {want}",
+                    "load the adapter onto the base model it was trained from (and check its config's r)",
+                )
+    return layers
+
+
+@torch.no_grad()
+def load_adapter(model: GPT, directory: str, merge_weights: bool = True) -> GPT:
+    """`model` (in place) with the adapter of `directory` applied: merged into its weights (a plain GPT), or
+    kept as LoraLinear layers beside the unchanged base. The adapter's layers must be the model's."""
+    settings, tensors = read_adapter(directory)
+    layers = _adapter_layers(model, directory, settings, tensors)
     # the layers the file holds (a regex matching exactly their names)
     apply_lora(model, dataclasses.replace(settings, targets="|".join(re.escape(n) for n in layers)))
     for name, m in lora_layers(model).items():
         for part in "AB":
-            tensor, target = tensors[f"{name}.lora_{part}.weight"], getattr(m, f"lora_{part}").weight
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise GptwoError(
-                    f"{name}.lora_{part} in {directory} has shape {tuple(tensor.shape)}, but rank "
-                    f"r={settings.rank} on this model's layer needs {tuple(target.shape)}",
-                    "load the adapter onto the base model it was trained from (and check its config's r)",
-                )
-            target.copy_(tensor)
+            getattr(m, f"lora_{part}").weight.copy_(tensors[f"{name}.lora_{part}.weight"])
     return merge_and_unload(model) if merge_weights else model.eval()
+
+
+@torch.no_grad()
+def load_adapters(model: GPT, adapters: Sequence[tuple[str, str]]) -> GPT:
+    """`model` (in place, eval mode) carrying the adapters `adapters` ((name, folder) pairs) at once, unmerged,
+    for batches whose rows use different ones (gptwo.infer.multilora): adapter i is slot i + 1, the base slot 0.
+
+    Each adapted layer becomes a MultiLoraLinear over its unchanged base layer (float, prepared or int8), the
+    adapters stacked in float32 and padded to the largest rank, each one's scaling folded into its B; an
+    adapter that leaves a layer alone has zeros there."""
+    names = [name for name, _ in adapters]
+    for name in names:
+        if not name or names.count(name) > 1:
+            raise GptwoError(
+                f"the adapter name {name!r} is " + ("empty" if not name else "given twice"),
+                "give each adapter its own name (NAME=DIR)",
+            )
+    if lora_settings(model) is not None or adapter_rows(model) is not None:
+        raise GptwoError("the model already carries LoRA adapters", "load adapters onto a plain model once")
+    loaded = []
+    for _, directory in adapters:
+        settings, tensors = read_adapter(directory)
+        loaded.append((settings, tensors, _adapter_layers(model, directory, settings, tensors)))
+    rank = max(settings.rank for settings, _, _ in loaded)
+    rows = AdapterRows(tuple(names))
+    for name in sorted({layer for _, _, layers in loaded for layer in layers}):
+        parent, attr = _parent(model, name)
+        base = getattr(parent, attr)
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
+        out_features, in_features = layer_shape(model.config.n_embd, name)
+        a = torch.zeros(len(loaded) + 1, rank, in_features, device=device)
+        b = torch.zeros(len(loaded) + 1, out_features, rank, device=device)
+        for slot, (settings, tensors, layers) in enumerate(loaded, start=1):
+            if name in layers:
+                a[slot, : settings.rank] = tensors[f"{name}.lora_A.weight"].float()
+                b[slot, :, : settings.rank] = tensors[f"{name}.lora_B.weight"].float() * settings.scaling
+        setattr(parent, attr, MultiLoraLinear(base, a, b, rows))
+    attach_rows(model, rows)
+    return model.eval()

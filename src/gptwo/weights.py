@@ -355,13 +355,14 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     adapter: str | None = None,
-    merge: bool = True,
+    merge: bool = False,
 ) -> GPT:
     """A GPT from a Hugging Face GPT-2 folder, a hub id or a GGUF file, in eval mode.
 
     A dtype named as text ('fp32', 'bf16') or `quantize="int8"` also prepares it for inference (gptwo.infer).
-    `adapter`: a LoRA adapter folder (gptwo's RUN/adapter or peft's) applied to it, merged into the float
-    weights before any dtype or quantization (`merge`), or else kept beside them in float32 (gptwo.lora).
+    `adapter`: a LoRA adapter folder (gptwo's RUN/adapter or peft's) applied to it, kept beside the unchanged
+    weights in float32 (gptwo.lora.LoraLinear: it runs on the torch decode step), or with `merge` merged into
+    the float weights before any dtype or quantization (one matmul per layer, the native step where it applies).
     """
     if is_gguf_spec(path_or_id):
         return _load_gguf(path_or_id, device, dtype, quantize, adapter, merge)[0]
@@ -386,7 +387,7 @@ def _placed(
     dtype: torch.dtype | str | None,
     quantize: str | None,
     adapter: str | None = None,
-    merge: bool = True,
+    merge: bool = False,
 ) -> GPT:
     """`model` on `device` in eval mode: prepared for inference for a dtype named as text or `quantize`, else cast;
     with an `adapter` merged into it first, or applied (unmerged) after."""
@@ -407,7 +408,7 @@ def _load_gguf(
     dtype: torch.dtype | str | None,
     quantize: str | None,
     adapter: str | None = None,
-    merge: bool = True,
+    merge: bool = False,
 ) -> tuple[GPT, Tokenizer]:
     """A GPT and its tokenizer from a gpt2 GGUF file (read by gptwo.gguf), checked and placed as a folder's are.
 
@@ -458,7 +459,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     adapter: str | None = None,
-    merge: bool = True,
+    merge: bool = False,
 ) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer: the folder's tokenizer.json or vocab.json+merges.txt, else GPT-2's BPE.
     `adapter` and `merge`: a LoRA adapter applied to the model, as `load_pretrained` applies it."""

@@ -78,8 +78,8 @@ def test_a_peft_made_adapter_gives_pefts_logits_in_gptwo_merged_and_unmerged(bas
     with torch.no_grad():
         theirs = made.eval()(IDS).logits
 
-    merged = GPT.from_pretrained(base_dir, adapter=adapter)
-    unmerged = GPT.from_pretrained(base_dir, adapter=adapter, merge=False)
+    merged = GPT.from_pretrained(base_dir, adapter=adapter, merge=True)
+    unmerged = GPT.from_pretrained(base_dir, adapter=adapter)  # the default
     assert not lora_layers(merged) and len(lora_layers(unmerged)) == 8
     assert merged.lm_head.weight is merged.transformer.wte.weight
     assert unmerged.lm_head.weight is unmerged.transformer.wte.weight

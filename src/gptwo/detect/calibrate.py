@@ -258,9 +258,12 @@ def calibrate(
     lexicon: str | None = "auto",
     folds: int = 5,
     l2: float = 1e-3,
+    adapter: str | None = None,
+    merge: bool = False,
 ) -> dict:
     """Score both folders, report every statistic and the cross-validated classifier, save the detector (JSON) and a ROC
-    plot (PNG). `generated_dir` may be several folders (one per sampling setting), pooled."""
+    plot (PNG). `generated_dir` may be several folders (one per sampling setting), pooled. With a LoRA `adapter`
+    the scored model is the base with it, and the detector goes into the adapter's folder by default."""
     generated_dirs = [generated_dir] if isinstance(generated_dir, str) else list(generated_dir)
     if not generated_dirs:
         raise GptwoError("no --generated folder", "give at least one folder of generated texts")
@@ -281,15 +284,18 @@ def calibrate(
                 "give the human-written texts and the generated ones in two folders (e.g. from 'gptwo detect sample')",
             )
     if out is None:
-        if not os.path.isdir(model_spec):
+        home = adapter or model_spec
+        if not os.path.isdir(home):
             raise GptwoError(
-                f"'{model_spec}' is not a local model folder, so the calibration cannot go beside it", "pass --out FILE"
+                f"'{home}' is not a local {'adapter' if adapter else 'model'} folder, so the calibration cannot go "
+                "beside it",
+                "pass --out FILE",
             )
-        out = os.path.join(model_spec, CALIBRATION_FILE)
+        out = os.path.join(home, CALIBRATION_FILE)
     plot = plot or os.path.splitext(out)[0] + "-roc.png"
     lexicon_out = os.path.splitext(out)[0] + "-lexicon.json"
     check_outputs(out, plot, lexicon_out if lexicon is not None and detector == "classifier" else None)
-    model, tokenizer, reference = load_models(model_spec, reference_spec, device)
+    model, tokenizer, reference = load_models(model_spec, reference_spec, device, adapter, merge)
     if lexicon == "auto":  # the model's own prepared data, when it is a gptwo run folder
         lexicon = (
             os.path.join(model_spec, "data") if os.path.isfile(os.path.join(model_spec, "data", "meta.json")) else None

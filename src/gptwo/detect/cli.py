@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptwo.argtypes import Parser, add_watermark_options, command, float_in, int_at_least, print_report, seed_type
+from gptwo.argtypes import (
+    Parser,
+    add_adapter_option,
+    add_watermark_options,
+    command,
+    float_in,
+    int_at_least,
+    print_report,
+    seed_type,
+)
 
 
 class _RoutingParser(Parser):
@@ -50,6 +59,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         top=args.top,
         device=args.device,
         watermark=watermark,
+        adapter=args.adapter,
+        merge=args.merge,
     )
     if args.html:
         from gptwo.detect.gltr import write_html
@@ -83,6 +94,8 @@ def _cmd_detect_calibrate(args: argparse.Namespace) -> int:
         device=args.device,
         lexicon=None if args.lexicon == "none" else args.lexicon,
         folds=args.folds,
+        adapter=args.adapter,
+        merge=args.merge,
     )
     print_report(report, args.json, render_calibration)
     return 0
@@ -105,6 +118,8 @@ def _cmd_detect_sample(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         device=args.device,
+        adapter=args.adapter,
+        merge=args.merge,
     )
     print(
         f"{summary['pairs']} matched pairs -> {args.out}/human and {args.out}/generated "
@@ -130,9 +145,13 @@ def add_commands(sub) -> None:
             required=True,
             help="model folder (HF GPT-2 layout), run folder, or hub id such as openai-community/gpt2",
         )
+        add_adapter_option(p)
         if reference:
             p.add_argument(
-                "--reference", default=None, help="a second model with the same tokenizer: adds the Binoculars score"
+                "--reference",
+                default=None,
+                help="a second model with the same tokenizer: adds the Binoculars score (--adapter is not applied to "
+                "it)",
             )
             p.add_argument(
                 "--stride",

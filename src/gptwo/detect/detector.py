@@ -283,11 +283,14 @@ def judge_text(model: torch.nn.Module, tokenizer: Tokenizer, text: str, name: st
     return judge_tokens(model, tokenizer, tokens, name, rule, **kwargs)
 
 
-def load_models(model_spec: str, reference_spec: str | None, device: str = "auto"):
-    """The model, its tokenizer, and the reference model (None without one), checked to share the tokenizer."""
+def load_models(
+    model_spec: str, reference_spec: str | None, device: str = "auto", adapter: str | None = None, merge: bool = False
+):
+    """The model (with the LoRA `adapter` applied, unmerged or merged), its tokenizer, and the reference model (None
+    without one; never adapted), checked to share the tokenizer."""
     from gptwo.weights import load_model
 
-    model, tokenizer = load_model(model_spec, device=device)
+    model, tokenizer = load_model(model_spec, device=device, adapter=adapter, merge=merge)
     reference = None
     if reference_spec:
         reference, reference_tokenizer = load_model(reference_spec, device=device)
@@ -323,12 +326,15 @@ def detect_files(
     top: int = 10,
     device: str = "auto",
     watermark: WatermarkCheck | None = None,
+    adapter: str | None = None,
+    merge: bool = False,
 ) -> tuple[list[Document], Tokenizer]:
     """What `gptwo detect` reports: one judged Document per input (tested for `watermark` when given), and
-    the tokenizer to show tokens with."""
+    the tokenizer to show tokens with. With a LoRA `adapter` the scored model is the base with it, and its
+    calibration is the one in the adapter's folder (where `gptwo detect calibrate --adapter` puts it)."""
     inputs = read_inputs(files)
-    rule = load_rule(model_spec, calibration, min_tokens)
-    model, tokenizer, reference = load_models(model_spec, reference_spec, device)
+    rule = load_rule(adapter or model_spec, calibration, min_tokens)
+    model, tokenizer, reference = load_models(model_spec, reference_spec, device, adapter, merge)
     docs = [
         judge_text(model, tokenizer, text, name, rule, reference=reference, stride=stride, top=top, watermark=watermark)
         for name, text in inputs

@@ -130,9 +130,11 @@ def sample_set(
     top_p: float | None = None,
     seed: int = 0,
     device: str = "auto",
+    adapter: str | None = None,
+    merge: bool = False,
 ) -> dict:
     """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the
-    ids); return the summary."""
+    ids); return the summary. The generated texts come from the model with the LoRA `adapter` when given."""
     from gptwo.argtypes import MAX_SEED
     from gptwo.sampling import check_sampling
     from gptwo.weights import load_model
@@ -159,7 +161,7 @@ def sample_set(
             f"ask for at least {min_tokens - prompt_tokens} new tokens, or lower --min-tokens",
         )
     check_sample_out(out_dir)
-    model, tokenizer = load_model(model_spec, device=device)
+    model, tokenizer = load_model(model_spec, device=device, adapter=adapter, merge=merge)
     block = model.config.block_size
     if length > block:
         raise GptwoError(

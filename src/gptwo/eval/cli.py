@@ -28,6 +28,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         args.model,
         args.files,
         adapter=args.adapter,
+        merge=args.merge,
         **_run_options(args),
     )
     print_report(report, args.json, render_perplexity)
@@ -44,6 +45,7 @@ def _cmd_eval_task(args: argparse.Namespace) -> int:
         data=args.data,
         limit=args.limit,
         adapter=args.adapter,
+        merge=args.merge,
         **_run_options(args),
     )
     print_report(report, args.json, render_task)

@@ -168,6 +168,7 @@ def perplexity_report(
     dtype: str | None = None,
     quantize: str | None = None,
     adapter: str | None = None,
+    merge: bool = False,
 ) -> dict:
     """What `gptwo eval ppl` prints: totals over all files (top level) and one row per file."""
     from gptwo.weights import load_model
@@ -176,7 +177,9 @@ def perplexity_report(
         raise GptwoError("no files to evaluate", "pass one or more text files")
     files = text_files(files)
     texts = [read_text_file(path) for path in files]
-    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize, adapter=adapter)
+    model, tokenizer = load_model(
+        model_spec, device=device, dtype=dtype, quantize=quantize, adapter=adapter, merge=merge
+    )
     per_file = score_texts(
         model,
         tokenizer,

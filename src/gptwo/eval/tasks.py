@@ -397,13 +397,16 @@ def task_report(
     dtype: str | None = None,
     quantize: str | None = None,
     adapter: str | None = None,
+    merge: bool = False,
     **options,
 ) -> dict:
     """What `gptwo eval TASK` prints: the task's metrics for one model (data are read before the model loads)."""
     from gptwo.weights import load_model
 
     items = load_items(name, data, limit)
-    model, tokenizer = load_model(model_spec, device=device, dtype=dtype, quantize=quantize, adapter=adapter)
+    model, tokenizer = load_model(
+        model_spec, device=device, dtype=dtype, quantize=quantize, adapter=adapter, merge=merge
+    )
     return {"model": model_spec, **evaluate_task(model, tokenizer, name, items, **options)}
 
 

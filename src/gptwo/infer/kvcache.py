@@ -8,10 +8,12 @@ prefix share its blocks: `fork` (n > 1 choices of one prompt) shares all of them
 that is only partly filled is copied before it is written (copy-on-write). With prefix caching, each
 full block is registered under the key (its parent block's key, its 16 tokens) — a hash chain, exact
 because the dict compares whole keys — so a later prompt starting with the same tokens takes those
-blocks instead of computing them; blocks no sequence holds stay cached until the least recently used
-is taken for new work. Block 0 is never handed out: padding positions may write there. A block is
-cleared when the manager first hands it out; blocks put in a table by hand hold whatever memory held
-(the native step reads written positions only; the torch step gathers whole blocks, so use `grow`).
+blocks instead of computing them (within one namespace: a sequence's chain starts at its namespace's
+root, so sequences run with different LoRA adapters, whose keys and values differ, never share a
+block); blocks no sequence holds stay cached until the least recently used is taken for new work.
+Block 0 is never handed out: padding positions may write there. A block is cleared when the manager
+first hands it out; blocks put in a table by hand hold whatever memory held (the native step reads
+written positions only; the torch step gathers whole blocks, so use `grow`).
 """
 
 from __future__ import annotations
@@ -45,10 +47,16 @@ class SeqBlocks:
     blocks: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # tokens 0..length-1, whose keys/values are in the blocks
     keys: list[int] = field(default_factory=list)  # prefix-cache entry of each full block registered or reused
+    namespace: int = 0  # blocks are shared only within one namespace (the LoRA adapter slot the tokens ran with)
 
     @property
     def length(self) -> int:
         return len(self.tokens)
+
+
+def _root(namespace: int) -> int:
+    """The parent key of a namespace's first blocks: 0, -1, -2, … (entry ids count up from 1)."""
+    return -namespace
 
 
 class OutOfBlocks(Exception):
@@ -119,14 +127,14 @@ class PagedKVCache:
         return new + int(self._shared_tail(seq) and upto > seq.length)
 
     # ---------------------------------------------------------------- sequences
-    def start(self, tokens: list[int]) -> SeqBlocks:
-        """A new sequence for a prompt: full blocks already cached for its prefix are taken (at least one
-        token is left to compute, so the step has a last position to give logits for)."""
-        seq = SeqBlocks()
+    def start(self, tokens: list[int], namespace: int = 0) -> SeqBlocks:
+        """A new sequence for a prompt: full blocks already cached for its prefix in `namespace` are taken (at
+        least one token is left to compute, so the step has a last position to give logits for)."""
+        seq = SeqBlocks(namespace=namespace)
         if not self.prefix_caching:
             return seq
         usable = (len(tokens) - 1) // self.block_size
-        parent = 0
+        parent = _root(namespace)
         for j in range(usable):
             block = self.table.get((parent, tuple(tokens[j * self.block_size : (j + 1) * self.block_size])))
             if block is None:
@@ -162,7 +170,10 @@ class PagedKVCache:
         while len(seq.keys) < seq.length // self.block_size:
             j = len(seq.keys)
             block = seq.blocks[j]
-            key = (seq.keys[-1] if seq.keys else 0, tuple(seq.tokens[j * self.block_size : (j + 1) * self.block_size]))
+            key = (
+                seq.keys[-1] if seq.keys else _root(seq.namespace),
+                tuple(seq.tokens[j * self.block_size : (j + 1) * self.block_size]),
+            )
             if block not in self.entry and key not in self.table:
                 self.table[key], self.entry[block], self.key_of[block] = block, self._next_entry, key
                 self._next_entry += 1
@@ -173,7 +184,7 @@ class PagedKVCache:
         """A second sequence sharing all of `seq`'s blocks (each is copied only when one of them writes it)."""
         for block in seq.blocks:
             self._hold(block)
-        return SeqBlocks(list(seq.blocks), list(seq.tokens), list(seq.keys))
+        return SeqBlocks(list(seq.blocks), list(seq.tokens), list(seq.keys), seq.namespace)
 
     def release(self, seq: SeqBlocks) -> None:
         """Give back `seq`'s blocks (the last first, so a prompt's later blocks leave the prefix cache before

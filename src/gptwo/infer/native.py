@@ -461,6 +461,8 @@ class NativeStep:
 
         A batch the C step refuses (token ids, positions, block tables) raises GptwoError and writes nothing:
         one split into several calls is checked whole before the first runs."""
+        if batch.adapters is not None and any(batch.adapters):
+            raise GptwoError("the native step runs no LoRA adapters", "run a model carrying adapters on the torch step")
         calls = [self._call_args(*call) for call in self._calls(batch)]
         if len(calls) > 1:
             for _, args, _ in calls:

@@ -27,18 +27,23 @@ class StepInput:
     The keys/values of positions below `starts[i]` are already in the cache; `tables[i]` holds the
     block ids of sequence i covering every position below `starts[i] + len(tokens[i])`. With
     `every[i]` the step returns logits for each of its new tokens (scoring a prompt), else for the last.
+    `adapters[i]`: the LoRA adapter slot sequence i runs with on a model carrying several
+    (gptwo.infer.multilora; 0, and None for all, is the base model).
     """
 
     tokens: list[list[int]]
     starts: list[int]
     tables: list[list[int]]
     every: list[bool] | None = None
+    adapters: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.tokens) == len(self.starts) == len(self.tables)):
             raise ValueError("tokens, starts and tables must have one entry per sequence")
         if self.every is not None and len(self.every) != len(self.tokens):
             raise ValueError("every must have one entry per sequence")
+        if self.adapters is not None and len(self.adapters) != len(self.tokens):
+            raise ValueError("adapters must have one entry per sequence")
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +105,8 @@ def make_step(
 ) -> DecodeStep:
     """The fastest step for `model` with a new cache of `num_blocks` blocks (default: `sequences` whole contexts).
 
-    The native C step where it supports the model (a model prepared with native linears, on the CPU)
+    The native C step where it supports the model (a model prepared with native linears, on the CPU, with
+    no LoRA layers: those run on the torch step)
     unless `use_native=False` or compiling is asked for; else the torch step. With `max_native_tokens`,
     calls of more new tokens than that go to the torch step over the same cache (`SplitStep`).
     """

@@ -9,6 +9,7 @@ single-token step of a fixed batch over fixed-width tables (for CUDA graphs and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from gptwo.errors import GptwoError
 from gptwo.infer.kvcache import NULL_BLOCK, PagedKVCache
+from gptwo.infer.multilora import adapter_rows
 
 if TYPE_CHECKING:  # step.py chooses between this and the native step, so this module must not import it
     from gptwo.infer.step import StepInput
@@ -189,6 +191,7 @@ class TorchStep(torch.nn.Module):
                 [batch.starts[i] for i in rows],
                 [batch.tables[i] for i in rows],
                 [every[i] for i in rows],
+                None if batch.adapters is None else [batch.adapters[i] for i in rows],
             )
             logits, at = self._forward(part), 0
             for i in rows:
@@ -198,13 +201,28 @@ class TorchStep(torch.nn.Module):
 
     def _forward(self, batch: StepInput, attention_weights: list | None = None) -> torch.Tensor:
         ids, pos, view = paged_view(self.cache, batch, self.device, attention_weights)
-        hidden = self.model.hidden_states(ids, pos, view)
+        with self._adapters_selected(batch):
+            hidden = self.model.hidden_states(ids, pos, view)
         rows, T = torch.tensor(batch.output_rows()), ids.shape[1]
         lengths = torch.tensor([len(t) for t in batch.tokens])
         firsts = torch.cumsum(lengths, 0) - lengths  # flat index of each row's first token
         row_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         padded = row_of[rows] * T + (rows - firsts[row_of[rows]])  # flat index → index in the padded layout
         return self.model.logits(hidden.reshape(-1, hidden.shape[-1])[padded.to(self.device)])
+
+    def _adapters_selected(self, batch: StepInput):
+        """Each padded row (one per sequence) on its sequence's LoRA adapter slot, for the forward inside."""
+        rows = adapter_rows(self.model)
+        slots = batch.adapters
+        if slots is not None and any(slots) and rows is None:
+            raise GptwoError(
+                "a batch asks for LoRA adapters but the model carries none", "load the adapters onto the model"
+            )
+        if rows is None or slots is None or not any(slots):
+            return contextlib.nullcontext()
+        if len(set(slots)) == 1:
+            return rows.selected(slots[0])
+        return rows.selected(torch.tensor(slots, device=self.device))
 
     # ---------------------------------------------------------------- fixed shapes, for torch.compile
     @torch.no_grad()

@@ -440,7 +440,8 @@ def create_app(
     body_timeout: float = BODY_TIMEOUT_S,
     max_inspect_tokens: int = MAX_INSPECT_TOKENS,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine.
+    """The FastAPI app serving `engine` as model `model_name` (and the LoRA adapters its model carries, each
+    under its name: `engine.adapter_names`); its lifespan starts and stops the engine.
 
     With `api_key`, every /v1/* request needs it as a bearer token; `allowed_origins` are the web
     origins whose pages may call the API from a browser (CORS; none by default); a request body
@@ -526,11 +527,27 @@ def create_app(
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(prometheus_text(engine.metrics(), model_name), media_type="text/plain; version=0.0.4")
 
-    card = protocol.ModelCard(id=model_name, created=created, max_model_len=context)
+    served = served_models(model_name, engine.adapter_names)
+    cards = {
+        name: protocol.ModelCard(id=name, created=created, max_model_len=context, parent=model_name if slot else None)
+        for name, slot in served.items()
+    }
 
-    @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
+    def adapter_slot(requested: str | None) -> int:
+        """The LoRA adapter slot of the model a request names (0: the base); an unknown one is a 404."""
+        if requested not in served:
+            shown = ", ".join(f"`{name}`" for name in served)
+            raise ApiError(
+                404,
+                f"The model `{requested}` does not exist; this server serves {shown}",
+                param="model",
+                code="model_not_found",
+            )
+        return served[requested]
+
+    @app.get("/v1/models", response_model=protocol.ModelList, summary="The served models: the base, then its adapters")
     async def models() -> protocol.ModelList:
-        return protocol.ModelList(data=[card])
+        return protocol.ModelList(data=list(cards.values()))
 
     @app.get(
         "/v1/models/{model_id:path}",
@@ -539,24 +556,13 @@ def create_app(
         summary="The served model, by its id (OpenAI's models.retrieve)",
     )
     async def model(model_id: str) -> protocol.ModelCard:
-        if model_id != model_name:
-            raise ApiError(
-                404,
-                f"The model `{model_id}` does not exist; this server serves `{model_name}`",
-                param="model",
-                code="model_not_found",
-            )
-        return card
+        adapter_slot(model_id)
+        return cards[model_id]
 
     @app.post("/tokenize", summary="The token ids of a prompt, their count and the context (vLLM's /tokenize)")
     async def tokenize(body: TokenizeRequest) -> dict:
-        if body.model is not None and body.model != model_name:
-            raise ApiError(
-                404,
-                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                param="model",
-                code="model_not_found",
-            )
+        if body.model is not None:
+            adapter_slot(body.model)  # every served model has the base's tokenizer
         tokens = encode_prompts(tokenizer, [body.prompt])[0]
         return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
 
@@ -567,13 +573,7 @@ def create_app(
         summary="Complete prompts (OpenAI completions API; stream=true sends server-sent events)",
     )
     async def completions(body: protocol.CompletionRequest, request: Request):
-        if body.model != model_name:
-            raise ApiError(
-                404,
-                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                param="model",
-                code="model_not_found",
-            )
+        adapter = adapter_slot(body.model)
         unsupported = body.unsupported()
         if unsupported:
             raise ApiError(400, unsupported[1], param=unsupported[0])
@@ -582,7 +582,7 @@ def create_app(
             texts = prompt_list(body.prompt)
             engine.check_count(len(texts), candidates)  # before encoding: the work stays bounded by the queue
             prompts = encode_prompts(tokenizer, texts)
-            job = engine.submit(prompts, body.sampling_params(), candidates, client=client_of(request))
+            job = engine.submit(prompts, body.sampling_params(), candidates, client=client_of(request), adapter=adapter)
         except RequestRejected as err:
             raise ApiError(400, str(err), param=err.param, code=err.code) from None
         except ClientBusy as err:
@@ -596,7 +596,7 @@ def create_app(
                 429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
             ) from None
         completion = CompletionJob(
-            engine, job, tokenizer, prompts, candidates, bool(body.echo), body.logprobs is not None, model_name, n
+            engine, job, tokenizer, prompts, candidates, bool(body.echo), body.logprobs is not None, body.model, n
         )
         if body.stream:
             options = body.stream_options or protocol.StreamOptions()
@@ -610,6 +610,11 @@ def create_app(
     return app
 
 
+def served_models(model_name: str, adapter_names: Sequence[str]) -> dict[str, int]:
+    """The model ids a server answers to, each with its LoRA adapter slot: the base (0), then each adapter."""
+    return {model_name: 0, **{name: slot for slot, name in enumerate(adapter_names, start=1)}}
+
+
 def client_of(request: Request) -> str:
     """Who sent `request`, for the per-client limits: its remote address."""
     return request.client.host if request.client else ""
@@ -620,16 +625,51 @@ def default_model_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
 
 
-def load_served_model(model: str, device: torch.device, dtype: torch.dtype, quantize: str | None):
-    """The model and tokenizer as `gptwo serve` runs them.
+def named_adapters(adapters: Sequence[tuple[str | None, str]], model_name: str) -> list[tuple[str, str]]:
+    """(name, folder) of each adapter to serve, an unnamed one named after its folder; names must differ from
+    each other and from the base model's."""
+    named = [(name or os.path.basename(os.path.normpath(folder)), folder) for name, folder in adapters]
+    names = [model_name] + [name for name, _ in named]
+    for name in names:
+        if names.count(name) > 1:
+            raise GptwoError(
+                f"the model name `{name}` is given to "
+                + ("the base model and an adapter" if name == model_name else "two adapters"),
+                "give each adapter its own name: --adapter NAME=DIR (or --served-model-name for the base)",
+            )
+    return named
+
+
+def load_served_model(
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None,
+    adapters: Sequence[tuple[str, str]] = (),
+    merge: bool = False,
+):
+    """The model and tokenizer as `gptwo serve` runs them, carrying the LoRA `adapters` ((name, folder) pairs)
+    unmerged side by side (gptwo.lora.load_adapters), or with `merge` the one adapter merged in.
 
     On a CPU, fp32/bf16 weights are prepared for inference (named as text) as int8 ones are: native
-    kernels, and every step of the engine runs as one native call over the paged cache (gptwo.infer.native).
+    kernels, and every step of the engine runs as one native call over the paged cache (gptwo.infer.native);
+    a model carrying unmerged adapters runs the torch step over those kernels.
     """
+    from gptwo.lora import load_adapters
     from gptwo.weights import load_model
 
+    if merge and len(adapters) != 1:
+        raise GptwoError(
+            f"--merge merges one adapter into the weights, but {len(adapters)} are given",
+            "give one --adapter with --merge, or leave --merge out to serve several side by side",
+        )
     prepared = dtype_name(dtype) if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else dtype
-    return load_model(model, device=str(device), dtype=prepared, quantize=quantize)
+    if merge:
+        return load_model(
+            model, device=str(device), dtype=prepared, quantize=quantize, adapter=adapters[0][1], merge=True
+        )
+    net, tokenizer = load_model(model, device=str(device), dtype=prepared, quantize=quantize)
+    return (load_adapters(net, adapters) if adapters else net), tokenizer
 
 
 def serve(
@@ -662,11 +702,15 @@ def serve(
     watermark_key: int | None = None,
     speculate: str | None = None,
     num_speculative_tokens: int = 4,
+    adapters: Sequence[tuple[str | None, str]] = (),
+    merge: bool = False,
     draft_model: str | None = None,
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted; `watermark` marks every completion and
     `watermark_key` keys the requests that ask for a watermark; `speculate="ngram"` or `draft_model` (a
-    smaller model with the same tokenizer) decodes each row speculatively (BatchEngine)."""
+    smaller model with the same tokenizer) decodes each row speculatively (BatchEngine). `adapters`: (name or
+    None for the folder's name, folder) of LoRA adapters served beside the base, a request's `model` choosing;
+    with `merge`, the one adapter is merged and served alone, under its name."""
 
     for name, value, low in (
         ("max_num_seqs", max_num_seqs, 1),
@@ -705,15 +749,20 @@ def serve(
     if torch_device.type == "cpu" and torch_device.index is not None:
         raise GptwoError(f"--device {device}: cpu takes no index", "use --device cpu")
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if merge:  # one model: the base with the adapter merged in, under the adapter's name
+        adapters = named_adapters(adapters, "")
+        name = served_model_name or (adapters[0][0] if adapters else default_model_name(model))
+    else:
+        name = served_model_name or default_model_name(model)
+        adapters = named_adapters(adapters, name)
     sock = bind_socket(host, port)
-    net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
+    net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize, adapters, merge)
     draft = None
     if draft_model is not None:
         from gptwo.weights import check_draft_tokenizer
 
         draft, draft_tokenizer = load_served_model(draft_model, torch_device, torch_dtype, quantize)
         check_draft_tokenizer(draft_tokenizer, tokenizer, draft_model)
-    name = served_model_name or default_model_name(model)
     engine = BatchEngine(
         net,
         tokenizer,

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from gptwo.argtypes import (
+    add_adapters_option,
     add_speculative_options,
     add_watermark_options,
     command,
@@ -80,6 +81,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         speculate=args.speculate,
         num_speculative_tokens=args.num_speculative_tokens,
         draft_model=args.draft_model,
+        adapters=args.adapters,
+        merge=args.merge,
     )
     return 0
 
@@ -105,6 +108,7 @@ def add_commands(sub) -> None:
         default=8000,
         help="port to listen on (default 8000; 0 picks a free one)",
     )
+    add_adapters_option(p)
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: the folder's name or the hub id)"

@@ -42,6 +42,7 @@ import torch
 from gptwo.errors import GptwoError
 from gptwo.infer.kvcache import BLOCK_SIZE, OutOfBlocks, SeqBlocks, block_bytes, blocks_for
 from gptwo.infer.linear import NATIVE_MAX_ROWS
+from gptwo.infer.multilora import adapter_rows
 from gptwo.infer.native import NativeStep
 from gptwo.infer.step import StepInput, cache_dtype, make_step
 from gptwo.model import GPT
@@ -115,8 +116,10 @@ class Sequence:
         device: torch.device,
         seed_offset: int = 0,
         watermark: Watermark | None = None,
+        adapter: int = 0,
     ):
         self.request, self.index, self.prompt, self.params = request, index, prompt, params
+        self.adapter = adapter  # the LoRA adapter slot it runs with (0: the base model)
         self.watermark = watermark  # its green lists, when its text is watermarked
         self.stream = TextStream(
             tokenizer, params.stop, stop_at_eot=not params.ignore_eos, skip_eot=params.skip_special_tokens
@@ -315,7 +318,11 @@ class BatchEngine:
         self.cache = self.step.cache
         self.costs = StepCosts()
         self.draft = None if draft_model is None else BatchDraft(draft_model.eval(), blocks, tokenizer.n_vocab)
+        rows = adapter_rows(model)
+        self.adapter_names: tuple[str, ...] = rows.names if rows is not None else ()  # slot i + 1 is names[i]
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0, "steps": 0, "preempted": 0}
+        self.stats["peak_step_models"] = 0  # most models (the base, adapters) whose rows shared one step
+        self.adapter_requests = [0] * (len(self.adapter_names) + 1)  # requests per slot (0: the base)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         self.ttft = [0] * len(TTFT_BUCKETS)  # time to first token: a cumulative histogram
         self.ttft_sum = 0.0
@@ -389,6 +396,7 @@ class BatchEngine:
             "ttft_buckets": list(zip(TTFT_BUCKETS, self.ttft)),
             "ttft_sum": self.ttft_sum,
             "ttft_count": self.ttft[-1],
+            "adapter_requests": dict(zip(self.adapter_names, self.adapter_requests[1:])),
         }
 
     def request_watermark(self, requested: bool | dict | None) -> WatermarkSettings | None:
@@ -468,18 +476,33 @@ class BatchEngine:
                 "n",
             )
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, client: str = "") -> Request:
-        """Queue `n` choices for each prompt (choice index = prompt * n + j).
+    def submit(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, client: str = "", adapter: int = 0
+    ) -> Request:
+        """Queue `n` choices for each prompt (choice index = prompt * n + j), run with LoRA adapter slot `adapter`
+        (0: the base model; i + 1: `adapter_names[i]`).
 
         Raise Overloaded if the queue is full, ClientBusy if `client` would hold more unfinished
         sequences than `max_client_choices`.
         """
+        if not 0 <= adapter <= len(self.adapter_names):
+            raise ValueError(f"adapter slot {adapter} is not one of this engine's 0..{len(self.adapter_names)}")
         self.check(prompts, params, n)
         settings = self.request_watermark(params.watermark)
         mark = None if settings is None else watermark_for(settings, self.model.config.vocab_size)
         request = Request(asyncio.get_running_loop(), self._outbox, client)
         seqs = [
-            Sequence(request, i * n + j, p, params, self.tokenizer, self.device, seed_offset=j, watermark=mark)
+            Sequence(
+                request,
+                i * n + j,
+                p,
+                params,
+                self.tokenizer,
+                self.device,
+                seed_offset=j,
+                watermark=mark,
+                adapter=adapter,
+            )
             for i, p in enumerate(prompts)
             for j in range(n)
         ]
@@ -495,6 +518,7 @@ class BatchEngine:
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} sequences are waiting (the limit is {self.max_queue})")
             self._held[client] += len(seqs)
+            self.adapter_requests[adapter] += 1
             self._waiting.extend(seqs)
             self._cond.notify()
         return request
@@ -689,7 +713,8 @@ class BatchEngine:
                 continue
             tokens = seq.prompt + seq.output  # after a preemption, what it had is computed again
             scoring = seq.params.prompt_logprobs and seq.scored is None
-            seq.blocks = self.cache.start([] if scoring else tokens)  # a prompt to score is computed whole
+            # a prompt to score is computed whole; cached blocks are shared only by sequences of one adapter
+            seq.blocks = self.cache.start([] if scoring else tokens, namespace=seq.adapter)
             seq.todo = tokens[seq.blocks.length :]
             chunk = self._chunk(seq, budget)
             if chunk is None:
@@ -737,11 +762,14 @@ class BatchEngine:
         self.stats["steps"] += 1
         scoring = [s.params.prompt_logprobs and not s.decoding and s.scored is None for s, _ in plan]
         every = [score or bool(s.decoding and s.drafts) for score, (s, _) in zip(scoring, plan)]
+        adapters = [s.adapter for s, _ in plan]
+        self.stats["peak_step_models"] = max(self.stats["peak_step_models"], len(set(adapters)))
         batch = StepInput(
             [tokens for _, tokens in plan],
             [s.blocks.length for s, _ in plan],
             [s.blocks.blocks for s, _ in plan],
             every=every if any(every) else None,
+            adapters=adapters if any(adapters) else None,
         )
         self._in_flight = batch.num_tokens
         started = time.perf_counter()

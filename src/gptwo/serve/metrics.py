@@ -29,7 +29,7 @@ COUNTERS = {
 
 def prometheus_text(metrics: dict, model: str) -> str:
     """The engine's `metrics()` as Prometheus text, each sample labelled with the served model's name."""
-    label = '{model_name="' + model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"}'
+    label = '{model_name="' + _escaped(model) + '"}'
     lines = []
     for kinds, kind in ((GAUGES, "gauge"), (COUNTERS, "counter")):
         for key, help_text in kinds.items():
@@ -41,4 +41,13 @@ def prometheus_text(metrics: dict, model: str) -> str:
         le = "+Inf" if bound == float("inf") else repr(bound)
         lines.append(f'{name}_bucket{label[:-1]},le="{le}"}} {count}')
     lines += [f"{name}_sum{label} {metrics['ttft_sum']}", f"{name}_count{label} {metrics['ttft_count']}"]
+    if metrics.get("adapter_requests"):  # gptwo serve --adapter: requests per LoRA adapter (vLLM labels them too)
+        name = "gptwo_lora_requests_total"
+        lines += [f"# HELP {name} Requests that asked for each LoRA adapter.", f"# TYPE {name} counter"]
+        for adapter, count in metrics["adapter_requests"].items():
+            lines.append(f'{name}{label[:-1]},lora_name="{_escaped(adapter)}"}} {count}')
     return "\n".join(lines) + "\n"
+
+
+def _escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

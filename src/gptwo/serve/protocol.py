@@ -362,6 +362,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "gptwo"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM lists adapters); None for the base
 
 
 class ModelList(BaseModel):
