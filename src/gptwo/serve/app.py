@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptwo.chat import check_template, continued_text, render
 from gptwo.errors import GptwoError
 from gptwo.infer.prepare import prepared_settings
 from gptwo.runtime import dtype_name, resolve_device, resolve_dtype
@@ -66,6 +67,10 @@ from gptwo.tokenizer import Tokenizer
 from gptwo.watermark import WatermarkSettings
 
 log = logging.getLogger("gptwo.serve")
+NO_CHAT_TEMPLATE = (
+    "{model} has no chat template, so it cannot answer messages — serve it with --chat-template FILE or train it "
+    "on chat data (gptwo prepare chat), or send a prompt to /v1/completions"
+)
 
 
 class ApiError(Exception):
@@ -290,7 +295,12 @@ def validation_error(errors: list[dict]) -> dict:
         return {"message": message, "param": None, "code": None}
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     if first["type"] == "extra_forbidden":
-        known = [*protocol.CompletionRequest.model_fields, *protocol.StreamOptions.model_fields]
+        known = [
+            *protocol.CompletionRequest.model_fields,
+            *protocol.ChatCompletionRequest.model_fields,
+            *protocol.ChatMessage.model_fields,
+            *protocol.StreamOptions.model_fields,
+        ]
         close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return {"message": f"Unknown parameter: '{where}'{hint}", "param": where, "code": "unknown_parameter"}
@@ -316,13 +326,33 @@ def prompt_list(prompt) -> list:
     return [prompt] if isinstance(prompt[0], int) else list(prompt)
 
 
+def chat_prompt_ids(tokenizer: Tokenizer, body: protocol.ChatCompletionRequest, template: str) -> list[int]:
+    """Token ids of a chat request's conversation rendered by `template`: with the assistant's cue at the end,
+    without it (add_generation_prompt: false), or ending inside the last message (continue_final_message)."""
+    messages, variables = [message.as_dict() for message in body.messages], body.template_variables()
+    try:
+        if body.continue_final_message:
+            text = continued_text(messages, template, variables)
+        else:
+            text = render(messages, template, body.add_generation_prompt is not False, variables=variables)
+    except GptwoError as err:
+        raise ApiError(400, str(err), param="messages") from None
+    return tokenizer.encode(text)
+
+
 def encode_prompts(tokenizer: Tokenizer, prompts: list) -> list[list[int]]:
     """Token ids of each prompt: text is encoded ("" means <|endoftext|>), token ids pass through."""
     return [(tokenizer.encode(p) if p else [tokenizer.eot_token]) if isinstance(p, str) else list(p) for p in prompts]
 
 
 class CompletionJob:
-    """An accepted completions request: the engine's updates turned into a response or a stream of chunks."""
+    """An accepted completions request: the engine's updates turned into a response or a stream of chunks.
+
+    The response's shape is in `object`, `chunk_object` and the choice hooks (`opening`, `chunk_choices`,
+    `final_choice`); ChatJob gives chat's."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
 
     def __init__(
         self,
@@ -340,12 +370,7 @@ class CompletionJob:
         self.engine, self.job, self.prompts = engine, job, prompts
         self.n, self.keep = n, n if keep is None else keep
         self.choices = [ChoiceText(tokenizer, prompts[i // n], echo, logprobs) for i in range(len(prompts) * n)]
-        self.head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model_name,
-        }
+        self.head = {"id": f"{self.id_prefix}{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
     def usage(self) -> dict:
         prompt_tokens, completion_tokens = sum(map(len, self.prompts)), sum(c.completion_tokens for c in self.choices)
@@ -374,27 +399,40 @@ class CompletionJob:
 
         With `include_usage` the other chunks carry `usage: null` (as OpenAI's), or with `continuous_usage`
         (vLLM's continuous_usage_stats) the usage so far."""
+        head = {"id": self.head["id"], "object": self.chunk_object, **self.head}
+
+        def chunk(choice: dict) -> str:
+            usage = {"usage": self.usage() if continuous_usage else None} if include_usage else {}
+            return f"data: {json.dumps({**head, 'choices': [choice], **usage})}\n\n"
+
         try:
+            for choice in self.opening():
+                yield chunk(choice)
             async for update, text, logprobs in self.updates():
-                if text or logprobs or update.finish_reason:
-                    choice = {
-                        "index": update.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": update.finish_reason,
-                    }
-                    chunk = {**self.head, "choices": [choice]}
-                    if include_usage:
-                        chunk["usage"] = self.usage() if continuous_usage else None
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                for choice in self.chunk_choices(update, text, logprobs):
+                    yield chunk(choice)
             if include_usage:
-                yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': self.usage()})}\n\n"
         except ApiError as err:
             error = {"message": err.message, "type": err.type, "param": None, "code": err.code}
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             self.engine.cancel(self.job)  # frees the rows if the client went away mid-stream
         yield "data: [DONE]\n\n"
+
+    def opening(self) -> list[dict]:
+        """Stream choices sent before any token."""
+        return []
+
+    def chunk_choices(self, update: Update, text: str, logprobs: dict | None) -> list[dict]:
+        """The stream's choices for one update."""
+        if not (text or logprobs or update.finish_reason):
+            return []
+        return [{"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}]
+
+    def final_choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        """One choice of the whole response."""
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     async def collect(self) -> dict:
         """The whole response body."""
@@ -403,8 +441,8 @@ class CompletionJob:
             texts[update.index] += text
             logprobs[update.index] = _merge_logprobs(logprobs[update.index], part)
         choices = [
-            {"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason}
-            for i, (t, lp, c) in enumerate(zip(texts, logprobs, self.choices))
+            self.final_choice(i, text, part, choice.finish_reason)
+            for i, (text, part, choice) in enumerate(zip(texts, logprobs, self.choices))
         ]
         if self.keep < self.n:  # best_of: each prompt's best `keep` candidates, best first
             best = []
@@ -412,7 +450,7 @@ class CompletionJob:
                 ranked = sorted(range(start, start + self.n), key=lambda i: -self.choices[i].cumulative_logprob)
                 best += [choices[i] for i in ranked[: self.keep]]
             choices = [{**choice, "index": i} for i, choice in enumerate(best)]
-        return {**self.head, "choices": choices, "usage": self.usage()}
+        return {"id": self.head["id"], "object": self.object, **self.head, "choices": choices, "usage": self.usage()}
 
     async def response(self, request: Request) -> JSONResponse:
         """The whole response, unless the client disconnects first (then its sequences are cancelled)."""
@@ -430,6 +468,68 @@ class CompletionJob:
         return JSONResponse(work.result())
 
 
+class ChatChoiceText(ChoiceText):
+    """One chat choice's text and logprobs in OpenAI's chat shape: {"content": [{token, logprob, bytes,
+    top_logprobs}]}, the `top` most likely alternatives per token."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], top: int | None):
+        super().__init__(tokenizer, prompt, echo=False, logprobs=top is not None)
+        self.top = top or 0
+
+    def _logprobs(self, infos: list[TokenLogprob]) -> dict:
+        content = []
+        for info in infos:
+            ranked = sorted((info.top or {}).items(), key=lambda item: -item[1])[: self.top]
+            alternatives = [self._entry(token, logprob) for token, logprob in ranked]
+            content.append({**self._entry(info.token, info.logprob), "top_logprobs": alternatives})
+        return {"content": content}
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        return {
+            "token": self.tokenizer.decode([token]),
+            "logprob": logprob,
+            "bytes": list(self.tokenizer.token_bytes(token)),
+        }
+
+
+class ChatJob(CompletionJob):
+    """An accepted chat completions request: choices are assistant messages, stream chunks deltas of them
+    (a first one with the role, then the content, then one with the finish reason)."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def __init__(
+        self,
+        engine: BatchEngine,
+        job: EngineRequest,
+        tokenizer: Tokenizer,
+        prompt: list[int],
+        n: int,
+        top_logprobs: int | None,
+        model_name: str,
+    ):
+        super().__init__(engine, job, tokenizer, [prompt], n, False, False, model_name)
+        self.choices = [ChatChoiceText(tokenizer, prompt, top_logprobs) for _ in range(n)]
+
+    def opening(self) -> list[dict]:
+        return [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(len(self.choices))
+        ]
+
+    def chunk_choices(self, update: Update, text: str, logprobs: dict | None) -> list[dict]:
+        choices, index = [], update.index
+        if text or logprobs:
+            choices.append({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None})
+        if update.finish_reason:
+            choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": update.finish_reason})
+        return choices
+
+    def final_choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
 def create_app(
     engine: BatchEngine,
     model_name: str,
@@ -439,12 +539,14 @@ def create_app(
     allowed_origins: Sequence[str] = (),
     body_timeout: float = BODY_TIMEOUT_S,
     max_inspect_tokens: int = MAX_INSPECT_TOKENS,
+    chat_template: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name`; its lifespan starts and stops the engine.
 
     With `api_key`, every /v1/* request needs it as a bearer token; `allowed_origins` are the web
     origins whose pages may call the API from a browser (CORS; none by default); a request body
-    must arrive within `body_timeout` seconds; /v1/inspect takes texts of up to `max_inspect_tokens`.
+    must arrive within `body_timeout` seconds; /v1/inspect takes texts of up to `max_inspect_tokens`;
+    /v1/chat/completions renders conversations with `chat_template` (without one it answers 400).
     """
 
     @contextlib.asynccontextmanager
@@ -487,7 +589,10 @@ def create_app(
     async def _http_error(request: Request, err: StarletteHTTPException):
         where = f"{request.method} {request.url.path}"
         if err.status_code == 404 and err.detail == "Not Found":  # no such route (not a handler's own 404)
-            message = f"there is no {where} on this server; the API is POST /v1/completions and GET /v1/models"
+            message = (
+                f"there is no {where} on this server; the API is POST /v1/completions, POST /v1/chat/completions "
+                "and GET /v1/models"
+            )
             return error_response(404, message, code="not_found")
         if err.status_code == 405:
             message = f"{where} is not allowed; see /openapi.json"
@@ -528,61 +633,19 @@ def create_app(
 
     card = protocol.ModelCard(id=model_name, created=created, max_model_len=context)
 
-    @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
-    async def models() -> protocol.ModelList:
-        return protocol.ModelList(data=[card])
-
-    @app.get(
-        "/v1/models/{model_id:path}",
-        response_model=protocol.ModelCard,
-        responses={404: {"model": protocol.ErrorResponse}},
-        summary="The served model, by its id (OpenAI's models.retrieve)",
-    )
-    async def model(model_id: str) -> protocol.ModelCard:
-        if model_id != model_name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
             raise ApiError(
                 404,
-                f"The model `{model_id}` does not exist; this server serves `{model_name}`",
+                f"The model `{name}` does not exist; this server serves `{model_name}`",
                 param="model",
                 code="model_not_found",
             )
-        return card
 
-    @app.post("/tokenize", summary="The token ids of a prompt, their count and the context (vLLM's /tokenize)")
-    async def tokenize(body: TokenizeRequest) -> dict:
-        if body.model is not None and body.model != model_name:
-            raise ApiError(
-                404,
-                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                param="model",
-                code="model_not_found",
-            )
-        tokens = encode_prompts(tokenizer, [body.prompt])[0]
-        return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
-
-    @app.post(
-        "/v1/completions",
-        response_model=protocol.Completion,
-        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 408, 413, 429, 500, 503)},
-        summary="Complete prompts (OpenAI completions API; stream=true sends server-sent events)",
-    )
-    async def completions(body: protocol.CompletionRequest, request: Request):
-        if body.model != model_name:
-            raise ApiError(
-                404,
-                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                param="model",
-                code="model_not_found",
-            )
-        unsupported = body.unsupported()
-        if unsupported:
-            raise ApiError(400, unsupported[1], param=unsupported[0])
-        n, candidates = body.n or 1, body.candidates()
+    def submit(prompts: list[list[int]], params, n: int, request: Request) -> EngineRequest:
+        """Queue the request's choices, or an ApiError saying why not (OpenAI's status and code)."""
         try:
-            texts = prompt_list(body.prompt)
-            engine.check_count(len(texts), candidates)  # before encoding: the work stays bounded by the queue
-            prompts = encode_prompts(tokenizer, texts)
-            job = engine.submit(prompts, body.sampling_params(), candidates, client=client_of(request))
+            return engine.submit(prompts, params, n, client=client_of(request))
         except RequestRejected as err:
             raise ApiError(400, str(err), param=err.param, code=err.code) from None
         except ClientBusy as err:
@@ -595,17 +658,93 @@ def create_app(
             raise ApiError(
                 429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
             ) from None
-        completion = CompletionJob(
-            engine, job, tokenizer, prompts, candidates, bool(body.echo), body.logprobs is not None, model_name, n
-        )
-        if body.stream:
-            options = body.stream_options or protocol.StreamOptions()
+
+    async def answer(job: CompletionJob, stream: bool, stream_options: protocol.StreamOptions | None, request: Request):
+        """The job's stream of server-sent events, or its whole response."""
+        if stream:
+            options = stream_options or protocol.StreamOptions()
             return StreamingResponse(
-                completion.events(bool(options.include_usage), bool(options.continuous_usage_stats)),
+                job.events(bool(options.include_usage), bool(options.continuous_usage_stats)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await completion.response(request)
+        return await job.response(request)
+
+    @app.get("/v1/models", response_model=protocol.ModelList, summary="The served model")
+    async def models() -> protocol.ModelList:
+        return protocol.ModelList(data=[card])
+
+    @app.get(
+        "/v1/models/{model_id:path}",
+        response_model=protocol.ModelCard,
+        responses={404: {"model": protocol.ErrorResponse}},
+        summary="The served model, by its id (OpenAI's models.retrieve)",
+    )
+    async def model(model_id: str) -> protocol.ModelCard:
+        check_model(model_id)
+        return card
+
+    @app.post("/tokenize", summary="The token ids of a prompt, their count and the context (vLLM's /tokenize)")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        tokens = encode_prompts(tokenizer, [body.prompt])[0]
+        return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
+
+    @app.post(
+        "/v1/completions",
+        response_model=protocol.Completion,
+        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 408, 413, 429, 500, 503)},
+        summary="Complete prompts (OpenAI completions API; stream=true sends server-sent events)",
+    )
+    async def completions(body: protocol.CompletionRequest, request: Request):
+        check_model(body.model)
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ApiError(400, unsupported[1], param=unsupported[0])
+        n, candidates = body.n or 1, body.candidates()
+        try:
+            texts = prompt_list(body.prompt)
+            engine.check_count(len(texts), candidates)  # before encoding: the work stays bounded by the queue
+        except RequestRejected as err:
+            raise ApiError(400, str(err), param=err.param, code=err.code) from None
+        prompts = encode_prompts(tokenizer, texts)
+        job = submit(prompts, body.sampling_params(), candidates, request)
+        completion = CompletionJob(
+            engine, job, tokenizer, prompts, candidates, bool(body.echo), body.logprobs is not None, model_name, n
+        )
+        return await answer(completion, bool(body.stream), body.stream_options, request)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=protocol.ChatCompletion,
+        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 408, 413, 429, 500, 503)},
+        summary="Answer a conversation (OpenAI chat completions API) with the model's chat template; stream=true "
+        "sends server-sent events",
+    )
+    async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        if chat_template is None:
+            raise ApiError(400, NO_CHAT_TEMPLATE.format(model=model_name), param="messages", code="no_chat_template")
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ApiError(400, unsupported[1], param=unsupported[0])
+        n = body.n or 1
+        try:
+            engine.check_count(1, n)
+        except RequestRejected as err:
+            raise ApiError(400, str(err), param=err.param, code=err.code) from None
+        prompt = chat_prompt_ids(tokenizer, body, chat_template)
+        asked = body.completion_tokens()
+        max_tokens = max(context - len(prompt), 1) if asked is None else asked  # by default: to the context's end
+        params = body.sampling_params(max_tokens)
+        try:
+            job = submit([prompt], params, n, request)
+        except ApiError as err:
+            if err.code == "context_length_exceeded" and asked is None:
+                err.param = "messages"
+            raise
+        chat = ChatJob(engine, job, tokenizer, prompt, n, params.logprobs, model_name)
+        return await answer(chat, bool(body.stream), body.stream_options, request)
 
     return app
 
@@ -618,6 +757,32 @@ def client_of(request: Request) -> str:
 def default_model_name(model: str) -> str:
     """The id a served model goes by: a folder's name, or the hub id as given."""
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def served_chat_template(model: str, template_file: str | None = None) -> str | None:
+    """The template /v1/chat/completions renders with: `template_file`'s (vLLM's --chat-template), else the
+    model's own (its folder's chat_template.jinja or tokenizer_config.json, a GGUF's tokenizer.chat_template),
+    else None (chat requests get 400)."""
+    from gptwo.weights import model_chat_template
+
+    if template_file is not None:
+        source = f"--chat-template {template_file}"
+        try:
+            with open(template_file, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            raise GptwoError(f"{source}: cannot read it ({why})", "pass a Jinja chat template file (UTF-8)") from None
+        if not template.strip():
+            raise GptwoError(f"{source} is empty", "pass a Jinja chat template file")
+    else:
+        source, template = model, model_chat_template(model)
+    if template is not None:
+        try:
+            check_template(template)
+        except GptwoError as err:
+            raise GptwoError(f"{source}: {err.what}", err.fix) from None
+    return template
 
 
 def load_served_model(model: str, device: torch.device, dtype: torch.dtype, quantize: str | None):
@@ -662,10 +827,12 @@ def serve(
     watermark_key: int | None = None,
     speculate: str | None = None,
     num_speculative_tokens: int = 4,
+    chat_template: str | None = None,
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted; `watermark` marks every completion and
     `watermark_key` keys the requests that ask for a watermark; `speculate="ngram"` decodes each row
-    speculatively (BatchEngine)."""
+    speculatively (BatchEngine); `chat_template` is a template file for /v1/chat/completions in place of the
+    model's own."""
 
     for name, value, low in (
         ("max_num_seqs", max_num_seqs, 1),
@@ -705,6 +872,7 @@ def serve(
         raise GptwoError(f"--device {device}: cpu takes no index", "use --device cpu")
     torch_dtype = resolve_dtype(dtype, torch_device)
     sock = bind_socket(host, port)
+    template = served_chat_template(model, chat_template)  # before the weights: a bad file fails at once
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize)
     name = served_model_name or default_model_name(model)
     engine = BatchEngine(
@@ -730,6 +898,7 @@ def serve(
         allowed_origins=origins,
         body_timeout=body_timeout,
         max_inspect_tokens=max_inspect_tokens,
+        chat_template=template,
     )
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
     # (the config also sets up uvicorn's loggers)
@@ -749,6 +918,8 @@ def serve(
     logger.info(
         "serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, weights, auth
     )
+    chat = "none (chat requests get 400)" if template is None else chat_template or "the model's"
+    logger.info("chat template: %s", chat)
     if watermark is not None:  # never the key
         logger.info("watermarking every completion: %s", watermark.public())
     if not api_key and not _is_loopback(sock.getsockname()[0]):
