@@ -1,7 +1,8 @@
-"""The HTTP side: an OpenAI-compatible completions API and a playground page, on FastAPI + uvicorn.
+"""The HTTP side: OpenAI-compatible completions and chat completions APIs and a playground page, on FastAPI + uvicorn.
 
-Routes: `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /tokenize` (as vLLM's),
-`GET /health`, `GET /` (playground), and the OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
+Routes: `POST /v1/completions`, `POST /v1/chat/completions` (for a model with a chat template), `GET /v1/models`,
+`GET /v1/models/{id}`, `POST /tokenize` (as vLLM's), `GET /health`, `GET /` (playground), and the OpenAPI
+schema at `/openapi.json`. Every error is OpenAI's JSON shape
 `{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413 (with a
 Content-Length or chunked), a body that does not arrive within `body_timeout` seconds 408, a body
 that is not UTF-8 400, a full queue or a client over its share 429, a missing or wrong API key
@@ -557,7 +558,7 @@ def create_app(
 
     app = FastAPI(
         title="gptwo",
-        summary="OpenAI-compatible completions for GPT-2 models",
+        summary="OpenAI-compatible completions and chat completions for GPT-2 models",
         version="1",
         lifespan=lifespan,
         redirect_slashes=False,  # /v1/completions/ is a 404 in OpenAI's shape, not a redirect
