@@ -95,18 +95,26 @@ def _compiled(template: str):
         raise GptwoError(f"the chat template does not compile: {error}", "fix or replace the chat template") from None
 
 
+def check_template(template: str) -> None:
+    """Raise a GptwoError unless `template` compiles as a chat template."""
+    _compiled(template)
+
+
 def render(
     messages: Sequence[Mapping[str, str]],
     template: str = CHAT_TEMPLATE,
     add_generation_prompt: bool = False,
     eos_token: str = EOT,
+    variables: Mapping[str, object] | None = None,
 ) -> str:
-    """The conversation as the text the model reads (with the assistant's cue at the end if asked)."""
+    """The conversation as the text the model reads (with the assistant's cue at the end if asked); `variables`
+    are more names for the template (as transformers' template kwargs)."""
     import jinja2
 
     messages = check_messages(messages)
     try:
         return _compiled(template).render(
+            **(variables or {}),
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=eos_token,
@@ -193,6 +201,31 @@ def _char_offsets(text: str) -> list[int]:
 def prompt_ids(tok: Tokenizer, messages: Sequence[Mapping[str, str]], template: str = CHAT_TEMPLATE) -> list[int]:
     """Token ids of a conversation to be answered: rendered with the assistant's cue at the end."""
     return tok.encode(render(messages, template, add_generation_prompt=True))
+
+
+def continued_text(
+    messages: Sequence[Mapping[str, str]], template: str = CHAT_TEMPLATE, variables: Mapping[str, object] | None = None
+) -> str:
+    """The conversation rendered to end inside its last message, so that generating continues that message.
+
+    The rendering is cut after the last occurrence of the final message's text (stripped, as templates
+    often trim it; with its trailing whitespace where the template kept it): transformers'
+    `continue_final_message` rule.
+    """
+    messages = check_messages(messages)
+    text = render(messages, template, variables=variables)
+    final = messages[-1]["content"]
+    core = final.strip()
+    at = text.rfind(core) if core else -1
+    if at < 0:
+        raise GptwoError(
+            "continue_final_message: the last message's text does not appear in the rendered conversation"
+            if core
+            else "continue_final_message: the last message is empty, so there is nothing to continue",
+            "send a last message with text, or add_generation_prompt: true to start a new one",
+        )
+    unindented = final.lstrip()
+    return text[: at + (len(unindented) if text.startswith(unindented, at) else len(core))]
 
 
 # ---------------------------------------------------------------- stored with a model

@@ -230,6 +230,17 @@ def read_gguf(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]
     return config, _state(reader, path), tokenizer
 
 
+def read_gguf_chat_template(path: str) -> str | None:
+    """The chat template in a GGUF file's metadata (tokenizer.chat_template, as llama.cpp's converter writes it)."""
+    template = _open(path).fields.get("tokenizer.chat_template")
+    if template is None:
+        return None
+    value = template.contents()
+    if not isinstance(value, str):
+        raise GptwoError(f"GGUF file {path}: tokenizer.chat_template is not a string", FIX)
+    return value
+
+
 def is_gguf_spec(spec: str) -> bool:
     """Whether a --model spec names a GGUF file: by its name (which reading then checks) or by its first bytes."""
     if spec.lower().endswith(".gguf"):

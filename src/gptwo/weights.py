@@ -19,10 +19,11 @@ import torch
 
 import gptwo.model
 from gptwo import sampling
+from gptwo.chat import read_chat_template
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write
-from gptwo.gguf import is_gguf_spec, read_gguf
+from gptwo.gguf import is_gguf_spec, read_gguf, read_gguf_chat_template
 from gptwo.infer.prepare import prepare_model, prepared_settings
 from gptwo.lora import load_adapter, lora_settings, merged_state
 from gptwo.model import SHAPE_FIX, describe, expected_shapes, param_count
@@ -30,7 +31,16 @@ from gptwo.runtime import check_memory, resolve_device
 from gptwo.tokenizer import EOT, Tokenizer, load_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json", "merges.txt"]
+HUB_FILES = [
+    "config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",  # and chat_template.jinja: the chat template, when the model has one
+    "chat_template.jinja",
+]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -332,6 +342,14 @@ def resolve_model_dir(path_or_id: str) -> str:
             f"could not get '{path_or_id}' from the Hugging Face hub ({type(err).__name__})",
             "check the id and the network, or pass a local model folder",
         ) from None
+
+
+def model_chat_template(path_or_id: str) -> str | None:
+    """The chat template a model carries, or None: a folder's (chat_template.jinja or tokenizer_config.json;
+    hub ids resolve to folders) or a GGUF file's tokenizer.chat_template."""
+    if is_gguf_spec(path_or_id):
+        return read_gguf_chat_template(path_or_id)
+    return read_chat_template(resolve_model_dir(path_or_id))
 
 
 def read_config(directory: str) -> GPTConfig:

@@ -23,9 +23,10 @@ import pytest
 import torch
 from gguf_oracle import assert_same_gguf, write_converter_layout
 
+from gptwo import GPT, GPTConfig
 from gptwo.export.gguf import GGUF_TYPES, export_gguf, quantize_q8_0, to_bf16
 from gptwo.tokenizer import GPT2_PATTERN, byte_to_unicode
-from gptwo.weights import load_model, load_pretrained
+from gptwo.weights import load_model, load_pretrained, model_chat_template, save_pretrained
 
 LLAMA_CPP = os.environ.get("GPTWO_LLAMA_CPP")
 needs_llama_cpp = pytest.mark.skipif(not LLAMA_CPP, reason="set GPTWO_LLAMA_CPP to a llama.cpp source tree")
@@ -65,6 +66,21 @@ def test_q8_0_and_bf16_encode_bit_for_bit_as_gguf_py():
     for ours, kind in ((quantize_q8_0, "Q8_0"), (to_bf16, "BF16")):
         theirs = gguf.quants.quantize(values, getattr(gguf.GGMLQuantizationType, kind))
         assert np.array_equal(ours(values).view(np.uint8), np.asarray(theirs).view(np.uint8)), kind
+
+
+def test_a_chat_template_goes_into_the_gguf_where_llama_cpp_reads_it(exported, trained_tokenizer, tmp_path):
+    """A folder's chat template is written under tokenizer.chat_template (the converter's key) and read back."""
+    import gguf
+
+    from gptwo.chat import CHAT_TEMPLATE
+
+    folder = str(tmp_path / "chat")
+    model = GPT(GPTConfig(vocab_size=trained_tokenizer.n_vocab, block_size=64, n_layer=1, n_head=1, n_embd=32))
+    save_pretrained(model, folder, trained_tokenizer, chat_template=CHAT_TEMPLATE)
+    path = export_gguf(folder, str(tmp_path / "chat.gguf"))["path"]
+    assert gguf.GGUFReader(path).fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE].contents() == CHAT_TEMPLATE
+    assert model_chat_template(path) == CHAT_TEMPLATE
+    assert model_chat_template(exported["f32"]) is None
 
 
 def test_trained_tokenizer_splits_as_gpt2s_regex(trained_tokenizer):

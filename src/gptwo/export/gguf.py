@@ -145,8 +145,16 @@ def check_out_file(path: str, suffix: str) -> None:
         raise GptwoError(f"the folder of --out {path} ({folder}) does not exist", "create it, or choose another path")
 
 
-def write_gguf(model: GPT, tokenizer: Tokenizer, path: str, file_type: str = "f32", name: str = "gptwo") -> dict:
-    """Write `model` and `tokenizer` as a GGUF file at `path` (atomically: a temporary file, then renamed)."""
+def write_gguf(
+    model: GPT,
+    tokenizer: Tokenizer,
+    path: str,
+    file_type: str = "f32",
+    name: str = "gptwo",
+    chat_template: str | None = None,
+) -> dict:
+    """Write `model` and `tokenizer` (and a chat template, as llama.cpp's converter stores one) as a GGUF file at
+    `path` (atomically: a temporary file, then renamed)."""
     gguf = require("gguf", "gptwo export gguf", "export")
     if file_type not in GGUF_TYPES:
         raise GptwoError(f"unknown GGUF type '{file_type}'", f"use one of {', '.join(GGUF_TYPES)}")
@@ -178,6 +186,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str, file_type: str = "f3
     writer.add_token_merges(merges)
     for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_unk_token_id):
         add(tokenizer.eot_token)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_atomically(writer, path)
     return {
@@ -215,11 +225,12 @@ def _write_atomically(writer, path: str) -> None:
 
 def export_gguf(model_spec: str, out: str, file_type: str = "f32", name: str | None = None) -> dict:
     """`gptwo export gguf`: load a model (folder, run, hub id or GGUF) with its tokenizer and write it as GGUF."""
-    from gptwo.weights import load_model
+    from gptwo.weights import load_model, model_chat_template
 
     if file_type not in GGUF_TYPES:
         raise GptwoError(f"unknown GGUF type '{file_type}'", f"use one of {', '.join(GGUF_TYPES)}")
     check_out_file(out, ".gguf")
     model, tokenizer = load_model(model_spec, device="cpu")
     default_name = os.path.basename(os.path.normpath(model_spec)).removesuffix(".gguf") or "gptwo"
-    return {"model": model_spec, **write_gguf(model, tokenizer, out, file_type, name or default_name)}
+    template = model_chat_template(model_spec)
+    return {"model": model_spec, **write_gguf(model, tokenizer, out, file_type, name or default_name, template)}

@@ -1,7 +1,8 @@
-"""The HTTP side: an OpenAI-compatible completions API and a playground page, on FastAPI + uvicorn.
+"""The HTTP side: OpenAI-compatible completions and chat completions APIs and a playground page, on FastAPI + uvicorn.
 
-Routes: `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /tokenize` (as vLLM's),
-`GET /health`, `GET /` (playground), and the OpenAPI schema at `/openapi.json`. Every error is OpenAI's JSON shape
+Routes: `POST /v1/completions`, `POST /v1/chat/completions` (for a model with a chat template), `GET /v1/models`,
+`GET /v1/models/{id}`, `POST /tokenize` (as vLLM's), `GET /health`, `GET /` (playground), and the OpenAPI
+schema at `/openapi.json`. Every error is OpenAI's JSON shape
 `{"error": {"message", "type", "param", "code"}}`; bodies over `max_body_bytes` get 413 (with a
 Content-Length or chunked), a body that does not arrive within `body_timeout` seconds 408, a body
 that is not UTF-8 400, a full queue or a client over its share 429, a missing or wrong API key
@@ -35,6 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptwo.chat import check_template, continued_text, render
 from gptwo.errors import GptwoError
 from gptwo.infer.prepare import prepared_settings
 from gptwo.runtime import dtype_name, resolve_device, resolve_dtype
@@ -66,6 +68,10 @@ from gptwo.tokenizer import Tokenizer
 from gptwo.watermark import WatermarkSettings
 
 log = logging.getLogger("gptwo.serve")
+NO_CHAT_TEMPLATE = (
+    "{model} has no chat template, so it cannot answer messages — serve it with --chat-template FILE or train it "
+    "on chat data (gptwo prepare chat), or send a prompt to /v1/completions"
+)
 
 
 class ApiError(Exception):
@@ -290,7 +296,12 @@ def validation_error(errors: list[dict]) -> dict:
         return {"message": message, "param": None, "code": None}
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     if first["type"] == "extra_forbidden":
-        known = [*protocol.CompletionRequest.model_fields, *protocol.StreamOptions.model_fields]
+        known = [
+            *protocol.CompletionRequest.model_fields,
+            *protocol.ChatCompletionRequest.model_fields,
+            *protocol.ChatMessage.model_fields,
+            *protocol.StreamOptions.model_fields,
+        ]
         close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return {"message": f"Unknown parameter: '{where}'{hint}", "param": where, "code": "unknown_parameter"}
@@ -316,13 +327,33 @@ def prompt_list(prompt) -> list:
     return [prompt] if isinstance(prompt[0], int) else list(prompt)
 
 
+def chat_prompt_ids(tokenizer: Tokenizer, body: protocol.ChatCompletionRequest, template: str) -> list[int]:
+    """Token ids of a chat request's conversation rendered by `template`: with the assistant's cue at the end,
+    without it (add_generation_prompt: false), or ending inside the last message (continue_final_message)."""
+    messages, variables = [message.as_dict() for message in body.messages], body.template_variables()
+    try:
+        if body.continue_final_message:
+            text = continued_text(messages, template, variables)
+        else:
+            text = render(messages, template, body.add_generation_prompt is not False, variables=variables)
+    except GptwoError as err:
+        raise ApiError(400, str(err), param="messages") from None
+    return tokenizer.encode(text)
+
+
 def encode_prompts(tokenizer: Tokenizer, prompts: list) -> list[list[int]]:
     """Token ids of each prompt: text is encoded ("" means <|endoftext|>), token ids pass through."""
     return [(tokenizer.encode(p) if p else [tokenizer.eot_token]) if isinstance(p, str) else list(p) for p in prompts]
 
 
 class CompletionJob:
-    """An accepted completions request: the engine's updates turned into a response or a stream of chunks."""
+    """An accepted completions request: the engine's updates turned into a response or a stream of chunks.
+
+    The response's shape is in `object`, `chunk_object` and the choice hooks (`opening`, `chunk_choices`,
+    `final_choice`); ChatJob gives chat's."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
 
     def __init__(
         self,
@@ -340,12 +371,7 @@ class CompletionJob:
         self.engine, self.job, self.prompts = engine, job, prompts
         self.n, self.keep = n, n if keep is None else keep
         self.choices = [ChoiceText(tokenizer, prompts[i // n], echo, logprobs) for i in range(len(prompts) * n)]
-        self.head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model_name,
-        }
+        self.head = {"id": f"{self.id_prefix}{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
     def usage(self) -> dict:
         prompt_tokens, completion_tokens = sum(map(len, self.prompts)), sum(c.completion_tokens for c in self.choices)
@@ -374,27 +400,40 @@ class CompletionJob:
 
         With `include_usage` the other chunks carry `usage: null` (as OpenAI's), or with `continuous_usage`
         (vLLM's continuous_usage_stats) the usage so far."""
+        head = {"id": self.head["id"], "object": self.chunk_object, **self.head}
+
+        def chunk(choice: dict) -> str:
+            usage = {"usage": self.usage() if continuous_usage else None} if include_usage else {}
+            return f"data: {json.dumps({**head, 'choices': [choice], **usage})}\n\n"
+
         try:
+            for choice in self.opening():
+                yield chunk(choice)
             async for update, text, logprobs in self.updates():
-                if text or logprobs or update.finish_reason:
-                    choice = {
-                        "index": update.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": update.finish_reason,
-                    }
-                    chunk = {**self.head, "choices": [choice]}
-                    if include_usage:
-                        chunk["usage"] = self.usage() if continuous_usage else None
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                for choice in self.chunk_choices(update, text, logprobs):
+                    yield chunk(choice)
             if include_usage:
-                yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': self.usage()})}\n\n"
         except ApiError as err:
             error = {"message": err.message, "type": err.type, "param": None, "code": err.code}
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             self.engine.cancel(self.job)  # frees the rows if the client went away mid-stream
         yield "data: [DONE]\n\n"
+
+    def opening(self) -> list[dict]:
+        """Stream choices sent before any token."""
+        return []
+
+    def chunk_choices(self, update: Update, text: str, logprobs: dict | None) -> list[dict]:
+        """The stream's choices for one update."""
+        if not (text or logprobs or update.finish_reason):
+            return []
+        return [{"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}]
+
+    def final_choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        """One choice of the whole response."""
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     async def collect(self) -> dict:
         """The whole response body."""
@@ -403,8 +442,8 @@ class CompletionJob:
             texts[update.index] += text
             logprobs[update.index] = _merge_logprobs(logprobs[update.index], part)
         choices = [
-            {"index": i, "text": t, "logprobs": lp, "finish_reason": c.finish_reason}
-            for i, (t, lp, c) in enumerate(zip(texts, logprobs, self.choices))
+            self.final_choice(i, text, part, choice.finish_reason)
+            for i, (text, part, choice) in enumerate(zip(texts, logprobs, self.choices))
         ]
         if self.keep < self.n:  # best_of: each prompt's best `keep` candidates, best first
             best = []
@@ -412,7 +451,7 @@ class CompletionJob:
                 ranked = sorted(range(start, start + self.n), key=lambda i: -self.choices[i].cumulative_logprob)
                 best += [choices[i] for i in ranked[: self.keep]]
             choices = [{**choice, "index": i} for i, choice in enumerate(best)]
-        return {**self.head, "choices": choices, "usage": self.usage()}
+        return {"id": self.head["id"], "object": self.object, **self.head, "choices": choices, "usage": self.usage()}
 
     async def response(self, request: Request) -> JSONResponse:
         """The whole response, unless the client disconnects first (then its sequences are cancelled)."""
@@ -430,6 +469,68 @@ class CompletionJob:
         return JSONResponse(work.result())
 
 
+class ChatChoiceText(ChoiceText):
+    """One chat choice's text and logprobs in OpenAI's chat shape: {"content": [{token, logprob, bytes,
+    top_logprobs}]}, the `top` most likely alternatives per token."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], top: int | None):
+        super().__init__(tokenizer, prompt, echo=False, logprobs=top is not None)
+        self.top = top or 0
+
+    def _logprobs(self, infos: list[TokenLogprob]) -> dict:
+        content = []
+        for info in infos:
+            ranked = sorted((info.top or {}).items(), key=lambda item: -item[1])[: self.top]
+            alternatives = [self._entry(token, logprob) for token, logprob in ranked]
+            content.append({**self._entry(info.token, info.logprob), "top_logprobs": alternatives})
+        return {"content": content}
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        return {
+            "token": self.tokenizer.decode([token]),
+            "logprob": logprob,
+            "bytes": list(self.tokenizer.token_bytes(token)),
+        }
+
+
+class ChatJob(CompletionJob):
+    """An accepted chat completions request: choices are assistant messages, stream chunks deltas of them
+    (a first one with the role, then the content, then one with the finish reason)."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def __init__(
+        self,
+        engine: BatchEngine,
+        job: EngineRequest,
+        tokenizer: Tokenizer,
+        prompt: list[int],
+        n: int,
+        top_logprobs: int | None,
+        model_name: str,
+    ):
+        super().__init__(engine, job, tokenizer, [prompt], n, False, False, model_name)
+        self.choices = [ChatChoiceText(tokenizer, prompt, top_logprobs) for _ in range(n)]
+
+    def opening(self) -> list[dict]:
+        return [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(len(self.choices))
+        ]
+
+    def chunk_choices(self, update: Update, text: str, logprobs: dict | None) -> list[dict]:
+        choices, index = [], update.index
+        if text or logprobs:
+            choices.append({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None})
+        if update.finish_reason:
+            choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": update.finish_reason})
+        return choices
+
+    def final_choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
 def create_app(
     engine: BatchEngine,
     model_name: str,
@@ -439,13 +540,15 @@ def create_app(
     allowed_origins: Sequence[str] = (),
     body_timeout: float = BODY_TIMEOUT_S,
     max_inspect_tokens: int = MAX_INSPECT_TOKENS,
+    chat_template: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name` (and the LoRA adapters its model carries, each
     under its name: `engine.adapter_names`); its lifespan starts and stops the engine.
 
     With `api_key`, every /v1/* request needs it as a bearer token; `allowed_origins` are the web
     origins whose pages may call the API from a browser (CORS; none by default); a request body
-    must arrive within `body_timeout` seconds; /v1/inspect takes texts of up to `max_inspect_tokens`.
+    must arrive within `body_timeout` seconds; /v1/inspect takes texts of up to `max_inspect_tokens`;
+    /v1/chat/completions renders conversations with `chat_template` (without one it answers 400).
     """
 
     @contextlib.asynccontextmanager
@@ -456,7 +559,7 @@ def create_app(
 
     app = FastAPI(
         title="gptwo",
-        summary="OpenAI-compatible completions for GPT-2 models",
+        summary="OpenAI-compatible completions and chat completions for GPT-2 models",
         version="1",
         lifespan=lifespan,
         redirect_slashes=False,  # /v1/completions/ is a 404 in OpenAI's shape, not a redirect
@@ -488,7 +591,10 @@ def create_app(
     async def _http_error(request: Request, err: StarletteHTTPException):
         where = f"{request.method} {request.url.path}"
         if err.status_code == 404 and err.detail == "Not Found":  # no such route (not a handler's own 404)
-            message = f"there is no {where} on this server; the API is POST /v1/completions and GET /v1/models"
+            message = (
+                f"there is no {where} on this server; the API is POST /v1/completions, POST /v1/chat/completions "
+                "and GET /v1/models"
+            )
             return error_response(404, message, code="not_found")
         if err.status_code == 405:
             message = f"{where} is not allowed; see /openapi.json"
@@ -534,7 +640,10 @@ def create_app(
     }
 
     def adapter_slot(requested: str | None) -> int:
-        """The LoRA adapter slot of the model a request names (0: the base); an unknown one is a 404."""
+        """The LoRA adapter slot of the model a request names (0: the base, also when none is named); an unknown
+        one is a 404."""
+        if requested is None:
+            return 0
         if requested not in served:
             shown = ", ".join(f"`{name}`" for name in served)
             raise ApiError(
@@ -544,6 +653,35 @@ def create_app(
                 code="model_not_found",
             )
         return served[requested]
+
+    def submit(prompts: list[list[int]], params, n: int, request: Request, adapter: int = 0) -> EngineRequest:
+        """Queue the request's choices (on LoRA adapter slot `adapter`), or an ApiError saying why not (OpenAI's
+        status and code)."""
+        try:
+            return engine.submit(prompts, params, n, client=client_of(request), adapter=adapter)
+        except RequestRejected as err:
+            raise ApiError(400, str(err), param=err.param, code=err.code) from None
+        except ClientBusy as err:
+            raise ApiError(
+                429, f"{err}; wait for your other requests to finish", type="rate_limit_error", code="too_many_choices"
+            ) from None
+        except Draining:
+            raise ApiError(503, f"{SHUTTING_DOWN}; retry shortly", type="server_error", code="shutting_down") from None
+        except Overloaded as err:
+            raise ApiError(
+                429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
+            ) from None
+
+    async def answer(job: CompletionJob, stream: bool, stream_options: protocol.StreamOptions | None, request: Request):
+        """The job's stream of server-sent events, or its whole response."""
+        if stream:
+            options = stream_options or protocol.StreamOptions()
+            return StreamingResponse(
+                job.events(bool(options.include_usage), bool(options.continuous_usage_stats)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await job.response(request)
 
     @app.get("/v1/models", response_model=protocol.ModelList, summary="The served models: the base, then its adapters")
     async def models() -> protocol.ModelList:
@@ -561,8 +699,7 @@ def create_app(
 
     @app.post("/tokenize", summary="The token ids of a prompt, their count and the context (vLLM's /tokenize)")
     async def tokenize(body: TokenizeRequest) -> dict:
-        if body.model is not None:
-            adapter_slot(body.model)  # every served model has the base's tokenizer
+        adapter_slot(body.model)  # every served model has the base's tokenizer
         tokens = encode_prompts(tokenizer, [body.prompt])[0]
         return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
 
@@ -581,31 +718,47 @@ def create_app(
         try:
             texts = prompt_list(body.prompt)
             engine.check_count(len(texts), candidates)  # before encoding: the work stays bounded by the queue
-            prompts = encode_prompts(tokenizer, texts)
-            job = engine.submit(prompts, body.sampling_params(), candidates, client=client_of(request), adapter=adapter)
         except RequestRejected as err:
             raise ApiError(400, str(err), param=err.param, code=err.code) from None
-        except ClientBusy as err:
-            raise ApiError(
-                429, f"{err}; wait for your other requests to finish", type="rate_limit_error", code="too_many_choices"
-            ) from None
-        except Draining:
-            raise ApiError(503, f"{SHUTTING_DOWN}; retry shortly", type="server_error", code="shutting_down") from None
-        except Overloaded as err:
-            raise ApiError(
-                429, f"the server is busy ({err}); retry shortly", type="server_overloaded", code="queue_full"
-            ) from None
+        prompts = encode_prompts(tokenizer, texts)
+        job = submit(prompts, body.sampling_params(), candidates, request, adapter)
         completion = CompletionJob(
-            engine, job, tokenizer, prompts, candidates, bool(body.echo), body.logprobs is not None, body.model, n
-        )
-        if body.stream:
-            options = body.stream_options or protocol.StreamOptions()
-            return StreamingResponse(
-                completion.events(bool(options.include_usage), bool(options.continuous_usage_stats)),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await completion.response(request)
+            engine, job, tokenizer, prompts, candidates, bool(body.echo), body.logprobs is not None,
+            body.model or model_name, n,
+        )  # fmt: skip
+        return await answer(completion, bool(body.stream), body.stream_options, request)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=protocol.ChatCompletion,
+        responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 408, 413, 429, 500, 503)},
+        summary="Answer a conversation (OpenAI chat completions API) with the model's chat template; stream=true "
+        "sends server-sent events",
+    )
+    async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
+        adapter = adapter_slot(body.model)
+        if chat_template is None:
+            raise ApiError(400, NO_CHAT_TEMPLATE.format(model=model_name), param="messages", code="no_chat_template")
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ApiError(400, unsupported[1], param=unsupported[0])
+        n = body.n or 1
+        try:
+            engine.check_count(1, n)
+        except RequestRejected as err:
+            raise ApiError(400, str(err), param=err.param, code=err.code) from None
+        prompt = chat_prompt_ids(tokenizer, body, chat_template)
+        asked = body.completion_tokens()
+        max_tokens = max(context - len(prompt), 1) if asked is None else asked  # by default: to the context's end
+        params = body.sampling_params(max_tokens)
+        try:
+            job = submit([prompt], params, n, request, adapter)
+        except ApiError as err:
+            if err.code == "context_length_exceeded" and asked is None:
+                err.param = "messages"
+            raise
+        chat = ChatJob(engine, job, tokenizer, prompt, n, params.logprobs, body.model or model_name)
+        return await answer(chat, bool(body.stream), body.stream_options, request)
 
     return app
 
@@ -638,6 +791,32 @@ def named_adapters(adapters: Sequence[tuple[str | None, str]], model_name: str) 
                 "give each adapter its own name: --adapter NAME=DIR (or --served-model-name for the base)",
             )
     return named
+
+
+def served_chat_template(model: str, template_file: str | None = None) -> str | None:
+    """The template /v1/chat/completions renders with: `template_file`'s (vLLM's --chat-template), else the
+    model's own (its folder's chat_template.jinja or tokenizer_config.json, a GGUF's tokenizer.chat_template),
+    else None (chat requests get 400)."""
+    from gptwo.weights import model_chat_template
+
+    if template_file is not None:
+        source = f"--chat-template {template_file}"
+        try:
+            with open(template_file, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            raise GptwoError(f"{source}: cannot read it ({why})", "pass a Jinja chat template file (UTF-8)") from None
+        if not template.strip():
+            raise GptwoError(f"{source} is empty", "pass a Jinja chat template file")
+    else:
+        source, template = model, model_chat_template(model)
+    if template is not None:
+        try:
+            check_template(template)
+        except GptwoError as err:
+            raise GptwoError(f"{source}: {err.what}", err.fix) from None
+    return template
 
 
 def load_served_model(
@@ -705,12 +884,14 @@ def serve(
     adapters: Sequence[tuple[str | None, str]] = (),
     merge: bool = False,
     draft_model: str | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Load `model` and serve it over HTTP until interrupted; `watermark` marks every completion and
     `watermark_key` keys the requests that ask for a watermark; `speculate="ngram"` or `draft_model` (a
     smaller model with the same tokenizer) decodes each row speculatively (BatchEngine). `adapters`: (name or
     None for the folder's name, folder) of LoRA adapters served beside the base, a request's `model` choosing;
-    with `merge`, the one adapter is merged and served alone, under its name."""
+    with `merge`, the one adapter is merged and served alone, under its name. `chat_template` is a template
+    file for /v1/chat/completions in place of the model's own."""
 
     for name, value, low in (
         ("max_num_seqs", max_num_seqs, 1),
@@ -755,6 +936,7 @@ def serve(
     else:
         name = served_model_name or default_model_name(model)
         adapters = named_adapters(adapters, name)
+    template = served_chat_template(model, chat_template)  # before the weights: a bad file fails at once
     sock = bind_socket(host, port)
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize, adapters, merge)
     draft = None
@@ -787,6 +969,7 @@ def serve(
         allowed_origins=origins,
         body_timeout=body_timeout,
         max_inspect_tokens=max_inspect_tokens,
+        chat_template=template,
     )
     app.state.model_dir = model  # where /v1/inspect finds the detector's calibration
     # (the config also sets up uvicorn's loggers)
@@ -806,6 +989,8 @@ def serve(
     logger.info(
         "serving %s at %s (playground at /, OpenAI API at /v1; %s, %s; %s)", name, url, torch_device, weights, auth
     )
+    chat = "none (chat requests get 400)" if template is None else chat_template or "the model's"
+    logger.info("chat template: %s", chat)
     if watermark is not None:  # never the key
         logger.info("watermarking every completion: %s", watermark.public())
     if not api_key and not _is_loopback(sock.getsockname()[0]):

@@ -83,6 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         draft_model=args.draft_model,
         adapters=args.adapters,
         merge=args.merge,
+        chat_template=args.chat_template,
     )
     return 0
 
@@ -90,7 +91,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     """`gptwo serve`: the OpenAI-compatible API and the playground page."""
     p = command(
-        sub, "serve", _cmd_serve, "Serve a model over HTTP: OpenAI-style /v1/completions, and a playground page at /."
+        sub,
+        "serve",
+        _cmd_serve,
+        "Serve a model over HTTP: OpenAI-style /v1/completions and /v1/chat/completions, and a playground page at /.",
     )
     p.add_argument(
         "--model",
@@ -109,6 +113,14 @@ def add_commands(sub) -> None:
         help="port to listen on (default 8000; 0 picks a free one)",
     )
     add_adapters_option(p)
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        default=None,
+        help="Jinja chat template for /v1/chat/completions, in place of the model's own (its folder's "
+        "tokenizer_config.json or chat_template.jinja, a GGUF's tokenizer.chat_template); without either, chat "
+        "requests get 400",
+    )
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: the folder's name or the hub id)"

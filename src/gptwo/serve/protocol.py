@@ -1,8 +1,10 @@
-"""The OpenAI completions API as pydantic models: what requests may hold and what responses look like.
+"""OpenAI's completions and chat completions APIs as pydantic models: what requests may hold and what responses
+look like.
 
-Only the legacy `/v1/completions` shape is served (GPT-2 is not a chat model). Besides OpenAI's fields
-it takes the extension keys vLLM's clients send (`EXTENSIONS`); those gptwo does not implement are
-accepted only at their neutral value (`NEUTRAL`), anything else there is a 400, never ignored.
+Chat is served for models that carry a chat template (gptwo.chat renders the messages into one prompt).
+Besides OpenAI's fields both take the extension keys vLLM's clients send (`EXTENSIONS`); those gptwo does
+not implement are accepted only at their neutral value (`NEUTRAL`, `CHAT_NEUTRAL`), anything else there is
+a 400, never ignored.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ def watermark_request(value):
         raise PydanticCustomError("invalid_watermark", "watermark.{where}: {why}", why) from None
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. `top_k` is an extension (as in vLLM); -1 or null means off. Unknown fields are errors.
+class SamplingRequest(BaseModel):
+    """What /v1/completions and /v1/chat/completions share: the model, the sampling controls, streaming, and
+    vLLM's extensions. `top_k` is an extension (as in vLLM); -1 or null means off. Unknown fields are errors.
 
     Types are strict, as JSON has them: "4" and true are not integers, "0.5" is not a number.
     """
@@ -86,10 +89,6 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(description="the served model's id (see GET /v1/models)")
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
-        default="", description="text, texts, token ids, or lists of token ids; empty text means <|endoftext|>"
-    )
-    max_tokens: int | None = Field(default=16, ge=0, description="tokens to generate per choice (default 16)")
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float | None = Field(
         default=1.0, ge=0.0, le=1.0, description="nucleus sampling mass (0, as OpenAI takes it: the most likely token)"
@@ -98,12 +97,6 @@ class CompletionRequest(BaseModel):
         default=None, ge=-1, description="sample from the k most likely tokens; -1, 0 or null: all"
     )
     n: int | None = Field(default=1, ge=1, le=128, description="choices per prompt")
-    best_of: int | None = Field(
-        default=None,
-        ge=1,
-        le=MAX_BEST_OF,
-        description="candidates per prompt (>= n): the n of highest cumulative logprob are returned; not with stream",
-    )
     stop: StrictStr | list[StrictStr] | None = Field(
         default=None,
         description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters that end a choice "
@@ -112,10 +105,6 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="makes sampling reproducible")
     stream: bool | None = Field(default=False, description="send server-sent events, ending with data: [DONE]")
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(
-        default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (raw model log-probabilities)"
-    )
-    echo: bool | None = Field(default=False, description="return the prompt before the completion")
     presence_penalty: float | None = Field(
         default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="minus this for each token already produced"
     )
@@ -127,8 +116,7 @@ class CompletionRequest(BaseModel):
         description=f"token id (as a string) -> bias added to its logit, clipped to [-100, 100]; -100 bans it "
         f"(at most {MAX_LOGIT_BIAS_TOKENS} tokens)",
     )
-    suffix: str | None = Field(default=None, description="not supported")
-    # vLLM's extensions (its CompletionRequest's sampling parameters), implemented
+    # vLLM's extensions (its sampling parameters), implemented
     repetition_penalty: float | None = Field(
         default=None,
         gt=0.0,
@@ -171,21 +159,6 @@ class CompletionRequest(BaseModel):
         """true, false or an object of settings, with one clear message for anything else."""
         return watermark_request(value)
 
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompt_shape(cls, prompt):
-        """One clear message for a prompt of the wrong shape (pydantic's would name each member of the union)."""
-        if prompt is None:
-            raise PydanticCustomError(
-                "invalid_prompt", "prompt is null: send a string, strings, token ids or lists of token ids"
-            )
-        if isinstance(prompt, str) or (isinstance(prompt, list) and _prompt_list(prompt)):
-            return prompt
-        raise PydanticCustomError(
-            "invalid_prompt",
-            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
-        )
-
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, bias):
@@ -205,15 +178,6 @@ class CompletionRequest(BaseModel):
             if not math.isfinite(value):
                 raise PydanticCustomError("invalid_logit_bias", "logit_bias values must be finite numbers")
         return bias
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_is_text(cls, prompt):
-        for text in [prompt] if isinstance(prompt, str) else prompt:
-            why = isinstance(text, str) and invalid_text(text)
-            if why:
-                raise PydanticCustomError("invalid_text", "the prompt is not valid text: {why}", {"why": why})
-        return prompt
 
     @field_validator("stop")
     @classmethod
@@ -237,19 +201,20 @@ class CompletionRequest(BaseModel):
                 raise PydanticCustomError("invalid_text", "a stop string is not valid text: {why}", {"why": why})
         return stop
 
-    def sampling_params(self) -> SamplingParams:
-        """The engine's view of this request (defaults filled in, "off" values as None)."""
-        n = self.n or 1
+    def _sampling_params(
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False, best_of: int | None = None
+    ) -> SamplingParams:
+        """The engine's view of the shared fields (defaults filled in, "off" values as None)."""
         return SamplingParams(
-            max_tokens=16 if self.max_tokens is None else self.max_tokens,
+            max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             # top_p 0 keeps the smallest set of tokens reaching mass 0: the most likely one (top_k 1)
             top_k=1 if self.top_p == 0 else self.top_k if self.top_k and self.top_k > 0 else None,
             top_p=self.top_p if self.top_p not in (None, 0.0, 1.0) else None,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             seed=self.seed,
-            logprobs=self.logprobs,
-            prompt_logprobs=bool(self.echo) and self.logprobs is not None,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             watermark=self.watermark.settings() if isinstance(self.watermark, WatermarkRequest) else self.watermark,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
@@ -260,6 +225,72 @@ class CompletionRequest(BaseModel):
             min_tokens=self.min_tokens or 0,
             ignore_eos=bool(self.ignore_eos),
             skip_special_tokens=self.skip_special_tokens is not False,
+            best_of=best_of,
+        )
+
+    def _unsupported(self, max_tokens: int | None, neutral: dict) -> tuple[str, str] | None:
+        """(parameter, message) for a shared field set to something gptwo does not do, if any."""
+        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
+            return "min_tokens", f"min_tokens={self.min_tokens} is more than max_tokens={max_tokens}"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        for name, (is_neutral, value_told) in neutral.items():
+            value = getattr(self, name)
+            if value is not None and not is_neutral(value):
+                return name, f"{name}={json.dumps(value)} is not supported by gptwo: send {value_told} or leave it out"
+        return None
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: prompts to continue."""
+
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        default="", description="text, texts, token ids, or lists of token ids; empty text means <|endoftext|>"
+    )
+    max_tokens: int | None = Field(default=16, ge=0, description="tokens to generate per choice (default 16)")
+    best_of: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_BEST_OF,
+        description="candidates per prompt (>= n): the n of highest cumulative logprob are returned; not with stream",
+    )
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (raw model log-probabilities)"
+    )
+    echo: bool | None = Field(default=False, description="return the prompt before the completion")
+    suffix: str | None = Field(default=None, description="not supported")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt):
+        """One clear message for a prompt of the wrong shape (pydantic's would name each member of the union)."""
+        if prompt is None:
+            raise PydanticCustomError(
+                "invalid_prompt", "prompt is null: send a string, strings, token ids or lists of token ids"
+            )
+        if isinstance(prompt, str) or (isinstance(prompt, list) and _prompt_list(prompt)):
+            return prompt
+        raise PydanticCustomError(
+            "invalid_prompt",
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_text(cls, prompt):
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            why = isinstance(text, str) and invalid_text(text)
+            if why:
+                raise PydanticCustomError("invalid_text", "the prompt is not valid text: {why}", {"why": why})
+        return prompt
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's view of this request (defaults filled in, "off" values as None)."""
+        n = self.n or 1
+        return self._sampling_params(
+            max_tokens=16 if self.max_tokens is None else self.max_tokens,
+            logprobs=self.logprobs,
+            prompt_logprobs=bool(self.echo) and self.logprobs is not None,
             best_of=self.best_of if self.best_of is not None and self.best_of > n else None,
         )
 
@@ -276,15 +307,7 @@ class CompletionRequest(BaseModel):
             return "best_of", f"best_of={self.best_of} is less than n={n}: best_of must be at least n"
         if self.best_of is not None and self.best_of > n and self.stream:
             return "best_of", "best_of > n cannot be streamed (the best are known only at the end): drop stream"
-        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            return "min_tokens", f"min_tokens={self.min_tokens} is more than max_tokens={self.max_tokens}"
-        if self.stream_options is not None and not self.stream:
-            return "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
-        for name, (is_neutral, neutral) in NEUTRAL.items():
-            value = getattr(self, name)
-            if value is not None and not is_neutral(value):
-                return name, f"{name}={json.dumps(value)} is not supported by gptwo: send {neutral} or leave it out"
-        return None
+        return self._unsupported(self.max_tokens, NEUTRAL)
 
 
 def _prompt_list(prompt: list) -> bool:
@@ -325,6 +348,182 @@ EXTENSIONS = (
 )
 
 
+# chat: roles gptwo's templates read (developer is OpenAI's newer name for system, and is read as system)
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+# template variables a request's chat_template_kwargs may not set (the server sets them)
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token", "unk_token")
+
+
+class TextPart(BaseModel):
+    """One of OpenAI's content parts; only text ones are read."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: str = Field(description="system, developer (read as system), user or assistant")
+    content: StrictStr | list[TextPart] = Field(description="text, or OpenAI's content parts of type text (joined)")
+    name: StrictStr | None = Field(default=None, description="not supported: the chat template has no place for it")
+    # OpenAI's tool and audio fields: only empty (gptwo serves no tools), so a tool message is refused for its role
+    tool_calls: Any = Field(default=None, description="not supported: only null or []")
+    tool_call_id: Any = Field(default=None, description="not supported: only null")
+    function_call: Any = Field(default=None, description="not supported: only null")
+    refusal: Any = Field(default=None, description="not supported: only null")
+    audio: Any = Field(default=None, description="not supported: only null")
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, role):
+        if isinstance(role, str) and role in CHAT_ROLES:
+            return role
+        if role in ("tool", "function"):
+            raise PydanticCustomError(
+                "invalid_role",
+                "role '{role}' is not supported: gptwo serves no tools; send system, developer, user or assistant "
+                "messages",
+                {"role": role},
+            )
+        raise PydanticCustomError(
+            "invalid_role", "role must be one of system, developer, user, assistant, not {role}", {"role": repr(role)}
+        )
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_content(cls, content):
+        """One clear message for content that is not text (pydantic's would name each member of the union)."""
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and content and all(isinstance(part, dict) for part in content):
+            for part in content:
+                if part.get("type") != "text":
+                    raise PydanticCustomError(
+                        "invalid_content",
+                        "content holds a part of type {type}: gptwo models read text parts only",
+                        {"type": json.dumps(part.get("type"))},
+                    )
+            return content
+        raise PydanticCustomError(
+            "invalid_content", 'content must be a string or a list of text parts ({"type": "text", "text": "..."})'
+        )
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_text(cls, content):
+        why = invalid_text(content if isinstance(content, str) else "".join(part.text for part in content))
+        if why:
+            raise PydanticCustomError("invalid_text", "the message is not valid text: {why}", {"why": why})
+        return content
+
+    def as_dict(self) -> dict[str, str]:
+        """{"role", "content"} as chat templates read it: parts joined, developer as system."""
+        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions: a conversation, rendered by the served model's chat template, to be answered."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=0, description="tokens per choice (default: what the context leaves after the messages)"
+    )
+    max_tokens: int | None = Field(default=None, ge=0, description="the older name of max_completion_tokens")
+    logprobs: bool | None = Field(default=False, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the most likely alternatives per token"
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted; no tools are served, so no effect")
+    # vLLM's chat extensions
+    add_generation_prompt: bool | None = Field(
+        default=True, description="extension: end the prompt with the assistant's cue (the template's)"
+    )
+    continue_final_message: bool | None = Field(
+        default=False,
+        description="extension: the prompt ends inside the last message, which the answer continues "
+        "(needs add_generation_prompt: false)",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="extension: more variables for the chat template"
+    )
+    chat_template: str | None = Field(default=None, description="extension: not supported (the server's is used)")
+    # OpenAI's chat fields gptwo takes only at their neutral value (CHAT_NEUTRAL)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    store: bool | None = None
+
+    def completion_tokens(self) -> int | None:
+        """The tokens per choice asked for (max_completion_tokens, else max_tokens), or None for the default."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's view of this request, with `max_tokens` resolved against the rendered prompt."""
+        return self._sampling_params(max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+    def template_variables(self) -> dict[str, Any]:
+        """chat_template_kwargs: the variables the template gets besides the server's."""
+        return dict(self.chat_template_kwargs or {})
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, message) for a parameter set to something gptwo does not do, if any."""
+        for index, message in enumerate(self.messages):
+            if message.name is not None:
+                return f"messages.{index}.name", (
+                    "a message's name is not supported by gptwo: the chat template has no place for it; leave it out"
+                )
+            for name in ("tool_calls", "tool_call_id", "function_call", "refusal", "audio"):
+                value = getattr(message, name)
+                if value is not None and value != []:
+                    return f"messages.{index}.{name}", (
+                        f"a message's {name} is not supported by gptwo: it serves no tools or audio; leave it out"
+                    )
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        if self.continue_final_message and self.add_generation_prompt is not False:
+            return "continue_final_message", (
+                "continue_final_message continues the last message, so it needs add_generation_prompt: false"
+            )
+        if self.chat_template is not None:
+            return "chat_template", (
+                "a request's own chat_template is not supported by gptwo: the server's (the model's or "
+                "--chat-template) is used; leave it out"
+            )
+        reserved = [key for key in self.template_variables() if key in RESERVED_TEMPLATE_VARIABLES]
+        if reserved:
+            return "chat_template_kwargs", f"chat_template_kwargs may not set {reserved[0]}: the server sets it"
+        return self._unsupported(self.completion_tokens(), CHAT_NEUTRAL)
+
+
+# what chat takes only at the neutral value: vLLM's keys (as for completions) and OpenAI's tools, audio, ...
+CHAT_NEUTRAL = {
+    **NEUTRAL,
+    "prompt_logprobs": (lambda v: False, "null"),
+    "tools": (lambda v: v == [], "[] (gptwo serves no tools)"),
+    "tool_choice": (lambda v: v in ("none", "auto"), '"none" (gptwo serves no tools)'),
+    "functions": (lambda v: v == [], "[] (gptwo serves no tools)"),
+    "function_call": (lambda v: v in ("none", "auto"), '"none" (gptwo serves no tools)'),
+    "audio": (lambda v: False, "null (gptwo models read and write text)"),
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "prediction": (lambda v: False, "null"),
+    "web_search_options": (lambda v: False, "null"),
+    "reasoning_effort": (lambda v: False, "null"),
+    "store": (lambda v: v is False, "false (gptwo stores nothing)"),
+}
+
+
 class Logprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
@@ -353,6 +552,43 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletion(BaseModel):
+    """A whole chat completion (with stream, chunks of object chat.completion.chunk whose choices hold a delta)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage | None = None
 
 
