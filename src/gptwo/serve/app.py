@@ -936,8 +936,8 @@ def serve(
     else:
         name = served_model_name or default_model_name(model)
         adapters = named_adapters(adapters, name)
-    template = served_chat_template(model, chat_template)  # before the weights: a bad file fails at once
     sock = bind_socket(host, port)
+    template = served_chat_template(model, chat_template)  # before the weights: a bad file fails at once
     net, tokenizer = load_served_model(model, torch_device, torch_dtype, quantize, adapters, merge)
     draft = None
     if draft_model is not None:
