@@ -123,6 +123,12 @@ def render(
         )
     except jinja2.exceptions.TemplateError as error:
         raise GptwoError(f"the chat template rejects these messages: {error}", _FIX_MESSAGES) from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as error:
+        # a template's own operations on what it was given (e.g. odd chat_template_kwargs) failing
+        raise GptwoError(
+            f"the chat template failed on these messages ({type(error).__name__}: {error})",
+            "check the messages and chat_template_kwargs against what the template expects",
+        ) from None
 
 
 def assistant_spans(

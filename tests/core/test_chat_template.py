@@ -56,3 +56,11 @@ def test_bad_messages_get_one_clear_error():
         encode_chat(tok, [{"role": "user", "content": 3}])
     with pytest.raises(GptwoError, match="not a non-empty list"):
         encode_chat(tok, [])
+
+
+def test_a_template_failing_inside_is_one_clear_error():
+    from gptwo.chat import render
+
+    broken = "{{ messages[0]['content'] + 1 }}"  # str + int: a TypeError inside the template
+    with pytest.raises(GptwoError, match="chat template failed on these messages .TypeError"):
+        render([{"role": "user", "content": "x"}], broken)
