@@ -328,7 +328,7 @@ def _add_bench_lora(bsub) -> None:
         "--full-lrs", type=_lr_list, default=None, metavar="LR,...", help="full fine-tuning's peak lrs (default 1e-3)"
     )
     quality.add_argument(
-        "--lora-lrs", type=_lr_list, default=None, metavar="LR,...", help="LoRA's peak lrs (default 1e-2)"
+        "--lora-lrs", type=_lr_list, default=None, metavar="LR,...", help="LoRA's peak lrs (default 3e-2)"
     )
 
 
