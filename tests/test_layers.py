@@ -117,6 +117,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.bench",
         "gptwo.bench.decode",
         "gptwo.bench.llamacpp",
+        "gptwo.bench.lora",
+        "gptwo.bench.lora_quality",
         "gptwo.bench.onnx_rows",
         "gptwo.bench.serve",
         "gptwo.bench.serve_workloads",

@@ -193,6 +193,145 @@ def _add_bench_train(bsub) -> None:
     add_bench_train_command(bsub, command)
 
 
+def _cmd_bench_lora(args: argparse.Namespace) -> int:
+    if args.quality:
+        from gptwo.bench.lora_quality import lora_quality, render_quality
+
+        report = lora_quality(
+            args.out,
+            base_steps=args.base_steps,
+            steps=args.finetune_steps,
+            full_lrs=args.full_lrs,
+            lora_lrs=args.lora_lrs,
+            rank=args.rank,
+            alpha=args.alpha,
+            targets=args.targets,
+            threads=args.threads,
+        )
+        print_report(report, args.json, render_quality)
+        return 0
+    from gptwo.bench.lora import bench_lora, render_lora
+
+    shape = {
+        key: getattr(args, key)
+        for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+        if getattr(args, key) is not None
+    }
+    report = bench_lora(
+        args.variants,
+        shape=shape,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=args.targets,
+        steps=args.steps,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        threads=args.threads,
+        device=args.device,
+        anchors=not args.no_anchors,
+        progress=True,  # on stderr: stdout is the table or the JSON
+    )
+    print_report(report, args.json, render_lora)
+    return 0
+
+
+def _lr_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated positive learning rates."""
+    parse = float_in(0, low_open=True)
+    values = tuple(parse(v.strip()) for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no learning rate")
+    return values
+
+
+def _add_bench_lora(bsub) -> None:
+    from gptwo.bench.lora import VARIANTS  # no torch: keeps --help fast
+
+    p = command(
+        bsub,
+        "lora",
+        _cmd_bench_lora,
+        "Full fine-tuning vs LoRA from fp32, bf16 and int8 bases on GPT-2 124M's shape: trainable parameters, peak "
+        "RSS and step time, each row in its own process, transformers and peft as the anchors; --quality: LoRA's "
+        "share of full fine-tuning's loss improvement on a held-out domain.",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table (docs/training.md)")
+    p.add_argument(
+        "--variants",
+        type=choice_list(VARIANTS),
+        default=",".join(VARIANTS),
+        help="comma-separated rows: full (fine-tuning every parameter) and LoRA from an fp32, bf16 or int8 base "
+        "(default all four)",
+    )
+    p.add_argument("--rank", type=int_at_least(1, 4096), default=8, help="LoRA rank r (default 8)")
+    p.add_argument(
+        "--alpha", type=float_in(0, low_open=True), default=None, help="LoRA alpha (default: the rank, a scale of 1)"
+    )
+    p.add_argument(
+        "--targets",
+        type=choice_list(("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj")),
+        default=None,
+        help="comma-separated layers to adapt, as lora_targets= (default c_attn,c_proj,c_fc)",
+    )
+    p.add_argument("--batch-size", type=int_at_least(1, MAX_BATCH), default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq-len", type=int_at_least(1, MAX_TOKENS), default=256, help="tokens per sequence (default 256)")
+    p.add_argument(
+        "--steps", type=int_at_least(1, 100_000), default=1, help="timed steps per row per round (default 1)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int_at_least(1, MAX_ROUNDS),
+        default=3,
+        help="interleaved rounds; each row's median counts (default 3)",
+    )
+    p.add_argument("--warmup", type=int_at_least(0, 100_000), default=1, help="untimed steps first (default 1)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="autocast of every row, as train's dtype= (auto: bf16 on CUDA, float32 on a CPU); a bf16 or int8 base "
+        "computes in bf16 whatever this says",
+    )
+    p.add_argument(
+        "--threads",
+        type=int_at_least(0, MAX_THREADS),
+        default=0,
+        help="CPU threads of every row (default 0: this process's cores, as 'gptwo train' takes them)",
+    )
+    p.add_argument("--no-anchors", action="store_true", help="gptwo's rows only (no transformers or peft)")
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        p.add_argument(
+            f"--{key.replace('_', '-')}", type=int_at_least(1), default=None, help=f"override GPT-2 124M's {key}"
+        )
+    quality = p.add_argument_group("quality (--quality): full fine-tuning vs LoRA on a domain the base never saw")
+    quality.add_argument(
+        "--quality",
+        action="store_true",
+        help="train a cpu-preset base on the built-in corpus' module docstrings, fine-tune it on the language "
+        "reference (fully and with LoRA, equal steps) and report recovery = LoRA's loss improvement / full's",
+    )
+    quality.add_argument("--out", default="runs/bench-lora", help="folder of the data, runs and report.json")
+    quality.add_argument(
+        "--base-steps", type=int_at_least(1, 1_000_000), default=None, help="steps of the base (default 400)"
+    )
+    quality.add_argument(
+        "--finetune-steps",
+        type=int_at_least(1, 1_000_000),
+        default=None,
+        help="steps of every fine-tuning run (default 150)",
+    )
+    quality.add_argument(
+        "--full-lrs", type=_lr_list, default=None, metavar="LR,...", help="full fine-tuning's peak lrs (default 1e-3)"
+    )
+    quality.add_argument(
+        "--lora-lrs", type=_lr_list, default=None, metavar="LR,...", help="LoRA's peak lrs (default 3e-2)"
+    )
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from gptwo.bench.serve import render_serve, serve_report
     from gptwo.bench.serve_workloads import Sizes
@@ -363,7 +502,13 @@ def _add_bench_watermark(bsub) -> None:
 
 
 # Each workload registers its `gptwo bench` subcommand here (a function of the group's subparsers).
-BENCH_COMMANDS: list[Callable] = [_add_bench_decode, _add_bench_train, _add_bench_serve, _add_bench_watermark]
+BENCH_COMMANDS: list[Callable] = [
+    _add_bench_decode,
+    _add_bench_train,
+    _add_bench_lora,
+    _add_bench_serve,
+    _add_bench_watermark,
+]
 
 
 def add_commands(sub) -> None:
