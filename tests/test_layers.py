@@ -63,6 +63,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.infer",
         "gptwo.infer.decode",
         "gptwo.data",
+        "gptwo.data.chat",
         "gptwo.data.loader",
         "gptwo.data.shard_corpus",
         "gptwo.data.shards",

@@ -26,6 +26,19 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class RoutingParser(Parser):
+    """A command taking inputs and subcommands, e.g. `gptwo detect FILE...` and `gptwo detect calibrate ...`:
+    a first argument named in `routes` is parsed by that subcommand's parser."""
+
+    routes: dict[str, argparse.ArgumentParser] = {}  # set per instance
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in self.routes:
+            return self.routes[args[0]].parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
 def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer >= `low` (and <= `high`)."""
 

@@ -9,6 +9,10 @@ so one process with gradient accumulation g reads, at step s, slots s*g ... s*g+
 processes with accumulation g/world_size read exactly the same slots between them at step s (rank r's
 micro-batch k is slot (s*g/world_size + k)*world_size + r). An epoch holds (tokens-1) // (B*T) slots;
 later epochs start at a small seeded offset (below B*T) so that window edges move between epochs.
+
+Data with a loss mask (`gptwo prepare chat`: meta.json `loss_mask`, a NAME.mask beside each shard)
+gives targets equal to IGNORE (-1) where the mask does not count the target token (the mask of token
+i+1 for target position i); the loss skips them.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from gptwo.data.shards import LLMC_IDENTITY, read_header, read_shard
+from gptwo.data.shards import LLMC_IDENTITY, read_header, read_mask, read_shard
 from gptwo.errors import GptwoError
 
 GPT2_N_VOCAB, GPT2_EOT = 50257, 50256
+IGNORE = -1  # the target of a token the loss does not count (cross_entropy's ignore_index)
 _META_KEYS = ("tokenizer", "n_vocab", "eot_token", "splits")
 _PREPARE = "run 'gptwo prepare INPUT... --out DIR' to create it"
 
@@ -77,6 +82,10 @@ def _check_meta_fields(meta: dict, meta_path: str) -> None:
             raise GptwoError(f"{meta_path}: split '{split}' does not list its shards as {{file, tokens}}", fix)
         if any(os.path.basename(s["file"]) != s["file"] for s in shards):
             raise GptwoError(f"{meta_path}: split '{split}' names a shard outside the folder", fix)
+        if meta.get("loss_mask") and not all(
+            isinstance(s.get("mask"), str) and os.path.basename(s["mask"]) == s["mask"] for s in shards
+        ):
+            raise GptwoError(f"{meta_path}: loss_mask is set but split '{split}' lists a shard without its mask", fix)
 
 
 def check_token_ids(tokens: np.ndarray, n_vocab: int, where: str) -> None:
@@ -139,6 +148,7 @@ class ShardLoader:
         self.tokenizer_identity: str = self.meta["tokenizer"]
         self.n_vocab: int = int(self.meta["n_vocab"])
         self.eot_token: int = int(self.meta["eot_token"])
+        self.masked = bool(self.meta.get("loss_mask"))
         self.shards = self._open_shards()
         self._starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
         self.num_tokens: int = self._starts[-1]
@@ -156,6 +166,7 @@ class ShardLoader:
                 "use split 'train' or 'val'",
             )
         shards = []
+        self.masks: list[np.ndarray] = []
         self.shard_files = [os.path.join(self.data_dir, entry["file"]) for entry in splits[self.split]["shards"]]
         for entry, path in zip(splits[self.split]["shards"], self.shard_files):
             if not os.path.isfile(path):
@@ -169,6 +180,19 @@ class ShardLoader:
                     "re-run 'gptwo prepare' for this folder",
                 )
             shards.append(read_shard(path))
+            if self.masked:
+                mask_file = os.path.join(self.data_dir, entry["mask"])
+                if not os.path.isfile(mask_file):
+                    raise GptwoError(
+                        f"loss mask {mask_file} listed in meta.json is missing",
+                        "re-run 'gptwo prepare chat' for this folder",
+                    )
+                self.masks.append(read_mask(mask_file))
+                if len(self.masks[-1]) != header.num_tokens:
+                    raise GptwoError(
+                        f"loss mask {mask_file} has {len(self.masks[-1])} entries for {header.num_tokens} tokens",
+                        "re-run 'gptwo prepare chat' for this folder",
+                    )
         return shards
 
     def shard_path(self, index: int) -> str:
@@ -198,28 +222,42 @@ class ShardLoader:
         offset = random.Random(f"{self.seed}:{epoch}").randint(0, self._slack) if epoch else 0
         return offset + index * self.slot_tokens
 
-    def _read(self, start: int, length: int) -> np.ndarray:
-        """`length` tokens of the split's stream from `start`, across shard boundaries, as int64."""
-        out = np.empty(length, dtype=np.int64)
+    def _read(self, start: int, length: int, arrays: list[np.ndarray] | None = None, dtype=np.int64) -> np.ndarray:
+        """`length` tokens of the split's stream from `start`, across shard boundaries, as int64 (or of its
+        `arrays`: the loss masks)."""
+        arrays = self.shards if arrays is None else arrays
+        out = np.empty(length, dtype=dtype)
         shard = bisect.bisect_right(self._starts, start) - 1
         filled = 0
         while filled < length:
             local = start + filled - self._starts[shard]
-            take = min(length - filled, len(self.shards[shard]) - local)
-            piece = self.shards[shard][local : local + take]
-            check_token_ids(piece, self.n_vocab, self.shard_path(shard))
+            take = min(length - filled, len(arrays[shard]) - local)
+            piece = arrays[shard][local : local + take]
+            if arrays is self.shards:
+                check_token_ids(piece, self.n_vocab, self.shard_path(shard))
             out[filled : filled + take] = piece
             filled += take
             shard += 1
         return out
 
+    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs: `length` tokens from stream position `start`; targets: the tokens after them, IGNORE where
+        the loss mask does not count one. Both int64."""
+        tokens = self._read(start, length + 1)
+        x, y = tokens[:-1], tokens[1:]
+        if self.masked:
+            y = y.copy()  # y and x share memory
+            y[~self._read(start + 1, length, self.masks, dtype=bool)] = IGNORE
+        return x, y
+
     def _batch(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.from_numpy(self._read(self._slot_start(slot), self.slot_tokens + 1))
+        x, y = self.window(self._slot_start(slot), self.slot_tokens)
         shape = (self.batch_size, self.block_size)
-        return tokens[:-1].view(shape), tokens[1:].view(shape)
+        return torch.from_numpy(x).view(shape), torch.from_numpy(y).view(shape)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y) LongTensors of shape (batch_size, block_size); y is x shifted left by one token."""
+        """The next (x, y) LongTensors of shape (batch_size, block_size); y is x shifted left by one token
+        (IGNORE where a loss mask does not count the target)."""
         slot = self.calls * self.world_size + self.rank
         self.calls += 1
         return self._batch(slot)

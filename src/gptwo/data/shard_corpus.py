@@ -10,6 +10,7 @@ leaves a previously prepared folder as it was.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -25,7 +26,7 @@ from contextlib import closing
 import numpy as np
 
 from gptwo.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
-from gptwo.data.shards import token_dtype, write_shard
+from gptwo.data.shards import mask_path, token_dtype, write_mask, write_shard
 from gptwo.data.sources import check_inputs, iter_documents
 from gptwo.errors import GptwoError
 from gptwo.progress import progress_bar
@@ -59,35 +60,43 @@ def prepare(
     `out_dir` must be new, empty or a folder of shards prepared before (which the new ones replace);
     `overwrite` allows any other folder (its tokenizer.json and meta.json are then replaced).
     """
-    _check_arguments(inputs, out_dir, val_fraction, shard_tokens, workers)
+    check_arguments(inputs, out_dir, val_fraction, shard_tokens, workers)
     check_output_folder(out_dir, inputs, overwrite)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     dtype = token_dtype(tok.n_vocab)
+    with staging_folder(out_dir) as staging:
+        writers = {split: SplitWriter(staging, split, dtype, tok.identity, shard_tokens) for split in SPLITS}
+        documents = (text for text in iter_documents(inputs, text_field) if text.strip())
+        with progress_bar("tokenizing", unit="char", enabled=progress, unit_scale=True, delay=0.5) as bar:
+            with closing(_encode_chunks(_chunks(documents, bar), tok, workers)) as encoded:
+                split_documents(_documents(encoded, dtype), writers, tok, val_fraction, seed)
+        for writer in writers.values():
+            writer.close()
+        meta = shards_meta(tok, dtype, writers, inputs, val_fraction, seed, shard_tokens, text_field)
+        publish(staging, out_dir, tok, meta)
+    return meta
+
+
+@contextlib.contextmanager
+def staging_folder(out_dir: str) -> Iterator[str]:
+    """A hidden temporary folder inside `out_dir` (created if missing) to build a preparation in.
+
+    On an error it is removed (and `out_dir` too if this made it and it is empty); `publish` empties it.
+    """
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-prepare-")
     try:
-        writers = {split: _SplitWriter(staging, split, dtype, tok.identity, shard_tokens) for split in SPLITS}
-        documents = (text for text in iter_documents(inputs, text_field) if text.strip())
-        with progress_bar("tokenizing", unit="char", enabled=progress, unit_scale=True, delay=0.5) as bar:
-            with closing(_encode_chunks(_chunks(documents, bar), tok, workers)) as encoded:
-                _split_documents(_documents(encoded, dtype), writers, tok, val_fraction, seed)
-        for writer in writers.values():
-            writer.close()
-        meta = _meta(tok, dtype, writers, inputs, val_fraction, seed, shard_tokens, text_field)
-        tok.save(os.path.join(staging, "tokenizer.json"))
-        _write_json(os.path.join(staging, "meta.json"), meta)
-        _publish(staging, out_dir, meta)
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)
         raise
     os.rmdir(staging)
-    return meta
 
 
-def _check_arguments(
+def check_arguments(
     inputs: Sequence[str], out_dir: str, val_fraction: float, shard_tokens: int, workers: int | None
 ) -> None:
     if not inputs:
@@ -236,7 +245,7 @@ def _documents(encoded: Iterable[Encoded], dtype: np.dtype) -> Iterator[tuple[np
 
 
 # ------------------------------------------------------------------ splitting and writing
-def _split_documents(
+def split_documents(
     documents: Iterable[tuple[np.ndarray, int]], writers: dict, tok: Tokenizer, val_fraction: float, seed: int
 ) -> None:
     """Send each document to train or val by a seeded draw; with 2+ documents neither split stays empty."""
@@ -252,7 +261,8 @@ def _split_documents(
         raise GptwoError("the corpus has no documents (every input is empty)", "pass inputs that contain text")
     split, document = held
     if count == 1:
-        if val_fraction > 0 and _split_single_document(document, writers, tok, val_fraction):
+        masked = len(document) > 2  # a lone conversation stays whole, in train
+        if val_fraction > 0 and not masked and _split_single_document(document, writers, tok, val_fraction):
             return
         split = "train"
     elif val_fraction > 0 and writers["val"].documents == 0:
@@ -276,10 +286,16 @@ def _split_single_document(
     return True
 
 
-class _SplitWriter:
-    """Collects one split's tokens and writes them as shards of `shard_tokens` tokens (the last one shorter)."""
+class SplitWriter:
+    """Collects one split's tokens and writes them as shards of `shard_tokens` tokens (the last one shorter).
 
-    def __init__(self, folder: str, split: str, dtype: np.dtype, identity: str, shard_tokens: int):
+    `masked`: each document comes with its loss mask (and the UTF-8 bytes of its counted tokens), written
+    beside each shard as NAME.mask (gptwo.data.shards).
+    """
+
+    def __init__(
+        self, folder: str, split: str, dtype: np.dtype, identity: str, shard_tokens: int, masked: bool = False
+    ):
         self.folder, self.split, self.dtype, self.identity, self.shard_tokens = (
             folder,
             split,
@@ -287,18 +303,32 @@ class _SplitWriter:
             identity,
             shard_tokens,
         )
+        self.masked = masked
         self.parts: list[np.ndarray] = []
+        self.mask_parts: list[np.ndarray] = []
         self.buffered = self.tokens = self.documents = self.bytes = 0
+        self.counted_tokens = self.counted_bytes = 0
         self.shards: list[dict] = []
 
-    def add(self, tokens: np.ndarray, nbytes: int) -> None:
+    def add(self, tokens: np.ndarray, nbytes: int, mask: np.ndarray | None = None, counted_bytes: int = 0) -> None:
         self.parts.append(tokens)
+        if self.masked:
+            self.mask_parts.append(mask)
+            self.counted_tokens += int(mask.sum())
+            self.counted_bytes += counted_bytes
         self.buffered += len(tokens)
         self.tokens += len(tokens)
         self.documents += 1
         self.bytes += nbytes
         while self.buffered >= self.shard_tokens:
             self._flush(self.shard_tokens)
+
+    def split_meta(self) -> dict:
+        """This split's entry in meta.json's `splits`."""
+        entry = {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards}
+        if self.masked:
+            entry.update(counted_tokens=self.counted_tokens, counted_bytes=self.counted_bytes)
+        return entry
 
     def close(self) -> None:
         if self.buffered:
@@ -311,13 +341,18 @@ class _SplitWriter:
         self.shards.append({"file": name, "tokens": count})
         self.parts = [joined[count:]] if count < len(joined) else []
         self.buffered = len(joined) - count
+        if self.masked:
+            mask = np.concatenate(self.mask_parts)
+            self.shards[-1]["mask"] = os.path.basename(mask_path(name))
+            write_mask(os.path.join(self.folder, self.shards[-1]["mask"]), mask[:count])
+            self.mask_parts = [mask[count:]] if count < len(mask) else []
 
 
-def _meta(tok: Tokenizer, dtype: np.dtype, writers: dict, inputs, val_fraction, seed, shard_tokens, text_field) -> dict:
-    splits = {
-        split: {"documents": w.documents, "tokens": w.tokens, "bytes": w.bytes, "shards": w.shards}
-        for split, w in writers.items()
-    }
+def shards_meta(
+    tok: Tokenizer, dtype: np.dtype, writers: dict, inputs, val_fraction, seed, shard_tokens, text_field
+) -> dict:
+    """meta.json of a prepared folder whose splits `writers` wrote."""
+    splits = {split: w.split_meta() for split, w in writers.items()}
     return {
         "format": META_FORMAT,
         "version": META_VERSION,
@@ -338,16 +373,19 @@ def _meta(tok: Tokenizer, dtype: np.dtype, writers: dict, inputs, val_fraction, 
     }
 
 
-def _write_json(path: str, value: dict) -> None:
+def write_json(path: str, value: dict) -> None:
     from gptwo.fileio import atomic_write
 
     atomic_write(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
 
 
-def _publish(staging: str, out_dir: str, meta: dict) -> None:
-    """Move the staged files into `out_dir` (meta.json last), then drop shards only the old meta listed."""
+def publish(staging: str, out_dir: str, tok: Tokenizer, meta: dict) -> None:
+    """Write the tokenizer and meta.json into `staging`, move the staged files into `out_dir` (meta.json last),
+    then drop shards (and masks) only the old meta listed."""
+    tok.save(os.path.join(staging, "tokenizer.json"))
+    write_json(os.path.join(staging, "meta.json"), meta)
     old_files = _listed_shards(os.path.join(out_dir, "meta.json"))
-    new_files = [shard["file"] for split in SPLITS for shard in meta["splits"][split]["shards"]]
+    new_files = _shard_files(meta)
     for name in [*new_files, "tokenizer.json", "meta.json"]:
         os.chmod(os.path.join(staging, name), 0o644)  # temp files start private; data is for everyone
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
@@ -361,6 +399,12 @@ def _listed_shards(meta_path: str) -> set[str]:
     try:
         with open(meta_path, encoding="utf-8") as f:
             old = json.load(f)
-        return {os.path.basename(s["file"]) for split in old["splits"].values() for s in split["shards"]}
+        return {os.path.basename(name) for name in _shard_files(old)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
+
+
+def _shard_files(meta: dict) -> list[str]:
+    """The shard and mask files a meta lists."""
+    shards = [shard for split in meta["splits"].values() for shard in split["shards"]]
+    return [shard[key] for shard in shards for key in ("file", "mask") if key in shard]

@@ -13,6 +13,15 @@ gptwo shard (all integers little-endian):
     1024    ...   the tokens
 
 llm.c shard: 256 int32 header (magic 20240520, version 1, token count), then uint16 tokens.
+
+Loss mask (`NAME.mask` beside shard `NAME.bin`, for chat data): which tokens the loss counts.
+
+    offset  size  field
+    0       8     magic b"GPTWOMSK"
+    8       4     version (uint32) = 1
+    12      4     zero
+    16      8     token count (uint64), equal to the shard's
+    24      ...   one byte per token: 1 = counted, 0 = not
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ LLMC_HEADER_BYTES = 256 * 4
 LLMC_IDENTITY = "gpt2"
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _FIX = "re-create the data with 'gptwo prepare'"
+MASK_MAGIC = b"GPTWOMSK"
+_MASK_FIXED = struct.Struct("<8sIIQ")  # magic, version, zero, token count
+MASK_HEADER_BYTES = _MASK_FIXED.size
 
 
 @dataclass(frozen=True)
@@ -143,3 +155,32 @@ def read_shard(path: str) -> np.ndarray:
     if header.num_tokens == 0:
         return np.zeros(0, dtype=header.dtype)
     return np.memmap(path, dtype=header.dtype, mode="r", offset=header.data_offset, shape=(header.num_tokens,))
+
+
+def mask_path(shard_path: str) -> str:
+    """The loss mask file beside a shard: `train_000000.bin` → `train_000000.mask`."""
+    return os.path.splitext(shard_path)[0] + ".mask"
+
+
+def write_mask(path: str, mask: np.ndarray) -> None:
+    """Write a loss mask (one bool per token of its shard) at `path`, atomically."""
+    mask = np.asarray(mask, dtype=bool)
+    atomic_write(path, _MASK_FIXED.pack(MASK_MAGIC, VERSION, 0, mask.size), mask.astype(np.uint8).tobytes())
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A loss mask as a read-only memory-mapped uint8 array (1 = the token is counted), its header checked."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(MASK_HEADER_BYTES)
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise GptwoError(f"cannot read loss mask {path} ({err.strerror or err})", _FIX) from None
+    if len(head) < MASK_HEADER_BYTES or head[:8] != MASK_MAGIC:
+        raise GptwoError(f"{path} is not a loss mask (bad magic)", _FIX)
+    _, version, _, count = _MASK_FIXED.unpack(head)
+    if version != VERSION or size != MASK_HEADER_BYTES + count:
+        raise GptwoError(f"loss mask {path} is truncated or corrupt ({size} bytes for {count} tokens)", _FIX)
+    if count == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=MASK_HEADER_BYTES, shape=(count,))

@@ -66,21 +66,26 @@ def _field(record, text_field: str, where: str) -> str:
     return value
 
 
-def _iter_jsonl(lines: Iterable[str], path: str, text_field: str) -> Iterator[str]:
+def _json_lines(lines: Iterable[str], path: str) -> Iterator[tuple[str, object]]:
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 record = None
-            yield _field(record, text_field, f"{path}:{number}")
+            yield f"{path}:{number}", record
 
 
-def _iter_jsonl_zst(path: str, text_field: str) -> Iterator[str]:
+def iter_json_records(path: str) -> Iterator[tuple[str, object]]:
+    """(`path:line`, the parsed value, or None where the line is not JSON) for each non-blank line of a .jsonl
+    or .jsonl.zst file."""
+    if not path.endswith(".jsonl.zst"):
+        yield from _json_lines(read_text(path).split("\n"), path)
+        return
     require("zstandard", f"reading {path}", "data")
     try:
         with open_zstd_text(open(path, "rb")) as text:
-            yield from _iter_jsonl(text, path, text_field)
+            yield from _json_lines(text, path)
     except UnicodeDecodeError:
         raise GptwoError(f"{path} does not hold UTF-8 text", "re-compress UTF-8 JSON lines with zstd") from None
     except DamagedStream as err:
@@ -170,11 +175,10 @@ def iter_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[s
 
 def _iter_file_documents(path: str, text_field: str) -> Iterator[str]:
     for file in iter_files([path]):
-        if file.endswith(".jsonl.zst"):
-            yield from _iter_jsonl_zst(file, text_field)
+        if file.endswith((".jsonl", ".jsonl.zst")):
+            for where, record in iter_json_records(file):
+                yield _field(record, text_field, where)
         elif file.endswith(".parquet"):
             yield from _iter_parquet(file, text_field)
-        elif file.endswith(".jsonl"):
-            yield from _iter_jsonl(read_text(file).split("\n"), file, text_field)
         else:
             yield read_text(file)

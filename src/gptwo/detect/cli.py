@@ -8,6 +8,7 @@ import sys
 from gptwo.argtypes import (
     Parser,
     add_adapter_option,
+    RoutingParser,
     add_watermark_options,
     command,
     float_in,
@@ -15,18 +16,6 @@ from gptwo.argtypes import (
     print_report,
     seed_type,
 )
-
-
-class _RoutingParser(Parser):
-    """A command taking files and subcommands: `gptwo detect FILE...` and `gptwo detect calibrate|sample ...`."""
-
-    routes: dict[str, argparse.ArgumentParser] = {}  # set per instance
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        args = list(sys.argv[1:] if args is None else args)
-        if args and args[0] in self.routes:
-            return self.routes[args[0]].parse_known_args(args[1:], namespace)
-        return super().parse_known_args(args, namespace)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -179,7 +168,7 @@ def add_commands(sub) -> None:
         "else Fast-DetectGPT's analytic statistic (score > threshold = generated). See docs/detect.md."
     )
     # argparse makes subcommand parsers of this class; no public way to pick it per command
-    sub._parser_class = _RoutingParser
+    sub._parser_class = RoutingParser
     p = command(
         sub,
         "detect",

@@ -17,9 +17,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from gptwo.data.loader import IGNORE  # padding targets here, and the targets a loss mask does not count
 from gptwo.errors import GptwoError
-
-IGNORE = -100
 
 
 def forward_flops_per_token(n_layer: int, n_embd: int, n_params: int, seq_len: int) -> float:
@@ -39,7 +38,7 @@ def model_forward_flops(model: torch.nn.Module, seq_len: int) -> float:
 
 @torch.no_grad()
 def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of each row of a batch, (B,); targets equal to -100 are skipped."""
+    """Mean next-token cross-entropy (nats) of each row of a batch, (B,); targets equal to IGNORE are skipped."""
     nll = token_nll(model, x, y)
     counts = (y != IGNORE).sum(dim=1).clamp(min=1)
     return nll.sum(dim=1) / counts
@@ -47,7 +46,7 @@ def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of every target token, (B, T), 0 where the target is -100."""
+    """Negative log-likelihood of every target token, (B, T), 0 where the target is IGNORE."""
     logits = model(x).float()
     return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE, reduction="none").view(
         y.shape

@@ -141,8 +141,11 @@ def save_checkpoint(
     info: Dist,
     loader_state: dict,
     keep: int,
+    chat_template: str | None = None,
 ) -> str | None:
-    """Write RUN/checkpoints/step_N atomically (all ranks call this; rank 0 writes); returns its path on rank 0."""
+    """Write RUN/checkpoints/step_N atomically (all ranks call this; rank 0 writes); returns its path on rank 0.
+
+    `chat_template` (the data's, for chat data) goes into tokenizer_config.json, as transformers reads it."""
     model_state, optim_state = get_state_dict(
         unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -158,6 +161,7 @@ def save_checkpoint(
             tokenizer,
             {**trainer, "step": step, "world_size": info.world_size, "ranks": per_rank},
             None if settings is None else (settings, model_state),
+            chat_template,
         )
         _prune(run_dir, keep)
     barrier(info)
@@ -172,6 +176,7 @@ def _write_checkpoint(
     tokenizer: Tokenizer,
     trainer: dict,
     lora: tuple[LoraSettings, dict] | None = None,
+    chat_template: str | None = None,
 ) -> str:
     """The checkpoint folder, then RUN's copy of its model files (and of its LoRA adapter, RUN/adapter/)."""
     root = os.path.join(run_dir, CHECKPOINTS)
@@ -180,7 +185,7 @@ def _write_checkpoint(
     tmp = tempfile.mkdtemp(dir=root, prefix=f"step_{step}.tmp-")
     what = f"could not write checkpoint step_{step}"
     try:
-        save_pretrained(model, tmp, tokenizer=tokenizer)
+        save_pretrained(model, tmp, tokenizer=tokenizer, chat_template=chat_template)
         if lora is not None:  # the adapter alone, in peft's layout (the model files hold it merged)
             save_adapter(os.path.join(tmp, ADAPTER_DIR), *lora, base_model=trainer["config"].get("init_from", ""))
         optim_bytes, optim_json = _optimizer_files(optim_state)

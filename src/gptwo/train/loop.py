@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gptwo.config import GPTConfig, TrainConfig, load_train_config
+from gptwo.data.loader import IGNORE
 from gptwo.errors import GptwoError
 from gptwo.fileio import atomic_write, read_json_file
 from gptwo.lora import LoraSettings, apply_lora
@@ -197,10 +199,13 @@ def train(
             close_distributed()
 
 
-def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (in nats) of a batch."""
+def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (in nats) of a batch: the mean (or with reduction="sum", the sum) over its
+    counted targets (targets equal to IGNORE, which a loss mask leaves out, are not counted)."""
     logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    return F.cross_entropy(
+        logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE, reduction=reduction
+    )
 
 
 class _Trainer:
@@ -222,6 +227,7 @@ class _Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.data = open_data(data_dir, config, info)
+        self.masked = bool(self.data.meta.get("loss_mask"))  # chat data: the loss counts some targets only
         self.resume_from = self._check_run_dir(resume)
         started = read_run_config(out_dir) if resume and not self.resume_from else None
         if started is not None and "data" in started:
@@ -238,9 +244,8 @@ class _Trainer:
         per_block = info.enabled and config.parallel == "fsdp"
         if self.compiled and per_block:
             compile_model(model, per_block=True)
-        self.train_loss = (
-            compiled_loss(self.loss_fn, config, device) if self.compiled and not per_block else self.loss_fn
-        )
+        loss = functools.partial(self.loss_fn, reduction="sum") if self.masked else self.loss_fn
+        self.train_loss = compiled_loss(loss, config, device) if self.compiled and not per_block else loss
         self.model = parallelize(model, info, config.parallel, device)
         self.optimizer = make_optimizer(
             self.model, config, fused=use_fused_adamw(device, config.parallel if info.enabled else None)
@@ -499,6 +504,8 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
+        if self.masked:
+            return self._masked_step()
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.selector.next_batch(model)  # on the device; selection (if any) scores a pool first
@@ -513,6 +520,35 @@ class _Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / self.grad_accum, norm
+
+    def _masked_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`train_step` on data with a loss mask: the mean over the step's counted targets, on all ranks together.
+
+        Micro-batches hold different numbers of counted targets, so each contributes its summed loss divided by
+        the step's count over every micro-batch and rank (read first; one all-reduce under DDP/FSDP): a
+        micro-batch with few counted targets weighs as little as they do. Under DDP/FSDP gradients are averaged
+        over ranks, so each rank scales by world_size. A step with no counted target changes nothing but the
+        optimizer's own state (weight decay, moments).
+        """
+        config, model = self.config, self.model
+        batches = [self.selector.next_batch(model) for _ in range(self.grad_accum)]  # the model is fixed till the step
+        counted = sum((y != IGNORE).sum() for _, y in batches).to(torch.float32)
+        if self.info.enabled:
+            torch.distributed.all_reduce(counted)
+        scale = self.info.world_size / counted.clamp(min=1)
+        total = torch.zeros((), device=self.device)
+        for micro, (x, y) in enumerate(batches):
+            with grad_sync(model, micro == self.grad_accum - 1):
+                with autocast(config, self.device):
+                    loss = self.train_loss(model, x, y) * scale
+                loss.backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), config.grad_clip if config.grad_clip else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm  # the mean over ranks (as `_check_finite` takes it) is the step's mean loss
 
     def _check_finite(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """The last pending step's loss (mean over ranks); stops at the first pending step whose loss or norm
@@ -539,7 +575,12 @@ class _Trainer:
         """Validation loss (and bits per byte), a sample, a metrics row and an updated loss plot."""
         config, model = self.config, self.model
         result: dict = {}
-        if self.data.val is not None:
+        if self.data.val is not None and self.masked:
+            result["val_loss"] = self._masked_val_loss(max_batches)
+            bpb = bits_per_byte(result["val_loss"], self.data.meta)
+            if bpb is not None:
+                result["val_bpb"] = bpb
+        elif self.data.val is not None:
             model.eval()
             losses = []
             with autocast(config, self.device), _eager(self.compiled):
@@ -565,6 +606,19 @@ class _Trainer:
             except GptwoError as err:  # the plot is a convenience: a full disk is reported by the next checkpoint
                 bar.write(f"warning: {err}", file=sys.stderr)
         return result
+
+    def _masked_val_loss(self, max_batches: int | None) -> float:
+        """Validation loss over the counted targets of the eval batches of all ranks (a loss mask's data)."""
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, counted targets
+        with autocast(self.config, self.device), _eager(self.compiled):
+            for x, y in self.data.val.iter_eval_batches(max_batches or self.config.eval_batches):
+                x, y = x.to(self.device), y.to(self.device)
+                totals[0] += self.loss_fn(self.model, x, y, reduction="sum").double()
+                totals[1] += (y != IGNORE).sum()
+        if self.info.enabled:
+            torch.distributed.all_reduce(totals)
+        return float(totals[0] / totals[1].clamp(min=1))
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int | None = None) -> str:
         """A continuation of `prompt` (every rank samples alike, so FSDP's collectives line up)."""
@@ -597,6 +651,7 @@ class _Trainer:
             self.info,
             self.data.train.state_dict(),
             self.config.keep_checkpoints,
+            chat_template=self.data.meta.get("chat_template"),
         )
 
 
@@ -752,10 +807,16 @@ def open_data(data_dir: str, config: TrainConfig, info: Dist) -> Data:
 
 
 def bits_per_byte(loss_nats: float, meta: dict) -> float | None:
-    """Loss per token in nats → bits per byte of text, using the validation split's bytes per token."""
-    if not meta.get("val_bytes") or not meta.get("val_tokens"):
+    """Loss per token in nats → bits per byte of text, using the validation split's bytes per token (with a
+    loss mask: per byte of the counted text, from the counted tokens and their bytes)."""
+    if meta.get("loss_mask"):
+        val = meta["splits"].get("val", {})
+        tokens, nbytes = val.get("counted_tokens"), val.get("counted_bytes")
+    else:
+        tokens, nbytes = meta.get("val_tokens"), meta.get("val_bytes")
+    if not tokens or not nbytes:
         return None
-    return loss_nats / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+    return loss_nats / math.log(2) * tokens / nbytes
 
 
 def training_bytes(shape: GPTConfig, batch_size: int, block_size: int, bytes_per_param: int = 16) -> int:

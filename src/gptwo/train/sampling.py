@@ -9,12 +9,8 @@ needs only the number of batches taken.
 
 from __future__ import annotations
 
-import bisect
-
 import numpy as np
 import torch
-
-from gptwo.data.loader import check_token_ids
 
 
 class RandomWindows:
@@ -29,29 +25,16 @@ class RandomWindows:
             loader.n_vocab,
             loader.eot_token,
         )
-        self._starts = np.cumsum([0] + [len(s) for s in loader.shards]).tolist()
+        self.num_tokens = loader.num_tokens
         self.calls = 0
-
-    def _row(self, start: int) -> np.ndarray:
-        """block_size + 1 tokens from position `start` of the split, across shard boundaries."""
-        out = np.empty(self.block_size + 1, dtype=np.int64)
-        shard, filled = bisect.bisect_right(self._starts, start) - 1, 0
-        while filled < len(out):
-            local = start + filled - self._starts[shard]
-            piece = self.loader.shards[shard][local : local + len(out) - filled]
-            check_token_ids(piece, self.n_vocab, self.loader.shard_path(shard))
-            out[filled : filled + len(piece)] = piece
-            filled += len(piece)
-            shard += 1
-        return out
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         slot = self.calls * self.world_size + self.rank
         self.calls += 1
         rng = np.random.default_rng([self.seed, slot])
-        starts = rng.integers(0, self._starts[-1] - self.block_size - 1, size=self.batch_size, endpoint=True)
-        tokens = torch.from_numpy(np.stack([self._row(int(s)) for s in starts]))
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        starts = rng.integers(0, self.num_tokens - self.block_size - 1, size=self.batch_size, endpoint=True)
+        rows = [self.loader.window(int(s), self.block_size) for s in starts]  # targets IGNORE'd by a loss mask
+        return torch.from_numpy(np.stack([x for x, _ in rows])), torch.from_numpy(np.stack([y for _, y in rows]))
 
     def state_dict(self) -> dict:
         return {"sampling": "random", "slots_consumed": self.calls * self.world_size, "seed": self.seed}
