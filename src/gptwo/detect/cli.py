@@ -7,8 +7,8 @@ import sys
 
 from gptwo.argtypes import (
     Parser,
-    add_adapter_option,
     RoutingParser,
+    add_adapter_option,
     add_watermark_options,
     command,
     float_in,
