@@ -15,7 +15,7 @@ from gptwo.errors import GptwoError
 from gptwo.infer import native, prepare_model
 from gptwo.infer.native import NativeStep
 from gptwo.sampling import generate
-from gptwo.serve.engine import BatchEngine, Overloaded, SamplingParams, StepCosts
+from gptwo.serve.engine import BatchEngine, Overloaded, SamplingParams
 
 TOKENIZER = Tokenizer.gpt2()
 
@@ -350,24 +350,6 @@ def test_speculation_samples_seeded_rows_to_their_length(draft):
     assert all(0 <= t < 512 for t in first[0] + first[1])
     assert engine.metrics()["spec_decode_draft_tokens_total"] > 0
     assert_blocks_all_back(engine)
-
-
-def test_step_costs_give_prompt_chunks_what_keeps_a_mixed_step_within_two_decode_steps():
-    costs = StepCosts()
-    assert costs.prefill_allowance() == 32  # nothing measured yet: two blocks
-    for _ in range(5):
-        costs.record(0.010, decoding=True, prefill_tokens=0)
-    for tokens in (32, 100, 32, 64):  # a mixed step: 15 ms (the decodes on torch's GEMM) + 0.1 ms per token
-        costs.record(0.015 + 0.0001 * tokens, decoding=True, prefill_tokens=tokens)
-    a, b = costs.fit()
-    assert a == pytest.approx(0.015) and b == pytest.approx(0.0001)
-    assert costs.prefill_allowance() in (49, 50)  # (2 x 10 ms - 15 ms) / 0.1 ms, rounded down
-    costs.record(0.5, decoding=False, prefill_tokens=128)  # prefill alone does not move the fit
-    assert costs.prefill_allowance() in (49, 50)
-    for _ in range(40):  # a machine where a chunk's overhead alone is two decode steps: one block per step
-        costs.record(0.030 + 0.0001 * 64, decoding=True, prefill_tokens=64)
-        costs.record(0.030 + 0.0001 * 16, decoding=True, prefill_tokens=16)
-    assert costs.prefill_allowance() == 16
 
 
 def test_draft_model_speculation_samples_the_targets_distribution():

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptwo.errors import GptwoError
-from gptwo.infer.kvcache import BLOCK_SIZE, OutOfBlocks, SeqBlocks, block_bytes, blocks_for
+from gptwo.infer.kvcache import OutOfBlocks, SeqBlocks, block_bytes, blocks_for
 from gptwo.infer.linear import NATIVE_MAX_ROWS
 from gptwo.infer.multilora import adapter_rows
 from gptwo.infer.native import NativeStep
@@ -206,56 +206,6 @@ def kv_cache_blocks(model: GPT, memory: float | None, max_num_seqs: int, use_nat
     return blocks
 
 
-class StepCosts:
-    """What steps cost, measured as they run, so prompt chunks never stall running streams for long.
-
-    While sequences decode, a step that also computes prompt chunks may take about STALL decode-only
-    steps. Mixed steps' times are fitted as a + b x prompt tokens (least squares over recent steps:
-    a also holds the move from the native step to torch's GEMM), and the chunk gets the tokens that
-    fit STALL x a decode step's time (a moving average), at least one block. Before the first
-    measurements the chunk is two blocks, so even the first long prompt joins gently; with no
-    sequence decoding, prompts get the whole token budget."""
-
-    STALL = 2.0
-    SMOOTHING = 0.2  # weight of the newest decode-only step in its moving average
-    DECAY = 0.9  # weight of the older mixed steps in the fit, per new one
-
-    def __init__(self) -> None:
-        self.decode_s: float | None = None  # a step of decodes only
-        self._sums = [0.0] * 5  # decayed n, sum x, sum y, sum xx, sum xy of mixed steps
-
-    def record(self, seconds: float, decoding: bool, prefill_tokens: int) -> None:
-        """One step's time; `decoding`: some of its rows decode; `prefill_tokens`: prompt tokens it computed."""
-        if not decoding:
-            return
-        if not prefill_tokens:
-            old = self.decode_s
-            self.decode_s = seconds if old is None else old + self.SMOOTHING * (seconds - old)
-            return
-        x = float(prefill_tokens)
-        self._sums = [self.DECAY * t + v for t, v in zip(self._sums, (1.0, x, seconds, x * x, x * seconds))]
-
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b): a mixed step's seconds = a + b x prompt tokens; None before any mixed step."""
-        n, sx, sy, sxx, sxy = self._sums
-        if n == 0 or sx <= 0:
-            return None
-        spread = n * sxx - sx * sx
-        if spread > 1e-9 * n * sxx:  # chunks of different sizes: a line
-            b = (n * sxy - sx * sy) / spread
-            if b > 0:
-                return (sy - b * sx) / n, b
-        return 0.0, sy / sx  # one size only (or no slope seen): proportional
-
-    def prefill_allowance(self) -> int:
-        """Prompt tokens a step may compute beside the decoding rows."""
-        line = self.fit()
-        if self.decode_s is None or line is None:
-            return 2 * BLOCK_SIZE
-        a, b = line
-        return max(BLOCK_SIZE, int((self.STALL * self.decode_s - a) / b))
-
-
 class BatchEngine:
     """Runs `model` for all submitted requests in one background thread, batching them step by step."""
 
@@ -316,7 +266,6 @@ class BatchEngine:
             model, blocks, prefix_caching=prefix_caching, use_native=use_native, max_native_tokens=NATIVE_MAX_ROWS
         )
         self.cache = self.step.cache
-        self.costs = StepCosts()
         self.draft = None if draft_model is None else BatchDraft(draft_model.eval(), blocks, tokenizer.n_vocab)
         rows = adapter_rows(model)
         self.adapter_names: tuple[str, ...] = rows.names if rows is not None else ()  # slot i + 1 is names[i]
@@ -631,8 +580,6 @@ class BatchEngine:
                 plan.append((seq, seq.todo + seq.drafts))
                 planned.add(id(seq))
                 budget -= 1
-        if plan:  # rows are decoding: prompt chunks get only what keeps their step short (chunked prefill)
-            budget = min(budget, self.costs.prefill_allowance())
         for seq in self._active:  # prompts still being prefilled, in chunks
             if budget <= 0:
                 break
@@ -772,7 +719,6 @@ class BatchEngine:
             adapters=adapters if any(adapters) else None,
         )
         self._in_flight = batch.num_tokens
-        started = time.perf_counter()
         try:
             logits = self.step(batch)
         except Exception as err:  # noqa: BLE001 - this step's sequences fail; the rest go on
@@ -781,8 +727,6 @@ class BatchEngine:
             return
         finally:
             self._in_flight = 0
-        prefill = sum(len(tokens) for s, tokens in plan if not s.decoding)
-        self.costs.record(time.perf_counter() - started, any(s.decoding for s, _ in plan), prefill)
         ready, rows, at = [], [], 0
         for (seq, tokens), score, all_rows in zip(plan, scoring, every):
             n = len(tokens) if all_rows else 1
