@@ -30,11 +30,6 @@ def live(model_dir):
 
 
 @pytest.fixture(scope="module")
-def client(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live[0].url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
 def offline(model_dir):
     return load_model(model_dir, device="cpu")
 

@@ -24,11 +24,6 @@ def live(model_dir):
     server.close()
 
 
-@pytest.fixture(scope="module")
-def client(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live[0].url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
 def complete_raw(live, **fields) -> tuple[int, dict]:
     status, payload, _ = post(
         live[0].url + "/v1/completions", json.dumps({"model": "tiny", "prompt": PROMPT, **fields}).encode()
