@@ -244,3 +244,24 @@ def test_time_budget_cuts_again_when_the_machine_slows_down(monkeypatch):
     assert steps == 20 + 522
     run_to(10_000, 1.0)  # half the speed from step 100 on: cut again (never lengthened), and ends in time
     assert step == steps < 542 and clock[0] <= 300.0
+
+
+def test_time_budget_leaves_evaluations_out_of_the_rate_and_keeps_time_for_the_last(monkeypatch):
+    from gptwo.config import TrainConfig
+    from gptwo.train import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    budget = loop._TimeBudget(TrainConfig(max_time=300.0, warmup_steps=20, max_steps=10_000), 0, 0.0)
+    for step in range(1, 21):
+        clock[0] += 0.5
+        budget.due(step)
+    assert budget.steps_that_fit(20, 10_000) == 20 + 522  # 2 steps/s, 0.9 x 290 s left
+    for step in range(21, 71):
+        clock[0] += 0.5
+        if step == 40:  # a 10 s evaluation inside the window
+            clock[0] += 10.0
+            budget.pause(10.0)
+    assert budget.due(70)
+    # still 2 steps/s; the time left less the 10 s a last evaluation takes: 0.9 x (300 - 45 - 10) x 2
+    assert budget.steps_that_fit(70, 542) == 70 + int(0.9 * 245 * 2.0)

@@ -443,12 +443,15 @@ class _Trainer:
                         + (f" | mfu {row['mfu']:.1%}" if peak else "")
                     )
                     clock, window_steps = time.perf_counter(), 0
+                paused = time.perf_counter()
                 if evaluated:
                     summary.update(self.evaluate(bar))
                     clock, window_steps = time.perf_counter(), 0  # tokens/s counts training only
                 if saved:
                     self.save()
                     clock, window_steps = time.perf_counter(), 0
+                if budget is not None and (evaluated or saved):
+                    budget.pause(time.perf_counter() - paused)
                 if stopping and self.step < config.max_steps:
                     raise self._stopped(stopping, bar)
         finally:
@@ -708,10 +711,11 @@ class _TimeBudget:
     The first steps run slower (compilation, caches, the compiler's worker processes winding down),
     so the first cut is made when warm-up ends (after at least 20 steps), from the rate over warm-up's
     second half: only warm-up's learning rate is independent of max_steps. After it, every
-    RECHECK_STEPS steps the rate since the last check (evaluations and checkpoints included) is
-    measured again, and a machine that slowed down (other work, throttling) cuts the steps again, so
-    the run still ends in time. Steps are never added back: a longer schedule would raise the
-    learning rate again. Measurements fall on step counts, so every rank makes them together.
+    RECHECK_STEPS steps the rate since the last check is measured again (evaluations and checkpoints
+    left out, and the longest of them kept for the final one: `pause`), and a machine that slowed
+    down (other work, throttling) cuts the steps again, so the run still ends in time. Steps are never
+    added back: a longer schedule would raise the learning rate again. Measurements fall on step
+    counts, so every rank makes them together.
     """
 
     RESERVE = 0.9  # of the time left, for evaluations, checkpoints and a machine that slows down
@@ -724,6 +728,7 @@ class _TimeBudget:
         self.since: tuple[int, float] | None = None
         self.rate = 0.0
         self.cuts = 0  # measurements made (the first cut and the re-plans)
+        self.longest_pause = 0.0  # the longest evaluation + checkpoint so far: the last one needs as long
 
     def due(self, step: int) -> bool:
         """Whether to measure now: at the end of warm-up, then every RECHECK_STEPS steps."""
@@ -733,12 +738,19 @@ class _TimeBudget:
             return step >= self.at
         return step - self.since[0] >= self.RECHECK_STEPS
 
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation, a checkpoint) out of the rate: they do not recur every step, and
+        RESERVE keeps time for the ones still to come."""
+        self.longest_pause = max(self.longest_pause, seconds)
+        if self.since is not None:
+            self.since = (self.since[0], self.since[1] + seconds)
+
     def steps_that_fit(self, step: int, max_steps: int) -> int:
         """The steps that end the run within max_time at the rate measured since the last measurement."""
         now = time.perf_counter()
         self.rate = (step - self.since[0]) / max(now - self.since[1], 1e-9)
         self.since, self.cuts = (step, now), self.cuts + 1
-        left = self.max_time - (now - self.start)
+        left = self.max_time - (now - self.start) - self.longest_pause
         return max(step, min(max_steps, step + int(self.RESERVE * left * self.rate)))
 
 
