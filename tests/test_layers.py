@@ -104,6 +104,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.train.runfolder",
         "gptwo.train.sampling",
         "gptwo.train.speed",
+        "gptwo.train.threads",
         "gptwo.select",
         "gptwo.select.offline",
         "gptwo.select.online",

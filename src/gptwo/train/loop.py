@@ -54,6 +54,7 @@ from gptwo.train.speed import (
     use_fused_adamw,
     use_onednn_linears,
 )
+from gptwo.train.threads import ThreadTuner
 
 # what a resumed run keeps: its model, and its optimizer (whose saved state is for that optimizer only)
 # (and its adapters' shape and base: the checkpoint holds only the adapters, the base is init_from again)
@@ -407,14 +408,25 @@ class _Trainer:
         start_time, start_step = time.perf_counter(), self.step
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps whose loss and norm are not yet read back
         budget = _TimeBudget(config, self.step, start_time) if config.max_time else None
+        # under a time budget on a CPU with threads=0: fewer threads while other processes hold the cores
+        tuner = None
+        if budget is not None and self.device.type == "cpu" and not config.threads and info.world_size == 1:
+            tuner = ThreadTuner.for_run(cpu_list(), self.step)
         self._save_run_config()
         stop = _StopSignals(info, self.device)
         try:
             while self.step < config.max_steps:
+                first_at_new_count, began = tuner is not None and tuner.changed, time.perf_counter()
                 pending.append(self.train_step())
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
+                if tuner is not None:
+                    if first_at_new_count:
+                        tuner.settled(self.step)
+                        budget.exclude(time.perf_counter() - began)
+                    elif tuner.due(self.step) and (said := tuner.measure(self.step)) and info.is_main:
+                        bar.write(said, file=sys.stderr)
                 if budget is not None and budget.due(self.step):
                     config = self.config = self._fit_time_budget(budget, bar)
                 logged = self.step % config.log_every == 0 or self.step == config.max_steps
@@ -452,6 +464,8 @@ class _Trainer:
                     clock, window_steps = time.perf_counter(), 0
                 if budget is not None and (evaluated or saved):
                     budget.pause(time.perf_counter() - paused)
+                    if tuner is not None:
+                        tuner.pause(time.perf_counter() - paused)
                 if stopping and self.step < config.max_steps:
                     raise self._stopped(stopping, bar)
         finally:
@@ -467,6 +481,9 @@ class _Trainer:
             dtype="bfloat16" if use_bf16(config, self.device) else "float32",
             threads=torch.get_num_threads() if self.device.type == "cpu" else None,
         )
+        if tuner is not None:
+            tuner.steps_at[tuner.threads] = tuner.steps_at.get(tuner.threads, 0) + self.step - tuner.since[0]
+            summary["threads_steps"] = {n: steps for n, steps in sorted(tuner.steps_at.items()) if steps}
         return summary
 
     def _stopped(self, signum: int, bar) -> TrainingStopped:
@@ -745,6 +762,11 @@ class _TimeBudget:
         if self.since is not None:
             self.since = (self.since[0], self.since[1] + seconds)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` that happen once (a step compiled again for a new thread count) out of the rate."""
+        if self.since is not None:
+            self.since = (self.since[0], self.since[1] + seconds)
+
     def steps_that_fit(self, step: int, max_steps: int) -> int:
         """The steps that end the run within max_time at the rate measured since the last measurement."""
         now = time.perf_counter()
@@ -868,10 +890,15 @@ def set_threads(config: TrainConfig, info: Dist, device: torch.device) -> None:
 
 def cpu_cores() -> int:
     """Cores this process may run on: its CPU affinity where the OS has one, else os.cpu_count()."""
+    return len(cpu_list())
+
+
+def cpu_list() -> list[int]:
+    """The indices of the cores this process may run on (its CPU affinity, else all the machine's)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return sorted(os.sched_getaffinity(0)) or [0]
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
 
 
 def _known_tokenizer(spec: str) -> str | None:

@@ -119,6 +119,15 @@ def _samples(run_dir: str, max_new_tokens: int) -> dict[str, str]:
     return dict(zip(PROMPTS, texts))
 
 
+def _threads(summary: dict) -> str:
+    """'2 threads', or how many steps ran on each count where other processes made the run change it."""
+    counts = summary.get("threads_steps") or {}
+    if len(counts) < 2:
+        return f"{summary['threads']} threads"
+    parts = ", ".join(f"{steps:,} steps on {n}" for n, steps in sorted(counts.items(), reverse=True))
+    return f"threads changed with the machine's load ({parts})"
+
+
 def _report(summary: dict, out_dir: str) -> None:
     bpb = f"{summary['val_bpb']:.3f} bits per byte" if "val_bpb" in summary else "n/a"
     print(
@@ -134,7 +143,7 @@ def _report(summary: dict, out_dir: str) -> None:
         )
         print(
             f"trained {summary['step']:,} steps{cut} in {summary['elapsed_s']:.0f} s | {summary['dtype']} ({why}) | "
-            f"{summary['threads']} threads | {summary['tokens_per_s']:,.0f} tokens/s"
+            f"{_threads(summary)} | {summary['tokens_per_s']:,.0f} tokens/s"
         )
     for prompt, text in summary["samples"].items():
         print(f"\n--- {prompt}{text}")
