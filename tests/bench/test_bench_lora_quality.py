@@ -122,3 +122,25 @@ def test_instruct_report(tiny_base, tmp_path):
     assert all(r["wall_s"] is None for r in again["runs"])
     with pytest.raises(GptwoError, match="holds runs on an instruction set made from"):
         lora_quality(out, **{**kwargs, "conversations": 301})
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--task", "instruct"], ["--task and --base", "add --quality"]),
+        (["--quality", "--base", "somewhere"], ["belong to --task instruct"]),
+        (["--quality", "--task", "instruct", "--base", "somewhere", "--base-steps", "5"], ["--base-steps"]),
+        (["--quality", "--task", "chat"], ["--task", "invalid choice"]),
+    ],
+)
+def test_quality_options_out_of_place_are_one_line_errors(argv, names, capsys, tmp_path):
+    from gptwo.cli import main
+
+    try:
+        code = main(["bench", "lora", *argv, "--out", str(tmp_path / "q")])
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and all(name in lines[0] for name in names), lines
+    assert not (tmp_path / "q").exists()  # refused before anything is written
