@@ -1,11 +1,8 @@
 """Chat tuning on a synthetic instruction set with exact answers: held-out exact-match accuracy.
 
-Three kinds of instruction, each with one right answer:
-  reverse   "Reverse: c a f" -> "f a c" (3 to 5 letters; held-out sequences never occur in train)
-  add       "Add 17 and 25" -> "42" (0 to 49; held-out pairs never occur in train, in either order)
-  capital   "What is the capital of Peru?" -> "Lima" (a fixed table of 30; each country is asked in
-            train in two of three phrasings and held out in the third: new wordings of known facts)
-Half the conversations open with a system turn (masked out, like the user's). Writes train.jsonl and
+The set (gptwo.bench.instruct): reverse 3-5 letters, add two numbers 0-49, name a capital of 30
+countries; held-out sequences and pairs never occur in train, and each country is held out in the one of
+three phrasings train never asks it in; half the conversations open with a system turn. Writes train.jsonl and
 heldout.jsonl, trains a 1,024-token byte-level BPE on the rendered train conversations (GPT-2's
 50,257-token output layer would cost most of a small model's step on a CPU; `--tokenizer gpt2` uses
 it), runs `gptwo prepare chat` and `gptwo train` (a small GPT from scratch), answers every held-out
@@ -23,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import string
 import subprocess
 import sys
 import tempfile
@@ -32,90 +27,7 @@ import time
 
 import torch
 
-CAPITALS = {
-    "France": "Paris",
-    "Spain": "Madrid",
-    "Italy": "Rome",
-    "Germany": "Berlin",
-    "Austria": "Vienna",
-    "Poland": "Warsaw",
-    "Greece": "Athens",
-    "Norway": "Oslo",
-    "Sweden": "Stockholm",
-    "Finland": "Helsinki",
-    "Ireland": "Dublin",
-    "Portugal": "Lisbon",
-    "Hungary": "Budapest",
-    "Egypt": "Cairo",
-    "Kenya": "Nairobi",
-    "Japan": "Tokyo",
-    "China": "Beijing",
-    "India": "Delhi",
-    "Thailand": "Bangkok",
-    "Peru": "Lima",
-    "Chile": "Santiago",
-    "Cuba": "Havana",
-    "Canada": "Ottawa",
-    "Russia": "Moscow",
-    "Turkey": "Ankara",
-    "Iran": "Tehran",
-    "Iraq": "Baghdad",
-    "Nepal": "Kathmandu",
-    "Mexico": "Mexico City",
-    "Australia": "Canberra",
-}
-CAPITAL_PHRASINGS = ("Capital of {}?", "What is the capital of {}?", "Name the capital city of {}.")
-SYSTEM = "Answer with the result only."
-LETTERS = string.ascii_lowercase[:12]
-
-
-def conversation(instruction: str, answer: str | None, rng: random.Random) -> dict:
-    messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.5 else []
-    messages.append({"role": "user", "content": instruction})
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return {"messages": messages}
-
-
-def instruction_set(train_size: int, heldout_per_kind: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train conversations, held-out items {kind, messages, answer}); no held-out instruction occurs in train."""
-    rng = random.Random(seed)
-    heldout: list[dict] = []
-    held_reversals: set[tuple[str, ...]] = set()
-    while len(held_reversals) < heldout_per_kind:
-        held_reversals.add(tuple(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))))
-    held_sums: set[tuple[int, int]] = set()
-    while len(held_sums) < heldout_per_kind:
-        held_sums.add((rng.randint(0, 49), rng.randint(0, 49)))
-    held_phrasing = {country: rng.randrange(len(CAPITAL_PHRASINGS)) for country in CAPITALS}
-    for letters in sorted(held_reversals):
-        heldout.append(_item("reverse", f"Reverse: {' '.join(letters)}", " ".join(reversed(letters)), rng))
-    for a, b in sorted(held_sums):
-        heldout.append(_item("add", f"Add {a} and {b}", str(a + b), rng))
-    for country, phrasing in held_phrasing.items():
-        heldout.append(_item("capital", CAPITAL_PHRASINGS[phrasing].format(country), CAPITALS[country], rng))
-    train = []
-    while len(train) < train_size:
-        kind = rng.choice(("reverse", "add", "capital"))
-        if kind == "reverse":
-            letters = tuple(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
-            if letters in held_reversals:
-                continue
-            train.append(conversation(f"Reverse: {' '.join(letters)}", " ".join(reversed(letters)), rng))
-        elif kind == "add":
-            a, b = rng.randint(0, 49), rng.randint(0, 49)
-            if (a, b) in held_sums or (b, a) in held_sums:
-                continue
-            train.append(conversation(f"Add {a} and {b}", str(a + b), rng))
-        else:
-            country = rng.choice(list(CAPITALS))
-            phrasing = rng.choice([p for p in range(len(CAPITAL_PHRASINGS)) if p != held_phrasing[country]])
-            train.append(conversation(CAPITAL_PHRASINGS[phrasing].format(country), CAPITALS[country], rng))
-    return train, heldout
-
-
-def _item(kind: str, instruction: str, answer: str, rng: random.Random) -> dict:
-    return {"kind": kind, "messages": conversation(instruction, None, rng)["messages"], "answer": answer}
+from gptwo.bench.instruct import KINDS, accuracy, greedy_answers, instruction_set
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -127,21 +39,14 @@ def gptwo(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "gptwo.cli", *args], check=True)
 
 
-def answers_gptwo(run: str, heldout: list[dict], max_new_tokens: int = 12) -> list[str]:
+def answers_gptwo(run: str, heldout: list[dict]) -> list[str]:
     """Greedy answers with gptwo: the run's template via prompt_ids, stopped at <|endoftext|>."""
-    from gptwo.chat import prompt_ids, read_chat_template
-    from gptwo.generate import complete
+    from gptwo.chat import read_chat_template
     from gptwo.weights import load_model
 
     model, tok = load_model(run, device="cpu")
     model.eval()
-    template = read_chat_template(run)
-    out = []
-    for start in range(0, len(heldout), 64):
-        prompts = [prompt_ids(tok, item["messages"], template) for item in heldout[start : start + 64]]
-        with torch.no_grad():
-            out += complete(model, tok, prompts, max_new_tokens, temperature=0.0)
-    return [text.strip() for text in out]
+    return greedy_answers(model, tok, heldout, read_chat_template(run))
 
 
 def answers_transformers(run: str, heldout: list[dict], max_new_tokens: int = 12) -> list[str]:
@@ -167,15 +72,6 @@ def answers_transformers(run: str, heldout: list[dict], max_new_tokens: int = 12
             new = new[: new.index(tokenizer.eos_token_id)]
         out.append(tokenizer.decode(new).strip())
     return out
-
-
-def accuracy(heldout: list[dict], answers: list[str]) -> dict:
-    kinds = sorted({item["kind"] for item in heldout})
-    result = {}
-    for kind in [*kinds, "all"]:
-        items = [(i, a) for i, a in zip(heldout, answers) if kind in ("all", i["kind"])]
-        result[kind] = sum(i["answer"] == a for i, a in items) / len(items)
-    return result
 
 
 def main() -> None:
@@ -234,7 +130,7 @@ def main() -> None:
     result = {
         "tokenizer": args.tokenizer,
         "train_conversations": len(train),
-        "heldout": {kind: sum(i["kind"] == kind for i in heldout) for kind in ("reverse", "add", "capital")},
+        "heldout": {kind: sum(i["kind"] == kind for i in heldout) for kind in KINDS},
         "train_tokens": meta["train_tokens"],
         "counted_train_tokens": meta["splits"]["train"]["counted_tokens"],
         "settings": settings,

@@ -118,6 +118,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "gptwo.scale.run",
         "gptwo.bench",
         "gptwo.bench.decode",
+        "gptwo.bench.instruct",
         "gptwo.bench.llamacpp",
         "gptwo.bench.lora",
         "gptwo.bench.lora_quality",
@@ -173,7 +174,7 @@ PART_USES: dict[str, set[str]] = {
     "train": {"data", "generate", "select"},
     "select": {"data"},
     "scale": {"data", "train"},
-    "bench": {"data", "detect", "export", "infer", "train"},
+    "bench": {"data", "detect", "export", "generate", "infer", "train"},
     "export": set(),
     "webtext": {"data"},
 }

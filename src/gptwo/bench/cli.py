@@ -194,11 +194,14 @@ def _add_bench_train(bsub) -> None:
 
 
 def _cmd_bench_lora(args: argparse.Namespace) -> int:
+    if not args.quality and (args.task != "domain" or args.base is not None):
+        raise GptwoError("--task and --base choose what --quality measures", "add --quality, or drop them")
     if args.quality:
         from gptwo.bench.lora_quality import lora_quality, render_quality
 
         report = lora_quality(
             args.out,
+            task=args.task,
             base_steps=args.base_steps,
             steps=args.finetune_steps,
             full_lrs=args.full_lrs,
@@ -207,6 +210,7 @@ def _cmd_bench_lora(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             targets=args.targets,
             threads=args.threads,
+            base=args.base,
         )
         print_report(report, args.json, render_quality)
         return 0
@@ -256,7 +260,7 @@ def _add_bench_lora(bsub) -> None:
         _cmd_bench_lora,
         "Full fine-tuning vs LoRA from fp32, bf16 and int8 bases on GPT-2 124M's shape: trainable parameters, peak "
         "RSS and step time, each row in its own process, transformers and peft as the anchors; --quality: LoRA's "
-        "share of full fine-tuning's loss improvement on a held-out domain.",
+        "share of full fine-tuning's loss improvement on a held-out domain or a synthetic instruction set.",
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table (docs/training.md)")
@@ -307,14 +311,34 @@ def _add_bench_lora(bsub) -> None:
         p.add_argument(
             f"--{key.replace('_', '-')}", type=int_at_least(1), default=None, help=f"override GPT-2 124M's {key}"
         )
-    quality = p.add_argument_group("quality (--quality): full fine-tuning vs LoRA on a domain the base never saw")
+    quality = p.add_argument_group(
+        "quality (--quality): full fine-tuning vs LoRA on a domain the base never saw, or on an instruction set"
+    )
     quality.add_argument(
         "--quality",
         action="store_true",
-        help="train a cpu-preset base on the built-in corpus' module docstrings, fine-tune it on the language "
-        "reference (fully and with LoRA, equal steps) and report recovery = LoRA's loss improvement / full's",
+        help="train a cpu-preset base on the built-in corpus' module docstrings, fine-tune it on --task's data "
+        "(fully and with LoRA, equal steps) and report recovery = LoRA's loss improvement / full's",
     )
-    quality.add_argument("--out", default="runs/bench-lora", help="folder of the data, runs and report.json")
+    quality.add_argument(
+        "--task",
+        choices=["domain", "instruct"],
+        default="domain",
+        help="domain (default): the language reference topics, scored by validation loss; instruct: a synthetic "
+        "instruction set as chat (reverse, add, capitals), scored by the held-out answers' loss and exact match",
+    )
+    quality.add_argument(
+        "--out",
+        default="runs/bench-lora",
+        help="folder of the data, base, runs and report.json (instruct: OUT/instruct/; the base is shared)",
+    )
+    quality.add_argument(
+        "--base",
+        default=None,
+        metavar="MODEL",
+        help="--task instruct: fine-tune this model folder (its tokenizer prepares the data) instead of training "
+        "the cpu-preset base",
+    )
     quality.add_argument(
         "--base-steps", type=int_at_least(1, 1_000_000), default=None, help="steps of the base (default 400)"
     )
@@ -325,10 +349,18 @@ def _add_bench_lora(bsub) -> None:
         help="steps of every fine-tuning run (default 150)",
     )
     quality.add_argument(
-        "--full-lrs", type=_lr_list, default=None, metavar="LR,...", help="full fine-tuning's peak lrs (default 1e-3)"
+        "--full-lrs",
+        type=_lr_list,
+        default=None,
+        metavar="LR,...",
+        help="full fine-tuning's peak lrs (default: domain 1e-3, instruct 3e-4,1e-3,3e-3)",
     )
     quality.add_argument(
-        "--lora-lrs", type=_lr_list, default=None, metavar="LR,...", help="LoRA's peak lrs (default 3e-2)"
+        "--lora-lrs",
+        type=_lr_list,
+        default=None,
+        metavar="LR,...",
+        help="LoRA's peak lrs (default: domain 3e-2, instruct 1e-2,3e-2,1e-1)",
     )
 
 
