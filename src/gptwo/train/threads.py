@@ -51,6 +51,7 @@ class ThreadTuner:
         self.changed = False  # the next step is the first at a new count: left out of the rates
         self.wait = self.backoff = 0
         self.others = 0.0  # cores other processes held over the last window
+        self.others_before = 0.0  # ... over the window before the count now tried
         self.rate = 0.0
         self.mark(step)
 
