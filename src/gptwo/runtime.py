@@ -49,8 +49,17 @@ def cpu_name() -> str:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): where torch's bf16 matmuls are fast."""
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): where torch's bf16 matmuls are fast.
+
+    False where `GPTWO_KERNEL_ISA` forces an instruction set without it (avx2, neon, generic): forcing one
+    stands for a machine that has only that, so training picks that machine's precision too.
+    """
+    import os
+
     import torch
+
+    if os.environ.get("GPTWO_KERNEL_ISA", "").strip().lower() in ("avx2", "neon", "generic"):
+        return False
 
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(check() for check in checks if check is not None)

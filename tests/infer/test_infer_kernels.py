@@ -62,6 +62,23 @@ def test_gptwo_kernel_isa_forces_one_and_refuses_what_cannot_run(fresh):
         native.chosen_isa()
 
 
+@pytest.mark.parametrize("isa", ["avx2", "neon", "generic"])
+def test_a_forced_isa_without_bf16_turns_native_bf16_off(monkeypatch, isa):
+    """Forcing avx2 on an AVX-512 BF16 machine stands for an AVX2 machine: training and --dtype auto pick fp32."""
+    import torch
+
+    import gptwo.runtime as runtime
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("GPTWO_KERNEL_ISA", raising=False)
+    assert runtime.native_bf16()
+    monkeypatch.setenv("GPTWO_KERNEL_ISA", isa)
+    assert not runtime.native_bf16()
+    assert runtime.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setenv("GPTWO_KERNEL_ISA", "avx512")
+    assert runtime.native_bf16()
+
+
 @needs_cc
 @pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 def test_each_isa_builds_into_its_own_library_and_says_what_it_is(fresh, isa):
