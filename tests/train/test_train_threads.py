@@ -28,7 +28,7 @@ class FakeMachine:
         self.stat = tmp_path / "stat"
         self.write()
         monkeypatch.setattr(threads.time, "perf_counter", lambda: self.wall)
-        monkeypatch.setattr(threads.time, "process_time", lambda: self.own)
+        monkeypatch.setattr(threads, "own_seconds", lambda: self.own)
 
     def write(self) -> None:
         ticks = int(self.busy * threads.os.sysconf("SC_CLK_TCK"))  # all on cpu0: only the sum over cores counts
@@ -97,13 +97,31 @@ def test_a_slower_try_goes_back_and_waits_before_trying_again(monkeypatch, tmp_p
     assert tuner.threads == 1
 
 
+def test_own_seconds_counts_the_processes_the_run_started():
+    """A compiled step's compiler workers and their gcc runs are the run's own work, not other processes':
+    CPU spent by a grandchild (reaped by a child still alive) is counted."""
+    import subprocess
+    import sys
+
+    burn = f"{sys.executable} -c 'import time; t = time.process_time()\nwhile time.process_time() - t < 0.6: pass'"
+    before, mine = threads.own_seconds(), time.process_time()
+    child = subprocess.Popen(["bash", "-c", f"{burn}; echo done; sleep 30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"  # the grandchild burnt 0.6 s and was reaped by bash
+        grown = threads.own_seconds() - before
+        assert grown - (time.process_time() - mine) >= 0.5
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_budgeted_run_on_busy_cores_trains_on_fewer_threads_and_reports_each(monkeypatch, tmp_path, two_threads):
     """The whole path: gptwo train with max_time, on cores that other processes (faked in /proc/stat) hold."""
     from gptwo.train import loop
 
     monkeypatch.setattr(loop, "cpu_list", lambda: [0, 1])
     monkeypatch.setattr(
-        threads, "busy_seconds", lambda cpus, path="/proc/stat": time.process_time() + 2 * time.perf_counter()
+        threads, "busy_seconds", lambda cpus, path="/proc/stat": threads.own_seconds() + 2 * time.perf_counter()
     )
     overrides = [o for o in TINY if not o.startswith("threads=")]
     summary = run_training(

@@ -5,10 +5,11 @@ every operation: on a 2-core machine with one core busy, 2 threads trained the c
 than 1 thread (docs/training.md, *Threads on CPU*). A run picks its thread count once, from the cores it
 may use, so a job that starts beside it slows it down for good. Under a time budget, where fewer steps
 then fit, `ThreadTuner` watches the cores instead: every WINDOW steps it reads from /proc/stat how much
-CPU other processes took on them (the cores' busy time less this process's own CPU time). When they held
-at least BUSY of a core, the next window runs on the cores left (at least one) and the faster of the two
-windows is kept; when they have gone, all the cores are tried again. The first step after a change is
-left out of every rate: a compiled step compiles again for a new thread count (once per count).
+CPU other processes took on them (the cores' busy time less the CPU time of this process and of the
+processes it started, such as the compiler's workers). When they held at least BUSY of a core, the next
+window runs on the cores left (at least one) and the faster of the two windows is kept; when they have
+gone, all the cores are tried again. The first step after a change is left out of every rate: a compiled
+step compiles again for a new thread count (once per count).
 """
 
 from __future__ import annotations
@@ -40,6 +41,35 @@ def busy_seconds(cpus: list[int], path: str = "/proc/stat") -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def own_seconds(proc: str = "/proc") -> float:
+    """CPU seconds of this process and every process under it: its own threads, the children it reaped
+    (os.times), and the live descendants with what they reaped (/proc/PID/stat: utime, stime, cutime,
+    cstime). A compiled step's compiler workers and their gcc runs are the run's work, not other load."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return total
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, name, "stat"), encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
+        except (OSError, IndexError):
+            continue  # gone, or not ours to read
+        parents[int(name)] = int(fields[1])
+        ticks[int(name)] = sum(int(v) for v in fields[11:15])
+    under, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in under}
+        under |= frontier
+    return total + sum(ticks[pid] for pid in under) / os.sysconf("SC_CLK_TCK")
+
+
 class ThreadTuner:
     """The torch thread count of a CPU run, changed while other processes hold its cores (module docstring)."""
 
@@ -64,7 +94,7 @@ class ThreadTuner:
 
     def mark(self, step: int) -> None:
         """Start a window at `step`."""
-        self.since = (step, time.perf_counter(), busy_seconds(self.cpus, self.stat) or 0.0, time.process_time())
+        self.since = (step, time.perf_counter(), busy_seconds(self.cpus, self.stat) or 0.0, own_seconds())
         self.paused = 0.0
 
     def pause(self, seconds: float) -> None:
@@ -81,7 +111,7 @@ class ThreadTuner:
         now = time.perf_counter()
         seconds = max(now - wall, 1e-9)
         self.rate = (step - start) / max(seconds - self.paused, 1e-9)
-        self.others = max(0.0, ((busy_seconds(self.cpus, self.stat) or busy) - busy - (time.process_time() - own)))
+        self.others = max(0.0, ((busy_seconds(self.cpus, self.stat) or busy) - busy - (own_seconds() - own)))
         self.others /= seconds
         self.steps_at[self.threads] = self.steps_at.get(self.threads, 0) + step - start
         said = None
