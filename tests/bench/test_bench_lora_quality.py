@@ -64,6 +64,8 @@ def test_instruct_report(tiny_base, tmp_path):
         steps=3,
         full_lrs=(3e-3,),
         lora_lrs=(1e-1,),
+        full_wds=(0.1,),
+        lora_wds=(0.3,),
         conversations=300,
         heldout_per_kind=5,
         threads=1,
@@ -76,10 +78,13 @@ def test_instruct_report(tiny_base, tmp_path):
     assert report["heldout"] == {"reverse": 5, "add": 5, "capital": len(CAPITALS)}
     assert report["lora"] == {"rank": 8, "alpha": 8.0, "targets": ["c_attn", "c_proj", "c_fc"]}
     runs = report["runs"]
-    assert [(r["name"], r["method"], r["lr"]) for r in runs] == [
-        ("full-lr0.003", "full", 3e-3),
-        ("lora-r8-a8-lr0.1", "lora", 1e-1),
+    assert [(r["name"], r["method"], r["lr"], r["weight_decay"]) for r in runs] == [
+        ("full-lr0.003", "full", 3e-3, 0.1),  # the preset's weight decay: the name it had before the sweep
+        ("lora-r8-a8-lr0.1-wd0.3", "lora", 1e-1, 0.3),
     ]
+    for run in runs:  # each trained at its own weight decay
+        with open(f"{out}/instruct/{run['name']}/train_config.json", encoding="utf-8") as f:
+            assert json.load(f)["config"]["weight_decay"] == run["weight_decay"]
     n_heldout = 10 + len(CAPITALS)
     for row in [report["base"], *runs]:
         assert row["heldout_loss"] > 0 and set(row["accuracy"]) == {*KINDS, "all"}
@@ -106,6 +111,7 @@ def test_instruct_report(tiny_base, tmp_path):
         "run",
         "method",
         "lr",
+        "wd",
         "held-out",
         "loss",
         "reverse",
@@ -114,7 +120,7 @@ def test_instruct_report(tiny_base, tmp_path):
         "all",
         "recovery",
     ]
-    assert table[3].split()[:2] == ["base", "-"] and table[4].split()[:3] == ["full-lr0.003", "full", "0.003"]
+    assert table[3].split()[:2] == ["base", "-"] and table[4].split()[:4] == ["full-lr0.003", "full", "0.003", "0.1"]
     assert f"{report['best_lora']} vs {report['best_full']}" in table[-1]
 
     again = lora_quality(out, **kwargs)  # the finished runs are read back, not trained again

@@ -206,6 +206,8 @@ def _cmd_bench_lora(args: argparse.Namespace) -> int:
             steps=args.finetune_steps,
             full_lrs=args.full_lrs,
             lora_lrs=args.lora_lrs,
+            full_wds=args.full_weight_decays,
+            lora_wds=args.lora_weight_decays,
             rank=args.rank,
             alpha=args.alpha,
             targets=args.targets,
@@ -248,6 +250,15 @@ def _lr_list(text: str) -> tuple[float, ...]:
     values = tuple(parse(v.strip()) for v in text.split(",") if v.strip())
     if not values:
         raise argparse.ArgumentTypeError(f"{text!r} holds no learning rate")
+    return values
+
+
+def _weight_decay_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated weight decays (0 or more)."""
+    parse = float_in(0, 10)
+    values = tuple(parse(v.strip()) for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no weight decay")
     return values
 
 
@@ -346,22 +357,30 @@ def _add_bench_lora(bsub) -> None:
         "--finetune-steps",
         type=int_at_least(1, 1_000_000),
         default=None,
-        help="steps of every fine-tuning run (default 150)",
+        help="steps of every fine-tuning run (default: domain 150, instruct 450)",
     )
     quality.add_argument(
         "--full-lrs",
         type=_lr_list,
         default=None,
         metavar="LR,...",
-        help="full fine-tuning's peak lrs (default: domain 1e-3, instruct 3e-4,1e-3,3e-3)",
+        help="full fine-tuning's peak lrs (default: domain 1e-3, instruct 1e-3,3e-3)",
     )
     quality.add_argument(
         "--lora-lrs",
         type=_lr_list,
         default=None,
         metavar="LR,...",
-        help="LoRA's peak lrs (default: domain 3e-2, instruct 1e-2,3e-2,1e-1)",
+        help="LoRA's peak lrs (default: domain 3e-2, instruct 1e-2,2e-2)",
     )
+    for method, who in (("full", "full fine-tuning's"), ("lora", "LoRA's")):
+        quality.add_argument(
+            f"--{method}-weight-decays",
+            type=_weight_decay_list,
+            default=None,
+            metavar="WD,...",
+            help=f"{who} AdamW weight decays, each run at every lr (default: domain 0.1, instruct 0.1,0.3)",
+        )
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
