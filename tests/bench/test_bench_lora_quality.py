@@ -126,6 +126,8 @@ def test_instruct_report(tiny_base, tmp_path):
     again = lora_quality(out, **kwargs)  # the finished runs are read back, not trained again
     assert [r["heldout_loss"] for r in again["runs"]] == [r["heldout_loss"] for r in runs]
     assert all(r["wall_s"] is None for r in again["runs"])
+    with pytest.raises(GptwoError, match="trained with max_steps=3, not the max_steps=4"):
+        lora_quality(out, **{**kwargs, "steps": 4})  # a finished run of another schedule is not read back
     with pytest.raises(GptwoError, match="holds runs on an instruction set made from"):
         lora_quality(out, **{**kwargs, "conversations": 301})
 

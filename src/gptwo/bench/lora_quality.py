@@ -254,6 +254,34 @@ def _schedule(steps: int) -> list[str]:
     return [f"max_steps={steps}", f"eval_every={steps}", f"checkpoint_every={steps}", "log_every=10"]
 
 
+RECIPE_KEYS = ("init_from", "optimizer", "lr", "weight_decay", "max_steps", "warmup_steps", "lora_rank", "lora_alpha")
+RECIPE_KEYS += ("lora_targets",)
+
+
+def _check_recipe(run_dir: str, overrides: list[str]) -> None:
+    """Refuse a run folder in `--out` that another recipe made (say a base of other --base-steps): read back or
+    resumed, it would stand for a run it is not."""
+    path = os.path.join(run_dir, "train_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f).get("config", {})
+    for key, _, value in (o.partition("=") for o in overrides):
+        if key not in RECIPE_KEYS or key not in saved or _same(saved[key], value):
+            continue
+        raise GptwoError(
+            f"{run_dir} holds a run trained with {key}={saved[key]}, not the {key}={value} this bench asks for",
+            "use a fresh --out (or the options that made that folder), or delete that run",
+        )
+
+
+def _same(saved: object, value: str) -> bool:
+    try:
+        return float(saved) == float(value)
+    except (TypeError, ValueError):
+        return str(saved) == value
+
+
 def _train(data_dir: str, run_dir: str, overrides: list[str], progress: bool) -> dict:
     """`gptwo train` of one run in its own process (read back if it finished before)."""
     import subprocess
@@ -262,6 +290,7 @@ def _train(data_dir: str, run_dir: str, overrides: list[str], progress: bool) ->
     from gptwo.fileio import atomic_write
 
     steps = int(next(o for o in overrides if o.startswith("max_steps=")).split("=")[1])
+    _check_recipe(run_dir, overrides)
     wall = 0.0
     if not _finished(run_dir, steps):
         start = time.perf_counter()
