@@ -47,6 +47,8 @@ OPTIONAL_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
             "lxml_html_clean",
         )
     },
+    "transformers": (("bench",), "transformers"),
+    "peft": (("bench",), "peft"),
     "scipy": (("scale",), "scipy"),
     "threadpoolctl": (("webtext", "scale"), "threadpoolctl"),
     "gguf": (("export",), "the gguf package (llama.cpp's gguf-py)"),

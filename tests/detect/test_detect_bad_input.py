@@ -122,7 +122,7 @@ CASES = [
     Case("sample-top-p-zero", [*SAMPLE, "--out", "s", "--top-p", "0"], ["--top-p"]),
     Case("sample-top-k-zero", [*SAMPLE, "--out", "s", "--top-k", "0"], ["--top-k"]),
     Case("sample-beyond-context", [*SAMPLE, "--out", "s", "--new-tokens", "40"], ["56 tokens", "context of 32"]),
-    Case("sample-default-beyond-context", [*SAMPLE, "--out", "s"], ["144 tokens", "context of 32"]),
+    Case("sample-prompt-fills-context", [*SAMPLE, "--out", "s", "--prompt-tokens", "32"], ["33 tokens", "of 32"]),
     Case("sample-below-min-tokens", [*SAMPLE, "--out", "s", "--new-tokens", "8"], ["24 tokens", "--min-tokens 32"]),
     Case("sample-out-user-folder", [*SAMPLE, "--out", "mine", "--new-tokens", "16"], ["--out mine", "not a"]),
     Case("sample-out-is-source", [*SAMPLE, "--out", "docs", "--new-tokens", "16"], ["--out docs"]),

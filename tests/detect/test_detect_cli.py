@@ -157,3 +157,16 @@ def test_sample_writes_matched_pairs(model_dir, tmp_path, capsys):
     humans, generated = sorted((out / "human").iterdir()), sorted((out / "generated").iterdir())
     assert len(humans) == len(generated) == json.loads((out / "sample.json").read_text())["pairs"] >= 1
     assert humans[0].read_text().startswith(tok.decode(tok.encode_ordinary(TEXT)[:8]))
+
+
+def test_sample_new_tokens_default_fits_the_context(model_dir, tmp_path):
+    """No --new-tokens: 128, or what the context leaves after the prompt (the README's line on a context-128
+    model once asked for 144 tokens and failed)."""
+    source = tmp_path / "docs"
+    source.mkdir()
+    (source / "0.txt").write_text(TEXT * 3)
+    out = tmp_path / "set"
+    argv = ["detect", "sample", "--model", model_dir, "--source", str(source), "--out", str(out)]
+    assert main([*argv, "--prompt-tokens", "8", "--min-tokens", "8", "--device", "cpu"]) == 0
+    summary = json.loads((out / "sample.json").read_text())
+    assert summary["new_tokens"] == 32 - 8 and summary["pairs"] >= 1

@@ -55,3 +55,23 @@ def test_inspect_page_colours_tokens_and_draws_attention(tmp_path, browser):  # 
         )
     finally:
         server.close()
+
+
+def test_inspect_with_its_default_text_is_judged(tmp_path, browser):  # noqa: F811
+    """A first click with the page's own text gets a verdict: the text is long enough for the detector
+    (DEFAULT_MIN_TOKENS) and fits a small model's context."""
+    from gptwo.detect import DEFAULT_MIN_TOKENS
+
+    server, _ = serve_in_thread(save_tiny(str(tmp_path / "tiny"), block_size=64))
+    try:
+        browser.get(server.url + "/inspect")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+        browser.find_element(By.ID, "inspect").click()
+        wait.until(lambda d: "tokens" in d.find_element(By.ID, "status").text)
+        status = browser.find_element(By.ID, "status").text
+        assert "too short" not in status and "error" not in status, status
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#tokens span.tok")) >= DEFAULT_MIN_TOKENS
+        assert "too short" not in browser.find_element(By.ID, "verdict").text
+    finally:
+        server.close()

@@ -48,9 +48,7 @@ def hf_twin(model: GPT):
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        raise GptwoError(
-            "the decode benchmark's anchor needs transformers", "pip install transformers (or 'gptwo[dev]')"
-        ) from None
+        raise GptwoError("the decode benchmark's anchor needs transformers", "pip install 'gptwo[bench]'") from None
     from gptwo.weights import config_to_hf, state_dict_to_hf
 
     quiet_transformers()

@@ -180,7 +180,7 @@ def _check_anchor_libraries(rows: list[Row]) -> None:
         if importlib.util.find_spec(module) is None:
             raise GptwoError(
                 f"gptwo bench lora compares against {module}, which is not installed",
-                f"pip install {module}, or pass --no-anchors",
+                "pip install 'gptwo[bench]', or pass --no-anchors",
             )
 
 

@@ -279,7 +279,7 @@ def _hf_model(config: GPTConfig):
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise GptwoError(
-            "gptwo bench train compares against transformers, which is not installed", "pip install 'gptwo[eval]'"
+            "gptwo bench train compares against transformers, which is not installed", "pip install 'gptwo[bench]'"
         ) from None
     from gptwo.bench import quiet_transformers
 

@@ -293,8 +293,9 @@ def add_commands(sub) -> None:
     s.add_argument(
         "--new-tokens",
         type=int_at_least(1),
-        default=128,
-        help="tokens the model writes after the prompt; prompt + new tokens must fit the model's context (default 128)",
+        default=None,
+        help="tokens the model writes after the prompt; prompt + new tokens must fit the model's context "
+        "(default 128, or what the context leaves after the prompt where that is less)",
     )
     s.add_argument(
         "--per-document",

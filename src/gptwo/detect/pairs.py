@@ -115,13 +115,26 @@ def _remove_stale_pairs(out_dir: str, count: int) -> None:
                 os.remove(os.path.join(folder, name))
 
 
+DEFAULT_NEW_TOKENS = 128
+
+
+def _check_length(prompt_tokens: int, new_tokens: int, min_tokens: int) -> None:
+    length = prompt_tokens + new_tokens
+    if length < min_tokens:
+        raise GptwoError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {length} tokens is fewer than "
+            f"--min-tokens {min_tokens}, so every pair would be left out",
+            f"ask for at least {min_tokens - prompt_tokens} new tokens, or lower --min-tokens",
+        )
+
+
 def sample_set(
     model_spec: str,
     source: str,
     out_dir: str,
     *,
     prompt_tokens: int = 16,
-    new_tokens: int = 128,
+    new_tokens: int | None = None,
     per_document: int = 1,
     limit: int | None = None,
     min_tokens: int = 32,
@@ -134,15 +147,16 @@ def sample_set(
     merge: bool = False,
 ) -> dict:
     """Write OUT/human/NNNNN.txt and OUT/generated/NNNNN.txt (matched pairs), OUT/sample.json and OUT/tokens.json (the
-    ids); return the summary. The generated texts come from the model with the LoRA `adapter` when given."""
+    ids); return the summary. The generated texts come from the model with the LoRA `adapter` when given.
+    `new_tokens` None: DEFAULT_NEW_TOKENS, or what the model's context leaves after the prompt where that is less."""
     from gptwo.argtypes import MAX_SEED
     from gptwo.sampling import check_sampling
     from gptwo.weights import load_model
 
-    check_sampling(new_tokens, temperature, top_k, top_p)
+    check_sampling(new_tokens or 1, temperature, top_k, top_p)
     for name, value, low in (
         ("--prompt-tokens", prompt_tokens, 1),
-        ("--new-tokens", new_tokens, 1),
+        ("--new-tokens", 1 if new_tokens is None else new_tokens, 1),
         ("--per-document", per_document, 0),
         ("--min-tokens", min_tokens, 1),
         ("--limit", 1 if limit is None else limit, 1),
@@ -153,16 +167,15 @@ def sample_set(
             )
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise GptwoError(f"--seed {seed!r} is not a whole number in 0..{MAX_SEED}", "use e.g. 0")
-    length = prompt_tokens + new_tokens
-    if length < min_tokens:
-        raise GptwoError(
-            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {length} tokens is fewer than "
-            f"--min-tokens {min_tokens}, so every pair would be left out",
-            f"ask for at least {min_tokens - prompt_tokens} new tokens, or lower --min-tokens",
-        )
+    if new_tokens is not None:
+        _check_length(prompt_tokens, new_tokens, min_tokens)
     check_sample_out(out_dir)
     model, tokenizer = load_model(model_spec, device=device, adapter=adapter, merge=merge)
     block = model.config.block_size
+    if new_tokens is None:  # the default fits the model: a context-128 model writes 112 after a 16-token prompt
+        new_tokens = max(1, min(DEFAULT_NEW_TOKENS, block - prompt_tokens))
+        _check_length(prompt_tokens, new_tokens, min_tokens)
+    length = prompt_tokens + new_tokens
     if length > block:
         raise GptwoError(
             f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {length} tokens exceed the model's "
