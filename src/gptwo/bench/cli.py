@@ -544,10 +544,25 @@ def _add_bench_watermark(bsub) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print one JSON object (fields: docs/detect.md)")
-    p.add_argument("--texts", type=int_at_least(1, 100_000), default=100, help="texts generated (default 100)")
-    p.add_argument("--human", type=int_at_least(1, 100_000), default=200, help="human texts scored (default 200)")
+    p.add_argument(
+        "--texts",
+        type=int_at_least(1, 100_000),
+        default=None,
+        help="texts generated (default 100, or the source's passages)",
+    )
+    p.add_argument(
+        "--human",
+        type=int_at_least(1, 100_000),
+        default=None,
+        help="human texts scored (default 200, or the source's passages)",
+    )
     p.add_argument("--prompt-tokens", type=int_at_least(1, MAX_TOKENS), default=16, help="prompt length (default 16)")
-    p.add_argument("--new-tokens", type=int_at_least(1, MAX_TOKENS), default=200, help="tokens per text (default 200)")
+    p.add_argument(
+        "--new-tokens",
+        type=int_at_least(1, MAX_TOKENS),
+        default=None,
+        help="tokens per text (default 200, or what the model's context leaves after the prompt)",
+    )
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (default 0)")
     add_watermark_options(p, "(always on here; the options below set it)")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -23,6 +24,9 @@ from gptwo.sampling import generate
 from gptwo.watermark import DETECT_Z, WatermarkSettings, watermark_for
 
 ATTACKS = (0.1, 0.25)  # shares of tokens replaced at random
+
+
+DEFAULTS = {"texts": 100, "human": 200, "new_tokens": 200}
 
 
 def _rate(values: list[float], at: float = DETECT_Z) -> float:
@@ -57,23 +61,41 @@ def watermark_report(
     source: str,
     *,
     settings: WatermarkSettings | None = None,
-    texts: int = 100,
-    human: int = 200,
+    texts: int | None = None,
+    human: int | None = None,
     prompt_tokens: int = 16,
-    new_tokens: int = 200,
+    new_tokens: int | None = None,
     batch_size: int = 50,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """The whole measurement (see the module docstring) as one JSON-able report."""
+    """The whole measurement (see the module docstring) as one JSON-able report.
+
+    Left unset, `new_tokens` is DEFAULTS' or what the model's context leaves after the prompt where that is less
+    (the perplexity is one forward over prompt and text), and `texts`/`human` are DEFAULTS' or as many passages
+    as the source has where that is fewer (a note says so); set, each must fit."""
     from gptwo.weights import load_model
 
     settings = settings or WatermarkSettings()
     model, tokenizer = load_model(model_spec, device=device)
-    vocab = model.config.vocab_size
+    vocab, block = model.config.vocab_size, model.config.block_size
+    if new_tokens is None:
+        new_tokens = max(1, min(DEFAULTS["new_tokens"], block - prompt_tokens))
+    if prompt_tokens + new_tokens > block:
+        raise GptwoError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context of {block}",
+            f"keep them within {block}, e.g. --new-tokens {max(1, block - prompt_tokens)}",
+        )
     chosen = [tokens for _, tokens in passages(source_documents(source, tokenizer), prompt_tokens + new_tokens, 0)]
-    if len(chosen) < max(texts, human):
+    asked = {"texts": texts, "human": human}
+    for name, value in asked.items():
+        if value is None:
+            asked[name] = min(DEFAULTS[name], len(chosen))
+            if asked[name] < DEFAULTS[name] and progress:
+                print(f"note: --{name} {asked[name]} (the source's passages), not {DEFAULTS[name]}", file=sys.stderr)
+    texts, human = asked["texts"], asked["human"]
+    if not chosen or len(chosen) < max(texts, human):
         raise GptwoError(
             f"{source} has {len(chosen)} passages of {prompt_tokens + new_tokens} tokens, fewer than asked for",
             "ask for fewer --texts / --human, or give a larger source",
