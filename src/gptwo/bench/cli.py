@@ -544,18 +544,9 @@ def _add_bench_watermark(bsub) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print one JSON object (fields: docs/detect.md)")
-    p.add_argument(
-        "--texts",
-        type=int_at_least(1, 100_000),
-        default=None,
-        help="texts generated (default 100, or the source's passages)",
-    )
-    p.add_argument(
-        "--human",
-        type=int_at_least(1, 100_000),
-        default=None,
-        help="human texts scored (default 200, or the source's passages)",
-    )
+    for name, what, default in (("texts", "texts generated", 100), ("human", "human texts scored", 200)):
+        shown = f"{what} (default {default}, or the source's passages)"
+        p.add_argument(f"--{name}", type=int_at_least(1, 100_000), default=None, help=shown)
     p.add_argument("--prompt-tokens", type=int_at_least(1, MAX_TOKENS), default=16, help="prompt length (default 16)")
     p.add_argument(
         "--new-tokens",
