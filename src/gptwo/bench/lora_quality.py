@@ -254,8 +254,11 @@ def _schedule(steps: int) -> list[str]:
     return [f"max_steps={steps}", f"eval_every={steps}", f"checkpoint_every={steps}", "log_every=10"]
 
 
-RECIPE_KEYS = ("init_from", "optimizer", "lr", "weight_decay", "max_steps", "warmup_steps", "lora_rank", "lora_alpha")
-RECIPE_KEYS += ("lora_targets",)
+# the keys that make a run what it is (threads, eval_batches and the like do not)
+RECIPE_KEYS = (
+    *("init_from", "optimizer", "lr", "weight_decay", "max_steps", "warmup_steps"),
+    *("lora_rank", "lora_alpha", "lora_targets"),
+)
 
 
 def _check_recipe(run_dir: str, overrides: list[str]) -> None:
