@@ -11,7 +11,8 @@ import os
 # and every process a test starts, gets its share of threads (set before torch loads, so OpenMP reads it).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
 if WORKERS:
-    THREADS = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    THREADS = str(max(1, CORES // WORKERS))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = THREADS
 
