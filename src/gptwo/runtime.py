@@ -48,17 +48,24 @@ def cpu_name() -> str:
     return line.split(":", 1)[1].strip() if ":" in line else platform.processor() or platform.machine()
 
 
+def forced_isa() -> str:
+    """The instruction set `GPTWO_KERNEL_ISA` forces on gptwo's kernels (lower case), or "" for none or auto;
+    gptwo.infer.native checks that it names one this CPU runs."""
+    import os
+
+    forced = os.environ.get("GPTWO_KERNEL_ISA", "").strip().lower()
+    return "" if forced == "auto" else forced
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): where torch's bf16 matmuls are fast.
 
     False where `GPTWO_KERNEL_ISA` forces an instruction set without it (avx2, neon, generic): forcing one
     stands for a machine that has only that, so training picks that machine's precision too.
     """
-    import os
-
     import torch
 
-    if os.environ.get("GPTWO_KERNEL_ISA", "").strip().lower() in ("avx2", "neon", "generic"):
+    if forced_isa() in ("avx2", "neon", "generic"):
         return False
 
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

@@ -44,7 +44,7 @@ def kernel_info() -> dict:
     support = native.isa_support()
     info: dict = {
         "isa": None,
-        "forced": bool(os.environ.get("GPTWO_KERNEL_ISA", "").strip() not in ("", "auto")),
+        "forced": bool(native.forced_isa()),
         "best": native.best_isa(),
         "isas": {isa: "runs here" if why is None else f"off: {why}" for isa, why in support.items()},
         "native": os.environ.get("GPTWO_NATIVE", "1") != "0",

@@ -34,7 +34,7 @@ import torch
 from gptwo.config import GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.infer.kvcache import PagedKVCache
-from gptwo.runtime import cpu_flag_set, native_bf16  # noqa: F401 - native.native_bf16: the probe callers patch
+from gptwo.runtime import cpu_flag_set, forced_isa, native_bf16  # noqa: F401 - native.native_bf16: the probe callers patch
 
 if TYPE_CHECKING:  # step.py imports this module to choose between the steps
     from gptwo.infer.step import StepInput
@@ -94,8 +94,8 @@ def best_isa() -> str:
 
 def chosen_isa() -> str:
     """`GPTWO_KERNEL_ISA` when set (it must name an ISA this CPU runs), else the best one here."""
-    forced = os.environ.get("GPTWO_KERNEL_ISA", "").strip().lower()
-    if not forced or forced == "auto":
+    forced = forced_isa()
+    if not forced:
         return best_isa()
     if forced not in ISAS:
         raise GptwoError(
