@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from gptwo.detect.pairs import passages, source_documents
+from gptwo.detect.pairs import fit_new_tokens, passages, source_documents
 from gptwo.errors import GptwoError
 from gptwo.sampling import generate
 from gptwo.watermark import DETECT_Z, WatermarkSettings, watermark_for
@@ -79,14 +79,8 @@ def watermark_report(
 
     settings = settings or WatermarkSettings()
     model, tokenizer = load_model(model_spec, device=device)
-    vocab, block = model.config.vocab_size, model.config.block_size
-    if new_tokens is None:
-        new_tokens = max(1, min(DEFAULTS["new_tokens"], block - prompt_tokens))
-    if prompt_tokens + new_tokens > block:
-        raise GptwoError(
-            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context of {block}",
-            f"keep them within {block}, e.g. --new-tokens {max(1, block - prompt_tokens)}",
-        )
+    vocab = model.config.vocab_size
+    new_tokens = fit_new_tokens(prompt_tokens, new_tokens, model.config.block_size, DEFAULTS["new_tokens"])
     chosen = [tokens for _, tokens in passages(source_documents(source, tokenizer), prompt_tokens + new_tokens, 0)]
     asked = {"texts": texts, "human": human}
     for name, value in asked.items():

@@ -118,6 +118,21 @@ def _remove_stale_pairs(out_dir: str, count: int) -> None:
 DEFAULT_NEW_TOKENS = 128
 
 
+def fit_new_tokens(prompt_tokens: int, new_tokens: int | None, block: int, default: int = DEFAULT_NEW_TOKENS) -> int:
+    """`new_tokens`, or where None `default` cut to what a context of `block` leaves after the prompt; an error
+    where prompt and new tokens do not fit the context."""
+    if new_tokens is None:  # a context-128 model writes 112 after a 16-token prompt
+        new_tokens = max(1, min(default, block - prompt_tokens))
+    length = prompt_tokens + new_tokens
+    if length > block:
+        raise GptwoError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {length} tokens exceed the model's "
+            f"context of {block}",
+            f"keep prompt + new tokens within {block}, e.g. --new-tokens {max(1, block - prompt_tokens)}",
+        )
+    return new_tokens
+
+
 def _check_length(prompt_tokens: int, new_tokens: int, min_tokens: int) -> None:
     length = prompt_tokens + new_tokens
     if length < min_tokens:
@@ -167,21 +182,13 @@ def sample_set(
             )
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise GptwoError(f"--seed {seed!r} is not a whole number in 0..{MAX_SEED}", "use e.g. 0")
-    if new_tokens is not None:
+    if new_tokens is not None:  # before the model loads: a count given is checked at once
         _check_length(prompt_tokens, new_tokens, min_tokens)
     check_sample_out(out_dir)
     model, tokenizer = load_model(model_spec, device=device, adapter=adapter, merge=merge)
-    block = model.config.block_size
-    if new_tokens is None:  # the default fits the model: a context-128 model writes 112 after a 16-token prompt
-        new_tokens = max(1, min(DEFAULT_NEW_TOKENS, block - prompt_tokens))
-        _check_length(prompt_tokens, new_tokens, min_tokens)
+    new_tokens = fit_new_tokens(prompt_tokens, new_tokens, model.config.block_size)
+    _check_length(prompt_tokens, new_tokens, min_tokens)
     length = prompt_tokens + new_tokens
-    if length > block:
-        raise GptwoError(
-            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {length} tokens exceed the model's "
-            f"context of {block}",
-            f"keep prompt + new tokens within {block}, e.g. --new-tokens {max(1, block - prompt_tokens)}",
-        )
     chosen = passages(source_documents(source, tokenizer), length, per_document)[:limit]
     if not chosen:
         raise GptwoError(
