@@ -244,22 +244,20 @@ def _cmd_bench_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lr_list(text: str) -> tuple[float, ...]:
-    """An argparse type: comma-separated positive learning rates."""
-    parse = float_in(0, low_open=True)
-    values = tuple(parse(v.strip()) for v in text.split(",") if v.strip())
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} holds no learning rate")
-    return values
+def _float_list(parse, what: str):
+    """An argparse type: comma-separated numbers, each read by `parse`, at least one."""
+
+    def parse_list(text: str) -> tuple[float, ...]:
+        values = tuple(parse(v.strip()) for v in text.split(",") if v.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} holds no {what}")
+        return values
+
+    return parse_list
 
 
-def _weight_decay_list(text: str) -> tuple[float, ...]:
-    """An argparse type: comma-separated weight decays (0 or more)."""
-    parse = float_in(0, 10)
-    values = tuple(parse(v.strip()) for v in text.split(",") if v.strip())
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} holds no weight decay")
-    return values
+_lr_list = _float_list(float_in(0, low_open=True), "learning rate")  # positive
+_weight_decay_list = _float_list(float_in(0, 10), "weight decay")  # 0 or more
 
 
 def _add_bench_lora(bsub) -> None:
