@@ -5,6 +5,7 @@ timings)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -155,6 +156,23 @@ def test_join_summary_takes_the_gap_over_the_joiners_wait():
     assert summary["join_ttft_s"] == pytest.approx(0.06) and summary["failed"] == 0
     failed = join_summary(streams, _completion(0.2, [], error="HTTP 400 Bad Request"), sent=0.2)
     assert failed["failed"] == 1 and failed["join_ttft_s"] is None and failed["join_gap_max_ms"] is None
+
+
+def test_join_gaps_of_two_tokens_are_left_out_where_the_server_counts_them():
+    """A token that ends inside a character comes with the next one: its 20 ms chunk gap spans two tokens and is
+    no inter-token gap. With the counts (vLLM's continuous usage) it is left out; without them it counts."""
+    ticks = [i * 0.010 for i in range(21)]  # a chunk every 10 ms ...
+    a = ticks[:5] + ticks[6:] + [0.21, 0.22, 0.23]  # ... but 0.04 .. 0.06 (before the join) holds two tokens
+    a_counts = [1, 2, 3, 4, 5] + list(range(7, 7 + len(a) - 5))
+    b = ticks + [0.21, 0.23, 0.24]  # 0.21 .. 0.23 (during the join) holds two tokens
+    b_counts = list(range(1, 23)) + [24, 25]
+    joined = _completion(0.2, [0.26])
+    counted = [Completion(sent=0.0, times=a, counts=a_counts), Completion(sent=0.0, times=b, counts=b_counts)]
+    summary = join_summary(counted, joined, sent=0.2)
+    assert summary["gaps"] == "tokens" and summary["gap_p50_ms"] == pytest.approx(10.0)
+    assert summary["join_gap_max_ms"] == pytest.approx(10.0)  # the 20 ms two-token gap is left out
+    plain = join_summary([_completion(0.0, a), _completion(0.0, b)], joined, sent=0.2)
+    assert plain["gaps"] == "chunks" and plain["join_gap_max_ms"] == pytest.approx(20.0)
 
 
 def test_kv_summary_compares_blocks_with_tokens_held():
@@ -351,6 +369,11 @@ def test_events_of_both_servers_are_read():
     assert out.error == "generation failed"
     take_event(b'error: {"code": 500, "message": "slot unavailable"}', out)  # llama-server's error event
     assert out.error == '{"code": 500, "message": "slot unavailable"}'
+    counted = Completion(sent=0.0)  # continuous usage: each text chunk's count of tokens so far
+    for text, count in (("Hi", 1), ("", 2), (" there", 3)):
+        chunk = {"choices": [{"text": text, "index": 0}], "usage": {"completion_tokens": count}}
+        take_event(b"data: " + json.dumps(chunk).encode(), counted)
+    assert counted.counts == [1, 3] and len(counted.times) == 2 and counted.tokens == 3
 
 
 # ---------------------------------------------------------------------------------------------- live servers
@@ -405,6 +428,7 @@ def test_a_tiny_run_of_every_workload_against_this_trees_server(tiny_dir):
     assert mixed["tokens_per_s"] > 0 and 0 < mixed["ttft_p50_s"] <= mixed["ttft_p90_s"]
     assert join["gap_p50_ms"] > 0 and join["join_gap_max_ms"] > 0 and join["join_ttft_s"] > 0
     assert join["stall_ratio"] == pytest.approx(join["join_gap_max_ms"] / join["gap_p50_ms"])
+    assert join["gaps"] == "tokens"  # this tree's server counts each chunk's tokens (continuous usage)
     assert prefix["ttft_p50_s"] > 0 and prefix["prefix_caching"] == caching
     assert (prefix["ttft_p50_no_cache_s"] is not None) == caching
     tools = [row["tool"] for row in results["throughput"]]

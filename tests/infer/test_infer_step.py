@@ -13,7 +13,7 @@ from gptwo import GPT, GPTConfig
 from gptwo.errors import GptwoError
 from gptwo.infer import native, prepare_model
 from gptwo.infer.kvcache import OutOfBlocks, PagedKVCache
-from gptwo.infer.step import StepInput, make_step
+from gptwo.infer.step import SplitStep, StepInput, make_step
 from gptwo.sampling import generate, stream_tokens
 
 CONFIG = GPTConfig(vocab_size=97, block_size=96, n_layer=2, n_head=2, n_embd=32)
@@ -179,3 +179,63 @@ def test_native_and_torch_steps_agree_on_the_same_batch():
             step.cache.grow(seq, len(p))
         outputs.append(step(StepInput(prompts, [0, 0, 0], [s.blocks for s in seqs], every=[False, True, False])))
     torch.testing.assert_close(outputs[0].float(), outputs[1].float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(native.library() is None, reason="the native kernels do not build on this machine")
+@torch.no_grad()
+def test_a_split_step_runs_decode_rows_natively_beside_a_torch_chunk_and_gives_the_plain_logits():
+    model = prepare_model(copy.deepcopy(random_model()), dtype="fp32")
+    step = make_step(model, 40, use_native=True, max_native_tokens=6)
+    assert isinstance(step, SplitStep)
+    calls = []
+    for name in ("native", "torch"):
+        part = getattr(step, name)
+        setattr(step, name, lambda batch, part=part, name=name: calls.append((name, batch.tokens)) or part(batch))
+    cache, rng = step.cache, random.Random(1)
+    history = [[rng.randrange(97) for _ in range(n)] for n in (9, 4, 12)]
+    seqs = [cache.start([]) for _ in history]
+    for seq, tokens in zip(seqs, history):  # the prompts, on torch (more than 6 tokens)
+        cache.grow(seq, len(tokens))
+    step(StepInput(history, [0, 0, 0], [s.blocks for s in seqs]))
+    for seq, tokens in zip(seqs, history):
+        cache.commit(seq, tokens)
+    # two decode rows (one checking 2 drafts: logits for each) beside a 20-token prompt chunk
+    feed = [[rng.randrange(97)], [rng.randrange(97) for _ in range(3)], [rng.randrange(97) for _ in range(20)]]
+    every = [False, True, False]
+    calls.clear()
+    for seq, tokens in zip(seqs, feed):
+        cache.grow(seq, seq.length + len(tokens))
+    logits = step(StepInput(feed, [s.length for s in seqs], [s.blocks for s in seqs], every=every))
+    assert calls == [("native", feed[:2]), ("torch", feed[2:])]
+    at = 0
+    for h, tokens, all_rows in zip(history, feed, every):
+        rows = len(tokens) if all_rows else 1
+        torch.testing.assert_close(logits[at : at + rows], plain(model, h + tokens)[-rows:], atol=1e-4, rtol=0)
+        at += rows
+    assert at == logits.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["torch", "native", "split"])
+@torch.no_grad()
+def test_a_skipped_chunk_returns_no_logits_and_still_fills_the_cache(kind):
+    if kind != "torch" and native.library() is None:
+        pytest.skip("the native kernels do not build on this machine")
+    model = prepare_model(copy.deepcopy(random_model()), dtype="fp32")
+    options = {"torch": {"use_native": False}, "native": {"use_native": True}}
+    step = make_step(model, 40, **options.get(kind, {"use_native": True, "max_native_tokens": 4}))
+    cache, rng = step.cache, random.Random(2)
+    prompts = [[rng.randrange(97) for _ in range(n)] for n in (5, 30)]
+    seqs = [cache.start([]) for _ in prompts]
+    for seq, p in zip(seqs, prompts):
+        cache.grow(seq, len(p))
+    # the second prompt's first 20 tokens as a chunk that needs no logits, beside the whole first prompt
+    feed = [prompts[0], prompts[1][:20]]
+    logits = step(StepInput(feed, [0, 0], [s.blocks for s in seqs], skip=[False, True]))
+    assert logits.shape[0] == 1
+    torch.testing.assert_close(logits.float(), plain(model, prompts[0])[-1:], atol=1e-4, rtol=0)
+    cache.commit(seqs[1], feed[1])
+    rest = prompts[1][20:]
+    logits = step(StepInput([rest], [20], [seqs[1].blocks], every=[True]))
+    torch.testing.assert_close(logits.float(), plain(model, prompts[1])[20:], atol=1e-4, rtol=0)
+    only_skipped = step(StepInput([[3]], [30], [seqs[1].blocks], skip=[True]))
+    assert only_skipped.shape == (0, model.config.vocab_size)

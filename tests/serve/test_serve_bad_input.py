@@ -414,7 +414,7 @@ def test_one_client_cannot_hold_the_queue(model_dir):
         hog = engine.submit([[1, 2]], SamplingParams(max_tokens=1), n=5, client="10.0.0.1")
         engine.submit([[3]], SamplingParams(max_tokens=1), n=2, client="10.0.0.2")
         with engine._cond:
-            engine._admit(engine.max_batched_tokens)
+            engine._admit(engine.max_batched_tokens, engine.max_batched_tokens)
         joining = [(s.request is hog, s.index) for s in engine._active]
         return joining, engine.held("10.0.0.1"), engine.held("10.0.0.2")
 

@@ -102,6 +102,37 @@ def test_a_long_prompt_joins_in_chunks_while_others_decode():
     assert len(chunked) >= 4 and all(s[0] == 1 and sum(s) <= 8 for s in chunked)
 
 
+def test_while_others_decode_a_prompt_brings_at_most_the_long_prefill_threshold_a_step():
+    """A prompt arriving at an idle engine is computed up to the step budget at once; one joining a decoding
+    sequence brings at most `long_prefill_token_threshold` tokens a step, and its chunks before the last ask for
+    no logits."""
+    model = tiny_model(block_size=96, vocab_size=512)
+    engine = BatchEngine(
+        model, TOKENIZER, max_num_seqs=4, max_batched_tokens=64, long_prefill_token_threshold=5, num_blocks=30
+    )
+    steps = []
+    step = engine.step
+    engine.step = lambda batch: (steps.append((batch.tokens, batch.skip)), step(batch))[1]
+    engine.step.cache = step.cache
+    first, second = list(range(50, 90)), list(range(100, 140))
+
+    async def runner(e):
+        return await collect(e, [first], SamplingParams(max_tokens=20, temperature=0))
+
+    async def joiner(e):
+        while e.stats["steps"] < 2:  # the first one is decoding
+            await asyncio.sleep(0.001)
+        return await collect(e, [second], SamplingParams(max_tokens=3, temperature=0))
+
+    one, two = run_engine(engine, runner, joiner)
+    assert one[0] == alone(model, first, 20) and two[0] == alone(model, second, 3)
+    assert steps[0] == ([first], None)  # alone: the whole 40-token prompt in one step
+    chunks = [(tokens[1], skip) for tokens, skip in steps if len(tokens) == 2 and len(tokens[1]) > 1]
+    assert [len(c) for c, _ in chunks] == [5] * 8  # the joiner: 40 tokens, 5 a step beside the decode row
+    assert [skip for _, skip in chunks] == [[False, True]] * 7 + [None]  # logits for the last chunk only
+    assert_blocks_all_back(engine)
+
+
 def test_a_prefix_cache_hit_gives_the_same_logits_and_text_as_a_miss():
     model = tiny_model(block_size=128, vocab_size=512)
     shared = list(range(10, 58))  # three full blocks

@@ -39,6 +39,7 @@ import torch
 
 from gptwo.bench import MAX_THREADS, cpu_flags, cpu_name, render_table, run_tool, tool_timeout
 from gptwo.bench.serve_workloads import (
+    CONTINUOUS_USAGE,
     WORKLOADS,
     PromptMaker,
     Request,
@@ -56,6 +57,7 @@ from gptwo.bench.serve_workloads import (
     run_burst,
     run_join,
     run_prefix,
+    stream_completion,
     throughput_requests,
 )
 from gptwo.errors import GptwoError
@@ -378,6 +380,13 @@ def warm_up(target: Target, maker: PromptMaker, sizes: Sizes, timeout: float) ->
     long = min(sizes.mixed_long_prompt, sizes.join_prompt)
     requests = [Request(maker.make(8, f"warm-up-{i}"), 4) for i in range(3)] + [Request(maker.make(long, "warm-up"), 2)]
     asyncio.run(run_burst(target.server.address, requests, target.extra, timeout))
+    asked = {**target.extra, **CONTINUOUS_USAGE}  # does it count each chunk's tokens (for inter-token gaps)?
+    request = Request(maker.make(8, "warm-up-usage"), 4)
+    probe = asyncio.run(asyncio.wait_for(stream_completion(target.server.address, request, extra=asked), timeout))
+    if probe.error is None and probe.counts:
+        for t in (target, target.twin):
+            if t is not None:
+                t.extra = {**t.extra, **CONTINUOUS_USAGE}
 
 
 def progress_line(workload: str, target: Target, s: dict) -> str:
@@ -716,6 +725,8 @@ def aggregate(samples: Seq[dict]) -> dict:
             row[key] = sum(values)
         elif key == "errors":
             row[key] = [e for s in samples for e in s["errors"]][:3]
+        elif values and isinstance(values[0], str):  # a label (join: what its gaps are between)
+            row[key] = ", ".join(dict.fromkeys(values))
         else:
             row[key] = statistics.median(values) if values else None
     return row
@@ -786,6 +797,7 @@ COLUMNS = {
         ("vs_before", "÷ before", ".2f"),
         ("vs_llama", "÷ llama", ".2f"),
         ("join_ttft_s", "join TTFT s", ".3f"),
+        ("gaps", "gaps of", "s"),
     ],
     "prefix": [
         ("ttft_p50_s", "TTFT p50 s", ".3f"),
@@ -815,8 +827,9 @@ def workload_heading(workload: str, sizes: dict) -> str:
         f"{s['mixed_long_prompt']}-token prompts at once, {s['mixed_new']} tokens each; aggregate tokens/s, TTFT; "
         "KV from /metrics (used blocks, and the whole cache, over held tokens + one block per sequence, at the peak)",
         "join": f"join: {s['join_streams']} streams running ({s['join_stream_prompt']}-token prompts), then one "
-        f"{s['join_prompt']}-token prompt joins; the streams' largest gap between chunks while it waits for its first "
-        "token, over their median gap before it (stall x)",
+        f"{s['join_prompt']}-token prompt joins; the streams' largest inter-token gap while it waits for its first "
+        "token, over their median gap before it (stall x); gaps of tokens: between chunks of one token (the server "
+        "counts them), of chunks: between text chunks (a token ending inside a character shows with the next)",
         "prefix": f"prefix: {s['prefix_requests']} requests sharing a {s['prefix_shared']}-token prefix (+ "
         f"{s['prefix_suffix']}-token suffixes, {s['prefix_at_once']} at a time, {s['prefix_new']} tokens); TTFT p50 "
         "with prefix caching vs the same server without (--no-prefix-caching; llama-server: cache_prompt false)",

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from gptwo.errors import GptwoError
 
 WORKLOADS = ("mixed", "join", "prefix", "throughput")
+CONTINUOUS_USAGE = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # request fields
 _WORD = re.compile(r" [A-Za-z]+")
 
 
@@ -152,12 +153,16 @@ def throughput_requests(maker: PromptMaker, sizes: Sizes, round_: int) -> list[R
 @dataclass
 class Completion:
     """What one streamed request got: tokens (from the usage chunk), its text, when it was sent and when each chunk
-    with text arrived (perf_counter seconds), or an error."""
+    with text arrived (perf_counter seconds), or an error. From a server that puts the usage so far in every
+    chunk (vLLM's `continuous_usage_stats`, asked for with CONTINUOUS_USAGE), `counts` holds the tokens generated
+    by each text chunk's arrival: a chunk may carry two tokens when the first ended inside a character (its text
+    was held back), and its gap is then not an inter-token gap."""
 
     tokens: int = 0
     text: str = ""
     sent: float = 0.0
     times: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
     error: str | None = None
     finished: bool = False
 
@@ -264,11 +269,14 @@ def take_event(event: bytes, out: Completion) -> None:
         error = chunk["error"]
         out.error = str(error.get("message", error)) if isinstance(error, dict) else str(error)
     text = "".join(choice.get("text") or "" for choice in chunk.get("choices") or [])
+    usage = chunk.get("usage")
     if text:
         out.times.append(time.perf_counter())
         out.text += text
-    if chunk.get("usage"):
-        out.tokens = chunk["usage"]["completion_tokens"]
+        if usage:
+            out.counts.append(usage["completion_tokens"])
+    if usage:
+        out.tokens = usage["completion_tokens"]
 
 
 async def fetch_text(address: tuple[str, int], path: str, timeout: float = 5.0) -> str | None:
@@ -410,13 +418,23 @@ def burst_summary(results: Sequence[Completion], seconds: float) -> dict:
     }
 
 
+def token_gaps(out: Completion) -> list[tuple[float, float]]:
+    """(start, end) of a stream's gaps between text chunks; where the server counted the tokens of each chunk, only
+    the gaps of one token (inter-token gaps: a two-token gap holds a token whose text was held back)."""
+    pairs = list(zip(out.times, out.times[1:]))
+    if len(out.counts) != len(out.times):
+        return pairs
+    return [pair for pair, a, b in zip(pairs, out.counts, out.counts[1:]) if b - a == 1]
+
+
 def join_summary(streams: Sequence[Completion], joined: Completion, sent: float) -> dict:
-    """The running streams' median gap between chunks before the join was sent, their largest gap that overlaps
-    the join's wait for its first token (sent .. first text), and that gap over the median (the stall ratio)."""
+    """The running streams' median inter-token gap before the join was sent, their largest gap that overlaps
+    the join's wait for its first token (sent .. first text), and that gap over the median (the stall ratio).
+    Gaps are between text chunks, of one token each where the server reports its count (`token_gaps`)."""
     first = joined.times[0] if joined.times else None
     before, during = [], []
     for out in streams:
-        for a, b in zip(out.times, out.times[1:]):
+        for a, b in token_gaps(out):
             if b <= sent:
                 before.append(b - a)
             elif first is not None and a < first:
@@ -429,6 +447,9 @@ def join_summary(streams: Sequence[Completion], joined: Completion, sent: float)
         "join_gap_max_ms": largest * 1e3 if largest is not None else None,
         "stall_ratio": largest / median if median and largest is not None else None,
         "join_ttft_s": joined.ttft,
+        "gaps": "tokens"
+        if any(s.counts for s in streams) and all(len(s.counts) == len(s.times) for s in streams)
+        else "chunks",
         "failed": int(joined.error is not None) + len(stream_errors),
         "errors": _errors([joined, *stream_errors]),
     }

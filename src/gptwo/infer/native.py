@@ -485,7 +485,7 @@ class NativeStep:
         seqs: list[int] = []
         tables: list[int] = []
         rows: list[int] = []
-        bs, limit, every = self.cache.block_size, self.max_tokens, batch.every
+        bs, limit, every, skip = self.cache.block_size, self.max_tokens, batch.every, batch.skip
         for i, (new, start, table) in enumerate(zip(batch.tokens, batch.starts, batch.tables)):
             if not new:
                 raise GptwoError(f"sequence {i} of the batch brings no tokens", "give every sequence a new token")
@@ -498,7 +498,9 @@ class NativeStep:
                 seqs += (piece_start, take, len(tables), len(blocks))
                 tables += blocks
                 done += take
-                if every is not None and every[i]:
+                if skip is not None and skip[i]:
+                    pass
+                elif every is not None and every[i]:
                     rows += range(first, first + take)
                 elif done == len(new):
                     rows.append(first + take - 1)

@@ -58,6 +58,8 @@ from gptwo.serve.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     KEEP_ALIVE_TIMEOUT_S,
+    LONG_PREFILL_TOKENS,
+    MAX_BATCHED_TOKENS,
     MAX_CLIENT_CHOICES,
     MAX_INSPECT_TOKENS,
     MAX_REQUEST_CHOICES,
@@ -860,7 +862,8 @@ def serve(
     served_model_name: str | None = None,
     max_num_seqs: int = 32,
     max_queue: int = 256,
-    max_batched_tokens: int = 128,
+    max_batched_tokens: int = MAX_BATCHED_TOKENS,
+    long_prefill_token_threshold: int = LONG_PREFILL_TOKENS,
     kv_cache_memory: float | None = None,
     prefix_caching: bool = True,
     max_body_bytes: int = 1 << 20,
@@ -896,6 +899,7 @@ def serve(
     for name, value, low in (
         ("max_num_seqs", max_num_seqs, 1),
         ("max_batched_tokens", max_batched_tokens, 1),
+        ("long_prefill_token_threshold", long_prefill_token_threshold, 0),
         ("max_queue", max_queue, 1),
         ("max_body_bytes", max_body_bytes, 1),
         ("max_request_choices", max_request_choices, 1),
@@ -951,6 +955,7 @@ def serve(
         max_num_seqs=max_num_seqs,
         max_queue=max_queue,
         max_batched_tokens=max_batched_tokens,
+        long_prefill_token_threshold=long_prefill_token_threshold,
         kv_cache_memory=kv_cache_memory,
         prefix_caching=prefix_caching,
         max_request_choices=max_request_choices,
@@ -984,6 +989,10 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     logger = logging.getLogger("uvicorn.error")
+    ours = logging.getLogger("gptwo.serve")  # the engine's lines (a step each at debug) go where uvicorn's go
+    ours.setLevel(logger.level)
+    if not ours.handlers:
+        ours.handlers, ours.propagate = list(logging.getLogger("uvicorn").handlers), False
     auth = "API key required" if api_key else "no API key"
     weights = dtype_name(torch_dtype) + (f", {quantize} weights" if quantize else "")
     logger.info(

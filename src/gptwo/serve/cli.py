@@ -18,6 +18,8 @@ from gptwo.serve.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     KEEP_ALIVE_TIMEOUT_S,
+    LONG_PREFILL_TOKENS,
+    MAX_BATCHED_TOKENS,
     MAX_CLIENT_CHOICES,
     MAX_INSPECT_TOKENS,
     MAX_REQUEST_CHOICES,
@@ -59,6 +61,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         kv_cache_memory=args.kv_cache_memory,
         prefix_caching=not args.no_prefix_caching,
         max_queue=args.max_queue,
@@ -136,10 +139,17 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--max-batched-tokens",
         type=int_at_least(1, 1 << 20),
-        default=128,
+        default=MAX_BATCHED_TOKENS,
         help="most tokens one step computes: every running sequence's next token first, then chunks of "
-        "prompts, so a long prompt joins without stalling running streams (default 128; larger: faster "
-        "prefill, longer stalls)",
+        f"prompts (chunked prefill; default {MAX_BATCHED_TOKENS})",
+    )
+    p.add_argument(
+        "--long-prefill-token-threshold",
+        type=int_at_least(0, 1 << 20),
+        default=LONG_PREFILL_TOKENS,
+        help="most tokens of one prompt a step computes while other sequences decode, so a long prompt joins "
+        f"running streams without stalling them (default {LONG_PREFILL_TOKENS}; 0: only --max-batched-tokens; "
+        "larger: faster prefill, longer stalls)",
     )
     p.add_argument(
         "--kv-cache-memory",

@@ -5,8 +5,9 @@ Each choice of a request is a `Sequence` with its own block table in one paged K
 rectangle of rows x the longest span, and each sequence attends over its own tokens only. Every
 iteration the scheduler (vLLM's design) fills a token budget (`max_batched_tokens`): first one token
 for each running sequence that is decoding, then chunks of prompts still being prefilled, then new
-sequences from the queue — so a long prompt joins a few hundred tokens at a time without stalling the
-running streams — and runs them as one ragged batch through the decode step (gptwo.infer.step: the
+sequences from the queue — while any sequence decodes, each prompt brings at most
+`long_prefill_token_threshold` tokens a step, so a long prompt joins without stalling the running
+streams — and runs them as one ragged batch through the decode step (gptwo.infer.step: the
 native C step on a prepared CPU model, else torch). A sequence is admitted only when the cache has free
 blocks for its first chunk; when a decoding sequence finds no free block, the most recently admitted
 sequence is preempted (its blocks given back; it is recomputed from its prompt and the tokens it has
@@ -48,7 +49,7 @@ from gptwo.infer.step import StepInput, cache_dtype, make_step
 from gptwo.model import GPT
 from gptwo.runtime import available_memory
 from gptwo.sampling import LogitControls, control_logits, sample_by_cdf, sampling_weights
-from gptwo.serve.limits import MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
+from gptwo.serve.limits import LONG_PREFILL_TOKENS, MAX_BATCHED_TOKENS, MAX_CLIENT_CHOICES, MAX_REQUEST_CHOICES
 from gptwo.serve.params import SamplingParams
 from gptwo.speculative import BatchDraft, NgramDraft, verify_drafts
 from gptwo.text import TextStream
@@ -215,7 +216,8 @@ class BatchEngine:
         tokenizer: Tokenizer,
         max_num_seqs: int = 32,
         max_queue: int = 256,
-        max_batched_tokens: int = 128,
+        max_batched_tokens: int = MAX_BATCHED_TOKENS,
+        long_prefill_token_threshold: int = LONG_PREFILL_TOKENS,
         max_request_choices: int = MAX_REQUEST_CHOICES,
         max_client_choices: int = MAX_CLIENT_CHOICES,
         kv_cache_memory: float | None = None,
@@ -228,6 +230,8 @@ class BatchEngine:
         draft_model: GPT | None = None,
     ):
         """`max_num_seqs`: most sequences running at once; `max_batched_tokens`: most tokens in one step;
+        `long_prefill_token_threshold`: most tokens of one prompt in a step while other sequences decode (0: no
+        such cap), so a long prompt joins running streams in small chunks and stalls them little;
         `max_request_choices`: most sequences (prompts x n) in one request; `max_client_choices`: most
         unfinished sequences one client holds at once (0: no limit); `kv_cache_memory`: the cache's size
         in GiB (> 1) or as a fraction of the memory available; `num_blocks` sets it in blocks instead.
@@ -245,6 +249,7 @@ class BatchEngine:
         self.num_speculative_tokens = num_speculative_tokens
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.max_batched_tokens = max(max_batched_tokens, max_num_seqs)  # every running sequence decodes each step
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_request_choices, self.max_client_choices = max_request_choices, max_client_choices
         self.watermark = watermark
         self.watermark_key = watermark_key if watermark_key is not None or watermark is None else watermark.key
@@ -277,6 +282,7 @@ class BatchEngine:
         self.ttft_sum = 0.0
         self.started = time.monotonic()
         self._in_flight = 0  # tokens of the step running now (their blocks are taken, not yet counted as held)
+        self._model_ms, self._ended = 0.0, 0.0  # the last step's model call, when it ended (the debug log's)
 
     # ---- the event loop side
     def start(self) -> None:
@@ -497,7 +503,9 @@ class BatchEngine:
                     self._cond.wait()
                 if self._stopping:
                     break
+                began = time.perf_counter()
                 plan = self._schedule()
+            scheduled = time.perf_counter()
             try:
                 with torch.inference_mode():
                     self._step(plan)
@@ -506,6 +514,20 @@ class BatchEngine:
                 self._fail(self._active, f"{type(err).__name__}: {err}")
                 self._retire()
             self._flush()
+            if plan and log.isEnabledFor(logging.DEBUG):  # `gptwo serve --log-level debug`: a line per step
+                ended = time.perf_counter()
+                ms = [(b - a) * 1e3 for a, b in zip((self._ended, began, scheduled), (began, scheduled, ended))]
+                self._ended = ended
+                log.debug(
+                    "step %d: %d rows, %d tokens (largest %d); %.1f ms since the last, %.1f ms to schedule, "
+                    "%.1f ms to run (model %.1f ms)",
+                    self.stats["steps"],
+                    len(plan),
+                    sum(len(t) for _, t in plan),
+                    max(len(t) for _, t in plan),
+                    *ms,
+                    self._model_ms,
+                )
         self._fail([*self._active, *self._waiting], SHUTTING_DOWN, shutting_down=True)
         self._retire()
         self._leave([*self._active, *self._waiting])
@@ -580,18 +602,20 @@ class BatchEngine:
                 plan.append((seq, seq.todo + seq.drafts))
                 planned.add(id(seq))
                 budget -= 1
+        # while streams decode, a prompt brings at most this many tokens a step (it would stall them longer)
+        per_prompt = self.long_prefill_token_threshold if planned and self.long_prefill_token_threshold else budget
         for seq in self._active:  # prompts still being prefilled, in chunks
             if budget <= 0:
                 break
             if seq.decoding or seq.blocks is None:
                 continue
-            chunk = self._chunk(seq, budget)
+            chunk = self._chunk(seq, min(budget, per_prompt))
             if chunk is None:
                 break
             plan.append((seq, chunk))
             budget -= len(chunk)
         if budget > 0:
-            plan += self._admit(budget)
+            plan += self._admit(budget, per_prompt)
         return plan
 
     def _drafts(self, seq: Sequence, spare: int) -> tuple[list[int], int]:
@@ -635,8 +659,9 @@ class BatchEngine:
             return None
         return chunk
 
-    def _admit(self, budget: int) -> list[tuple[Sequence, list[int]]]:
-        """Start waiting sequences while places, tokens and blocks last (called under the lock).
+    def _admit(self, budget: int, per_prompt: int) -> list[tuple[Sequence, list[int]]]:
+        """Start waiting sequences while places, tokens and blocks last (called under the lock); each brings
+        at most `per_prompt` tokens of its prompt to this step.
 
         Each place goes to the oldest waiting sequence of the client holding the fewest places, so a
         client's big request cannot keep another client's requests waiting behind it. A choice whose prompt
@@ -663,7 +688,7 @@ class BatchEngine:
             # a prompt to score is computed whole; cached blocks are shared only by sequences of one adapter
             seq.blocks = self.cache.start([] if scoring else tokens, namespace=seq.adapter)
             seq.todo = tokens[seq.blocks.length :]
-            chunk = self._chunk(seq, budget)
+            chunk = self._chunk(seq, min(budget, per_prompt))
             if chunk is None:
                 self.cache.release(seq.blocks)
                 seq.blocks = None
@@ -709,6 +734,8 @@ class BatchEngine:
         self.stats["steps"] += 1
         scoring = [s.params.prompt_logprobs and not s.decoding and s.scored is None for s, _ in plan]
         every = [score or bool(s.decoding and s.drafts) for score, (s, _) in zip(scoring, plan)]
+        # a prompt chunk before its last brings keys and values only: no logits (no output layer) for it
+        skip = [not score and not s.decoding and len(t) < len(s.todo) for score, (s, t) in zip(scoring, plan)]
         adapters = [s.adapter for s, _ in plan]
         self.stats["peak_step_models"] = max(self.stats["peak_step_models"], len(set(adapters)))
         batch = StepInput(
@@ -717,8 +744,10 @@ class BatchEngine:
             [s.blocks.blocks for s, _ in plan],
             every=every if any(every) else None,
             adapters=adapters if any(adapters) else None,
+            skip=skip if any(skip) else None,
         )
         self._in_flight = batch.num_tokens
+        began = time.perf_counter()
         try:
             logits = self.step(batch)
         except Exception as err:  # noqa: BLE001 - this step's sequences fail; the rest go on
@@ -727,9 +756,10 @@ class BatchEngine:
             return
         finally:
             self._in_flight = 0
+        self._model_ms = (time.perf_counter() - began) * 1e3
         ready, rows, at = [], [], 0
-        for (seq, tokens), score, all_rows in zip(plan, scoring, every):
-            n = len(tokens) if all_rows else 1
+        for (seq, tokens), score, all_rows, skipped in zip(plan, scoring, every, skip):
+            n = 0 if skipped else len(tokens) if all_rows else 1
             first = seq.blocks.length
             self.cache.commit(seq.blocks, tokens)
             if seq.decoding and seq.drafts:
@@ -841,7 +871,8 @@ class BatchEngine:
         from their generator's state before the failed attempt) to find the rows at fault.
         """
         logits = logits[:, : self.tokenizer.n_vocab]
-        usable = ((logits < float("inf")).all(-1) & (logits > float("-inf")).any(-1)).tolist()
+        # usable: no NaN or +inf, and not all -inf; in one pass, since a row's max is NaN or ±inf exactly then
+        usable = torch.isfinite(logits.amax(-1)).tolist()
         if not all(usable):
             self._fail(
                 [s for s, ok in zip(seqs, usable) if not ok],

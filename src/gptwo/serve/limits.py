@@ -9,3 +9,5 @@ BODY_TIMEOUT_S = 60.0  # for a request's whole body to arrive
 LINGER_S = 10.0  # how long a refused request's remaining bytes are read and dropped before the connection closes
 KEEP_ALIVE_TIMEOUT_S = 5.0  # a keep-alive connection idle this long between requests closes (uvicorn's default)
 SHUTDOWN_TIMEOUT_S = 30.0  # after SIGTERM, how long running requests may finish before they are ended
+MAX_BATCHED_TOKENS = 512  # tokens one step computes (vLLM's --max-num-batched-tokens)
+LONG_PREFILL_TOKENS = 32  # tokens of one prompt per step while other sequences decode (docs/serve.md: the join bench)
