@@ -1,9 +1,11 @@
 """The decode step in torch: the model's own modules (so prepared and quantized linears apply) over the paged cache.
 
-A ragged batch is laid out as rows of the longest sequence's new tokens; padding positions write to
-the null block and their outputs are dropped. Attention gathers each sequence's blocks through its
-block table; sequences are grouped by how many blocks they span (powers of two), so a short sequence
-beside a long one attends over its own blocks, not the long one's. `compile=True` compiles the
+A batch whose sequences bring the same number of tokens is laid out as rows (B, T); a ragged one is packed
+into one row (1, N) so each linear multiplies every token at once, attention running per group of sequences
+with the same count (PackedAttention); an Inspect batch (attention weights) is padded to its longest row,
+whose padding positions write to the null block and whose outputs are dropped. Attention gathers each
+sequence's blocks through its block table; sequences are grouped by how many blocks they span (powers of
+two), so a short sequence beside a long one attends over its own blocks, not the long one's. `compile=True` compiles the
 single-token step of a fixed batch over fixed-width tables (for CUDA graphs and Inductor).
 """
 
@@ -244,8 +246,9 @@ class TorchStep(torch.nn.Module):
         """Logits of `batch.output_rows()`; with an `attention_weights` list, each layer's weights are appended
         (B, n_head, T, blocks * 16), computed explicitly (see PagedAttention).
 
-        Sequences bringing different numbers of tokens run as separate forwards, one per count (the decode
-        rows together, each prompt chunk on its own), so no row is padded to a long chunk's length."""
+        Sequences bringing different numbers of tokens run packed (`packed_view`: every new token in one row,
+        no padding; with different LoRA adapters per sequence, one forward per count instead), so no row is
+        padded to a long chunk's length."""
         check_batch(batch, self.cache, self.model.config.block_size)
         by_count: dict[int, list[int]] = {}
         for i, tokens in enumerate(batch.tokens):
