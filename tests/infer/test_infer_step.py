@@ -239,3 +239,5 @@ def test_a_skipped_chunk_returns_no_logits_and_still_fills_the_cache(kind):
     torch.testing.assert_close(logits.float(), plain(model, prompts[1])[20:], atol=1e-4, rtol=0)
     only_skipped = step(StepInput([[3]], [30], [seqs[1].blocks], skip=[True]))
     assert only_skipped.shape == (0, model.config.vocab_size)
+    with pytest.raises(ValueError, match="both skip its logits and ask for every one"):
+        StepInput([[3]], [31], [seqs[1].blocks], every=[True], skip=[True])

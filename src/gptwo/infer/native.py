@@ -498,11 +498,9 @@ class NativeStep:
                 seqs += (piece_start, take, len(tables), len(blocks))
                 tables += blocks
                 done += take
-                if skip is not None and skip[i]:
-                    pass
-                elif every is not None and every[i]:
+                if every is not None and every[i]:
                     rows += range(first, first + take)
-                elif done == len(new):
+                elif done == len(new) and (skip is None or not skip[i]):
                     rows.append(first + take - 1)
                 if len(tokens) == limit:
                     yield tokens, seqs, tables, rows

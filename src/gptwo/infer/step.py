@@ -49,6 +49,8 @@ class StepInput:
             raise ValueError("adapters must have one entry per sequence")
         if self.skip is not None and len(self.skip) != len(self.tokens):
             raise ValueError("skip must have one entry per sequence")
+        if self.skip is not None and self.every is not None and any(s and e for s, e in zip(self.skip, self.every)):
+            raise ValueError("a sequence cannot both skip its logits and ask for every one")
 
     @property
     def num_tokens(self) -> int:
@@ -58,11 +60,9 @@ class StepInput:
         """Indices, in the flattened new tokens, of the tokens whose logits the step returns."""
         rows, first = [], 0
         for i, toks in enumerate(self.tokens):
-            if self.skip is not None and self.skip[i]:
-                pass
-            elif self.every is not None and self.every[i]:
+            if self.every is not None and self.every[i]:
                 rows.extend(range(first, first + len(toks)))
-            else:
+            elif self.skip is None or not self.skip[i]:
                 rows.append(first + len(toks) - 1)
             first += len(toks)
         return rows

@@ -58,11 +58,15 @@ class PagedAttention:
             for t in (self.k, self.v)
         )
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this step's keys/values (B, n_head, T, head_dim) of `layer` to their blocks and slots."""
         B, H, T, D = k.shape
-        keys, values = self.k[layer], self.v[layer]
-        keys[self.write_blocks, :, self.write_slots] = k.transpose(1, 2).reshape(B * T, H, D).to(keys.dtype)
-        values[self.write_blocks, :, self.write_slots] = v.transpose(1, 2).reshape(B * T, H, D).to(values.dtype)
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            cache[self.write_blocks, :, self.write_slots] = new.transpose(1, 2).reshape(B * T, H, D).to(cache.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.store(layer, k, v)
+        D = k.shape[-1]
         if len(self.groups) == 1 and self.groups[0][0] is None:
             _, tables, mask = self.groups[0]
             K, V = self.gather(layer, tables)
@@ -169,10 +173,8 @@ class PackedAttention(PagedAttention):
     of tokens over tables of one width: `groups` holds (token indices (g * T,), g, T, tables (g, n), mask)."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        _, H, N, D = k.shape
-        keys, values = self.k[layer], self.v[layer]
-        keys[self.write_blocks, :, self.write_slots] = k[0].transpose(0, 1).to(keys.dtype)
-        values[self.write_blocks, :, self.write_slots] = v[0].transpose(0, 1).to(values.dtype)
+        self.store(layer, k, v)
+        _, H, _, D = k.shape
         y = torch.empty_like(q)
         for index, g, T, tables, mask in self.groups:
             K, V = self.gather(layer, tables)

@@ -282,7 +282,7 @@ class BatchEngine:
         self.ttft_sum = 0.0
         self.started = time.monotonic()
         self._in_flight = 0  # tokens of the step running now (their blocks are taken, not yet counted as held)
-        self._model_ms, self._ended = 0.0, 0.0  # the last step's model call, when it ended (the debug log's)
+        self._model_ms, self._ended = 0.0, time.perf_counter()  # the last step's model call, its end (debug log)
 
     # ---- the event loop side
     def start(self) -> None:
